@@ -1,0 +1,99 @@
+"""`cogtune <command>`: subcommands -> stage entry points.
+
+Mistakes a user can fix (CogtuneError) are printed as one line without a traceback, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import CogtuneError
+
+COMMANDS = {
+    "preprocess": "Decode, resize and encode a video dataset into a cache (VAE latents + T5 embeddings).",
+    "train": "Train a LoRA on the transformer from a cache; the VAE and T5 are never loaded.",
+    "infer": "Generate videos with the base pipeline plus a trained LoRA.",
+    "make-tiny-model": "Write a tiny random-weight CogVideoX pipeline folder (for demos and tests).",
+    "make-demo-data": "Write captioned synthetic demo clips in the prompts.txt + videos.txt format.",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: cogtune <command> [--config FILE.toml] [flags]", "", "commands:"]
+    lines += [f"  {name:<16} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "Run `cogtune <command> --help` for its flags."]
+    return "\n".join(lines)
+
+
+def _preprocess(argv):
+    from . import preprocess
+    from .config import load_config
+
+    result = preprocess.run(load_config("preprocess", argv))
+    print(result.summary())
+
+
+def _train(argv):
+    from . import train
+    from .config import load_config
+
+    result = train.run(load_config("train", argv), config_argv=argv)
+    print(f"lora: {result.lora_path}")
+
+
+def _infer(argv):
+    from . import infer
+    from .config import load_config
+
+    for path in infer.run(load_config("infer", argv)):
+        print(f"video: {path}")
+
+
+def _make_tiny_model(argv):
+    from .tiny import FAMILIES, make_tiny_model
+
+    parser = argparse.ArgumentParser(prog="cogtune make-tiny-model", description=COMMANDS["make-tiny-model"])
+    parser.add_argument("output_dir", help="Folder to write the pipeline to.")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="2b",
+                        help="Which family's structure to imitate (default: 2b).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights (default: 0).")
+    args = parser.parse_args(argv)
+    print(f"model: {make_tiny_model(args.output_dir, args.family, args.seed)}")
+
+
+def _make_demo_data(argv):
+    from .tiny import make_demo_data
+
+    parser = argparse.ArgumentParser(prog="cogtune make-demo-data", description=COMMANDS["make-demo-data"])
+    parser.add_argument("output_dir", help="Folder to write prompts.txt, videos.txt and videos/ to.")
+    args = parser.parse_args(argv)
+    print(f"data: {make_demo_data(args.output_dir)}")
+
+
+HANDLERS = {"preprocess": _preprocess, "train": _train, "infer": _infer, "make-tiny-model": _make_tiny_model,
+            "make-demo-data": _make_demo_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in HANDLERS:
+        print(f"cogtune: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        HANDLERS[command](rest)
+    except CogtuneError as e:
+        print(f"cogtune {command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cogtune {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Settings: one dataclass per stage, filled from a TOML file and then from command-line flags.
+
+Flag names and meanings follow the diffusers CogVideoX example scripts. A config file is flat
+(`key = value`, the flag names without dashes) and may hold `[preprocess]`, `[train]` and `[infer]`
+tables whose keys apply to that stage only, so one file can drive all three stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import CogtuneError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+STAGE_TABLES = ("preprocess", "train", "infer")
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, **kwargs) -> Any:
+    """A dataclass field that also describes its command-line flag."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TENSOR_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class ModelArgs:
+    """Where the base CogVideoX pipeline comes from (shared by every stage)."""
+
+    pretrained_model_name_or_path: Optional[str] = opt(
+        None, "Path to a local diffusers CogVideoX pipeline folder or a hub model id (for example THUDM/CogVideoX-2b)."
+    )
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the pretrained model.")
+    variant: Optional[str] = opt(None, "Weight file variant of the pretrained model, for example fp16.")
+    cache_dir: Optional[str] = opt(None, "Where downloaded models are stored (the Hugging Face cache), as in diffusers.")
+    seed: int = opt(42, "Seed for every random choice (random crops, noise, data order, LoRA init).")
+
+
+@dataclass
+class PreprocessConfig(ModelArgs):
+    instance_data_root: Optional[str] = opt(
+        None, "Folder holding the videos; paths in videos.txt or the metadata file are relative to it."
+    )
+    dataset_name: Optional[str] = opt(
+        None,
+        "A metadata file (.csv, .json, .jsonl, .parquet) with a caption and a video column, or a folder "
+        "holding metadata.{csv,jsonl,json,parquet}. Leave unset to use prompts.txt + videos.txt.",
+    )
+    caption_column: str = opt("prompts.txt", "Caption column of the metadata file, or the prompts file (prompts.txt).")
+    video_column: str = opt("videos.txt", "Video path column of the metadata file, or the video list file (videos.txt).")
+    id_token: Optional[str] = opt(None, "Identifier token put before every caption, followed by a space.")
+    height: int = opt(480, "Height in pixels of the training clips (a multiple of 16).")
+    width: int = opt(720, "Width in pixels of the training clips (a multiple of 16).")
+    fps: int = opt(8, "Frame rate of the training clips: clips with more frames per second are resampled to it.")
+    max_num_frames: int = opt(49, "Frames per training clip (4k+1). Shorter clips use the largest 4k+1 they hold.")
+    skip_frames_start: int = opt(0, "Source frames dropped from the start of every video.")
+    skip_frames_end: int = opt(0, "Source frames dropped from the end of every video.")
+    video_reshape_mode: str = opt(
+        "center",
+        "center: keep aspect, resize to cover, centre crop; random: same with a seeded random crop; "
+        "none: plain resize to height x width (distorts the aspect ratio).",
+        choices=("center", "random", "none"),
+    )
+    cache_root: str = opt("cache", "Folder under which caches live, each in a subfolder named after its settings.")
+    latent_dtype: str = opt("bf16", "Dtype of the stored VAE moments and text embeddings.", choices=TENSOR_DTYPES)
+    mixed_precision: str = opt(
+        "bf16", "Dtype the VAE and T5 run in on a GPU (the VAE always runs in fp32 on a CPU).", choices=MIXED_PRECISION
+    )
+    shard_size_mb: float = opt(512.0, "A cache shard file rolls over once it holds this many megabytes.")
+    enable_slicing: bool = opt(False, "Encode the clips of a batch one at a time in the VAE (less memory).")
+    enable_tiling: bool = opt(False, "Encode with the VAE tile by tile (less memory at high resolution).")
+    dataloader_num_workers: int = opt(0, "Worker processes that decode and resize videos while the encoders run.")
+
+
+@dataclass
+class TrainConfig(ModelArgs):
+    data_cache: Optional[str] = opt(
+        None,
+        "The cache folder to train from. When unset, the cache that `cogtune preprocess` writes for the same "
+        "config file is used.",
+    )
+    cache_root: str = opt("cache", "Folder under which caches live (used to find the cache when --data_cache is unset).")
+    output_dir: str = opt("cogtune-lora", "Where checkpoints and the final LoRA are written.")
+    rank: int = opt(64, "LoRA rank.")
+    lora_alpha: float = opt(64.0, "LoRA alpha; the LoRA scale is lora_alpha / rank (rank or rank/2 is advised).")
+    lora_target_modules: list = opt(
+        ["to_q", "to_k", "to_v", "to_out.0"], "Transformer modules that get LoRA adapters."
+    )
+    mixed_precision: str = opt(
+        "bf16",
+        "no, fp16 or bf16: dtype of the frozen transformer and autocast (LoRA weights stay fp32 under fp16).",
+        choices=MIXED_PRECISION,
+    )
+    train_batch_size: int = opt(1, "Samples per batch per device; a batch only holds samples of one latent shape.")
+    num_train_epochs: int = opt(1, "Epochs to train (ignored when --max_train_steps is set).")
+    max_train_steps: Optional[int] = opt(None, "Optimizer steps to train; overrides --num_train_epochs.")
+    checkpointing_steps: int = opt(500, "Save a checkpoint-N folder every this many optimizer steps.")
+    checkpoints_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints (oldest removed first).")
+    resume_from_checkpoint: Optional[str] = opt(
+        None, "A checkpoint-N folder to resume from, or 'latest' for the newest one in --output_dir."
+    )
+    gradient_accumulation_steps: int = opt(1, "Batches accumulated per optimizer step.")
+    gradient_checkpointing: bool = opt(False, "Recompute transformer activations in the backward pass (less memory).")
+    learning_rate: float = opt(1e-4, "Initial learning rate (after warm-up).")
+    scale_lr: bool = opt(
+        False, "Multiply the learning rate by gradient_accumulation_steps x train_batch_size x number of processes."
+    )
+    lr_scheduler: str = opt(
+        "constant",
+        "Learning rate schedule, as in diffusers.optimization.get_scheduler.",
+        choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"),
+    )
+    lr_warmup_steps: int = opt(500, "Warm-up steps of the learning rate schedule.")
+    lr_num_cycles: int = opt(1, "Hard restarts of the cosine_with_restarts schedule.")
+    lr_power: float = opt(1.0, "Power of the polynomial schedule.")
+    optimizer: str = opt(
+        "adam",
+        "adam, adamw or prodigy (prodigy needs the prodigyopt package). Case does not matter.",
+        choices=("adam", "adamw", "prodigy"),
+    )
+    use_8bit_adam: bool = opt(False, "Use bitsandbytes' 8-bit Adam/AdamW (needs the bitsandbytes package).")
+    adam_beta1: float = opt(0.9, "Adam beta1.")
+    adam_beta2: float = opt(0.95, "Adam beta2.")
+    adam_weight_decay: float = opt(1e-4, "Weight decay.")
+    adam_epsilon: float = opt(1e-8, "Adam epsilon.")
+    prodigy_beta3: Optional[float] = opt(None, "Prodigy beta3 (default: sqrt(beta2)).")
+    prodigy_decouple: bool = opt(False, "Prodigy: decoupled weight decay (AdamW style).")
+    prodigy_use_bias_correction: bool = opt(False, "Prodigy: Adam bias correction.")
+    prodigy_safeguard_warmup: bool = opt(False, "Prodigy: no step-size growth during warm-up.")
+    max_grad_norm: float = opt(1.0, "Gradients are clipped to this norm.")
+    allow_tf32: bool = opt(False, "Allow TF32 matmuls on Ampere and newer GPUs (faster).")
+    report_to: str = opt(
+        "none", "Experiment tracker for accelerate: none, tensorboard, wandb or all.",
+    )
+    dataloader_num_workers: int = opt(0, "Worker processes that read the cache.")
+
+
+@dataclass
+class InferConfig(ModelArgs):
+    lora: Optional[str] = opt(
+        None,
+        "LoRA to load: a folder holding pytorch_lora_weights.safetensors, that file, or a hub id. "
+        "Default: the LoRA in --output_dir.",
+    )
+    output_dir: str = opt("cogtune-lora", "The training output folder; videos go to its videos/ subfolder by default.")
+    video_output_dir: Optional[str] = opt(None, "Where the mp4 files are written (default: OUTPUT_DIR/videos).")
+    lora_scale: float = opt(1.0, "Strength of the LoRA: 1.0 is the trained alpha/rank scale, 0 disables it.")
+    prompt: Optional[str] = opt(None, "The prompt to generate a video for.")
+    prompt_file: Optional[str] = opt(None, "A text file with one prompt per line (blank lines are skipped).")
+    negative_prompt: Optional[str] = opt(None, "The negative prompt.")
+    num_inference_steps: int = opt(50, "Denoising steps.")
+    guidance_scale: float = opt(6.0, "Classifier-free guidance scale.")
+    use_dynamic_cfg: bool = opt(False, "Use the dynamic CFG schedule of CogVideoX.")
+    num_frames: int = opt(49, "Frames to generate (4k+1).")
+    height: int = opt(480, "Height of the generated video in pixels.")
+    width: int = opt(720, "Width of the generated video in pixels.")
+    fps: int = opt(8, "Frame rate written into the mp4 files.")
+    mixed_precision: str = opt("bf16", "Dtype of the pipeline: no (fp32), fp16 or bf16.", choices=MIXED_PRECISION)
+    enable_model_cpu_offload: bool = opt(False, "Keep each model on the CPU until it runs (less GPU memory).")
+    enable_slicing: bool = opt(False, "Decode latents one video at a time in the VAE.")
+    enable_tiling: bool = opt(False, "Decode latents tile by tile in the VAE.")
+
+
+STAGE_CONFIGS = {"preprocess": PreprocessConfig, "train": TrainConfig, "infer": InferConfig}
+KNOWN_KEYS = {f.name for cls in STAGE_CONFIGS.values() for f in dataclasses.fields(cls)}
+
+
+def _base_type(annotation: str) -> type:
+    hint = eval(annotation, {"Optional": Optional, "list": list})  # annotations are plain strings here
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field, named as the field."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="A TOML file of settings; flags given here override it.")
+    for f in dataclasses.fields(cls):
+        kind = _base_type(f.type)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = f"{f.metadata['help']} (default: {default})"
+        name = f"--{f.name}"
+        if kind is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind is list:
+            parser.add_argument(name, nargs="+", help=help_text)
+        else:
+            choices = f.metadata.get("choices")
+            if f.name == "optimizer":  # users type Adam / AdamW, as in the reference README
+                parser.add_argument(name, type=str.lower, choices=choices, help=help_text)
+            else:
+                parser.add_argument(name, type=kind, choices=choices, help=help_text)
+    return parser
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise CogtuneError(f"Config file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CogtuneError(f"Config file {path} is not valid TOML: {e}") from None
+
+
+def values_for_stage(document: dict, stage: str, source: str) -> dict:
+    """The flat settings a config document gives one stage: top-level keys, then its own table."""
+    unknown = [k for k in document if k not in KNOWN_KEYS and k not in STAGE_TABLES]
+    for table in STAGE_TABLES:
+        if not isinstance(document.get(table, {}), dict):
+            raise CogtuneError(f"{source}: [{table}] must be a table of settings.")
+        unknown += [f"{table}.{k}" for k in document.get(table, {}) if k not in KNOWN_KEYS]
+    if unknown:
+        raise CogtuneError(
+            f"{source}: unknown setting(s) {', '.join(sorted(unknown))}. "
+            f"Run `cogtune {stage} --help` for the settings each stage takes."
+        )
+    names = {f.name for f in dataclasses.fields(STAGE_CONFIGS[stage])}
+    values = {k: v for k, v in document.items() if k in names}
+    values.update({k: v for k, v in document.get(stage, {}).items() if k in names})
+    return values
+
+
+def make_config(stage: str, values: dict, source: str = "settings"):
+    """Build and validate a stage's dataclass from flat values."""
+    cls = STAGE_CONFIGS[stage]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        kind = _base_type(fields[name].type)
+        if value is None:
+            continue
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CogtuneError(f"{source}: {name} must be of type {kind.__name__}, got {value!r}.")
+        choices = fields[name].metadata.get("choices")
+        if choices and str(values[name]).lower() not in choices:
+            raise CogtuneError(f"{source}: {name} must be one of {', '.join(choices)}, got {value!r}.")
+        if name == "optimizer":
+            values[name] = value.lower()
+    config = cls(**values)
+    validate(config)
+    return config
+
+
+def load_config(stage: str, argv: list[str]) -> Any:
+    """Parse a stage's command line: defaults, then the --config file, then flags."""
+    cls = STAGE_CONFIGS[stage]
+    parser = build_parser(cls, f"cogtune {stage}", (cls.__doc__ or "").strip() or None)
+    flags = vars(parser.parse_args(argv))
+    values = {}
+    config_path = flags.pop("config", None)
+    if config_path:
+        values.update(values_for_stage(read_toml(config_path), stage, str(config_path)))
+    values.update(flags)
+    return make_config(stage, values, source=str(config_path) if config_path else "command line")
+
+
+def validate(config) -> None:
+    if not config.pretrained_model_name_or_path:
+        raise CogtuneError("--pretrained_model_name_or_path is required (a local pipeline folder or a hub id).")
+    positive = ["train_batch_size", "gradient_accumulation_steps", "rank", "checkpointing_steps", "num_train_epochs",
+                "max_num_frames", "fps", "num_frames", "height", "width", "num_inference_steps"]
+    for name in positive:
+        value = getattr(config, name, None)
+        if value is not None and value <= 0:
+            raise CogtuneError(f"--{name} must be positive, got {value}.")
+    for name in ("skip_frames_start", "skip_frames_end", "dataloader_num_workers", "lr_warmup_steps"):
+        value = getattr(config, name, None)
+        if value is not None and value < 0:
+            raise CogtuneError(f"--{name} must be zero or more, got {value}.")
+    if isinstance(config, (PreprocessConfig, InferConfig)):
+        for name in ("height", "width"):
+            if getattr(config, name) % 16:
+                raise CogtuneError(
+                    f"--{name} {getattr(config, name)} is not a multiple of 16 (the VAE downsamples by 8 and the "
+                    "transformer patches by 2); pick the nearest multiple of 16."
+                )
+    frames = getattr(config, "max_num_frames", None) or getattr(config, "num_frames", None)
+    if frames is not None and (frames - 1) % 4:
+        lower, upper = frames - (frames - 1) % 4, frames - (frames - 1) % 4 + 4
+        flag = "--max_num_frames" if isinstance(config, PreprocessConfig) else "--num_frames"
+        raise CogtuneError(
+            f"{flag} {frames} is not of the form 4k+1 that the CogVideoX VAE needs; use {lower} or {upper}."
+        )
+    if isinstance(config, InferConfig) and bool(config.prompt) == bool(config.prompt_file):
+        raise CogtuneError("Give exactly one of --prompt or --prompt_file.")
+    if isinstance(config, TrainConfig) and config.max_grad_norm <= 0:
+        raise CogtuneError(f"--max_grad_norm must be positive, got {config.max_grad_norm}.")

@@ -1,0 +1,423 @@
+"""The cache contract between `preprocess` and `train`: the only module that knows file names,
+tensor keys, Parquet columns and the format version.
+
+A cache is one folder, named after what it holds, under a cache root:
+
+    <cache_root>/<model>_<dataset>_<H>x<W>_<F>f_<fps>fps_<crop>_<fingerprint>/
+        manifest.json           format version, model identity, every setting that changes tensors
+        shards/<part>.safetensors   tensors; append-only, each written to a temp name, fsynced, renamed
+        index/<part>.parquet    one row per sample whose tensors live in the shard of the same name
+        selection.parquet       the sample ids of the last finished preprocess run: what train reads
+
+Tensors are keyed by content, so nothing is encoded twice: a video's VAE moments by the hash of
+the video file (`latents/<video_key>/mean|logvar`), a caption's T5 embedding by the hash of the
+caption text (`text/<caption_key>/prompt_embeds`). Index parts are written after their shard, so a
+run killed at any moment loses at most the shard in progress and no reader ever sees half a file.
+Several writers (later: ranks) can add parts to one cache without locks.
+
+Two caches are the same when their fingerprints are: a hash of the format version, the model
+identity (id or path, revision, variant, component config hashes), the dataset source and every
+setting that changes the tensors. Anything else gets its own folder, never a silent mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CogtuneError
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SELECTION_FILE = "selection.parquet"
+SHARDS_DIR = "shards"
+INDEX_DIR = "index"
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("source_path", pa.string()),
+        ("source_size", pa.int64()),
+        ("source_mtime_ns", pa.int64()),
+        ("source_sha256", pa.string()),
+        ("caption", pa.string()),
+        ("caption_sha256", pa.string()),
+        ("frame_indices", pa.list_(pa.int32())),
+        ("source_fps", pa.float64()),
+        ("source_height", pa.int32()),
+        ("source_width", pa.int32()),
+        ("num_frames", pa.int32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("latent_shape", pa.list_(pa.int32())),  # [C, F, H, W] of the stored moments
+        ("latent_shard", pa.string()),
+        ("latent_key", pa.string()),
+        ("text_shard", pa.string()),
+        ("text_key", pa.string()),
+    ]
+)
+SELECTION_SCHEMA = pa.schema([("sample_id", pa.string())])
+
+
+# --- identities ---------------------------------------------------------------------------------
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def config_hash(config: dict) -> str:
+    """Hash of a component's config.json, ignoring keys that do not change the weights' meaning."""
+    kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("transformers_version",)}
+    return sha256_text(json.dumps(kept, sort_keys=True, default=str))
+
+
+def sample_id(source_sha256: str, caption: str) -> str:
+    return sha256_text(f"{source_sha256}\n{caption}")[:32]
+
+
+def video_key(source_sha256: str) -> str:
+    return source_sha256[:32]
+
+
+def caption_key(caption: str) -> str:
+    return sha256_text(caption)[:32]
+
+
+def latent_tensor_keys(key: str) -> tuple[str, str]:
+    """Keys of a video's posterior mean and log-variance."""
+    return f"latents/{key}/mean", f"latents/{key}/logvar"
+
+
+def text_tensor_key(key: str) -> str:
+    return f"text/{key}/prompt_embeds"
+
+
+@dataclass(frozen=True)
+class CacheIdentity:
+    """Everything that decides which cache folder a preprocess run writes to."""
+
+    model: dict  # pretrained_model_name_or_path, revision, variant, component config hashes
+    dataset: dict  # where the records come from and how captions are formed
+    settings: dict  # every setting that changes the tensors
+
+    @property
+    def fingerprint(self) -> str:
+        payload = {"format_version": FORMAT_VERSION, "model": self.model, "dataset": self.dataset,
+                   "settings": self.settings}
+        return sha256_text(json.dumps(payload, sort_keys=True))[:12]
+
+    @property
+    def name(self) -> str:
+        s = self.settings
+        model = _slug(Path(str(self.model["pretrained_model_name_or_path"]).rstrip("/")).name)
+        dataset = _slug(Path(str(self.dataset.get("dataset_name") or self.dataset.get("instance_data_root"))).name)
+        return (
+            f"{model}_{dataset}_{s['height']}x{s['width']}_{s['max_num_frames']}f_{s['fps']}fps_"
+            f"{s['video_reshape_mode']}_{self.fingerprint}"
+        )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")[:40] or "x"
+
+
+# --- atomic writes ------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, write: callable) -> None:
+    """Call write(temp_path), fsync, then rename over path, so readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(temp)
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    atomic_write(path, lambda temp: pq.write_table(table, temp))
+
+
+# --- the manifest -------------------------------------------------------------------------------
+
+
+def manifest_for(identity: CacheIdentity) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": identity.fingerprint,
+        "model": identity.model,
+        "dataset": identity.dataset,
+        "settings": identity.settings,
+    }
+
+
+def read_manifest(cache_dir: Path) -> dict:
+    path = cache_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise CogtuneError(
+            f"{cache_dir} is not a cogtune cache (no {MANIFEST_FILE}). Run `cogtune preprocess` to build one, "
+            "or point --data_cache at a folder it wrote."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CogtuneError(f"{path} is damaged ({e}); rebuild the cache with `cogtune preprocess`.") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CogtuneError(
+            f"{cache_dir} has cache format version {version}, this cogtune reads version {FORMAT_VERSION}. "
+            "Rebuild it with `cogtune preprocess` (it writes a new folder; the old one can be deleted)."
+        )
+    return manifest
+
+
+def describe_differences(expected: dict, found: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested dicts."""
+    lines = []
+    for key in sorted(set(expected) | set(found)):
+        a, b = expected.get(key), found.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += describe_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: cache has {b!r}, expected {a!r}")
+    return lines
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+class CacheWriter:
+    """Appends encoded tensors and index rows to a cache, one complete shard at a time."""
+
+    def __init__(self, cache_dir: Path, identity: CacheIdentity, shard_size_mb: float, writer_id: str = "w0"):
+        self.cache_dir = Path(cache_dir)
+        self.writer_id = writer_id
+        self.shard_bytes = int(shard_size_mb * 1024 * 1024)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._rows: list[dict] = []
+        self._pending_bytes = 0
+        self._part_name = self._new_part_name()
+        self.shards_written = 0
+        manifest = manifest_for(identity)
+        if (self.cache_dir / MANIFEST_FILE).exists():
+            found = read_manifest(self.cache_dir)
+            differences = describe_differences(manifest, found)
+            if differences:
+                raise CogtuneError(
+                    f"{self.cache_dir} holds a cache with other settings:\n  " + "\n  ".join(differences)
+                    + "\nUse another --cache_root, or delete that folder."
+                )
+        else:
+            _write_json(self.cache_dir / MANIFEST_FILE, manifest)
+
+    def _new_part_name(self) -> str:
+        return f"{self.writer_id}-{uuid.uuid4().hex[:12]}"
+
+    @property
+    def part_name(self) -> str:
+        """The shard that tensors added now will land in."""
+        return self._part_name
+
+    def add_tensor(self, key: str, tensor: torch.Tensor) -> str:
+        """Queue a tensor; returns the shard name it will be stored in."""
+        tensor = tensor.detach().to("cpu").contiguous()
+        self._tensors[key] = tensor
+        self._pending_bytes += tensor.numel() * tensor.element_size()
+        return self._part_name
+
+    def add_row(self, row: dict) -> None:
+        missing = [name for name in INDEX_SCHEMA.names if name not in row]
+        if missing:
+            raise ValueError(f"index row lacks columns {missing}")
+        self._rows.append(row)
+
+    def should_flush(self) -> bool:
+        return self._pending_bytes >= self.shard_bytes
+
+    def flush(self) -> None:
+        """Make everything queued so far visible: the shard first, then its index part."""
+        if not self._tensors and not self._rows:
+            return
+        name = self._part_name
+        if self._tensors:
+            tensors = self._tensors
+            atomic_write(
+                self.cache_dir / SHARDS_DIR / f"{name}.safetensors",
+                lambda temp: save_file(tensors, temp, metadata={"format_version": str(FORMAT_VERSION)}),
+            )
+            self.shards_written += 1
+        table = pa.Table.from_pylist(self._rows, schema=INDEX_SCHEMA)
+        _write_parquet(self.cache_dir / INDEX_DIR / f"{name}.parquet", table)
+        self._tensors, self._rows, self._pending_bytes = {}, [], 0
+        self._part_name = self._new_part_name()
+
+    def write_selection(self, sample_ids: Iterable[str]) -> None:
+        """Record the samples of a finished run; training reads exactly these."""
+        self.flush()
+        ids = list(dict.fromkeys(sample_ids))
+        _write_parquet(self.cache_dir / SELECTION_FILE, pa.Table.from_pydict({"sample_id": ids}, SELECTION_SCHEMA))
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def read_index(cache_dir: Path) -> list[dict]:
+    """Every index row of a cache, first written first; a sample written twice keeps its first row."""
+    parts = sorted((Path(cache_dir) / INDEX_DIR).glob("*.parquet"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    rows, seen = [], set()
+    for part in parts:
+        try:
+            table = pq.read_table(part)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise CogtuneError(f"Cache index part {part} is damaged ({e}); delete it and rerun preprocess.") from None
+        if table.schema.names != INDEX_SCHEMA.names:
+            raise CogtuneError(f"Cache index part {part} has unexpected columns; rebuild the cache.")
+        for row in table.to_pylist():
+            if row["sample_id"] not in seen:
+                seen.add(row["sample_id"])
+                rows.append(row)
+    return rows
+
+
+@dataclass
+class Cache:
+    """A finished cache opened for reading: the selected samples and lazy tensor access."""
+
+    path: Path
+    manifest: dict
+    samples: list[dict]  # index rows of the selected samples with status ok
+    failed: list[dict] = field(default_factory=list)
+    _handles: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Cache":
+        path = Path(path)
+        manifest = read_manifest(path)
+        selection_path = path / SELECTION_FILE
+        if not selection_path.is_file():
+            raise CogtuneError(
+                f"{path} has no {SELECTION_FILE}: its preprocess run did not finish. Run `cogtune preprocess` "
+                "again with the same settings; it resumes where it stopped."
+            )
+        selected = set(pq.read_table(selection_path).column("sample_id").to_pylist())
+        rows = [row for row in read_index(path) if row["sample_id"] in selected]
+        missing = selected - {row["sample_id"] for row in rows}
+        if missing:
+            raise CogtuneError(
+                f"{path}: {len(missing)} selected samples have no index row (the cache is damaged). "
+                "Run `cogtune preprocess` again to rewrite them."
+            )
+        ok = [row for row in rows if row["status"] == STATUS_OK]
+        failed = [row for row in rows if row["status"] != STATUS_OK]
+        return cls(path=path, manifest=manifest, samples=ok, failed=failed)
+
+    def _shard(self, name: str):
+        handle = self._handles.get(name)
+        if handle is None:
+            shard_path = self.path / SHARDS_DIR / f"{name}.safetensors"
+            try:
+                handle = safe_open(str(shard_path), framework="pt")
+            except (OSError, Exception) as e:  # safetensors raises its own error types
+                raise CogtuneError(f"Cache shard {shard_path} cannot be read ({e}); rerun preprocess.") from None
+            self._handles[name] = handle
+        return handle
+
+    def latent_moments(self, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored posterior mean and log-variance of a sample, [C, F, H, W]."""
+        mean_key, logvar_key = latent_tensor_keys(row["latent_key"])
+        shard = self._shard(row["latent_shard"])
+        return shard.get_tensor(mean_key), shard.get_tensor(logvar_key)
+
+    def prompt_embeds(self, row: dict) -> torch.Tensor:
+        """The stored T5 embedding of a sample's caption, [max_text_seq_length, text_dim]."""
+        return self._shard(row["text_shard"]).get_tensor(text_tensor_key(row["text_key"]))
+
+    def __getstate__(self):  # DataLoader workers reopen shards themselves
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+
+def stored_tensor_shards(cache_dir: str | Path) -> dict[str, str]:
+    """Tensor key -> shard name for every complete shard (reads only the shard headers)."""
+    found = {}
+    for shard_path in sorted((Path(cache_dir) / SHARDS_DIR).glob("*.safetensors")):
+        try:
+            with safe_open(str(shard_path), framework="pt") as shard:
+                found.update(dict.fromkeys(shard.keys(), shard_path.stem))
+        except Exception as e:  # safetensors raises its own error types
+            raise CogtuneError(f"Cache shard {shard_path} is damaged ({e}); delete it and rerun preprocess.") from None
+    return found
+
+
+def list_caches(cache_root: str | Path) -> list[Path]:
+    root = Path(cache_root)
+    return sorted(p.parent for p in root.glob(f"*/{MANIFEST_FILE}")) if root.is_dir() else []
+
+
+def find_cache(cache_root: str | Path, identity: CacheIdentity) -> Path:
+    """The folder of the cache that matches identity, with a helpful error when there is none."""
+    path = Path(cache_root) / identity.name
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    others = list_caches(cache_root)
+    listing = "\n  ".join(str(p) for p in others) or "(none)"
+    raise CogtuneError(
+        f"No cache for these settings at {path}. Run `cogtune preprocess` with the same config first, or pass "
+        f"--data_cache with one of the caches under {cache_root}:\n  {listing}"
+    )
+
+
+def check_compatible(manifest: dict, model: dict, cache_path: Path) -> None:
+    """Refuse a cache whose tensors came from other VAE or text-encoder weights than model's."""
+    expected = {k: model[k] for k in ("vae_config_sha256", "text_encoder_config_sha256")}
+    found = {k: manifest.get("model", {}).get(k) for k in expected}
+    differences = describe_differences(expected, found)
+    if differences:
+        raise CogtuneError(
+            f"The cache {cache_path} was built for another model "
+            f"({manifest.get('model', {}).get('pretrained_model_name_or_path')}):\n  " + "\n  ".join(differences)
+            + "\nPreprocess the data with the model you train, or train the model the cache was built for."
+        )
+
+
+def row_template() -> dict[str, Any]:
+    return {name: None for name in INDEX_SCHEMA.names}

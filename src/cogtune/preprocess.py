@@ -1,0 +1,270 @@
+"""Stage 1: dataset records -> decoded clips -> VAE moments and T5 embeddings -> the cache.
+
+Only what the cache does not hold yet is encoded: a video whose content hash has latents, or a
+caption whose text has an embedding, is reused. The VAE and T5 are loaded only when there is
+something for them to do, one after the other.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import data_schema as schema
+from .config import PreprocessConfig
+from .errors import CogtuneError
+from .families import ModelConfigs
+from .sources import load_records
+from .video import read_clip
+
+TENSOR_SETTINGS = ("height", "width", "fps", "max_num_frames", "skip_frames_start", "skip_frames_end",
+                   "video_reshape_mode", "latent_dtype", "mixed_precision", "enable_tiling")
+
+
+def cache_identity(config: PreprocessConfig, models: ModelConfigs) -> schema.CacheIdentity:
+    """Which cache a run with these settings writes to (and a training run reads from)."""
+    settings = {name: getattr(config, name) for name in TENSOR_SETTINGS}
+    settings["max_text_seq_length"] = models.transformer["max_text_seq_length"]
+    if config.video_reshape_mode == "random":  # the seed only changes tensors through random crops
+        settings["seed"] = config.seed
+    dataset = {
+        "instance_data_root": str(Path(config.instance_data_root).resolve()) if config.instance_data_root else None,
+        "dataset_name": str(Path(config.dataset_name).resolve()) if config.dataset_name else None,
+        "caption_column": config.caption_column,
+        "video_column": config.video_column,
+        "id_token": config.id_token,
+    }
+    return schema.CacheIdentity(model=models.identity(), dataset=dataset, settings=settings)
+
+
+@dataclass
+class PreprocessResult:
+    cache_dir: Path
+    samples: int
+    failed: int
+    encoded_videos: int
+    encoded_captions: int
+    reused_videos: int
+    reused_captions: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (
+            f"cache: {self.cache_dir}\n"
+            f"samples: {self.samples} ok, {self.failed} skipped\n"
+            f"encoded: {self.encoded_videos} videos, {self.encoded_captions} captions; "
+            f"reused from the cache: {self.reused_videos} videos, {self.reused_captions} captions "
+            f"({self.seconds:.1f} s)"
+        )
+
+
+class _Source:
+    """Content fingerprints of source files, reusing the hash of a file whose size and mtime are unchanged."""
+
+    def __init__(self, index_rows: list[dict]):
+        self.known = {(r["source_path"], r["source_size"], r["source_mtime_ns"]): r["source_sha256"]
+                      for r in index_rows}
+
+    def fingerprint(self, path: Path) -> tuple[int, int, str]:
+        stat = path.stat()
+        sha = self.known.get((str(path), stat.st_size, stat.st_mtime_ns)) or schema.sha256_file(path)
+        return stat.st_size, stat.st_mtime_ns, sha
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Decodes and resizes one video per item, in DataLoader workers when there are any."""
+
+    def __init__(self, jobs: list[tuple[Path, str]], config: PreprocessConfig):
+        self.jobs = jobs
+        self.config = config
+
+    def __len__(self):
+        return len(self.jobs)
+
+    def __getitem__(self, i):
+        path, sha = self.jobs[i]
+        c = self.config
+        rng = np.random.default_rng([c.seed, int(sha[:15], 16)])  # a clip's crop depends only on it and the seed
+        try:
+            clip = read_clip(path, c.height, c.width, c.fps, c.max_num_frames, c.skip_frames_start,
+                             c.skip_frames_end, c.video_reshape_mode, rng)
+            return sha, clip, None
+        except CogtuneError as e:
+            return sha, None, str(e)
+
+
+def _first(batch):
+    return batch[0]
+
+
+def _device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    # bf16/fp16 3D convolutions are pathologically slow on CPUs: encode in fp32 there.
+    return torch.device("cpu"), torch.float32
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CogtuneError(f"Cannot write to --cache_root {folder}: {e.strerror}. Pick a writable folder.") from None
+
+
+def run(config: PreprocessConfig) -> PreprocessResult:
+    started = time.time()
+    records = load_records(config.instance_data_root, config.dataset_name, config.caption_column,
+                           config.video_column, config.id_token)
+    models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
+                               config.cache_dir)
+    models.spec()  # refuses unsupported families before any encoding
+    identity = cache_identity(config, models)
+    _check_writable(Path(config.cache_root))
+    cache_dir = Path(config.cache_root) / identity.name
+    writer = schema.CacheWriter(cache_dir, identity, config.shard_size_mb)
+
+    index_rows = schema.read_index(cache_dir)
+    ok_rows = {r["sample_id"]: r for r in index_rows if r["status"] == schema.STATUS_OK}
+    latent_rows = {r["latent_key"]: r for r in ok_rows.values()}  # video_key -> a row holding its latents
+    stored_tensors = schema.stored_tensor_shards(cache_dir)
+
+    # Plan: fingerprint every source, then see what is missing.
+    sources = _Source(index_rows)
+    planned = []  # (record, size, mtime_ns, sha, sample_id)
+    for record in tqdm(records, desc="fingerprinting", unit="file", leave=False):
+        size, mtime_ns, sha = sources.fingerprint(record.video)
+        planned.append((record, size, mtime_ns, sha, schema.sample_id(sha, record.caption)))
+    missing = [p for p in planned if p[4] not in ok_rows]
+    captions_needed = sorted({p[0].caption for p in missing
+                              if schema.text_tensor_key(schema.caption_key(p[0].caption)) not in stored_tensors})
+    videos_needed = list({p[3]: p[0].video for p in missing if schema.video_key(p[3]) not in latent_rows}.items())
+
+    text_shards = dict(stored_tensors)
+    if captions_needed:
+        text_shards.update(_encode_captions(captions_needed, config, models, writer))
+
+    by_video: dict[str, list] = {}
+    for p in missing:
+        by_video.setdefault(p[3], []).append(p)
+
+    def add_rows(entries, latent_row: dict | None, failure: str | None):
+        for record, size, mtime_ns, sha, sid in entries:
+            row = schema.row_template()
+            row.update(sample_id=sid, source_path=str(record.video), source_size=size, source_mtime_ns=mtime_ns,
+                       source_sha256=sha, caption=record.caption, caption_sha256=schema.sha256_text(record.caption))
+            if failure is not None:
+                row.update(status=schema.STATUS_FAILED, reason=f"{record.where}: {failure}")
+            else:
+                for column in ("frame_indices", "source_fps", "source_height", "source_width", "num_frames",
+                               "height", "width", "latent_shape", "latent_shard", "latent_key"):
+                    row[column] = latent_row[column]
+                text_key = schema.caption_key(record.caption)
+                row.update(status=schema.STATUS_OK, reason="", text_key=text_key,
+                           text_shard=text_shards[schema.text_tensor_key(text_key)])
+            writer.add_row(row)
+
+    # Samples whose video is already encoded only need a row.
+    for sha, entries in by_video.items():
+        if schema.video_key(sha) in latent_rows:
+            add_rows(entries, latent_rows[schema.video_key(sha)], None)
+
+    failed = 0
+    if videos_needed:
+        failed = _encode_videos(videos_needed, config, by_video, writer, add_rows)
+    writer.write_selection(p[4] for p in planned)
+
+    cache = schema.Cache.open(cache_dir)
+    return PreprocessResult(
+        cache_dir=cache_dir.resolve(), samples=len(cache.samples), failed=len(cache.failed),
+        encoded_videos=len(videos_needed) - failed, encoded_captions=len(captions_needed),
+        reused_videos=len({p[3] for p in planned}) - len(videos_needed),
+        reused_captions=len({p[0].caption for p in planned}) - len(captions_needed),
+        seconds=time.time() - started,
+    )
+
+
+@torch.no_grad()
+def _encode_captions(captions: list[str], config: PreprocessConfig, models: ModelConfigs,
+                     writer: schema.CacheWriter, batch_size: int = 8) -> dict[str, str]:
+    """T5-encode captions padded to the model's text length; returns tensor key -> shard."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    device, dtype = _device_and_dtype(config.mixed_precision)
+    location = models.source["pretrained_model_name_or_path"]
+    kwargs = dict(revision=config.revision, cache_dir=config.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
+    text_encoder = T5EncoderModel.from_pretrained(location, subfolder="text_encoder", variant=config.variant,
+                                                  dtype=dtype, **kwargs).to(device).eval()
+    max_length = models.transformer["max_text_seq_length"]
+    store_dtype = schema.DTYPES[config.latent_dtype]
+    shards, truncated = {}, 0
+    for start in tqdm(range(0, len(captions), batch_size), desc="encoding captions", unit="batch"):
+        batch = captions[start:start + batch_size]
+        tokens = tokenizer(batch, padding="max_length", max_length=max_length, truncation=True,
+                           add_special_tokens=True, return_tensors="pt")
+        full_lengths = tokenizer(batch, add_special_tokens=True, return_length=True)["length"]
+        truncated += sum(length > max_length for length in full_lengths)
+        embeds = text_encoder(tokens.input_ids.to(device))[0]
+        for caption, embed in zip(batch, embeds):
+            key = schema.text_tensor_key(schema.caption_key(caption))
+            shards[key] = writer.add_tensor(key, embed.to(store_dtype))
+            if writer.should_flush():
+                writer.flush()
+    if truncated:
+        tqdm.write(f"warning: {truncated} caption(s) are longer than {max_length} tokens and were truncated.")
+    del text_encoder
+    return shards
+
+
+@torch.no_grad()
+def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_video: dict,
+                   writer: schema.CacheWriter, add_rows) -> int:
+    """VAE-encode clips as they are decoded; returns how many could not be used."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    device, dtype = _device_and_dtype(config.mixed_precision)
+    vae = AutoencoderKLCogVideoX.from_pretrained(
+        config.pretrained_model_name_or_path, subfolder="vae", revision=config.revision, variant=config.variant,
+        cache_dir=config.cache_dir, torch_dtype=dtype,
+    ).to(device).eval()
+    if config.enable_slicing:
+        vae.enable_slicing()
+    if config.enable_tiling:
+        vae.enable_tiling()
+    store_dtype = schema.DTYPES[config.latent_dtype]
+    jobs = [(path, sha) for sha, path in videos]
+    loader = torch.utils.data.DataLoader(ClipDataset(jobs, config), batch_size=1, collate_fn=_first,
+                                         num_workers=config.dataloader_num_workers)
+    failed = 0
+    progress = tqdm(loader, total=len(jobs), desc="encoding videos", unit="clip")
+    for sha, clip, failure in progress:
+        if clip is None:
+            failed += 1
+            tqdm.write(f"skipped {by_video[sha][0][0].video}: {failure}")
+            add_rows(by_video[sha], None, failure)
+            continue
+        posterior = vae.encode(clip.pixels[None].to(device, dtype)).latent_dist
+        mean, logvar = posterior.mean[0].to(store_dtype), posterior.logvar[0].to(store_dtype)
+        key = schema.video_key(sha)
+        mean_key, logvar_key = schema.latent_tensor_keys(key)
+        shard = writer.add_tensor(mean_key, mean)
+        writer.add_tensor(logvar_key, logvar)
+        latent_row = dict(
+            frame_indices=clip.frame_indices, source_fps=clip.source_fps, source_height=clip.source_height,
+            source_width=clip.source_width, num_frames=len(clip.frame_indices), height=config.height,
+            width=config.width, latent_shape=list(mean.shape), latent_shard=shard, latent_key=key,
+        )
+        add_rows(by_video[sha], latent_row, None)
+        if writer.should_flush():
+            writer.flush()
+        progress.set_postfix(failed=failed)
+    return failed

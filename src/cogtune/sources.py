@@ -1,0 +1,158 @@
+"""Dataset formats -> a list of (video path, caption) records.
+
+Two formats, as in the diffusers CogVideoX scripts:
+- `prompts.txt` + `videos.txt` under --instance_data_root (one line each, paths relative to it);
+- a metadata file (CSV, JSON, JSONL or Parquet) given by --dataset_name, with --caption_column and
+  --video_column; video paths relative to --instance_data_root (or to the file's folder).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from .errors import CogtuneError
+
+METADATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class Record:
+    video: Path  # absolute
+    caption: str  # with the id_token already in front
+    where: str  # for error messages: file and line or row
+
+
+def with_id_token(caption: str, id_token: str | None) -> str:
+    """The reference glues the token to the prompt; we put a space between them."""
+    caption = caption.strip()
+    if id_token:
+        return f"{id_token.strip()} {caption}"
+    return caption
+
+
+def load_records(instance_data_root: str | None, dataset_name: str | None, caption_column: str,
+                 video_column: str, id_token: str | None) -> list[Record]:
+    if dataset_name:
+        table_path = _metadata_file(Path(dataset_name))
+        root = Path(instance_data_root) if instance_data_root else table_path.parent
+        pairs = _read_metadata(table_path, caption_column, video_column)
+    else:
+        if not instance_data_root:
+            raise CogtuneError(
+                "Say where the data is: --instance_data_root (with prompts.txt and videos.txt), "
+                "or --dataset_name (a metadata file)."
+            )
+        root = Path(instance_data_root)
+        pairs = _read_line_files(root, caption_column, video_column)
+    if not root.is_dir():
+        raise CogtuneError(f"--instance_data_root {root} is not a folder.")
+    records = []
+    for caption, video, where in pairs:
+        if caption is None or not str(caption).strip():
+            raise CogtuneError(f"{where}: the caption is empty. Write a caption or remove the row.")
+        if video is None or not str(video).strip():
+            raise CogtuneError(f"{where}: the video path is empty.")
+        records.append(Record(_resolve_video(root, str(video).strip(), where), with_id_token(str(caption), id_token), where))
+    if not records:
+        raise CogtuneError("The dataset has no rows.")
+    return records
+
+
+def _resolve_video(root: Path, relative: str, where: str) -> Path:
+    root = root.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise CogtuneError(
+            f"{where}: video path {relative!r} points outside the data root {root}. "
+            "Paths must stay inside --instance_data_root."
+        )
+    if not path.is_file():
+        raise CogtuneError(f"{where}: video file {path} does not exist.")
+    return path
+
+
+def _read_line_files(root: Path, caption_file: str, video_file: str) -> list[tuple[str, str, str]]:
+    prompts_path, videos_path = root / caption_file, root / video_file
+    for path, flag in ((prompts_path, "--caption_column"), (videos_path, "--video_column")):
+        if not path.is_file():
+            raise CogtuneError(
+                f"{path} does not exist. With --instance_data_root, {flag} names a file in it "
+                "(prompts.txt / videos.txt); for a metadata file use --dataset_name."
+            )
+    prompts = _lines(prompts_path)
+    videos = _lines(videos_path)
+    if len(prompts) != len(videos):
+        raise CogtuneError(
+            f"{prompts_path} has {len(prompts)} prompts but {videos_path} has {len(videos)} videos; "
+            "they must have one line each per clip."
+        )
+    return [(p, v, f"{prompts_path.name}/{videos_path.name} line {i + 1}") for i, (p, v) in enumerate(zip(prompts, videos))]
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CogtuneError(f"{path} is not UTF-8 text ({e}).") from None
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():  # a trailing blank line is not a record
+        lines.pop()
+    return lines
+
+
+def _metadata_file(path: Path) -> Path:
+    if path.is_dir():
+        for suffix in METADATA_SUFFIXES:
+            if (path / f"metadata{suffix}").is_file():
+                return path / f"metadata{suffix}"
+        raise CogtuneError(f"--dataset_name {path} is a folder without metadata.csv/.jsonl/.json/.parquet.")
+    if path.is_file():
+        if path.suffix.lower() not in METADATA_SUFFIXES:
+            raise CogtuneError(f"--dataset_name {path}: use a .csv, .json, .jsonl or .parquet metadata file.")
+        return path
+    raise CogtuneError(
+        f"--dataset_name {path} is not a local file or folder. Hub datasets are not supported yet: download the "
+        "metadata file and pass its path."
+    )
+
+
+def _read_metadata(path: Path, caption_column: str, video_column: str) -> list[tuple[str, str, str]]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+        elif suffix == ".parquet":
+            table = pq.read_table(path)
+        elif suffix == ".jsonl":
+            table = pajson.read_json(path)
+        else:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):  # {"column": [...]} layout
+                data = [dict(zip(data, values)) for values in zip(*data.values())]
+            table = pa.Table.from_pylist(data)
+    except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
+        raise CogtuneError(f"Cannot read metadata file {path}: {e}") from None
+    for column, flag in ((caption_column, "--caption_column"), (video_column, "--video_column")):
+        if column not in table.column_names:
+            raise CogtuneError(
+                f"{path} has no column {column!r} ({flag}); its columns are: {', '.join(table.column_names)}."
+            )
+    captions = [_unquote(c) for c in table.column(caption_column).to_pylist()]
+    videos = [_unquote(v) for v in table.column(video_column).to_pylist()]
+    return [(c, v, f"{path.name} row {i + 1}") for i, (c, v) in enumerate(zip(captions, videos))]
+
+
+def _unquote(value):
+    """The seed README writes CSV cells in tripled quotes, which CSV reads as "text": drop those quotes."""
+    if isinstance(value, str):
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+    return value

@@ -1,0 +1,147 @@
+"""Hub-free tiny CogVideoX pipelines and demo clips, for the demo and the tests.
+
+The tiny pipeline has the real structure (T5 encoder, 3D VAE, CogVideoX transformer, the real
+models' scheduler settings) with random weights a few hundred kilobytes in size, so every stage
+runs on a CPU in seconds and nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Scheduler settings of the published CogVideoX-2b / -5b pipelines (scheduler/scheduler_config.json).
+SCHEDULER_2B = dict(
+    beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085, clip_sample=False,
+    num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+    set_alpha_to_one=True, snr_shift_scale=3.0, steps_offset=0, timestep_spacing="trailing",
+)
+SCHEDULER_5B = dict(SCHEDULER_2B, snr_shift_scale=1.0)
+
+# Structural flags of each family the tiny model can imitate.
+FAMILIES = {
+    "2b": dict(use_rotary=False, scaling_factor=1.15258426, scheduler=SCHEDULER_2B),
+    "5b": dict(use_rotary=True, scaling_factor=0.7, scheduler=SCHEDULER_5B),
+}
+
+TEXT_DIM = 32
+MAX_TEXT_LENGTH = 32  # the real models use 226
+WORDS = (
+    "a an the of in on with and to is are red blue green yellow white black orange purple square circle ball "
+    "moves moving left right up down across over slowly quickly bright dark background video small large "
+    "bouncing scene camera static panning cat dog runs jumps water sky tree light shadow person walks street "
+    "night day sun rain snow car road city forest river mountain close-up wide shot animated style"
+).split()
+
+
+def make_tokenizer():
+    """A T5 tokenizer whose vocabulary is built here: whole words, then single characters."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{word}", -5.0) for word in WORDS]
+    characters = string.ascii_letters + string.digits + string.punctuation
+    pieces += [(f"▁{c}", -9.0) for c in characters] + [(c, -10.0) for c in characters]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=MAX_TEXT_LENGTH)
+
+
+def make_tiny_pipeline(family: str = "2b", seed: int = 0):
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
+                           CogVideoXTransformer3DModel)
+    from transformers import T5Config, T5EncoderModel
+
+    spec = FAMILIES[family]
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=TEXT_DIM, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
+        relative_attention_num_buckets=8, decoder_start_token_id=0,
+    ))
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+        temporal_compression_ratio=4, scaling_factor=spec["scaling_factor"],
+    )
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=TEXT_DIM, num_layers=2, sample_width=6, sample_height=4, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=MAX_TEXT_LENGTH,
+        use_rotary_positional_embeddings=spec["use_rotary"],
+    )
+    scheduler = CogVideoXDDIMScheduler(**spec["scheduler"])
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=scheduler)
+
+
+def make_tiny_model(path: str | Path, family: str = "2b", seed: int = 0) -> Path:
+    """Write a random-weight CogVideoX pipeline folder that from_pretrained loads offline."""
+    path = Path(path)
+    make_tiny_pipeline(family, seed).save_pretrained(path)
+    return path.resolve()
+
+
+# --- demo clips ---------------------------------------------------------------------------------
+
+COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 180, 70), "yellow": (230, 210, 40)}
+
+
+def synthetic_frames(num_frames: int, height: int, width: int, color: tuple, direction: int) -> np.ndarray:
+    """A square moving across a gradient: [F, H, W, 3] uint8."""
+    y, x = np.mgrid[0:height, 0:width]
+    background = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
+                           np.full_like(x, 96)], axis=-1).astype(np.uint8) // 2
+    frames = np.repeat(background[None], num_frames, axis=0)
+    side = max(4, height // 3)
+    for i in range(num_frames):
+        progress = i / max(num_frames - 1, 1)
+        left = int((progress if direction > 0 else 1 - progress) * (width - side))
+        top = (height - side) // 2
+        frames[i, top:top + side, left:left + side] = color
+    return frames
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: float) -> None:
+    """Write [F, H, W, 3] uint8 frames to an H.264 mp4 (MPEG-4 part 2 where libx264 is missing)."""
+    import av
+
+    from .data_schema import atomic_write
+
+    def write(temp):
+        with av.open(temp, mode="w", format="mp4") as container:
+            try:
+                stream = container.add_stream("libx264", rate=round(fps))
+                stream.options = {"crf": "18"}
+            except Exception:  # an FFmpeg build without libx264
+                stream = container.add_stream("mpeg4", rate=round(fps))
+            stream.height, stream.width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+            stream.pix_fmt = "yuv420p"
+            for frame in frames:
+                image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[: stream.height, : stream.width]),
+                                                   format="rgb24")
+                container.mux(stream.encode(image))
+            container.mux(stream.encode())
+
+    atomic_write(Path(path), write)
+
+
+def make_demo_data(path: str | Path, num_frames: int = 24, fps: int = 16, height: int = 48, width: int = 64) -> Path:
+    """Captioned synthetic clips in the prompts.txt + videos.txt format."""
+    root = Path(path)
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    prompts, videos = [], []
+    for i, (name, color) in enumerate(COLORS.items()):
+        direction = 1 if i % 2 == 0 else -1
+        relative = f"videos/{i:05d}.mp4"
+        write_mp4(root / relative, synthetic_frames(num_frames, height, width, color, direction), fps)
+        side = "left to right" if direction > 0 else "right to left"
+        prompts.append(f"a {name} square moves slowly from {side} across a dark gradient background")
+        videos.append(relative)
+    (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (root / "videos.txt").write_text("\n".join(videos) + "\n")
+    (root / "README.txt").write_text(json.dumps({"clips": len(videos), "frames": num_frames, "fps": fps}) + "\n")
+    return root.resolve()
