@@ -36,9 +36,10 @@ def _preprocess(argv):
 
 def _train(argv):
     from . import train
-    from .config import load_config
+    from .config import config_path_in, load_config, preprocess_config_for
 
-    result = train.run(load_config("train", argv), config_argv=argv)
+    config = load_config("train", argv)
+    result = train.run(config, preprocess_config_for(config, config_path_in(argv)))
     print(f"lora: {result.lora_path}")
 
 

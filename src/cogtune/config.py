@@ -304,3 +304,20 @@ def validate(config) -> None:
         raise CogtuneError("Give exactly one of --prompt or --prompt_file.")
     if isinstance(config, TrainConfig) and config.max_grad_norm <= 0:
         raise CogtuneError(f"--max_grad_norm must be positive, got {config.max_grad_norm}.")
+
+
+def config_path_in(argv: list[str]) -> str | None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    return parser.parse_known_args(argv)[0].config
+
+
+def preprocess_config_for(train: TrainConfig, config_path: str | None) -> PreprocessConfig | None:
+    """The preprocess settings of the same config file, with the training run's model and cache root:
+    they name the cache that `cogtune preprocess --config FILE` wrote."""
+    if not config_path:
+        return None
+    values = values_for_stage(read_toml(config_path), "preprocess", str(config_path))
+    for name in ("pretrained_model_name_or_path", "revision", "variant", "cache_dir", "cache_root"):
+        values[name] = getattr(train, name)
+    return make_config("preprocess", values, str(config_path))

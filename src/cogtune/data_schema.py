@@ -153,6 +153,10 @@ def _slug(text: str) -> str:
 # --- atomic writes ------------------------------------------------------------------------------
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: Path, write: callable) -> None:
     """Call write(temp_path), fsync, then rename over path, so readers see all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +166,7 @@ def atomic_write(path: Path, write: callable) -> None:
         write(temp)
         with open(temp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

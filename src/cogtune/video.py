@@ -122,6 +122,8 @@ def read_clip(path: Path, height: int, width: int, fps: float, max_frames: int, 
         frames = reader.get_batch(indices).asnumpy()
     except Exception as e:
         raise ClipSkipped(f"decode error: {str(e).splitlines()[0][:200]}") from None
+    if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
+        raise ClipSkipped(f"the decoder returned frames of shape {tuple(frames.shape)} for {len(indices)} frames")
     source_height, source_width = frames.shape[1:3]
     pixels = to_model_range(frames)
     plan = plan_resize_crop(source_height, source_width, height, width, mode, rng)

@@ -1,0 +1,51 @@
+# cogtune: `make demo` runs the whole pipeline on a tiny model on the CPU; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/demo.toml
+ARGS ?=
+DEMO := demo
+
+.PHONY: setup demo demo-assets preprocess train infer test clean
+
+# The stamp is rebuilt only when pyproject.toml changes, so a second `make setup` takes no time.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(DEMO)/tiny-cogvideox/model_index.json: | setup
+	$(BIN)/cogtune make-tiny-model $(DEMO)/tiny-cogvideox
+
+$(DEMO)/data/videos.txt: | setup
+	$(BIN)/cogtune make-demo-data $(DEMO)/data
+
+demo-assets: $(DEMO)/tiny-cogvideox/model_index.json $(DEMO)/data/videos.txt
+
+preprocess: setup
+	$(BIN)/cogtune preprocess --config $(CONFIG) $(ARGS)
+
+train: setup
+	$(BIN)/cogtune train --config $(CONFIG) $(ARGS)
+
+infer: setup
+	$(BIN)/cogtune infer --config $(CONFIG) $(ARGS)
+
+demo: setup demo-assets
+	$(BIN)/cogtune preprocess --config configs/demo.toml | tee $(DEMO)/preprocess.out
+	$(BIN)/cogtune train --config configs/demo.toml | tee $(DEMO)/train.out
+	$(BIN)/cogtune infer --config configs/demo.toml | tee $(DEMO)/infer.out
+	@echo
+	@echo "MODEL: $(abspath $(DEMO)/tiny-cogvideox)"
+	@echo "CACHE: $$(sed -n 's/^cache: //p' $(DEMO)/preprocess.out)"
+	@echo "LORA: $$(sed -n 's/^lora: //p' $(DEMO)/train.out)"
+	@echo "VIDEO: $$(sed -n 's/^video: //p' $(DEMO)/infer.out | head -n 1)"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

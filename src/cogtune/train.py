@@ -1,0 +1,402 @@
+"""Stage 2: the training recipe. `run` reads top to bottom: set-up, model, LoRA, optimizer, data,
+the step, checkpoints, the final LoRA.
+
+Only the transformer is loaded (plus the scheduler's config): the VAE moments and T5 embeddings
+come from the cache, so the VAE and T5 never exist in this process.
+
+The randomness of every batch (posterior sample, timesteps, noise) is drawn from a generator
+seeded by (seed, batch number), and the data order of every epoch from (seed, epoch): a run's
+batches are a pure function of its position, which makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import data_schema as schema
+from .config import PreprocessConfig, TrainConfig
+from .errors import CogtuneError
+from .families import FamilySpec, ModelConfigs
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_INFO_NAME = "cogtune_lora.json"
+TRAIN_LOG_NAME = "train_log.jsonl"
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_NAME = "cogtune_state.json"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# --- pure parts ---------------------------------------------------------------------------------
+
+
+def epoch_batches(shapes: list[tuple], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: the whole dataset shuffled from (seed, epoch), each batch holding
+    samples of one latent shape. Every sample appears exactly once; the last batch of a shape may
+    be short."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(shapes))
+    pending: dict[tuple, list[int]] = {}
+    batches = []
+    for index in order.tolist():
+        group = pending.setdefault(shapes[index], [])
+        group.append(index)
+        if len(group) == batch_size:
+            batches.append(pending.pop(shapes[index]))
+    batches.extend(pending.values())
+    return batches
+
+
+def batch_generator(seed: int, batch_number: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + batch_number)
+
+
+def sample_x0(mean: torch.Tensor, logvar: torch.Tensor, spec: FamilySpec, generator: torch.Generator) -> torch.Tensor:
+    """A fresh sample of the VAE posterior, scaled for the transformer, as [B, F, C, H, W] float32.
+
+    mean, logvar: [B, C, F, H, W] as stored in the cache."""
+    mean, logvar = mean.float(), logvar.float()
+    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    latents = mean + torch.exp(0.5 * logvar) * eps
+    return spec.scale_latents(latents).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def velocity_loss(pred: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """The CogVideoX training loss: x0_hat = sqrt(abar) x_t - sqrt(1 - abar) pred, weighted by
+    1 / (1 - abar), averaged over (F, C, H, W) and then over the batch. abar_t: [B] float64."""
+    abar = abar_t.view(-1, 1, 1, 1, 1)
+    x0_hat = abar.sqrt().float() * x_t.float() - (1 - abar).sqrt().float() * pred.float()
+    weights = (1 / (1 - abar)).float()
+    return (weights * (x0_hat - x0.float()) ** 2).flatten(1).mean(1).mean()
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, with the coefficients computed in float64."""
+    abar = abar_t.view(-1, 1, 1, 1, 1)
+    return abar.sqrt().float() * x0 + (1 - abar).sqrt().float() * noise
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / STATE_NAME).is_file()]
+    return max(checkpoints, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+# --- the cache as a dataset ---------------------------------------------------------------------
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    def __init__(self, cache: schema.Cache):
+        self.cache = cache
+
+    def __len__(self):
+        return len(self.cache.samples)
+
+    def __getitem__(self, index):
+        row = self.cache.samples[index]
+        mean, logvar = self.cache.latent_moments(row)
+        return {"mean": mean, "logvar": logvar, "prompt_embeds": self.cache.prompt_embeds(row)}
+
+
+def collate(items: list[dict]) -> dict:
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def resolve_cache(config: TrainConfig, preprocess_config: PreprocessConfig | None, models: ModelConfigs) -> Path:
+    if config.data_cache:
+        return Path(config.data_cache)
+    if preprocess_config is None:
+        raise CogtuneError("Say which cache to train from: --data_cache DIR, or --config with the preprocess settings.")
+    from .preprocess import cache_identity
+
+    return schema.find_cache(config.cache_root, cache_identity(preprocess_config, models))
+
+
+# --- LoRA files ---------------------------------------------------------------------------------
+
+
+def save_lora(transformer, directory: Path) -> Path:
+    """Save the adapter in diffusers format, with its rank and alpha, so that load_lora_weights alone
+    reproduces the trained scale. Written to a temp folder, then renamed into place."""
+    from diffusers import CogVideoXPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    directory.mkdir(parents=True, exist_ok=True)
+    temp = directory / f".lora-tmp-{time.time_ns()}"
+    try:
+        CogVideoXPipeline.save_lora_weights(
+            temp, transformer_lora_layers=get_peft_model_state_dict(transformer),
+            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+        )
+        (temp / LORA_WEIGHT_NAME).replace(directory / LORA_WEIGHT_NAME)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return directory / LORA_WEIGHT_NAME
+
+
+def load_lora_into(transformer, directory: Path) -> None:
+    from diffusers import CogVideoXPipeline
+    from peft.utils import set_peft_model_state_dict
+
+    state = CogVideoXPipeline.lora_state_dict(str(directory))
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    result = set_peft_model_state_dict(transformer, state, adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise CogtuneError(f"The LoRA in {directory} does not match this model (unexpected keys).")
+
+
+def make_optimizer(parameters, config: TrainConfig, learning_rate: float):
+    betas = (config.adam_beta1, config.adam_beta2)
+    if config.optimizer == "prodigy":
+        try:
+            import prodigyopt
+        except ImportError:
+            raise CogtuneError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        return prodigyopt.Prodigy(
+            parameters, lr=learning_rate, betas=betas, beta3=config.prodigy_beta3, eps=config.adam_epsilon,
+            weight_decay=config.adam_weight_decay, decouple=config.prodigy_decouple,
+            use_bias_correction=config.prodigy_use_bias_correction,
+            safeguard_warmup=config.prodigy_safeguard_warmup,
+        )
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise CogtuneError("--use_8bit_adam needs the bitsandbytes package: pip install bitsandbytes") from None
+        cls = bnb.optim.AdamW8bit if config.optimizer == "adamw" else bnb.optim.Adam8bit
+    else:
+        cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(parameters, lr=learning_rate, betas=betas, eps=config.adam_epsilon,
+               weight_decay=config.adam_weight_decay)
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path
+    transformer: torch.nn.Module = field(repr=False)
+    global_step: int = 0
+    losses: list = field(default_factory=list)
+
+
+# --- the recipe ---------------------------------------------------------------------------------
+
+
+def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    # Set-up: devices, precision, output folder.
+    output_dir = Path(config.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / ".write-test").write_bytes(b"")
+        (output_dir / ".write-test").unlink()
+    except OSError as e:
+        raise CogtuneError(f"Cannot write to --output_dir {output_dir}: {e.strerror}.") from None
+    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise CogtuneError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU.")
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+    )
+    set_seed(config.seed)
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # The cache, checked against the model before anything is loaded.
+    models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
+                               config.cache_dir)
+    spec = models.spec()
+    cache_path = resolve_cache(config, preprocess_config, models)
+    cache = schema.Cache.open(cache_path)
+    schema.check_compatible(cache.manifest, models.identity(), cache_path)
+    cached_text_length = cache.manifest["settings"].get("max_text_seq_length")
+    if cached_text_length != spec.max_text_seq_length:
+        raise CogtuneError(
+            f"The cache {cache_path} holds text embeddings of {cached_text_length} tokens but the transformer takes "
+            f"{spec.max_text_seq_length}."
+        )
+    if not cache.samples:
+        raise CogtuneError(f"The cache {cache_path} holds no usable samples ({len(cache.failed)} were skipped).")
+
+    # The model: the transformer alone, frozen, with LoRA adapters in fp32.
+    weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+    transformer = CogVideoXTransformer3DModel.from_pretrained(
+        models.source["pretrained_model_name_or_path"], subfolder="transformer", revision=config.revision,
+        variant=config.variant, cache_dir=config.cache_dir, torch_dtype=weight_dtype,
+    )
+    transformer.requires_grad_(False)
+    transformer.to(accelerator.device)
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    torch.manual_seed(config.seed)  # LoRA init
+    transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, init_lora_weights=True,
+                                       target_modules=list(config.lora_target_modules)))
+    cast_training_params([transformer], dtype=torch.float32)
+    scheduler = CogVideoXDDIMScheduler.from_pretrained(
+        models.source["pretrained_model_name_or_path"], subfolder="scheduler", revision=config.revision,
+        cache_dir=config.cache_dir,
+    )
+    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+    num_timesteps = scheduler.config.num_train_timesteps
+
+    # Optimizer and learning-rate schedule.
+    learning_rate = config.learning_rate
+    if config.scale_lr:
+        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+    lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = make_optimizer(lora_parameters, config, learning_rate)
+
+    # Data: the whole schedule is known up front from the index alone.
+    shapes = [tuple(row["latent_shape"]) for row in cache.samples]
+    batches_per_epoch = len(epoch_batches(shapes, config.train_batch_size, config.seed, 0))
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    max_train_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+        num_cycles=config.lr_num_cycles, power=config.lr_power,
+    )
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+
+    # Checkpoints hold the LoRA weights only (not the frozen transformer).
+    def save_hook(models_to_save, weights, directory):
+        for model in models_to_save:
+            save_lora(accelerator.unwrap_model(model), Path(directory))
+            weights.pop()
+
+    def load_hook(models_to_load, directory):
+        while models_to_load:
+            load_lora_into(accelerator.unwrap_model(models_to_load.pop()), Path(directory))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    # Resume.
+    global_step = 0
+    if config.resume_from_checkpoint:
+        if config.resume_from_checkpoint == "latest":
+            checkpoint = latest_checkpoint(output_dir)
+            if checkpoint is None:
+                accelerator.print(f"No checkpoint in {output_dir} yet; starting a new run.")
+        else:
+            checkpoint = Path(config.resume_from_checkpoint)
+            if not (checkpoint / STATE_NAME).is_file():
+                raise CogtuneError(f"--resume_from_checkpoint {checkpoint} is not a complete cogtune checkpoint.")
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            global_step = json.loads((checkpoint / STATE_NAME).read_text())["global_step"]
+            accelerator.print(f"Resumed from {checkpoint} at step {global_step}.")
+
+    def save_checkpoint(step: int) -> None:
+        if accelerator.is_main_process:
+            if config.checkpoints_total_limit is not None:
+                existing = sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*"),
+                                  key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]) if p.name[len(CHECKPOINT_PREFIX):].isdigit() else -1)
+                for old in existing[: max(0, len(existing) - config.checkpoints_total_limit + 1)]:
+                    shutil.rmtree(old, ignore_errors=True)
+            temp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+            shutil.rmtree(temp, ignore_errors=True)
+            accelerator.save_state(str(temp))
+            (temp / STATE_NAME).write_text(json.dumps({"global_step": step, "cache": str(cache_path)}) + "\n")
+            final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+            shutil.rmtree(final, ignore_errors=True)
+            temp.rename(final)  # complete checkpoints only ever appear under their final name
+        accelerator.wait_for_everyone()
+
+    # The loop.
+    if accelerator.is_main_process and config.report_to != "none":
+        accelerator.init_trackers("cogtune", config={k: v for k, v in vars(config).items()
+                                                     if isinstance(v, (int, float, str, bool))})
+    log_path = output_dir / TRAIN_LOG_NAME
+    dataset = LatentDataset(cache)
+    rotary_cache: dict = {}
+    losses = []
+    progress = tqdm(total=max_train_steps, initial=global_step, desc="training", unit="step",
+                    disable=not accelerator.is_local_main_process)
+    batch_number = global_step * config.gradient_accumulation_steps
+    step_started = time.time()
+    while global_step < max_train_steps:
+        epoch, position = divmod(batch_number, batches_per_epoch)
+        batches = epoch_batches(shapes, config.train_batch_size, config.seed, epoch)[position:]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                             num_workers=config.dataloader_num_workers)
+        for batch in loader:
+            generator = batch_generator(config.seed, batch_number)
+            batch_number += 1
+            with accelerator.accumulate(transformer):
+                x0 = sample_x0(batch["mean"], batch["logvar"], spec, generator).to(accelerator.device)
+                timesteps = torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator)
+                noise = torch.randn(x0.shape, generator=generator).to(accelerator.device)
+                abar_t = alphas_cumprod[timesteps].to(accelerator.device)
+                x_t = add_noise(x0, noise, abar_t).to(weight_dtype)
+                latent_frames, height, width = x0.shape[1], x0.shape[3], x0.shape[4]
+                key = (latent_frames, height, width)
+                if key not in rotary_cache:
+                    rotary_cache[key] = spec.rotary_embeddings(height * spec.vae_scale_spatial,
+                                                               width * spec.vae_scale_spatial, latent_frames,
+                                                               accelerator.device)
+                with accelerator.autocast():
+                    pred = transformer(
+                        hidden_states=x_t,
+                        encoder_hidden_states=batch["prompt_embeds"].to(accelerator.device, weight_dtype),
+                        timestep=timesteps.to(accelerator.device),
+                        image_rotary_emb=rotary_cache[key],
+                        return_dict=False,
+                    )[0]
+                loss = velocity_loss(pred, x_t, x0, abar_t)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(lora_parameters, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                global_step += 1
+                step_seconds = time.time() - step_started
+                step_started = time.time()
+                loss_value = accelerator.gather(loss.detach()).mean().item()
+                record = {"step": global_step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                          "step_seconds": round(step_seconds, 4)}
+                losses.append(loss_value)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}",
+                                     grad_norm=f"{record['grad_norm']:.3f}", s_per_step=f"{step_seconds:.2f}")
+                if accelerator.is_main_process:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                accelerator.log(record, step=global_step)
+                if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps:
+                    save_checkpoint(global_step)
+                if global_step >= max_train_steps:
+                    break
+    progress.close()
+
+    # The final LoRA.
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(transformer)
+    lora_path = output_dir / LORA_WEIGHT_NAME
+    if accelerator.is_main_process:
+        lora_path = save_lora(unwrapped, output_dir)
+        info = {"base_model": models.source, "rank": config.rank, "lora_alpha": config.lora_alpha,
+                "target_modules": list(config.lora_target_modules), "steps": global_step, "cache": str(cache_path)}
+        schema.atomic_write(output_dir / LORA_INFO_NAME,
+                            lambda temp: Path(temp).write_text(json.dumps(info, indent=2) + "\n"))
+    accelerator.end_training()
+    return TrainResult(lora_path=lora_path.resolve(), transformer=unwrapped, global_step=global_step, losses=losses)
