@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -83,9 +84,19 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> to
     return abar.sqrt().float() * x0 + (1 - abar).sqrt().float() * noise
 
 
+def checkpoints_in(output_dir: Path) -> list[Path]:
+    """Complete checkpoint-N folders, oldest first; anything else with that prefix is not ours."""
+    found = []
+    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+        if match and path.is_dir() and (path / STATE_NAME).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / STATE_NAME).is_file()]
-    return max(checkpoints, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+    checkpoints = checkpoints_in(output_dir)
+    return checkpoints[-1] if checkpoints else None
 
 
 # --- the cache as a dataset ---------------------------------------------------------------------
@@ -304,8 +315,7 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
     def save_checkpoint(step: int) -> None:
         if accelerator.is_main_process:
             if config.checkpoints_total_limit is not None:
-                existing = sorted(output_dir.glob(f"{CHECKPOINT_PREFIX}*"),
-                                  key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]) if p.name[len(CHECKPOINT_PREFIX):].isdigit() else -1)
+                existing = checkpoints_in(output_dir)
                 for old in existing[: max(0, len(existing) - config.checkpoints_total_limit + 1)]:
                     shutil.rmtree(old, ignore_errors=True)
             temp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
@@ -322,6 +332,10 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
         accelerator.init_trackers("cogtune", config={k: v for k, v in vars(config).items()
                                                      if isinstance(v, (int, float, str, bool))})
     log_path = output_dir / TRAIN_LOG_NAME
+    if accelerator.is_main_process:  # the log holds this run's history: steps up to the resumed one, no more
+        kept = [line for line in (log_path.read_text().splitlines() if log_path.is_file() else [])
+                if json.loads(line)["step"] <= global_step]
+        schema.atomic_write(log_path, lambda temp: Path(temp).write_text("".join(f"{line}\n" for line in kept)))
     dataset = LatentDataset(cache)
     rotary_cache: dict = {}
     losses = []

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny random CogVideoX model and demo clips, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).parent / "assets"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def cogtune(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real command line, as a user would."""
+    result = subprocess.run([sys.executable, "-m", "cogtune.cli", *map(str, args)], capture_output=True, text=True,
+                            cwd=cwd)
+    if check and result.returncode != 0:
+        raise AssertionError(f"cogtune {' '.join(map(str, args))} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from cogtune.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny-2b", family="2b")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_5b(tmp_path_factory) -> Path:
+    from cogtune.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("model5b") / "tiny-5b", family="5b", seed=1)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    from cogtune.tiny import make_demo_data
+
+    return make_demo_data(tmp_path_factory.mktemp("data") / "demo")
+
+
+def write_config(path: Path, model: Path, data: Path, cache_root: Path, output_dir: Path, **extra) -> Path:
+    """A demo-like config file for the tiny model."""
+    settings = dict(
+        pretrained_model_name_or_path=str(model), instance_data_root=str(data), cache_root=str(cache_root),
+        output_dir=str(output_dir), id_token="DEMO", height=32, width=64, fps=8, max_num_frames=9,
+        mixed_precision="no", latent_dtype="fp32", rank=4, lora_alpha=2, train_batch_size=2, max_train_steps=4,
+        learning_rate=1e-2, lr_scheduler="constant", lr_warmup_steps=0, checkpointing_steps=2,
+        optimizer="adamw", prompt="DEMO a red square moves", num_inference_steps=2, num_frames=9,
+    )
+    settings.update(extra)
+    lines = []
+    for key, value in settings.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value}")
+        else:
+            lines.append(f"{key} = {str(value)!r}".replace("'", '"'))
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from cogtune.config import (STAGE_CONFIGS, load_config, make_config, preprocess_config_for, read_toml,
+                            values_for_stage)
+from cogtune.errors import CogtuneError
+from conftest import cogtune
+
+ROOT = Path(__file__).parent.parent
+SHIPPED = sorted((ROOT / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+@pytest.mark.parametrize("stage", list(STAGE_CONFIGS))
+def test_shipped_configs_parse_and_validate(path, stage):
+    config = make_config(stage, values_for_stage(read_toml(path), stage, str(path)), str(path))
+    assert config.pretrained_model_name_or_path
+
+
+def test_flags_override_the_file_and_stage_tables_override_top_level(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('pretrained_model_name_or_path = "m"\nrank = 16\nheight = 64\n[train]\nrank = 32\n')
+    train = load_config("train", ["--config", str(path)])
+    assert train.rank == 32
+    train = load_config("train", ["--config", str(path), "--rank", "8", "--optimizer", "AdamW"])
+    assert train.rank == 8 and train.optimizer == "adamw"
+    assert load_config("preprocess", ["--config", str(path)]).height == 64
+
+
+def test_unknown_setting_is_refused(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('pretrained_model_name_or_path = "m"\nlearning_rat = 1e-4\n')
+    with pytest.raises(CogtuneError, match="unknown setting.*learning_rat"):
+        load_config("train", ["--config", str(path)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_num_frames", "48"], "not of the form 4k\\+1.*use 45 or 49"),
+    (["--height", "100"], "not a multiple of 16"),
+    (["--fps", "0"], "--fps must be positive"),
+])
+def test_invalid_preprocess_settings(argv, message):
+    with pytest.raises(CogtuneError, match=message):
+        load_config("preprocess", ["--pretrained_model_name_or_path", "m", *argv])
+
+
+def test_wrong_type_in_file_names_the_setting(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('pretrained_model_name_or_path = "m"\nrank = "big"\n')
+    with pytest.raises(CogtuneError, match="rank must be of type int"):
+        load_config("train", ["--config", str(path)])
+
+
+def test_train_finds_the_preprocess_settings_of_the_same_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('pretrained_model_name_or_path = "m"\nheight = 64\n[preprocess]\nfps = 16\n')
+    train = load_config("train", ["--config", str(path), "--pretrained_model_name_or_path", "other"])
+    pre = preprocess_config_for(train, str(path))
+    assert (pre.height, pre.fps, pre.pretrained_model_name_or_path) == (64, 16, "other")
+
+
+def test_help_documents_every_flag():
+    for stage, cls in STAGE_CONFIGS.items():
+        out = cogtune(stage, "--help").stdout
+        for name in cls.__dataclass_fields__:
+            assert f"--{name}" in out, (stage, name)
+
+
+def test_user_errors_print_one_line_without_traceback(tmp_path):
+    result = cogtune("preprocess", "--pretrained_model_name_or_path", tmp_path / "nope",
+                     "--instance_data_root", tmp_path, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("cogtune preprocess: error:")

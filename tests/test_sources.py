@@ -1,0 +1,101 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cogtune.errors import CogtuneError
+from cogtune.sources import load_records, with_id_token
+
+
+def make_videos(root, names):
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (root / "videos" / name).write_bytes(b"x")
+
+
+def test_id_token_is_followed_by_a_space():
+    assert with_id_token("  a cat runs ", "BW_STYLE") == "BW_STYLE a cat runs"
+    assert with_id_token("a cat runs", None) == "a cat runs"
+
+
+def test_prompts_and_videos_txt(tmp_path):
+    make_videos(tmp_path, ["a.mp4", "b.mp4"])
+    (tmp_path / "prompts.txt").write_text("first caption\nsecond ünïcödé caption 猫\n\n")
+    (tmp_path / "videos.txt").write_text("videos/a.mp4\nvideos/b.mp4\n")
+    records = load_records(str(tmp_path), None, "prompts.txt", "videos.txt", "TOK")
+    assert [r.caption for r in records] == ["TOK first caption", "TOK second ünïcödé caption 猫"]
+    assert [r.video for r in records] == [(tmp_path / "videos" / n).resolve() for n in ("a.mp4", "b.mp4")]
+
+
+def test_line_count_mismatch_is_refused(tmp_path):
+    make_videos(tmp_path, ["a.mp4"])
+    (tmp_path / "prompts.txt").write_text("one\ntwo\n")
+    (tmp_path / "videos.txt").write_text("videos/a.mp4\n")
+    with pytest.raises(CogtuneError, match="2 prompts but .* 1 videos"):
+        load_records(str(tmp_path), None, "prompts.txt", "videos.txt", None)
+
+
+@pytest.mark.parametrize("relative", ["../outside.mp4", "/etc/passwd"])
+def test_paths_outside_the_root_are_refused(tmp_path, relative):
+    root = tmp_path / "root"
+    make_videos(root, ["a.mp4"])
+    (tmp_path / "outside.mp4").write_bytes(b"x")
+    (root / "prompts.txt").write_text("a caption\n")
+    (root / "videos.txt").write_text(relative + "\n")
+    with pytest.raises(CogtuneError, match="outside the data root"):
+        load_records(str(root), None, "prompts.txt", "videos.txt", None)
+
+
+def test_missing_video_names_the_line(tmp_path):
+    make_videos(tmp_path, [])
+    (tmp_path / "prompts.txt").write_text("a caption\n")
+    (tmp_path / "videos.txt").write_text("videos/missing.mp4\n")
+    with pytest.raises(CogtuneError, match="line 1: video file .*missing.mp4 does not exist"):
+        load_records(str(tmp_path), None, "prompts.txt", "videos.txt", None)
+
+
+def write_metadata(path, rows):
+    suffix = path.suffix
+    if suffix == ".csv":
+        lines = ["text,file"] + [f'"{c}",{v}' for c, v in rows]
+        path.write_text("\n".join(lines) + "\n")
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"text": c, "file": v}) + "\n" for c, v in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps([{"text": c, "file": v} for c, v in rows]))
+    else:
+        pq.write_table(pa.table({"text": [c for c, _ in rows], "file": [v for _, v in rows]}), path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl", ".parquet"])
+def test_metadata_files(tmp_path, suffix):
+    make_videos(tmp_path, ["a.mp4", "b.mp4"])
+    rows = [("a caption, with a comma", "videos/a.mp4"), ("日本語のキャプション", "videos/b.mp4")]
+    write_metadata(tmp_path / f"metadata{suffix}", rows)
+    records = load_records(str(tmp_path), str(tmp_path / f"metadata{suffix}"), "text", "file", "ID")
+    assert [r.caption for r in records] == ["ID a caption, with a comma", "ID 日本語のキャプション"]
+    assert records[1].video == (tmp_path / "videos" / "b.mp4").resolve()
+    # A folder holding the metadata file works too.
+    assert load_records(str(tmp_path), str(tmp_path), "text", "file", "ID") == records
+
+
+def test_seed_readme_csv_with_tripled_quotes(tmp_path):
+    make_videos(tmp_path, ["00000.mp4"])
+    (tmp_path / "metadata.csv").write_text('caption,video\n"""A rabbit, dancing.""","""videos/00000.mp4"""\n')
+    (record,) = load_records(str(tmp_path), str(tmp_path / "metadata.csv"), "caption", "video", None)
+    assert record.caption == "A rabbit, dancing."
+
+
+def test_missing_column_lists_the_columns(tmp_path):
+    make_videos(tmp_path, ["a.mp4"])
+    write_metadata(tmp_path / "metadata.csv", [("x", "videos/a.mp4")])
+    with pytest.raises(CogtuneError, match="no column 'caption' .*columns are: text, file"):
+        load_records(str(tmp_path), str(tmp_path / "metadata.csv"), "caption", "file", None)
+
+
+def test_empty_caption_names_its_row(tmp_path):
+    make_videos(tmp_path, ["a.mp4", "b.mp4"])
+    write_metadata(tmp_path / "metadata.jsonl", [("fine", "videos/a.mp4"), ("  ", "videos/b.mp4")])
+    with pytest.raises(CogtuneError, match="row 2: the caption is empty"):
+        load_records(str(tmp_path), str(tmp_path / "metadata.jsonl"), "text", "file", None)

@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+
+from cogtune.video import (ClipSkipped, largest_4k_plus_1, plan_resize_crop, read_clip, resize_crop,
+                           select_frame_indices, to_model_range)
+
+
+@pytest.mark.parametrize("frames, expected", [(1, 1), (4, 1), (5, 5), (8, 5), (9, 9), (49, 49), (52, 49), (53, 53)])
+def test_largest_4k_plus_1(frames, expected):
+    assert largest_4k_plus_1(frames) == expected
+
+
+def test_frames_resampled_to_target_fps():
+    # 30 fps -> 8 fps: frame k is the source frame nearest to k / 8 s.
+    indices = select_frame_indices(300, 30.0, 8, 49)
+    assert len(indices) == 49
+    assert indices == [int(k * 30 / 8 + 0.5) for k in range(49)]
+    times = np.array(indices) / 30.0
+    assert np.allclose(np.diff(times), 1 / 8, atol=1 / 30)
+
+
+def test_slower_source_keeps_every_frame():
+    assert select_frame_indices(100, 8.0, 8, 49) == list(range(49))
+    assert select_frame_indices(100, 5.0, 8, 9) == list(range(9))
+
+
+def test_skip_frames_start_and_end():
+    indices = select_frame_indices(60, 8.0, 8, 49, skip_start=10, skip_end=5)
+    assert indices[0] == 10 and indices[-1] < 55
+    assert len(indices) == 45  # 45 usable frames: 4k+1 already
+
+
+def test_short_clip_uses_largest_4k_plus_1():
+    assert len(select_frame_indices(20, 8.0, 8, 49)) == 17
+    indices = select_frame_indices(40, 16.0, 8, 49)  # 40 frames at 16 fps hold 20 frames at 8 fps
+    assert len(indices) == 17 and indices[-1] <= 39
+
+
+def test_nothing_left_after_skipping():
+    with pytest.raises(ClipSkipped, match="no frames left"):
+        select_frame_indices(10, 8.0, 8, 9, skip_start=6, skip_end=4)
+
+
+def test_center_crop_keeps_aspect_and_centres():
+    plan = plan_resize_crop(1080, 720, 480, 720, "center")  # portrait into landscape
+    assert (plan.resize_width, plan.resize_height) == (720, 1080)
+    assert plan.top == (1080 - 480) // 2 and plan.left == 0
+    plan = plan_resize_crop(144, 176, 32, 64, "center")  # wider target: cover the width
+    assert plan.resize_width == 64 and plan.resize_height >= 32 and plan.left == 0
+
+
+def test_random_crop_is_seeded_and_within_bounds():
+    plans = [plan_resize_crop(480, 1280, 480, 720, "random", np.random.default_rng(s)) for s in range(20)]
+    assert all(0 <= p.left <= 1280 - 720 and p.top == 0 for p in plans)
+    assert len({p.left for p in plans}) > 1  # not the centre every time
+    again = plan_resize_crop(480, 1280, 480, 720, "random", np.random.default_rng(3))
+    assert again == plans[3]
+
+
+def test_none_mode_resizes_without_crop():
+    plan = plan_resize_crop(144, 176, 32, 64, "none")
+    assert (plan.resize_height, plan.resize_width, plan.top, plan.left) == (32, 64, 0, 0)
+
+
+def test_resize_crop_shape_and_centre_content():
+    frames = torch.zeros(2, 3, 40, 40)
+    frames[:, :, 10:30, :] = 1.0  # a band in the middle rows
+    plan = plan_resize_crop(40, 40, 16, 16, "center")
+    out = resize_crop(frames, plan, 16, 16)
+    assert out.shape == (2, 3, 16, 16)
+    assert out[:, :, 8, 8].min() > 0.9 and out[:, :, 0, 8].max() < 0.1
+
+
+def test_pixels_scaled_to_minus_one_one():
+    frames = np.array([[[[0, 255, 127]]]], dtype=np.uint8)
+    out = to_model_range(frames)
+    assert out.shape == (1, 3, 1, 1)
+    assert out[0, 0].item() == -1.0 and out[0, 1].item() == 1.0 and abs(out[0, 2].item()) < 0.01
+
+
+def test_read_real_portrait_clip(tmp_path):
+    from conftest import ASSETS
+
+    clip = read_clip(ASSETS / "videos" / "sample_portrait.mp4", 32, 48, 24, 9, 0, 0, "center", None)
+    assert clip.pixels.shape == (3, 9, 32, 48)
+    assert (clip.source_height, clip.source_width) == (1080, 720)  # portrait stays portrait
+    assert clip.pixels.min() >= -1 and clip.pixels.max() <= 1
+    assert clip.frame_indices == [int(k * clip.source_fps / 24 + 0.5) for k in range(len(clip.frame_indices))]
+
+
+def test_unreadable_file_is_skipped_with_reason(tmp_path):
+    bad = tmp_path / "not-a-video.mp4"
+    bad.write_text("hello")
+    with pytest.raises(ClipSkipped, match="cannot open video"):
+        read_clip(bad, 32, 32, 8, 9, 0, 0, "center", None)
