@@ -73,3 +73,33 @@ def test_user_errors_print_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("cogtune preprocess: error:")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--pretrained_model_name_or_path", "/does/not/exist", "--data_cache", "/x"], "Cannot read the model"),
+    (["infer", "--pretrained_model_name_or_path", "m", "--prompt", "p", "--lora", "/does/not/exist"], "does not exist"),
+    (["infer", "--pretrained_model_name_or_path", "m"], "exactly one of --prompt or --prompt_file"),
+])
+def test_more_user_errors_are_one_line(argv, message):
+    result = cogtune(*argv, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_optional_optimizer_packages_give_a_clear_error():
+    import importlib.util
+
+    import torch
+
+    from cogtune.train import make_optimizer
+
+    parameters = [torch.nn.Parameter(torch.zeros(2))]
+    for package, argv in (("bitsandbytes", ["--use_8bit_adam"]), ("prodigyopt", ["--optimizer", "prodigy"])):
+        config = load_config("train", ["--pretrained_model_name_or_path", "m", *argv])
+        if importlib.util.find_spec(package):
+            assert make_optimizer(parameters, config, 1e-3) is not None
+        else:
+            with pytest.raises(CogtuneError, match=f"pip install {package}"):
+                make_optimizer(parameters, config, 1e-3)
+    adamw = make_optimizer(parameters, load_config("train", ["--pretrained_model_name_or_path", "m",
+                                                             "--optimizer", "AdamW"]), 1e-3)
+    assert isinstance(adamw, torch.optim.AdamW)

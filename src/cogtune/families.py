@@ -128,7 +128,7 @@ class ModelConfigs:
         except (OSError, ValueError) as e:
             raise CogtuneError(
                 f"Cannot read the model configs of --pretrained_model_name_or_path {pretrained_model_name_or_path}: "
-                f"{str(e).splitlines()[0]}. Give a diffusers CogVideoX pipeline folder or hub id."
+                f"{str(e).splitlines()[0].rstrip('.')}. Give a diffusers CogVideoX pipeline folder or hub id."
             ) from None
         source = {"pretrained_model_name_or_path": location, "revision": revision, "variant": variant}
         return cls(source, transformer, vae, text_encoder)

@@ -40,6 +40,8 @@ def lora_location(config: InferConfig) -> tuple[str, str | None]:
         return str(path), LORA_WEIGHT_NAME
     if config.lora is None:
         raise CogtuneError(f"--output_dir {path} does not exist; train first or pass --lora.")
+    if path.is_absolute() or lora.startswith(".") or lora.count("/") != 1:
+        raise CogtuneError(f"--lora {lora} does not exist (give a LoRA folder, its .safetensors file, or a hub id).")
     return lora, None  # a hub id
 
 
@@ -64,7 +66,10 @@ def run(config: InferConfig) -> list[Path]:
     except (OSError, ValueError) as e:
         raise CogtuneError(f"Cannot load the pipeline {config.pretrained_model_name_or_path}: {e}") from None
     kwargs = {"weight_name": weight_name} if weight_name else {}
-    pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, **kwargs)
+    try:
+        pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, **kwargs)
+    except (OSError, ValueError) as e:
+        raise CogtuneError(f"Cannot load the LoRA {config.lora or config.output_dir}: {str(e).splitlines()[0]}") from None
     # The LoRA file carries its alpha, so scale 1.0 is the trained strength.
     pipe.set_adapters([ADAPTER_NAME], [config.lora_scale])
     if config.enable_slicing:
