@@ -35,6 +35,13 @@ def opt(default: Any, help: str, choices: tuple | None = None, **kwargs) -> Any:
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def precision_dtype(mixed_precision: str):
+    """The torch dtype of a --mixed_precision value ("no" is fp32)."""
+    import torch
+
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 TENSOR_DTYPES = ("fp32", "fp16", "bf16")
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import InferConfig
+from .config import InferConfig, precision_dtype
 from .errors import CogtuneError
 from .tiny import write_mp4
-from .train import LORA_WEIGHT_NAME, WEIGHT_DTYPES
+from .train import LORA_WEIGHT_NAME
 
 ADAPTER_NAME = "cogtune"
 
@@ -57,7 +57,7 @@ def run(config: InferConfig) -> list[Path]:
     folder, weight_name = lora_location(config)
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise CogtuneError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU.")
-    dtype = WEIGHT_DTYPES[config.mixed_precision]
+    dtype = precision_dtype(config.mixed_precision)
     try:
         pipe = CogVideoXPipeline.from_pretrained(
             config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data_schema as schema
-from .config import PreprocessConfig
+from .config import PreprocessConfig, precision_dtype
 from .errors import CogtuneError
 from .families import ModelConfigs
 from .sources import load_records
@@ -105,7 +105,7 @@ def _first(batch):
 
 def _device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
-        return torch.device("cuda"), {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        return torch.device("cuda"), precision_dtype(precision)
     # bf16/fp16 3D convolutions are pathologically slow on CPUs: encode in fp32 there.
     return torch.device("cpu"), torch.float32
 

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data_schema as schema
-from .config import PreprocessConfig, TrainConfig
+from .config import PreprocessConfig, TrainConfig, precision_dtype
 from .errors import CogtuneError
 from .families import FamilySpec, ModelConfigs
 
@@ -33,7 +33,6 @@ LORA_INFO_NAME = "cogtune_lora.json"
 TRAIN_LOG_NAME = "train_log.jsonl"
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_NAME = "cogtune_state.json"
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # --- pure parts ---------------------------------------------------------------------------------
@@ -243,7 +242,7 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
         raise CogtuneError(f"The cache {cache_path} holds no usable samples ({len(cache.failed)} were skipped).")
 
     # The model: the transformer alone, frozen, with LoRA adapters in fp32.
-    weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+    weight_dtype = precision_dtype(config.mixed_precision)
     transformer = CogVideoXTransformer3DModel.from_pretrained(
         models.source["pretrained_model_name_or_path"], subfolder="transformer", revision=config.revision,
         variant=config.variant, cache_dir=config.cache_dir, torch_dtype=weight_dtype,
