@@ -211,3 +211,16 @@ def test_real_clips_are_encoded_or_skipped_with_a_reason(tmp_path, tiny_model):
     portrait = kept["sample_portrait.mp4"]
     assert (portrait["source_height"], portrait["source_width"]) == (1080, 720)
     assert len(kept) >= 3
+
+
+def test_accumulated_step_logs_the_mean_of_its_micro_batches(run, tmp_path):
+    """With the learning rate at zero the weights never move, so one step over two accumulated
+    micro-batches must log the mean of the two single-batch steps that see the same batches."""
+    common = ["--config", run["config"], "--learning_rate", "0", "--train_batch_size", "1",
+              "--checkpointing_steps", "100"]
+    cogtune("train", *common, "--output_dir", tmp_path / "a", "--max_train_steps", "2")
+    cogtune("train", *common, "--output_dir", tmp_path / "b", "--max_train_steps", "1",
+            "--gradient_accumulation_steps", "2")
+    single = [json.loads(line)["loss"] for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    (accumulated,) = [json.loads(line)["loss"] for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert accumulated == pytest.approx(sum(single) / 2, rel=1e-5)

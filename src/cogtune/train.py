@@ -337,7 +337,7 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
         schema.atomic_write(log_path, lambda temp: Path(temp).write_text("".join(f"{line}\n" for line in kept)))
     dataset = LatentDataset(cache)
     rotary_cache: dict = {}
-    losses = []
+    losses, step_losses = [], []
     progress = tqdm(total=max_train_steps, initial=global_step, desc="training", unit="step",
                     disable=not accelerator.is_local_main_process)
     batch_number = global_step * config.gradient_accumulation_steps
@@ -371,6 +371,7 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
                         return_dict=False,
                     )[0]
                 loss = velocity_loss(pred, x_t, x0, abar_t)
+                step_losses.append(loss.detach())
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -383,7 +384,9 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
                 global_step += 1
                 step_seconds = time.time() - step_started
                 step_started = time.time()
-                loss_value = accelerator.gather(loss.detach()).mean().item()
+                # The mean over the step's micro-batches and processes.
+                loss_value = accelerator.gather(torch.stack(step_losses).mean()).mean().item()
+                step_losses = []
                 record = {"step": global_step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
                           "step_seconds": round(step_seconds, 4)}
