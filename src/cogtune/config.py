@@ -313,6 +313,14 @@ def validate(config) -> None:
         raise CogtuneError(f"--max_grad_norm must be positive, got {config.max_grad_norm}.")
 
 
+def check_precision_available(mixed_precision: str) -> None:
+    """fp16 autocast exists only on GPUs; say so before any model is loaded."""
+    import torch
+
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise CogtuneError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU.")
+
+
 def config_path_in(argv: list[str]) -> str | None:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config")

@@ -173,6 +173,17 @@ def atomic_write(path: Path, write: callable) -> None:
         raise
 
 
+def ensure_writable_dir(folder: Path, flag: str) -> None:
+    """Create folder if needed and prove it writable, before any expensive work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CogtuneError(f"Cannot write to {flag} {folder}: {e.strerror}. Pick a writable folder.") from None
+
+
 def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import InferConfig, precision_dtype
+from .config import InferConfig, check_precision_available, precision_dtype
 from .errors import CogtuneError
 from .tiny import write_mp4
 from .train import LORA_WEIGHT_NAME
@@ -55,8 +55,7 @@ def run(config: InferConfig) -> list[Path]:
 
     prompts = read_prompts(config)
     folder, weight_name = lora_location(config)
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise CogtuneError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU.")
+    check_precision_available(config.mixed_precision)
     dtype = precision_dtype(config.mixed_precision)
     try:
         pipe = CogVideoXPipeline.from_pretrained(

@@ -7,7 +7,6 @@ something for them to do, one after the other.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,16 +109,6 @@ def _device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CogtuneError(f"Cannot write to --cache_root {folder}: {e.strerror}. Pick a writable folder.") from None
-
-
 def run(config: PreprocessConfig) -> PreprocessResult:
     started = time.time()
     records = load_records(config.instance_data_root, config.dataset_name, config.caption_column,
@@ -128,7 +117,7 @@ def run(config: PreprocessConfig) -> PreprocessResult:
                                config.cache_dir)
     models.spec()  # refuses unsupported families before any encoding
     identity = cache_identity(config, models)
-    _check_writable(Path(config.cache_root))
+    schema.ensure_writable_dir(Path(config.cache_root), "--cache_root")
     cache_dir = Path(config.cache_root) / identity.name
     writer = schema.CacheWriter(cache_dir, identity, config.shard_size_mb)
 

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data_schema as schema
-from .config import PreprocessConfig, TrainConfig, precision_dtype
+from .config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
 from .errors import CogtuneError
 from .families import FamilySpec, ModelConfigs
 
@@ -207,14 +207,8 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
 
     # Set-up: devices, precision, output folder.
     output_dir = Path(config.output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / ".write-test").write_bytes(b"")
-        (output_dir / ".write-test").unlink()
-    except OSError as e:
-        raise CogtuneError(f"Cannot write to --output_dir {output_dir}: {e.strerror}.") from None
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise CogtuneError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU.")
+    schema.ensure_writable_dir(output_dir, "--output_dir")
+    check_precision_available(config.mixed_precision)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
