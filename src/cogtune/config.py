@@ -42,6 +42,8 @@ def precision_dtype(mixed_precision: str):
     import torch
 
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
 TENSOR_DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -56,6 +58,11 @@ class ModelArgs:
     variant: Optional[str] = opt(None, "Weight file variant of the pretrained model, for example fp16.")
     cache_dir: Optional[str] = opt(None, "Where downloaded models are stored (the Hugging Face cache), as in diffusers.")
     seed: int = opt(42, "Seed for every random choice (random crops, noise, data order, LoRA init).")
+    ignore_learned_positional_embeddings: bool = opt(
+        False,
+        "CogVideoX-5b-I2V only: leave out its learned positional embeddings (tied to 49x480x720) so that it "
+        "trains and generates at other sizes. Recorded with the LoRA; infer then leaves them out too.",
+    )
 
 
 @dataclass
@@ -92,6 +99,11 @@ class PreprocessConfig(ModelArgs):
     enable_slicing: bool = opt(False, "Encode the clips of a batch one at a time in the VAE (less memory).")
     enable_tiling: bool = opt(False, "Encode with the VAE tile by tile (less memory at high resolution).")
     dataloader_num_workers: int = opt(0, "Worker processes that decode and resize videos while the encoders run.")
+    image_noise_variants: int = opt(
+        1,
+        "Image-to-video models: how many independently noised encodings of each clip's first frame to store "
+        "(noise sigma = exp(N(-3, 0.5))); training picks one at random each step.",
+    )
 
 
 @dataclass
@@ -155,6 +167,9 @@ class TrainConfig(ModelArgs):
         "none", "Experiment tracker for accelerate: none, tensorboard, wandb or all.",
     )
     dataloader_num_workers: int = opt(0, "Worker processes that read the cache.")
+    noised_image_dropout: float = opt(
+        0.05, "Image-to-video models: probability that a sample's image latent is zeroed in a step."
+    )
 
 
 @dataclass
@@ -168,7 +183,15 @@ class InferConfig(ModelArgs):
     video_output_dir: Optional[str] = opt(None, "Where the mp4 files are written (default: OUTPUT_DIR/videos).")
     lora_scale: float = opt(1.0, "Strength of the LoRA: 1.0 is the trained alpha/rank scale, 0 disables it.")
     prompt: Optional[str] = opt(None, "The prompt to generate a video for.")
-    prompt_file: Optional[str] = opt(None, "A text file with one prompt per line (blank lines are skipped).")
+    prompt_file: Optional[str] = opt(
+        None,
+        "A text file with one prompt per line (blank lines are skipped), or for image-to-video a .csv or "
+        ".jsonl file of prompt/image pairs (columns prompt and image; image paths relative to the file).",
+    )
+    image: Optional[str] = opt(
+        None, "Image-to-video models: the first frame to animate (an image file, or a video whose first frame "
+        "is used); applies to every prompt."
+    )
     negative_prompt: Optional[str] = opt(None, "The negative prompt.")
     num_inference_steps: int = opt(50, "Denoising steps.")
     guidance_scale: float = opt(6.0, "Classifier-free guidance scale.")
@@ -311,6 +334,10 @@ def validate(config) -> None:
         raise CogtuneError("Give exactly one of --prompt or --prompt_file.")
     if isinstance(config, TrainConfig) and config.max_grad_norm <= 0:
         raise CogtuneError(f"--max_grad_norm must be positive, got {config.max_grad_norm}.")
+    if isinstance(config, TrainConfig) and not 0 <= config.noised_image_dropout <= 1:
+        raise CogtuneError(f"--noised_image_dropout is a probability (0 to 1), got {config.noised_image_dropout}.")
+    if isinstance(config, PreprocessConfig) and config.image_noise_variants < 1:
+        raise CogtuneError(f"--image_noise_variants must be 1 or more, got {config.image_noise_variants}.")
 
 
 def check_precision_available(mixed_precision: str) -> None:

@@ -11,7 +11,9 @@ A cache is one folder, named after what it holds, under a cache root:
 
 Tensors are keyed by content, so nothing is encoded twice: a video's VAE moments by the hash of
 the video file (`latents/<video_key>/mean|logvar`), a caption's T5 embedding by the hash of the
-caption text (`text/<caption_key>/prompt_embeds`). Index parts are written after their shard, so a
+caption text (`text/<caption_key>/prompt_embeds`). Image-to-video caches also hold, per video,
+`--image_noise_variants` encodings of its noised first frame (`images/<video_key>/<k>/mean|logvar`,
+in the shard of the video's latents, their sigmas in the index). Index parts are written after their shard, so a
 run killed at any moment loses at most the shard in progress and no reader ever sees half a file.
 Several writers (later: ranks) can add parts to one cache without locks.
 
@@ -40,7 +42,7 @@ from safetensors.torch import save_file
 
 from .errors import CogtuneError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: image-to-video latents and the image_noise_sigmas column
 MANIFEST_FILE = "manifest.json"
 SELECTION_FILE = "selection.parquet"
 SHARDS_DIR = "shards"
@@ -74,6 +76,9 @@ INDEX_SCHEMA = pa.schema(
         ("latent_key", pa.string()),
         ("text_shard", pa.string()),
         ("text_key", pa.string()),
+        # image-to-video caches: the noise sigma of each stored first-frame encoding (empty otherwise);
+        # the encodings live in the latent shard under image_latent_tensor_keys(latent_key, variant)
+        ("image_noise_sigmas", pa.list_(pa.float64())),
     ]
 )
 SELECTION_SCHEMA = pa.schema([("sample_id", pa.string())])
@@ -115,6 +120,11 @@ def caption_key(caption: str) -> str:
 def latent_tensor_keys(key: str) -> tuple[str, str]:
     """Keys of a video's posterior mean and log-variance."""
     return f"latents/{key}/mean", f"latents/{key}/logvar"
+
+
+def image_latent_tensor_keys(key: str, variant: int) -> tuple[str, str]:
+    """Keys of the posterior mean and log-variance of a video's noised first frame, one per variant."""
+    return f"images/{key}/{variant}/mean", f"images/{key}/{variant}/logvar"
 
 
 def text_tensor_key(key: str) -> str:
@@ -382,6 +392,18 @@ class Cache:
         shard = self._shard(row["latent_shard"])
         return shard.get_tensor(mean_key), shard.get_tensor(logvar_key)
 
+    @property
+    def image_noise_variants(self) -> int:
+        """Noised first-frame encodings per video: 0 for a text-to-video cache."""
+        return int(self.manifest["settings"].get("image_noise_variants", 0))
+
+    def image_moments(self, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance of every noised first-frame encoding, [K, C, 1, H, W]."""
+        shard = self._shard(row["latent_shard"])
+        keys = [image_latent_tensor_keys(row["latent_key"], k) for k in range(len(row["image_noise_sigmas"]))]
+        return (torch.stack([shard.get_tensor(mean) for mean, _ in keys]),
+                torch.stack([shard.get_tensor(logvar) for _, logvar in keys]))
+
     def prompt_embeds(self, row: dict) -> torch.Tensor:
         """The stored T5 embedding of a sample's caption, [max_text_seq_length, text_dim]."""
         return self._shard(row["text_shard"]).get_tensor(text_tensor_key(row["text_key"]))
@@ -432,6 +454,21 @@ def check_compatible(manifest: dict, model: dict, cache_path: Path) -> None:
             f"The cache {cache_path} was built for another model "
             f"({manifest.get('model', {}).get('pretrained_model_name_or_path')}):\n  " + "\n  ".join(differences)
             + "\nPreprocess the data with the model you train, or train the model the cache was built for."
+        )
+
+
+def check_conditioning(manifest: dict, image_conditioned: bool, model_description: str, cache_path: Path) -> None:
+    """Refuse a text-to-video cache for an image-to-video model, and the reverse."""
+    variants = int(manifest.get("settings", {}).get("image_noise_variants", 0))
+    if image_conditioned and not variants:
+        raise CogtuneError(
+            f"The cache {cache_path} was built for a text-to-video model and holds no first-frame latents, but "
+            f"the model to train is a {model_description} model. Preprocess the data with this model first."
+        )
+    if variants and not image_conditioned:
+        raise CogtuneError(
+            f"The cache {cache_path} was built for an image-to-video model, but the model to train is a "
+            f"{model_description} model. Preprocess the data with this model first."
         )
 
 

@@ -1,7 +1,19 @@
 """What differs between CogVideoX families, decided in one place from the model's own config files.
 
-Nothing here looks at a model's name: the transformer, VAE and scheduler configs say everything
-(positional embeddings, latent scaling, temporal patching, image conditioning).
+Nothing here looks at a model's name: the transformer, VAE and scheduler configs say everything.
+
+    family       positions                 image input   temporal patch   VAE scaling
+    2b           3D sincos                 -             -                1.15258426
+    5b           RoPE, crop grid           -             -                0.7
+    5b-I2V       RoPE + learned pos. emb.  32 channels   -                0.7
+    1.5-5B       RoPE, slice grid          -             2                0.7, invert_scale_latents
+    1.5-5B-I2V   RoPE, slice grid          32 channels   2, ofs = 2.0     0.7, invert_scale_latents
+
+Latent conventions follow the diffusers pipelines, which are what a trained LoRA runs in: every
+pipeline decodes `latents / scaling_factor`, so the video latents a transformer works on are
+`posterior sample * scaling_factor` for every family. `invert_scale_latents` changes only the
+image-to-video conditioning latent, which the I2V pipeline divides by the factor instead of
+multiplying (CogVideoX 1.5-I2V was trained that way).
 """
 
 from __future__ import annotations
@@ -12,6 +24,8 @@ import torch
 
 from .errors import CogtuneError
 
+OFS_VALUE = 2.0  # the ofs embedding input of CogVideoX 1.5-I2V, as its pipeline passes it
+
 
 @dataclass(frozen=True)
 class FamilySpec:
@@ -21,18 +35,23 @@ class FamilySpec:
     vae_scale_spatial: int  # pixels per latent pixel
     vae_scale_temporal: int  # pixel frames per latent frame (after the first)
     patch_size: int
-    patch_size_t: int | None
+    patch_size_t: int | None  # CogVideoX 1.5 patches latent frames in pairs
     use_rotary: bool
+    learned_positional_embeddings: bool  # CogVideoX-5b-I2V: tied to its training size
     attention_head_dim: int
     sample_height: int  # latent grid the model was trained at (RoPE base size)
     sample_width: int
+    sample_frames: int  # pixel frames the model was trained at
     max_text_seq_length: int
     text_embed_dim: int
-    image_conditioned: bool
+    image_conditioned: bool  # image-to-video: the transformer takes video + image latents on channels
+    ofs_embed_dim: int | None
 
     @classmethod
-    def from_configs(cls, transformer: dict, vae: dict) -> "FamilySpec":
-        latent_channels = vae["latent_channels"]
+    def from_configs(cls, transformer: dict, vae: dict, scheduler: dict | None = None) -> "FamilySpec":
+        latent_channels = int(vae["latent_channels"])
+        in_channels = int(transformer["in_channels"])
+        out_channels = int(transformer.get("out_channels") or in_channels)
         spec = cls(
             latent_channels=latent_channels,
             scaling_factor=float(vae.get("scaling_factor", 1.15258426)),
@@ -42,46 +61,109 @@ class FamilySpec:
             patch_size=int(transformer["patch_size"]),
             patch_size_t=transformer.get("patch_size_t"),
             use_rotary=bool(transformer.get("use_rotary_positional_embeddings", False)),
+            learned_positional_embeddings=bool(transformer.get("use_learned_positional_embeddings", False)),
             attention_head_dim=int(transformer["attention_head_dim"]),
             sample_height=int(transformer["sample_height"]),
             sample_width=int(transformer["sample_width"]),
+            sample_frames=int(transformer.get("sample_frames", 49)),
             max_text_seq_length=int(transformer["max_text_seq_length"]),
             text_embed_dim=int(transformer["text_embed_dim"]),
-            image_conditioned=transformer["in_channels"] != transformer.get("out_channels", transformer["in_channels"]),
+            image_conditioned=in_channels == 2 * out_channels,
+            ofs_embed_dim=transformer.get("ofs_embed_dim"),
         )
-        if spec.image_conditioned:
+        if out_channels != latent_channels or in_channels not in (latent_channels, 2 * latent_channels):
             raise CogtuneError(
-                "This is an image-to-video CogVideoX model (transformer in_channels "
-                f"{transformer['in_channels']} != out_channels {transformer.get('out_channels')}); this version of "
-                "cogtune trains text-to-video models (CogVideoX-2b, CogVideoX-5b) only."
+                f"The transformer takes {in_channels} channels and makes {out_channels}, but the VAE makes "
+                f"{latent_channels}; the model folder mixes components of different models."
             )
-        if spec.patch_size_t:
+        if scheduler is not None and scheduler.get("prediction_type", "v_prediction") != "v_prediction":
             raise CogtuneError(
-                f"This is a CogVideoX 1.5 model (transformer patch_size_t {spec.patch_size_t}); this version of "
-                "cogtune trains CogVideoX 1.0 text-to-video models (CogVideoX-2b, CogVideoX-5b) only."
-            )
-        if transformer["in_channels"] != latent_channels:
-            raise CogtuneError(
-                f"The transformer takes {transformer['in_channels']} channels but the VAE makes {latent_channels}; "
-                "the model folder mixes components of different models."
+                f"The scheduler predicts {scheduler['prediction_type']!r}; CogVideoX models (and cogtune) use "
+                "v_prediction. Is this a CogVideoX pipeline?"
             )
         return spec
+
+    # --- what the family is called and how it should be run ---
+
+    @property
+    def description(self) -> str:
+        version = "CogVideoX 1.5" if self.patch_size_t else "CogVideoX 1.0"
+        kind = "image-to-video" if self.image_conditioned else "text-to-video"
+        positions = "RoPE" if self.use_rotary else "sincos positions"
+        return f"{version} {kind} ({positions}, VAE scaling {self.scaling_factor:g})"
+
+    @property
+    def recommended_precision(self) -> str:
+        """fp16 for CogVideoX-2b (trained in fp16), bf16 for every RoPE model."""
+        return "bf16" if self.use_rotary else "fp16"
+
+    def check_precision(self, mixed_precision: str, warn) -> None:
+        if mixed_precision == "fp16" and self.recommended_precision == "bf16":
+            if self.patch_size_t:
+                raise CogtuneError(
+                    "--mixed_precision fp16 makes CogVideoX 1.5 models produce NaN; use bf16 (or no)."
+                )
+            warn(f"warning: this {self.description} model was trained in bf16; fp16 may overflow. "
+                 "--mixed_precision bf16 is recommended.")
+
+    # --- clip sizes ---
 
     def latent_frames(self, num_frames: int) -> int:
         return (num_frames - 1) // self.vae_scale_temporal + 1
 
+    def frame_padding(self, latent_frames: int) -> int:
+        """Latent frames CogVideoX 1.5 prepends so that patch_size_t divides the frame count."""
+        return (-latent_frames) % self.patch_size_t if self.patch_size_t else 0
+
+    def check_clip_size(self, num_frames: int, height: int, width: int,
+                        ignore_learned_positional_embeddings: bool) -> None:
+        """Refuse clip sizes this family cannot train or generate at, before anything is encoded.
+        (4k+1 frames and sizes in multiples of 16, true of every family, are checked with the flags.)"""
+        if self.learned_positional_embeddings and not ignore_learned_positional_embeddings:
+            trained = (self.sample_frames, self.sample_height * self.vae_scale_spatial,
+                       self.sample_width * self.vae_scale_spatial)
+            if (num_frames, height, width) != trained:
+                raise CogtuneError(
+                    f"This {self.description} model has learned positional embeddings for {trained[0]} frames of "
+                    f"{trained[1]}x{trained[2]} only, not {num_frames} frames of {height}x{width}. Use that size, "
+                    "or pass --ignore_learned_positional_embeddings (to preprocess, train and infer alike)."
+                )
+
+    # --- the tensors the transformer sees ---
+
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE posterior sample -> the x0 the transformer is trained on."""
-        if self.invert_scale_latents:
-            return latents
+        """VAE posterior sample of a video -> the x0 the transformer is trained on (all families)."""
         return latents * self.scaling_factor
 
-    def rotary_embeddings(self, height: int, width: int, latent_frames: int, device: torch.device):
-        """RoPE (cos, sin) for a latent clip of the given pixel size, or None for sincos models.
+    def scale_image_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE posterior sample of the conditioning image -> the latent the I2V pipeline feeds."""
+        if self.invert_scale_latents:
+            return latents / self.scaling_factor
+        return latents * self.scaling_factor
 
-        As the CogVideoX 1.0 pipelines do: the grid of patches is placed as a centred crop region of
-        the base grid the model was trained at (sample_height x sample_width latent pixels).
-        """
+    def pad_frames(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, F, C, H, W] -> CogVideoX 1.5 layout: copies of the first latent frame prepended until
+        patch_size_t divides F (the pipeline generates those frames first and drops them)."""
+        padding = self.frame_padding(latents.shape[1])
+        if not padding:
+            return latents
+        return torch.cat([latents[:, :1].expand(-1, padding, -1, -1, -1), latents], dim=1)
+
+    def image_condition(self, image_latents: torch.Tensor, latent_frames: int) -> torch.Tensor:
+        """[B, 1, C, H, W] image latent -> [B, latent_frames, C, H, W]: the image in the first frame,
+        zeros after it, as CogVideoXImageToVideoPipeline.prepare_latents builds it."""
+        padding = image_latents.new_zeros((image_latents.shape[0], latent_frames - 1, *image_latents.shape[2:]))
+        return torch.cat([image_latents, padding], dim=1)
+
+    def ofs(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        if not self.ofs_embed_dim:
+            return None
+        return torch.full((batch_size,), OFS_VALUE, device=device)
+
+    def rotary_embeddings(self, height: int, width: int, latent_frames: int, device: torch.device):
+        """RoPE (cos, sin) for a latent clip of the given pixel size (latent_frames after any 1.5
+        padding), or None for sincos models. As the pipelines do: CogVideoX 1.0 places the patch
+        grid as a centred crop region of its base grid; 1.5 uses the "slice" grid."""
         if not self.use_rotary:
             return None
         from diffusers.models.embeddings import get_3d_rotary_pos_embed
@@ -90,14 +172,23 @@ class FamilySpec:
         pixels_per_patch = self.vae_scale_spatial * self.patch_size
         grid_height, grid_width = height // pixels_per_patch, width // pixels_per_patch
         base_height, base_width = self.sample_height // self.patch_size, self.sample_width // self.patch_size
-        crop = get_resize_crop_region_for_grid((grid_height, grid_width), base_width, base_height)
+        if self.patch_size_t is None:
+            crop = get_resize_crop_region_for_grid((grid_height, grid_width), base_width, base_height)
+            return get_3d_rotary_pos_embed(embed_dim=self.attention_head_dim, crops_coords=crop,
+                                           grid_size=(grid_height, grid_width), temporal_size=latent_frames,
+                                           device=device)
         return get_3d_rotary_pos_embed(
-            embed_dim=self.attention_head_dim,
-            crops_coords=crop,
-            grid_size=(grid_height, grid_width),
-            temporal_size=latent_frames,
-            device=device,
+            embed_dim=self.attention_head_dim, crops_coords=None, grid_size=(grid_height, grid_width),
+            temporal_size=-(-latent_frames // self.patch_size_t), grid_type="slice",
+            max_size=(base_height, base_width), device=device,
         )
+
+
+def drop_learned_positional_embeddings(transformer) -> None:
+    """Let CogVideoX-5b-I2V run at other sizes: its learned positional embeddings are near zero and
+    tied to 49x480x720, so they are left out (in training and in inference alike)."""
+    transformer.patch_embed.use_learned_positional_embeddings = False
+    transformer.register_to_config(use_learned_positional_embeddings=False)
 
 
 @dataclass(frozen=True)
@@ -108,13 +199,14 @@ class ModelConfigs:
     transformer: dict
     vae: dict
     text_encoder: dict
+    scheduler: dict
 
     @classmethod
     def load(cls, pretrained_model_name_or_path: str, revision: str | None = None, variant: str | None = None,
              cache_dir: str | None = None) -> "ModelConfigs":
         from pathlib import Path
 
-        from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
         from transformers import AutoConfig
 
         location = pretrained_model_name_or_path
@@ -124,6 +216,7 @@ class ModelConfigs:
         try:
             transformer = dict(CogVideoXTransformer3DModel.load_config(location, subfolder="transformer", **kwargs))
             vae = dict(AutoencoderKLCogVideoX.load_config(location, subfolder="vae", **kwargs))
+            scheduler = dict(CogVideoXDDIMScheduler.load_config(location, subfolder="scheduler", **kwargs))
             text_encoder = AutoConfig.from_pretrained(location, subfolder="text_encoder", **kwargs).to_dict()
         except (OSError, ValueError) as e:
             raise CogtuneError(
@@ -131,14 +224,14 @@ class ModelConfigs:
                 f"{str(e).splitlines()[0].rstrip('.')}. Give a diffusers CogVideoX pipeline folder or hub id."
             ) from None
         source = {"pretrained_model_name_or_path": location, "revision": revision, "variant": variant}
-        return cls(source, transformer, vae, text_encoder)
+        return cls(source, transformer, vae, text_encoder, scheduler)
 
     def identity(self) -> dict:
         """What the cache records about the model whose VAE and T5 made its tensors."""
         from .data_schema import config_hash
 
-        return dict(self.source, vae_config_sha256=config_hash(self.vae),
+        return dict(self.source, family=self.spec().description, vae_config_sha256=config_hash(self.vae),
                     text_encoder_config_sha256=config_hash(self.text_encoder))
 
     def spec(self) -> FamilySpec:
-        return FamilySpec.from_configs(self.transformer, self.vae)
+        return FamilySpec.from_configs(self.transformer, self.vae, self.scheduler)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,22 +12,83 @@ import torch
 
 from .config import InferConfig, check_precision_available, precision_dtype
 from .errors import CogtuneError
+from .families import ModelConfigs, drop_learned_positional_embeddings
 from .tiny import write_mp4
-from .train import LORA_WEIGHT_NAME
+from .train import LORA_INFO_NAME, LORA_WEIGHT_NAME
 
 ADAPTER_NAME = "cogtune"
 
 
-def read_prompts(config: InferConfig) -> list[str]:
+@dataclass(frozen=True)
+class Job:
+    prompt: str
+    image: Path | None  # the first frame, for image-to-video models
+
+
+def read_jobs(config: InferConfig, image_conditioned: bool) -> list[Job]:
+    """The prompts (and, for image-to-video models, their images) to generate videos for."""
+    image = Path(config.image) if config.image else None
     if config.prompt:
-        return [config.prompt]
-    path = Path(config.prompt_file)
-    if not path.is_file():
-        raise CogtuneError(f"--prompt_file {path} does not exist.")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise CogtuneError(f"--prompt_file {path} holds no prompts.")
-    return prompts
+        jobs = [Job(config.prompt, image)]
+    else:
+        path = Path(config.prompt_file)
+        if not path.is_file():
+            raise CogtuneError(f"--prompt_file {path} does not exist.")
+        if path.suffix.lower() in (".csv", ".jsonl"):
+            jobs = [Job(prompt, path.parent / picture if picture else image)
+                    for prompt, picture in _prompt_image_pairs(path)]
+        else:
+            jobs = [Job(line.strip(), image) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not jobs:
+            raise CogtuneError(f"--prompt_file {path} holds no prompts.")
+    for job in jobs:
+        if image_conditioned and job.image is None:
+            raise CogtuneError(
+                f"This is an image-to-video model: give --image, or a --prompt_file with an image column "
+                f"(no image for prompt {job.prompt[:60]!r})."
+            )
+        if not image_conditioned and job.image is not None:
+            raise CogtuneError(f"This is a text-to-video model; it takes no image ({job.image}).")
+        if job.image is not None and not job.image.is_file():
+            raise CogtuneError(f"Image {job.image} does not exist.")
+    return jobs
+
+
+def _prompt_image_pairs(path: Path) -> list[tuple[str, str | None]]:
+    import pyarrow.csv
+    import pyarrow.json
+
+    try:
+        table = (pyarrow.csv.read_csv(path) if path.suffix.lower() == ".csv" else pyarrow.json.read_json(path))
+    except Exception as e:  # pyarrow's parse errors
+        raise CogtuneError(f"--prompt_file {path} cannot be read: {str(e).splitlines()[0]}") from None
+    if "prompt" not in table.column_names:
+        raise CogtuneError(f"--prompt_file {path} has no 'prompt' column (columns: {', '.join(table.column_names)}).")
+    rows = table.to_pylist()
+    return [(str(row["prompt"]).strip(), row.get("image") or None) for row in rows if str(row["prompt"] or "").strip()]
+
+
+def load_first_frame(path: Path):
+    """An image file as PIL, or the first frame of a video file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path).convert("RGB")
+    except UnidentifiedImageError:
+        pass
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return next(container.decode(video=0)).to_image().convert("RGB")
+    except (av.error.FFmpegError, StopIteration):
+        raise CogtuneError(f"{path} is neither an image nor a video with frames.") from None
+
+
+def lora_info(folder: str) -> dict:
+    """The training facts cogtune stored beside a local LoRA (empty for hub LoRAs and other tools')."""
+    path = Path(folder) / LORA_INFO_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def lora_location(config: InferConfig) -> tuple[str, str | None]:
@@ -51,19 +114,29 @@ def video_name(index: int, prompt: str, seed: int) -> str:
 
 
 def run(config: InferConfig) -> list[Path]:
-    from diffusers import CogVideoXPipeline
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
-    prompts = read_prompts(config)
     folder, weight_name = lora_location(config)
+    models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
+                               config.cache_dir)
+    spec = models.spec()
+    jobs = read_jobs(config, spec.image_conditioned)
+    ignore_positions = config.ignore_learned_positional_embeddings or bool(
+        lora_info(folder).get("ignore_learned_positional_embeddings"))
+    spec.check_clip_size(config.num_frames, config.height, config.width, ignore_positions)
     check_precision_available(config.mixed_precision)
+    spec.check_precision(config.mixed_precision, print)
     dtype = precision_dtype(config.mixed_precision)
+    pipeline_class = CogVideoXImageToVideoPipeline if spec.image_conditioned else CogVideoXPipeline
     try:
-        pipe = CogVideoXPipeline.from_pretrained(
-            config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
+        pipe = pipeline_class.from_pretrained(
+            models.source["pretrained_model_name_or_path"], revision=config.revision, variant=config.variant,
             cache_dir=config.cache_dir, torch_dtype=dtype,
         )
     except (OSError, ValueError) as e:
         raise CogtuneError(f"Cannot load the pipeline {config.pretrained_model_name_or_path}: {e}") from None
+    if ignore_positions and spec.learned_positional_embeddings:
+        drop_learned_positional_embeddings(pipe.transformer)
     kwargs = {"weight_name": weight_name} if weight_name else {}
     try:
         pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, **kwargs)
@@ -83,15 +156,16 @@ def run(config: InferConfig) -> list[Path]:
     out_dir = Path(config.video_output_dir or Path(config.output_dir) / "videos")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for index, prompt in enumerate(prompts):
+    for index, job in enumerate(jobs):
         generator = torch.Generator().manual_seed(config.seed)
+        image = {"image": load_first_frame(job.image)} if job.image is not None else {}
         frames = pipe(
-            prompt=prompt, negative_prompt=config.negative_prompt, num_frames=config.num_frames,
+            prompt=job.prompt, negative_prompt=config.negative_prompt, num_frames=config.num_frames,
             height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,
             guidance_scale=config.guidance_scale, use_dynamic_cfg=config.use_dynamic_cfg, generator=generator,
-            max_sequence_length=pipe.transformer.config.max_text_seq_length, output_type="np",
+            max_sequence_length=spec.max_text_seq_length, output_type="np", **image,
         ).frames[0]
-        path = out_dir / video_name(index, prompt, config.seed)
+        path = out_dir / video_name(index, job.prompt, config.seed)
         write_mp4(path, (np.clip(frames, 0, 1) * 255).round().astype(np.uint8), config.fps)
         written.append(path.resolve())
     return written

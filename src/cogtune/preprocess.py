@@ -30,7 +30,9 @@ def cache_identity(config: PreprocessConfig, models: ModelConfigs) -> schema.Cac
     """Which cache a run with these settings writes to (and a training run reads from)."""
     settings = {name: getattr(config, name) for name in TENSOR_SETTINGS}
     settings["max_text_seq_length"] = models.transformer["max_text_seq_length"]
-    if config.video_reshape_mode == "random":  # the seed only changes tensors through random crops
+    image_conditioned = models.spec().image_conditioned
+    settings["image_noise_variants"] = config.image_noise_variants if image_conditioned else 0
+    if config.video_reshape_mode == "random" or image_conditioned:  # random crops and first-frame noise
         settings["seed"] = config.seed
     dataset = {
         "instance_data_root": str(Path(config.instance_data_root).resolve()) if config.instance_data_root else None,
@@ -115,7 +117,9 @@ def run(config: PreprocessConfig) -> PreprocessResult:
                            config.video_column, config.id_token)
     models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
                                config.cache_dir)
-    models.spec()  # refuses unsupported families before any encoding
+    spec = models.spec()  # refuses what is not a CogVideoX model before any encoding
+    spec.check_clip_size(config.max_num_frames, config.height, config.width,
+                         config.ignore_learned_positional_embeddings)
     identity = cache_identity(config, models)
     schema.ensure_writable_dir(Path(config.cache_root), "--cache_root")
     cache_dir = Path(config.cache_root) / identity.name
@@ -151,10 +155,10 @@ def run(config: PreprocessConfig) -> PreprocessResult:
             row.update(sample_id=sid, source_path=str(record.video), source_size=size, source_mtime_ns=mtime_ns,
                        source_sha256=sha, caption=record.caption, caption_sha256=schema.sha256_text(record.caption))
             if failure is not None:
-                row.update(status=schema.STATUS_FAILED, reason=f"{record.where}: {failure}")
+                row.update(status=schema.STATUS_FAILED, reason=f"{record.where}: {failure}", image_noise_sigmas=[])
             else:
                 for column in ("frame_indices", "source_fps", "source_height", "source_width", "num_frames",
-                               "height", "width", "latent_shape", "latent_shard", "latent_key"):
+                               "height", "width", "latent_shape", "latent_shard", "latent_key", "image_noise_sigmas"):
                     row[column] = latent_row[column]
                 text_key = schema.caption_key(record.caption)
                 row.update(status=schema.STATUS_OK, reason="", text_key=text_key,
@@ -168,7 +172,8 @@ def run(config: PreprocessConfig) -> PreprocessResult:
 
     failed = 0
     if videos_needed:
-        failed = _encode_videos(videos_needed, config, by_video, writer, add_rows)
+        image_variants = identity.settings["image_noise_variants"]
+        failed = _encode_videos(videos_needed, config, by_video, writer, add_rows, image_variants)
     writer.write_selection(p[4] for p in planned)
 
     cache = schema.Cache.open(cache_dir)
@@ -214,10 +219,26 @@ def _encode_captions(captions: list[str], config: PreprocessConfig, models: Mode
     return shards
 
 
+def first_frame_noise(seed: int, sha: str, variants: int) -> tuple[list[float], torch.Generator]:
+    """The noise sigmas exp(N(-3, 0.5)) of a clip's first-frame encodings, and the generator that
+    then draws their noise: a function of the seed and the clip's content only."""
+    generator = torch.Generator().manual_seed(int(schema.sha256_text(f"first frame {seed} {sha}")[:15], 16))
+    sigmas = torch.exp(torch.randn(variants, generator=generator, dtype=torch.float64) * 0.5 - 3.0)
+    return sigmas.tolist(), generator
+
+
+def noised_first_frames(pixels: torch.Tensor, sigmas: list[float], generator: torch.Generator) -> torch.Tensor:
+    """[C, F, H, W] clip -> [K, C, 1, H, W]: its first frame plus Gaussian noise of each sigma."""
+    first = pixels[:, :1].float()
+    noise = torch.randn((len(sigmas), *first.shape), generator=generator)
+    return first[None] + noise * torch.tensor(sigmas, dtype=torch.float32).view(-1, 1, 1, 1, 1)
+
+
 @torch.no_grad()
 def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_video: dict,
-                   writer: schema.CacheWriter, add_rows) -> int:
-    """VAE-encode clips as they are decoded; returns how many could not be used."""
+                   writer: schema.CacheWriter, add_rows, image_variants: int) -> int:
+    """VAE-encode clips as they are decoded (and, for image-to-video models, their noised first
+    frames); returns how many could not be used."""
     from diffusers import AutoencoderKLCogVideoX
 
     device, dtype = _device_and_dtype(config.mixed_precision)
@@ -247,10 +268,20 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
         mean_key, logvar_key = schema.latent_tensor_keys(key)
         shard = writer.add_tensor(mean_key, mean)
         writer.add_tensor(logvar_key, logvar)
+        sigmas = []
+        if image_variants:
+            sigmas, generator = first_frame_noise(config.seed, sha, image_variants)
+            images = noised_first_frames(clip.pixels, sigmas, generator)
+            image_posterior = vae.encode(images.to(device, dtype)).latent_dist
+            for variant in range(image_variants):
+                image_mean_key, image_logvar_key = schema.image_latent_tensor_keys(key, variant)
+                writer.add_tensor(image_mean_key, image_posterior.mean[variant].to(store_dtype))
+                writer.add_tensor(image_logvar_key, image_posterior.logvar[variant].to(store_dtype))
         latent_row = dict(
             frame_indices=clip.frame_indices, source_fps=clip.source_fps, source_height=clip.source_height,
             source_width=clip.source_width, num_frames=len(clip.frame_indices), height=config.height,
             width=config.width, latent_shape=list(mean.shape), latent_shard=shard, latent_key=key,
+            image_noise_sigmas=sigmas,
         )
         add_rows(by_video[sha], latent_row, None)
         if writer.should_flush():

@@ -22,10 +22,20 @@ SCHEDULER_2B = dict(
 )
 SCHEDULER_5B = dict(SCHEDULER_2B, snr_shift_scale=1.0)
 
-# Structural flags of each family the tiny model can imitate.
+# The structural flags of each family, as in the published configs (see families.py); the tiny
+# model keeps them and shrinks every width.
+ROPE_5B = dict(use_rotary_positional_embeddings=True)
+ROPE_15 = dict(use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False,
+               sample_height=16, sample_width=16)  # 1.5: the slice grid's maximum size
 FAMILIES = {
-    "2b": dict(use_rotary=False, scaling_factor=1.15258426, scheduler=SCHEDULER_2B),
-    "5b": dict(use_rotary=True, scaling_factor=0.7, scheduler=SCHEDULER_5B),
+    "2b": dict(transformer={}, vae=dict(scaling_factor=1.15258426), scheduler=SCHEDULER_2B),
+    "5b": dict(transformer=ROPE_5B, vae=dict(scaling_factor=0.7), scheduler=SCHEDULER_5B),
+    "5b-i2v": dict(transformer=dict(ROPE_5B, in_channels=8, use_learned_positional_embeddings=True),
+                   vae=dict(scaling_factor=0.7), scheduler=SCHEDULER_5B),
+    "1.5-5b": dict(transformer=ROPE_15, vae=dict(scaling_factor=0.7, invert_scale_latents=True),
+                   scheduler=SCHEDULER_5B),
+    "1.5-5b-i2v": dict(transformer=dict(ROPE_15, in_channels=8, ofs_embed_dim=8),
+                       vae=dict(scaling_factor=0.7, invert_scale_latents=True), scheduler=SCHEDULER_5B),
 }
 
 TEXT_DIM = 32
@@ -50,8 +60,10 @@ def make_tokenizer():
 
 
 def make_tiny_pipeline(family: str = "2b", seed: int = 0):
-    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
-                           CogVideoXTransformer3DModel)
+    """A random-weight pipeline of the family's structure: 4 latent channels, 2 layers, T5 of width 32.
+    Its native size (the learned positional embeddings of 5b-i2v) is 9 frames of 32x64."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline,
+                           CogVideoXPipeline, CogVideoXTransformer3DModel)
     from transformers import T5Config, T5EncoderModel
 
     spec = FAMILIES[family]
@@ -65,17 +77,18 @@ def make_tiny_pipeline(family: str = "2b", seed: int = 0):
         in_channels=3, out_channels=3,
         down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
         block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
-        temporal_compression_ratio=4, scaling_factor=spec["scaling_factor"],
+        temporal_compression_ratio=4, **spec["vae"],
     )
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=TEXT_DIM, num_layers=2, sample_width=6, sample_height=4, sample_frames=9, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=MAX_TEXT_LENGTH,
-        use_rotary_positional_embeddings=spec["use_rotary"],
-    )
+    transformer = CogVideoXTransformer3DModel(**dict(
+        dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+             text_embed_dim=TEXT_DIM, num_layers=2, sample_width=8, sample_height=4, sample_frames=9, patch_size=2,
+             temporal_compression_ratio=4, max_text_seq_length=MAX_TEXT_LENGTH),
+        **spec["transformer"],
+    ))
     scheduler = CogVideoXDDIMScheduler(**spec["scheduler"])
-    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                             scheduler=scheduler)
+    pipeline = CogVideoXImageToVideoPipeline if transformer.config.in_channels == 8 else CogVideoXPipeline
+    return pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                    scheduler=scheduler)
 
 
 def make_tiny_model(path: str | Path, family: str = "2b", seed: int = 0) -> Path:

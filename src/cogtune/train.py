@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import data_schema as schema
 from .config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
 from .errors import CogtuneError
-from .families import FamilySpec, ModelConfigs
+from .families import FamilySpec, ModelConfigs, drop_learned_positional_embeddings
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_INFO_NAME = "cogtune_lora.json"
@@ -66,6 +66,51 @@ def sample_x0(mean: torch.Tensor, logvar: torch.Tensor, spec: FamilySpec, genera
     eps = torch.randn(mean.shape, generator=generator).to(mean.device)
     latents = mean + torch.exp(0.5 * logvar) * eps
     return spec.scale_latents(latents).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def sample_image_latents(mean: torch.Tensor, logvar: torch.Tensor, spec: FamilySpec, generator: torch.Generator,
+                         dropout: float) -> torch.Tensor:
+    """The image-to-video conditioning latent of each sample, [B, 1, C, H, W] float32: one of its
+    stored noised first-frame encodings picked at random, sampled from its posterior, scaled as
+    the I2V pipeline does, and zeroed with probability `dropout`.
+
+    mean, logvar: [B, K, C, 1, H, W], the K stored encodings of each sample."""
+    batch, variants = mean.shape[:2]
+    chosen = torch.randint(0, variants, (batch,), generator=generator)
+    rows = torch.arange(batch)
+    mean, logvar = mean[rows, chosen].float(), logvar[rows, chosen].float()
+    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    latents = spec.scale_image_latents(mean + torch.exp(0.5 * logvar) * eps).permute(0, 2, 1, 3, 4)
+    keep = (torch.rand(batch, generator=generator) >= dropout).to(latents.dtype).to(latents.device)
+    return latents * keep.view(-1, 1, 1, 1, 1)
+
+
+@dataclass
+class StepInputs:
+    """What one training step feeds the transformer, and what its loss compares against."""
+
+    x0: torch.Tensor  # [B, F, C, H, W], F padded for CogVideoX 1.5
+    x_t: torch.Tensor
+    model_input: torch.Tensor  # x_t, with the image condition concatenated on channels for I2V
+    timesteps: torch.Tensor
+    abar_t: torch.Tensor  # float64
+
+
+def step_inputs(batch: dict, spec: FamilySpec, generator: torch.Generator, alphas_cumprod: torch.Tensor,
+                noised_image_dropout: float) -> StepInputs:
+    """The randomness of one step, drawn from its generator in a fixed order: the video posterior
+    sample, timesteps, noise, then (I2V) the image encoding, its posterior sample and dropout."""
+    x0 = spec.pad_frames(sample_x0(batch["mean"], batch["logvar"], spec, generator))
+    timesteps = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    abar_t = alphas_cumprod[timesteps]
+    x_t = add_noise(x0, noise, abar_t)
+    model_input = x_t
+    if spec.image_conditioned:
+        image = sample_image_latents(batch["image_mean"], batch["image_logvar"], spec, generator,
+                                     noised_image_dropout)
+        model_input = torch.cat([x_t, spec.image_condition(image, x0.shape[1])], dim=2)
+    return StepInputs(x0=x0, x_t=x_t, model_input=model_input, timesteps=timesteps, abar_t=abar_t)
 
 
 def velocity_loss(pred: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
@@ -111,7 +156,10 @@ class LatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         row = self.cache.samples[index]
         mean, logvar = self.cache.latent_moments(row)
-        return {"mean": mean, "logvar": logvar, "prompt_embeds": self.cache.prompt_embeds(row)}
+        item = {"mean": mean, "logvar": logvar, "prompt_embeds": self.cache.prompt_embeds(row)}
+        if self.cache.image_noise_variants:
+            item["image_mean"], item["image_logvar"] = self.cache.image_moments(row)
+        return item
 
 
 def collate(items: list[dict]) -> dict:
@@ -226,6 +274,7 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
     cache_path = resolve_cache(config, preprocess_config, models)
     cache = schema.Cache.open(cache_path)
     schema.check_compatible(cache.manifest, models.identity(), cache_path)
+    schema.check_conditioning(cache.manifest, spec.image_conditioned, spec.description, cache_path)
     cached_text_length = cache.manifest["settings"].get("max_text_seq_length")
     if cached_text_length != spec.max_text_seq_length:
         raise CogtuneError(
@@ -234,6 +283,9 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
         )
     if not cache.samples:
         raise CogtuneError(f"The cache {cache_path} holds no usable samples ({len(cache.failed)} were skipped).")
+    for size in sorted({(row["num_frames"], row["height"], row["width"]) for row in cache.samples}):
+        spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
+    spec.check_precision(config.mixed_precision, accelerator.print)
 
     # The model: the transformer alone, frozen, with LoRA adapters in fp32.
     weight_dtype = precision_dtype(config.mixed_precision)
@@ -241,6 +293,8 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
         models.source["pretrained_model_name_or_path"], subfolder="transformer", revision=config.revision,
         variant=config.variant, cache_dir=config.cache_dir, torch_dtype=weight_dtype,
     )
+    if config.ignore_learned_positional_embeddings and spec.learned_positional_embeddings:
+        drop_learned_positional_embeddings(transformer)
     transformer.requires_grad_(False)
     transformer.to(accelerator.device)
     if config.gradient_checkpointing:
@@ -254,7 +308,6 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
         cache_dir=config.cache_dir,
     )
     alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
-    num_timesteps = scheduler.config.num_train_timesteps
 
     # Optimizer and learning-rate schedule.
     learning_rate = config.learning_rate
@@ -345,26 +398,24 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
             generator = batch_generator(config.seed, batch_number)
             batch_number += 1
             with accelerator.accumulate(transformer):
-                x0 = sample_x0(batch["mean"], batch["logvar"], spec, generator).to(accelerator.device)
-                timesteps = torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator)
-                noise = torch.randn(x0.shape, generator=generator).to(accelerator.device)
-                abar_t = alphas_cumprod[timesteps].to(accelerator.device)
-                x_t = add_noise(x0, noise, abar_t).to(weight_dtype)
+                inputs = step_inputs(batch, spec, generator, alphas_cumprod, config.noised_image_dropout)
+                device = accelerator.device
+                x0, x_t, abar_t = inputs.x0.to(device), inputs.x_t.to(device), inputs.abar_t.to(device)
                 latent_frames, height, width = x0.shape[1], x0.shape[3], x0.shape[4]
                 key = (latent_frames, height, width)
                 if key not in rotary_cache:
                     rotary_cache[key] = spec.rotary_embeddings(height * spec.vae_scale_spatial,
-                                                               width * spec.vae_scale_spatial, latent_frames,
-                                                               accelerator.device)
+                                                               width * spec.vae_scale_spatial, latent_frames, device)
                 with accelerator.autocast():
                     pred = transformer(
-                        hidden_states=x_t,
-                        encoder_hidden_states=batch["prompt_embeds"].to(accelerator.device, weight_dtype),
-                        timestep=timesteps.to(accelerator.device),
+                        hidden_states=inputs.model_input.to(device, weight_dtype),
+                        encoder_hidden_states=batch["prompt_embeds"].to(device, weight_dtype),
+                        timestep=inputs.timesteps.to(device),
                         image_rotary_emb=rotary_cache[key],
+                        ofs=spec.ofs(x0.shape[0], device),
                         return_dict=False,
                     )[0]
-                loss = velocity_loss(pred, x_t, x0, abar_t)
+                loss = velocity_loss(pred, x_t.to(weight_dtype), x0, abar_t)
                 step_losses.append(loss.detach())
                 accelerator.backward(loss)
                 grad_norm = None
@@ -404,7 +455,10 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
     lora_path = output_dir / LORA_WEIGHT_NAME
     if accelerator.is_main_process:
         lora_path = save_lora(unwrapped, output_dir)
-        info = {"base_model": models.source, "rank": config.rank, "lora_alpha": config.lora_alpha,
+        info = {"base_model": models.source, "family": spec.description,
+                "ignore_learned_positional_embeddings": bool(
+                    config.ignore_learned_positional_embeddings and spec.learned_positional_embeddings),
+                "rank": config.rank, "lora_alpha": config.lora_alpha,
                 "target_modules": list(config.lora_target_modules), "steps": global_step, "cache": str(cache_path)}
         schema.atomic_write(output_dir / LORA_INFO_NAME,
                             lambda temp: Path(temp).write_text(json.dumps(info, indent=2) + "\n"))
