@@ -18,6 +18,31 @@ def test_shipped_configs_parse_and_validate(path, stage):
     assert config.pretrained_model_name_or_path
 
 
+# (model, precision, frames, height, width, fps) each family's model card recommends
+FAMILY_CONFIGS = {
+    "cogvideox-2b-lora": ("THUDM/CogVideoX-2b", "fp16", 49, 480, 720, 8),
+    "cogvideox-5b-lora": ("THUDM/CogVideoX-5b", "bf16", 49, 480, 720, 8),
+    "cogvideox-5b-i2v-lora": ("THUDM/CogVideoX-5b-I2V", "bf16", 49, 480, 720, 8),
+    "cogvideox1.5-5b-lora": ("THUDM/CogVideoX1.5-5B", "bf16", 81, 768, 1360, 16),
+    "cogvideox1.5-5b-i2v-lora": ("THUDM/CogVideoX1.5-5B-I2V", "bf16", 81, 768, 1360, 16),
+}
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_each_family_has_a_config_with_its_recommended_settings(name):
+    path = ROOT / "configs" / f"{name}.toml"
+    model, precision, frames, height, width, fps = FAMILY_CONFIGS[name]
+    document = read_toml(path)
+    pre, train, infer = (make_config(stage, values_for_stage(document, stage, str(path)), str(path))
+                         for stage in STAGE_CONFIGS)
+    assert pre.pretrained_model_name_or_path == train.pretrained_model_name_or_path == model
+    assert (pre.max_num_frames, pre.height, pre.width, pre.fps) == (frames, height, width, fps)
+    assert (infer.num_frames, infer.height, infer.width, infer.fps) == (frames, height, width, fps)
+    assert pre.mixed_precision == train.mixed_precision == infer.mixed_precision == precision
+    assert train.rank == 64 and train.lora_alpha in (64, 32) and 1e-4 <= train.learning_rate <= 1e-3
+    assert (infer.image is not None) == ("i2v" in name)
+
+
 def test_flags_override_the_file_and_stage_tables_override_top_level(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('pretrained_model_name_or_path = "m"\nrank = 16\nheight = 64\n[train]\nrank = 32\n')

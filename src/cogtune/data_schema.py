@@ -450,9 +450,11 @@ def check_compatible(manifest: dict, model: dict, cache_path: Path) -> None:
     found = {k: manifest.get("model", {}).get(k) for k in expected}
     differences = describe_differences(expected, found)
     if differences:
+        built_for = manifest.get("model", {})
         raise CogtuneError(
-            f"The cache {cache_path} was built for another model "
-            f"({manifest.get('model', {}).get('pretrained_model_name_or_path')}):\n  " + "\n  ".join(differences)
+            f"The cache {cache_path} was built for another model: {built_for.get('pretrained_model_name_or_path')}, "
+            f"a {built_for.get('family', 'CogVideoX')} model, not {model['pretrained_model_name_or_path']}, a "
+            f"{model.get('family', 'CogVideoX')} model. Their VAE or T5 differ:\n  " + "\n  ".join(differences)
             + "\nPreprocess the data with the model you train, or train the model the cache was built for."
         )
 
