@@ -53,6 +53,16 @@ def test_flags_override_the_file_and_stage_tables_override_top_level(tmp_path):
     assert load_config("preprocess", ["--config", str(path)]).height == 64
 
 
+def test_a_prompt_file_flag_replaces_the_prompt_of_the_config_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('pretrained_model_name_or_path = "m"\n[infer]\nprompt = "from the file"\n')
+    config = load_config("infer", ["--config", str(path), "--prompt_file", "prompts.txt"])
+    assert (config.prompt, config.prompt_file) == (None, "prompts.txt")
+    assert load_config("infer", ["--config", str(path)]).prompt == "from the file"
+    with pytest.raises(CogtuneError, match="exactly one of --prompt or --prompt_file"):
+        load_config("infer", ["--config", str(path), "--prompt_file", "p.txt", "--prompt", "x"])
+
+
 def test_unknown_setting_is_refused(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('pretrained_model_name_or_path = "m"\nlearning_rat = 1e-4\n')

@@ -307,7 +307,7 @@ def test_infer_reads_prompt_image_pairs_and_checks_images(tmp_path, trained, fir
     second.write_bytes(trained["infer"][0].read_bytes())
     pairs.write_text(json.dumps({"prompt": "DEMO a red square", "image": str(first_frame)}) + "\n"
                      + json.dumps({"prompt": "DEMO from a video's first frame", "image": "second.mp4"}) + "\n")
-    out = cogtune("infer", "--config", trained["config"], "--prompt", "", "--prompt_file", pairs, "--image", "",
+    out = cogtune("infer", "--config", trained["config"], "--prompt_file", pairs, "--image", "",
                   "--video_output_dir", tmp_path / "videos").stdout
     assert out.count("video: ") == 2
     with pytest.raises(CogtuneError, match="nope.png does not exist"):

@@ -206,6 +206,7 @@ class InferConfig(ModelArgs):
     enable_tiling: bool = opt(False, "Decode latents tile by tile in the VAE.")
 
 
+ALTERNATIVES = (("prompt", "prompt_file"),)  # settings of which a command line gives one or the other
 STAGE_CONFIGS = {"preprocess": PreprocessConfig, "train": TrainConfig, "infer": InferConfig}
 KNOWN_KEYS = {f.name for cls in STAGE_CONFIGS.values() for f in dataclasses.fields(cls)}
 
@@ -299,6 +300,10 @@ def load_config(stage: str, argv: list[str]) -> Any:
     config_path = flags.pop("config", None)
     if config_path:
         values.update(values_for_stage(read_toml(config_path), stage, str(config_path)))
+        for pair in ALTERNATIVES:  # --prompt_file on the command line replaces the file's prompt, and so on
+            for given, replaced in (pair, pair[::-1]):
+                if given in flags and replaced not in flags:
+                    values.pop(replaced, None)
     values.update(flags)
     return make_config(stage, values, source=str(config_path) if config_path else "command line")
 
