@@ -282,6 +282,14 @@ def test_learned_positional_embeddings_size_is_checked_before_encoding(tmp_path,
     assert not list(tmp_path.glob("cache/*/shards/*"))  # nothing was encoded
 
 
+def test_cogvideox15_size_beyond_its_rope_grid_is_refused_before_encoding(tmp_path, models, demo_data):
+    config = write_config(tmp_path / "c.toml", models["1.5-5b"], demo_data, tmp_path / "cache", tmp_path / "out",
+                          width=256)
+    with pytest.raises(CogtuneError, match="cover at most 128x128 pixels .*not 32x256"):
+        run_stages(config, "preprocess")
+    assert not list(tmp_path.glob("cache/*/shards/*"))
+
+
 def test_ignoring_learned_positional_embeddings_trains_other_sizes_and_infer_follows(tmp_path, models, demo_data,
                                                                                      first_frame):
     config = write_config(tmp_path / "c.toml", models["5b-i2v"], demo_data, tmp_path / "cache", tmp_path / "out",

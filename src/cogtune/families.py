@@ -119,6 +119,14 @@ class FamilySpec:
                         ignore_learned_positional_embeddings: bool) -> None:
         """Refuse clip sizes this family cannot train or generate at, before anything is encoded.
         (4k+1 frames and sizes in multiples of 16, true of every family, are checked with the flags.)"""
+        if self.use_rotary and self.patch_size_t:  # the 1.5 "slice" grid only covers the model's base size
+            max_height, max_width = (self.sample_height * self.vae_scale_spatial,
+                                     self.sample_width * self.vae_scale_spatial)
+            if height > max_height or width > max_width:
+                raise CogtuneError(
+                    f"This {self.description} model's rotary position embeddings cover at most {max_height}x"
+                    f"{max_width} pixels (its sample_height/sample_width), not {height}x{width}; pick a smaller size."
+                )
         if self.learned_positional_embeddings and not ignore_learned_positional_embeddings:
             trained = (self.sample_frames, self.sample_height * self.vae_scale_spatial,
                        self.sample_width * self.vae_scale_spatial)
