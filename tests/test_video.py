@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from cogtune.video import (ClipSkipped, largest_4k_plus_1, plan_resize_crop, read_clip, resize_crop,
+from cogtune.video import (ClipSkipped, fixed_size, largest_4k_plus_1, plan_resize_crop, read_clip, resize_crop,
                            select_frame_indices, to_model_range)
 
 
@@ -82,7 +82,7 @@ def test_pixels_scaled_to_minus_one_one():
 def test_read_real_portrait_clip(tmp_path):
     from conftest import ASSETS
 
-    clip = read_clip(ASSETS / "videos" / "sample_portrait.mp4", 32, 48, 24, 9, 0, 0, "center", None)
+    clip = read_clip(ASSETS / "videos" / "sample_portrait.mp4", fixed_size(32, 48, 9), 24, 0, 0, "center", None)
     assert clip.pixels.shape == (3, 9, 32, 48)
     assert (clip.source_height, clip.source_width) == (1080, 720)  # portrait stays portrait
     assert clip.pixels.min() >= -1 and clip.pixels.max() <= 1
@@ -93,4 +93,4 @@ def test_unreadable_file_is_skipped_with_reason(tmp_path):
     bad = tmp_path / "not-a-video.mp4"
     bad.write_text("hello")
     with pytest.raises(ClipSkipped, match="cannot open video"):
-        read_clip(bad, 32, 32, 8, 9, 0, 0, "center", None)
+        read_clip(bad, fixed_size(32, 32, 9), 8, 0, 0, "center", None)

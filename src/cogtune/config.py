@@ -84,6 +84,11 @@ class PreprocessConfig(ModelArgs):
     max_num_frames: int = opt(49, "Frames per training clip (4k+1). Shorter clips use the largest 4k+1 they hold.")
     skip_frames_start: int = opt(0, "Source frames dropped from the start of every video.")
     skip_frames_end: int = opt(0, "Source frames dropped from the end of every video.")
+    height_buckets: list = opt([], "Heights of the training buckets (with --width_buckets and --frame_buckets: every "
+                                "combination is a bucket). Each clip goes to the bucket nearest its aspect ratio, then area.")
+    width_buckets: list = opt([], "Widths of the training buckets (see --height_buckets).")
+    frame_buckets: list = opt([], "Frame counts (4k+1) of the training buckets; a clip goes to the longest it can fill.")
+    buckets: list = opt([], "An explicit list of buckets FRAMESxHEIGHTxWIDTH, for example 49x480x720 49x720x480.")
     video_reshape_mode: str = opt(
         "center",
         "center: keep aspect, resize to cover, centre crop; random: same with a seeded random crop; "
@@ -99,6 +104,12 @@ class PreprocessConfig(ModelArgs):
     enable_slicing: bool = opt(False, "Encode the clips of a batch one at a time in the VAE (less memory).")
     enable_tiling: bool = opt(False, "Encode with the VAE tile by tile (less memory at high resolution).")
     dataloader_num_workers: int = opt(0, "Worker processes that decode and resize videos while the encoders run.")
+    vae_batch_size: int = opt(1, "Clips of one bucket the VAE encodes at once (more is faster and needs more memory).")
+    max_failures: Optional[str] = opt(
+        None,
+        "Stop the run when more clips than this cannot be used: a count (10) or a fraction of the clips (0.05). "
+        "Default: never stop; unusable clips are skipped and counted.",
+    )
     image_noise_variants: int = opt(
         1,
         "Image-to-video models: how many independently noised encodings of each clip's first frame to store "
@@ -206,6 +217,7 @@ class InferConfig(ModelArgs):
     enable_tiling: bool = opt(False, "Decode latents tile by tile in the VAE.")
 
 
+NUMBERS_AS_TEXT = {"max_failures"}  # a count or a fraction, kept as written
 ALTERNATIVES = (("prompt", "prompt_file"),)  # settings of which a command line gives one or the other
 STAGE_CONFIGS = {"preprocess": PreprocessConfig, "train": TrainConfig, "infer": InferConfig}
 KNOWN_KEYS = {f.name for cls in STAGE_CONFIGS.values() for f in dataclasses.fields(cls)}
@@ -279,6 +291,8 @@ def make_config(stage: str, values: dict, source: str = "settings"):
             continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)
+        elif name in NUMBERS_AS_TEXT and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[name] = str(value)
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise CogtuneError(f"{source}: {name} must be of type {kind.__name__}, got {value!r}.")
         choices = fields[name].metadata.get("choices")
@@ -311,7 +325,7 @@ def load_config(stage: str, argv: list[str]) -> Any:
 def validate(config) -> None:
     if not config.pretrained_model_name_or_path:
         raise CogtuneError("--pretrained_model_name_or_path is required (a local pipeline folder or a hub id).")
-    positive = ["train_batch_size", "gradient_accumulation_steps", "rank", "checkpointing_steps", "num_train_epochs",
+    positive = ["train_batch_size", "gradient_accumulation_steps", "rank", "vae_batch_size", "checkpointing_steps", "num_train_epochs",
                 "max_num_frames", "fps", "num_frames", "height", "width", "num_inference_steps"]
     for name in positive:
         value = getattr(config, name, None)
@@ -341,6 +355,17 @@ def validate(config) -> None:
         raise CogtuneError(f"--max_grad_norm must be positive, got {config.max_grad_norm}.")
     if isinstance(config, TrainConfig) and not 0 <= config.noised_image_dropout <= 1:
         raise CogtuneError(f"--noised_image_dropout is a probability (0 to 1), got {config.noised_image_dropout}.")
+    if isinstance(config, PreprocessConfig) and config.max_failures is not None:
+        try:
+            valid = float(config.max_failures) >= 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise CogtuneError(f"--max_failures takes a count (10) or a fraction (0.05), got {config.max_failures!r}.")
+    if isinstance(config, PreprocessConfig):
+        from .buckets import configured_buckets
+
+        configured_buckets(config)
     if isinstance(config, PreprocessConfig) and config.image_noise_variants < 1:
         raise CogtuneError(f"--image_noise_variants must be 1 or more, got {config.image_noise_variants}.")
 

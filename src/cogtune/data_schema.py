@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 
 from .errors import CogtuneError
 
-FORMAT_VERSION = 2  # 2: image-to-video latents and the image_noise_sigmas column
+FORMAT_VERSION = 3  # 2: image-to-video latents, image_noise_sigmas; 3: bucket, failure_kind, decoder
 MANIFEST_FILE = "manifest.json"
 SELECTION_FILE = "selection.parquet"
 SHARDS_DIR = "shards"
@@ -58,6 +58,7 @@ INDEX_SCHEMA = pa.schema(
         ("sample_id", pa.string()),
         ("status", pa.string()),
         ("reason", pa.string()),
+        ("failure_kind", pa.string()),  # short category of a skipped clip ("too short", "unreadable", ...)
         ("source_path", pa.string()),
         ("source_size", pa.int64()),
         ("source_mtime_ns", pa.int64()),
@@ -71,6 +72,8 @@ INDEX_SCHEMA = pa.schema(
         ("num_frames", pa.int32()),
         ("height", pa.int32()),
         ("width", pa.int32()),
+        ("bucket", pa.string()),  # FRAMESxHEIGHTxWIDTH the clip was brought to
+        ("decoder", pa.string()),  # decord, or pyav when decord could not be trusted with the file
         ("latent_shape", pa.list_(pa.int32())),  # [C, F, H, W] of the stored moments
         ("latent_shard", pa.string()),
         ("latent_key", pa.string()),
@@ -150,10 +153,9 @@ class CacheIdentity:
         s = self.settings
         model = _slug(Path(str(self.model["pretrained_model_name_or_path"]).rstrip("/")).name)
         dataset = _slug(Path(str(self.dataset.get("dataset_name") or self.dataset.get("instance_data_root"))).name)
-        return (
-            f"{model}_{dataset}_{s['height']}x{s['width']}_{s['max_num_frames']}f_{s['fps']}fps_"
-            f"{s['video_reshape_mode']}_{self.fingerprint}"
-        )
+        size = (f"{len(s['buckets'])}buckets" if s.get("buckets")
+                else f"{s['height']}x{s['width']}_{s['max_num_frames']}f")
+        return f"{model}_{dataset}_{size}_{s['fps']}fps_{s['video_reshape_mode']}_{self.fingerprint}"
 
 
 def _slug(text: str) -> str:

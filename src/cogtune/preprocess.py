@@ -7,7 +7,9 @@ something for them to do, one after the other.
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from .config import PreprocessConfig, precision_dtype
 from .errors import CogtuneError
 from .families import ModelConfigs
 from .sources import load_records
-from .video import read_clip
+from .buckets import bucket_name, configured_buckets, size_rule
+from .video import Clip, ClipSkipped, read_clip
 
 TENSOR_SETTINGS = ("height", "width", "fps", "max_num_frames", "skip_frames_start", "skip_frames_end",
                    "video_reshape_mode", "latent_dtype", "mixed_precision", "enable_tiling")
@@ -29,6 +32,8 @@ TENSOR_SETTINGS = ("height", "width", "fps", "max_num_frames", "skip_frames_star
 def cache_identity(config: PreprocessConfig, models: ModelConfigs) -> schema.CacheIdentity:
     """Which cache a run with these settings writes to (and a training run reads from)."""
     settings = {name: getattr(config, name) for name in TENSOR_SETTINGS}
+    buckets = configured_buckets(config)
+    settings["buckets"] = [bucket_name(b) for b in buckets] if buckets else None
     settings["max_text_seq_length"] = models.transformer["max_text_seq_length"]
     image_conditioned = models.spec().image_conditioned
     settings["image_noise_variants"] = config.image_noise_variants if image_conditioned else 0
@@ -49,6 +54,8 @@ class PreprocessResult:
     cache_dir: Path
     samples: int
     failed: int
+    skipped_by_kind: dict
+    buckets: dict  # bucket name -> samples
     encoded_videos: int
     encoded_captions: int
     reused_videos: int
@@ -58,7 +65,9 @@ class PreprocessResult:
     def summary(self) -> str:
         return (
             f"cache: {self.cache_dir}\n"
-            f"samples: {self.samples} ok, {self.failed} skipped\n"
+            f"samples: {self.samples} ok, {self.failed} skipped"
+            + "".join(f"\n  skipped, {kind}: {count}" for kind, count in self.skipped_by_kind.items())
+            + "\nbuckets: " + ", ".join(f"{name} ({count})" for name, count in self.buckets.items()) + "\n"
             f"encoded: {self.encoded_videos} videos, {self.encoded_captions} captions; "
             f"reused from the cache: {self.reused_videos} videos, {self.reused_captions} captions "
             f"({self.seconds:.1f} s)"
@@ -93,11 +102,13 @@ class ClipDataset(torch.utils.data.Dataset):
         c = self.config
         rng = np.random.default_rng([c.seed, int(sha[:15], 16)])  # a clip's crop depends only on it and the seed
         try:
-            clip = read_clip(path, c.height, c.width, c.fps, c.max_num_frames, c.skip_frames_start,
-                             c.skip_frames_end, c.video_reshape_mode, rng)
+            clip = read_clip(path, size_rule(c), c.fps, c.skip_frames_start, c.skip_frames_end,
+                             c.video_reshape_mode, rng)
             return sha, clip, None
-        except CogtuneError as e:
-            return sha, None, str(e)
+        except ClipSkipped as e:
+            return sha, None, (e.kind, str(e))
+        except Exception as e:  # a decoder crash on one file must not end the run
+            return sha, None, ("unreadable", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
 
 
 def _first(batch):
@@ -118,8 +129,8 @@ def run(config: PreprocessConfig) -> PreprocessResult:
     models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
                                config.cache_dir)
     spec = models.spec()  # refuses what is not a CogVideoX model before any encoding
-    spec.check_clip_size(config.max_num_frames, config.height, config.width,
-                         config.ignore_learned_positional_embeddings)
+    for size in configured_buckets(config) or [(config.max_num_frames, config.height, config.width)]:
+        spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
     identity = cache_identity(config, models)
     schema.ensure_writable_dir(Path(config.cache_root), "--cache_root")
     cache_dir = Path(config.cache_root) / identity.name
@@ -149,16 +160,19 @@ def run(config: PreprocessConfig) -> PreprocessResult:
     for p in missing:
         by_video.setdefault(p[3], []).append(p)
 
-    def add_rows(entries, latent_row: dict | None, failure: str | None):
+    def add_rows(entries, latent_row: dict | None, failure: tuple[str, str] | None):
         for record, size, mtime_ns, sha, sid in entries:
             row = schema.row_template()
             row.update(sample_id=sid, source_path=str(record.video), source_size=size, source_mtime_ns=mtime_ns,
                        source_sha256=sha, caption=record.caption, caption_sha256=schema.sha256_text(record.caption))
             if failure is not None:
-                row.update(status=schema.STATUS_FAILED, reason=f"{record.where}: {failure}", image_noise_sigmas=[])
+                kind, message = failure
+                row.update(status=schema.STATUS_FAILED, failure_kind=kind, reason=f"{record.where}: {message}",
+                           image_noise_sigmas=[])
             else:
                 for column in ("frame_indices", "source_fps", "source_height", "source_width", "num_frames",
-                               "height", "width", "latent_shape", "latent_shard", "latent_key", "image_noise_sigmas"):
+                               "height", "width", "bucket", "decoder", "latent_shape", "latent_shard", "latent_key",
+                               "image_noise_sigmas"):
                     row[column] = latent_row[column]
                 text_key = schema.caption_key(record.caption)
                 row.update(status=schema.STATUS_OK, reason="", text_key=text_key,
@@ -179,6 +193,8 @@ def run(config: PreprocessConfig) -> PreprocessResult:
     cache = schema.Cache.open(cache_dir)
     return PreprocessResult(
         cache_dir=cache_dir.resolve(), samples=len(cache.samples), failed=len(cache.failed),
+        skipped_by_kind=dict(Counter(row["failure_kind"] or "unreadable" for row in cache.failed).most_common()),
+        buckets=dict(sorted(Counter(row["bucket"] for row in cache.samples).items())),
         encoded_videos=len(videos_needed) - failed, encoded_captions=len(captions_needed),
         reused_videos=len({p[3] for p in planned}) - len(videos_needed),
         reused_captions=len({p[0].caption for p in planned}) - len(captions_needed),
@@ -234,11 +250,21 @@ def noised_first_frames(pixels: torch.Tensor, sigmas: list[float], generator: to
     return first[None] + noise * torch.tensor(sigmas, dtype=torch.float32).view(-1, 1, 1, 1, 1)
 
 
+def failure_limit(max_failures: str | None, clips: int) -> int | None:
+    """The number of failed clips a run tolerates: --max_failures N (a count), or F < 1 (a fraction
+    of the clips this run decodes)."""
+    if max_failures is None:
+        return None
+    value = float(max_failures)
+    return int(value) if value >= 1 else math.floor(value * clips)
+
+
 @torch.no_grad()
 def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_video: dict,
                    writer: schema.CacheWriter, add_rows, image_variants: int) -> int:
-    """VAE-encode clips as they are decoded (and, for image-to-video models, their noised first
-    frames); returns how many could not be used."""
+    """Decode clips in DataLoader workers and VAE-encode them in batches of --vae_batch_size clips
+    of one bucket (and, for image-to-video models, their noised first frames); returns how many
+    could not be used."""
     from diffusers import AutoencoderKLCogVideoX
 
     device, dtype = _device_and_dtype(config.mixed_precision)
@@ -252,39 +278,63 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
         vae.enable_tiling()
     store_dtype = schema.DTYPES[config.latent_dtype]
     jobs = [(path, sha) for sha, path in videos]
+    limit = failure_limit(config.max_failures, len(jobs))
     loader = torch.utils.data.DataLoader(ClipDataset(jobs, config), batch_size=1, collate_fn=_first,
                                          num_workers=config.dataloader_num_workers)
+
+    def encode(pending: list[tuple[str, Clip]]) -> None:
+        pixels = torch.stack([clip.pixels for _, clip in pending]).to(device, dtype)
+        posterior = vae.encode(pixels).latent_dist
+        for number, (sha, clip) in enumerate(pending):
+            key = schema.video_key(sha)
+            mean, logvar = posterior.mean[number].to(store_dtype), posterior.logvar[number].to(store_dtype)
+            mean_key, logvar_key = schema.latent_tensor_keys(key)
+            shard = writer.add_tensor(mean_key, mean)
+            writer.add_tensor(logvar_key, logvar)
+            sigmas = []
+            if image_variants:
+                sigmas, generator = first_frame_noise(config.seed, sha, image_variants)
+                images = noised_first_frames(clip.pixels, sigmas, generator)
+                image_posterior = vae.encode(images.to(device, dtype)).latent_dist
+                for variant in range(image_variants):
+                    image_mean_key, image_logvar_key = schema.image_latent_tensor_keys(key, variant)
+                    writer.add_tensor(image_mean_key, image_posterior.mean[variant].to(store_dtype))
+                    writer.add_tensor(image_logvar_key, image_posterior.logvar[variant].to(store_dtype))
+            frames, height, width = clip.pixels.shape[1:]
+            latent_row = dict(
+                frame_indices=clip.frame_indices, source_fps=clip.source_fps, source_height=clip.source_height,
+                source_width=clip.source_width, num_frames=frames, height=height, width=width,
+                bucket=bucket_name((frames, height, width)), decoder=clip.decoder, latent_shape=list(mean.shape),
+                latent_shard=shard, latent_key=key, image_noise_sigmas=sigmas,
+            )
+            add_rows(by_video[sha], latent_row, None)
+            if writer.should_flush():
+                writer.flush()
+
     failed = 0
+    pending: dict[tuple, list] = {}  # bucket -> decoded clips waiting for a full VAE batch
     progress = tqdm(loader, total=len(jobs), desc="encoding videos", unit="clip")
     for sha, clip, failure in progress:
         if clip is None:
             failed += 1
-            tqdm.write(f"skipped {by_video[sha][0][0].video}: {failure}")
+            tqdm.write(f"skipped {by_video[sha][0][0].video}: {failure[1]}")
             add_rows(by_video[sha], None, failure)
-            continue
-        posterior = vae.encode(clip.pixels[None].to(device, dtype)).latent_dist
-        mean, logvar = posterior.mean[0].to(store_dtype), posterior.logvar[0].to(store_dtype)
-        key = schema.video_key(sha)
-        mean_key, logvar_key = schema.latent_tensor_keys(key)
-        shard = writer.add_tensor(mean_key, mean)
-        writer.add_tensor(logvar_key, logvar)
-        sigmas = []
-        if image_variants:
-            sigmas, generator = first_frame_noise(config.seed, sha, image_variants)
-            images = noised_first_frames(clip.pixels, sigmas, generator)
-            image_posterior = vae.encode(images.to(device, dtype)).latent_dist
-            for variant in range(image_variants):
-                image_mean_key, image_logvar_key = schema.image_latent_tensor_keys(key, variant)
-                writer.add_tensor(image_mean_key, image_posterior.mean[variant].to(store_dtype))
-                writer.add_tensor(image_logvar_key, image_posterior.logvar[variant].to(store_dtype))
-        latent_row = dict(
-            frame_indices=clip.frame_indices, source_fps=clip.source_fps, source_height=clip.source_height,
-            source_width=clip.source_width, num_frames=len(clip.frame_indices), height=config.height,
-            width=config.width, latent_shape=list(mean.shape), latent_shard=shard, latent_key=key,
-            image_noise_sigmas=sigmas,
-        )
-        add_rows(by_video[sha], latent_row, None)
-        if writer.should_flush():
-            writer.flush()
+            if limit is not None and failed > limit:
+                for batch in pending.values():
+                    encode(batch)
+                writer.flush()  # everything encoded so far stays in the cache for the next run
+                raise CogtuneError(
+                    f"Stopped: {failed} of the {progress.n + 1} clips read so far could not be used, more than "
+                    f"--max_failures {config.max_failures} allows (last: {by_video[sha][0][0].video}: {failure[1]}). "
+                    "The clips encoded so far are kept; fix or remove the bad files (their reasons are in the "
+                    "cache index) and run again to continue."
+                )
+        else:
+            bucket = pending.setdefault(tuple(clip.pixels.shape[1:]), [])
+            bucket.append((sha, clip))
+            if len(bucket) >= config.vae_batch_size:
+                encode(pending.pop(tuple(clip.pixels.shape[1:])))
         progress.set_postfix(failed=failed)
+    for batch in pending.values():
+        encode(batch)
     return failed

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,12 @@ from .errors import CogtuneError
 
 
 class ClipSkipped(CogtuneError):
-    """A clip that cannot be used; the message is the reason recorded in the index."""
+    """A clip that cannot be used; the message is the reason recorded in the index, `kind` the
+    short category the preprocess summary counts."""
+
+    def __init__(self, message: str, kind: str = "unreadable"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def largest_4k_plus_1(frames: int) -> int:
@@ -28,26 +35,37 @@ def largest_4k_plus_1(frames: int) -> int:
     return (frames - 1) // 4 * 4 + 1
 
 
-def select_frame_indices(num_source_frames: int, source_fps: float, target_fps: float, max_frames: int,
-                         skip_start: int = 0, skip_end: int = 0) -> list[int]:
-    """Source frame indices of a training clip.
+def resample_indices(times: list[float], target_fps: float, skip_start: int = 0, skip_end: int = 0) -> list[int]:
+    """Indices of every source frame a clip at `target_fps` can use, from the frames' timestamps.
 
-    Frames are taken from the start of the clip after `skip_start` frames, and stop before the last
-    `skip_end`. A source faster than `target_fps` is resampled to it (frame k is the source frame
-    nearest to time k / target_fps). A source at or below `target_fps` keeps every frame: nothing is
-    duplicated, so its motion plays faster when the clip is shown at `target_fps`. The count is
-    `max_frames`, or the largest 4k+1 the clip holds when it is shorter.
+    Frames are taken from the start after `skip_start` frames, and stop before the last `skip_end`.
+    A source faster than `target_fps` is resampled: frame k is the source frame nearest to time
+    t0 + k / target_fps (ties go to the later frame). A source at or below `target_fps` keeps every
+    frame: nothing is duplicated, so its motion plays faster when shown at `target_fps`. Timestamps
+    make this right for variable frame rates and for containers whose fps is wrong.
     """
-    usable = num_source_frames - skip_start - skip_end
+    usable = len(times) - skip_start - skip_end
     if usable < 1:
         raise ClipSkipped(
-            f"no frames left: the video has {num_source_frames} frames and --skip_frames_start/--skip_frames_end "
-            f"drop {skip_start}+{skip_end}"
+            f"no frames left: the video has {len(times)} frames and --skip_frames_start/--skip_frames_end "
+            f"drop {skip_start}+{skip_end}", kind="too short"
         )
-    step = source_fps / target_fps if source_fps > target_fps else 1.0
-    available = math.floor((usable - 1) / step + 1e-9) + 1
-    count = largest_4k_plus_1(min(max_frames, available))
-    return [skip_start + math.floor(k * step + 0.5) for k in range(count)]
+    stamps = np.asarray(times[skip_start:skip_start + usable], dtype=np.float64)
+    if usable == 1 or np.median(np.diff(stamps)) * target_fps >= 1 - 1e-6:
+        return list(range(skip_start, skip_start + usable))
+    targets = stamps[0] + np.arange(math.floor((stamps[-1] - stamps[0]) * target_fps + 1e-6) + 1) / target_fps
+    after = np.clip(np.searchsorted(stamps, targets - 1e-9), 1, usable - 1)
+    nearer_before = (targets - stamps[after - 1]) < (stamps[after] - targets) - 1e-9
+    return (skip_start + np.where(nearer_before, after - 1, after)).tolist()
+
+
+def select_frame_indices(num_source_frames: int, source_fps: float, target_fps: float, max_frames: int,
+                         skip_start: int = 0, skip_end: int = 0) -> list[int]:
+    """Source frame indices of a constant-rate clip: `resample_indices` at times i / source_fps,
+    cut to `max_frames`, or to the largest 4k+1 the clip holds when it is shorter."""
+    candidates = resample_indices([i / source_fps for i in range(num_source_frames)], target_fps, skip_start,
+                                  skip_end)
+    return candidates[:largest_4k_plus_1(min(max_frames, len(candidates)))]
 
 
 @dataclass(frozen=True)
@@ -95,6 +113,128 @@ def to_model_range(frames_uint8: np.ndarray) -> torch.Tensor:
     return frames / 127.5 - 1.0
 
 
+# --- decoders ---------------------------------------------------------------------------------
+
+PLAUSIBLE_FPS = (1.0, 240.0)
+
+
+class _Fallback(Exception):
+    """decord cannot be trusted with this file; the reason says why."""
+
+
+class DecordVideo:
+    """The fast path: decord, trusted only while it agrees with itself (it applies rotation)."""
+
+    name = "decord"
+
+    def __init__(self, path: Path):
+        import decord
+
+        try:
+            self.reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        except Exception as e:  # decord raises bare DECORDError/RuntimeError
+            raise _Fallback(f"cannot open: {str(e).splitlines()[0][:120]}") from None
+        count = len(self.reader)
+        self.fps = float(self.reader.get_avg_fps())
+        if count < 1 or not PLAUSIBLE_FPS[0] <= self.fps <= PLAUSIBLE_FPS[1]:
+            raise _Fallback(f"reports {count} frames at {self.fps:g} fps")
+        try:
+            stamps = self.reader.get_frame_timestamp(range(count))[:, 0]
+        except Exception as e:
+            raise _Fallback(f"no timestamps: {str(e).splitlines()[0][:120]}") from None
+        steps = np.diff(stamps)
+        if count > 2 and (steps.min() <= 0 or steps.max() > 1.5 * steps.min() + 1e-3):
+            raise _Fallback("variable frame rate")
+        self.frame_times = [i / self.fps for i in range(count)]
+        first = self._batch([0])
+        self.height, self.width = first.shape[1:3]
+
+    def _batch(self, indices: list[int]) -> np.ndarray:
+        try:
+            frames = self.reader.get_batch(indices).asnumpy()
+        except Exception as e:
+            raise _Fallback(f"decode error: {str(e).splitlines()[0][:120]}") from None
+        if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
+            raise _Fallback(f"returned frames of shape {tuple(frames.shape)}")
+        return frames
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        frames = self._batch(indices)
+        if frames.shape[1:3] != (self.height, self.width):
+            raise _Fallback(f"frame size changed to {frames.shape[1:3]}")
+        return frames
+
+
+class PyAVVideo:
+    """The careful path: FFmpeg through PyAV. A first pass decodes every frame for its timestamp
+    (keeping no pixels), so frame counts, variable rates and wrong fps metadata cannot mislead it;
+    the second keeps the chosen frames, rotated as the container's display matrix says."""
+
+    name = "pyav"
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.frame_times, self.error = [], None
+        self.height = self.width = 0
+        try:
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    raise ClipSkipped("cannot open video: the file has no video stream")
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+                for frame in self._decode(container, stream):
+                    if frame.time is not None:
+                        self.frame_times.append(float(frame.time))
+                    else:
+                        self.frame_times.append(self.frame_times[-1] + 1 / (rate or 30) if self.frame_times else 0.0)
+                    if len(self.frame_times) == 1:
+                        quarter_turns = round((frame.rotation or 0) / 90) % 4
+                        self.height, self.width = ((frame.width, frame.height) if quarter_turns % 2
+                                                   else (frame.height, frame.width))
+        except av.error.FFmpegError as e:
+            raise ClipSkipped(f"cannot open video: {e.strerror or e}") from None
+        if not self.frame_times:
+            raise ClipSkipped(f"cannot decode any frame{': ' + self.error if self.error else ''}")
+        span = self.frame_times[-1] - self.frame_times[0]
+        self.fps = (len(self.frame_times) - 1) / span if span > 0 else (rate or 0.0)
+
+    def _decode(self, container, stream):
+        """Frames in display order, stopping quietly at the first decode error (a truncated or
+        damaged file keeps the frames before it)."""
+        try:
+            yield from container.decode(stream)
+        except av.error.FFmpegError as e:
+            self.error = f"decode error after {len(self.frame_times)} frames: {e.strerror or e}"
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        wanted = set(indices)
+        kept = {}
+        with av.open(str(self.path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for number, frame in enumerate(container.decode(stream)):
+                if number in wanted:
+                    image = frame.to_ndarray(format="rgb24")
+                    kept[number] = np.rot90(image, round((frame.rotation or 0) / 90) % 4)
+                    if len(kept) == len(wanted):
+                        break
+        if len(kept) != len(wanted):
+            raise ClipSkipped(f"decode error: got {len(kept)} of {len(wanted)} frames on the second pass")
+        return np.stack([kept[i] for i in indices])
+
+
+def open_video(path: Path) -> tuple[DecordVideo | PyAVVideo, str | None]:
+    """decord when it can be trusted with the file, else PyAV; and why decord was not used."""
+    try:
+        return DecordVideo(path), None
+    except _Fallback as e:
+        return PyAVVideo(path), f"decord {e}"
+
+
+# --- clips --------------------------------------------------------------------------------------
+
+
 @dataclass
 class Clip:
     pixels: torch.Tensor  # [C, F, H, W] float32 in [-1, 1]
@@ -102,30 +242,34 @@ class Clip:
     source_fps: float
     source_height: int
     source_width: int
+    decoder: str = "decord"
 
 
-def read_clip(path: Path, height: int, width: int, fps: float, max_frames: int, skip_start: int, skip_end: int,
-              mode: str, rng: np.random.Generator | None) -> Clip:
-    """Decode the frames of one training clip and bring them to the training size."""
-    import decord
+SizeRule = Callable[[int, int, int], tuple[int, int, int]]  # (usable frames, height, width) -> (F, H, W)
 
+
+def fixed_size(height: int, width: int, max_frames: int) -> SizeRule:
+    """One training size: max_frames, or the largest 4k+1 a shorter clip holds."""
+    return lambda available, _h, _w: (largest_4k_plus_1(min(max_frames, available)), height, width)
+
+
+def read_clip(path: Path, size: SizeRule, fps: float, skip_start: int, skip_end: int, mode: str,
+              rng: np.random.Generator | None) -> Clip:
+    """Decode the frames of one training clip and bring them to the size `size` picks for it."""
+    video, _ = open_video(path)
+    candidates = resample_indices(video.frame_times, fps, skip_start, skip_end)
     try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-    except Exception as e:  # decord raises bare DECORDError/RuntimeError
-        raise ClipSkipped(f"cannot open video: {str(e).splitlines()[0][:200]}") from None
-    num_frames = len(reader)
-    source_fps = float(reader.get_avg_fps())
-    if num_frames < 1 or not source_fps > 0:
-        raise ClipSkipped(f"the video reports {num_frames} frames at {source_fps} fps")
-    indices = select_frame_indices(num_frames, source_fps, fps, max_frames, skip_start, skip_end)
-    try:
-        frames = reader.get_batch(indices).asnumpy()
-    except Exception as e:
-        raise ClipSkipped(f"decode error: {str(e).splitlines()[0][:200]}") from None
-    if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
-        raise ClipSkipped(f"the decoder returned frames of shape {tuple(frames.shape)} for {len(indices)} frames")
-    source_height, source_width = frames.shape[1:3]
+        num_frames, height, width = size(len(candidates), video.height, video.width)
+        indices = candidates[:num_frames]
+        frames = video.frames(indices)
+    except _Fallback:  # decord failed mid-clip: start again with PyAV
+        video = PyAVVideo(path)
+        candidates = resample_indices(video.frame_times, fps, skip_start, skip_end)
+        num_frames, height, width = size(len(candidates), video.height, video.width)
+        indices = candidates[:num_frames]
+        frames = video.frames(indices)
     pixels = to_model_range(frames)
-    plan = plan_resize_crop(source_height, source_width, height, width, mode, rng)
+    plan = plan_resize_crop(video.height, video.width, height, width, mode, rng)
     pixels = resize_crop(pixels, plan, height, width).clamp(-1.0, 1.0)
-    return Clip(pixels.permute(1, 0, 2, 3).contiguous(), indices, source_fps, source_height, source_width)
+    return Clip(pixels.permute(1, 0, 2, 3).contiguous(), indices, float(video.fps), int(video.height),
+                int(video.width), video.name)
