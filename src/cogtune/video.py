@@ -42,7 +42,8 @@ def resample_indices(times: list[float], target_fps: float, skip_start: int = 0,
     A source faster than `target_fps` is resampled: frame k is the source frame nearest to time
     t0 + k / target_fps (ties go to the later frame). A source at or below `target_fps` keeps every
     frame: nothing is duplicated, so its motion plays faster when shown at `target_fps`. Timestamps
-    make this right for variable frame rates and for containers whose fps is wrong.
+    make this right for variable frame rates and for containers whose fps is wrong; "faster" is
+    judged by the mean rate, so a variable-rate source may repeat a frame in a slow stretch.
     """
     usable = len(times) - skip_start - skip_end
     if usable < 1:
@@ -51,7 +52,7 @@ def resample_indices(times: list[float], target_fps: float, skip_start: int = 0,
             f"drop {skip_start}+{skip_end}", kind="too short"
         )
     stamps = np.asarray(times[skip_start:skip_start + usable], dtype=np.float64)
-    if usable == 1 or np.median(np.diff(stamps)) * target_fps >= 1 - 1e-6:
+    if usable == 1 or (stamps[-1] - stamps[0]) * target_fps >= (usable - 1) * (1 - 1e-6):
         return list(range(skip_start, skip_start + usable))
     targets = stamps[0] + np.arange(math.floor((stamps[-1] - stamps[0]) * target_fps + 1e-6) + 1) / target_fps
     after = np.clip(np.searchsorted(stamps, targets - 1e-9), 1, usable - 1)

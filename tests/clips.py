@@ -1,0 +1,48 @@
+"""Test clips written here with PyAV: known pixels, any codec, frame times and rotation."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def pattern(count: int, height: int, width: int) -> np.ndarray:
+    """[F, H, W, 3] uint8: red/green gradients, a per-frame blue level and a magenta marker in the
+    top-left corner (in frame 0 the only pixels with much blue)."""
+    y, x = np.mgrid[0:height, 0:width]
+    frames = []
+    for i in range(count):
+        frame = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
+                          np.full_like(x, i * 10 % 256)], axis=-1).astype(np.uint8)
+        frame[: max(2, height // 4), : max(2, width // 4)] = (255, 0, 255)
+        frames.append(frame)
+    return np.stack(frames)
+
+
+def write_clip(path: Path, codec: str = "libx264", height: int = 64, width: int = 96, count: int = 48,
+               fps: int = 24, pix_fmt: str = "yuv420p", times: list[float] | None = None,
+               rotation: int | None = None, container_format: str | None = None,
+               options: dict | None = None) -> Path:
+    """A clip of `pattern` frames; `times` (seconds) gives each frame's timestamp, `rotation` a
+    display-matrix rotation in degrees."""
+    with av.open(str(path), "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if options:
+            stream.options = options
+        if times is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for i, frame in enumerate(pattern(count, height, width)):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if times is not None:
+                video_frame.pts, video_frame.time_base = round(times[i] * 1000), Fraction(1, 1000)
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
