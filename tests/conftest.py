@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,7 +58,9 @@ def write_config(path: Path, model: Path, data: Path, cache_root: Path, output_d
     settings.update(extra)
     lines = []
     for key, value in settings.items():
-        if isinstance(value, bool):
+        if isinstance(value, list):
+            lines.append(f"{key} = {json.dumps(value)}")
+        elif isinstance(value, bool):
             lines.append(f"{key} = {'true' if value else 'false'}")
         elif isinstance(value, (int, float)):
             lines.append(f"{key} = {value}")

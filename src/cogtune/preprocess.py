@@ -314,7 +314,7 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
     failed = 0
     pending: dict[tuple, list] = {}  # bucket -> decoded clips waiting for a full VAE batch
     progress = tqdm(loader, total=len(jobs), desc="encoding videos", unit="clip")
-    for sha, clip, failure in progress:
+    for read, (sha, clip, failure) in enumerate(progress, start=1):
         if clip is None:
             failed += 1
             tqdm.write(f"skipped {by_video[sha][0][0].video}: {failure[1]}")
@@ -324,7 +324,7 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
                     encode(batch)
                 writer.flush()  # everything encoded so far stays in the cache for the next run
                 raise CogtuneError(
-                    f"Stopped: {failed} of the {progress.n + 1} clips read so far could not be used, more than "
+                    f"Stopped: {failed} of the {read} clips read so far could not be used, more than "
                     f"--max_failures {config.max_failures} allows (last: {by_video[sha][0][0].video}: {failure[1]}). "
                     "The clips encoded so far are kept; fix or remove the bad files (their reasons are in the "
                     "cache index) and run again to continue."

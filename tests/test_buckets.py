@@ -1,0 +1,127 @@
+"""Buckets: assignment as a pure function, and a mixed dataset end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cogtune import data_schema as schema
+from cogtune.buckets import assign_bucket, configured_buckets
+from cogtune.config import make_config
+from cogtune.errors import CogtuneError
+from cogtune.train import epoch_batches
+from clips import write_clip
+from conftest import cogtune, write_config
+
+BUCKETS = [(9, 32, 48), (9, 48, 32), (9, 32, 32), (5, 32, 48), (5, 48, 32)]
+
+
+@pytest.mark.parametrize("frames, height, width, expected", [
+    (100, 1080, 1920, (9, 32, 48)),  # landscape 16:9 -> the 3:2 bucket
+    (100, 1920, 1080, (9, 48, 32)),  # portrait
+    (100, 500, 520, (9, 32, 32)),  # nearly square
+    (6, 720, 1280, (5, 32, 48)),  # too short for 9 frames: the longest it can fill
+    (6, 500, 500, (5, 32, 48)),  # no 5-frame square bucket: equally near 3:2 and 2:3, the first wins
+    (4, 720, 1280, None),  # fills no bucket
+])
+def test_clip_goes_to_nearest_aspect_then_area_then_longest(frames, height, width, expected):
+    assert assign_bucket(BUCKETS, frames, height, width) == expected
+
+
+def test_area_decides_between_buckets_of_one_aspect():
+    buckets = [(9, 32, 48), (9, 64, 96), (9, 128, 192)]
+    assert assign_bucket(buckets, 9, 60, 90) == (9, 64, 96)
+    assert assign_bucket(buckets, 9, 1080, 1620) == (9, 128, 192)
+
+
+def test_bucket_flags_make_a_grid_or_an_explicit_list():
+    values = dict(pretrained_model_name_or_path="m", height_buckets=[32, 48], width_buckets=[48],
+                  frame_buckets=[9, 5])
+    assert configured_buckets(make_config("preprocess", values)) == [(5, 32, 48), (5, 48, 48), (9, 32, 48),
+                                                                     (9, 48, 48)]
+    explicit = make_config("preprocess", dict(pretrained_model_name_or_path="m", buckets=["49x480x720", "49x720x480"]))
+    assert configured_buckets(explicit) == [(49, 480, 720), (49, 720, 480)]
+    assert configured_buckets(make_config("preprocess", dict(pretrained_model_name_or_path="m"))) is None
+    for bad, message in ((["48x480x720"], "4k\\+1"), (["49x480x700"], "multiples of 16"), (["49-480"], "FRAMESx")):
+        with pytest.raises(CogtuneError, match=message):
+            make_config("preprocess", dict(pretrained_model_name_or_path="m", buckets=bad))
+
+
+def test_batches_come_from_one_bucket_and_mix_buckets_across_the_epoch():
+    shapes = [BUCKETS[i % 3] for i in range(30)]
+    batches = epoch_batches(shapes, 4, seed=3, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(30))  # nothing dropped
+    assert all(len({shapes[i] for i in b}) == 1 for b in batches)
+    assert len({shapes[b[0]] for b in batches[:3]}) > 1  # buckets interleave, not one after another
+    assert epoch_batches(shapes, 4, seed=3, epoch=0) == batches
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory):
+    """Landscape, portrait, short and long clips in H.264, VP9 and AV1, one too short, one broken."""
+    root = tmp_path_factory.mktemp("mixed")
+    clips = {
+        "land-long-1.mp4": dict(height=64, width=96, count=48),
+        "land-long-2.webm": dict(codec="libvpx-vp9", height=72, width=128, count=40),
+        "land-long-3.mp4": dict(codec="libsvtav1", height=64, width=112, count=36,
+                                options={"svtav1-params": "log-level=0"}),
+        "land-long-4.mp4": dict(height=48, width=80, count=30),
+        "portrait-long-1.mp4": dict(height=96, width=64, count=40),
+        "portrait-long-2.webm": dict(codec="libvpx-vp9", height=128, width=72, count=30),
+        "portrait-phone.mp4": dict(height=64, width=96, count=30, rotation=90),
+        "portrait-long-3.mp4": dict(height=112, width=64, count=36),
+        "land-short.mp4": dict(height=64, width=96, count=6),
+        "portrait-short.mp4": dict(height=96, width=64, count=7),
+        "tiny.mp4": dict(height=64, width=96, count=3),
+    }
+    for name, settings in clips.items():
+        write_clip(root / name, **settings)
+    (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video")
+    names = sorted(list(clips) + ["broken.mp4"])
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"text": f"clip {n}", "file": n}) + "\n" for n in names))
+    return root
+
+
+def test_mixed_dataset_preprocesses_into_buckets_and_trains_with_batch_4(tmp_path, tiny_model, mixed_data):
+    config = write_config(tmp_path / "c.toml", tiny_model, mixed_data, tmp_path / "cache", tmp_path / "out",
+                          dataset_name=str(mixed_data / "metadata.jsonl"), caption_column="text", video_column="file",
+                          fps=24, buckets=["9x32x48", "9x48x32", "5x32x48", "5x48x32"], train_batch_size=4,
+                          max_train_steps=3, vae_batch_size=2, dataloader_num_workers=2)
+    out = cogtune("preprocess", "--config", config).stdout
+    assert "samples: 10 ok, 2 skipped" in out
+    assert "skipped, too short: 1" in out and "skipped, unreadable: 1" in out
+    assert "buckets: 5x32x48 (1), 5x48x32 (1), 9x32x48 (4), 9x48x32 (4)" in out
+    cache = schema.Cache.open(Path(out.split("cache: ")[1].splitlines()[0]))
+    by_name = {Path(r["source_path"]).name: r for r in cache.samples}
+    for name, row in by_name.items():
+        portrait = name.startswith("portrait")
+        assert (row["height"] > row["width"]) == portrait, name
+        assert row["num_frames"] == (5 if "short" in name else 9)
+        assert row["bucket"] == f"{row['num_frames']}x{row['height']}x{row['width']}"
+        assert row["latent_shape"] == [4, (row["num_frames"] - 1) // 4 + 1, row["height"] // 8, row["width"] // 8]
+    assert by_name["portrait-phone.mp4"]["source_height"] == 96  # the rotation was applied
+    assert by_name["land-long-3.mp4"]["decoder"] == "pyav"  # AV1
+    failed = {Path(r["source_path"]).name: r for r in cache.failed}
+    assert failed["tiny.mp4"]["failure_kind"] == "too short" and "shortest bucket has 5" in failed["tiny.mp4"]["reason"]
+    assert failed["broken.mp4"]["failure_kind"] == "unreadable"
+
+    cogtune("train", "--config", config)
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(r["loss"] > 0 for r in log)
+
+
+def test_max_failures_stops_early_and_keeps_what_was_encoded(tmp_path, tiny_model, mixed_data):
+    config = write_config(tmp_path / "c.toml", tiny_model, mixed_data, tmp_path / "cache", tmp_path / "out",
+                          dataset_name=str(mixed_data / "metadata.jsonl"), caption_column="text", video_column="file",
+                          fps=24, buckets=["9x32x48", "9x48x32", "5x32x48", "5x48x32"])
+    # broken.mp4 is read first and tiny.mp4 last: one failure is tolerated, the second stops the run
+    stopped = cogtune("preprocess", "--config", config, "--max_failures", "1", check=False)
+    assert stopped.returncode == 2 and "Stopped: 2 of the 12 clips" in stopped.stderr
+    assert "more than --max_failures 1 allows" in stopped.stderr and "tiny.mp4" in stopped.stderr
+    assert "The clips encoded so far are kept" in stopped.stderr
+    again = cogtune("preprocess", "--config", config).stdout
+    assert "encoded: 0 videos" in again and "reused from the cache: 10 videos" in again
+    assert "samples: 10 ok, 2 skipped" in again
+    # a fraction: 5% of 12 clips tolerates none, so the first unusable clip stops the run
+    fraction = cogtune("preprocess", "--config", config, "--max_failures", "0.05", "--fps", "12", check=False)
+    assert fraction.returncode == 2 and "Stopped: 1 of the 1 clips" in fraction.stderr
