@@ -99,3 +99,34 @@ def test_empty_caption_names_its_row(tmp_path):
     write_metadata(tmp_path / "metadata.jsonl", [("fine", "videos/a.mp4"), ("  ", "videos/b.mp4")])
     with pytest.raises(CogtuneError, match="row 2: the caption is empty"):
         load_records(str(tmp_path), str(tmp_path / "metadata.jsonl"), "text", "file", None)
+
+
+def test_folder_of_clip_and_caption_file_pairs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.mp4", "sub/b.webm"):
+        (tmp_path / name).write_bytes(b"video")
+    (tmp_path / "a.txt").write_text("  a caption with ünïcödé 🎬 \n")
+    (tmp_path / "sub" / "b.txt").write_text("line one\nline two\n")
+    records = load_records(str(tmp_path), None, "prompts.txt", "videos.txt", "TOK")
+    assert [(r.video.name, r.caption) for r in records] == [("a.mp4", "TOK a caption with ünïcödé 🎬"),
+                                                           ("b.webm", "TOK line one line two")]
+    (tmp_path / "a.txt").write_text("   \n")
+    with pytest.raises(CogtuneError, match="a.txt: the caption is empty"):
+        load_records(str(tmp_path), None, "prompts.txt", "videos.txt", None)
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(CogtuneError, match="has no caption file a.txt"):
+        load_records(str(tmp_path), None, "prompts.txt", "videos.txt", None)
+
+
+def test_hub_dataset_through_datasets(tmp_path):
+    """A dataset id that is not a local path goes to datasets.load_dataset; without the package the
+    error says how to get it."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(CogtuneError, match="pip install 'cogtune\\[hub\\]'"):
+            load_records(str(tmp_path), "someone/videos", "caption", "video", None)
+        return
+    (tmp_path / "clip.mp4").write_bytes(b"video")
+    with pytest.raises(CogtuneError, match="Cannot load the hub dataset someone/no-such-dataset"):
+        load_records(str(tmp_path), "someone/no-such-dataset", "caption", "video", None)

@@ -75,6 +75,7 @@ class PreprocessConfig(ModelArgs):
         "A metadata file (.csv, .json, .jsonl, .parquet) with a caption and a video column, or a folder "
         "holding metadata.{csv,jsonl,json,parquet}. Leave unset to use prompts.txt + videos.txt.",
     )
+    dataset_config_name: Optional[str] = opt(None, "Config name of a hub --dataset_name (datasets.load_dataset).")
     caption_column: str = opt("prompts.txt", "Caption column of the metadata file, or the prompts file (prompts.txt).")
     video_column: str = opt("videos.txt", "Video path column of the metadata file, or the video list file (videos.txt).")
     id_token: Optional[str] = opt(None, "Identifier token put before every caption, followed by a space.")

@@ -41,7 +41,9 @@ def cache_identity(config: PreprocessConfig, models: ModelConfigs) -> schema.Cac
         settings["seed"] = config.seed
     dataset = {
         "instance_data_root": str(Path(config.instance_data_root).resolve()) if config.instance_data_root else None,
-        "dataset_name": str(Path(config.dataset_name).resolve()) if config.dataset_name else None,
+        "dataset_name": (str(Path(config.dataset_name).resolve()) if config.dataset_name and
+                         Path(config.dataset_name).exists() else config.dataset_name),
+        "dataset_config_name": config.dataset_config_name,
         "caption_column": config.caption_column,
         "video_column": config.video_column,
         "id_token": config.id_token,
@@ -125,7 +127,7 @@ def _device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
 def run(config: PreprocessConfig) -> PreprocessResult:
     started = time.time()
     records = load_records(config.instance_data_root, config.dataset_name, config.caption_column,
-                           config.video_column, config.id_token)
+                           config.video_column, config.id_token, config.dataset_config_name, config.cache_dir)
     models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
                                config.cache_dir)
     spec = models.spec()  # refuses what is not a CogVideoX model before any encoding

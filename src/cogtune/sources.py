@@ -1,9 +1,12 @@
 """Dataset formats -> a list of (video path, caption) records.
 
-Two formats, as in the diffusers CogVideoX scripts:
+The two formats of the diffusers CogVideoX scripts, and two more:
 - `prompts.txt` + `videos.txt` under --instance_data_root (one line each, paths relative to it);
 - a metadata file (CSV, JSON, JSONL or Parquet) given by --dataset_name, with --caption_column and
-  --video_column; video paths relative to --instance_data_root (or to the file's folder).
+  --video_column; video paths relative to --instance_data_root (or to the file's folder);
+- a folder of `clip.mp4` + `clip.txt` pairs (--instance_data_root without prompts.txt/videos.txt);
+- a hub dataset id as --dataset_name, read with `datasets.load_dataset` (the `hub` extra), its
+  video paths relative to --instance_data_root.
 """
 
 from __future__ import annotations
@@ -38,8 +41,17 @@ def with_id_token(caption: str, id_token: str | None) -> str:
 
 
 def load_records(instance_data_root: str | None, dataset_name: str | None, caption_column: str,
-                 video_column: str, id_token: str | None) -> list[Record]:
-    if dataset_name:
+                 video_column: str, id_token: str | None, dataset_config_name: str | None = None,
+                 cache_dir: str | None = None) -> list[Record]:
+    if dataset_name and not Path(dataset_name).exists() and _looks_like_hub_id(dataset_name):
+        if not instance_data_root:
+            raise CogtuneError(
+                f"--dataset_name {dataset_name} is a hub dataset: give --instance_data_root, the folder its video "
+                "paths are relative to (for example the dataset repository downloaded with `hf download`)."
+            )
+        root = Path(instance_data_root)
+        pairs = _read_hub_dataset(dataset_name, dataset_config_name, caption_column, video_column, cache_dir)
+    elif dataset_name:
         table_path = _metadata_file(Path(dataset_name))
         root = Path(instance_data_root) if instance_data_root else table_path.parent
         pairs = _read_metadata(table_path, caption_column, video_column)
@@ -50,7 +62,11 @@ def load_records(instance_data_root: str | None, dataset_name: str | None, capti
                 "or --dataset_name (a metadata file)."
             )
         root = Path(instance_data_root)
-        pairs = _read_line_files(root, caption_column, video_column)
+        pairs = None
+        if root.is_dir() and not (root / caption_column).exists() and not (root / video_column).exists():
+            pairs = _caption_file_pairs(root) or None  # a folder of clip.mp4 + clip.txt
+        if pairs is None:
+            pairs = _read_line_files(root, caption_column, video_column)
     if not root.is_dir():
         raise CogtuneError(f"--instance_data_root {root} is not a folder.")
     records = []
@@ -76,6 +92,50 @@ def _resolve_video(root: Path, relative: str, where: str) -> Path:
     if not path.is_file():
         raise CogtuneError(f"{where}: video file {path} does not exist.")
     return path
+
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
+
+
+def _caption_file_pairs(root: Path) -> list[tuple[str, str, str]]:
+    """A folder of clip.mp4 + clip.txt pairs (in subfolders too): the caption is the text file's content."""
+    pairs = []
+    for video in sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
+        caption_path = video.with_suffix(".txt")
+        relative = str(video.relative_to(root))
+        if not caption_path.is_file():
+            raise CogtuneError(f"{video} has no caption file {caption_path.name} beside it; write one or remove the video.")
+        caption = " ".join(line.strip() for line in _lines(caption_path)).strip()
+        pairs.append((caption, relative, str(caption_path.relative_to(root))))
+    return pairs
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) <= 2 and all(parts) and not name.startswith((".", "~")) and Path(name).suffix.lower() not in \
+        METADATA_SUFFIXES
+
+
+def _read_hub_dataset(name: str, config_name: str | None, caption_column: str, video_column: str,
+                      cache_dir: str | None) -> list[tuple[str, str, str]]:
+    try:
+        import datasets
+    except ImportError:
+        raise CogtuneError(
+            f"--dataset_name {name} is not a local file or folder, and reading hub datasets needs the datasets "
+            "package: pip install 'cogtune[hub]' (or datasets)."
+        ) from None
+    try:
+        table = datasets.load_dataset(name, config_name, split="train", cache_dir=cache_dir)
+    except Exception as e:  # datasets raises many types: missing dataset, no network, bad config
+        raise CogtuneError(f"Cannot load the hub dataset {name}: {str(e).splitlines()[0]}") from None
+    for column, flag in ((caption_column, "--caption_column"), (video_column, "--video_column")):
+        if column not in table.column_names:
+            raise CogtuneError(
+                f"Hub dataset {name} has no column {column!r} ({flag}); its columns are: {', '.join(table.column_names)}."
+            )
+    return [(_unquote(c), _unquote(v), f"{name} row {i + 1}")
+            for i, (c, v) in enumerate(zip(table[caption_column], table[video_column]))]
 
 
 def _read_line_files(root: Path, caption_file: str, video_file: str) -> list[tuple[str, str, str]]:
@@ -117,10 +177,7 @@ def _metadata_file(path: Path) -> Path:
         if path.suffix.lower() not in METADATA_SUFFIXES:
             raise CogtuneError(f"--dataset_name {path}: use a .csv, .json, .jsonl or .parquet metadata file.")
         return path
-    raise CogtuneError(
-        f"--dataset_name {path} is not a local file or folder. Hub datasets are not supported yet: download the "
-        "metadata file and pass its path."
-    )
+    raise CogtuneError(f"--dataset_name {path} does not exist (give a metadata file, a folder or a hub dataset id).")
 
 
 def _read_metadata(path: Path, caption_column: str, video_column: str) -> list[tuple[str, str, str]]:
