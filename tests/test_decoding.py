@@ -43,7 +43,7 @@ def test_width_decord_misreads_falls_back_to_pyav(tmp_path):
 def test_ten_bit_source_decodes_to_the_right_pixels(tmp_path):
     path = write_clip(tmp_path / "tenbit.mkv", "libx265", pix_fmt="yuv420p10le", count=6,
                       options={"x265-params": "lossless=1:log-level=none"})
-    video, _ = open_video(path)
+    video = open_video(path)
     decoded = video.frames([0, 5]).astype(int)
     assert np.abs(decoded - pattern(6, 64, 96)[[0, 5]].astype(int)).mean() < 4  # chroma subsampling only
 

@@ -326,8 +326,8 @@ def load_config(stage: str, argv: list[str]) -> Any:
 def validate(config) -> None:
     if not config.pretrained_model_name_or_path:
         raise CogtuneError("--pretrained_model_name_or_path is required (a local pipeline folder or a hub id).")
-    positive = ["train_batch_size", "gradient_accumulation_steps", "rank", "vae_batch_size", "checkpointing_steps", "num_train_epochs",
-                "max_num_frames", "fps", "num_frames", "height", "width", "num_inference_steps"]
+    positive = ["train_batch_size", "gradient_accumulation_steps", "rank", "vae_batch_size", "checkpointing_steps",
+                "num_train_epochs", "max_num_frames", "fps", "num_frames", "height", "width", "num_inference_steps"]
     for name in positive:
         value = getattr(config, name, None)
         if value is not None and value <= 0:
@@ -356,19 +356,21 @@ def validate(config) -> None:
         raise CogtuneError(f"--max_grad_norm must be positive, got {config.max_grad_norm}.")
     if isinstance(config, TrainConfig) and not 0 <= config.noised_image_dropout <= 1:
         raise CogtuneError(f"--noised_image_dropout is a probability (0 to 1), got {config.noised_image_dropout}.")
-    if isinstance(config, PreprocessConfig) and config.max_failures is not None:
-        try:
-            valid = float(config.max_failures) >= 0
-        except ValueError:
-            valid = False
-        if not valid:
-            raise CogtuneError(f"--max_failures takes a count (10) or a fraction (0.05), got {config.max_failures!r}.")
     if isinstance(config, PreprocessConfig):
         from .buckets import configured_buckets
 
         configured_buckets(config)
-    if isinstance(config, PreprocessConfig) and config.image_noise_variants < 1:
-        raise CogtuneError(f"--image_noise_variants must be 1 or more, got {config.image_noise_variants}.")
+        if config.image_noise_variants < 1:
+            raise CogtuneError(f"--image_noise_variants must be 1 or more, got {config.image_noise_variants}.")
+        if config.max_failures is not None:
+            try:
+                valid = float(config.max_failures) >= 0
+            except ValueError:
+                valid = False
+            if not valid:
+                raise CogtuneError(
+                    f"--max_failures takes a count (10) or a fraction (0.05), got {config.max_failures!r}."
+                )
 
 
 def check_precision_available(mixed_precision: str) -> None:

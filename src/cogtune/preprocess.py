@@ -95,6 +95,7 @@ class ClipDataset(torch.utils.data.Dataset):
     def __init__(self, jobs: list[tuple[Path, str]], config: PreprocessConfig):
         self.jobs = jobs
         self.config = config
+        self._size = None  # built where it is used (a worker), as closures do not pickle
 
     def __len__(self):
         return len(self.jobs)
@@ -103,8 +104,10 @@ class ClipDataset(torch.utils.data.Dataset):
         path, sha = self.jobs[i]
         c = self.config
         rng = np.random.default_rng([c.seed, int(sha[:15], 16)])  # a clip's crop depends only on it and the seed
+        if self._size is None:
+            self._size = size_rule(c)
         try:
-            clip = read_clip(path, size_rule(c), c.fps, c.skip_frames_start, c.skip_frames_end,
+            clip = read_clip(path, self._size, c.fps, c.skip_frames_start, c.skip_frames_end,
                              c.video_reshape_mode, rng)
             return sha, clip, None
         except ClipSkipped as e:
@@ -315,6 +318,12 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
 
     failed = 0
     pending: dict[tuple, list] = {}  # bucket -> decoded clips waiting for a full VAE batch
+
+    def encode_pending() -> None:
+        for batch in pending.values():
+            encode(batch)
+        pending.clear()
+
     progress = tqdm(loader, total=len(jobs), desc="encoding videos", unit="clip")
     for read, (sha, clip, failure) in enumerate(progress, start=1):
         if clip is None:
@@ -322,8 +331,7 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
             tqdm.write(f"skipped {by_video[sha][0][0].video}: {failure[1]}")
             add_rows(by_video[sha], None, failure)
             if limit is not None and failed > limit:
-                for batch in pending.values():
-                    encode(batch)
+                encode_pending()
                 writer.flush()  # everything encoded so far stays in the cache for the next run
                 raise CogtuneError(
                     f"Stopped: {failed} of the {read} clips read so far could not be used, more than "
@@ -332,11 +340,10 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
                     "cache index) and run again to continue."
                 )
         else:
-            bucket = pending.setdefault(tuple(clip.pixels.shape[1:]), [])
-            bucket.append((sha, clip))
-            if len(bucket) >= config.vae_batch_size:
-                encode(pending.pop(tuple(clip.pixels.shape[1:])))
+            bucket = tuple(clip.pixels.shape[1:])
+            pending.setdefault(bucket, []).append((sha, clip))
+            if len(pending[bucket]) >= config.vae_batch_size:
+                encode(pending.pop(bucket))
         progress.set_postfix(failed=failed)
-    for batch in pending.values():
-        encode(batch)
+    encode_pending()
     return failed

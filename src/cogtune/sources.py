@@ -62,10 +62,10 @@ def load_records(instance_data_root: str | None, dataset_name: str | None, capti
                 "or --dataset_name (a metadata file)."
             )
         root = Path(instance_data_root)
-        pairs = None
+        pairs = []
         if root.is_dir() and not (root / caption_column).exists() and not (root / video_column).exists():
-            pairs = _caption_file_pairs(root) or None  # a folder of clip.mp4 + clip.txt
-        if pairs is None:
+            pairs = _caption_file_pairs(root)  # a folder of clip.mp4 + clip.txt
+        if not pairs:
             pairs = _read_line_files(root, caption_column, video_column)
     if not root.is_dir():
         raise CogtuneError(f"--instance_data_root {root} is not a folder.")
@@ -129,11 +129,7 @@ def _read_hub_dataset(name: str, config_name: str | None, caption_column: str, v
         table = datasets.load_dataset(name, config_name, split="train", cache_dir=cache_dir)
     except Exception as e:  # datasets raises many types: missing dataset, no network, bad config
         raise CogtuneError(f"Cannot load the hub dataset {name}: {str(e).splitlines()[0]}") from None
-    for column, flag in ((caption_column, "--caption_column"), (video_column, "--video_column")):
-        if column not in table.column_names:
-            raise CogtuneError(
-                f"Hub dataset {name} has no column {column!r} ({flag}); its columns are: {', '.join(table.column_names)}."
-            )
+    _require_columns(table.column_names, caption_column, video_column, f"Hub dataset {name}")
     return [(_unquote(c), _unquote(v), f"{name} row {i + 1}")
             for i, (c, v) in enumerate(zip(table[caption_column], table[video_column]))]
 
@@ -196,14 +192,16 @@ def _read_metadata(path: Path, caption_column: str, video_column: str) -> list[t
             table = pa.Table.from_pylist(data)
     except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
         raise CogtuneError(f"Cannot read metadata file {path}: {e}") from None
-    for column, flag in ((caption_column, "--caption_column"), (video_column, "--video_column")):
-        if column not in table.column_names:
-            raise CogtuneError(
-                f"{path} has no column {column!r} ({flag}); its columns are: {', '.join(table.column_names)}."
-            )
+    _require_columns(table.column_names, caption_column, video_column, str(path))
     captions = [_unquote(c) for c in table.column(caption_column).to_pylist()]
     videos = [_unquote(v) for v in table.column(video_column).to_pylist()]
     return [(c, v, f"{path.name} row {i + 1}") for i, (c, v) in enumerate(zip(captions, videos))]
+
+
+def _require_columns(columns: list[str], caption_column: str, video_column: str, source: str) -> None:
+    for column, flag in ((caption_column, "--caption_column"), (video_column, "--video_column")):
+        if column not in columns:
+            raise CogtuneError(f"{source} has no column {column!r} ({flag}); its columns are: {', '.join(columns)}.")
 
 
 def _unquote(value):

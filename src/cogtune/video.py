@@ -225,12 +225,12 @@ class PyAVVideo:
         return np.stack([kept[i] for i in indices])
 
 
-def open_video(path: Path) -> tuple[DecordVideo | PyAVVideo, str | None]:
-    """decord when it can be trusted with the file, else PyAV; and why decord was not used."""
+def open_video(path: Path) -> DecordVideo | PyAVVideo:
+    """decord when it can be trusted with the file, else PyAV."""
     try:
-        return DecordVideo(path), None
-    except _Fallback as e:
-        return PyAVVideo(path), f"decord {e}"
+        return DecordVideo(path)
+    except _Fallback:
+        return PyAVVideo(path)
 
 
 # --- clips --------------------------------------------------------------------------------------
@@ -257,18 +257,17 @@ def fixed_size(height: int, width: int, max_frames: int) -> SizeRule:
 def read_clip(path: Path, size: SizeRule, fps: float, skip_start: int, skip_end: int, mode: str,
               rng: np.random.Generator | None) -> Clip:
     """Decode the frames of one training clip and bring them to the size `size` picks for it."""
-    video, _ = open_video(path)
-    candidates = resample_indices(video.frame_times, fps, skip_start, skip_end)
-    try:
-        num_frames, height, width = size(len(candidates), video.height, video.width)
-        indices = candidates[:num_frames]
-        frames = video.frames(indices)
-    except _Fallback:  # decord failed mid-clip: start again with PyAV
-        video = PyAVVideo(path)
+
+    def decode(video):
         candidates = resample_indices(video.frame_times, fps, skip_start, skip_end)
         num_frames, height, width = size(len(candidates), video.height, video.width)
         indices = candidates[:num_frames]
-        frames = video.frames(indices)
+        return video, indices, video.frames(indices), height, width
+
+    try:
+        video, indices, frames, height, width = decode(open_video(path))
+    except _Fallback:  # decord failed mid-clip: start again with PyAV
+        video, indices, frames, height, width = decode(PyAVVideo(path))
     pixels = to_model_range(frames)
     plan = plan_resize_crop(video.height, video.width, height, width, mode, rng)
     pixels = resize_crop(pixels, plan, height, width).clamp(-1.0, 1.0)
