@@ -1,6 +1,8 @@
 """`cogtune <command>`: subcommands -> stage entry points.
 
 Mistakes a user can fix (CogtuneError) are printed as one line without a traceback, exit status 2.
+A run stopped by SIGTERM or SIGUSR1 after saving its work exits with status 75 (run it again to
+continue); `cogtune cache verify` exits with status 1 when the cache is damaged.
 """
 
 from __future__ import annotations
@@ -8,12 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import CogtuneError
+from .errors import EXIT_PREEMPTED, CogtuneError, Preempted
 
 COMMANDS = {
     "preprocess": "Decode, resize and encode a video dataset into a cache (VAE latents + T5 embeddings).",
     "train": "Train a LoRA on the transformer from a cache; the VAE and T5 are never loaded.",
     "infer": "Generate videos with the base pipeline plus a trained LoRA.",
+    "cache": "Inspect, verify or prune a cache: `cogtune cache inspect|verify|prune PATH`.",
     "make-tiny-model": "Write a tiny random-weight CogVideoX pipeline folder (for demos and tests).",
     "make-demo-data": "Write captioned synthetic demo clips in the prompts.txt + videos.txt format.",
 }
@@ -51,6 +54,12 @@ def _infer(argv):
         print(f"video: {path}")
 
 
+def _cache(argv):
+    from .cache import main
+
+    return main(argv)
+
+
 def _make_tiny_model(argv):
     from .tiny import FAMILIES, make_tiny_model
 
@@ -72,8 +81,8 @@ def _make_demo_data(argv):
     print(f"data: {make_demo_data(args.output_dir)}")
 
 
-HANDLERS = {"preprocess": _preprocess, "train": _train, "infer": _infer, "make-tiny-model": _make_tiny_model,
-            "make-demo-data": _make_demo_data}
+HANDLERS = {"preprocess": _preprocess, "train": _train, "infer": _infer, "cache": _cache,
+            "make-tiny-model": _make_tiny_model, "make-demo-data": _make_demo_data}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,14 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cogtune: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        HANDLERS[command](rest)
+        status = HANDLERS[command](rest)
+    except Preempted as e:
+        print(f"cogtune {command}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except CogtuneError as e:
         print(f"cogtune {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cogtune {command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -79,6 +79,9 @@ class PreprocessConfig(ModelArgs):
     caption_column: str = opt("prompts.txt", "Caption column of the metadata file, or the prompts file (prompts.txt).")
     video_column: str = opt("videos.txt", "Video path column of the metadata file, or the video list file (videos.txt).")
     id_token: Optional[str] = opt(None, "Identifier token put before every caption, followed by a space.")
+    allow_symlinks_outside_root: bool = opt(
+        False, "Accept videos that are symlinks to files outside --instance_data_root (paths that climb out of it "
+               "with .. are refused either way).")
     height: int = opt(480, "Height in pixels of the training clips (a multiple of 16).")
     width: int = opt(720, "Width in pixels of the training clips (a multiple of 16).")
     fps: int = opt(8, "Frame rate of the training clips: clips with more frames per second are resampled to it.")
@@ -143,8 +146,12 @@ class TrainConfig(ModelArgs):
     checkpointing_steps: int = opt(500, "Save a checkpoint-N folder every this many optimizer steps.")
     checkpoints_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints (oldest removed first).")
     resume_from_checkpoint: Optional[str] = opt(
-        None, "A checkpoint-N folder to resume from, or 'latest' for the newest one in --output_dir."
+        None, "A checkpoint-N folder to resume from, or 'latest' for the newest one in --output_dir (a new run "
+              "when there is none yet, so a requeued job can always pass it)."
     )
+    max_nan_steps: int = opt(
+        5, "A step whose loss or gradient is NaN or infinite is skipped with a warning; this many in a row stop "
+           "the run.")
     gradient_accumulation_steps: int = opt(1, "Batches accumulated per optimizer step.")
     gradient_checkpointing: bool = opt(False, "Recompute transformer activations in the backward pass (less memory).")
     learning_rate: float = opt(1e-4, "Initial learning rate (after warm-up).")
@@ -327,6 +334,7 @@ def validate(config) -> None:
     if not config.pretrained_model_name_or_path:
         raise CogtuneError("--pretrained_model_name_or_path is required (a local pipeline folder or a hub id).")
     positive = ["train_batch_size", "gradient_accumulation_steps", "rank", "vae_batch_size", "checkpointing_steps",
+                "max_nan_steps",
                 "num_train_epochs", "max_num_frames", "fps", "num_frames", "height", "width", "num_inference_steps"]
     for name in positive:
         value = getattr(config, name, None)

@@ -5,9 +5,11 @@ A cache is one folder, named after what it holds, under a cache root:
 
     <cache_root>/<model>_<dataset>_<H>x<W>_<F>f_<fps>fps_<crop>_<fingerprint>/
         manifest.json           format version, model identity, every setting that changes tensors
-        shards/<part>.safetensors   tensors; append-only, each written to a temp name, fsynced, renamed
+        shards/<part>.safetensors   tensors; append-only, each written to a temp name, fsynced, renamed;
+                                    the header holds the sha256 of every tensor (`cogtune cache verify`)
         index/<part>.parquet    one row per sample whose tensors live in the shard of the same name
         selection.parquet       the sample ids of the last finished preprocess run: what train reads
+        .lock                   held shared by writers, exclusively by `cogtune cache prune`
 
 Tensors are keyed by content, so nothing is encoded twice: a video's VAE moments by the hash of
 the video file (`latents/<video_key>/mean|logvar`), a caption's T5 embedding by the hash of the
@@ -15,7 +17,7 @@ caption text (`text/<caption_key>/prompt_embeds`). Image-to-video caches also ho
 `--image_noise_variants` encodings of its noised first frame (`images/<video_key>/<k>/mean|logvar`,
 in the shard of the video's latents, their sigmas in the index). Index parts are written after their shard, so a
 run killed at any moment loses at most the shard in progress and no reader ever sees half a file.
-Several writers (later: ranks) can add parts to one cache without locks.
+Several writers (ranks) can add parts to one cache at once: they share its lock.
 
 Two caches are the same when their fingerprints are: a hash of the format version, the model
 identity (id or path, revision, variant, component config hashes), the dataset source and every
@@ -24,6 +26,9 @@ setting that changes the tensors. Anything else gets its own folder, never a sil
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -42,8 +47,11 @@ from safetensors.torch import save_file
 
 from .errors import CogtuneError
 
-FORMAT_VERSION = 3  # 2: image-to-video latents, image_noise_sigmas; 3: bucket, failure_kind, decoder
+# 2: image-to-video latents, image_noise_sigmas; 3: bucket, failure_kind, decoder; 4: tensor checksums
+FORMAT_VERSION = 4
 MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".lock"
+CHECKSUMS_METADATA = "cogtune.sha256"  # shard header entry: JSON {tensor key: sha256 of its bytes}
 SELECTION_FILE = "selection.parquet"
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
@@ -100,6 +108,11 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_tensor(tensor: torch.Tensor) -> str:
+    """Hash of a tensor's bytes as stored (any dtype, bf16 included)."""
+    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def config_hash(config: dict) -> str:
@@ -169,10 +182,17 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+TEMP_SUFFIX = ".tmp"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota exceeded, file size limit
+
+
 def atomic_write(path: Path, write: callable) -> None:
-    """Call write(temp_path), fsync, then rename over path, so readers see all or nothing."""
+    """Call write(temp_path), fsync, then rename over path, so readers see all or nothing.
+
+    A full disk (or quota) leaves no temp file behind and becomes a CogtuneError that says how to
+    continue: everything written before stays valid."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
         write(temp)
@@ -180,9 +200,45 @@ def atomic_write(path: Path, write: callable) -> None:
             os.fsync(f.fileno())
         os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as e:
         Path(temp).unlink(missing_ok=True)
+        if _is_no_space(e):
+            raise CogtuneError(
+                f"No space left writing {path} ({_strerror(e)}). Everything written before it is intact: free some "
+                "space (or choose another folder) and run the same command again to continue where it stopped."
+            ) from None
         raise
+
+
+def _is_no_space(error: BaseException) -> bool:
+    """An OSError for a full disk, also when a library wrapped it in its own error type."""
+    if isinstance(error, OSError) and error.errno in NO_SPACE:
+        return True
+    text = str(error).lower()
+    return any(words in text for words in ("no space left", "disk quota", "file too large"))
+
+
+def _strerror(error: BaseException) -> str:
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: Path, exclusive: bool = False):
+    """Writers share a cache's lock; `cogtune cache prune` takes it alone, so it never deletes what a
+    running preprocess is writing. Raises CogtuneError when the lock cannot be had at once."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CogtuneError(
+                f"{cache_dir} is in use: " + ("a preprocess run is writing to it; wait until it has finished."
+                                              if exclusive else "`cogtune cache prune` is running on it; wait for it.")
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def ensure_writable_dir(folder: Path, flag: str) -> None:
@@ -307,42 +363,76 @@ class CacheWriter:
         name = self._part_name
         if self._tensors:
             tensors = self._tensors
-            atomic_write(
-                self.cache_dir / SHARDS_DIR / f"{name}.safetensors",
-                lambda temp: save_file(tensors, temp, metadata={"format_version": str(FORMAT_VERSION)}),
-            )
+            metadata = {"format_version": str(FORMAT_VERSION),
+                        CHECKSUMS_METADATA: json.dumps({key: sha256_tensor(t) for key, t in tensors.items()})}
+            atomic_write(self.cache_dir / SHARDS_DIR / f"{name}.safetensors",
+                         lambda temp: save_file(tensors, temp, metadata=metadata))
             self.shards_written += 1
-        table = pa.Table.from_pylist(self._rows, schema=INDEX_SCHEMA)
-        _write_parquet(self.cache_dir / INDEX_DIR / f"{name}.parquet", table)
+        if self._rows:
+            write_index_part(self.cache_dir, name, self._rows)
         self._tensors, self._rows, self._pending_bytes = {}, [], 0
         self._part_name = self._new_part_name()
 
     def write_selection(self, sample_ids: Iterable[str]) -> None:
         """Record the samples of a finished run; training reads exactly these."""
         self.flush()
-        ids = list(dict.fromkeys(sample_ids))
-        _write_parquet(self.cache_dir / SELECTION_FILE, pa.Table.from_pydict({"sample_id": ids}, SELECTION_SCHEMA))
+        write_selection(self.cache_dir, sample_ids)
+
+
+def write_index_part(cache_dir: Path, name: str, rows: list[dict]) -> Path:
+    path = Path(cache_dir) / INDEX_DIR / f"{name}.parquet"
+    _write_parquet(path, pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
+    return path
+
+
+def write_selection(cache_dir: Path, sample_ids: Iterable[str]) -> None:
+    ids = list(dict.fromkeys(sample_ids))
+    _write_parquet(Path(cache_dir) / SELECTION_FILE, pa.Table.from_pydict({"sample_id": ids}, SELECTION_SCHEMA))
 
 
 # --- reading ------------------------------------------------------------------------------------
 
 
+def index_parts(cache_dir: Path) -> list[Path]:
+    """The index parts, first written first."""
+    return sorted((Path(cache_dir) / INDEX_DIR).glob("*.parquet"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def read_index_part(part: Path) -> list[dict]:
+    try:
+        table = pq.read_table(part)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CogtuneError(f"Cache index part {part} is damaged ({e}); delete it and rerun preprocess.") from None
+    if table.schema.names != INDEX_SCHEMA.names:
+        raise CogtuneError(f"Cache index part {part} has unexpected columns; rebuild the cache.")
+    return table.to_pylist()
+
+
 def read_index(cache_dir: Path) -> list[dict]:
-    """Every index row of a cache, first written first; a sample written twice keeps its first row."""
-    parts = sorted((Path(cache_dir) / INDEX_DIR).glob("*.parquet"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-    rows, seen = [], set()
-    for part in parts:
-        try:
-            table = pq.read_table(part)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise CogtuneError(f"Cache index part {part} is damaged ({e}); delete it and rerun preprocess.") from None
-        if table.schema.names != INDEX_SCHEMA.names:
-            raise CogtuneError(f"Cache index part {part} has unexpected columns; rebuild the cache.")
-        for row in table.to_pylist():
-            if row["sample_id"] not in seen:
-                seen.add(row["sample_id"])
-                rows.append(row)
-    return rows
+    """One row per sample, in the order samples first appeared. A sample written more than once
+    (a retried failure, two writers) keeps its first usable row, else its first row."""
+    rows: dict[str, dict] = {}
+    for part in index_parts(cache_dir):
+        for row in read_index_part(part):
+            known = rows.get(row["sample_id"])
+            if known is None or (known["status"] != STATUS_OK and row["status"] == STATUS_OK):
+                rows[row["sample_id"]] = row
+    return list(rows.values())
+
+
+def read_selection(cache_dir: Path) -> list[str] | None:
+    """The sample ids of the last finished preprocess run, or None if no run has finished."""
+    path = Path(cache_dir) / SELECTION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return pq.read_table(path).column("sample_id").to_pylist()
+    except (pa.ArrowInvalid, OSError, KeyError) as e:
+        raise CogtuneError(f"{path} is damaged ({e}); run `cogtune preprocess` again to rewrite it.") from None
+
+
+def shard_path(cache_dir: Path, name: str) -> Path:
+    return Path(cache_dir) / SHARDS_DIR / f"{name}.safetensors"
 
 
 @dataclass
@@ -359,13 +449,13 @@ class Cache:
     def open(cls, path: str | Path) -> "Cache":
         path = Path(path)
         manifest = read_manifest(path)
-        selection_path = path / SELECTION_FILE
-        if not selection_path.is_file():
+        selection = read_selection(path)
+        if selection is None:
             raise CogtuneError(
                 f"{path} has no {SELECTION_FILE}: its preprocess run did not finish. Run `cogtune preprocess` "
                 "again with the same settings; it resumes where it stopped."
             )
-        selected = set(pq.read_table(selection_path).column("sample_id").to_pylist())
+        selected = set(selection)
         rows = [row for row in read_index(path) if row["sample_id"] in selected]
         missing = selected - {row["sample_id"] for row in rows}
         if missing:
@@ -380,11 +470,12 @@ class Cache:
     def _shard(self, name: str):
         handle = self._handles.get(name)
         if handle is None:
-            shard_path = self.path / SHARDS_DIR / f"{name}.safetensors"
+            path = shard_path(self.path, name)
             try:
-                handle = safe_open(str(shard_path), framework="pt")
-            except (OSError, Exception) as e:  # safetensors raises its own error types
-                raise CogtuneError(f"Cache shard {shard_path} cannot be read ({e}); rerun preprocess.") from None
+                handle = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CogtuneError(f"Cache shard {path} cannot be read ({e}); run `cogtune cache verify "
+                                   f"{self.path}`.") from None
             self._handles[name] = handle
         return handle
 
@@ -419,12 +510,13 @@ class Cache:
 def stored_tensor_shards(cache_dir: str | Path) -> dict[str, str]:
     """Tensor key -> shard name for every complete shard (reads only the shard headers)."""
     found = {}
-    for shard_path in sorted((Path(cache_dir) / SHARDS_DIR).glob("*.safetensors")):
+    for path in sorted((Path(cache_dir) / SHARDS_DIR).glob("*.safetensors")):
         try:
-            with safe_open(str(shard_path), framework="pt") as shard:
-                found.update(dict.fromkeys(shard.keys(), shard_path.stem))
+            with safe_open(str(path), framework="pt") as shard:
+                found.update(dict.fromkeys(shard.keys(), path.stem))
         except Exception as e:  # safetensors raises its own error types
-            raise CogtuneError(f"Cache shard {shard_path} is damaged ({e}); delete it and rerun preprocess.") from None
+            raise CogtuneError(f"Cache shard {path} is damaged ({e}); run `cogtune cache prune --damaged "
+                               f"{cache_dir}`, then preprocess again.") from None
     return found
 
 

@@ -7,3 +7,10 @@ class CogtuneError(Exception):
     The message says what was wrong and what to do; the CLI prints it without a traceback and
     exits with status 2.
     """
+
+
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request with its work saved; run again to continue
+
+
+class Preempted(CogtuneError):
+    """SIGTERM or SIGUSR1 stopped a run after it saved its work; the CLI exits with EXIT_PREEMPTED."""

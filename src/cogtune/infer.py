@@ -96,6 +96,9 @@ def lora_location(config: InferConfig) -> tuple[str, str | None]:
     lora = config.lora or config.output_dir
     path = Path(lora)
     if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CogtuneError(f"--lora {path} is not a .safetensors file. cogtune reads LoRAs only as safetensors, "
+                               "since pickled files (.bin, .pt) can run code when opened.")
         return str(path.parent), path.name
     if path.is_dir():
         if not (path / LORA_WEIGHT_NAME).is_file():
@@ -139,7 +142,7 @@ def run(config: InferConfig) -> list[Path]:
         drop_learned_positional_embeddings(pipe.transformer)
     kwargs = {"weight_name": weight_name} if weight_name else {}
     try:
-        pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, **kwargs)
+        pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, use_safetensors=True, **kwargs)  # never pickle
     except (OSError, ValueError) as e:
         raise CogtuneError(f"Cannot load the LoRA {config.lora or config.output_dir}: {str(e).splitlines()[0]}") from None
     # The LoRA file carries its alpha, so scale 1.0 is the trained strength.

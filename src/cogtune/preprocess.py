@@ -1,8 +1,10 @@
 """Stage 1: dataset records -> decoded clips -> VAE moments and T5 embeddings -> the cache.
 
 Only what the cache does not hold yet is encoded: a video whose content hash has latents, or a
-caption whose text has an embedding, is reused. The VAE and T5 are loaded only when there is
-something for them to do, one after the other.
+caption whose text has an embedding, is reused, and a clip that failed before is not tried again
+(`cogtune cache prune` forgets failures). The VAE and T5 are loaded only when there is something
+for them to do, one after the other. SIGTERM or SIGUSR1 make the run save what it has encoded and
+stop (exit status 75); running it again continues.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from tqdm.auto import tqdm
 
 from . import data_schema as schema
 from .config import PreprocessConfig, precision_dtype
-from .errors import CogtuneError
-from .families import ModelConfigs
-from .sources import load_records
 from .buckets import bucket_name, configured_buckets, size_rule
-from .video import Clip, ClipSkipped, read_clip
+from .errors import CogtuneError, Preempted
+from .families import ModelConfigs
+from .signals import StopRequests, ignore_stop_signals
+from .sources import load_records
+from .video import Clip, ClipSkipped, not_a_video, read_clip
 
 TENSOR_SETTINGS = ("height", "width", "fps", "max_num_frames", "skip_frames_start", "skip_frames_end",
                    "video_reshape_mode", "latent_dtype", "mixed_precision", "enable_tiling")
@@ -62,6 +65,7 @@ class PreprocessResult:
     encoded_captions: int
     reused_videos: int
     reused_captions: int
+    known_failures: int  # failed in an earlier run, not tried again
     seconds: float
 
     def summary(self) -> str:
@@ -73,6 +77,9 @@ class PreprocessResult:
             f"encoded: {self.encoded_videos} videos, {self.encoded_captions} captions; "
             f"reused from the cache: {self.reused_videos} videos, {self.reused_captions} captions "
             f"({self.seconds:.1f} s)"
+            + (f"\n{self.known_failures} clips failed in an earlier run and were not tried again; "
+               "`cogtune cache prune` forgets failures so that the next run retries them" if self.known_failures
+               else "")
         )
 
 
@@ -128,9 +135,15 @@ def _device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
 
 
 def run(config: PreprocessConfig) -> PreprocessResult:
+    with StopRequests() as stop:
+        return _run(config, stop)
+
+
+def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     started = time.time()
     records = load_records(config.instance_data_root, config.dataset_name, config.caption_column,
-                           config.video_column, config.id_token, config.dataset_config_name, config.cache_dir)
+                           config.video_column, config.id_token, config.dataset_config_name, config.cache_dir,
+                           config.allow_symlinks_outside_root)
     models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
                                config.cache_dir)
     spec = models.spec()  # refuses what is not a CogVideoX model before any encoding
@@ -139,11 +152,26 @@ def run(config: PreprocessConfig) -> PreprocessResult:
     identity = cache_identity(config, models)
     schema.ensure_writable_dir(Path(config.cache_root), "--cache_root")
     cache_dir = Path(config.cache_root) / identity.name
-    writer = schema.CacheWriter(cache_dir, identity, config.shard_size_mb)
+    with schema.cache_lock(cache_dir):  # shared with other writers; keeps `cogtune cache prune` out
+        counts = _encode_missing(records, config, models, identity, cache_dir, stop)
 
+    cache = schema.Cache.open(cache_dir)
+    return PreprocessResult(
+        cache_dir=cache_dir.resolve(), samples=len(cache.samples), failed=len(cache.failed),
+        skipped_by_kind=dict(Counter(row["failure_kind"] or "unreadable" for row in cache.failed).most_common()),
+        buckets=dict(sorted(Counter(row["bucket"] for row in cache.samples).items())),
+        seconds=time.time() - started, **counts,
+    )
+
+
+def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, identity: schema.CacheIdentity,
+                    cache_dir: Path, stop: StopRequests) -> dict:
+    """Encode what the cache lacks for these records, then record them as the selection; returns
+    what was encoded and reused."""
+    writer = schema.CacheWriter(cache_dir, identity, config.shard_size_mb)
     index_rows = schema.read_index(cache_dir)
-    ok_rows = {r["sample_id"]: r for r in index_rows if r["status"] == schema.STATUS_OK}
-    latent_rows = {r["latent_key"]: r for r in ok_rows.values()}  # video_key -> a row holding its latents
+    done = {r["sample_id"]: r for r in index_rows}  # encoded, or failed in an earlier run
+    latent_rows = {r["latent_key"]: r for r in index_rows if r["status"] == schema.STATUS_OK}
     stored_tensors = schema.stored_tensor_shards(cache_dir)
 
     # Plan: fingerprint every source, then see what is missing.
@@ -152,14 +180,19 @@ def run(config: PreprocessConfig) -> PreprocessResult:
     for record in tqdm(records, desc="fingerprinting", unit="file", leave=False):
         size, mtime_ns, sha = sources.fingerprint(record.video)
         planned.append((record, size, mtime_ns, sha, schema.sample_id(sha, record.caption)))
-    missing = [p for p in planned if p[4] not in ok_rows]
+    missing = [p for p in planned if p[4] not in done]
     captions_needed = sorted({p[0].caption for p in missing
                               if schema.text_tensor_key(schema.caption_key(p[0].caption)) not in stored_tensors})
     videos_needed = list({p[3]: p[0].video for p in missing if schema.video_key(p[3]) not in latent_rows}.items())
+    for record, *_ in missing:  # a stray text or image file is a mistake in the dataset: say so before any work
+        reason = not_a_video(record.video)
+        if reason:
+            raise CogtuneError(f"{record.where}: {record.video} is not a video ({reason}). Fix the dataset row or "
+                               "remove it; nothing has been encoded yet.")
 
     text_shards = dict(stored_tensors)
     if captions_needed:
-        text_shards.update(_encode_captions(captions_needed, config, models, writer))
+        text_shards.update(_encode_captions(captions_needed, config, models, writer, stop))
 
     by_video: dict[str, list] = {}
     for p in missing:
@@ -192,24 +225,27 @@ def run(config: PreprocessConfig) -> PreprocessResult:
     failed = 0
     if videos_needed:
         image_variants = identity.settings["image_noise_variants"]
-        failed = _encode_videos(videos_needed, config, by_video, writer, add_rows, image_variants)
+        failed = _encode_videos(videos_needed, config, by_video, writer, add_rows, image_variants, stop)
     writer.write_selection(p[4] for p in planned)
-
-    cache = schema.Cache.open(cache_dir)
-    return PreprocessResult(
-        cache_dir=cache_dir.resolve(), samples=len(cache.samples), failed=len(cache.failed),
-        skipped_by_kind=dict(Counter(row["failure_kind"] or "unreadable" for row in cache.failed).most_common()),
-        buckets=dict(sorted(Counter(row["bucket"] for row in cache.samples).items())),
+    return dict(
         encoded_videos=len(videos_needed) - failed, encoded_captions=len(captions_needed),
-        reused_videos=len({p[3] for p in planned}) - len(videos_needed),
+        reused_videos=len({p[3] for p in planned if schema.video_key(p[3]) in latent_rows}),
         reused_captions=len({p[0].caption for p in planned}) - len(captions_needed),
-        seconds=time.time() - started,
+        known_failures=sum(p[4] in done and done[p[4]]["status"] != schema.STATUS_OK for p in planned),
     )
+
+
+def _stop_if_requested(stop: StopRequests, writer: schema.CacheWriter) -> None:
+    """At a safe point: on SIGTERM/SIGUSR1, save what is encoded and end the run."""
+    if stop.signal:
+        writer.flush()
+        raise Preempted(f"stopped by {stop.signal}; everything encoded so far is saved in {writer.cache_dir}. "
+                        "Run the same command again to continue.")
 
 
 @torch.no_grad()
 def _encode_captions(captions: list[str], config: PreprocessConfig, models: ModelConfigs,
-                     writer: schema.CacheWriter, batch_size: int = 8) -> dict[str, str]:
+                     writer: schema.CacheWriter, stop: StopRequests, batch_size: int = 8) -> dict[str, str]:
     """T5-encode captions padded to the model's text length; returns tensor key -> shard."""
     from transformers import AutoTokenizer, T5EncoderModel
 
@@ -234,6 +270,7 @@ def _encode_captions(captions: list[str], config: PreprocessConfig, models: Mode
             shards[key] = writer.add_tensor(key, embed.to(store_dtype))
             if writer.should_flush():
                 writer.flush()
+        _stop_if_requested(stop, writer)
     if truncated:
         tqdm.write(f"warning: {truncated} caption(s) are longer than {max_length} tokens and were truncated.")
     del text_encoder
@@ -266,7 +303,7 @@ def failure_limit(max_failures: str | None, clips: int) -> int | None:
 
 @torch.no_grad()
 def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_video: dict,
-                   writer: schema.CacheWriter, add_rows, image_variants: int) -> int:
+                   writer: schema.CacheWriter, add_rows, image_variants: int, stop: StopRequests) -> int:
     """Decode clips in DataLoader workers and VAE-encode them in batches of --vae_batch_size clips
     of one bucket (and, for image-to-video models, their noised first frames); returns how many
     could not be used."""
@@ -285,7 +322,8 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
     jobs = [(path, sha) for sha, path in videos]
     limit = failure_limit(config.max_failures, len(jobs))
     loader = torch.utils.data.DataLoader(ClipDataset(jobs, config), batch_size=1, collate_fn=_first,
-                                         num_workers=config.dataloader_num_workers)
+                                         num_workers=config.dataloader_num_workers,
+                                         worker_init_fn=ignore_stop_signals)
 
     def encode(pending: list[tuple[str, Clip]]) -> None:
         pixels = torch.stack([clip.pixels for _, clip in pending]).to(device, dtype)
@@ -345,5 +383,6 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
             if len(pending[bucket]) >= config.vae_batch_size:
                 encode(pending.pop(bucket))
         progress.set_postfix(failed=failed)
+        _stop_if_requested(stop, writer)  # decoded clips still waiting for a VAE batch are decoded again next run
     encode_pending()
     return failed

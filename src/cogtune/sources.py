@@ -12,6 +12,7 @@ The two formats of the diffusers CogVideoX scripts, and two more:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def with_id_token(caption: str, id_token: str | None) -> str:
 
 def load_records(instance_data_root: str | None, dataset_name: str | None, caption_column: str,
                  video_column: str, id_token: str | None, dataset_config_name: str | None = None,
-                 cache_dir: str | None = None) -> list[Record]:
+                 cache_dir: str | None = None, allow_symlinks_outside_root: bool = False) -> list[Record]:
     if dataset_name and not Path(dataset_name).exists() and _looks_like_hub_id(dataset_name):
         if not instance_data_root:
             raise CogtuneError(
@@ -75,22 +76,31 @@ def load_records(instance_data_root: str | None, dataset_name: str | None, capti
             raise CogtuneError(f"{where}: the caption is empty. Write a caption or remove the row.")
         if video is None or not str(video).strip():
             raise CogtuneError(f"{where}: the video path is empty.")
-        records.append(Record(_resolve_video(root, str(video).strip(), where), with_id_token(str(caption), id_token), where))
+        path = _resolve_video(root, str(video).strip(), where, allow_symlinks_outside_root)
+        records.append(Record(path, with_id_token(str(caption), id_token), where))
     if not records:
         raise CogtuneError("The dataset has no rows.")
     return records
 
 
-def _resolve_video(root: Path, relative: str, where: str) -> Path:
+def _resolve_video(root: Path, relative: str, where: str, allow_symlinks_outside_root: bool) -> Path:
+    """The video's path: inside the data root as written (no ..), and, unless allowed, once
+    symlinks are followed too."""
     root = root.resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
+    written = Path(os.path.normpath(root / relative))  # absolute paths stay themselves
+    if not written.is_relative_to(root):
         raise CogtuneError(
             f"{where}: video path {relative!r} points outside the data root {root}. "
             "Paths must stay inside --instance_data_root."
         )
+    path = written.resolve()
+    if not path.is_relative_to(root) and not allow_symlinks_outside_root:
+        raise CogtuneError(
+            f"{where}: video path {relative!r} is a symlink to {path}, outside the data root {root}. "
+            "Pass --allow_symlinks_outside_root if that is intended."
+        )
     if not path.is_file():
-        raise CogtuneError(f"{where}: video file {path} does not exist.")
+        raise CogtuneError(f"{where}: video file {written} does not exist.")
     return path
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -23,16 +22,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import checkpoint as checkpoints
 from . import data_schema as schema
+from .cache import verify as verify_cache
 from .config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
-from .errors import CogtuneError
+from .errors import CogtuneError, Preempted
 from .families import FamilySpec, ModelConfigs, drop_learned_positional_embeddings
+from .signals import StopRequests, ignore_stop_signals
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_INFO_NAME = "cogtune_lora.json"
 TRAIN_LOG_NAME = "train_log.jsonl"
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_NAME = "cogtune_state.json"
 
 
 # --- pure parts ---------------------------------------------------------------------------------
@@ -128,21 +128,6 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> to
     return abar.sqrt().float() * x0 + (1 - abar).sqrt().float() * noise
 
 
-def checkpoints_in(output_dir: Path) -> list[Path]:
-    """Complete checkpoint-N folders, oldest first; anything else with that prefix is not ours."""
-    found = []
-    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
-        if match and path.is_dir() and (path / STATE_NAME).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = checkpoints_in(output_dir)
-    return checkpoints[-1] if checkpoints else None
-
-
 # --- the cache as a dataset ---------------------------------------------------------------------
 
 
@@ -202,7 +187,10 @@ def load_lora_into(transformer, directory: Path) -> None:
     from diffusers import CogVideoXPipeline
     from peft.utils import set_peft_model_state_dict
 
-    state = CogVideoXPipeline.lora_state_dict(str(directory))
+    try:  # safetensors only: a pickled LoRA is never opened
+        state = CogVideoXPipeline.lora_state_dict(str(directory), weight_name=LORA_WEIGHT_NAME, use_safetensors=True)
+    except Exception as e:  # diffusers and safetensors raise several error types
+        raise CogtuneError(f"Cannot read {Path(directory) / LORA_WEIGHT_NAME} ({str(e).splitlines()[0]}).") from None
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     result = set_peft_model_state_dict(transformer, state, adapter_name="default")
     if getattr(result, "unexpected_keys", None):
@@ -245,7 +233,21 @@ class TrainResult:
 # --- the recipe ---------------------------------------------------------------------------------
 
 
+def stop_requested(accelerator, stop: StopRequests) -> bool:
+    """Whether any process was asked to stop (a signal may reach only some of them)."""
+    wanted = torch.tensor([1.0 if stop.signal else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        wanted = accelerator.reduce(wanted, reduction="sum")
+    return bool(wanted.item())
+
+
 def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) -> TrainResult:
+    """Train a LoRA. SIGTERM or SIGUSR1 make it save a checkpoint at the next step and raise Preempted."""
+    with StopRequests() as stop:
+        return _run(config, preprocess_config, stop)
+
+
+def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: StopRequests) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
@@ -283,6 +285,9 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
         )
     if not cache.samples:
         raise CogtuneError(f"The cache {cache_path} holds no usable samples ({len(cache.failed)} were skipped).")
+    report = verify_cache(cache_path, checksums=False, selected_only=True)  # shard headers only: quick
+    if not report.ok:
+        raise CogtuneError(f"The cache {cache_path} is damaged:\n" + report.text(checksums=False))
     for size in sorted({(row["num_frames"], row["height"], row["width"]) for row in cache.samples}):
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
     spec.check_precision(config.mixed_precision, accelerator.print)
@@ -329,49 +334,34 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
     )
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
 
-    # Checkpoints hold the LoRA weights only (not the frozen transformer).
-    def save_hook(models_to_save, weights, directory):
-        for model in models_to_save:
-            save_lora(accelerator.unwrap_model(model), Path(directory))
-            weights.pop()
-
-    def load_hook(models_to_load, directory):
-        while models_to_load:
-            load_lora_into(accelerator.unwrap_model(models_to_load.pop()), Path(directory))
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-    # Resume.
+    # Resume: the LoRA, optimizer, schedule, scaler and RNG states; the data position follows from the step.
+    lora_of = lambda: accelerator.unwrap_model(transformer)  # noqa: E731
+    order = {"seed": config.seed, "train_batch_size": config.train_batch_size, "num_processes":
+             accelerator.num_processes, "gradient_accumulation_steps": config.gradient_accumulation_steps,
+             "cache": str(cache_path)}
     global_step = 0
-    if config.resume_from_checkpoint:
-        if config.resume_from_checkpoint == "latest":
-            checkpoint = latest_checkpoint(output_dir)
-            if checkpoint is None:
-                accelerator.print(f"No checkpoint in {output_dir} yet; starting a new run.")
-        else:
-            checkpoint = Path(config.resume_from_checkpoint)
-            if not (checkpoint / STATE_NAME).is_file():
-                raise CogtuneError(f"--resume_from_checkpoint {checkpoint} is not a complete cogtune checkpoint.")
-        if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
-            global_step = json.loads((checkpoint / STATE_NAME).read_text())["global_step"]
-            accelerator.print(f"Resumed from {checkpoint} at step {global_step}.")
+    checkpoint = None
+    if config.resume_from_checkpoint == "latest":
+        checkpoint = checkpoints.latest_checkpoint(output_dir)
+        if checkpoint is None:
+            accelerator.print(f"No checkpoint in {output_dir} yet; starting a new run.")
+    elif config.resume_from_checkpoint:
+        checkpoint = Path(config.resume_from_checkpoint)
+    if checkpoint is not None:
+        info = checkpoints.load(accelerator, checkpoint, lambda d: load_lora_into(lora_of(), d), optimizer,
+                                lr_scheduler)
+        global_step = info["global_step"]
+        changed = [f"{k} ({info.get('data_order', {}).get(k)} -> {v})" for k, v in order.items()
+                   if info.get("data_order", {}).get(k) != v]
+        if changed:
+            accelerator.print("warning: the data order differs from the interrupted run's, so the resumed run will "
+                              "not repeat it exactly: " + ", ".join(changed))
+        accelerator.print(f"Resumed from {checkpoint} at step {global_step}.")
 
-    def save_checkpoint(step: int) -> None:
-        if accelerator.is_main_process:
-            if config.checkpoints_total_limit is not None:
-                existing = checkpoints_in(output_dir)
-                for old in existing[: max(0, len(existing) - config.checkpoints_total_limit + 1)]:
-                    shutil.rmtree(old, ignore_errors=True)
-            temp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
-            shutil.rmtree(temp, ignore_errors=True)
-            accelerator.save_state(str(temp))
-            (temp / STATE_NAME).write_text(json.dumps({"global_step": step, "cache": str(cache_path)}) + "\n")
-            final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-            shutil.rmtree(final, ignore_errors=True)
-            temp.rename(final)  # complete checkpoints only ever appear under their final name
-        accelerator.wait_for_everyone()
+    def save_checkpoint(step: int) -> Path:
+        return checkpoints.save(accelerator, output_dir, step, {"data_order": order},
+                                lambda d: save_lora(lora_of(), d), optimizer, lr_scheduler,
+                                config.checkpoints_total_limit)
 
     # The loop.
     if accelerator.is_main_process and config.report_to != "none":
@@ -384,7 +374,7 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
         schema.atomic_write(log_path, lambda temp: Path(temp).write_text("".join(f"{line}\n" for line in kept)))
     dataset = LatentDataset(cache)
     rotary_cache: dict = {}
-    losses, step_losses = [], []
+    losses, step_losses, nan_steps = [], [], 0
     progress = tqdm(total=max_train_steps, initial=global_step, desc="training", unit="step",
                     disable=not accelerator.is_local_main_process)
     batch_number = global_step * config.gradient_accumulation_steps
@@ -393,7 +383,8 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
         epoch, position = divmod(batch_number, batches_per_epoch)
         batches = epoch_batches(shapes, config.train_batch_size, config.seed, epoch)[position:]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                             num_workers=config.dataloader_num_workers)
+                                             num_workers=config.dataloader_num_workers,
+                                             worker_init_fn=ignore_stop_signals)
         for batch in loader:
             generator = batch_generator(config.seed, batch_number)
             batch_number += 1
@@ -417,36 +408,59 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
                     )[0]
                 loss = velocity_loss(pred, x_t.to(weight_dtype), x0, abar_t)
                 step_losses.append(loss.detach())
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(lora_parameters, config.max_grad_norm)
-                optimizer.step()
+                accelerator.backward(loss)  # every process, even with a NaN loss, so that none waits for another
+                if not accelerator.sync_gradients:
+                    continue
+                # The mean over the step's micro-batches and processes: the same number on every process,
+                # so they all take or all skip the step.
+                loss_value = accelerator.gather(torch.stack(step_losses).mean()).mean().item()
+                step_losses = []
+                grad_norm = float(accelerator.clip_grad_norm_(lora_parameters, config.max_grad_norm))
+                # Under fp16 the gradient scaler itself skips steps with overflowing gradients.
+                finite = math.isfinite(loss_value) and (math.isfinite(grad_norm) or accelerator.scaler is not None)
+                if finite:
+                    optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad()
 
-            if accelerator.sync_gradients:
-                global_step += 1
-                step_seconds = time.time() - step_started
-                step_started = time.time()
-                # The mean over the step's micro-batches and processes.
-                loss_value = accelerator.gather(torch.stack(step_losses).mean()).mean().item()
-                step_losses = []
-                record = {"step": global_step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
-                          "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                          "step_seconds": round(step_seconds, 4)}
+            global_step += 1
+            step_seconds = time.time() - step_started
+            step_started = time.time()
+            record = {"step": global_step, "loss": loss_value if finite else None, "lr": lr_scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                      "step_seconds": round(step_seconds, 4)}
+            if finite:
+                nan_steps = 0
                 losses.append(loss_value)
-                progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}",
-                                     grad_norm=f"{record['grad_norm']:.3f}", s_per_step=f"{step_seconds:.2f}")
-                if accelerator.is_main_process:
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                accelerator.log(record, step=global_step)
-                if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps:
-                    save_checkpoint(global_step)
-                if global_step >= max_train_steps:
-                    break
+                                     grad_norm=f"{grad_norm:.3f}", s_per_step=f"{step_seconds:.2f}")
+            else:
+                nan_steps += 1
+                record["skipped"] = f"non-finite loss {loss_value} or gradient norm {grad_norm}"
+                accelerator.print(f"warning: step {global_step} skipped: the loss ({loss_value}) or the gradient norm "
+                                  f"({grad_norm}) is not finite ({nan_steps} in a row).")
+            progress.update(1)
+            if accelerator.is_main_process:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=global_step)
+            saved = global_step % config.checkpointing_steps == 0 or global_step == max_train_steps
+            if saved:
+                save_checkpoint(global_step)
+            if nan_steps >= config.max_nan_steps:
+                raise CogtuneError(
+                    f"Stopped at step {global_step}: {nan_steps} steps in a row had a NaN or infinite loss or gradient "
+                    f"(--max_nan_steps {config.max_nan_steps}). Lower --learning_rate, use bf16 instead of fp16, or "
+                    f"check the cache with `cogtune cache verify {cache_path}`; the checkpoints before it are intact."
+                )
+            if stop_requested(accelerator, stop):
+                where = checkpoints.latest_checkpoint(output_dir) if saved else save_checkpoint(global_step)
+                raise Preempted(
+                    f"stopped by {stop.signal or 'another process'} at step {global_step}; checkpoint saved to {where}. "
+                    "Run the same command with --resume_from_checkpoint latest to continue."
+                )
+            if global_step >= max_train_steps:
+                break
     progress.close()
 
     # The final LoRA.

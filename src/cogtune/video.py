@@ -225,6 +225,34 @@ class PyAVVideo:
         return np.stack([kept[i] for i in indices])
 
 
+# Leading bytes of files that are certainly not videos. Unknown binary files go to the decoders,
+# which skip them with a reason if they cannot read them.
+_NOT_VIDEO = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"BM", "a bitmap image"),
+              (b"%PDF", "a PDF document"), (b"PK\x03\x04", "a zip archive"), (b"\x1f\x8b", "a gzip archive"),
+              (b"ID3", "an MP3 file"), (b"fLaC", "a FLAC file"), (b"\x7fELF", "a program"))
+
+
+def not_a_video(path: Path) -> str | None:
+    """Why a file is certainly not a video, judged from its first bytes, or None if it may be one."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"RIFF") and head[8:12] not in (b"AVI ", b"AVIX"):
+        return "it is a RIFF file but not an AVI (a WAV or WebP?)"
+    for signature, what in _NOT_VIDEO:
+        if head.startswith(signature):
+            return f"it is {what}"
+    if b"\x00" not in head:
+        try:
+            head.decode("utf-8")
+            return "it is a text file"
+        except UnicodeDecodeError as e:
+            if e.start >= len(head) - 3:  # a character cut at the end of what was read
+                return "it is a text file"
+    return None
+
+
 def open_video(path: Path) -> DecordVideo | PyAVVideo:
     """decord when it can be trusted with the file, else PyAV."""
     try:

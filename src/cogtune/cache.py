@@ -1,0 +1,348 @@
+"""`cogtune cache inspect | verify | prune`: look into a cache, prove it intact, tidy it up.
+
+- inspect: what a cache holds (samples, buckets, bytes, settings, failures), or the caches under a root.
+- verify: every tensor an index row names is present, with the shape and dtype the index and the
+  manifest say and the checksum its shard recorded; names each damaged sample.
+- prune: removes failed entries, shards no row uses and temp files left by killed runs; optionally
+  samples outside the last run's selection and damaged samples. Removed samples are encoded again by
+  the next preprocess run. Runs only while no preprocess writes to the cache (the cache lock).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from . import data_schema as schema
+from .errors import CogtuneError
+
+
+# --- what a cache should hold -------------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def expected_tensors(row: dict, text_length: int) -> list[tuple[str, str, tuple | None]]:
+    """(shard, key, shape) of every tensor an ok index row needs; a None shape is checked loosely."""
+    channels, _, height, width = row["latent_shape"]
+    latent = tuple(row["latent_shape"])
+    tensors = [(row["latent_shard"], key, latent) for key in schema.latent_tensor_keys(row["latent_key"])]
+    for variant in range(len(row["image_noise_sigmas"] or [])):
+        tensors += [(row["latent_shard"], key, (channels, 1, height, width))
+                    for key in schema.image_latent_tensor_keys(row["latent_key"], variant)]
+    tensors.append((row["text_shard"], schema.text_tensor_key(row["text_key"]), (text_length, None)))
+    return tensors
+
+
+def _shape_matches(shape: list[int], expected: tuple) -> bool:
+    return len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+# --- verify -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What verify found: problems per sample and per file."""
+
+    cache_dir: Path
+    samples: int = 0  # ok index rows checked
+    shards: int = 0
+    bytes_hashed: int = 0
+    damaged: dict = field(default_factory=lambda: defaultdict(list))  # sample_id -> problems
+    damaged_shards: set = field(default_factory=set)
+    damaged_index_parts: list = field(default_factory=list)
+    cache_problems: list = field(default_factory=list)  # not tied to one sample
+    rows: dict = field(default_factory=dict)  # sample_id -> row
+
+    @property
+    def ok(self) -> bool:
+        return not (self.damaged or self.damaged_shards or self.damaged_index_parts or self.cache_problems)
+
+    def text(self, checksums: bool) -> str:
+        lines = [f"cache: {self.cache_dir}",
+                 f"checked: {self.samples} samples in {self.shards} shards"
+                 + (f", {self.bytes_hashed / 2**20:.1f} MiB hashed" if checksums else " (headers only)")]
+        lines += [f"problem: {problem}" for problem in self.cache_problems]
+        lines += [f"damaged index part: {part}" for part in self.damaged_index_parts]
+        if self.damaged:
+            lines.append(f"damaged: {len(self.damaged)} samples")
+            for sid, problems in sorted(self.damaged.items()):
+                source = self.rows.get(sid, {}).get("source_path", "?")
+                lines.append(f"  {sid} ({source}): " + "; ".join(dict.fromkeys(problems)))
+        if self.ok:
+            lines.append("ok")
+        else:
+            lines.append(f"Run `cogtune cache prune --damaged {self.cache_dir}` to drop what is damaged, then "
+                         "`cogtune preprocess` with the same settings to encode it again.")
+        return "\n".join(lines)
+
+
+def verify(cache_dir: str | Path, checksums: bool = True, selected_only: bool = False) -> Report:
+    """Check every ok sample of the index (or of the selection) against the shards."""
+    cache_dir = Path(cache_dir)
+    manifest = schema.read_manifest(cache_dir)
+    report = Report(cache_dir=cache_dir)
+    rows = {}
+    for part in schema.index_parts(cache_dir):
+        try:
+            part_rows = schema.read_index_part(part)
+        except CogtuneError:
+            report.damaged_index_parts.append(part)
+            continue
+        for row in part_rows:
+            known = rows.get(row["sample_id"])
+            if known is None or (known["status"] != schema.STATUS_OK and row["status"] == schema.STATUS_OK):
+                rows[row["sample_id"]] = row
+    report.rows = rows
+    try:
+        selection = schema.read_selection(cache_dir)
+    except CogtuneError as e:
+        selection = []
+        report.cache_problems.append(str(e))
+    if selection is None:
+        report.cache_problems.append(f"no {schema.SELECTION_FILE}: no preprocess run has finished; run it again "
+                                     "with the same settings to finish the cache")
+        selection = []
+    for sid in selection:
+        if sid not in rows:
+            report.damaged[sid].append("selected but has no index row")
+    checked = [row for row in rows.values() if row["status"] == schema.STATUS_OK
+               and (not selected_only or row["sample_id"] in set(selection))]
+    report.samples = len(checked)
+
+    settings = manifest["settings"]
+    dtype = schema.DTYPES[settings.get("latent_dtype", "fp32")]
+    needed: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))  # shard -> key -> [(sid, shape)]
+    for row in checked:
+        for shard, key, shape in expected_tensors(row, settings["max_text_seq_length"]):
+            needed[shard][key].append((row["sample_id"], shape))
+
+    for shard_name, keys in sorted(needed.items()):
+        path = schema.shard_path(cache_dir, shard_name)
+        report.shards += 1
+
+        def damage(problem: str, users: list) -> None:
+            report.damaged_shards.add(shard_name)
+            for sid, _ in users:
+                report.damaged[sid].append(problem)
+
+        everyone = [user for users in keys.values() for user in users]
+        if not path.is_file():
+            damage(f"shard {shard_name} is missing", everyone)
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as shard:
+                stored = set(shard.keys())
+                recorded = json.loads((shard.metadata() or {}).get(schema.CHECKSUMS_METADATA, "{}"))
+                for key, users in keys.items():
+                    if key not in stored:
+                        damage(f"{key} is missing from shard {shard_name}", users)
+                        continue
+                    header = shard.get_slice(key)
+                    shape = list(header.get_shape())
+                    if header.get_dtype() != SAFETENSORS_DTYPES[dtype]:
+                        damage(f"{key} is {header.get_dtype()}, the cache stores {SAFETENSORS_DTYPES[dtype]}", users)
+                    for sid, expected in users:
+                        if not _shape_matches(shape, expected):
+                            damage(f"{key} has shape {shape}, the index says "
+                                   f"{['*' if e is None else e for e in expected]}", [(sid, expected)])
+                    if checksums:
+                        tensor = shard.get_tensor(key)
+                        report.bytes_hashed += tensor.numel() * tensor.element_size()
+                        if key not in recorded:
+                            damage(f"{key} has no checksum in shard {shard_name}", users)
+                        elif schema.sha256_tensor(tensor) != recorded[key]:
+                            damage(f"{key} does not match its checksum (shard {shard_name} is corrupt)", users)
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            damage(f"shard {shard_name} cannot be read ({str(e).splitlines()[0][:120]})", everyone)
+    return report
+
+
+# --- inspect ------------------------------------------------------------------------------------
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def inspect(path: str | Path, failures_shown: int = 10) -> str:
+    """A human summary of one cache, or a list of the caches under a cache root."""
+    path = Path(path)
+    if not (path / schema.MANIFEST_FILE).is_file():
+        caches = schema.list_caches(path)
+        if not caches:
+            raise CogtuneError(f"{path} is neither a cogtune cache nor a folder holding caches.")
+        lines = [f"{len(caches)} caches under {path}:"]
+        for cache_dir in caches:
+            selection = schema.read_selection(cache_dir)
+            size = sum(_size(p) for p in (cache_dir / schema.SHARDS_DIR).glob("*.safetensors"))
+            state = f"{len(selection)} samples" if selection is not None else "unfinished"
+            lines.append(f"  {cache_dir.name}  ({state}, {_mib(size)})")
+        return "\n".join(lines)
+
+    manifest = schema.read_manifest(path)
+    rows = schema.read_index(path)
+    selection = schema.read_selection(path)
+    selected = set(selection or [])
+    ok = [r for r in rows if r["status"] == schema.STATUS_OK and r["sample_id"] in selected]
+    failed = [r for r in rows if r["status"] != schema.STATUS_OK]
+    shards = sorted((path / schema.SHARDS_DIR).glob("*.safetensors"))
+    used = {r["latent_shard"] for r in rows if r["status"] == schema.STATUS_OK} | \
+           {r["text_shard"] for r in rows if r["status"] == schema.STATUS_OK}
+    orphans = [p for p in shards if p.stem not in used]
+    shard_bytes = sum(_size(p) for p in shards)
+    index_bytes = sum(_size(p) for p in schema.index_parts(path))
+    temps = temp_files(path)
+    model = manifest["model"]
+    lines = [
+        f"cache: {path.resolve()}",
+        f"format version {manifest['format_version']}, fingerprint {manifest['fingerprint']}",
+        f"model: {model.get('pretrained_model_name_or_path')} ({model.get('family', 'CogVideoX')})",
+        "dataset: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest["dataset"].items()) if v is not None),
+        "settings: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest["settings"].items()) if v is not None),
+        ("samples: unfinished (no preprocess run has finished yet); " if selection is None
+         else f"samples: {len(ok)} selected and usable; ")
+        + f"{sum(r['status'] == schema.STATUS_OK for r in rows)} encoded in all, {len(failed)} failed",
+        "buckets: " + (", ".join(f"{name} ({count})" for name, count in
+                                 sorted(Counter(r["bucket"] for r in ok).items())) or "(none)"),
+        f"bytes: {_mib(shard_bytes)} in {len(shards)} shards"
+        + (f" ({_mib(shard_bytes // len(ok))} per sample)" if ok else "") + f", index {_mib(index_bytes)}",
+    ]
+    if orphans or temps:
+        lines.append(f"prunable: {len(orphans)} shards no sample uses ({_mib(sum(map(_size, orphans)))}), "
+                     f"{len(temps)} temp files; `cogtune cache prune {path}` removes them")
+    if failed:
+        kinds = Counter(r["failure_kind"] or "unreadable" for r in failed)
+        lines.append("failures: " + ", ".join(f"{kind} ({count})" for kind, count in kinds.most_common()))
+        lines += [f"  {r['reason']}" for r in failed[:failures_shown]]
+        if len(failed) > failures_shown:
+            lines.append(f"  ... and {len(failed) - failures_shown} more (in the index: status == 'failed')")
+    return "\n".join(lines)
+
+
+# --- prune --------------------------------------------------------------------------------------
+
+
+def temp_files(cache_dir: Path) -> list[Path]:
+    """Temp files that killed writers left behind (never visible to readers)."""
+    folders = (cache_dir, cache_dir / schema.SHARDS_DIR, cache_dir / schema.INDEX_DIR)
+    return sorted(p for folder in folders for p in folder.glob(f".*{schema.TEMP_SUFFIX}") if p.is_file())
+
+
+@dataclass
+class PruneResult:
+    failed: int = 0
+    unselected: int = 0
+    damaged: int = 0
+    orphan_shards: int = 0
+    temp_files: int = 0
+    damaged_index_parts: int = 0
+    bytes_freed: int = 0
+
+    def text(self, dry_run: bool) -> str:
+        verb = "would remove" if dry_run else "removed"
+        return (f"{verb}: {self.failed} failed entries, {self.unselected} unselected samples, "
+                f"{self.damaged} damaged samples, {self.damaged_index_parts} damaged index parts, "
+                f"{self.orphan_shards} unused shards, {self.temp_files} temp files ({_mib(self.bytes_freed)})")
+
+
+def prune(cache_dir: str | Path, failed: bool = True, unselected: bool = False, damaged: bool = False,
+          dry_run: bool = False) -> PruneResult:
+    cache_dir = Path(cache_dir)
+    schema.read_manifest(cache_dir)
+    with schema.cache_lock(cache_dir, exclusive=True):
+        report = verify(cache_dir, checksums=True) if damaged else verify(cache_dir, checksums=False)
+        rows = report.rows
+        selection = schema.read_selection(cache_dir)
+        selected = set(selection or [])
+        result = PruneResult(damaged_index_parts=len(report.damaged_index_parts))
+
+        drop = set()
+        if failed:
+            gone = {sid for sid, row in rows.items() if row["status"] != schema.STATUS_OK}
+            result.failed, drop = len(gone), drop | gone
+        if unselected and selection is not None:
+            gone = {sid for sid in rows if sid not in selected} - drop
+            result.unselected, drop = len(gone), drop | gone
+        bad_shards = set(report.damaged_shards) if damaged else set()
+        if damaged:
+            gone = {sid for sid, row in rows.items() if sid in report.damaged or
+                    (row["status"] == schema.STATUS_OK and {row["latent_shard"], row["text_shard"]} & bad_shards)}
+            result.damaged, drop = len(gone - drop), drop | gone
+        kept = [row for sid, row in rows.items() if sid not in drop]
+        used = {name for row in kept if row["status"] == schema.STATUS_OK
+                for name in (row["latent_shard"], row["text_shard"])}
+        doomed_shards = [p for p in sorted((cache_dir / schema.SHARDS_DIR).glob("*.safetensors"))
+                         if p.stem not in used]
+        temps = temp_files(cache_dir)
+        result.orphan_shards, result.temp_files = len(doomed_shards), len(temps)
+        result.bytes_freed = sum(map(_size, doomed_shards + temps))
+        if dry_run:
+            return result
+
+        rewrite = drop or report.damaged_index_parts or len(schema.index_parts(cache_dir)) > 1
+        if rewrite:  # one compacted part replaces all others: written first, so a crash loses nothing
+            old_parts = schema.index_parts(cache_dir)
+            new_part = schema.write_index_part(cache_dir, f"pruned-{uuid.uuid4().hex[:12]}", kept) if kept else None
+            for part in old_parts:
+                if part != new_part:
+                    part.unlink(missing_ok=True)
+        kept_ids = {row["sample_id"] for row in kept}
+        if selection is not None and not selected <= kept_ids:  # training reads the selection: no holes
+            schema.write_selection(cache_dir, [sid for sid in selection if sid in kept_ids])
+        for path in doomed_shards + temps:
+            path.unlink(missing_ok=True)
+        return result
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="cogtune cache", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("inspect", help="What a cache holds, or the caches under a cache root.")
+    p.add_argument("path", help="A cache folder, or a --cache_root holding caches.")
+    p = sub.add_parser("verify", help="Check every tensor against the index and its checksum; exit 1 if damaged.")
+    p.add_argument("path", help="A cache folder.")
+    p.add_argument("--no_checksums", action="store_true", help="Check headers, shapes and dtypes only (fast).")
+    p.add_argument("--selected_only", action="store_true", help="Check only the samples training reads.")
+    p = sub.add_parser("prune", help="Remove failed entries, unused shards and temp files.")
+    p.add_argument("path", help="A cache folder.")
+    p.add_argument("--keep_failed", action="store_true",
+                   help="Keep the failed entries (by default they are removed, so the next run retries them).")
+    p.add_argument("--unselected", action="store_true",
+                   help="Also remove samples that the last preprocess run did not select (clips no longer in the "
+                        "dataset) and the shards only they used.")
+    p.add_argument("--damaged", action="store_true",
+                   help="Verify checksums first and remove damaged shards and every sample that used them.")
+    p.add_argument("--dry_run", action="store_true", help="Say what would be removed; remove nothing.")
+    args = parser.parse_args(argv)
+
+    if args.action == "inspect":
+        print(inspect(args.path))
+        return 0
+    if args.action == "verify":
+        report = verify(args.path, checksums=not args.no_checksums, selected_only=args.selected_only)
+        print(report.text(checksums=not args.no_checksums))
+        return 0 if report.ok else 1
+    result = prune(args.path, failed=not args.keep_failed, unselected=args.unselected, damaged=args.damaged,
+                   dry_run=args.dry_run)
+    print(result.text(args.dry_run))
+    return 0

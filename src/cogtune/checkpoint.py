@@ -1,0 +1,185 @@
+"""Training checkpoints, written atomically and read without pickle.
+
+    <output_dir>/checkpoint-<step>/
+        pytorch_lora_weights.safetensors   the LoRA, in diffusers format (infer can load it as is)
+        training_state.safetensors         optimizer, learning-rate schedule and gradient scaler
+        random_states_<rank>.safetensors   each process's torch, CUDA, numpy and Python RNG states
+        cogtune_state.json                 step, data position and the settings that decide the data order
+
+Every file is written into `.checkpoint-<step>.tmp/`, and the folder is renamed to its final name
+once complete (cogtune_state.json last), so a crash mid-save leaves the previous checkpoint as the
+latest. Non-tensor state is stored as JSON in the safetensors header, with tensors referenced by key:
+reading a checkpoint never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import data_schema as schema
+from .errors import CogtuneError
+
+PREFIX = "checkpoint-"
+STATE_NAME = "cogtune_state.json"
+TRAINING_STATE_NAME = "training_state.safetensors"
+STRUCTURE_KEY = "cogtune.structure"
+
+
+# --- nested state <-> tensors + JSON ------------------------------------------------------------
+
+
+def flatten(value, tensors: dict, path: str = "t"):
+    """A JSON-able description of value, its tensors (and numpy arrays) moved into `tensors`."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(value, np.ndarray):
+        tensors[path] = torch.from_numpy(value.astype(np.int64) if value.dtype.kind in "ui" else value)
+        return {"__ndarray__": path, "dtype": value.dtype.str}
+    if isinstance(value, dict):
+        return {"__dict__": [[k, flatten(v, tensors, f"{path}.{k}")] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        items = [flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint (at {path})")
+
+
+def unflatten(value, tensors: dict):
+    if isinstance(value, list):
+        return [unflatten(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__ndarray__" in value:
+            return tensors[value["__ndarray__"]].numpy().astype(np.dtype(value["dtype"]))
+        if "__tuple__" in value:
+            return tuple(unflatten(v, tensors) for v in value["__tuple__"])
+        return {k: unflatten(v, tensors) for k, v in value["__dict__"]}
+    return value
+
+
+def save_state(path: Path, state: dict) -> None:
+    tensors: dict = {}
+    structure = flatten(state, tensors)
+    schema.atomic_write(path, lambda temp: save_file(tensors, temp, metadata={STRUCTURE_KEY: json.dumps(structure)}))
+
+
+def load_state(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            structure = json.loads((f.metadata() or {})[STRUCTURE_KEY])
+    except Exception as e:  # safetensors raises its own error types
+        raise CogtuneError(f"Checkpoint file {path} cannot be read ({str(e).splitlines()[0]}); resume from an "
+                           "earlier checkpoint or start again.") from None
+    return unflatten(structure, tensors)
+
+
+# --- random number generators -------------------------------------------------------------------
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# --- finding checkpoints ------------------------------------------------------------------------
+
+
+def checkpoints_in(output_dir: Path) -> list[Path]:
+    """Complete checkpoint-N folders, oldest first; anything else with that prefix is not ours."""
+    found = []
+    for path in Path(output_dir).glob(f"{PREFIX}*"):
+        match = re.fullmatch(rf"{PREFIX}(\d+)", path.name)
+        if match and path.is_dir() and (path / STATE_NAME).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = checkpoints_in(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def read_info(checkpoint: Path) -> dict:
+    path = checkpoint / STATE_NAME
+    if not path.is_file():
+        raise CogtuneError(f"--resume_from_checkpoint {checkpoint} is not a complete cogtune checkpoint "
+                           f"(no {STATE_NAME}).")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CogtuneError(f"{path} is damaged ({e}); resume from an earlier checkpoint.") from None
+
+
+# --- saving and loading -------------------------------------------------------------------------
+
+
+def save(accelerator, output_dir: Path, step: int, info: dict, save_lora, optimizer, lr_scheduler,
+         total_limit: int | None) -> Path:
+    """Write checkpoint-<step> from every process (each adds its RNG states); returns its path.
+    save_lora(directory) writes the LoRA file (on the main process)."""
+    final = output_dir / f"{PREFIX}{step}"
+    temp = output_dir / f".{PREFIX}{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_state(temp / f"random_states_{accelerator.process_index}.safetensors", rng_states())
+    if accelerator.is_main_process:
+        save_lora(temp)
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        save_state(temp / TRAINING_STATE_NAME, {"optimizer": optimizer.state_dict(),
+                                                "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = dict(info, global_step=step, num_processes=accelerator.num_processes)
+        schema.atomic_write(temp / STATE_NAME, lambda t: Path(t).write_text(json.dumps(state, indent=2) + "\n"))
+        shutil.rmtree(final, ignore_errors=True)
+        temp.rename(final)  # complete checkpoints only ever appear under their final name
+        if total_limit is not None:  # old ones go only once the new one is in place
+            for old in checkpoints_in(output_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in output_dir.glob(f".{PREFIX}*.tmp"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator, checkpoint: Path, load_lora, optimizer, lr_scheduler) -> dict:
+    """Restore a checkpoint written by `save`; returns its cogtune_state.json."""
+    info = read_info(checkpoint)
+    load_lora(checkpoint)
+    state = load_state(checkpoint / TRAINING_STATE_NAME)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if state["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng_path = checkpoint / f"random_states_{accelerator.process_index}.safetensors"
+    if rng_path.is_file():
+        set_rng_states(load_state(rng_path))
+    else:
+        accelerator.print(f"warning: {checkpoint} holds no random states for process {accelerator.process_index} "
+                          f"(it was saved by {info.get('num_processes')} processes); they start fresh.")
+    return info

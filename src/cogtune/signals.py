@@ -1,0 +1,41 @@
+"""Stop requests from a cluster: SIGTERM (preemption, `scancel`) and SIGUSR1 (Slurm's warning
+`--signal=USR1@<seconds>`) only set a flag; the running stage checks it at a safe point (a step
+boundary, a finished clip), saves its work and raises `Preempted`, which exits with status 75.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequests:
+    """Within `with StopRequests() as stop:`, `stop.signal` names the first stop signal received."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous = {}
+
+    def _handle(self, number, frame):
+        if self.signal is None:
+            self.signal = signal.Signals(number).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for number in STOP_SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: a signal sent to the whole job must not kill the workers; the
+    main process decides when to stop and ends them itself."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)

@@ -1,0 +1,368 @@
+"""Caches that survive kill -9, SIGTERM and full disks; `cogtune cache inspect | verify | prune`."""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cogtune import data_schema as schema
+from cogtune.tiny import synthetic_frames, write_mp4
+from conftest import cogtune, write_config
+
+
+def write_dataset(root: Path, count: int, height: int = 48, width: int = 64) -> Path:
+    """count clips of distinct content, captioned, in the prompts.txt + videos.txt format."""
+    (root / "videos").mkdir(parents=True)
+    prompts, videos = [], []
+    for i in range(count):
+        color = (40 + 25 * i, 200 - 20 * i, 60 + 15 * i)
+        write_mp4(root / f"videos/{i:03d}.mp4", synthetic_frames(20, height, width, color, 1 - 2 * (i % 2)), 16)
+        prompts.append(f"clip number {i} of a moving square")
+        videos.append(f"videos/{i:03d}.mp4")
+    (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (root / "videos.txt").write_text("\n".join(videos) + "\n")
+    return root
+
+
+def start(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cogtune.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> bool:
+    """Poll until condition() holds; False if the process ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def files_in(folder: Path, pattern: str = "*") -> list[Path]:
+    return sorted(folder.glob(pattern)) if folder.is_dir() else []
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under folder with its size and mtime: to prove nothing was touched."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file() and p.name != schema.LOCK_FILE}
+
+
+def cache_dir_of(output: str) -> Path:
+    return Path(output.split("cache: ")[1].splitlines()[0])
+
+
+def assert_every_visible_file_is_whole(cache_dir: Path) -> None:
+    for shard in files_in(cache_dir / schema.SHARDS_DIR, "*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    for part in files_in(cache_dir / schema.INDEX_DIR, "*.parquet"):
+        pq.read_table(part)
+
+
+def raw_ok_rows(cache_dir: Path) -> list[str]:
+    """Sample ids of the ok rows in every index part, duplicates included."""
+    return [row["sample_id"] for part in files_in(cache_dir / schema.INDEX_DIR, "*.parquet")
+            for row in pq.read_table(part).to_pylist() if row["status"] == schema.STATUS_OK]
+
+
+@pytest.fixture(scope="module")
+def eight_clips(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("eight"), 8)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model, eight_clips):
+    """A finished cache of the eight clips (copy it before changing it)."""
+    root = tmp_path_factory.mktemp("built")
+    config = write_config(root / "c.toml", tiny_model, eight_clips, root / "cache", root / "out", height=32, width=48)
+    return dict(config=config, cache=cache_dir_of(cogtune("preprocess", "--config", config).stdout))
+
+
+def copy_cache(built, tmp_path) -> Path:
+    return Path(shutil.copytree(built["cache"], tmp_path / "cache" / built["cache"].name))
+
+
+# --- kill -9, SIGTERM and a full disk during preprocess -----------------------------------------
+
+
+def test_kill_9_at_any_moment_then_rerun_gives_every_clip_exactly_once(tmp_path, tiny_model, eight_clips):
+    # a shard per caption and per clip, so that kills land between and during many writes
+    config = write_config(tmp_path / "c.toml", tiny_model, eight_clips, tmp_path / "cache", tmp_path / "out",
+                          height=32, width=48, shard_size_mb=1e-6, vae_batch_size=1)
+    shards = lambda: len(files_in(tmp_path / "cache", "*/shards/*"))  # noqa: E731 (temp files count too)
+    killed_at = []
+    for after in (1, 6, 11):  # while captions are encoded, between captions and videos, while videos are
+        process = start("preprocess", "--config", config)
+        if wait_for(lambda: shards() >= after, process):
+            process.send_signal(signal.SIGKILL)
+            killed_at.append(shards())
+        process.wait()
+        (cache_dir,) = files_in(tmp_path / "cache")
+        assert_every_visible_file_is_whole(cache_dir)
+    assert len(killed_at) >= 2  # the runs were really interrupted
+    out = cogtune("preprocess", "--config", config).stdout
+    assert "samples: 8 ok, 0 skipped" in out
+    assert "encoded: 8 videos" not in out  # work of the killed runs was reused
+    verify = cogtune("cache", "verify", cache_dir)
+    assert verify.stdout.strip().endswith("ok")
+    ok_rows = raw_ok_rows(cache_dir)
+    assert len(ok_rows) == len(set(ok_rows)) == 8  # each clip exactly once, even in the raw index parts
+    assert len(schema.Cache.open(cache_dir).samples) == 8
+
+
+def test_sigterm_saves_what_is_encoded_and_exits_75(tmp_path, tiny_model, eight_clips):
+    config = write_config(tmp_path / "c.toml", tiny_model, eight_clips, tmp_path / "cache", tmp_path / "out",
+                          height=32, width=48, shard_size_mb=1e-6, vae_batch_size=1)
+    rows = lambda: len(files_in(tmp_path / "cache", "*/index/*.parquet"))  # noqa: E731
+    process = start("preprocess", "--config", config)
+    assert wait_for(lambda: rows() >= 2, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 75, stderr
+    assert "stopped by SIGTERM; everything encoded so far is saved" in stderr
+    out = cogtune("preprocess", "--config", config).stdout
+    reused = int(out.split("reused from the cache: ")[1].split(" videos")[0])
+    assert reused >= 2 and "samples: 8 ok" in out
+
+
+def test_disk_full_stops_with_a_clear_error_and_the_cache_resumes(tmp_path, tiny_model, eight_clips):
+    """A file size limit makes writes of big shards fail as on a full disk; small files still fit."""
+    config = write_config(tmp_path / "c.toml", tiny_model, eight_clips, tmp_path / "cache", tmp_path / "out",
+                          height=64, width=64, max_num_frames=17, shard_size_mb=0.01, vae_batch_size=1)
+    limit = 30_000  # caption shards (4 x 4 KiB) and index parts fit, a shard of video moments (~2 x 20 KiB) not
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    full = subprocess.run([sys.executable, "-m", "cogtune.cli", "preprocess", "--config", str(config)],
+                          capture_output=True, text=True, preexec_fn=small_files)
+    assert full.returncode == 2, full.stderr
+    assert "No space left writing" in full.stderr and ".safetensors" in full.stderr
+    assert "run the same command again to continue" in full.stderr and "Traceback" not in full.stderr
+    (cache_dir,) = files_in(tmp_path / "cache")
+    assert_every_visible_file_is_whole(cache_dir)
+    assert not files_in(cache_dir / schema.SHARDS_DIR, ".*.tmp")  # no temp file left behind
+    out = cogtune("preprocess", "--config", config).stdout
+    assert "encoded: 8 videos, 0 captions" in out  # the captions written before the disk filled were kept
+    assert cogtune("cache", "verify", cache_dir).stdout.strip().endswith("ok")
+
+
+# --- cogtune cache inspect | verify | prune -----------------------------------------------------
+
+
+def test_inspect_shows_samples_buckets_bytes_settings_and_failures(tmp_path, tiny_model, eight_clips):
+    data = Path(shutil.copytree(eight_clips, tmp_path / "data"))
+    (data / "videos/broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
+    (data / "prompts.txt").write_text((data / "prompts.txt").read_text() + "a broken clip\n")
+    (data / "videos.txt").write_text((data / "videos.txt").read_text() + "videos/broken.mp4\n")
+    config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out",
+                          height=32, width=48)
+    cache_dir = cache_dir_of(cogtune("preprocess", "--config", config).stdout)
+    text = cogtune("cache", "inspect", cache_dir).stdout
+    assert "samples: 8 selected and usable; 8 encoded in all, 1 failed" in text
+    assert "buckets: 9x32x48 (8)" in text and "in 1 shards" in text
+    assert "height=32" in text and "fps=8" in text and "format version 4" in text
+    assert "failures: unreadable (1)" in text and "videos.txt line 9" in text
+    listing = cogtune("cache", "inspect", tmp_path / "cache").stdout
+    assert f"{cache_dir.name}  (9 samples" in listing
+
+
+def test_verify_names_damaged_samples_and_prune_then_preprocess_repairs(tmp_path, built):
+    cache_dir = copy_cache(built, tmp_path)
+    rows = schema.Cache.open(cache_dir).samples
+    victim = rows[3]
+    shard = schema.shard_path(cache_dir, victim["latent_shard"])
+    tensors, metadata = load_file(shard), safe_open(str(shard), "pt").metadata()
+    mean_key, _ = schema.latent_tensor_keys(victim["latent_key"])
+    tensors[mean_key] = tensors[mean_key].clone()
+    tensors[mean_key].view(-1)[5] += 1.0  # one changed value, as a bit flip on disk would do
+    save_file(tensors, shard, metadata=metadata)
+
+    result = cogtune("cache", "verify", cache_dir, check=False)
+    assert result.returncode == 1
+    assert f"{victim['sample_id']} ({victim['source_path']}): {mean_key} does not match its checksum" in result.stdout
+    assert "damaged: 1 samples" in result.stdout
+    assert cogtune("cache", "verify", cache_dir, "--no_checksums").returncode == 0  # headers alone look fine
+
+    shard.unlink()  # a lost shard: every sample in it is named
+    result = cogtune("cache", "verify", cache_dir, check=False)
+    users = {r["sample_id"] for r in rows if r["latent_shard"] == victim["latent_shard"]}
+    assert result.returncode == 1 and f"damaged: {len(users)} samples" in result.stdout
+    assert "is missing" in result.stdout
+
+    pruned = cogtune("cache", "prune", "--damaged", cache_dir).stdout
+    assert f"{len(users)} damaged samples" in pruned
+    out = cogtune("preprocess", "--config", built["config"], "--cache_root", tmp_path / "cache").stdout
+    assert f"encoded: {len(users)} videos" in out and "samples: 8 ok" in out
+    assert cogtune("cache", "verify", cache_dir).returncode == 0
+
+
+def test_prune_removes_failed_entries_unused_shards_and_temp_files(tmp_path, built, eight_clips):
+    cache_dir = copy_cache(built, tmp_path)
+    shards = files_in(cache_dir / schema.SHARDS_DIR, "*.safetensors")
+    orphan = shutil.copy(shards[0], cache_dir / schema.SHARDS_DIR / "w0-orphan.safetensors")
+    temp = cache_dir / schema.SHARDS_DIR / ".w0-abc.safetensors.x1y2.tmp"
+    temp.write_bytes(b"half a shard")
+    failed = schema.row_template()
+    failed.update(sample_id="f" * 32, status=schema.STATUS_FAILED, reason="videos.txt line 9: cannot open video",
+                  failure_kind="unreadable", source_path="/gone.mp4", image_noise_sigmas=[])
+    schema.write_index_part(cache_dir, "w0-failed", [failed])
+    selection = schema.read_selection(cache_dir) + ["f" * 32]
+    schema.write_selection(cache_dir, selection)
+
+    dry = cogtune("cache", "prune", "--dry_run", cache_dir).stdout
+    assert "would remove: 1 failed entries" in dry and "1 unused shards, 1 temp files" in dry
+    assert Path(orphan).exists() and temp.exists()
+    out = cogtune("cache", "prune", cache_dir).stdout
+    assert "removed: 1 failed entries" in out and "1 unused shards, 1 temp files" in out
+    assert not Path(orphan).exists() and not temp.exists()
+    assert len(files_in(cache_dir / schema.INDEX_DIR, "*.parquet")) == 1  # compacted
+    cache = schema.Cache.open(cache_dir)
+    assert len(cache.samples) == 8 and not cache.failed
+    assert cogtune("cache", "verify", cache_dir).returncode == 0
+    # what a preprocess run selected is read again unchanged
+    assert "encoded: 0 videos, 0 captions" in cogtune("preprocess", "--config", built["config"], "--cache_root",
+                                                      tmp_path / "cache").stdout
+
+
+def test_prune_unselected_drops_clips_no_longer_in_the_dataset(tmp_path, tiny_model, eight_clips):
+    data = Path(shutil.copytree(eight_clips, tmp_path / "data"))
+    config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out",
+                          height=32, width=48, shard_size_mb=1e-6)
+    cache_dir = cache_dir_of(cogtune("preprocess", "--config", config).stdout)
+    for name in ("prompts.txt", "videos.txt"):  # the dataset shrinks to its first 5 clips
+        lines = (data / name).read_text().splitlines()[:5]
+        (data / name).write_text("\n".join(lines) + "\n")
+    assert "encoded: 0 videos" in cogtune("preprocess", "--config", config).stdout
+    before = len(files_in(cache_dir / schema.SHARDS_DIR, "*.safetensors"))
+    out = cogtune("cache", "prune", "--unselected", cache_dir).stdout
+    assert "3 unselected samples" in out
+    assert len(files_in(cache_dir / schema.SHARDS_DIR, "*.safetensors")) == before - 6  # 3 clips, 3 captions
+    assert len(schema.read_index(cache_dir)) == 5 and cogtune("cache", "verify", cache_dir).returncode == 0
+
+
+def test_prune_waits_for_a_running_preprocess(tmp_path, built):
+    cache_dir = copy_cache(built, tmp_path)
+    with schema.cache_lock(cache_dir):  # as a preprocess run holds it
+        result = cogtune("cache", "prune", cache_dir, check=False)
+    assert result.returncode == 2 and "a preprocess run is writing to it" in result.stderr
+
+
+# --- bad input: a clear error before any work, and nothing already written lost ----------------
+
+
+def break_dataset(data: Path, how: str, outside: Path) -> str:
+    """Spoil a copy of the eight-clip dataset in one way; returns the message expected."""
+    lines = lambda name: (data / name).read_text().splitlines()  # noqa: E731
+    write = lambda name, rows: (data / name).write_text("\n".join(rows) + "\n")  # noqa: E731
+    if how == "missing video":
+        write("videos.txt", lines("videos.txt")[:-1] + ["videos/nowhere.mp4"])
+        return "videos.txt line 8: video file .*nowhere.mp4 does not exist"
+    if how == "dot-dot path":
+        write("videos.txt", lines("videos.txt")[:-1] + ["../../etc/passwd"])
+        return "videos.txt line 8: video path '../../etc/passwd' points outside the data root"
+    if how == "absolute path outside":
+        write("videos.txt", lines("videos.txt")[:-1] + [str(outside)])
+        return f"videos.txt line 8: video path '{outside}' points outside the data root"
+    if how == "symlink out":
+        (data / "videos/link.mp4").symlink_to(outside)
+        write("videos.txt", lines("videos.txt")[:-1] + ["videos/link.mp4"])
+        return "line 8: video path 'videos/link.mp4' is a symlink to .* outside the data root.*allow_symlinks"
+    if how == "line counts differ":
+        write("prompts.txt", lines("prompts.txt")[:-2])
+        return "prompts.txt has 6 prompts but .*videos.txt has 8 videos"
+    if how == "empty caption":
+        write("prompts.txt", lines("prompts.txt")[:2] + ["   "] + lines("prompts.txt")[3:])
+        return "line 3: the caption is empty"
+    if how == "missing column":
+        rows = zip(lines("prompts.txt"), lines("videos.txt"))
+        (data / "metadata.csv").write_text("caption,file\n" + "".join(f"{c},{v}\n" for c, v in rows))
+        return "metadata.csv has no column 'video' \\(--video_column\\); its columns are: caption, file"
+    if how == "text file as video":
+        (data / "videos/notes.mp4").write_text("these are my notes, not a video\n")
+        write("videos.txt", lines("videos.txt")[:-1] + ["videos/notes.mp4"])
+        return "videos.txt line 8: .*notes.mp4 is not a video \\(it is a text file\\)"
+    if how == "image as video":
+        (data / "videos/photo.mp4").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+        write("videos.txt", lines("videos.txt")[:-1] + ["videos/photo.mp4"])
+        return "videos.txt line 8: .*photo.mp4 is not a video \\(it is a PNG image\\)"
+    raise ValueError(how)
+
+
+BAD_DATASETS = ["missing video", "dot-dot path", "absolute path outside", "symlink out", "line counts differ",
+                "empty caption", "missing column", "text file as video", "image as video"]
+
+
+@pytest.mark.parametrize("how", BAD_DATASETS)
+def test_bad_dataset_is_refused_before_any_work_and_the_cache_is_untouched(tmp_path, built, eight_clips, how):
+    from cogtune import preprocess
+    from cogtune.config import load_config
+    from cogtune.errors import CogtuneError
+
+    cache_dir = copy_cache(built, tmp_path)
+    before = snapshot(cache_dir)
+    data = Path(shutil.copytree(eight_clips, tmp_path / "data"))
+    outside = tmp_path / "elsewhere.mp4"
+    shutil.copy(data / "videos/000.mp4", outside)
+    expected = break_dataset(data, how, outside)
+    argv = ["--config", str(built["config"]), "--instance_data_root", str(data), "--cache_root", str(tmp_path / "cache")]
+    if how == "missing column":
+        argv += ["--dataset_name", str(data / "metadata.csv"), "--caption_column", "caption", "--video_column", "video"]
+    config = load_config("preprocess", argv)
+    with pytest.raises(CogtuneError, match=expected):
+        preprocess.run(config)
+    assert snapshot(cache_dir) == before
+    assert len(schema.Cache.open(cache_dir).samples) == 8
+
+
+def test_a_symlink_out_of_the_root_is_read_when_allowed(tmp_path, tiny_model, eight_clips):
+    data = Path(shutil.copytree(eight_clips, tmp_path / "data"))
+    outside = Path(shutil.copy(data / "videos/000.mp4", tmp_path / "elsewhere.mp4"))
+    break_dataset(data, "symlink out", outside)
+    config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out",
+                          height=32, width=48, allow_symlinks_outside_root=True)
+    out = cogtune("preprocess", "--config", config).stdout
+    assert "samples: 8 ok" in out
+
+
+def test_damaged_cache_is_refused_by_train_before_the_model_loads(tmp_path, built):
+    cache_dir = copy_cache(built, tmp_path)
+    shard = files_in(cache_dir / schema.SHARDS_DIR, "*.safetensors")[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    result = cogtune("train", "--config", built["config"], "--data_cache", cache_dir, "--output_dir",
+                     tmp_path / "out", check=False)
+    assert result.returncode == 2 and "is damaged" in result.stderr and "cannot be read" in result.stderr
+    assert "cogtune cache prune --damaged" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+    index_part = files_in(cache_dir / schema.INDEX_DIR, "*.parquet")[0]
+    index_part.write_bytes(b"PAR1 not parquet")
+    result = cogtune("train", "--config", built["config"], "--data_cache", cache_dir, "--output_dir",
+                     tmp_path / "out", check=False)
+    assert result.returncode == 2 and f"Cache index part {index_part} is damaged" in result.stderr
+
+
+def test_unwritable_output_dir_is_refused_before_training(tmp_path, built):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = cogtune("train", "--config", built["config"], "--output_dir", blocker / "out", check=False)
+    assert result.returncode == 2 and f"Cannot write to --output_dir {blocker / 'out'}" in result.stderr
+    result = cogtune("preprocess", "--config", built["config"], "--cache_root", blocker / "cache", check=False)
+    assert result.returncode == 2 and "Cannot write to --cache_root" in result.stderr
+    assert blocker.read_text() == "not a folder"
