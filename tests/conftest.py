@@ -25,6 +25,23 @@ def cogtune(*args: str, check: bool = True, cwd: Path | None = None) -> subproce
     return result
 
 
+def cogtune_here(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The same command line run inside the test process: no interpreter start-up, for tests that
+    make many calls. Use `cogtune` where the process itself matters (signals, limits, imports)."""
+    import contextlib
+    import io
+
+    from cogtune.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        returncode = main([str(a) for a in args])
+    result = subprocess.CompletedProcess(args, returncode, stdout.getvalue(), stderr.getvalue())
+    if check and returncode != 0:
+        raise AssertionError(f"cogtune {' '.join(map(str, args))} failed ({returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from cogtune.tiny import make_tiny_model

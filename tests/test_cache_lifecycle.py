@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from cogtune import data_schema as schema
 from cogtune.tiny import synthetic_frames, write_mp4
-from conftest import cogtune, write_config
+from conftest import cogtune_here, write_config
 
 
 def write_dataset(root: Path, count: int, height: int = 48, width: int = 64) -> Path:
@@ -91,7 +91,7 @@ def built(tmp_path_factory, tiny_model, eight_clips):
     """A finished cache of the eight clips (copy it before changing it)."""
     root = tmp_path_factory.mktemp("built")
     config = write_config(root / "c.toml", tiny_model, eight_clips, root / "cache", root / "out", height=32, width=48)
-    return dict(config=config, cache=cache_dir_of(cogtune("preprocess", "--config", config).stdout))
+    return dict(config=config, cache=cache_dir_of(cogtune_here("preprocess", "--config", config).stdout))
 
 
 def copy_cache(built, tmp_path) -> Path:
@@ -101,51 +101,42 @@ def copy_cache(built, tmp_path) -> Path:
 # --- kill -9, SIGTERM and a full disk during preprocess -----------------------------------------
 
 
-def test_kill_9_at_any_moment_then_rerun_gives_every_clip_exactly_once(tmp_path, tiny_model, eight_clips):
-    # a shard per caption and per clip, so that kills land between and during many writes
+def test_kill_9_or_sigterm_at_any_moment_then_rerun_gives_every_clip_exactly_once(tmp_path, tiny_model,
+                                                                                   eight_clips):
+    # a shard per caption and per clip, so that interruptions land between and during many writes
     config = write_config(tmp_path / "c.toml", tiny_model, eight_clips, tmp_path / "cache", tmp_path / "out",
                           height=32, width=48, shard_size_mb=1e-6, vae_batch_size=1)
     shards = lambda: len(files_in(tmp_path / "cache", "*/shards/*"))  # noqa: E731 (temp files count too)
-    killed_at = []
-    for after in (1, 6, 11):  # while captions are encoded, between captions and videos, while videos are
+    interrupted = []
+    # kill -9 while captions are encoded, SIGTERM and kill -9 while videos are
+    for sent, after in ((signal.SIGKILL, 3), (signal.SIGTERM, 10), (signal.SIGKILL, 13)):
         process = start("preprocess", "--config", config)
         if wait_for(lambda: shards() >= after, process):
-            process.send_signal(signal.SIGKILL)
-            killed_at.append(shards())
-        process.wait()
+            process.send_signal(sent)
+            interrupted.append(sent)
+        _, stderr = process.communicate(timeout=60)
+        if sent == signal.SIGTERM and interrupted[-1] == sent:
+            assert process.returncode == 75, stderr  # saved what it had and stopped cleanly
+            assert "stopped by SIGTERM; everything encoded so far is saved" in stderr
         (cache_dir,) = files_in(tmp_path / "cache")
         assert_every_visible_file_is_whole(cache_dir)
-    assert len(killed_at) >= 2  # the runs were really interrupted
-    out = cogtune("preprocess", "--config", config).stdout
+    assert len(interrupted) >= 2  # the runs were really interrupted
+    out = cogtune_here("preprocess", "--config", config).stdout
     assert "samples: 8 ok, 0 skipped" in out
-    assert "encoded: 8 videos" not in out  # work of the killed runs was reused
-    verify = cogtune("cache", "verify", cache_dir)
+    reused = int(out.split("reused from the cache: ")[1].split(" videos")[0])
+    assert reused >= 1  # work of the interrupted runs was kept
+    verify = cogtune_here("cache", "verify", cache_dir)
     assert verify.stdout.strip().endswith("ok")
     ok_rows = raw_ok_rows(cache_dir)
     assert len(ok_rows) == len(set(ok_rows)) == 8  # each clip exactly once, even in the raw index parts
     assert len(schema.Cache.open(cache_dir).samples) == 8
 
 
-def test_sigterm_saves_what_is_encoded_and_exits_75(tmp_path, tiny_model, eight_clips):
-    config = write_config(tmp_path / "c.toml", tiny_model, eight_clips, tmp_path / "cache", tmp_path / "out",
-                          height=32, width=48, shard_size_mb=1e-6, vae_batch_size=1)
-    rows = lambda: len(files_in(tmp_path / "cache", "*/index/*.parquet"))  # noqa: E731
-    process = start("preprocess", "--config", config)
-    assert wait_for(lambda: rows() >= 2, process)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 75, stderr
-    assert "stopped by SIGTERM; everything encoded so far is saved" in stderr
-    out = cogtune("preprocess", "--config", config).stdout
-    reused = int(out.split("reused from the cache: ")[1].split(" videos")[0])
-    assert reused >= 2 and "samples: 8 ok" in out
-
-
-def test_disk_full_stops_with_a_clear_error_and_the_cache_resumes(tmp_path, tiny_model, eight_clips):
+def test_disk_full_stops_with_a_clear_error_and_the_cache_resumes(tmp_path, tiny_model, demo_data):
     """A file size limit makes writes of big shards fail as on a full disk; small files still fit."""
-    config = write_config(tmp_path / "c.toml", tiny_model, eight_clips, tmp_path / "cache", tmp_path / "out",
-                          height=64, width=64, max_num_frames=17, shard_size_mb=0.01, vae_batch_size=1)
-    limit = 30_000  # caption shards (4 x 4 KiB) and index parts fit, a shard of video moments (~2 x 20 KiB) not
+    config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out",
+                          height=96, width=96, fps=16, max_num_frames=17, shard_size_mb=0.0078, vae_batch_size=1)
+    limit = 16_000  # caption shards (2 x 4 KiB each) fit, shards of video moments (2 x 11.5 KiB) do not
 
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -158,9 +149,9 @@ def test_disk_full_stops_with_a_clear_error_and_the_cache_resumes(tmp_path, tiny
     (cache_dir,) = files_in(tmp_path / "cache")
     assert_every_visible_file_is_whole(cache_dir)
     assert not files_in(cache_dir / schema.SHARDS_DIR, ".*.tmp")  # no temp file left behind
-    out = cogtune("preprocess", "--config", config).stdout
-    assert "encoded: 8 videos, 0 captions" in out  # the captions written before the disk filled were kept
-    assert cogtune("cache", "verify", cache_dir).stdout.strip().endswith("ok")
+    out = cogtune_here("preprocess", "--config", config).stdout
+    assert "encoded: 4 videos, 0 captions" in out  # the captions written before the disk filled were kept
+    assert cogtune_here("cache", "verify", cache_dir).stdout.strip().endswith("ok")
 
 
 # --- cogtune cache inspect | verify | prune -----------------------------------------------------
@@ -173,13 +164,13 @@ def test_inspect_shows_samples_buckets_bytes_settings_and_failures(tmp_path, tin
     (data / "videos.txt").write_text((data / "videos.txt").read_text() + "videos/broken.mp4\n")
     config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out",
                           height=32, width=48)
-    cache_dir = cache_dir_of(cogtune("preprocess", "--config", config).stdout)
-    text = cogtune("cache", "inspect", cache_dir).stdout
+    cache_dir = cache_dir_of(cogtune_here("preprocess", "--config", config).stdout)
+    text = cogtune_here("cache", "inspect", cache_dir).stdout
     assert "samples: 8 selected and usable; 8 encoded in all, 1 failed" in text
     assert "buckets: 9x32x48 (8)" in text and "in 1 shards" in text
     assert "height=32" in text and "fps=8" in text and "format version 4" in text
     assert "failures: unreadable (1)" in text and "videos.txt line 9" in text
-    listing = cogtune("cache", "inspect", tmp_path / "cache").stdout
+    listing = cogtune_here("cache", "inspect", tmp_path / "cache").stdout
     assert f"{cache_dir.name}  (9 samples" in listing
 
 
@@ -194,23 +185,23 @@ def test_verify_names_damaged_samples_and_prune_then_preprocess_repairs(tmp_path
     tensors[mean_key].view(-1)[5] += 1.0  # one changed value, as a bit flip on disk would do
     save_file(tensors, shard, metadata=metadata)
 
-    result = cogtune("cache", "verify", cache_dir, check=False)
+    result = cogtune_here("cache", "verify", cache_dir, check=False)
     assert result.returncode == 1
     assert f"{victim['sample_id']} ({victim['source_path']}): {mean_key} does not match its checksum" in result.stdout
     assert "damaged: 1 samples" in result.stdout
-    assert cogtune("cache", "verify", cache_dir, "--no_checksums").returncode == 0  # headers alone look fine
+    assert cogtune_here("cache", "verify", cache_dir, "--no_checksums").returncode == 0  # headers alone look fine
 
     shard.unlink()  # a lost shard: every sample in it is named
-    result = cogtune("cache", "verify", cache_dir, check=False)
+    result = cogtune_here("cache", "verify", cache_dir, check=False)
     users = {r["sample_id"] for r in rows if r["latent_shard"] == victim["latent_shard"]}
     assert result.returncode == 1 and f"damaged: {len(users)} samples" in result.stdout
     assert "is missing" in result.stdout
 
-    pruned = cogtune("cache", "prune", "--damaged", cache_dir).stdout
+    pruned = cogtune_here("cache", "prune", "--damaged", cache_dir).stdout
     assert f"{len(users)} damaged samples" in pruned
-    out = cogtune("preprocess", "--config", built["config"], "--cache_root", tmp_path / "cache").stdout
+    out = cogtune_here("preprocess", "--config", built["config"], "--cache_root", tmp_path / "cache").stdout
     assert f"encoded: {len(users)} videos" in out and "samples: 8 ok" in out
-    assert cogtune("cache", "verify", cache_dir).returncode == 0
+    assert cogtune_here("cache", "verify", cache_dir).returncode == 0
 
 
 def test_prune_removes_failed_entries_unused_shards_and_temp_files(tmp_path, built, eight_clips):
@@ -226,18 +217,18 @@ def test_prune_removes_failed_entries_unused_shards_and_temp_files(tmp_path, bui
     selection = schema.read_selection(cache_dir) + ["f" * 32]
     schema.write_selection(cache_dir, selection)
 
-    dry = cogtune("cache", "prune", "--dry_run", cache_dir).stdout
+    dry = cogtune_here("cache", "prune", "--dry_run", cache_dir).stdout
     assert "would remove: 1 failed entries" in dry and "1 unused shards, 1 temp files" in dry
     assert Path(orphan).exists() and temp.exists()
-    out = cogtune("cache", "prune", cache_dir).stdout
+    out = cogtune_here("cache", "prune", cache_dir).stdout
     assert "removed: 1 failed entries" in out and "1 unused shards, 1 temp files" in out
     assert not Path(orphan).exists() and not temp.exists()
     assert len(files_in(cache_dir / schema.INDEX_DIR, "*.parquet")) == 1  # compacted
     cache = schema.Cache.open(cache_dir)
     assert len(cache.samples) == 8 and not cache.failed
-    assert cogtune("cache", "verify", cache_dir).returncode == 0
+    assert cogtune_here("cache", "verify", cache_dir).returncode == 0
     # what a preprocess run selected is read again unchanged
-    assert "encoded: 0 videos, 0 captions" in cogtune("preprocess", "--config", built["config"], "--cache_root",
+    assert "encoded: 0 videos, 0 captions" in cogtune_here("preprocess", "--config", built["config"], "--cache_root",
                                                       tmp_path / "cache").stdout
 
 
@@ -245,22 +236,22 @@ def test_prune_unselected_drops_clips_no_longer_in_the_dataset(tmp_path, tiny_mo
     data = Path(shutil.copytree(eight_clips, tmp_path / "data"))
     config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out",
                           height=32, width=48, shard_size_mb=1e-6)
-    cache_dir = cache_dir_of(cogtune("preprocess", "--config", config).stdout)
+    cache_dir = cache_dir_of(cogtune_here("preprocess", "--config", config).stdout)
     for name in ("prompts.txt", "videos.txt"):  # the dataset shrinks to its first 5 clips
         lines = (data / name).read_text().splitlines()[:5]
         (data / name).write_text("\n".join(lines) + "\n")
-    assert "encoded: 0 videos" in cogtune("preprocess", "--config", config).stdout
+    assert "encoded: 0 videos" in cogtune_here("preprocess", "--config", config).stdout
     before = len(files_in(cache_dir / schema.SHARDS_DIR, "*.safetensors"))
-    out = cogtune("cache", "prune", "--unselected", cache_dir).stdout
+    out = cogtune_here("cache", "prune", "--unselected", cache_dir).stdout
     assert "3 unselected samples" in out
     assert len(files_in(cache_dir / schema.SHARDS_DIR, "*.safetensors")) == before - 6  # 3 clips, 3 captions
-    assert len(schema.read_index(cache_dir)) == 5 and cogtune("cache", "verify", cache_dir).returncode == 0
+    assert len(schema.read_index(cache_dir)) == 5 and cogtune_here("cache", "verify", cache_dir).returncode == 0
 
 
 def test_prune_waits_for_a_running_preprocess(tmp_path, built):
     cache_dir = copy_cache(built, tmp_path)
     with schema.cache_lock(cache_dir):  # as a preprocess run holds it
-        result = cogtune("cache", "prune", cache_dir, check=False)
+        result = cogtune_here("cache", "prune", cache_dir, check=False)
     assert result.returncode == 2 and "a preprocess run is writing to it" in result.stderr
 
 
@@ -337,7 +328,7 @@ def test_a_symlink_out_of_the_root_is_read_when_allowed(tmp_path, tiny_model, ei
     break_dataset(data, "symlink out", outside)
     config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out",
                           height=32, width=48, allow_symlinks_outside_root=True)
-    out = cogtune("preprocess", "--config", config).stdout
+    out = cogtune_here("preprocess", "--config", config).stdout
     assert "samples: 8 ok" in out
 
 
@@ -345,7 +336,7 @@ def test_damaged_cache_is_refused_by_train_before_the_model_loads(tmp_path, buil
     cache_dir = copy_cache(built, tmp_path)
     shard = files_in(cache_dir / schema.SHARDS_DIR, "*.safetensors")[0]
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
-    result = cogtune("train", "--config", built["config"], "--data_cache", cache_dir, "--output_dir",
+    result = cogtune_here("train", "--config", built["config"], "--data_cache", cache_dir, "--output_dir",
                      tmp_path / "out", check=False)
     assert result.returncode == 2 and "is damaged" in result.stderr and "cannot be read" in result.stderr
     assert "cogtune cache prune --damaged" in result.stderr and "Traceback" not in result.stderr
@@ -353,7 +344,7 @@ def test_damaged_cache_is_refused_by_train_before_the_model_loads(tmp_path, buil
 
     index_part = files_in(cache_dir / schema.INDEX_DIR, "*.parquet")[0]
     index_part.write_bytes(b"PAR1 not parquet")
-    result = cogtune("train", "--config", built["config"], "--data_cache", cache_dir, "--output_dir",
+    result = cogtune_here("train", "--config", built["config"], "--data_cache", cache_dir, "--output_dir",
                      tmp_path / "out", check=False)
     assert result.returncode == 2 and f"Cache index part {index_part} is damaged" in result.stderr
 
@@ -361,8 +352,8 @@ def test_damaged_cache_is_refused_by_train_before_the_model_loads(tmp_path, buil
 def test_unwritable_output_dir_is_refused_before_training(tmp_path, built):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = cogtune("train", "--config", built["config"], "--output_dir", blocker / "out", check=False)
+    result = cogtune_here("train", "--config", built["config"], "--output_dir", blocker / "out", check=False)
     assert result.returncode == 2 and f"Cannot write to --output_dir {blocker / 'out'}" in result.stderr
-    result = cogtune("preprocess", "--config", built["config"], "--cache_root", blocker / "cache", check=False)
+    result = cogtune_here("preprocess", "--config", built["config"], "--cache_root", blocker / "cache", check=False)
     assert result.returncode == 2 and "Cannot write to --cache_root" in result.stderr
     assert blocker.read_text() == "not a folder"

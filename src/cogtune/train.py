@@ -233,6 +233,14 @@ class TrainResult:
 # --- the recipe ---------------------------------------------------------------------------------
 
 
+def logged_step(line: str) -> float:
+    """The step of a train_log.jsonl line; a line cut short by a killed run counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 def stop_requested(accelerator, stop: StopRequests) -> bool:
     """Whether any process was asked to stop (a signal may reach only some of them)."""
     wanted = torch.tensor([1.0 if stop.signal else 0.0], device=accelerator.device)
@@ -370,7 +378,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     log_path = output_dir / TRAIN_LOG_NAME
     if accelerator.is_main_process:  # the log holds this run's history: steps up to the resumed one, no more
         kept = [line for line in (log_path.read_text().splitlines() if log_path.is_file() else [])
-                if json.loads(line)["step"] <= global_step]
+                if logged_step(line) <= global_step]
         schema.atomic_write(log_path, lambda temp: Path(temp).write_text("".join(f"{line}\n" for line in kept)))
     dataset = LatentDataset(cache)
     rotary_cache: dict = {}
