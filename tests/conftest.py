@@ -35,7 +35,10 @@ def cogtune_here(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        returncode = main([str(a) for a in args])
+        try:
+            returncode = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: --help, bad flags
+            returncode = e.code if isinstance(e.code, int) else 1
     result = subprocess.CompletedProcess(args, returncode, stdout.getvalue(), stderr.getvalue())
     if check and returncode != 0:
         raise AssertionError(f"cogtune {' '.join(map(str, args))} failed ({returncode}):\n{result.stdout}\n{result.stderr}")

@@ -11,7 +11,7 @@ from cogtune.config import make_config
 from cogtune.errors import CogtuneError
 from cogtune.train import epoch_batches
 from clips import write_clip
-from conftest import cogtune, write_config
+from conftest import cogtune_here as cogtune, write_config
 
 BUCKETS = [(9, 32, 48), (9, 48, 32), (9, 32, 32), (5, 32, 48), (5, 48, 32)]
 

@@ -5,7 +5,7 @@ import pytest
 from cogtune.config import (STAGE_CONFIGS, load_config, make_config, preprocess_config_for, read_toml,
                             values_for_stage)
 from cogtune.errors import CogtuneError
-from conftest import cogtune
+from conftest import cogtune, cogtune_here
 
 ROOT = Path(__file__).parent.parent
 SHIPPED = sorted((ROOT / "configs").glob("*.toml"))
@@ -97,7 +97,7 @@ def test_train_finds_the_preprocess_settings_of_the_same_file(tmp_path):
 
 def test_help_documents_every_flag():
     for stage, cls in STAGE_CONFIGS.items():
-        out = cogtune(stage, "--help").stdout
+        out = cogtune_here(stage, "--help").stdout
         for name in cls.__dataclass_fields__:
             assert f"--{name}" in out, (stage, name)
 
@@ -116,7 +116,7 @@ def test_user_errors_print_one_line_without_traceback(tmp_path):
     (["infer", "--pretrained_model_name_or_path", "m"], "exactly one of --prompt or --prompt_file"),
 ])
 def test_more_user_errors_are_one_line(argv, message):
-    result = cogtune(*argv, check=False)
+    result = cogtune_here(*argv, check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 

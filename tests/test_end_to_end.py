@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cogtune import data_schema as schema
-from conftest import ASSETS, cogtune, write_config
+from conftest import ASSETS, cogtune, cogtune_here, write_config
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_preprocess_writes_the_cache(run):
 
 def test_second_preprocess_encodes_nothing(run):
     shards_before = sorted((run["cache"] / schema.SHARDS_DIR).iterdir())
-    again = cogtune("preprocess", "--config", run["config"]).stdout
+    again = cogtune_here("preprocess", "--config", run["config"]).stdout
     assert "encoded: 0 videos, 0 captions; reused from the cache: 4 videos, 4 captions" in again
     assert sorted((run["cache"] / schema.SHARDS_DIR).iterdir()) == shards_before
 
@@ -55,11 +55,11 @@ def test_second_preprocess_encodes_nothing(run):
 def test_changed_caption_encodes_only_that_caption(tmp_path, tiny_model, demo_data):
     data = shutil.copytree(demo_data, tmp_path / "data")
     config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out")
-    cogtune("preprocess", "--config", config)
+    cogtune_here("preprocess", "--config", config)
     prompts = (data / "prompts.txt").read_text().splitlines()
     prompts[1] = "a completely new caption"
     (data / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    out = cogtune("preprocess", "--config", config).stdout
+    out = cogtune_here("preprocess", "--config", config).stdout
     assert "encoded: 0 videos, 1 captions" in out
     cache_dir = Path(out.split("cache: ")[1].splitlines()[0])
     captions = sorted(row["caption"] for row in schema.Cache.open(cache_dir).samples)
@@ -169,13 +169,13 @@ def test_rope_model_trains_and_matches_the_pipeline_rope(tmp_path, tiny_model_5b
         theirs = pipe._prepare_rotary_positional_embeddings(height, width, 3, torch.device("cpu"))
         assert all(torch.allclose(a, b) for a, b in zip(ours, theirs))
     config = write_config(tmp_path / "c.toml", tiny_model_5b, demo_data, tmp_path / "cache", tmp_path / "out")
-    cogtune("preprocess", "--config", config)
-    cogtune("train", "--config", config)
+    cogtune_here("preprocess", "--config", config)
+    cogtune_here("train", "--config", config)
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_cache_of_another_model_is_refused(run, tiny_model_5b, tmp_path):
-    result = cogtune("train", "--config", run["config"], "--pretrained_model_name_or_path", tiny_model_5b,
+    result = cogtune_here("train", "--config", run["config"], "--pretrained_model_name_or_path", tiny_model_5b,
                      "--data_cache", run["cache"], "--output_dir", tmp_path, check=False)
     assert result.returncode == 2 and "built for another model" in result.stderr
     assert "Traceback" not in result.stderr
@@ -190,7 +190,7 @@ def test_real_clips_are_encoded_or_skipped_with_a_reason(tmp_path, tiny_model):
     config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out",
                           dataset_name=str(data / "metadata.csv"), caption_column="caption", video_column="video",
                           fps=24)
-    out = cogtune("preprocess", "--config", config).stdout
+    out = cogtune_here("preprocess", "--config", config).stdout
     cache = schema.Cache.open(Path(out.split("cache: ")[1].splitlines()[0]))
     kept = {Path(r["source_path"]).name: r for r in cache.samples}
     skipped = {Path(r["source_path"]).name: r["reason"] for r in cache.failed}
@@ -206,8 +206,8 @@ def test_accumulated_step_logs_the_mean_of_its_micro_batches(run, tmp_path):
     micro-batches must log the mean of the two single-batch steps that see the same batches."""
     common = ["--config", run["config"], "--learning_rate", "0", "--train_batch_size", "1",
               "--checkpointing_steps", "100"]
-    cogtune("train", *common, "--output_dir", tmp_path / "a", "--max_train_steps", "2")
-    cogtune("train", *common, "--output_dir", tmp_path / "b", "--max_train_steps", "1",
+    cogtune_here("train", *common, "--output_dir", tmp_path / "a", "--max_train_steps", "2")
+    cogtune_here("train", *common, "--output_dir", tmp_path / "b", "--max_train_steps", "1",
             "--gradient_accumulation_steps", "2")
     single = [json.loads(line)["loss"] for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     (accumulated,) = [json.loads(line)["loss"] for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]

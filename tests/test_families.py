@@ -14,7 +14,7 @@ from cogtune import infer, preprocess, train
 from cogtune.config import load_config, preprocess_config_for
 from cogtune.errors import CogtuneError
 from cogtune.tiny import make_demo_data, make_tiny_model
-from conftest import cogtune, write_config
+from conftest import cogtune_here as cogtune, write_config
 
 FAMILIES = ["2b", "5b", "5b-i2v", "1.5-5b", "1.5-5b-i2v"]
 I2V = {"5b-i2v", "1.5-5b-i2v"}

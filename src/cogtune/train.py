@@ -251,8 +251,13 @@ def stop_requested(accelerator, stop: StopRequests) -> bool:
 
 def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) -> TrainResult:
     """Train a LoRA. SIGTERM or SIGUSR1 make it save a checkpoint at the next step and raise Preempted."""
-    with StopRequests() as stop:
-        return _run(config, preprocess_config, stop)
+    from accelerate.state import AcceleratorState
+
+    try:
+        with StopRequests() as stop:
+            return _run(config, preprocess_config, stop)
+    finally:  # a later run in this process may choose another precision (keeps the distributed state)
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: StopRequests) -> TrainResult:
