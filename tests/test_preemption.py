@@ -156,3 +156,35 @@ def test_a_pickled_lora_is_refused(setup, tmp_path):
     torch.save({"transformer.x.lora_A.weight": torch.zeros(1)}, pickled)
     result = cogtune_here("infer", "--config", setup["config"], "--lora", pickled, check=False)
     assert result.returncode == 2 and "reads LoRAs only as safetensors" in result.stderr
+
+
+def test_the_slurm_example_passes_usr1_on_and_requeues_then_the_requeued_job_finishes(setup, tmp_path):
+    """examples/slurm/train.sbatch as Slurm runs it: SIGUSR1 to the batch script before the time limit;
+    `scontrol` is a stand-in that records the requeue."""
+    import os
+    import subprocess
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
+               CONFIG=str(setup["config"]), COGTUNE=f"{sys.executable} -m cogtune.cli")
+    script = Path(__file__).parents[1] / "examples" / "slurm" / "train.sbatch"
+    out = tmp_path / "out"
+    job = subprocess.Popen(["bash", str(script), "--output_dir", str(out)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: logged_steps(out) >= 5, job)
+    job.send_signal(signal.SIGUSR1)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 75, stderr
+    assert "stopped by SIGUSR1" in stderr and "requeueing job 4242" in stdout
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert len(checkpoints.checkpoints_in(out)) == 1
+
+    requeued = subprocess.run(["bash", str(script), "--output_dir", str(out)], env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert requeued.returncode == 0, requeued.stderr
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # not requeued again
+    assert_same_run(out, setup["full"])
