@@ -75,7 +75,7 @@ class Report:
     def text(self, checksums: bool) -> str:
         lines = [f"cache: {self.cache_dir}",
                  f"checked: {self.samples} samples in {self.shards} shards"
-                 + (f", {self.bytes_hashed / 2**20:.1f} MiB hashed" if checksums else " (headers only)")]
+                 + (f", {_human_bytes(self.bytes_hashed)} hashed" if checksums else " (headers only)")]
         lines += [f"problem: {problem}" for problem in self.cache_problems]
         lines += [f"damaged index part: {part}" for part in self.damaged_index_parts]
         if self.damaged:
@@ -96,17 +96,7 @@ def verify(cache_dir: str | Path, checksums: bool = True, selected_only: bool = 
     cache_dir = Path(cache_dir)
     manifest = schema.read_manifest(cache_dir)
     report = Report(cache_dir=cache_dir)
-    rows = {}
-    for part in schema.index_parts(cache_dir):
-        try:
-            part_rows = schema.read_index_part(part)
-        except CogtuneError:
-            report.damaged_index_parts.append(part)
-            continue
-        for row in part_rows:
-            known = rows.get(row["sample_id"])
-            if known is None or (known["status"] != schema.STATUS_OK and row["status"] == schema.STATUS_OK):
-                rows[row["sample_id"]] = row
+    rows = {row["sample_id"]: row for row in schema.read_index(cache_dir, report.damaged_index_parts)}
     report.rows = rows
     try:
         selection = schema.read_selection(cache_dir)
@@ -175,8 +165,12 @@ def verify(cache_dir: str | Path, checksums: bool = True, selected_only: bool = 
 # --- inspect ------------------------------------------------------------------------------------
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _human_bytes(n: int) -> str:
+    """A byte count for people: 812 B, 3.2 KiB, 41.0 MiB, 1.3 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def inspect(path: str | Path, failures_shown: int = 10) -> str:
@@ -191,7 +185,7 @@ def inspect(path: str | Path, failures_shown: int = 10) -> str:
             selection = schema.read_selection(cache_dir)
             size = sum(_size(p) for p in (cache_dir / schema.SHARDS_DIR).glob("*.safetensors"))
             state = f"{len(selection)} samples" if selection is not None else "unfinished"
-            lines.append(f"  {cache_dir.name}  ({state}, {_mib(size)})")
+            lines.append(f"  {cache_dir.name}  ({state}, {_human_bytes(size)})")
         return "\n".join(lines)
 
     manifest = schema.read_manifest(path)
@@ -219,11 +213,11 @@ def inspect(path: str | Path, failures_shown: int = 10) -> str:
         + f"{sum(r['status'] == schema.STATUS_OK for r in rows)} encoded in all, {len(failed)} failed",
         "buckets: " + (", ".join(f"{name} ({count})" for name, count in
                                  sorted(Counter(r["bucket"] for r in ok).items())) or "(none)"),
-        f"bytes: {_mib(shard_bytes)} in {len(shards)} shards"
-        + (f" ({_mib(shard_bytes // len(ok))} per sample)" if ok else "") + f", index {_mib(index_bytes)}",
+        f"bytes: {_human_bytes(shard_bytes)} in {len(shards)} shards"
+        + (f" ({_human_bytes(shard_bytes // len(ok))} per sample)" if ok else "") + f", index {_human_bytes(index_bytes)}",
     ]
     if orphans or temps:
-        lines.append(f"prunable: {len(orphans)} shards no sample uses ({_mib(sum(map(_size, orphans)))}), "
+        lines.append(f"prunable: {len(orphans)} shards no sample uses ({_human_bytes(sum(map(_size, orphans)))}), "
                      f"{len(temps)} temp files; `cogtune cache prune {path}` removes them")
     if failed:
         kinds = Counter(r["failure_kind"] or "unreadable" for r in failed)
@@ -257,7 +251,7 @@ class PruneResult:
         verb = "would remove" if dry_run else "removed"
         return (f"{verb}: {self.failed} failed entries, {self.unselected} unselected samples, "
                 f"{self.damaged} damaged samples, {self.damaged_index_parts} damaged index parts, "
-                f"{self.orphan_shards} unused shards, {self.temp_files} temp files ({_mib(self.bytes_freed)})")
+                f"{self.orphan_shards} unused shards, {self.temp_files} temp files ({_human_bytes(self.bytes_freed)})")
 
 
 def prune(cache_dir: str | Path, failed: bool = True, unselected: bool = False, damaged: bool = False,

@@ -408,12 +408,20 @@ def read_index_part(part: Path) -> list[dict]:
     return table.to_pylist()
 
 
-def read_index(cache_dir: Path) -> list[dict]:
+def read_index(cache_dir: Path, damaged_parts: list | None = None) -> list[dict]:
     """One row per sample, in the order samples first appeared. A sample written more than once
-    (a retried failure, two writers) keeps its first usable row, else its first row."""
+    (a retried failure, two writers) keeps its first usable row, else its first row. A damaged
+    index part raises CogtuneError, or is appended to damaged_parts when that list is given."""
     rows: dict[str, dict] = {}
     for part in index_parts(cache_dir):
-        for row in read_index_part(part):
+        try:
+            part_rows = read_index_part(part)
+        except CogtuneError:
+            if damaged_parts is None:
+                raise
+            damaged_parts.append(part)
+            continue
+        for row in part_rows:
             known = rows.get(row["sample_id"])
             if known is None or (known["status"] != STATUS_OK and row["status"] == STATUS_OK):
                 rows[row["sample_id"]] = row

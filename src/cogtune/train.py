@@ -348,10 +348,12 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
 
     # Resume: the LoRA, optimizer, schedule, scaler and RNG states; the data position follows from the step.
-    lora_of = lambda: accelerator.unwrap_model(transformer)  # noqa: E731
-    order = {"seed": config.seed, "train_batch_size": config.train_batch_size, "num_processes":
-             accelerator.num_processes, "gradient_accumulation_steps": config.gradient_accumulation_steps,
-             "cache": str(cache_path)}
+    def lora_of():
+        return accelerator.unwrap_model(transformer)
+
+    order = {"seed": config.seed, "train_batch_size": config.train_batch_size,
+             "gradient_accumulation_steps": config.gradient_accumulation_steps,
+             "num_processes": accelerator.num_processes, "cache": str(cache_path)}
     global_step = 0
     checkpoint = None
     if config.resume_from_checkpoint == "latest":
