@@ -136,19 +136,21 @@ def read_info(checkpoint: Path) -> dict:
 # --- saving and loading -------------------------------------------------------------------------
 
 
-def save(accelerator, output_dir: Path, step: int, info: dict, save_lora, optimizer, lr_scheduler,
+def save(accelerator, output_dir: Path, step: int, info: dict, lora_weights, save_lora, optimizer, lr_scheduler,
          total_limit: int | None) -> Path:
     """Write checkpoint-<step> from every process (each adds its RNG states); returns its path.
-    save_lora(directory) writes the LoRA file (on the main process)."""
+    lora_weights() gathers the LoRA tensors (every process calls it); save_lora(directory, weights)
+    writes them (the main process)."""
     final = output_dir / f"{PREFIX}{step}"
     temp = output_dir / f".{PREFIX}{step}.tmp"
+    weights = lora_weights()
     if accelerator.is_main_process:
         shutil.rmtree(temp, ignore_errors=True)
         temp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_state(temp / f"random_states_{accelerator.process_index}.safetensors", rng_states())
     if accelerator.is_main_process:
-        save_lora(temp)
+        save_lora(temp, weights)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         save_state(temp / TRAINING_STATE_NAME, {"optimizer": optimizer.state_dict(),
                                                 "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler})

@@ -43,7 +43,8 @@ def _train(argv):
 
     config = load_config("train", argv)
     result = train.run(config, preprocess_config_for(config, config_path_in(argv)))
-    print(f"lora: {result.lora_path}")
+    if result.is_main_process:
+        print(f"lora: {result.lora_path}")
 
 
 def _infer(argv):

@@ -58,17 +58,51 @@ def batch_generator(seed: int, batch_number: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + batch_number)
 
 
-def sample_x0(mean: torch.Tensor, logvar: torch.Tensor, spec: FamilySpec, generator: torch.Generator) -> torch.Tensor:
+def rank_share(batch: list[int], batch_size: int, num_processes: int, process_index: int) -> list[int]:
+    """This process's part of a global batch. With several processes, a short global batch (the
+    last of a bucket) is filled up with its own samples again, so that every process gets
+    batch_size samples of the same shape and no collective waits on another."""
+    if num_processes == 1:
+        return batch
+    wanted = batch_size * num_processes
+    filled = (batch * math.ceil(wanted / len(batch)))[:wanted]
+    return filled[process_index * batch_size:(process_index + 1) * batch_size]
+
+
+@dataclass
+class Draws:
+    """The random numbers of one global batch, drawn in full on every process from the batch's
+    generator, of which a process keeps the rows of its own samples: each sample gets the same
+    noise whether the global batch is trained by one process or shared among several."""
+
+    generator: torch.Generator
+    start: int = 0  # this process's first row in the global batch
+    total: int | None = None  # rows of the global batch (None: this process's batch is all of it)
+
+    def _keep(self, drawn: torch.Tensor, rows: int) -> torch.Tensor:
+        return drawn[self.start:self.start + rows]
+
+    def randn(self, shape) -> torch.Tensor:
+        return self._keep(torch.randn((self.total or shape[0], *shape[1:]), generator=self.generator), shape[0])
+
+    def randint(self, high: int, rows: int) -> torch.Tensor:
+        return self._keep(torch.randint(0, high, (self.total or rows,), generator=self.generator), rows)
+
+    def rand(self, rows: int) -> torch.Tensor:
+        return self._keep(torch.rand(self.total or rows, generator=self.generator), rows)
+
+
+def sample_x0(mean: torch.Tensor, logvar: torch.Tensor, spec: FamilySpec, draws: Draws) -> torch.Tensor:
     """A fresh sample of the VAE posterior, scaled for the transformer, as [B, F, C, H, W] float32.
 
     mean, logvar: [B, C, F, H, W] as stored in the cache."""
     mean, logvar = mean.float(), logvar.float()
-    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    eps = draws.randn(mean.shape).to(mean.device)
     latents = mean + torch.exp(0.5 * logvar) * eps
     return spec.scale_latents(latents).permute(0, 2, 1, 3, 4).contiguous()
 
 
-def sample_image_latents(mean: torch.Tensor, logvar: torch.Tensor, spec: FamilySpec, generator: torch.Generator,
+def sample_image_latents(mean: torch.Tensor, logvar: torch.Tensor, spec: FamilySpec, draws: Draws,
                          dropout: float) -> torch.Tensor:
     """The image-to-video conditioning latent of each sample, [B, 1, C, H, W] float32: one of its
     stored noised first-frame encodings picked at random, sampled from its posterior, scaled as
@@ -76,12 +110,12 @@ def sample_image_latents(mean: torch.Tensor, logvar: torch.Tensor, spec: FamilyS
 
     mean, logvar: [B, K, C, 1, H, W], the K stored encodings of each sample."""
     batch, variants = mean.shape[:2]
-    chosen = torch.randint(0, variants, (batch,), generator=generator)
+    chosen = draws.randint(variants, batch)
     rows = torch.arange(batch)
     mean, logvar = mean[rows, chosen].float(), logvar[rows, chosen].float()
-    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    eps = draws.randn(mean.shape).to(mean.device)
     latents = spec.scale_image_latents(mean + torch.exp(0.5 * logvar) * eps).permute(0, 2, 1, 3, 4)
-    keep = (torch.rand(batch, generator=generator) >= dropout).to(latents.dtype).to(latents.device)
+    keep = (draws.rand(batch) >= dropout).to(latents.dtype).to(latents.device)
     return latents * keep.view(-1, 1, 1, 1, 1)
 
 
@@ -96,18 +130,18 @@ class StepInputs:
     abar_t: torch.Tensor  # float64
 
 
-def step_inputs(batch: dict, spec: FamilySpec, generator: torch.Generator, alphas_cumprod: torch.Tensor,
+def step_inputs(batch: dict, spec: FamilySpec, draws: Draws, alphas_cumprod: torch.Tensor,
                 noised_image_dropout: float) -> StepInputs:
-    """The randomness of one step, drawn from its generator in a fixed order: the video posterior
-    sample, timesteps, noise, then (I2V) the image encoding, its posterior sample and dropout."""
-    x0 = spec.pad_frames(sample_x0(batch["mean"], batch["logvar"], spec, generator))
-    timesteps = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator)
+    """The randomness of one step, drawn in a fixed order: the video posterior sample, timesteps,
+    noise, then (I2V) the image encoding, its posterior sample and dropout."""
+    x0 = spec.pad_frames(sample_x0(batch["mean"], batch["logvar"], spec, draws))
+    timesteps = draws.randint(len(alphas_cumprod), x0.shape[0])
+    noise = draws.randn(x0.shape)
     abar_t = alphas_cumprod[timesteps]
     x_t = add_noise(x0, noise, abar_t)
     model_input = x_t
     if spec.image_conditioned:
-        image = sample_image_latents(batch["image_mean"], batch["image_logvar"], spec, generator,
+        image = sample_image_latents(batch["image_mean"], batch["image_logvar"], spec, draws,
                                      noised_image_dropout)
         model_input = torch.cat([x_t, spec.image_condition(image, x0.shape[1])], dim=2)
     return StepInputs(x0=x0, x_t=x_t, model_input=model_input, timesteps=timesteps, abar_t=abar_t)
@@ -164,9 +198,10 @@ def resolve_cache(config: TrainConfig, preprocess_config: PreprocessConfig | Non
 # --- LoRA files ---------------------------------------------------------------------------------
 
 
-def save_lora(transformer, directory: Path) -> Path:
+def save_lora(transformer, directory: Path, weights: dict | None = None) -> Path:
     """Save the adapter in diffusers format, with its rank and alpha, so that load_lora_weights alone
-    reproduces the trained scale. Written to a temp folder, then renamed into place."""
+    reproduces the trained scale. Written to a temp folder, then renamed into place. weights: the
+    LoRA tensors when they had to be gathered from several processes (default: the transformer's)."""
     from diffusers import CogVideoXPipeline
     from peft.utils import get_peft_model_state_dict
 
@@ -174,7 +209,7 @@ def save_lora(transformer, directory: Path) -> Path:
     temp = directory / f".lora-tmp-{time.time_ns()}"
     try:
         CogVideoXPipeline.save_lora_weights(
-            temp, transformer_lora_layers=get_peft_model_state_dict(transformer),
+            temp, transformer_lora_layers=weights if weights is not None else get_peft_model_state_dict(transformer),
             transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
         )
         (temp / LORA_WEIGHT_NAME).replace(directory / LORA_WEIGHT_NAME)
@@ -225,6 +260,7 @@ def make_optimizer(parameters, config: TrainConfig, learning_rate: float):
 @dataclass
 class TrainResult:
     lora_path: Path
+    is_main_process: bool
     transformer: torch.nn.Module = field(repr=False)
     global_step: int = 0
     losses: list = field(default_factory=list)
@@ -273,6 +309,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     schema.ensure_writable_dir(output_dir, "--output_dir")
     check_precision_available(config.mixed_precision)
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun, gloo) are then one job too
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=None if config.report_to == "none" else config.report_to,
@@ -335,8 +372,12 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     optimizer = make_optimizer(lora_parameters, config, learning_rate)
 
     # Data: the whole schedule is known up front from the index alone.
+    # Every process walks the same global batches (train_batch_size x processes, one shape each)
+    # and reads only its own share of each.
     shapes = [tuple(row["latent_shape"]) for row in cache.samples]
-    batches_per_epoch = len(epoch_batches(shapes, config.train_batch_size, config.seed, 0))
+    processes, process_index = accelerator.num_processes, accelerator.process_index
+    global_batch_size = config.train_batch_size * processes
+    batches_per_epoch = len(epoch_batches(shapes, global_batch_size, config.seed, 0))
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
     max_train_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(
@@ -350,6 +391,12 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     # Resume: the LoRA, optimizer, schedule, scaler and RNG states; the data position follows from the step.
     def lora_of():
         return accelerator.unwrap_model(transformer)
+
+    def lora_weights() -> dict:
+        """The LoRA tensors, gathered from every process's shards under FSDP and ZeRO-3: every process calls it."""
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(lora_of(), state_dict=accelerator.get_state_dict(transformer))
 
     order = {"seed": config.seed, "train_batch_size": config.train_batch_size,
              "gradient_accumulation_steps": config.gradient_accumulation_steps,
@@ -375,7 +422,8 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
 
     def save_checkpoint(step: int) -> Path:
         return checkpoints.save(accelerator, output_dir, step, {"data_order": order},
-                                lambda d: save_lora(lora_of(), d), optimizer, lr_scheduler,
+                                lora_weights, lambda d, weights: save_lora(lora_of(), d, weights), optimizer,
+                                lr_scheduler,
                                 config.checkpoints_total_limit)
 
     # The loop.
@@ -396,15 +444,17 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     step_started = time.time()
     while global_step < max_train_steps:
         epoch, position = divmod(batch_number, batches_per_epoch)
-        batches = epoch_batches(shapes, config.train_batch_size, config.seed, epoch)[position:]
+        batches = [rank_share(batch, config.train_batch_size, processes, process_index)
+                   for batch in epoch_batches(shapes, global_batch_size, config.seed, epoch)[position:]]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                              num_workers=config.dataloader_num_workers,
                                              worker_init_fn=ignore_stop_signals)
         for batch in loader:
-            generator = batch_generator(config.seed, batch_number)
+            draws = Draws(batch_generator(config.seed, batch_number), start=process_index * config.train_batch_size,
+                          total=global_batch_size if processes > 1 else None)
             batch_number += 1
             with accelerator.accumulate(transformer):
-                inputs = step_inputs(batch, spec, generator, alphas_cumprod, config.noised_image_dropout)
+                inputs = step_inputs(batch, spec, draws, alphas_cumprod, config.noised_image_dropout)
                 device = accelerator.device
                 x0, x_t, abar_t = inputs.x0.to(device), inputs.x_t.to(device), inputs.abar_t.to(device)
                 latent_frames, height, width = x0.shape[1], x0.shape[3], x0.shape[4]
@@ -482,8 +532,9 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(transformer)
     lora_path = output_dir / LORA_WEIGHT_NAME
+    weights = lora_weights()
     if accelerator.is_main_process:
-        lora_path = save_lora(unwrapped, output_dir)
+        lora_path = save_lora(unwrapped, output_dir, weights)
         info = {"base_model": models.source, "family": spec.description,
                 "ignore_learned_positional_embeddings": bool(
                     config.ignore_learned_positional_embeddings and spec.learned_positional_embeddings),
@@ -492,4 +543,5 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
         schema.atomic_write(output_dir / LORA_INFO_NAME,
                             lambda temp: Path(temp).write_text(json.dumps(info, indent=2) + "\n"))
     accelerator.end_training()
-    return TrainResult(lora_path=lora_path.resolve(), transformer=unwrapped, global_step=global_step, losses=losses)
+    return TrainResult(lora_path=lora_path.resolve(), is_main_process=accelerator.is_main_process,
+                       transformer=unwrapped, global_step=global_step, losses=losses)
