@@ -34,7 +34,8 @@ def _preprocess(argv):
     from .config import load_config
 
     result = preprocess.run(load_config("preprocess", argv))
-    print(result.summary())
+    if result.is_main_process:
+        print(result.summary())
 
 
 def _train(argv):

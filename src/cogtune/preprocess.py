@@ -10,6 +10,7 @@ stop (exit status 75); running it again continues.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ from .config import PreprocessConfig, precision_dtype
 from .buckets import bucket_name, configured_buckets, size_rule
 from .errors import CogtuneError, Preempted
 from .families import ModelConfigs
+from .distributed import Processes, balance, processes
 from .signals import StopRequests, ignore_stop_signals
 from .sources import load_records
-from .video import Clip, ClipSkipped, not_a_video, read_clip
+from .video import Clip, ClipSkipped, decode_cost, not_a_video, read_clip
 
 TENSOR_SETTINGS = ("height", "width", "fps", "max_num_frames", "skip_frames_start", "skip_frames_end",
                    "video_reshape_mode", "latent_dtype", "mixed_precision", "enable_tiling")
@@ -67,6 +69,7 @@ class PreprocessResult:
     reused_captions: int
     known_failures: int  # failed in an earlier run, not tried again
     seconds: float
+    is_main_process: bool = True
 
     def summary(self) -> str:
         return (
@@ -128,8 +131,8 @@ def _first(batch):
 
 
 def _device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
-    if torch.cuda.is_available():
-        return torch.device("cuda"), precision_dtype(precision)
+    if torch.cuda.is_available():  # one GPU per process of a node
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), precision_dtype(precision)
     # bf16/fp16 3D convolutions are pathologically slow on CPUs: encode in fp32 there.
     return torch.device("cpu"), torch.float32
 
@@ -152,33 +155,45 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     identity = cache_identity(config, models)
     schema.ensure_writable_dir(Path(config.cache_root), "--cache_root")
     cache_dir = Path(config.cache_root) / identity.name
+    procs = processes()
     with schema.cache_lock(cache_dir):  # shared with other writers; keeps `cogtune cache prune` out
-        counts = _encode_missing(records, config, models, identity, cache_dir, stop)
+        counts = _encode_missing(records, config, models, identity, cache_dir, stop, procs)
+    counts = {key: sum(c[key] for c in procs.gather(counts)) for key in counts}
+    counts["known_failures"] //= procs.world_size  # every process counted all of them
 
     cache = schema.Cache.open(cache_dir)
     return PreprocessResult(
         cache_dir=cache_dir.resolve(), samples=len(cache.samples), failed=len(cache.failed),
         skipped_by_kind=dict(Counter(row["failure_kind"] or "unreadable" for row in cache.failed).most_common()),
         buckets=dict(sorted(Counter(row["bucket"] for row in cache.samples).items())),
-        seconds=time.time() - started, **counts,
+        seconds=time.time() - started, is_main_process=procs.is_main, **counts,
     )
 
 
 def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, identity: schema.CacheIdentity,
-                    cache_dir: Path, stop: StopRequests) -> dict:
+                    cache_dir: Path, stop: StopRequests, procs: Processes) -> dict:
     """Encode what the cache lacks for these records, then record them as the selection; returns
-    what was encoded and reused."""
-    writer = schema.CacheWriter(cache_dir, identity, config.shard_size_mb)
+    what this process encoded and reused. With several processes, each fingerprints, encodes and
+    writes its own share: captions dealt out in turn, videos balanced by decode cost."""
+    if procs.is_main:
+        writer = schema.CacheWriter(cache_dir, identity, config.shard_size_mb, writer_id=f"r{procs.rank}")
+    procs.barrier()  # the manifest exists before the other processes check it
+    if not procs.is_main:
+        writer = schema.CacheWriter(cache_dir, identity, config.shard_size_mb, writer_id=f"r{procs.rank}")
     index_rows = schema.read_index(cache_dir)
     done = {r["sample_id"]: r for r in index_rows}  # encoded, or failed in an earlier run
     latent_rows = {r["latent_key"]: r for r in index_rows if r["status"] == schema.STATUS_OK}
     stored_tensors = schema.stored_tensor_shards(cache_dir)
 
-    # Plan: fingerprint every source, then see what is missing.
+    # Plan: fingerprint every source (each process a share), then see what is missing.
     sources = _Source(index_rows)
+    share = range(procs.rank, len(records), procs.world_size)
+    mine = {i: sources.fingerprint(records[i].video)
+            for i in tqdm(share, desc="fingerprinting", unit="file", leave=False, disable=not procs.is_main)}
+    fingerprints = {i: f for part in procs.gather(mine) for i, f in part.items()}
     planned = []  # (record, size, mtime_ns, sha, sample_id)
-    for record in tqdm(records, desc="fingerprinting", unit="file", leave=False):
-        size, mtime_ns, sha = sources.fingerprint(record.video)
+    for i, record in enumerate(records):
+        size, mtime_ns, sha = fingerprints[i]
         planned.append((record, size, mtime_ns, sha, schema.sample_id(sha, record.caption)))
     missing = [p for p in planned if p[4] not in done]
     captions_needed = sorted({p[0].caption for p in missing
@@ -191,8 +206,19 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
                                "remove it; nothing has been encoded yet.")
 
     text_shards = dict(stored_tensors)
-    if captions_needed:
-        text_shards.update(_encode_captions(captions_needed, config, models, writer, stop))
+    my_captions = captions_needed[procs.rank::procs.world_size]
+    if my_captions:
+        text_shards.update(_encode_captions(my_captions, config, models, writer, stop))
+    if procs.world_size > 1 and captions_needed:  # learn where the other processes stored theirs
+        writer.flush()
+        procs.barrier()
+        text_shards = schema.stored_tensor_shards(cache_dir)
+    my_videos = videos_needed
+    if procs.world_size > 1 and videos_needed:
+        mine = {i: decode_cost(path) for i, (_, path) in enumerate(videos_needed) if i % procs.world_size == procs.rank}
+        costs = {i: cost for part in procs.gather(mine) for i, cost in part.items()}
+        owner = balance([costs[i] for i in range(len(videos_needed))], procs.world_size)
+        my_videos = [video for video, rank in zip(videos_needed, owner) if rank == procs.rank]
 
     by_video: dict[str, list] = {}
     for p in missing:
@@ -218,19 +244,25 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
             writer.add_row(row)
 
     # Samples whose video is already encoded only need a row.
-    for sha, entries in by_video.items():
-        if schema.video_key(sha) in latent_rows:
-            add_rows(entries, latent_rows[schema.video_key(sha)], None)
+    if procs.is_main:
+        for sha, entries in by_video.items():
+            if schema.video_key(sha) in latent_rows:
+                add_rows(entries, latent_rows[schema.video_key(sha)], None)
 
     failed = 0
-    if videos_needed:
+    if my_videos:
         image_variants = identity.settings["image_noise_variants"]
-        failed = _encode_videos(videos_needed, config, by_video, writer, add_rows, image_variants, stop)
-    writer.write_selection(p[4] for p in planned)
+        failed = _encode_videos(my_videos, config, by_video, writer, add_rows, image_variants, stop)
+    writer.flush()
+    procs.barrier()  # every process's rows are written before the selection names them
+    if procs.is_main:
+        writer.write_selection(p[4] for p in planned)
+    procs.barrier()
+    main = procs.is_main
     return dict(
-        encoded_videos=len(videos_needed) - failed, encoded_captions=len(captions_needed),
-        reused_videos=len({p[3] for p in planned if schema.video_key(p[3]) in latent_rows}),
-        reused_captions=len({p[0].caption for p in planned}) - len(captions_needed),
+        encoded_videos=len(my_videos) - failed, encoded_captions=len(my_captions),
+        reused_videos=main * len({p[3] for p in planned if schema.video_key(p[3]) in latent_rows}),
+        reused_captions=main * (len({p[0].caption for p in planned}) - len(captions_needed)),
         known_failures=sum(p[4] in done and done[p[4]]["status"] != schema.STATUS_OK for p in planned),
     )
 
@@ -309,6 +341,12 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
     could not be used."""
     from diffusers import AutoencoderKLCogVideoX
 
+    jobs = [(path, sha) for sha, path in videos]
+    limit = failure_limit(config.max_failures, len(jobs))
+    loader = torch.utils.data.DataLoader(ClipDataset(jobs, config), batch_size=1, collate_fn=_first,
+                                         num_workers=config.dataloader_num_workers,
+                                         worker_init_fn=ignore_stop_signals)
+    clips = iter(loader)  # the decode workers start now, before the VAE exists: none holds a copy of it
     device, dtype = _device_and_dtype(config.mixed_precision)
     vae = AutoencoderKLCogVideoX.from_pretrained(
         config.pretrained_model_name_or_path, subfolder="vae", revision=config.revision, variant=config.variant,
@@ -319,11 +357,6 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
     if config.enable_tiling:
         vae.enable_tiling()
     store_dtype = schema.DTYPES[config.latent_dtype]
-    jobs = [(path, sha) for sha, path in videos]
-    limit = failure_limit(config.max_failures, len(jobs))
-    loader = torch.utils.data.DataLoader(ClipDataset(jobs, config), batch_size=1, collate_fn=_first,
-                                         num_workers=config.dataloader_num_workers,
-                                         worker_init_fn=ignore_stop_signals)
 
     def encode(pending: list[tuple[str, Clip]]) -> None:
         pixels = torch.stack([clip.pixels for _, clip in pending]).to(device, dtype)
@@ -362,7 +395,7 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
             encode(batch)
         pending.clear()
 
-    progress = tqdm(loader, total=len(jobs), desc="encoding videos", unit="clip")
+    progress = tqdm(clips, total=len(jobs), desc="encoding videos", unit="clip")
     for read, (sha, clip, failure) in enumerate(progress, start=1):
         if clip is None:
             failed += 1

@@ -261,6 +261,21 @@ def open_video(path: Path) -> DecordVideo | PyAVVideo:
         return PyAVVideo(path)
 
 
+def decode_cost(path: Path) -> float:
+    """What decoding a video costs, roughly: its frames x pixels from the container header (no
+    frame is decoded); the file size when the header says too little."""
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = stream.frames or float((stream.duration or 0) * (stream.time_base or 0) *
+                                            (stream.average_rate or stream.guessed_rate or 0))
+            if frames > 0 and stream.width and stream.height:
+                return float(frames) * stream.width * stream.height
+    except (av.error.FFmpegError, IndexError, TypeError, ValueError):
+        pass
+    return float(path.stat().st_size)
+
+
 # --- clips --------------------------------------------------------------------------------------
 
 

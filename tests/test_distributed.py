@@ -1,0 +1,102 @@
+"""Several processes on the CPU (torchrun, gloo): the same cache as one process, DDP training equal
+to one process with the same global batch, checkpoints and resume across ranks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cogtune import data_schema as schema
+from conftest import cogtune_here, write_config
+from test_cache_lifecycle import cache_dir_of, write_dataset
+
+TESTS = Path(__file__).parent
+
+
+def torchrun(*args, processes: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("dist"), 6)
+
+
+def test_two_process_preprocess_equals_one_process(tmp_path, tiny_model, data):
+    config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "one", tmp_path / "out",
+                          height=32, width=48, shard_size_mb=1e-6)
+    one = schema.Cache.open(cache_dir_of(cogtune_here("preprocess", "--config", config).stdout))
+    out = torchrun("-m", "cogtune.cli", "preprocess", "--config", config, "--cache_root", tmp_path / "two").stdout
+    assert sum(line.startswith("cache: ") for line in out.splitlines()) == 1  # one summary, from the main process
+    assert "encoded: 6 videos, 6 captions" in out
+    two = schema.Cache.open(cache_dir_of(out))
+    writers = {p.name.split("-")[0] for p in (two.path / schema.SHARDS_DIR).glob("*.safetensors")}
+    assert writers == {"r0", "r1"}  # both processes encoded a share
+
+    assert [r["sample_id"] for r in one.samples] != [] and \
+        sorted(r["sample_id"] for r in one.samples) == sorted(r["sample_id"] for r in two.samples)
+    rows_two = {r["sample_id"]: r for r in two.samples}
+    for row in one.samples:
+        other = rows_two[row["sample_id"]]
+        for column in ("frame_indices", "bucket", "latent_shape", "latent_key", "text_key", "caption", "decoder"):
+            assert row[column] == other[column]
+        for a, b in zip(one.latent_moments(row), two.latent_moments(other)):
+            assert torch.equal(a, b)
+        assert torch.equal(one.prompt_embeds(row), two.prompt_embeds(other))
+    assert cogtune_here("cache", "verify", two.path).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model, data):
+    """A cache, and one-process training with a batch of 2 for 6 steps (the reference)."""
+    root = tmp_path_factory.mktemp("ddp")
+    config = write_config(root / "c.toml", tiny_model, data, root / "cache", root / "one", height=32, width=48,
+                          max_train_steps=6, checkpointing_steps=3, lr_scheduler="cosine", lr_warmup_steps=2)
+    cogtune_here("preprocess", "--config", config)
+    cogtune_here("train", "--config", config, "--train_batch_size", "2")
+    return dict(root=root, config=config, one=root / "one")
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(trained, tmp_path):
+    out = tmp_path / "two"
+    torchrun(TESTS / "ddp_worker.py", "--config", trained["config"], "--output_dir", out, "--train_batch_size", "1")
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # identical ranks
+    reference = load_file(trained["one"] / "pytorch_lora_weights.safetensors")
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    assert saved.keys() == reference.keys()
+    assert all(torch.allclose(saved[k], reference[k], rtol=1e-4, atol=1e-6) for k in saved)
+    assert losses(out) == pytest.approx(losses(trained["one"]), rel=1e-5)
+    assert sorted(p.name for p in (out / "checkpoint-6").glob("random_states_*")) == \
+        ["random_states_0.safetensors", "random_states_1.safetensors"]
+
+
+def test_two_process_checkpoint_and_resume(trained, tmp_path):
+    full = tmp_path / "full"
+    common = ["-m", "cogtune.cli", "train", "--config", trained["config"], "--train_batch_size", "1"]
+    torchrun(*common, "--output_dir", full)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    log = (full / "train_log.jsonl").read_text().splitlines()
+    (resumed / "train_log.jsonl").write_text("\n".join(log[:3]) + "\n")
+    out = torchrun(*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
+    assert "Resumed from" in out.stdout + out.stderr
+    assert losses(resumed) == pytest.approx(losses(full), rel=1e-6)
+    a, b = load_file(full / "pytorch_lora_weights.safetensors"), load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
