@@ -3,6 +3,8 @@
     <output_dir>/checkpoint-<step>/
         pytorch_lora_weights.safetensors   the LoRA, in diffusers format (infer can load it as is)
         training_state.safetensors         optimizer, learning-rate schedule and gradient scaler
+                                           (under FSDP one per process: training_state_<rank>.safetensors;
+                                           under DeepSpeed, deepspeed/ in DeepSpeed's own format instead)
         random_states_<rank>.safetensors   each process's torch, CUDA, numpy and Python RNG states
         cogtune_state.json                 step, data position and the settings that decide the data order
 
@@ -135,6 +137,13 @@ def read_info(checkpoint: Path) -> dict:
 
 # --- saving and loading -------------------------------------------------------------------------
 
+DEEPSPEED_DIR = "deepspeed"
+
+
+def training_state_name(engine: str, process_index: int) -> str:
+    """FSDP shards the optimizer state, so each process keeps its own; otherwise it is one file."""
+    return f"training_state_{process_index}.safetensors" if engine == "FSDP" else TRAINING_STATE_NAME
+
 
 def save(accelerator, output_dir: Path, step: int, info: dict, lora_weights, save_lora, optimizer, lr_scheduler,
          total_limit: int | None) -> Path:
@@ -151,9 +160,13 @@ def save(accelerator, output_dir: Path, step: int, info: dict, lora_weights, sav
     save_state(temp / f"random_states_{accelerator.process_index}.safetensors", rng_states())
     if accelerator.is_main_process:
         save_lora(temp, weights)
+    engine = accelerator.distributed_type.name
+    if engine == "DEEPSPEED":  # ZeRO partitions the optimizer into DeepSpeed's own objects: its own format
+        accelerator.save_state(str(temp / DEEPSPEED_DIR), exclude_frozen_parameters=True)
+    elif engine == "FSDP" or accelerator.is_main_process:  # FSDP: each process holds a shard of the state
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        save_state(temp / TRAINING_STATE_NAME, {"optimizer": optimizer.state_dict(),
-                                                "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler})
+        save_state(temp / training_state_name(engine, accelerator.process_index),
+                   {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = dict(info, global_step=step, num_processes=accelerator.num_processes)
@@ -172,12 +185,22 @@ def save(accelerator, output_dir: Path, step: int, info: dict, lora_weights, sav
 def load(accelerator, checkpoint: Path, load_lora, optimizer, lr_scheduler) -> dict:
     """Restore a checkpoint written by `save`; returns its cogtune_state.json."""
     info = read_info(checkpoint)
-    load_lora(checkpoint)
-    state = load_state(checkpoint / TRAINING_STATE_NAME)
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if state["scaler"] is not None and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(state["scaler"])
+    engine = accelerator.distributed_type.name
+    if (checkpoint / DEEPSPEED_DIR).is_dir():
+        if engine != "DEEPSPEED":
+            raise CogtuneError(f"{checkpoint} was saved under DeepSpeed; resume it under DeepSpeed too.")
+        accelerator.load_state(str(checkpoint / DEEPSPEED_DIR))  # the LoRA weights are in it too
+    else:
+        load_lora(checkpoint)
+        path = checkpoint / training_state_name(engine, accelerator.process_index)
+        if not path.is_file():
+            raise CogtuneError(f"{checkpoint} holds no {path.name}: it was saved by another engine or number of "
+                               f"processes ({info.get('num_processes')}); resume it as it was run.")
+        state = load_state(path)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state["scaler"] is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
     rng_path = checkpoint / f"random_states_{accelerator.process_index}.safetensors"
     if rng_path.is_file():
         set_rng_states(load_state(rng_path))

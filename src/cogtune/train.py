@@ -386,6 +386,8 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
         num_training_steps=max_train_steps * accelerator.num_processes,
         num_cycles=config.lr_num_cycles, power=config.lr_power,
     )
+    if accelerator.state.deepspeed_plugin is not None:  # it cannot learn the batch size from a prepared loader
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
 
     # Resume: the LoRA, optimizer, schedule, scaler and RNG states; the data position follows from the step.
@@ -480,9 +482,11 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
                 # so they all take or all skip the step.
                 loss_value = accelerator.gather(torch.stack(step_losses).mean()).mean().item()
                 step_losses = []
-                grad_norm = float(accelerator.clip_grad_norm_(lora_parameters, config.max_grad_norm))
+                norm = accelerator.clip_grad_norm_(lora_parameters, config.max_grad_norm)
+                grad_norm = float(norm) if norm is not None else None  # None: DeepSpeed clips by itself
                 # Under fp16 the gradient scaler itself skips steps with overflowing gradients.
-                finite = math.isfinite(loss_value) and (math.isfinite(grad_norm) or accelerator.scaler is not None)
+                finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm)
+                                                        or accelerator.scaler is not None)
                 if finite:
                     optimizer.step()
                 lr_scheduler.step()
@@ -492,13 +496,13 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
             step_seconds = time.time() - step_started
             step_started = time.time()
             record = {"step": global_step, "loss": loss_value if finite else None, "lr": lr_scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                      "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
                       "step_seconds": round(step_seconds, 4)}
             if finite:
                 nan_steps = 0
                 losses.append(loss_value)
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{record['lr']:.2e}",
-                                     grad_norm=f"{grad_norm:.3f}", s_per_step=f"{step_seconds:.2f}")
+                                     grad_norm=f"{record['grad_norm'] or 0:.3f}", s_per_step=f"{step_seconds:.2f}")
             else:
                 nan_steps += 1
                 record["skipped"] = f"non-finite loss {loss_value} or gradient norm {grad_norm}"
