@@ -100,3 +100,21 @@ def test_two_process_checkpoint_and_resume(trained, tmp_path):
     assert losses(resumed) == pytest.approx(losses(full), rel=1e-6)
     a, b = load_file(full / "pytorch_lora_weights.safetensors"), load_file(resumed / "pytorch_lora_weights.safetensors")
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+@pytest.mark.parametrize("name, engine", [("single_gpu", "NO"), ("ddp", "MULTI_GPU"), ("fsdp", "FSDP"),
+                                          ("deepspeed_zero2", "DEEPSPEED"), ("deepspeed_zero2_offload", "DEEPSPEED"),
+                                          ("deepspeed_zero3", "DEEPSPEED"), ("deepspeed_zero3_offload", "DEEPSPEED")])
+def test_shipped_accelerate_configs_load(name, engine):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(TESTS.parent / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.name == engine
+    if engine == "DEEPSPEED":
+        stage = config.deepspeed_config["zero_stage"]
+        assert stage in (2, 3) and name.startswith(f"deepspeed_zero{stage}")
+        assert (config.deepspeed_config["offload_optimizer_device"] == "cpu") == name.endswith("offload")
+        assert config.deepspeed_config["zero3_save_16bit_model"] == (stage == 3)  # the LoRA can be gathered
+    if engine == "FSDP":
+        assert config.fsdp_config["fsdp_use_orig_params"] is True  # frozen base, trainable LoRA
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
