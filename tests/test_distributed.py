@@ -4,6 +4,7 @@ to one process with the same global batch, checkpoints and resume across ranks."
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,52 @@ def test_shipped_accelerate_configs_load(name, engine):
     if engine == "FSDP":
         assert config.fsdp_config["fsdp_use_orig_params"] is True  # frozen base, trainable LoRA
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+FAKE_SRUN = """#!/bin/bash
+# stand-in for srun on one machine: SLURM_NTASKS copies of the command, signals passed on
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+    SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+    pids+=($!)
+done
+trap 'forwarded=1; kill -USR1 "${pids[@]}" 2>/dev/null' USR1
+status=0
+for p in "${pids[@]}"; do
+    while :; do forwarded=0; wait $p; s=$?; [ "$forwarded" = 1 ] || break; done
+    [ $s -gt $status ] && status=$s
+done
+exit $status
+"""
+
+
+def test_the_multinode_slurm_example_starts_one_process_per_task_and_requeues(trained, tmp_path):
+    """examples/slurm/train_multinode.sbatch with stand-ins for srun and scontrol: two processes
+    find each other through the environment the script sets, and SIGUSR1 stops both at one
+    checkpoint that holds both processes' states, then the job is requeued."""
+    from test_preemption import logged_steps, wait_for
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text(
+        f"#!/bin/sh\nif [ \"$1\" = show ]; then echo 127.0.0.1; else echo \"$@\" >> {tmp_path / 'scontrol.log'}; fi\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_NTASKS="2",
+               SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(29000 + os.getpid() % 1000),
+               CONFIG=str(trained["config"]), COGTUNE=f"{sys.executable} -m cogtune.cli")
+    script = TESTS.parent / "examples" / "slurm" / "train_multinode.sbatch"
+    out = tmp_path / "out"
+    args = ["bash", str(script), "--output_dir", str(out), "--train_batch_size", "1", "--max_train_steps", "400",
+            "--checkpointing_steps", "1000"]
+    job = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: logged_steps(out) >= 3, job)
+    job.send_signal(signal.SIGUSR1)
+    stdout, stderr = job.communicate(timeout=180)
+    assert job.returncode == 75, stderr[-3000:]
+    assert "requeueing job 77" in stdout and (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
+    (checkpoint,) = (out).glob("checkpoint-*")
+    assert sorted(p.name for p in checkpoint.glob("random_states_*")) == \
+        ["random_states_0.safetensors", "random_states_1.safetensors"]  # both processes took part
