@@ -175,11 +175,13 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
     """Encode what the cache lacks for these records, then record them as the selection; returns
     what this process encoded and reused. With several processes, each fingerprints, encodes and
     writes its own share: captions dealt out in turn, videos balanced by decode cost."""
-    if procs.is_main:
-        writer = schema.CacheWriter(cache_dir, identity, config.shard_size_mb, writer_id=f"r{procs.rank}")
-    procs.barrier()  # the manifest exists before the other processes check it
-    if not procs.is_main:
-        writer = schema.CacheWriter(cache_dir, identity, config.shard_size_mb, writer_id=f"r{procs.rank}")
+    def new_writer():
+        return schema.CacheWriter(cache_dir, identity, config.shard_size_mb, writer_id=f"r{procs.rank}")
+
+    writer = new_writer() if procs.is_main else None
+    procs.barrier()  # the main process wrote the manifest; the others check it against theirs
+    writer = writer or new_writer()
+    # Every process reads the cache before any writes to it: the gather below waits for all.
     index_rows = schema.read_index(cache_dir)
     done = {r["sample_id"]: r for r in index_rows}  # encoded, or failed in an earlier run
     latent_rows = {r["latent_key"]: r for r in index_rows if r["status"] == schema.STATUS_OK}
