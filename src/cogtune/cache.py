@@ -110,14 +110,21 @@ def verify(cache_dir: str | Path, checksums: bool = True, selected_only: bool = 
     for sid in selection:
         if sid not in rows:
             report.damaged[sid].append("selected but has no index row")
+    selected = set(selection)
     checked = [row for row in rows.values() if row["status"] == schema.STATUS_OK
-               and (not selected_only or row["sample_id"] in set(selection))]
-    report.samples = len(checked)
+               and (not selected_only or row["sample_id"] in selected)]
+    return check_samples(cache_dir, manifest, checked, checksums, report)
 
+
+def check_samples(cache_dir: Path, manifest: dict, rows: list[dict], checksums: bool,
+                  report: Report | None = None) -> Report:
+    """Check the tensors of these ok index rows against the shards (into report, or a new one)."""
+    report = report or Report(cache_dir=Path(cache_dir), rows={row["sample_id"]: row for row in rows})
+    report.samples = len(rows)
     settings = manifest["settings"]
     dtype = schema.DTYPES[settings.get("latent_dtype", "fp32")]
     needed: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))  # shard -> key -> [(sid, shape)]
-    for row in checked:
+    for row in rows:
         for shard, key, shape in expected_tensors(row, settings["max_text_seq_length"]):
             needed[shard][key].append((row["sample_id"], shape))
 
@@ -195,8 +202,7 @@ def inspect(path: str | Path, failures_shown: int = 10) -> str:
     ok = [r for r in rows if r["status"] == schema.STATUS_OK and r["sample_id"] in selected]
     failed = [r for r in rows if r["status"] != schema.STATUS_OK]
     shards = sorted((path / schema.SHARDS_DIR).glob("*.safetensors"))
-    used = {r["latent_shard"] for r in rows if r["status"] == schema.STATUS_OK} | \
-           {r["text_shard"] for r in rows if r["status"] == schema.STATUS_OK}
+    used = used_shards(rows)
     orphans = [p for p in shards if p.stem not in used]
     shard_bytes = sum(_size(p) for p in shards)
     index_bytes = sum(_size(p) for p in schema.index_parts(path))
@@ -231,6 +237,12 @@ def inspect(path: str | Path, failures_shown: int = 10) -> str:
 # --- prune --------------------------------------------------------------------------------------
 
 
+def used_shards(rows) -> set[str]:
+    """The shards that hold a tensor of an ok row; any other shard can go."""
+    return {name for row in rows if row["status"] == schema.STATUS_OK
+            for name in (row["latent_shard"], row["text_shard"])}
+
+
 def temp_files(cache_dir: Path) -> list[Path]:
     """Temp files that killed writers left behind (never visible to readers)."""
     folders = (cache_dir, cache_dir / schema.SHARDS_DIR, cache_dir / schema.INDEX_DIR)
@@ -259,11 +271,15 @@ def prune(cache_dir: str | Path, failed: bool = True, unselected: bool = False, 
     cache_dir = Path(cache_dir)
     schema.read_manifest(cache_dir)
     with schema.cache_lock(cache_dir, exclusive=True):
-        report = verify(cache_dir, checksums=True) if damaged else verify(cache_dir, checksums=False)
-        rows = report.rows
+        if damaged:
+            report = verify(cache_dir, checksums=True)
+            rows, damaged_parts = report.rows, report.damaged_index_parts
+        else:  # the index alone says what is failed, unselected or unused
+            damaged_parts = []
+            rows = {row["sample_id"]: row for row in schema.read_index(cache_dir, damaged_parts)}
         selection = schema.read_selection(cache_dir)
         selected = set(selection or [])
-        result = PruneResult(damaged_index_parts=len(report.damaged_index_parts))
+        result = PruneResult(damaged_index_parts=len(damaged_parts))
 
         drop = set()
         if failed:
@@ -272,14 +288,13 @@ def prune(cache_dir: str | Path, failed: bool = True, unselected: bool = False, 
         if unselected and selection is not None:
             gone = {sid for sid in rows if sid not in selected} - drop
             result.unselected, drop = len(gone), drop | gone
-        bad_shards = set(report.damaged_shards) if damaged else set()
         if damaged:
             gone = {sid for sid, row in rows.items() if sid in report.damaged or
-                    (row["status"] == schema.STATUS_OK and {row["latent_shard"], row["text_shard"]} & bad_shards)}
+                    (row["status"] == schema.STATUS_OK and
+                     {row["latent_shard"], row["text_shard"]} & report.damaged_shards)}
             result.damaged, drop = len(gone - drop), drop | gone
         kept = [row for sid, row in rows.items() if sid not in drop]
-        used = {name for row in kept if row["status"] == schema.STATUS_OK
-                for name in (row["latent_shard"], row["text_shard"])}
+        used = used_shards(kept)
         doomed_shards = [p for p in sorted((cache_dir / schema.SHARDS_DIR).glob("*.safetensors"))
                          if p.stem not in used]
         temps = temp_files(cache_dir)
@@ -288,9 +303,9 @@ def prune(cache_dir: str | Path, failed: bool = True, unselected: bool = False, 
         if dry_run:
             return result
 
-        rewrite = drop or report.damaged_index_parts or len(schema.index_parts(cache_dir)) > 1
-        if rewrite:  # one compacted part replaces all others: written first, so a crash loses nothing
-            old_parts = schema.index_parts(cache_dir)
+        old_parts = schema.index_parts(cache_dir)
+        if drop or damaged_parts or len(old_parts) > 1:
+            # one compacted part replaces all others; it is written first, so a crash loses nothing
             new_part = schema.write_index_part(cache_dir, f"pruned-{uuid.uuid4().hex[:12]}", kept) if kept else None
             for part in old_parts:
                 if part != new_part:

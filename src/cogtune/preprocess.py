@@ -159,7 +159,6 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     with schema.cache_lock(cache_dir):  # shared with other writers; keeps `cogtune cache prune` out
         counts = _encode_missing(records, config, models, identity, cache_dir, stop, procs)
     counts = {key: sum(c[key] for c in procs.gather(counts)) for key in counts}
-    counts["known_failures"] //= procs.world_size  # every process counted all of them
 
     cache = schema.Cache.open(cache_dir)
     return PreprocessResult(
@@ -187,25 +186,27 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
     latent_rows = {r["latent_key"]: r for r in index_rows if r["status"] == schema.STATUS_OK}
     stored_tensors = schema.stored_tensor_shards(cache_dir)
 
-    # Plan: fingerprint every source (each process a share), then see what is missing.
+    # Plan: fingerprint every source (each process a share), then see what is missing. A new file
+    # that is plainly no video (text, an image) is a mistake in the dataset: say so before any work.
     sources = _Source(index_rows)
-    share = range(procs.rank, len(records), procs.world_size)
-    mine = {i: sources.fingerprint(records[i].video)
-            for i in tqdm(share, desc="fingerprinting", unit="file", leave=False, disable=not procs.is_main)}
+    mine = {}
+    for i in tqdm(range(procs.rank, len(records), procs.world_size), desc="fingerprinting", unit="file",
+                  leave=False, disable=not procs.is_main):
+        size, mtime_ns, sha = sources.fingerprint(records[i].video)
+        unseen = schema.sample_id(sha, records[i].caption) not in done
+        mine[i] = (size, mtime_ns, sha, not_a_video(records[i].video) if unseen else None)
     fingerprints = {i: f for part in procs.gather(mine) for i, f in part.items()}
     planned = []  # (record, size, mtime_ns, sha, sample_id)
     for i, record in enumerate(records):
-        size, mtime_ns, sha = fingerprints[i]
+        size, mtime_ns, sha, not_video = fingerprints[i]
+        if not_video:
+            raise CogtuneError(f"{record.where}: {record.video} is not a video ({not_video}). Fix the dataset row or "
+                               "remove it; nothing has been encoded yet.")
         planned.append((record, size, mtime_ns, sha, schema.sample_id(sha, record.caption)))
     missing = [p for p in planned if p[4] not in done]
     captions_needed = sorted({p[0].caption for p in missing
                               if schema.text_tensor_key(schema.caption_key(p[0].caption)) not in stored_tensors})
     videos_needed = list({p[3]: p[0].video for p in missing if schema.video_key(p[3]) not in latent_rows}.items())
-    for record, *_ in missing:  # a stray text or image file is a mistake in the dataset: say so before any work
-        reason = not_a_video(record.video)
-        if reason:
-            raise CogtuneError(f"{record.where}: {record.video} is not a video ({reason}). Fix the dataset row or "
-                               "remove it; nothing has been encoded yet.")
 
     text_shards = dict(stored_tensors)
     my_captions = captions_needed[procs.rank::procs.world_size]
@@ -265,7 +266,7 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
         encoded_videos=len(my_videos) - failed, encoded_captions=len(my_captions),
         reused_videos=main * len({p[3] for p in planned if schema.video_key(p[3]) in latent_rows}),
         reused_captions=main * (len({p[0].caption for p in planned}) - len(captions_needed)),
-        known_failures=sum(p[4] in done and done[p[4]]["status"] != schema.STATUS_OK for p in planned),
+        known_failures=main * sum(p[4] in done and done[p[4]]["status"] != schema.STATUS_OK for p in planned),
     )
 
 

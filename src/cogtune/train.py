@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as checkpoints
 from . import data_schema as schema
-from .cache import verify as verify_cache
+from .cache import check_samples
 from .config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
 from .errors import CogtuneError, Preempted
 from .families import FamilySpec, ModelConfigs, drop_learned_positional_embeddings
@@ -335,7 +335,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
         )
     if not cache.samples:
         raise CogtuneError(f"The cache {cache_path} holds no usable samples ({len(cache.failed)} were skipped).")
-    report = verify_cache(cache_path, checksums=False, selected_only=True)  # shard headers only: quick
+    report = check_samples(cache_path, cache.manifest, cache.samples, checksums=False)  # shard headers: quick
     if not report.ok:
         raise CogtuneError(f"The cache {cache_path} is damaged:\n" + report.text(checksums=False))
     for size in sorted({(row["num_frames"], row["height"], row["width"]) for row in cache.samples}):
@@ -513,9 +513,9 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=global_step)
-            saved = global_step % config.checkpointing_steps == 0 or global_step == max_train_steps
-            if saved:
-                save_checkpoint(global_step)
+            saved = None
+            if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps:
+                saved = save_checkpoint(global_step)
             if nan_steps >= config.max_nan_steps:
                 raise CogtuneError(
                     f"Stopped at step {global_step}: {nan_steps} steps in a row had a NaN or infinite loss or gradient "
@@ -523,7 +523,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
                     f"check the cache with `cogtune cache verify {cache_path}`; the checkpoints before it are intact."
                 )
             if stop_requested(accelerator, stop):
-                where = checkpoints.latest_checkpoint(output_dir) if saved else save_checkpoint(global_step)
+                where = saved or save_checkpoint(global_step)
                 raise Preempted(
                     f"stopped by {stop.signal or 'another process'} at step {global_step}; checkpoint saved to {where}. "
                     "Run the same command with --resume_from_checkpoint latest to continue."
