@@ -1,7 +1,5 @@
 """Caches that survive kill -9, SIGTERM and full disks; `cogtune cache inspect | verify | prune`."""
 
-import json
-import os
 import resource
 import shutil
 import signal
@@ -12,7 +10,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
