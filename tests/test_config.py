@@ -125,7 +125,7 @@ def test_missing_optional_optimizer_packages_give_a_clear_error():
 
     import torch
 
-    from cogtune.train import make_optimizer
+    from cogtune.optim import make_optimizer
 
     parameters = [torch.nn.Parameter(torch.zeros(2))]
     for package, argv in (("bitsandbytes", ["--use_8bit_adam"]), ("prodigyopt", ["--optimizer", "prodigy"])):

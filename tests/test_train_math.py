@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cogtune.train import add_noise, epoch_batches, velocity_loss
+from cogtune.train import NoiseSchedule, add_noise, epoch_batches, velocity_loss
 
 
 def test_every_sample_once_per_epoch_batches_of_one_shape():
@@ -38,10 +38,10 @@ def test_loss_equals_the_design_formula(scheduler):
     noise = torch.randn_like(x0)
     pred = torch.randn_like(x0)
     timesteps = torch.tensor([0, 500, 999])
-    abar = scheduler.alphas_cumprod.to(torch.float64)[timesteps]
+    constants = NoiseSchedule(scheduler.alphas_cumprod).at(timesteps)
 
-    x_t = add_noise(x0, noise, abar)
-    ours = velocity_loss(pred, x_t, x0, abar)
+    x_t = add_noise(x0, noise, constants)
+    ours = velocity_loss(pred, x_t, x0, constants)
 
     # DESIGN.md, written out with the scheduler's own operations: x_t = add_noise(x0, eps, t),
     # x0_hat = get_velocity(pred, x_t, t), loss = mean_b mean_FCHW 1/(1-abar) (x0_hat - x0)^2.
@@ -61,7 +61,7 @@ def test_loss_is_zero_for_the_true_velocity(scheduler):
     x0 = torch.randn(2, 1, 4, 2, 2)
     noise = torch.randn_like(x0)
     timesteps = torch.tensor([10, 900])
-    abar = scheduler.alphas_cumprod.to(torch.float64)[timesteps]
-    x_t = add_noise(x0, noise, abar)
+    constants = NoiseSchedule(scheduler.alphas_cumprod).at(timesteps)
+    x_t = add_noise(x0, noise, constants)
     velocity = scheduler.get_velocity(x0, noise, timesteps)
-    assert velocity_loss(velocity, x_t, x0, abar).item() < 1e-8
+    assert velocity_loss(velocity, x_t, x0, constants).item() < 1e-8

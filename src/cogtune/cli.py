@@ -43,7 +43,11 @@ def _train(argv):
     from .config import config_path_in, load_config, preprocess_config_for
 
     config = load_config("train", argv)
-    result = train.run(config, preprocess_config_for(config, config_path_in(argv)))
+    preprocess_config = preprocess_config_for(config, config_path_in(argv))
+    if config.dry_run:
+        print(train.dry_run(config, preprocess_config))
+        return
+    result = train.run(config, preprocess_config)
     if result.is_main_process:
         print(f"lora: {result.lora_path}")
 
@@ -63,15 +67,18 @@ def _cache(argv):
 
 
 def _make_tiny_model(argv):
-    from .tiny import FAMILIES, make_tiny_model
+    from .tiny import FAMILIES, SIZES, make_tiny_model
 
     parser = argparse.ArgumentParser(prog="cogtune make-tiny-model", description=COMMANDS["make-tiny-model"])
     parser.add_argument("output_dir", help="Folder to write the pipeline to.")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="2b",
                         help="Which family's structure to imitate (default: 2b).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights (default: 0).")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                        help="tiny (tests, demo) or small (benchmarks: the real models' proportions, 48M "
+                             "transformer parameters).")
     args = parser.parse_args(argv)
-    print(f"model: {make_tiny_model(args.output_dir, args.family, args.seed)}")
+    print(f"model: {make_tiny_model(args.output_dir, args.family, args.seed, args.size)}")
 
 
 def _make_demo_data(argv):

@@ -154,6 +154,21 @@ class TrainConfig(ModelArgs):
            "the run.")
     gradient_accumulation_steps: int = opt(1, "Batches accumulated per optimizer step.")
     gradient_checkpointing: bool = opt(False, "Recompute transformer activations in the backward pass (less memory).")
+    layerwise_casting_storage_dtype: str = opt(
+        "none",
+        "Store the frozen transformer's linear weights in fp8 and cast each layer to the --mixed_precision dtype "
+        "only while it runs (diffusers layerwise casting): about half the weight memory of bf16. LoRA weights, "
+        "norms and embeddings are not cast.",
+        choices=("none", "float8_e4m3fn", "float8_e5m2"),
+    )
+    offload_optimizer: bool = opt(
+        False, "Keep the optimizer state (and an fp32 copy of the LoRA) in CPU memory and step there; "
+               "the GPU then holds no optimizer state.")
+    compile: bool = opt(
+        False, "Compile each transformer block with torch.compile (faster steps after a slow first one).")
+    dry_run: bool = opt(
+        False, "Print the expected peak GPU memory of these settings (weights, LoRA, optimizer state, "
+               "activations with and without gradient checkpointing) and exit without loading any weights.")
     learning_rate: float = opt(1e-4, "Initial learning rate (after warm-up).")
     scale_lr: bool = opt(
         False, "Multiply the learning rate by gradient_accumulation_steps x train_batch_size x number of processes."
@@ -171,7 +186,8 @@ class TrainConfig(ModelArgs):
         "adam, adamw or prodigy (prodigy needs the prodigyopt package). Case does not matter.",
         choices=("adam", "adamw", "prodigy"),
     )
-    use_8bit_adam: bool = opt(False, "Use bitsandbytes' 8-bit Adam/AdamW (needs the bitsandbytes package).")
+    use_8bit_adam: bool = opt(False, "Use bitsandbytes' 8-bit Adam/AdamW (needs the bitsandbytes package); the "
+                                     "optimizer state then takes 2 bytes per LoRA parameter instead of 8.")
     adam_beta1: float = opt(0.9, "Adam beta1.")
     adam_beta2: float = opt(0.95, "Adam beta2.")
     adam_weight_decay: float = opt(1e-4, "Weight decay.")

@@ -25,16 +25,15 @@ SCHEDULER_5B = dict(SCHEDULER_2B, snr_shift_scale=1.0)
 # The structural flags of each family, as in the published configs (see families.py); the tiny
 # model keeps them and shrinks every width.
 ROPE_5B = dict(use_rotary_positional_embeddings=True)
-ROPE_15 = dict(use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False,
-               sample_height=16, sample_width=16)  # 1.5: the slice grid's maximum size
+ROPE_15 = dict(use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False)
 FAMILIES = {
     "2b": dict(transformer={}, vae=dict(scaling_factor=1.15258426), scheduler=SCHEDULER_2B),
     "5b": dict(transformer=ROPE_5B, vae=dict(scaling_factor=0.7), scheduler=SCHEDULER_5B),
-    "5b-i2v": dict(transformer=dict(ROPE_5B, in_channels=8, use_learned_positional_embeddings=True),
+    "5b-i2v": dict(transformer=dict(ROPE_5B, use_learned_positional_embeddings=True), image_conditioned=True,
                    vae=dict(scaling_factor=0.7), scheduler=SCHEDULER_5B),
     "1.5-5b": dict(transformer=ROPE_15, vae=dict(scaling_factor=0.7, invert_scale_latents=True),
                    scheduler=SCHEDULER_5B),
-    "1.5-5b-i2v": dict(transformer=dict(ROPE_15, in_channels=8, ofs_embed_dim=8),
+    "1.5-5b-i2v": dict(transformer=dict(ROPE_15, ofs_embed_dim=8), image_conditioned=True,
                        vae=dict(scaling_factor=0.7, invert_scale_latents=True), scheduler=SCHEDULER_5B),
 }
 
@@ -48,7 +47,7 @@ WORDS = (
 ).split()
 
 
-def make_tokenizer():
+def make_tokenizer(max_length: int = MAX_TEXT_LENGTH):
     """A T5 tokenizer whose vocabulary is built here: whole words, then single characters."""
     from transformers import T5Tokenizer
 
@@ -56,45 +55,68 @@ def make_tokenizer():
     pieces += [(f"▁{word}", -5.0) for word in WORDS]
     characters = string.ascii_letters + string.digits + string.punctuation
     pieces += [(f"▁{c}", -9.0) for c in characters] + [(c, -10.0) for c in characters]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=MAX_TEXT_LENGTH)
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
-def make_tiny_pipeline(family: str = "2b", seed: int = 0):
-    """A random-weight pipeline of the family's structure: 4 latent channels, 2 layers, T5 of width 32.
-    Its native size (the learned positional embeddings of 5b-i2v) is 9 frames of 32x64."""
+# Widths of each size. "tiny": a few hundred kilobytes, for tests and the demo. "small": for
+# benchmarks, with the real models' proportions: a 48M-parameter transformer of 12 layers, T5 with
+# 2.8x its parameters, a VAE with a tenth of them, 16 latent channels and the real text length of
+# 226. Its native size is 9 frames of 96x160.
+SIZES = {
+    "tiny": dict(
+        text_encoder=dict(d_model=TEXT_DIM, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
+                          relative_attention_num_buckets=8),
+        vae=dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, norm_num_groups=2),
+        transformer=dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                         time_embed_dim=8, text_embed_dim=TEXT_DIM, num_layers=2, sample_width=8, sample_height=4,
+                         max_text_seq_length=MAX_TEXT_LENGTH),
+    ),
+    "small": dict(  # T5 v1.1 shapes (gated GELU, d_ff 2.5 x d_model, heads of 64) at a quarter of XXL's width
+        text_encoder=dict(d_model=1024, d_ff=2560, d_kv=64, num_heads=16, num_layers=11,
+                          relative_attention_num_buckets=32, feed_forward_proj="gated-gelu"),
+        vae=dict(block_out_channels=(48, 80, 80, 80), latent_channels=16, norm_num_groups=8),
+        transformer=dict(num_attention_heads=8, attention_head_dim=64, in_channels=16, out_channels=16,
+                         time_embed_dim=128, text_embed_dim=1024, num_layers=12, sample_width=20, sample_height=12,
+                         max_text_seq_length=226),
+    ),
+}
+
+
+def make_tiny_pipeline(family: str = "2b", seed: int = 0, size: str = "tiny"):
+    """A random-weight pipeline of the family's structure and the widths of SIZES[size]. The tiny
+    one's native size (the learned positional embeddings of 5b-i2v) is 9 frames of 32x64."""
     from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline,
                            CogVideoXPipeline, CogVideoXTransformer3DModel)
     from transformers import T5Config, T5EncoderModel
 
-    spec = FAMILIES[family]
+    spec, widths = FAMILIES[family], SIZES[size]
     torch.manual_seed(seed)
-    tokenizer = make_tokenizer()
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=TEXT_DIM, d_ff=37, d_kv=8, num_heads=4, num_layers=2,
-        relative_attention_num_buckets=8, decoder_start_token_id=0,
-    ))
+    tokenizer = make_tokenizer(widths["transformer"]["max_text_seq_length"])
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), decoder_start_token_id=0,
+                                           **widths["text_encoder"]))
     vae = AutoencoderKLCogVideoX(
         in_channels=3, out_channels=3,
         down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
-        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
-        temporal_compression_ratio=4, **spec["vae"],
+        layers_per_block=1, temporal_compression_ratio=4, **widths["vae"], **spec["vae"],
     )
-    transformer = CogVideoXTransformer3DModel(**dict(
-        dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-             text_embed_dim=TEXT_DIM, num_layers=2, sample_width=8, sample_height=4, sample_frames=9, patch_size=2,
-             temporal_compression_ratio=4, max_text_seq_length=MAX_TEXT_LENGTH),
-        **spec["transformer"],
-    ))
+    transformer_config = dict(widths["transformer"], sample_frames=9, patch_size=2, temporal_compression_ratio=4)
+    transformer_config.update(spec["transformer"])
+    if "patch_size_t" in transformer_config:  # 1.5: the sample size is the slice grid's maximum size
+        transformer_config["sample_height"] = transformer_config["sample_width"] = max(
+            16, transformer_config["sample_height"], transformer_config["sample_width"])
+    if spec.get("image_conditioned"):  # the image latents are concatenated on channels
+        transformer_config["in_channels"] *= 2
+    transformer = CogVideoXTransformer3DModel(**transformer_config)
     scheduler = CogVideoXDDIMScheduler(**spec["scheduler"])
-    pipeline = CogVideoXImageToVideoPipeline if transformer.config.in_channels == 8 else CogVideoXPipeline
+    pipeline = CogVideoXImageToVideoPipeline if spec.get("image_conditioned") else CogVideoXPipeline
     return pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                     scheduler=scheduler)
 
 
-def make_tiny_model(path: str | Path, family: str = "2b", seed: int = 0) -> Path:
+def make_tiny_model(path: str | Path, family: str = "2b", seed: int = 0, size: str = "tiny") -> Path:
     """Write a random-weight CogVideoX pipeline folder that from_pretrained loads offline."""
     path = Path(path)
-    make_tiny_pipeline(family, seed).save_pretrained(path)
+    make_tiny_pipeline(family, seed, size).save_pretrained(path)
     return path.resolve()
 
 

@@ -28,6 +28,7 @@ from .cache import check_samples
 from .config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
 from .errors import CogtuneError, Preempted
 from .families import FamilySpec, ModelConfigs, drop_learned_positional_embeddings
+from .optim import make_optimizer, state_bytes_per_parameter
 from .signals import StopRequests, ignore_stop_signals
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -120,6 +121,36 @@ def sample_image_latents(mean: torch.Tensor, logvar: torch.Tensor, spec: FamilyS
 
 
 @dataclass
+class NoiseSchedule:
+    """The timestep-dependent constants of the loss, computed once in float64 from alphas_cumprod."""
+
+    alphas_cumprod: torch.Tensor
+
+    def __post_init__(self):
+        abar = self.alphas_cumprod.to(torch.float64)
+        self.signal, self.noise, self.weight = abar.sqrt(), (1 - abar).sqrt(), 1 / (1 - abar)
+
+    def __len__(self):
+        return len(self.alphas_cumprod)
+
+    def at(self, timesteps: torch.Tensor) -> "StepConstants":
+        return StepConstants(*(table[timesteps].float().view(-1, 1, 1, 1, 1)
+                               for table in (self.signal, self.noise, self.weight)))
+
+
+@dataclass
+class StepConstants:
+    """sqrt(abar_t), sqrt(1 - abar_t) and 1 / (1 - abar_t) of a batch's timesteps, shaped [B, 1, 1, 1, 1]."""
+
+    signal: torch.Tensor
+    noise: torch.Tensor
+    weight: torch.Tensor
+
+    def to(self, device) -> "StepConstants":
+        return StepConstants(self.signal.to(device), self.noise.to(device), self.weight.to(device))
+
+
+@dataclass
 class StepInputs:
     """What one training step feeds the transformer, and what its loss compares against."""
 
@@ -127,39 +158,36 @@ class StepInputs:
     x_t: torch.Tensor
     model_input: torch.Tensor  # x_t, with the image condition concatenated on channels for I2V
     timesteps: torch.Tensor
-    abar_t: torch.Tensor  # float64
+    constants: StepConstants
 
 
-def step_inputs(batch: dict, spec: FamilySpec, draws: Draws, alphas_cumprod: torch.Tensor,
+def step_inputs(batch: dict, spec: FamilySpec, draws: Draws, schedule: NoiseSchedule,
                 noised_image_dropout: float) -> StepInputs:
     """The randomness of one step, drawn in a fixed order: the video posterior sample, timesteps,
     noise, then (I2V) the image encoding, its posterior sample and dropout."""
     x0 = spec.pad_frames(sample_x0(batch["mean"], batch["logvar"], spec, draws))
-    timesteps = draws.randint(len(alphas_cumprod), x0.shape[0])
+    timesteps = draws.randint(len(schedule), x0.shape[0])
     noise = draws.randn(x0.shape)
-    abar_t = alphas_cumprod[timesteps]
-    x_t = add_noise(x0, noise, abar_t)
+    constants = schedule.at(timesteps).to(x0.device)
+    x_t = add_noise(x0, noise.to(x0.device), constants)
     model_input = x_t
     if spec.image_conditioned:
         image = sample_image_latents(batch["image_mean"], batch["image_logvar"], spec, draws,
                                      noised_image_dropout)
         model_input = torch.cat([x_t, spec.image_condition(image, x0.shape[1])], dim=2)
-    return StepInputs(x0=x0, x_t=x_t, model_input=model_input, timesteps=timesteps, abar_t=abar_t)
+    return StepInputs(x0=x0, x_t=x_t, model_input=model_input, timesteps=timesteps, constants=constants)
 
 
-def velocity_loss(pred: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+def velocity_loss(pred: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, constants: StepConstants) -> torch.Tensor:
     """The CogVideoX training loss: x0_hat = sqrt(abar) x_t - sqrt(1 - abar) pred, weighted by
-    1 / (1 - abar), averaged over (F, C, H, W) and then over the batch. abar_t: [B] float64."""
-    abar = abar_t.view(-1, 1, 1, 1, 1)
-    x0_hat = abar.sqrt().float() * x_t.float() - (1 - abar).sqrt().float() * pred.float()
-    weights = (1 / (1 - abar)).float()
-    return (weights * (x0_hat - x0.float()) ** 2).flatten(1).mean(1).mean()
+    1 / (1 - abar), averaged over (F, C, H, W) and then over the batch."""
+    x0_hat = constants.signal * x_t.float() - constants.noise * pred.float()
+    return (constants.weight * (x0_hat - x0.float()) ** 2).flatten(1).mean(1).mean()
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, constants: StepConstants) -> torch.Tensor:
     """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, with the coefficients computed in float64."""
-    abar = abar_t.view(-1, 1, 1, 1, 1)
-    return abar.sqrt().float() * x0 + (1 - abar).sqrt().float() * noise
+    return constants.signal * x0 + constants.noise * noise
 
 
 # --- the cache as a dataset ---------------------------------------------------------------------
@@ -232,29 +260,109 @@ def load_lora_into(transformer, directory: Path) -> None:
         raise CogtuneError(f"The LoRA in {directory} does not match this model (unexpected keys).")
 
 
-def make_optimizer(parameters, config: TrainConfig, learning_rate: float):
-    betas = (config.adam_beta1, config.adam_beta2)
-    if config.optimizer == "prodigy":
+def build_transformer(config: TrainConfig, models: ModelConfigs, spec: FamilySpec, device, meta: bool = False):
+    """The transformer as training uses it: frozen in the --mixed_precision dtype (linear weights in
+    fp8 with --layerwise_casting_storage_dtype), with fp32 LoRA adapters. meta: built on the meta
+    device from the config alone (shapes, no weights), for the memory estimate."""
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    weight_dtype = precision_dtype(config.mixed_precision)
+    if meta:
+        from diffusers.utils import logging
+
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # .to(dtype) on a model built from its config warns about fp32 modules
         try:
-            import prodigyopt
-        except ImportError:
-            raise CogtuneError("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
-        return prodigyopt.Prodigy(
-            parameters, lr=learning_rate, betas=betas, beta3=config.prodigy_beta3, eps=config.adam_epsilon,
-            weight_decay=config.adam_weight_decay, decouple=config.prodigy_decouple,
-            use_bias_correction=config.prodigy_use_bias_correction,
-            safeguard_warmup=config.prodigy_safeguard_warmup,
-        )
-    if config.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise CogtuneError("--use_8bit_adam needs the bitsandbytes package: pip install bitsandbytes") from None
-        cls = bnb.optim.AdamW8bit if config.optimizer == "adamw" else bnb.optim.Adam8bit
+            with torch.device("meta"):
+                transformer = CogVideoXTransformer3DModel.from_config(models.transformer).to(weight_dtype)
+        finally:
+            logging.set_verbosity(verbosity)
     else:
-        cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return cls(parameters, lr=learning_rate, betas=betas, eps=config.adam_epsilon,
-               weight_decay=config.adam_weight_decay)
+        transformer = CogVideoXTransformer3DModel.from_pretrained(
+            models.source["pretrained_model_name_or_path"], subfolder="transformer", revision=config.revision,
+            variant=config.variant, cache_dir=config.cache_dir, torch_dtype=weight_dtype,
+        )
+    if config.ignore_learned_positional_embeddings and spec.learned_positional_embeddings:
+        drop_learned_positional_embeddings(transformer)
+    transformer.requires_grad_(False)
+    transformer.to(device)
+    if config.gradient_checkpointing and not meta:
+        transformer.enable_gradient_checkpointing()
+    torch.manual_seed(config.seed)  # LoRA init
+    transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, init_lora_weights=True,
+                                       target_modules=list(config.lora_target_modules)))
+    cast_training_params([transformer], dtype=torch.float32)  # only the LoRA is trained: only it is fp32
+    if config.layerwise_casting_storage_dtype != "none":  # after the LoRA, which it leaves in fp32
+        transformer.enable_layerwise_casting(storage_dtype=getattr(torch, config.layerwise_casting_storage_dtype),
+                                             compute_dtype=weight_dtype)
+    if config.compile and not meta:  # regional compilation: one compiled graph serves every block
+        for block in transformer.transformer_blocks:
+            block.compile()
+    return transformer
+
+
+def largest_latent_shape(config: TrainConfig, preprocess_config: PreprocessConfig | None, models: ModelConfigs,
+                         spec: FamilySpec) -> tuple[list[int], str]:
+    """[C, F, H, W] of the biggest latent training will see, and where it was learnt: the cache's
+    index when the cache exists, else the preprocess settings."""
+    try:
+        cache_path = resolve_cache(config, preprocess_config, models)
+        shapes = {tuple(row["latent_shape"]) for row in schema.Cache.open(cache_path).samples}
+        if shapes:
+            return list(max(shapes, key=lambda shape: math.prod(shape[1:]))), f"the cache {cache_path}"
+    except CogtuneError:
+        if preprocess_config is None:
+            raise
+    from .buckets import configured_buckets
+
+    buckets = configured_buckets(preprocess_config) or [(preprocess_config.max_num_frames, preprocess_config.height,
+                                                         preprocess_config.width)]
+    frames, height, width = max(buckets, key=lambda bucket: math.prod(bucket))
+    return ([spec.latent_channels, spec.latent_frames(frames), height // spec.vae_scale_spatial,
+             width // spec.vae_scale_spatial], "the preprocess settings (no cache yet)")
+
+
+def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: list[int]):
+    """The expected peak GPU memory of training with these settings on batches of latent_shape [C, F, H, W]."""
+    from .memory import estimate
+
+    spec = models.spec()
+    meta = torch.device("meta")
+    transformer = build_transformer(config, models, spec, meta, meta=True)
+    channels, frames, height, width = latent_shape
+    frames += spec.frame_padding(frames)
+    batch = config.train_batch_size
+    weight_dtype = precision_dtype(config.mixed_precision)
+    in_channels = transformer.config.in_channels
+    inputs = dict(
+        hidden_states=torch.empty(batch, frames, in_channels, height, width, device=meta, dtype=weight_dtype),
+        encoder_hidden_states=torch.empty(batch, spec.max_text_seq_length, spec.text_embed_dim, device=meta,
+                                          dtype=weight_dtype),
+        timestep=torch.zeros(batch, dtype=torch.long, device=meta),
+        image_rotary_emb=spec.rotary_embeddings(height * spec.vae_scale_spatial, width * spec.vae_scale_spatial,
+                                                frames, meta),
+        ofs=spec.ofs(batch, meta),
+    )
+    with torch.autocast("cpu", enabled=False):
+        return estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
+                        config.offload_optimizer)
+
+
+def dry_run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) -> str:
+    """What `cogtune train --dry_run` prints: the memory estimate, from config files alone."""
+    models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
+                               config.cache_dir)
+    spec = models.spec()
+    latent_shape, source = largest_latent_shape(config, preprocess_config, models, spec)
+    estimated = memory_estimate(config, models, latent_shape)
+    channels, frames, height, width = latent_shape
+    return (f"Expected peak GPU memory for {spec.description}, batch {config.train_batch_size} of latents "
+            f"{frames}x{height}x{width} (the largest, from {source}), rank {config.rank}, "
+            f"--mixed_precision {config.mixed_precision}:\n{estimated.table()}\n"
+            "The estimate counts tensors (as torch.cuda.max_memory_allocated does); the CUDA context and the "
+            "allocator's cache add about 0.5-1 GiB to what nvidia-smi shows.")
 
 
 @dataclass
@@ -299,10 +407,8 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
 def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: StopRequests) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from diffusers import CogVideoXDDIMScheduler
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
 
     # Set-up: devices, precision, output folder.
     output_dir = Path(config.output_dir)
@@ -344,25 +450,12 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
 
     # The model: the transformer alone, frozen, with LoRA adapters in fp32.
     weight_dtype = precision_dtype(config.mixed_precision)
-    transformer = CogVideoXTransformer3DModel.from_pretrained(
-        models.source["pretrained_model_name_or_path"], subfolder="transformer", revision=config.revision,
-        variant=config.variant, cache_dir=config.cache_dir, torch_dtype=weight_dtype,
-    )
-    if config.ignore_learned_positional_embeddings and spec.learned_positional_embeddings:
-        drop_learned_positional_embeddings(transformer)
-    transformer.requires_grad_(False)
-    transformer.to(accelerator.device)
-    if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    torch.manual_seed(config.seed)  # LoRA init
-    transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, init_lora_weights=True,
-                                       target_modules=list(config.lora_target_modules)))
-    cast_training_params([transformer], dtype=torch.float32)
+    transformer = build_transformer(config, models, spec, accelerator.device)
     scheduler = CogVideoXDDIMScheduler.from_pretrained(
         models.source["pretrained_model_name_or_path"], subfolder="scheduler", revision=config.revision,
         cache_dir=config.cache_dir,
     )
-    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+    schedule = NoiseSchedule(scheduler.alphas_cumprod)
 
     # Optimizer and learning-rate schedule.
     learning_rate = config.learning_rate
@@ -438,7 +531,8 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
                 if logged_step(line) <= global_step]
         schema.atomic_write(log_path, lambda temp: Path(temp).write_text("".join(f"{line}\n" for line in kept)))
     dataset = LatentDataset(cache)
-    rotary_cache: dict = {}
+    device, on_gpu = accelerator.device, accelerator.device.type == "cuda"
+    per_shape: dict = {}
     losses, step_losses, nan_steps = [], [], 0
     progress = tqdm(total=max_train_steps, initial=global_step, desc="training", unit="step",
                     disable=not accelerator.is_local_main_process)
@@ -450,30 +544,32 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
                    for batch in epoch_batches(shapes, global_batch_size, config.seed, epoch)[position:]]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                              num_workers=config.dataloader_num_workers,
-                                             worker_init_fn=ignore_stop_signals)
+                                             worker_init_fn=ignore_stop_signals, pin_memory=on_gpu)
         for batch in loader:
             draws = Draws(batch_generator(config.seed, batch_number), start=process_index * config.train_batch_size,
                           total=global_batch_size if processes > 1 else None)
             batch_number += 1
             with accelerator.accumulate(transformer):
-                inputs = step_inputs(batch, spec, draws, alphas_cumprod, config.noised_image_dropout)
-                device = accelerator.device
-                x0, x_t, abar_t = inputs.x0.to(device), inputs.x_t.to(device), inputs.abar_t.to(device)
+                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}  # pinned
+                inputs = step_inputs(batch, spec, draws, schedule, config.noised_image_dropout)
+                x0, x_t = inputs.x0, inputs.x_t
                 latent_frames, height, width = x0.shape[1], x0.shape[3], x0.shape[4]
-                key = (latent_frames, height, width)
-                if key not in rotary_cache:
-                    rotary_cache[key] = spec.rotary_embeddings(height * spec.vae_scale_spatial,
-                                                               width * spec.vae_scale_spatial, latent_frames, device)
+                key = (x0.shape[0], latent_frames, height, width)
+                if key not in per_shape:  # RoPE tables and ofs, once per bucket and batch size
+                    per_shape[key] = (spec.rotary_embeddings(height * spec.vae_scale_spatial,
+                                                             width * spec.vae_scale_spatial, latent_frames, device),
+                                      spec.ofs(x0.shape[0], device))
+                rotary, ofs = per_shape[key]
                 with accelerator.autocast():
                     pred = transformer(
-                        hidden_states=inputs.model_input.to(device, weight_dtype),
-                        encoder_hidden_states=batch["prompt_embeds"].to(device, weight_dtype),
+                        hidden_states=inputs.model_input.to(weight_dtype),
+                        encoder_hidden_states=batch["prompt_embeds"].to(weight_dtype),
                         timestep=inputs.timesteps.to(device),
-                        image_rotary_emb=rotary_cache[key],
-                        ofs=spec.ofs(x0.shape[0], device),
+                        image_rotary_emb=rotary,
+                        ofs=ofs,
                         return_dict=False,
                     )[0]
-                loss = velocity_loss(pred, x_t.to(weight_dtype), x0, abar_t)
+                loss = velocity_loss(pred, x_t.to(weight_dtype), x0, inputs.constants)
                 step_losses.append(loss.detach())
                 accelerator.backward(loss)  # every process, even with a NaN loss, so that none waits for another
                 if not accelerator.sync_gradients:

@@ -1,0 +1,342 @@
+"""Side-by-side benchmark: cogtune against the diffusers reference script, on the same model, data and settings.
+
+    .venv/bin/python bench/run.py --reference ~/src/diffusers            # or: make bench REFERENCE=~/src/diffusers
+
+Builds a random-weight "small" CogVideoX pipeline with the real models' proportions (cogtune
+make-tiny-model --size small) and synthetic clips, then measures:
+
+- preprocess: clips/s of a fresh `cogtune preprocess` (model loading included) and its peak RSS;
+- cache reading: samples/s through the training DataLoader alone;
+- cache size: bytes per clip;
+- training: our `cogtune train` and, with --reference, the diffusers script
+  examples/cogvideo/train_cogvideox_lora.py of that checkout, each in its own process under
+  bench/timed.py, with the same model, clips, resolution, frames, batch, rank, steps, seed and
+  optimizer. Per run: the median optimizer-step interval after --warmup steps, the peak RSS of the
+  process (wait4) and, on a GPU, torch.cuda.max_memory_allocated.
+
+Writes RESULTS/NAME.md (the table, the machine, the settings), RESULTS/NAME.json and RESULTS/NAME.png.
+Nothing of the diffusers checkout is copied; it is run where it lies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REFERENCE_SCRIPT = Path("examples/cogvideo/train_cogvideox_lora.py")
+
+
+@dataclass
+class Settings:
+    clips: int = 16
+    frames: int = 9
+    height: int = 96
+    width: int = 160
+    fps: int = 8
+    batch: int = 1
+    rank: int = 64
+    steps: int = 16
+    warmup: int = 3
+    seed: int = 0
+    learning_rate: float = 1e-4
+    mixed_precision: str = "no"
+
+    def shared_flags(self) -> list[str]:
+        """The training flags both trainers take with the same name and meaning."""
+        return ["--pretrained_model_name_or_path", "{model}", "--train_batch_size", str(self.batch),
+                "--max_train_steps", str(self.steps), "--rank", str(self.rank), "--lora_alpha", str(self.rank),
+                "--seed", str(self.seed), "--mixed_precision", self.mixed_precision,
+                "--learning_rate", str(self.learning_rate), "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+                "--optimizer", "adamw", "--checkpointing_steps", "1000000", "--dataloader_num_workers", "0"]
+
+
+# --- assets -------------------------------------------------------------------------------------
+
+
+def make_assets(work: Path, settings: Settings) -> tuple[Path, Path]:
+    """The small model and `clips` distinct captioned clips (prompts.txt + videos.txt), built once per work folder."""
+    import numpy as np
+
+    from cogtune.tiny import COLORS, make_tiny_model, synthetic_frames, write_mp4
+
+    model = work / "model"
+    if not (model / "model_index.json").is_file():
+        make_tiny_model(model, "2b", seed=0, size="small")
+    data = work / f"data-{settings.clips}"
+    if not (data / "videos.txt").is_file():
+        (data / "videos").mkdir(parents=True, exist_ok=True)
+        colors = list(COLORS.items())
+        prompts, videos = [], []
+        for i in range(settings.clips):
+            name, color = colors[i % len(colors)]
+            frames = synthetic_frames(2 * settings.frames, settings.height, settings.width, color, 1 - 2 * (i % 2))
+            frames = np.clip(frames.astype(np.int16) + 7 * (i // len(colors)), 0, 255).astype(np.uint8)  # distinct
+            write_mp4(data / "videos" / f"{i:05d}.mp4", frames, settings.fps)
+            prompts.append(f"a {name} square moves across a dark gradient background, take {i}")
+            videos.append(f"videos/{i:05d}.mp4")
+        (data / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        (data / "videos.txt").write_text("\n".join(videos) + "\n")
+    return model, data
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def run_measured(name: str, command: list[str], work: Path) -> dict:
+    """Run command under bench/timed.py in its own process; its figures, wall time and peak RSS (wait4)."""
+    record_path, log_path = work / f"{name}.json", work / f"{name}.log"
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, str(HERE / "timed.py"), str(record_path), *command],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-25:])
+        raise SystemExit(f"{name} failed with exit status {process.returncode}; last lines of {log_path}:\n{tail}")
+    record = json.loads(record_path.read_text())
+    record.update(name=name, seconds=seconds, peak_rss_bytes=usage.ru_maxrss * 1024)
+    return record
+
+
+def median_step_seconds(record: dict, warmup: int) -> float:
+    times = record["step_times"]
+    intervals = [b - a for a, b in zip(times[warmup:], times[warmup + 1:])]
+    if not intervals:
+        raise SystemExit(f"{record['name']}: too few steps to time after {warmup} warm-up steps; raise --steps.")
+    return statistics.median(intervals)
+
+
+def read_throughput(cache_dir: Path, batch: int, passes: int = 5) -> dict:
+    """Samples/s of the training DataLoader alone (the same dataset, batches and collate as `cogtune train`)."""
+    import torch
+
+    from cogtune import data_schema as schema
+    from cogtune.train import LatentDataset, collate, epoch_batches
+
+    cache = schema.Cache.open(cache_dir)
+    shapes = [tuple(row["latent_shape"]) for row in cache.samples]
+    dataset = LatentDataset(cache)
+    samples, started = 0, time.perf_counter()
+    for epoch in range(passes):
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=epoch_batches(shapes, batch, 0, epoch),
+                                             collate_fn=collate)
+        for item in loader:
+            samples += item["mean"].shape[0]
+    seconds = time.perf_counter() - started
+    return {"samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
+            "seconds_per_batch": seconds / (samples / batch)}
+
+
+def parameter_count(folder: Path) -> int:
+    """Parameters stored in a model folder, from the safetensors headers alone."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total
+
+
+def cache_bytes(cache_dir: Path) -> int:
+    return sum(path.stat().st_size for path in cache_dir.rglob("*") if path.is_file())
+
+
+# --- the runs -----------------------------------------------------------------------------------
+
+
+def train_runs(settings: Settings, model: Path, data: Path, cache_dir: Path, work: Path,
+               reference: Path | None) -> list[dict]:
+    """(label, trainer, extra flags) for each training run: every setting on both trainers, then
+    our memory options, which the reference does not have."""
+    shared = [flag.format(model=model) for flag in settings.shared_flags()]
+    variants = [("defaults", []), ("gradient checkpointing", ["--gradient_checkpointing"])]
+    runs = []
+    for label, extra in variants:
+        runs.append((label, "cogtune", ["-m", "cogtune.cli", "train", *shared, *extra, "--data_cache", str(cache_dir),
+                                        "--output_dir", str(work / f"out-cogtune-{len(runs)}")]))
+        if reference is not None:
+            runs.append((label, "diffusers", [str(reference / REFERENCE_SCRIPT), *shared, *extra,
+                                              "--instance_data_root", str(data), "--caption_column", "prompts.txt",
+                                              "--video_column", "videos.txt", "--height", str(settings.height),
+                                              "--width", str(settings.width), "--fps", str(settings.fps),
+                                              "--max_num_frames", str(settings.frames),
+                                              "--output_dir", str(work / f"out-diffusers-{len(runs)}")]))
+    runs.append(("gradient checkpointing + fp8 base", "cogtune",
+                 ["-m", "cogtune.cli", "train", *shared, "--gradient_checkpointing",
+                  "--layerwise_casting_storage_dtype", "float8_e4m3fn", "--data_cache", str(cache_dir),
+                  "--output_dir", str(work / f"out-cogtune-{len(runs)}")]))
+    results = []
+    for i, (label, trainer, command) in enumerate(runs):
+        print(f"train: {trainer}, {label}", flush=True)
+        record = run_measured(f"train-{i}-{trainer}", command, work)
+        record.update(label=label, trainer=trainer, median_step_seconds=median_step_seconds(record, settings.warmup))
+        results.append(record)
+    return results
+
+
+def machine() -> dict:
+    import diffusers
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    info = {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def reference_revision(reference: Path | None) -> str | None:
+    if reference is None:
+        return None
+    try:
+        return subprocess.run(["git", "-C", str(reference), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+MIB = 1024 ** 2
+
+
+def memory_of(run: dict) -> int:
+    return run["cuda_max_memory_allocated"] or run["peak_rss_bytes"]
+
+
+def report(results: dict, out: Path, name: str) -> None:
+    on_gpu = "gpu" in results["machine"]
+    memory_label = "peak GPU memory allocated" if on_gpu else "peak RSS"
+    lines = [f"# cogtune vs the diffusers reference script ({name})", ""]
+    m, s = results["machine"], results["settings"]
+    lines += [f"Machine: {m.get('gpu', m['cpu'])}, {m['cores']} CPU cores, {m['memory_bytes'] / 1024 ** 3:.0f} GiB "
+              f"RAM; torch {m['torch']}, diffusers {m['diffusers']}, Python {m['python']}.",
+              f"Reference: {results['reference'] or 'not run (no --reference given)'}"
+              + (f" at {results['reference_revision']}" if results["reference_revision"] else "") + ".",
+              f"Model: random-weight small CogVideoX-2b structure ({results['parameters']}).",
+              f"Settings: {s['clips']} clips of {s['frames']}x{s['height']}x{s['width']}, batch {s['batch']}, "
+              f"rank {s['rank']}, {s['steps']} steps (median over the steps after {s['warmup']}), seed {s['seed']}, "
+              f"AdamW, mixed precision {s['mixed_precision']}.", ""]
+    lines += [f"| setting | trainer | median step (s) | {memory_label} (MiB) | step vs reference | memory vs reference |",
+              "|---|---|---|---|---|---|"]
+    reference_runs = {run["label"]: run for run in results["train"] if run["trainer"] == "diffusers"}
+    for run in results["train"]:
+        ref = reference_runs.get(run["label"]) or reference_runs.get("gradient checkpointing")
+        ratios = ["", ""]
+        if ref is not None and run["trainer"] == "cogtune":
+            ratios = [f"{run['median_step_seconds'] / ref['median_step_seconds']:.2f}x",
+                      f"{memory_of(run) / memory_of(ref):.2f}x"]
+            if ref["label"] != run["label"]:
+                ratios = [f"{r} (vs its gradient checkpointing)" for r in ratios]
+        lines.append(f"| {run['label']} | {run['trainer']} | {run['median_step_seconds']:.3f} | "
+                     f"{memory_of(run) / MIB:.0f} | {ratios[0]} | {ratios[1]} |")
+    p, r = results["preprocess"], results["read"]
+    step = min(run["median_step_seconds"] for run in results["train"] if run["trainer"] == "cogtune")
+    lines += ["", "| stage | figure |", "|---|---|",
+              f"| preprocess | {p['clips_per_s']:.2f} clips/s ({p['clips']} clips in {p['seconds']:.1f} s, model "
+              f"loading included); peak RSS {p['peak_rss_bytes'] / MIB:.0f} MiB |",
+              f"| cache read (training DataLoader alone) | {r['samples_per_s']:.0f} samples/s; one batch in "
+              f"{r['seconds_per_batch'] * 1000:.2f} ms, {step / r['seconds_per_batch']:.0f}x faster than our fastest "
+              f"training step |",
+              f"| cache size | {results['bytes_per_clip'] / 1024:.0f} KiB per clip (latent moments and caption "
+              f"embeddings, index and manifest) |", ""]
+    lines += ["Reproduce: `make bench REFERENCE=/path/to/diffusers` (a checkout of "
+              "https://github.com/huggingface/diffusers; its examples/cogvideo/train_cogvideox_lora.py is run).", ""]
+    (out / f"{name}.md").write_text("\n".join(lines))
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out / f"{name}.png", memory_label)
+
+
+def plot(results: dict, path: Path, memory_label: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["train"]
+    labels = [f"{run['trainer']}\n{run['label']}" for run in runs]
+    colors = ["tab:blue" if run["trainer"] == "cogtune" else "tab:gray" for run in runs]
+    figure, (memory, step, timeline) = plt.subplots(1, 3, figsize=(17, 5))
+    memory.barh(labels, [memory_of(run) / MIB for run in runs], color=colors)
+    memory.set_xlabel(f"{memory_label} (MiB)")
+    memory.invert_yaxis()
+    step.barh(labels, [run["median_step_seconds"] for run in runs], color=colors)
+    step.set_xlabel("median step time (s)")
+    step.set_yticks([])
+    step.invert_yaxis()
+    for run in runs:
+        seconds, rss = zip(*run["rss_timeline"]) if run["rss_timeline"] else ((), ())
+        timeline.plot(seconds, [b / MIB for b in rss], label=f"{run['trainer']}, {run['label']}",
+                      linestyle="-" if run["trainer"] == "cogtune" else "--")
+    timeline.set_xlabel("seconds since start")
+    timeline.set_ylabel("RSS (MiB)")
+    timeline.legend(fontsize=7)
+    figure.suptitle(f"cogtune vs diffusers train_cogvideox_lora.py, {results['machine'].get('gpu', 'CPU')}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", type=Path, help="A diffusers checkout (its examples/cogvideo script is run).")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="Where the table and plot go.")
+    parser.add_argument("--name", help="Name of the result files (default: cpu-small or gpu-small).")
+    parser.add_argument("--work", type=Path, default=HERE / "work", help="Models, clips, caches and logs (reused).")
+    for key, value in vars(Settings()).items():
+        parser.add_argument(f"--{key}", type=type(value), default=value)
+    args = parser.parse_args()
+    settings = Settings(**{key: getattr(args, key) for key in vars(Settings())})
+    if args.reference is not None and not (args.reference / REFERENCE_SCRIPT).is_file():
+        raise SystemExit(f"--reference {args.reference}: no {REFERENCE_SCRIPT} there; give a diffusers checkout.")
+    import torch
+
+    name = args.name or ("gpu-small" if torch.cuda.is_available() else "cpu-small")
+    work = args.work.resolve() / name
+    work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    print("assets: small model and clips", flush=True)
+    model, data = make_assets(work, settings)
+    print("preprocess", flush=True)
+    cache_root = work / f"cache-{time.time_ns()}"  # fresh: nothing reused
+    preprocess = run_measured("preprocess", [
+        "-m", "cogtune.cli", "preprocess", "--pretrained_model_name_or_path", str(model),
+        "--instance_data_root", str(data), "--height", str(settings.height), "--width", str(settings.width),
+        "--fps", str(settings.fps), "--max_num_frames", str(settings.frames), "--cache_root", str(cache_root),
+        "--mixed_precision", settings.mixed_precision], work)
+    (cache_dir,) = [path for path in cache_root.iterdir() if path.is_dir()]
+    preprocess.update(clips=settings.clips, clips_per_s=settings.clips / preprocess["seconds"])
+    read = read_throughput(cache_dir, settings.batch)
+    train = train_runs(settings, model, data, cache_dir, work, args.reference)
+
+    counts = {part: parameter_count(model / part) for part in ("transformer", "text_encoder", "vae")}
+    results = {"machine": machine(), "settings": vars(settings), "reference": str(args.reference or "") or None,
+               "reference_revision": reference_revision(args.reference),
+               "parameters": ", ".join(f"{part} {count / 1e6:.1f}M" for part, count in counts.items()),
+               "preprocess": preprocess, "read": read, "bytes_per_clip": cache_bytes(cache_dir) / settings.clips,
+               "train": train}
+    report(results, args.out, name)
+    print((args.out / f"{name}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

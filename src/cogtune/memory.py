@@ -1,0 +1,191 @@
+"""Training memory: an estimate made before anything is loaded (`cogtune train --dry_run`), and a
+measurement of live tensor bytes that works on any device (for checking the estimate on a CPU).
+
+The estimate builds the transformer on PyTorch's meta device (shapes without storage, so a 5B model
+costs nothing), prepared exactly as training prepares it (weight dtype, fp8 storage, LoRA), and
+runs one forward pass of a batch of the largest bucket on meta tensors while counting every tensor
+that autograd saves for the backward pass. The activation figure is therefore the model's own,
+not a rule of thumb; the rest is counting:
+
+    peak = weights + LoRA + LoRA gradients + optimizer state + saved activations + backward transient
+
+With gradient checkpointing, each block keeps only its inputs, and one block's activations exist
+at a time, while it is recomputed. The backward transient (gradients in flight, attention backward
+buffers) is taken as twice the largest single block's saved activations without checkpointing.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+GIB = 1024 ** 3
+
+
+@dataclass
+class Estimate:
+    weights: int
+    lora: int
+    gradients: int
+    optimizer: int
+    activations: int
+    transient: int
+    activations_without_checkpointing: int
+    activations_with_checkpointing: int
+    gradient_checkpointing: bool
+    offload_optimizer: bool
+    tokens: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.lora + self.gradients + self.optimizer + self.activations + self.transient
+
+    def table(self) -> str:
+        def gib(n: int) -> str:
+            return f"{n / GIB:8.2f} GiB" if n >= GIB / 10 else f"{n / 1024 ** 2:8.1f} MiB"
+
+        checkpointing = "with" if self.gradient_checkpointing else "without"
+        other = self.activations_without_checkpointing if self.gradient_checkpointing \
+            else self.activations_with_checkpointing
+        rows = [
+            ("frozen transformer weights", self.weights),
+            ("LoRA parameters (fp32)", self.lora),
+            ("LoRA gradients (fp32)", self.gradients),
+            ("optimizer state" + (" (in CPU memory: 0 on the GPU)" if self.offload_optimizer else ""),
+             self.optimizer),
+            (f"saved activations, {checkpointing} gradient checkpointing ({self.tokens} tokens)", self.activations),
+            ("backward transient", self.transient),
+        ]
+        width = max(len(name) for name, _ in rows) + 2
+        lines = [f"  {name:<{width}}{gib(value)}" for name, value in rows]
+        lines.append(f"  {'expected peak GPU memory':<{width}}{gib(self.total)}")
+        lines.append(f"  (saved activations {'without' if self.gradient_checkpointing else 'with'} gradient "
+                     f"checkpointing would be {gib(other).strip()})")
+        return "\n".join(lines)
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind the tensors."""
+    seen = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage._cdata] = storage.nbytes()
+    return sum(seen.values())
+
+
+class SavedTensorBytes:
+    """Counts the bytes autograd saves for backward (distinct storages, excluding parameters)."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude, self.storages = exclude, {}
+
+    def pack(self, t: torch.Tensor):
+        storage = t.untyped_storage()
+        if storage._cdata not in self.exclude:
+            self.storages[storage._cdata] = storage.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+def activation_bytes(transformer, inputs: dict) -> tuple[int, int, int, int]:
+    """(all saved bytes, the blocks' share of them, the largest single block's, the bytes of the
+    blocks' inputs) of one forward pass."""
+    exclude = {p.untyped_storage()._cdata for p in transformer.parameters()}
+    exclude |= {b.untyped_storage()._cdata for b in transformer.buffers()}
+    per_block, block_inputs = [], []
+
+    with SavedTensorBytes(exclude) as saved:
+        def before(module, args, kwargs):
+            module._cogtune_saved_before = saved.total
+            block_inputs.append(tensor_bytes(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)))
+
+        def after(module, args, kwargs, output):
+            per_block.append(saved.total - module._cogtune_saved_before)
+
+        handles = [block.register_forward_pre_hook(before, with_kwargs=True) for block in transformer.transformer_blocks]
+        handles += [block.register_forward_hook(after, with_kwargs=True) for block in transformer.transformer_blocks]
+        try:
+            transformer(**inputs, return_dict=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return saved.total, sum(per_block), max(per_block), sum(block_inputs)
+
+
+def estimate(transformer, inputs: dict, gradient_checkpointing: bool, optimizer_state_bytes: int,
+             offload_optimizer: bool) -> Estimate:
+    """The peak memory of training `transformer` (frozen, with LoRA, on the meta device or any other)
+    on `inputs` (the keyword arguments of one forward pass, on the same device)."""
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    frozen = [p for p in transformer.parameters() if not p.requires_grad] + list(transformer.buffers())
+    lora_params = sum(p.numel() for p in trainable)
+    total_saved, in_blocks, largest_block, block_inputs = activation_bytes(transformer, inputs)
+    with_checkpointing = block_inputs + largest_block + total_saved - in_blocks
+    tokens = inputs["encoder_hidden_states"].shape[1] + _video_tokens(transformer, inputs["hidden_states"])
+    return Estimate(
+        weights=sum(p.numel() * p.element_size() for p in frozen),
+        lora=sum(p.numel() * p.element_size() for p in trainable),
+        gradients=sum(p.numel() * p.element_size() for p in trainable),
+        optimizer=0 if offload_optimizer else lora_params * optimizer_state_bytes,
+        activations=with_checkpointing if gradient_checkpointing else total_saved,
+        transient=2 * largest_block,
+        activations_without_checkpointing=total_saved,
+        activations_with_checkpointing=with_checkpointing,
+        gradient_checkpointing=gradient_checkpointing,
+        offload_optimizer=offload_optimizer,
+        tokens=tokens,
+    )
+
+
+def _video_tokens(transformer, hidden_states: torch.Tensor) -> int:
+    config = transformer.config
+    frames = hidden_states.shape[1] // (config.patch_size_t or 1)
+    return frames * (hidden_states.shape[3] // config.patch_size) * (hidden_states.shape[4] // config.patch_size)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Tracks the bytes of live tensor storages created while active, and their peak: on a CPU, the
+    figure torch.cuda.max_memory_allocated gives on a GPU (without the allocator's rounding).
+    Tensors that existed before (weights, say) are counted by passing them as `existing`."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.current = tensor_bytes(existing)
+        self.peak = self.current
+        self.seen = weakref.WeakValueDictionary()
+
+    def _track(self, t):
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.seen:
+            return
+        self.seen[key] = storage
+        size = storage.nbytes()
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, size)
+
+    def _free(self, size: int):
+        self.current -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            self._track(t)
+        return out
