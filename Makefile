@@ -6,7 +6,7 @@ CONFIG ?= configs/demo.toml
 ARGS ?=
 DEMO := demo
 
-.PHONY: setup demo demo-assets preprocess train infer test clean
+.PHONY: setup demo demo-assets preprocess train infer test bench clean
 
 # The stamp is rebuilt only when pyproject.toml changes, so a second `make setup` takes no time.
 $(VENV)/.installed: pyproject.toml
@@ -47,5 +47,15 @@ demo: setup demo-assets
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Side by side with the diffusers reference script: make bench REFERENCE=/path/to/diffusers
+# (a git checkout of huggingface/diffusers). Without REFERENCE only cogtune is measured.
+REFERENCE ?=
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(BIN)/python bench/run.py $(if $(REFERENCE),--reference $(REFERENCE)) $(ARGS)
+
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache bench/work

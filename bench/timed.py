@@ -5,8 +5,8 @@
 
 Our trainer and the diffusers reference script run under this same wrapper, so both are measured
 the same way: a global optimizer-step hook (torch.optim.optimizer.register_optimizer_step_post_hook)
-records the time of every step, and at exit RESULT.json gets those times, the peak RSS up to the last
-step and, on a GPU, torch.cuda.max_memory_allocated. The wrapper changes nothing in the script.
+records the time of every step, and at exit RESULT.json gets those times, the peak RSS (VmHWM) at the last step
+and at exit and, on a GPU, torch.cuda.max_memory_allocated. The wrapper changes nothing in the script.
 
 The diffusers script imports torchvision for three image functions (resize, crop, InterpolationMode).
 Where torchvision cannot be imported (its wheels do not import beside torch 2.13), the wrapper
@@ -29,7 +29,13 @@ import types
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kilobytes
+    """The peak RSS of this program. VmHWM starts afresh when a process execs; ru_maxrss does not
+    (a child of a big parent would report the parent's size), so VmHWM is preferred."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def current_rss_bytes() -> int:

@@ -1,4 +1,4 @@
-"""The memory options of `cogtune train` and the `--dry_run` estimate against measured peaks."""
+"""The memory and speed options of `cogtune train`, and the `--dry_run` estimate against measured peaks."""
 
 from __future__ import annotations
 
@@ -147,3 +147,10 @@ def test_optimizer_options_refuse_combinations_that_cannot_work():
     config = load_config("train", ["--pretrained_model_name_or_path", "m", "--offload_optimizer", "--use_8bit_adam"])
     with pytest.raises(CogtuneError, match="pick one"):
         make_optimizer(parameters, config, 1e-3)
+
+
+def test_compiled_blocks_train_like_plain_ones(tmp_path, tiny_model, demo_data):
+    plain = train_lora(tmp_path, tiny_model, demo_data, "plain")
+    compiled = train_lora(tmp_path, tiny_model, demo_data, "compiled", "--compile")
+    for key in plain:
+        assert torch.allclose(plain[key], compiled[key], rtol=1e-3, atol=1e-5), key
