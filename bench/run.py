@@ -37,6 +37,7 @@ REFERENCE_SCRIPT = Path("examples/cogvideo/train_cogvideox_lora.py")
 
 @dataclass
 class Settings:
+    size: str = "small"  # of the random-weight model: small (the real proportions) or tiny (for a quick check)
     clips: int = 16
     frames: int = 9
     height: int = 96
@@ -68,9 +69,9 @@ def make_assets(work: Path, settings: Settings) -> tuple[Path, Path]:
 
     from cogtune.tiny import COLORS, make_tiny_model, synthetic_frames, write_mp4
 
-    model = work / "model"
+    model = work / f"model-{settings.size}"
     if not (model / "model_index.json").is_file():
-        make_tiny_model(model, "2b", seed=0, size="small")
+        make_tiny_model(model, "2b", seed=0, size=settings.size)
     data = work / f"data-{settings.clips}"
     if not (data / "videos.txt").is_file():
         (data / "videos").mkdir(parents=True, exist_ok=True)
@@ -245,7 +246,7 @@ def report(results: dict, out: Path, name: str) -> None:
               f"RAM; torch {m['torch']}, diffusers {m['diffusers']}, Python {m['python']}.",
               f"Reference: {results['reference'] or 'not run (no --reference given)'}"
               + (f" at {results['reference_revision']}" if results["reference_revision"] else "") + ".",
-              f"Model: random-weight small CogVideoX-2b structure ({results['parameters']}).",
+              f"Model: random-weight {s['size']} CogVideoX-2b structure ({results['parameters']}).",
               f"Settings: {s['clips']} clips of {s['frames']}x{s['height']}x{s['width']}, batch {s['batch']}, "
               f"rank {s['rank']}, {s['steps']} steps (median over the steps after {s['warmup']}), seed {s['seed']}, "
               f"AdamW, mixed precision {s['mixed_precision']}.", ""]
@@ -326,7 +327,7 @@ def main() -> None:
         raise SystemExit(f"--reference {args.reference}: no {REFERENCE_SCRIPT} there; give a diffusers checkout.")
     import torch
 
-    name = args.name or ("gpu-small" if torch.cuda.is_available() else "cpu-small")
+    name = args.name or f"{'gpu' if torch.cuda.is_available() else 'cpu'}-{settings.size}"
     work = args.work.resolve() / name
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)

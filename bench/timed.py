@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import enum
+import importlib
 import importlib.machinery
 import json
 import resource
@@ -53,7 +54,7 @@ def sample_rss(timeline: list, interval: float = 0.05) -> None:
 
 def install_torchvision_standin() -> None:
     try:
-        import torchvision  # noqa: F401
+        importlib.import_module("torchvision")
         return
     except Exception:  # not installed, or a build that does not match this torch
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:

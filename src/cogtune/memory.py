@@ -82,20 +82,23 @@ def tensor_bytes(tensors) -> int:
 
 
 class SavedTensorBytes:
-    """Counts the bytes autograd saves for backward (distinct storages, excluding parameters)."""
+    """Counts the bytes autograd saves for backward (distinct storages, excluding `exclude`, the
+    model's own tensors). Storages are told apart by address, so every storage seen is kept
+    alive until the count is done: a freed one's address could otherwise be reused by another."""
 
-    def __init__(self, exclude: set[int]):
-        self.exclude, self.storages = exclude, {}
+    def __init__(self, exclude):
+        self.exclude = {t.untyped_storage()._cdata: t.untyped_storage() for t in exclude}
+        self.storages = {}
 
     def pack(self, t: torch.Tensor):
         storage = t.untyped_storage()
         if storage._cdata not in self.exclude:
-            self.storages[storage._cdata] = storage.nbytes()
+            self.storages[storage._cdata] = storage
         return t
 
     @property
     def total(self) -> int:
-        return sum(self.storages.values())
+        return sum(storage.nbytes() for storage in self.storages.values())
 
     def __enter__(self):
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
@@ -131,11 +134,8 @@ def fused_attention_on_meta():
 def activation_bytes(transformer, inputs: dict) -> tuple[int, int, int, int]:
     """(all saved bytes, the blocks' share of them, the largest single block's, the bytes of the
     blocks' inputs) of one forward pass."""
-    exclude = {p.untyped_storage()._cdata for p in transformer.parameters()}
-    exclude |= {b.untyped_storage()._cdata for b in transformer.buffers()}
     per_block, block_inputs = [], []
-
-    with SavedTensorBytes(exclude) as saved:
+    with SavedTensorBytes([*transformer.parameters(), *transformer.buffers()]) as saved:
         def before(module, args, kwargs):
             module._cogtune_saved_before = saved.total
             block_inputs.append(tensor_bytes(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)))
