@@ -281,7 +281,7 @@ def report(results: dict, out: Path, name: str) -> None:
     plot(results, out / f"{name}.png", memory_label)
     for run in results["train"]:  # the plot has every sample; the JSON keeps one in five
         run["rss_timeline"] = run["rss_timeline"][::5]
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(results) + "\n")
 
 
 def plot(results: dict, path: Path, memory_label: str) -> None:

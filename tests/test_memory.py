@@ -13,8 +13,9 @@ from cogtune.optim import make_optimizer
 from cogtune.train import build_transformer, memory_estimate
 from conftest import cogtune_here, write_config
 
-# The stated tolerance: the estimate is at most 15% above the measured peak and at most 5% below it.
-MAX_OVER, MAX_UNDER = 0.15, 0.05
+# The stated tolerance: the estimate is at most 15% above the measured peak and at most 5% below it
+# in fp32, at most 10% below it under bf16 autocast (whose fp32 ops the meta pass does not see).
+MAX_OVER, MAX_UNDER, MAX_UNDER_BF16 = 0.15, 0.05, 0.10
 
 
 def measured_peak(config, models, latent_shape: list[int]) -> int:
@@ -36,7 +37,8 @@ def measured_peak(config, models, latent_shape: list[int]) -> int:
                 *[t for v in inputs.values() for t in (v if isinstance(v, tuple) else (v,)) if t is not None]]
     with LiveTensorBytes(existing) as live:
         for _ in range(2):  # the second step also holds the optimizer state
-            pred = transformer(**inputs, return_dict=False)[0]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):
+                pred = transformer(**inputs, return_dict=False)[0]
             pred.float().pow(2).mean().backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -56,6 +58,8 @@ def models(tmp_path_factory):
 
 @pytest.mark.parametrize("family, latent_shape, flags", [
     ("2b", [4, 5, 16, 24], []),
+    ("2b", [4, 5, 16, 24], ["--mixed_precision", "bf16"]),
+    ("5b", [4, 3, 16, 16], ["--mixed_precision", "bf16", "--gradient_checkpointing"]),
     ("2b", [4, 5, 16, 24], ["--gradient_checkpointing"]),
     ("5b", [4, 3, 16, 16], ["--train_batch_size", "2", "--rank", "16"]),
     ("5b", [4, 3, 16, 16], ["--gradient_checkpointing", "--rank", "16"]),
@@ -67,7 +71,8 @@ def test_estimate_is_close_to_the_measured_peak(models, family, latent_shape, fl
         "pretrained_model_name_or_path"], "--mixed_precision", "no", "--rank", "8", *flags])
     estimate = memory_estimate(config, models[family], latent_shape)
     measured = measured_peak(config, models[family], latent_shape)
-    assert measured * (1 - MAX_UNDER) <= estimate.total <= measured * (1 + MAX_OVER), (estimate, measured)
+    under = MAX_UNDER_BF16 if config.mixed_precision == "bf16" else MAX_UNDER
+    assert measured * (1 - under) <= estimate.total <= measured * (1 + MAX_OVER), (estimate, measured)
 
 
 def test_checkpointing_and_optimizer_options_shrink_the_estimate(models):

@@ -157,17 +157,20 @@ def activation_bytes(transformer, inputs: dict) -> tuple[int, int, int, int]:
 def estimate(transformer, inputs: dict, gradient_checkpointing: bool, optimizer_state_bytes: int,
              offload_optimizer: bool) -> Estimate:
     """The peak memory of training `transformer` (frozen, with LoRA, on the meta device or any other)
-    on `inputs` (the keyword arguments of one forward pass, on the same device)."""
+    on `inputs` (the keyword arguments of one forward pass, on the same device). Under mixed
+    precision, pass the LoRA in the compute dtype: autocast, which does not act on the meta device,
+    runs the LoRA matmuls in that dtype and saves their inputs in it."""
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     frozen = [p for p in transformer.parameters() if not p.requires_grad] + list(transformer.buffers())
     lora_params = sum(p.numel() for p in trainable)
+    lora_bytes = 4 * lora_params  # training keeps the LoRA and its gradients in fp32
     total_saved, in_blocks, largest_block, block_inputs = activation_bytes(transformer, inputs)
     with_checkpointing = block_inputs + largest_block + total_saved - in_blocks
     tokens = inputs["encoder_hidden_states"].shape[1] + _video_tokens(transformer, inputs["hidden_states"])
     return Estimate(
         weights=sum(p.numel() * p.element_size() for p in frozen),
-        lora=sum(p.numel() * p.element_size() for p in trainable),
-        gradients=sum(p.numel() * p.element_size() for p in trainable),
+        lora=lora_bytes,
+        gradients=lora_bytes,
         optimizer=0 if offload_optimizer else lora_params * optimizer_state_bytes,
         activations=with_checkpointing if gradient_checkpointing else total_saved,
         transient=largest_block // 2,

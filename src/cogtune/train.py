@@ -331,10 +331,13 @@ def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: lis
     spec = models.spec()
     meta = torch.device("meta")
     transformer = build_transformer(config, models, spec, meta, meta=True)
+    weight_dtype = precision_dtype(config.mixed_precision)
+    for parameter in transformer.parameters():  # as autocast would run them (see memory.estimate)
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(weight_dtype)
     channels, frames, height, width = latent_shape
     frames += spec.frame_padding(frames)
     batch = config.train_batch_size
-    weight_dtype = precision_dtype(config.mixed_precision)
     in_channels = transformer.config.in_channels
     inputs = dict(
         hidden_states=torch.empty(batch, frames, in_channels, height, width, device=meta, dtype=weight_dtype),
@@ -345,9 +348,8 @@ def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: lis
                                                 frames, meta),
         ofs=spec.ofs(batch, meta),
     )
-    with torch.autocast("cpu", enabled=False):
-        return estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
-                        config.offload_optimizer)
+    return estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
+                    config.offload_optimizer)
 
 
 def dry_run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) -> str:
