@@ -152,6 +152,36 @@ def parameter_count(folder: Path) -> int:
     return total
 
 
+def step_flops(model: Path, settings: Settings) -> int:
+    """Model FLOPs of one training step of the transformer (forward and backward, no recomputation),
+    counted by torch's FlopCounterMode on the meta device: the work both trainers do per step."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cogtune.config import load_config
+    from cogtune.families import ModelConfigs
+    from cogtune.train import build_transformer
+
+    models = ModelConfigs.load(str(model))
+    spec = models.spec()
+    config = load_config("train", ["--pretrained_model_name_or_path", str(model), "--rank", str(settings.rank),
+                                   "--mixed_precision", settings.mixed_precision])
+    meta = torch.device("meta")
+    transformer = build_transformer(config, models, spec, meta, meta=True)
+    frames = spec.latent_frames(settings.frames)
+    frames += spec.frame_padding(frames)
+    height, width = settings.height // spec.vae_scale_spatial, settings.width // spec.vae_scale_spatial
+    with FlopCounterMode(display=False) as counter:
+        pred = transformer(
+            hidden_states=torch.empty(settings.batch, frames, transformer.config.in_channels, height, width, device=meta),
+            encoder_hidden_states=torch.empty(settings.batch, spec.max_text_seq_length, spec.text_embed_dim, device=meta),
+            timestep=torch.zeros(settings.batch, dtype=torch.long, device=meta),
+            image_rotary_emb=spec.rotary_embeddings(settings.height, settings.width, frames, meta),
+            return_dict=False)[0]
+        pred.float().pow(2).mean().backward()
+    return counter.get_total_flops()
+
+
 def subset(data: Path, clips: int) -> Path:
     """A dataset folder of the first `clips` clips of data (prompts.txt and videos.txt cut short, videos copied)."""
     import shutil
@@ -175,8 +205,8 @@ def cache_bytes(cache_dir: Path) -> int:
 
 def train_runs(settings: Settings, model: Path, data: Path, cache_dir: Path, work: Path,
                reference: Path | None) -> list[dict]:
-    """(label, trainer, extra flags) for each training run: every setting on both trainers, then
-    our memory options, which the reference does not have."""
+    """Measure every training run: each setting on both trainers, then our memory options, which
+    the reference does not have."""
     shared = [flag.format(model=model) for flag in settings.shared_flags()]
     variants = [("defaults", []), ("gradient checkpointing", ["--gradient_checkpointing"])]
     runs = []
@@ -240,6 +270,7 @@ def memory_of(run: dict) -> int:
 def report(results: dict, out: Path, name: str) -> None:
     on_gpu = "gpu" in results["machine"]
     memory_label = "peak GPU memory allocated" if on_gpu else "peak RSS"
+    peak = results["peak_tflops"]
     lines = [f"# cogtune vs the diffusers reference script ({name})", ""]
     m, s = results["machine"], results["settings"]
     lines += [f"Machine: {m.get('gpu', m['cpu'])}, {m['cores']} CPU cores, {m['memory_bytes'] / 1024 ** 3:.0f} GiB "
@@ -249,9 +280,14 @@ def report(results: dict, out: Path, name: str) -> None:
               f"Model: random-weight {s['size']} CogVideoX-2b structure ({results['parameters']}).",
               f"Settings: {s['clips']} clips of {s['frames']}x{s['height']}x{s['width']}, batch {s['batch']}, "
               f"rank {s['rank']}, {s['steps']} steps (median over the steps after {s['warmup']}), seed {s['seed']}, "
-              f"AdamW, mixed precision {s['mixed_precision']}.", ""]
-    lines += [f"| setting | trainer | median step (s) | {memory_label} (MiB) | step vs reference | memory vs reference |",
-              "|---|---|---|---|---|---|"]
+              f"AdamW, mixed precision {s['mixed_precision']}.",
+              f"Transformer TFLOP/s: the model FLOPs of one training step of the transformer "
+              f"({results['step_flops'] / 1e9:.1f} GFLOP forward and backward, no recomputation, counted by "
+              f"torch's FlopCounterMode), divided by the median step time"
+              + (f"; MFU against a peak of {peak} TFLOP/s." if peak else "."), ""]
+    lines += [f"| setting | trainer | median step (s) | {memory_label} (MiB) | step vs reference | memory vs reference "
+              f"| transformer TFLOP/s{' | MFU' if peak else ''} |",
+              "|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
     reference_runs = {run["label"]: run for run in results["train"] if run["trainer"] == "diffusers"}
     for run in results["train"]:
         ref = reference_runs.get(run["label"]) or reference_runs.get("gradient checkpointing")
@@ -261,8 +297,10 @@ def report(results: dict, out: Path, name: str) -> None:
                       f"{memory_of(run) / memory_of(ref):.2f}x"]
             if ref["label"] != run["label"]:
                 ratios = [f"{r} (vs its gradient checkpointing)" for r in ratios]
+        achieved = results["step_flops"] / run["median_step_seconds"] / 1e12
         lines.append(f"| {run['label']} | {run['trainer']} | {run['median_step_seconds']:.3f} | "
-                     f"{memory_of(run) / MIB:.0f} | {ratios[0]} | {ratios[1]} |")
+                     f"{memory_of(run) / MIB:.0f} | {ratios[0]} | {ratios[1]} | {achieved:.3f} |"
+                     + (f" {achieved / peak:.1%} |" if peak else ""))
     p, r = results["preprocess"], results["read"]
     step = min(run["median_step_seconds"] for run in results["train"] if run["trainer"] == "cogtune")
     lines += ["", "| stage | figure |", "|---|---|",
@@ -319,6 +357,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results", help="Where the table and plot go.")
     parser.add_argument("--name", help="Name of the result files (default: cpu-small or gpu-small).")
     parser.add_argument("--work", type=Path, default=HERE / "work", help="Models, clips, caches and logs (reused).")
+    parser.add_argument("--peak_tflops", type=float, help="The device's peak TFLOP/s in the training dtype, for MFU "
+                                                          "(for example 989 for an H100 SXM in bf16).")
     for key, value in vars(Settings()).items():
         parser.add_argument(f"--{key}", type=type(value), default=value)
     args = parser.parse_args()
@@ -356,6 +396,7 @@ def main() -> None:
     results = {"machine": machine(), "settings": vars(settings), "reference": str(args.reference or "") or None,
                "reference_revision": reference_revision(args.reference),
                "parameters": ", ".join(f"{part} {count / 1e6:.1f}M" for part, count in counts.items()),
+               "step_flops": step_flops(model, settings), "peak_tflops": args.peak_tflops,
                "preprocess": preprocess, "read": read, "bytes_per_clip": cache_bytes(cache_dir) / settings.clips,
                "train": train}
     report(results, args.out, name)

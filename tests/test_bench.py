@@ -22,9 +22,10 @@ def test_bench_runner_writes_the_table_json_and_plot(tmp_path):
     for run in runs:
         assert len(run["step_times"]) == 4 and run["median_step_seconds"] > 0 and run["peak_rss_bytes"] > 0
     assert results["read"]["samples"] == 4 * 5 and results["bytes_per_clip"] > 0
-    assert results["preprocess"]["clips"] == 4
+    assert results["preprocess"]["clips"] == 4 and results["step_flops"] > 0
     table = (tmp_path / "results" / "cpu-tiny.md").read_text()
     assert "| gradient checkpointing | cogtune |" in table and "not run (no --reference given)" in table
+    assert "transformer TFLOP/s" in table
     assert (tmp_path / "results" / "cpu-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

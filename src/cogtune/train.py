@@ -449,6 +449,10 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     for size in sorted({(row["num_frames"], row["height"], row["width"]) for row in cache.samples}):
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
     spec.check_precision(config.mixed_precision, accelerator.print)
+    engine = accelerator.distributed_type.name
+    if config.offload_optimizer and engine in ("FSDP", "DEEPSPEED"):
+        raise CogtuneError(f"--offload_optimizer does not combine with {engine}, which shards the optimizer itself; "
+                           "use configs/accelerate/deepspeed_zero2_offload.yaml for an offloaded optimizer instead.")
 
     # The model: the transformer alone, frozen, with LoRA adapters in fp32.
     weight_dtype = precision_dtype(config.mixed_precision)
