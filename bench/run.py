@@ -47,6 +47,7 @@ class Settings:
     rank: int = 64
     steps: int = 24
     warmup: int = 3
+    repeats: int = 2
     seed: int = 0
     learning_rate: float = 1e-4
     mixed_precision: str = "no"
@@ -224,12 +225,24 @@ def train_runs(settings: Settings, model: Path, data: Path, cache_dir: Path, wor
                  ["-m", "cogtune.cli", "train", *shared, "--gradient_checkpointing",
                   "--layerwise_casting_storage_dtype", "float8_e4m3fn", "--data_cache", str(cache_dir),
                   "--output_dir", str(work / f"out-cogtune-{len(runs)}")]))
+    # Every run is repeated, in turn with the others so that a slow spell of the machine is shared;
+    # a run's figures are the medians over its repeats (its range is kept in the JSON).
+    repeats: list[list[dict]] = [[] for _ in runs]
+    for repeat in range(settings.repeats):
+        for i, (label, trainer, command) in enumerate(runs):
+            print(f"train: {trainer}, {label} ({repeat + 1} of {settings.repeats})", flush=True)
+            record = run_measured(f"train-{i}-{trainer}-{repeat}", command, work)
+            record.update(label=label, trainer=trainer,
+                          median_step_seconds=median_step_seconds(record, settings.warmup))
+            repeats[i].append(record)
     results = []
-    for i, (label, trainer, command) in enumerate(runs):
-        print(f"train: {trainer}, {label}", flush=True)
-        record = run_measured(f"train-{i}-{trainer}", command, work)
-        record.update(label=label, trainer=trainer, median_step_seconds=median_step_seconds(record, settings.warmup))
-        results.append(record)
+    for records in repeats:
+        figures = {key: [record[key] for record in records]
+                   for key in ("median_step_seconds", "peak_rss_bytes", "cuda_max_memory_allocated")}
+        summary = dict(records[0], repeats=figures)  # the first repeat's timeline and step times, for the plot
+        for key, values in figures.items():
+            summary[key] = None if values[0] is None else statistics.median(values)
+        results.append(summary)
     return results
 
 
@@ -280,7 +293,9 @@ def report(results: dict, out: Path, name: str) -> None:
               f"Model: random-weight {s['size']} CogVideoX-2b structure ({results['parameters']}).",
               f"Settings: {s['clips']} clips of {s['frames']}x{s['height']}x{s['width']}, batch {s['batch']}, "
               f"rank {s['rank']}, {s['steps']} steps (median over the steps after {s['warmup']}), seed {s['seed']}, "
-              f"AdamW, mixed precision {s['mixed_precision']}.",
+              f"AdamW, mixed precision {s['mixed_precision']}. Each training run was made {s['repeats']} times, "
+              f"in turn with the others; the figures are medians over the repeats, with the range of the peak "
+              f"memory in brackets.",
               f"Transformer TFLOP/s: the model FLOPs of one training step of the transformer "
               f"({results['step_flops'] / 1e9:.1f} GFLOP forward and backward, no recomputation, counted by "
               f"torch's FlopCounterMode), divided by the median step time"
@@ -298,8 +313,10 @@ def report(results: dict, out: Path, name: str) -> None:
             if ref["label"] != run["label"]:
                 ratios = [f"{r} (vs its gradient checkpointing)" for r in ratios]
         achieved = results["step_flops"] / run["median_step_seconds"] / 1e12
+        memories = [m for m in run["repeats"]["cuda_max_memory_allocated"] if m] or run["repeats"]["peak_rss_bytes"]
         lines.append(f"| {run['label']} | {run['trainer']} | {run['median_step_seconds']:.3f} | "
-                     f"{memory_of(run) / MIB:.0f} | {ratios[0]} | {ratios[1]} | {achieved:.3f} |"
+                     f"{memory_of(run) / MIB:.0f} ({min(memories) / MIB:.0f}-{max(memories) / MIB:.0f}) | "
+                     f"{ratios[0]} | {ratios[1]} | {achieved:.3f} |"
                      + (f" {achieved / peak:.1%} |" if peak else ""))
     p, r = results["preprocess"], results["read"]
     step = min(run["median_step_seconds"] for run in results["train"] if run["trainer"] == "cogtune")
