@@ -52,14 +52,18 @@ def logged_steps(output_dir: Path) -> int:
 def test_sigterm_checkpoints_exits_75_and_resume_equals_an_uninterrupted_run(setup, tmp_path):
     out = tmp_path / "out"
     process = start("train", "--config", setup["config"], "--output_dir", out)
-    assert wait_for(lambda: logged_steps(out) >= 5, process)
+    # The run creates its output folder right after installing its handler; a signal from then on,
+    # here while the model loads, is honoured after the step that follows. (Waiting for some logged
+    # steps instead races a tiny model's 10 ms steps on a busy machine.)
+    assert wait_for(out.is_dir, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 75, stderr
     (saved,) = checkpoints.checkpoints_in(out)  # checkpointing_steps is 1000: this one is the signal's
     step = int(saved.name.split("-")[1])
-    assert 5 <= step < STEPS and f"stopped by SIGTERM at step {step}; checkpoint saved to {saved}" in stderr
+    assert step == 1 and f"stopped by SIGTERM at step {step}; checkpoint saved to {saved}" in stderr
     assert "--resume_from_checkpoint latest" in stderr and "Traceback" not in stderr
+    assert logged_steps(out) == 1
 
     resumed = cogtune_here("train", "--config", setup["config"], "--output_dir", out,
                            "--resume_from_checkpoint", "latest")
@@ -73,7 +77,7 @@ def test_kill_9_at_any_moment_then_resume_latest_equals_an_uninterrupted_run(set
     common = ["--config", setup["config"], "--output_dir", out, "--checkpointing_steps", "1",
               "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest"]
     kills = 0
-    for after in (10, 40):
+    for after in (3, 20):
         process = start("train", *common)
         if wait_for(lambda: logged_steps(out) >= after, process):
             process.send_signal(signal.SIGKILL)
@@ -175,7 +179,7 @@ def test_the_slurm_example_passes_usr1_on_and_requeues_then_the_requeued_job_fin
     out = tmp_path / "out"
     job = subprocess.Popen(["bash", str(script), "--output_dir", str(out)], env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    assert wait_for(lambda: logged_steps(out) >= 5, job)
+    assert wait_for(out.is_dir, job)  # the run's handler is installed: the signal lands while the model loads
     job.send_signal(signal.SIGUSR1)
     stdout, stderr = job.communicate(timeout=120)
     assert job.returncode == 75, stderr
