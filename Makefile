@@ -50,11 +50,7 @@ test: setup
 # Side by side with the diffusers reference script: make bench REFERENCE=/path/to/diffusers
 # (a git checkout of huggingface/diffusers). Without REFERENCE only cogtune is measured.
 REFERENCE ?=
-$(VENV)/.bench-installed: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
-	touch $@
-
-bench: $(VENV)/.bench-installed
+bench: setup
 	$(BIN)/python bench/run.py $(if $(REFERENCE),--reference $(REFERENCE)) $(ARGS)
 
 clean:

@@ -57,6 +57,9 @@ class ModelArgs:
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the pretrained model.")
     variant: Optional[str] = opt(None, "Weight file variant of the pretrained model, for example fp16.")
     cache_dir: Optional[str] = opt(None, "Where downloaded models are stored (the Hugging Face cache), as in diffusers.")
+    log_format: str = opt(
+        "text", "text: progress bars and messages for a terminal; json: one JSON object per line and event "
+                "(progress, steps, checkpoints, results) on stdout, for cluster logs.", choices=("text", "json"))
     seed: int = opt(42, "Seed for every random choice (random crops, noise, data order, LoRA init).")
     ignore_learned_positional_embeddings: bool = opt(
         False,
@@ -66,7 +69,36 @@ class ModelArgs:
 
 
 @dataclass
-class PreprocessConfig(ModelArgs):
+class ValidationArgs:
+    """Validation prompts (and images): preprocess encodes them into the cache, train generates from
+    those embeddings, so T5 never runs in the training process."""
+
+    validation_prompt: Optional[str] = opt(
+        None, "One or more prompts to generate videos for during training, separated by "
+              "--validation_prompt_separator. Give the same value to preprocess, which encodes them into the cache.")
+    validation_images: Optional[str] = opt(
+        None, "Image-to-video models: one image (or video, whose first frame is used) per validation prompt, "
+              "separated by --validation_prompt_separator, in the order of the prompts.")
+    validation_prompt_separator: str = opt(":::", "String that separates validation prompts (and images).")
+
+    def validation_pairs(self) -> list[tuple[str, str | None]]:
+        """The (prompt, image or None) pairs of --validation_prompt and --validation_images."""
+        if not self.validation_prompt:
+            return []
+        separator = self.validation_prompt_separator
+        prompts = [p.strip() for p in self.validation_prompt.split(separator)]
+        images = [i.strip() for i in self.validation_images.split(separator)] if self.validation_images else []
+        if images and len(images) != len(prompts):
+            raise CogtuneError(
+                f"--validation_images names {len(images)} image(s) for {len(prompts)} --validation_prompt prompt(s); "
+                f"give one image per prompt, separated by {separator!r}.")
+        if any(not p for p in prompts):
+            raise CogtuneError(f"--validation_prompt holds an empty prompt (check the {separator!r} separators).")
+        return list(zip(prompts, images or [None] * len(prompts)))
+
+
+@dataclass
+class PreprocessConfig(ModelArgs, ValidationArgs):
     instance_data_root: Optional[str] = opt(
         None, "Folder holding the videos; paths in videos.txt or the metadata file are relative to it."
     )
@@ -122,7 +154,7 @@ class PreprocessConfig(ModelArgs):
 
 
 @dataclass
-class TrainConfig(ModelArgs):
+class TrainConfig(ModelArgs, ValidationArgs):
     data_cache: Optional[str] = opt(
         None,
         "The cache folder to train from. When unset, the cache that `cogtune preprocess` writes for the same "
@@ -198,9 +230,28 @@ class TrainConfig(ModelArgs):
     prodigy_safeguard_warmup: bool = opt(False, "Prodigy: no step-size growth during warm-up.")
     max_grad_norm: float = opt(1.0, "Gradients are clipped to this norm.")
     allow_tf32: bool = opt(False, "Allow TF32 matmuls on Ampere and newer GPUs (faster).")
+    validation_epochs: Optional[int] = opt(
+        None, "Generate the validation videos after every this many epochs (and after the last step). "
+              "Default: 50 when --validation_prompt is set and --validation_steps is not.")
+    validation_steps: Optional[int] = opt(
+        None, "Generate the validation videos every this many optimizer steps (and after the last step).")
+    num_validation_videos: int = opt(1, "Videos generated per validation prompt (seeds --seed, --seed+1, ...).")
+    validation_num_inference_steps: int = opt(50, "Denoising steps of the validation videos.")
+    enable_slicing: bool = opt(False, "Decode the validation videos one at a time in the VAE (less memory).")
+    enable_tiling: bool = opt(False, "Decode the validation videos tile by tile in the VAE (less memory).")
+    guidance_scale: float = opt(6.0, "Classifier-free guidance scale of the validation videos.")
+    use_dynamic_cfg: bool = opt(False, "Use the dynamic CFG schedule of CogVideoX for the validation videos.")
     report_to: str = opt(
         "none", "Experiment tracker for accelerate: none, tensorboard, wandb or all.",
+        choices=("none", "tensorboard", "wandb", "all"),
     )
+    tracker_name: Optional[str] = opt(None, "Project name of the tracker run (default: cogtune-<model family>).")
+    logging_dir: str = opt("logs", "Tracker logs go to OUTPUT_DIR/LOGGING_DIR.")
+    push_to_hub: bool = opt(False, "Upload the LoRA, its model card and validation videos to the Hugging Face Hub "
+                                   "at the end of training.")
+    hub_model_id: Optional[str] = opt(None, "Hub repository to upload to (default: the name of --output_dir).")
+    hub_token: Optional[str] = opt(None, "Hub token (default: the token of `huggingface-cli login` or HF_TOKEN).")
+    nccl_timeout: int = opt(600, "Seconds the processes of a multi-GPU run wait for each other (NCCL timeout).")
     dataloader_num_workers: int = opt(0, "Worker processes that read the cache.")
     noised_image_dropout: float = opt(
         0.05, "Image-to-video models: probability that a sample's image latent is zeroed in a step."
@@ -349,7 +400,8 @@ def load_config(stage: str, argv: list[str]) -> Any:
 def validate(config) -> None:
     if not config.pretrained_model_name_or_path:
         raise CogtuneError("--pretrained_model_name_or_path is required (a local pipeline folder or a hub id).")
-    positive = ["train_batch_size", "gradient_accumulation_steps", "rank", "vae_batch_size", "checkpointing_steps",
+    positive = ["validation_epochs", "validation_steps", "num_validation_videos", "validation_num_inference_steps",
+                "nccl_timeout", "train_batch_size", "gradient_accumulation_steps", "rank", "vae_batch_size", "checkpointing_steps",
                 "max_nan_steps",
                 "num_train_epochs", "max_num_frames", "fps", "num_frames", "height", "width", "num_inference_steps"]
     for name in positive:
@@ -376,6 +428,8 @@ def validate(config) -> None:
         )
     if isinstance(config, InferConfig) and bool(config.prompt) == bool(config.prompt_file):
         raise CogtuneError("Give exactly one of --prompt or --prompt_file.")
+    if isinstance(config, (PreprocessConfig, TrainConfig)):
+        config.validation_pairs()
     if isinstance(config, TrainConfig) and config.max_grad_norm <= 0:
         raise CogtuneError(f"--max_grad_norm must be positive, got {config.max_grad_norm}.")
     if isinstance(config, TrainConfig) and not 0 <= config.noised_image_dropout <= 1:

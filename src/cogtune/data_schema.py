@@ -9,6 +9,9 @@ A cache is one folder, named after what it holds, under a cache root:
                                     the header holds the sha256 of every tensor (`cogtune cache verify`)
         index/<part>.parquet    one row per sample whose tensors live in the shard of the same name
         selection.parquet       the sample ids of the last finished preprocess run: what train reads
+        validation/             validation prompts' T5 embeddings (`text-<caption_key>.safetensors`,
+                                the empty negative prompt included) and, for image-to-video, the VAE
+                                moments of validation images (`image-<sha>-<H>x<W>.safetensors`)
         .lock                   held shared by writers, exclusively by `cogtune cache prune`
 
 Tensors are keyed by content, so nothing is encoded twice: a video's VAE moments by the hash of
@@ -54,6 +57,7 @@ LOCK_FILE = ".lock"
 CHECKSUMS_METADATA = "cogtune.sha256"  # shard header entry: JSON {tensor key: sha256 of its bytes}
 SELECTION_FILE = "selection.parquet"
 SHARDS_DIR = "shards"
+VALIDATION_DIR = "validation"
 INDEX_DIR = "index"
 
 STATUS_OK = "ok"
@@ -145,6 +149,24 @@ def image_latent_tensor_keys(key: str, variant: int) -> tuple[str, str]:
 
 def text_tensor_key(key: str) -> str:
     return f"text/{key}/prompt_embeds"
+
+
+def validation_text_path(cache_dir: str | Path, prompt: str) -> Path:
+    """A validation prompt's T5 embedding (tensor `prompt_embeds`); "" is the negative prompt."""
+    return Path(cache_dir) / VALIDATION_DIR / f"text-{caption_key(prompt)}.safetensors"
+
+
+def validation_image_path(cache_dir: str | Path, image_sha256: str, height: int, width: int) -> Path:
+    """A validation image's VAE moments (tensors `mean`, `logvar`, [C, 1, h, w]) at one pixel size."""
+    return Path(cache_dir) / VALIDATION_DIR / f"image-{image_sha256[:32]}-{height}x{width}.safetensors"
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A small safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda temp: save_file(tensors, temp, metadata=metadata))
 
 
 @dataclass(frozen=True)

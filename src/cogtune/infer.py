@@ -14,6 +14,7 @@ from .config import InferConfig, check_precision_available, precision_dtype
 from .errors import CogtuneError
 from .families import ModelConfigs, drop_learned_positional_embeddings
 from .tiny import write_mp4
+from .video import load_first_frame
 from .train import LORA_INFO_NAME, LORA_WEIGHT_NAME
 
 ADAPTER_NAME = "cogtune"
@@ -66,23 +67,6 @@ def _prompt_image_pairs(path: Path) -> list[tuple[str, str | None]]:
         raise CogtuneError(f"--prompt_file {path} has no 'prompt' column (columns: {', '.join(table.column_names)}).")
     rows = table.to_pylist()
     return [(str(row["prompt"]).strip(), row.get("image") or None) for row in rows if str(row["prompt"] or "").strip()]
-
-
-def load_first_frame(path: Path):
-    """An image file as PIL, or the first frame of a video file."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        return Image.open(path).convert("RGB")
-    except UnidentifiedImageError:
-        pass
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            return next(container.decode(video=0)).to_image().convert("RGB")
-    except (av.error.FFmpegError, StopIteration):
-        raise CogtuneError(f"{path} is neither an image nor a video with frames.") from None
 
 
 def lora_info(folder: str) -> dict:

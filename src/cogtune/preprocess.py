@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import data_schema as schema
+from . import logs
 from .config import PreprocessConfig, precision_dtype
 from .buckets import bucket_name, configured_buckets, size_rule
 from .errors import CogtuneError, Preempted
@@ -28,7 +28,8 @@ from .families import ModelConfigs
 from .distributed import Processes, balance, processes
 from .signals import StopRequests, ignore_stop_signals
 from .sources import load_records
-from .video import Clip, ClipSkipped, decode_cost, not_a_video, read_clip
+from .video import (Clip, ClipSkipped, decode_cost, load_first_frame, not_a_video, plan_resize_crop, read_clip,
+                    resize_crop, to_model_range)
 
 TENSOR_SETTINGS = ("height", "width", "fps", "max_num_frames", "skip_frames_start", "skip_frames_end",
                    "video_reshape_mode", "latent_dtype", "mixed_precision", "enable_tiling")
@@ -70,6 +71,7 @@ class PreprocessResult:
     known_failures: int  # failed in an earlier run, not tried again
     seconds: float
     is_main_process: bool = True
+    validation_files: int = 0  # validation prompt embeddings and image latents written this run
 
     def summary(self) -> str:
         return (
@@ -80,6 +82,8 @@ class PreprocessResult:
             f"encoded: {self.encoded_videos} videos, {self.encoded_captions} captions; "
             f"reused from the cache: {self.reused_videos} videos, {self.reused_captions} captions "
             f"({self.seconds:.1f} s)"
+            + (f"\nvalidation: {self.validation_files} prompt embedding(s) or image latent(s) encoded"
+               if self.validation_files else "")
             + (f"\n{self.known_failures} clips failed in an earlier run and were not tried again; "
                "`cogtune cache prune` forgets failures so that the next run retries them" if self.known_failures
                else "")
@@ -138,6 +142,7 @@ def _device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
 
 
 def run(config: PreprocessConfig) -> PreprocessResult:
+    logs.configure(config.log_format, enabled=int(os.environ.get("RANK", 0)) == 0)
     with StopRequests() as stop:
         return _run(config, stop)
 
@@ -150,6 +155,7 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
                                config.cache_dir)
     spec = models.spec()  # refuses what is not a CogVideoX model before any encoding
+    check_validation_inputs(config, spec)
     for size in configured_buckets(config) or [(config.max_num_frames, config.height, config.width)]:
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
     identity = cache_identity(config, models)
@@ -158,6 +164,10 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     procs = processes()
     with schema.cache_lock(cache_dir):  # shared with other writers; keeps `cogtune cache prune` out
         counts = _encode_missing(records, config, models, identity, cache_dir, stop, procs)
+        if procs.is_main:
+            counts["validation_files"] = encode_validation(config, models, cache_dir)
+        else:
+            counts["validation_files"] = 0
     counts = {key: sum(c[key] for c in procs.gather(counts)) for key in counts}
 
     cache = schema.Cache.open(cache_dir)
@@ -190,8 +200,8 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
     # that is plainly no video (text, an image) is a mistake in the dataset: say so before any work.
     sources = _Source(index_rows)
     mine = {}
-    for i in tqdm(range(procs.rank, len(records), procs.world_size), desc="fingerprinting", unit="file",
-                  leave=False, disable=not procs.is_main):
+    for i in logs.progress(range(procs.rank, len(records), procs.world_size), desc="fingerprinting", unit="file",
+                           leave=False, disable=not procs.is_main):
         size, mtime_ns, sha = sources.fingerprint(records[i].video)
         unseen = schema.sample_id(sha, records[i].caption) not in done
         mine[i] = (size, mtime_ns, sha, not_a_video(records[i].video) if unseen else None)
@@ -278,10 +288,8 @@ def _stop_if_requested(stop: StopRequests, writer: schema.CacheWriter) -> None:
                         "Run the same command again to continue.")
 
 
-@torch.no_grad()
-def _encode_captions(captions: list[str], config: PreprocessConfig, models: ModelConfigs,
-                     writer: schema.CacheWriter, stop: StopRequests, batch_size: int = 8) -> dict[str, str]:
-    """T5-encode captions padded to the model's text length; returns tensor key -> shard."""
+def _load_text_encoder(config: PreprocessConfig, models: ModelConfigs):
+    """(tokenizer, T5 encoder on the device) of the pipeline."""
     from transformers import AutoTokenizer, T5EncoderModel
 
     device, dtype = _device_and_dtype(config.mixed_precision)
@@ -290,16 +298,31 @@ def _encode_captions(captions: list[str], config: PreprocessConfig, models: Mode
     tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
     text_encoder = T5EncoderModel.from_pretrained(location, subfolder="text_encoder", variant=config.variant,
                                                   dtype=dtype, **kwargs).to(device).eval()
+    return tokenizer, text_encoder
+
+
+@torch.no_grad()
+def _embed_texts(texts: list[str], tokenizer, text_encoder, max_length: int) -> tuple[torch.Tensor, int]:
+    """T5 embeddings of texts padded to max_length, as the pipelines make them; and how many were
+    truncated."""
+    tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                       add_special_tokens=True, return_tensors="pt")
+    full_lengths = tokenizer(texts, add_special_tokens=True, return_length=True)["length"]
+    embeds = text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+    return embeds, sum(length > max_length for length in full_lengths)
+
+
+def _encode_captions(captions: list[str], config: PreprocessConfig, models: ModelConfigs,
+                     writer: schema.CacheWriter, stop: StopRequests, batch_size: int = 8) -> dict[str, str]:
+    """T5-encode captions padded to the model's text length; returns tensor key -> shard."""
+    tokenizer, text_encoder = _load_text_encoder(config, models)
     max_length = models.transformer["max_text_seq_length"]
     store_dtype = schema.DTYPES[config.latent_dtype]
     shards, truncated = {}, 0
-    for start in tqdm(range(0, len(captions), batch_size), desc="encoding captions", unit="batch"):
+    for start in logs.progress(range(0, len(captions), batch_size), desc="encoding captions", unit="batch"):
         batch = captions[start:start + batch_size]
-        tokens = tokenizer(batch, padding="max_length", max_length=max_length, truncation=True,
-                           add_special_tokens=True, return_tensors="pt")
-        full_lengths = tokenizer(batch, add_special_tokens=True, return_length=True)["length"]
-        truncated += sum(length > max_length for length in full_lengths)
-        embeds = text_encoder(tokens.input_ids.to(device))[0]
+        embeds, cut = _embed_texts(batch, tokenizer, text_encoder, max_length)
+        truncated += cut
         for caption, embed in zip(batch, embeds):
             key = schema.text_tensor_key(schema.caption_key(caption))
             shards[key] = writer.add_tensor(key, embed.to(store_dtype))
@@ -307,9 +330,81 @@ def _encode_captions(captions: list[str], config: PreprocessConfig, models: Mode
                 writer.flush()
         _stop_if_requested(stop, writer)
     if truncated:
-        tqdm.write(f"warning: {truncated} caption(s) are longer than {max_length} tokens and were truncated.")
+        logs.message(f"warning: {truncated} caption(s) are longer than {max_length} tokens and were truncated.")
     del text_encoder
     return shards
+
+
+@torch.no_grad()
+def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_dir: Path) -> int:
+    """Encode the --validation_prompt prompts (and the empty negative prompt) with T5 and, for
+    image-to-video models, the --validation_images with the VAE, into the cache's validation
+    folder, so that training can generate without either. Only what is missing is encoded;
+    returns how many files were written."""
+    pairs = check_validation_inputs(config, models.spec())
+    if not pairs:
+        return 0
+    images = [image for _, image in pairs if image]
+    written = 0
+    texts = [text for text in dict.fromkeys(["", *(prompt for prompt, _ in pairs)])
+             if not schema.validation_text_path(cache_dir, text).is_file()]
+    if texts:
+        tokenizer, text_encoder = _load_text_encoder(config, models)
+        embeds, truncated = _embed_texts(texts, tokenizer, text_encoder, models.transformer["max_text_seq_length"])
+        for text, embed in zip(texts, embeds):
+            schema.write_tensors(schema.validation_text_path(cache_dir, text), {"prompt_embeds": embed.float()},
+                                 {"prompt": text})
+        written += len(texts)
+        if truncated:
+            logs.message(f"warning: {truncated} validation prompt(s) are longer than the model's text length and "
+                         "were truncated.")
+        del text_encoder
+    pending = {}
+    for image in images:
+        sha = schema.sha256_file(image)
+        path = schema.validation_image_path(cache_dir, sha, config.height, config.width)
+        if not path.is_file():
+            pending[path] = image
+    if pending:
+        from diffusers import AutoencoderKLCogVideoX
+
+        device, dtype = _device_and_dtype(config.mixed_precision)
+        vae = AutoencoderKLCogVideoX.from_pretrained(
+            config.pretrained_model_name_or_path, subfolder="vae", revision=config.revision, variant=config.variant,
+            cache_dir=config.cache_dir, torch_dtype=dtype,
+        ).to(device).eval()
+        for path, image in pending.items():
+            pixels = validation_pixels(image, config.height, config.width)  # [C, 1, H, W]
+            posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
+            schema.write_tensors(path, {"mean": posterior.mean[0].float(), "logvar": posterior.logvar[0].float()},
+                                 {"image": str(image)})
+        written += len(pending)
+        del vae
+    return written
+
+
+def check_validation_inputs(config, spec) -> list[tuple[str, str | None]]:
+    """The validation (prompt, image) pairs, checked against the model and the file system."""
+    pairs = config.validation_pairs()
+    images = [image for _, image in pairs if image]
+    if images and not spec.image_conditioned:
+        raise CogtuneError(f"--validation_images is for image-to-video models; this {spec.description} model "
+                           "generates from text alone. Leave it out.")
+    if pairs and spec.image_conditioned and not images:
+        raise CogtuneError(f"This {spec.description} model animates an image: give one --validation_images entry "
+                           "per --validation_prompt.")
+    for image in images:
+        if not Path(image).is_file():
+            raise CogtuneError(f"--validation_images: {image} does not exist.")
+    return pairs
+
+
+def validation_pixels(image: str | Path, height: int, width: int) -> torch.Tensor:
+    """A validation image (or a video's first frame) resized to cover height x width and centre-cropped,
+    as the training clips are: [3, 1, height, width] in [-1, 1]."""
+    frame = np.asarray(load_first_frame(Path(image)))[None]  # [1, H, W, 3] uint8
+    plan = plan_resize_crop(frame.shape[1], frame.shape[2], height, width, "center")
+    return resize_crop(to_model_range(frame), plan, height, width).permute(1, 0, 2, 3)
 
 
 def first_frame_noise(seed: int, sha: str, variants: int) -> tuple[list[float], torch.Generator]:
@@ -398,11 +493,12 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
             encode(batch)
         pending.clear()
 
-    progress = tqdm(clips, total=len(jobs), desc="encoding videos", unit="clip")
+    progress = logs.progress(clips, total=len(jobs), desc="encoding videos", unit="clip")
     for read, (sha, clip, failure) in enumerate(progress, start=1):
         if clip is None:
             failed += 1
-            tqdm.write(f"skipped {by_video[sha][0][0].video}: {failure[1]}")
+            logs.message(f"skipped {by_video[sha][0][0].video}: {failure[1]}", path=str(by_video[sha][0][0].video),
+                         reason=failure[1])
             add_rows(by_video[sha], None, failure)
             if limit is not None and failed > limit:
                 encode_pending()

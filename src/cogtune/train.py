@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,16 +21,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import checkpoint as checkpoints
 from . import data_schema as schema
+from . import logs, report
 from .cache import check_samples
 from .config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
 from .errors import CogtuneError, Preempted
 from .families import FamilySpec, ModelConfigs, drop_learned_positional_embeddings
 from .optim import make_optimizer, state_bytes_per_parameter
 from .signals import StopRequests, ignore_stop_signals
+from .validation import load_validation_set
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_INFO_NAME = "cogtune_lora.json"
@@ -379,6 +381,16 @@ class TrainResult:
 # --- the recipe ---------------------------------------------------------------------------------
 
 
+def validation_due(step: int, steps_per_epoch: int, max_train_steps: int, config: TrainConfig) -> bool:
+    """Whether step ends a validation period: every --validation_steps steps, or else at the end of
+    every --validation_epochs-th epoch (50, as in the diffusers scripts). The last step is validated
+    anyway, after the loop."""
+    if config.validation_steps:
+        return step % config.validation_steps == 0
+    epochs = config.validation_epochs or 50
+    return step % steps_per_epoch == 0 and (step // steps_per_epoch) % epochs == 0
+
+
 def logged_step(line: str) -> float:
     """The step of a train_log.jsonl line; a line cut short by a killed run counts as after every step."""
     try:
@@ -402,13 +414,19 @@ def run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) 
     try:
         with StopRequests() as stop:
             return _run(config, preprocess_config, stop)
+    except BaseException:  # stopped, preempted or failed: the curve of the steps so far, all the same
+        if int(os.environ.get("RANK", 0)) == 0:
+            report.write_loss_curve_quietly(Path(config.output_dir) / TRAIN_LOG_NAME)
+        raise
     finally:  # a later run in this process may choose another precision (keeps the distributed state)
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: StopRequests) -> TrainResult:
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
     from diffusers import CogVideoXDDIMScheduler
     from diffusers.optimization import get_scheduler
 
@@ -421,8 +439,11 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / config.logging_dir)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.nccl_timeout))],
     )
+    logs.configure(config.log_format, enabled=accelerator.is_main_process)
     set_seed(config.seed)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -443,13 +464,20 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
         )
     if not cache.samples:
         raise CogtuneError(f"The cache {cache_path} holds no usable samples ({len(cache.failed)} were skipped).")
-    report = check_samples(cache_path, cache.manifest, cache.samples, checksums=False)  # shard headers: quick
-    if not report.ok:
-        raise CogtuneError(f"The cache {cache_path} is damaged:\n" + report.text(checksums=False))
+    damage = check_samples(cache_path, cache.manifest, cache.samples, checksums=False)  # shard headers: quick
+    if not damage.ok:
+        raise CogtuneError(f"The cache {cache_path} is damaged:\n" + damage.text(checksums=False))
     for size in sorted({(row["num_frames"], row["height"], row["width"]) for row in cache.samples}):
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
-    spec.check_precision(config.mixed_precision, accelerator.print)
+    spec.check_precision(config.mixed_precision, logs.message)
     engine = accelerator.distributed_type.name
+    validation = load_validation_set(config, cache_path, cache.manifest)  # T5 never runs here: the cache has them
+    if validation is not None and engine == "FSDP":
+        raise CogtuneError("Validation during training is not available under FSDP, which shards the weights "
+                           "across processes; leave out --validation_prompt and run `cogtune infer` on the LoRA.")
+    report.check_trackers(config.report_to)
+    if config.push_to_hub:
+        report.check_hub_token(config.hub_token)
     if config.offload_optimizer and engine in ("FSDP", "DEEPSPEED"):
         raise CogtuneError(f"--offload_optimizer does not combine with {engine}, which shards the optimizer itself; "
                            "use configs/accelerate/deepspeed_zero2_offload.yaml for an offloaded optimizer instead.")
@@ -507,7 +535,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     if config.resume_from_checkpoint == "latest":
         checkpoint = checkpoints.latest_checkpoint(output_dir)
         if checkpoint is None:
-            accelerator.print(f"No checkpoint in {output_dir} yet; starting a new run.")
+            logs.message(f"No checkpoint in {output_dir} yet; starting a new run.")
     elif config.resume_from_checkpoint:
         checkpoint = Path(config.resume_from_checkpoint)
     if checkpoint is not None:
@@ -517,9 +545,9 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
         changed = [f"{k} ({info.get('data_order', {}).get(k)} -> {v})" for k, v in order.items()
                    if info.get("data_order", {}).get(k) != v]
         if changed:
-            accelerator.print("warning: the data order differs from the interrupted run's, so the resumed run will "
+            logs.message("warning: the data order differs from the interrupted run's, so the resumed run will "
                               "not repeat it exactly: " + ", ".join(changed))
-        accelerator.print(f"Resumed from {checkpoint} at step {global_step}.")
+        logs.message(f"Resumed from {checkpoint} at step {global_step}.", step=global_step)
 
     def save_checkpoint(step: int) -> Path:
         return checkpoints.save(accelerator, output_dir, step, {"data_order": order},
@@ -528,9 +556,27 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
                                 config.checkpoints_total_limit)
 
     # The loop.
-    if accelerator.is_main_process and config.report_to != "none":
-        accelerator.init_trackers("cogtune", config={k: v for k, v in vars(config).items()
-                                                     if isinstance(v, (int, float, str, bool))})
+    if config.report_to != "none":  # accelerate starts trackers on the main process only
+        accelerator.init_trackers(config.tracker_name or "cogtune", config={
+            k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
+    rounds = []  # validation rounds of this run
+
+    def validate(step: int):
+        """Validation videos from the main process; the others wait for it."""
+        from .validation import run_validation
+
+        done = None
+        if accelerator.is_main_process:
+            done = run_validation(lora_of(), validation, config, models, spec, output_dir, step, weight_dtype,
+                                  accelerator.autocast, cache.manifest["settings"]["fps"])
+            logs.event("validation", step=step, folder=str(done.folder), contact_sheet=str(done.contact_sheet),
+                       videos=[str(path) for _, path in done.videos])
+            if not logs.json_lines():
+                logs.message(f"validation videos of step {step}: {done.folder}")
+            report.log_validation(accelerator, done)
+        accelerator.wait_for_everyone()
+        return done or report.ValidationMark(step)
+
     log_path = output_dir / TRAIN_LOG_NAME
     if accelerator.is_main_process:  # the log holds this run's history: steps up to the resumed one, no more
         kept = [line for line in (log_path.read_text().splitlines() if log_path.is_file() else [])
@@ -540,7 +586,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     device, on_gpu = accelerator.device, accelerator.device.type == "cuda"
     per_shape: dict = {}
     losses, step_losses, nan_steps = [], [], 0
-    progress = tqdm(total=max_train_steps, initial=global_step, desc="training", unit="step",
+    progress = logs.progress(total=max_train_steps, initial=global_step, desc="training", unit="step",
                     disable=not accelerator.is_local_main_process)
     batch_number = global_step * config.gradient_accumulation_steps
     step_started = time.time()
@@ -599,7 +645,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
             step_started = time.time()
             record = {"step": global_step, "loss": loss_value if finite else None, "lr": lr_scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
-                      "step_seconds": round(step_seconds, 4)}
+                      "step_seconds": round(step_seconds, 4), "peak_memory_mib": round(report.peak_memory_mib(device), 1)}
             if finite:
                 nan_steps = 0
                 losses.append(loss_value)
@@ -608,16 +654,22 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
             else:
                 nan_steps += 1
                 record["skipped"] = f"non-finite loss {loss_value} or gradient norm {grad_norm}"
-                accelerator.print(f"warning: step {global_step} skipped: the loss ({loss_value}) or the gradient norm "
+                logs.message(f"warning: step {global_step} skipped: the loss ({loss_value}) or the gradient norm "
                                   f"({grad_norm}) is not finite ({nan_steps} in a row).")
             progress.update(1)
             if accelerator.is_main_process:
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=global_step)
+            logs.event("step", **record)
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                            step=global_step)
             saved = None
             if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps:
                 saved = save_checkpoint(global_step)
+                logs.event("checkpoint", step=global_step, path=str(saved))
+            if validation is not None and validation_due(global_step, steps_per_epoch, max_train_steps, config):
+                rounds.append(validate(global_step))
+                step_started = time.time()  # the next step's time leaves the validation out
             if nan_steps >= config.max_nan_steps:
                 raise CogtuneError(
                     f"Stopped at step {global_step}: {nan_steps} steps in a row had a NaN or infinite loss or gradient "
@@ -633,6 +685,8 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
             if global_step >= max_train_steps:
                 break
     progress.close()
+    if validation is not None and (not rounds or rounds[-1].step != global_step):
+        rounds.append(validate(global_step))  # the LoRA as saved: what the model card shows
 
     # The final LoRA.
     accelerator.wait_for_everyone()
@@ -648,6 +702,12 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
                 "target_modules": list(config.lora_target_modules), "steps": global_step, "cache": str(cache_path)}
         schema.atomic_write(output_dir / LORA_INFO_NAME,
                             lambda temp: Path(temp).write_text(json.dumps(info, indent=2) + "\n"))
+        report.write_loss_curve_quietly(log_path)
+        card = report.write_model_card(output_dir, config, models, spec, cache.manifest, rounds, global_step)
+        logs.event("model_card", path=str(card))
+        if config.push_to_hub:
+            url = report.push_to_hub(output_dir, config, rounds)
+            logs.message(f"uploaded to {url}", url=url)
     accelerator.end_training()
     return TrainResult(lora_path=lora_path.resolve(), is_main_process=accelerator.is_main_process,
                        transformer=unwrapped, global_step=global_step, losses=losses)

@@ -114,6 +114,23 @@ def to_model_range(frames_uint8: np.ndarray) -> torch.Tensor:
     return frames / 127.5 - 1.0
 
 
+def load_first_frame(path: Path):
+    """An image file as PIL, or the first frame of a video file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path).convert("RGB")
+    except UnidentifiedImageError:
+        pass
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return next(container.decode(video=0)).to_image().convert("RGB")
+    except (av.error.FFmpegError, StopIteration):
+        raise CogtuneError(f"{path} is neither an image nor a video with frames.") from None
+
+
 # --- decoders ---------------------------------------------------------------------------------
 
 PLAUSIBLE_FPS = (1.0, 240.0)

@@ -1,0 +1,241 @@
+"""Validation videos during training, generated from embeddings that `cogtune preprocess` put in the
+cache: the training process never loads T5, and loads the VAE only to decode, then frees it.
+
+The denoising loop is the one of CogVideoXPipeline and CogVideoXImageToVideoPipeline (classifier-free
+guidance with the empty negative prompt, optional dynamic CFG, the pipeline's own scheduler), run
+on the training transformer with its LoRA; tests/test_validation.py checks it against the pipelines.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data_schema as schema
+from . import logs
+from .errors import CogtuneError
+from .families import FamilySpec, ModelConfigs
+from .tiny import write_mp4
+
+VALIDATION_DIR = "validation"  # under the output dir: step-<N>/ folders of mp4 files and a contact sheet
+CONTACT_SHEET_NAME = "contact_sheet.png"
+
+
+@dataclass
+class ValidationPrompt:
+    prompt: str
+    image: str | None
+    prompt_embeds: torch.Tensor  # [text length, text dim]
+    image_moments: tuple[torch.Tensor, torch.Tensor] | None  # VAE mean and logvar, [C, 1, h, w]
+
+
+@dataclass
+class ValidationSet:
+    prompts: list[ValidationPrompt]
+    negative_embeds: torch.Tensor
+    num_frames: int
+    height: int
+    width: int
+
+
+def load_validation_set(config, cache_path: Path, manifest: dict) -> ValidationSet | None:
+    """The validation prompts' cached embeddings (and image latents), at the cache's clip size; a
+    clear error, before any model is loaded, for whatever preprocess has not encoded."""
+    from safetensors.torch import load_file
+
+    pairs = config.validation_pairs()
+    if not pairs:
+        return None
+    settings = manifest["settings"]
+    height, width = settings["height"], settings["width"]
+    missing = [repr(text or "(the empty negative prompt)") for text in ["", *(p for p, _ in pairs)]
+               if not schema.validation_text_path(cache_path, text).is_file()]
+    prompts = []
+    for prompt, image in pairs:
+        moments = None
+        if image is not None:
+            if not Path(image).is_file():
+                raise CogtuneError(f"--validation_images: {image} does not exist.")
+            path = schema.validation_image_path(cache_path, schema.sha256_file(image), height, width)
+            if not path.is_file():
+                missing.append(f"image {image}")
+                continue
+            tensors = load_file(path)
+            moments = (tensors["mean"], tensors["logvar"])
+        if not missing:
+            embeds = load_file(schema.validation_text_path(cache_path, prompt))["prompt_embeds"]
+            prompts.append(ValidationPrompt(prompt, image, embeds, moments))
+    if missing:
+        raise CogtuneError(
+            f"The cache {cache_path} holds no encoding of the validation {', '.join(dict.fromkeys(missing))}. Run "
+            "`cogtune preprocess` with the same --validation_prompt (and --validation_images): it encodes only "
+            "what is missing, so that training never needs T5."
+        )
+    negative = load_file(schema.validation_text_path(cache_path, ""))["prompt_embeds"]
+    return ValidationSet(prompts, negative, settings["max_num_frames"], height, width)
+
+
+def load_scheduler(models: ModelConfigs):
+    """The pipeline's own scheduler (DDIM for CogVideoX-2b, DPM for the 5b models), as `cogtune infer` uses."""
+    import diffusers
+
+    name = models.scheduler.get("_class_name", "CogVideoXDDIMScheduler")
+    scheduler_class = getattr(diffusers, name, diffusers.CogVideoXDDIMScheduler)
+    return scheduler_class.from_config(models.scheduler)
+
+
+@torch.no_grad()
+def generate_latents(transformer, scheduler, spec: FamilySpec, prompt_embeds: torch.Tensor,
+                     negative_embeds: torch.Tensor, num_frames: int, height: int, width: int,
+                     num_inference_steps: int, guidance_scale: float, use_dynamic_cfg: bool,
+                     generator: torch.Generator, dtype: torch.dtype,
+                     image_moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One video's denoised latents [1, F, C, h, w] (CogVideoX 1.5's padding frames dropped), as the
+    CogVideoX pipelines compute them from these embeddings and this generator."""
+    from diffusers import CogVideoXDPMScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    device = next(p for p in transformer.parameters()).device
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    latent_frames = spec.latent_frames(num_frames)
+    padding = spec.frame_padding(latent_frames)
+    frames = latent_frames + padding
+    channels = spec.latent_channels
+    shape = (1, frames, channels, height // spec.vae_scale_spatial, width // spec.vae_scale_spatial)
+    image_latents = None
+    if image_moments is not None:  # sampled first, with the same generator, as the I2V pipeline does
+        mean, logvar = (t.to(device, torch.float32) for t in image_moments)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        sample = mean + std * randn_tensor(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+        image = spec.scale_image_latents(sample[None].to(dtype).permute(0, 2, 1, 3, 4))  # [1, 1, C, h, w]
+        image_latents = spec.image_condition(image, frames)
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
+    guided = guidance_scale > 1.0
+    embeds = torch.stack([negative_embeds, prompt_embeds]) if guided else prompt_embeds[None]
+    embeds = embeds.to(device, dtype)
+    rotary = spec.rotary_embeddings(height, width, frames, device)
+    ofs = spec.ofs(1, device)
+    if ofs is not None:
+        ofs = ofs.to(dtype)
+    extra = {"eta": 0.0, "generator": generator}
+    old_pred_original_sample = None
+    for i, t in enumerate(logs.progress(timesteps, desc="validation", unit="step", leave=False)):
+        model_input = torch.cat([latents] * 2) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        if image_latents is not None:
+            model_input = torch.cat([model_input, torch.cat([image_latents] * model_input.shape[0])], dim=2)
+        noise_pred = transformer(hidden_states=model_input, encoder_hidden_states=embeds,
+                                 timestep=t.expand(model_input.shape[0]), image_rotary_emb=rotary, ofs=ofs,
+                                 return_dict=False)[0].float()
+        scale = guidance_scale
+        if use_dynamic_cfg:
+            scale = 1 + guidance_scale * (
+                (1 - math.cos(math.pi * ((num_inference_steps - t.item()) / num_inference_steps) ** 5.0)) / 2)
+        if guided:
+            uncond, text = noise_pred.chunk(2)
+            noise_pred = uncond + scale * (text - uncond)
+        if isinstance(scheduler, CogVideoXDPMScheduler):
+            latents, old_pred_original_sample = scheduler.step(
+                noise_pred, old_pred_original_sample, t, timesteps[i - 1] if i > 0 else None, latents, **extra,
+                return_dict=False)
+        else:
+            latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+        latents = latents.to(dtype)
+    return latents[:, padding:]
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor, scaling_factor: float) -> np.ndarray:
+    """[1, F, C, h, w] latents -> [frames, H, W, 3] uint8, as the pipelines' decode_latents and postprocess."""
+    video = vae.decode(latents.permute(0, 2, 1, 3, 4).to(vae.dtype) / scaling_factor).sample[0]  # [3, F, H, W]
+    video = (video.float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
+    return (video.cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def video_name(index: int, prompt: str, seed: int) -> str:
+    words = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-")[:48] or "video"
+    return f"{index:03d}-{words}-seed{seed}.mp4"
+
+
+def contact_sheet(videos: list[tuple[str, np.ndarray]], path: Path, columns: int = 8) -> None:
+    """A PNG with one row per video: its label, then `columns` frames evenly spaced from first to last."""
+    from PIL import Image, ImageDraw
+
+    frame_height, frame_width = videos[0][1].shape[1:3]
+    label_height = 14
+    sheet = Image.new("RGB", (columns * frame_width, len(videos) * (frame_height + label_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (label, frames) in enumerate(videos):
+        top = row * (frame_height + label_height)
+        draw.text((2, top + 1), label[:160], fill="black")
+        picks = np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)
+        for column, index in enumerate(picks):
+            sheet.paste(Image.fromarray(frames[index]), (column * frame_width, top + label_height))
+    schema.atomic_write(path, lambda temp: sheet.save(temp, format="PNG"))
+
+
+@dataclass
+class ValidationRound:
+    step: int
+    folder: Path
+    videos: list[tuple[str, Path]]  # (prompt, mp4)
+    contact_sheet: Path
+    frames: list[np.ndarray]  # per video, [F, H, W, 3] uint8 (for the trackers)
+
+
+def run_validation(transformer, validation: ValidationSet, config, models: ModelConfigs, spec: FamilySpec,
+                   output_dir: Path, step: int, dtype: torch.dtype, autocast, fps: int) -> ValidationRound:
+    """Generate --num_validation_videos per prompt, decode them with the VAE (loaded here, freed
+    before returning), and write the mp4s and a contact sheet under OUTPUT_DIR/validation/step-N."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    was_training = transformer.training
+    transformer.eval()
+    scheduler = load_scheduler(models)
+    latents = []
+    try:
+        with autocast():
+            for prompt in validation.prompts:
+                for number in range(config.num_validation_videos):
+                    generator = torch.Generator().manual_seed(config.seed + number)
+                    latents.append((prompt.prompt, config.seed + number, generate_latents(
+                        transformer, scheduler, spec, prompt.prompt_embeds, validation.negative_embeds,
+                        validation.num_frames, validation.height, validation.width,
+                        config.validation_num_inference_steps, config.guidance_scale, config.use_dynamic_cfg,
+                        generator, dtype, prompt.image_moments)))
+    finally:
+        transformer.train(was_training)
+    device = latents[0][2].device
+    vae = AutoencoderKLCogVideoX.from_pretrained(
+        models.source["pretrained_model_name_or_path"], subfolder="vae", revision=config.revision,
+        variant=config.variant, cache_dir=config.cache_dir, torch_dtype=dtype,
+    ).to(device).eval()
+    if config.enable_slicing:
+        vae.enable_slicing()
+    if config.enable_tiling:
+        vae.enable_tiling()
+    folder = output_dir / VALIDATION_DIR / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    videos, frames = [], []
+    try:
+        for index, (prompt, seed, video_latents) in enumerate(latents):
+            video = decode(vae, video_latents, spec.scaling_factor)
+            path = folder / video_name(index, prompt, seed)
+            write_mp4(path, video, fps)
+            videos.append((prompt, path))
+            frames.append(video)
+    finally:
+        del vae
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    sheet = folder / CONTACT_SHEET_NAME
+    contact_sheet([(f"{prompt} (seed {seed})", video) for (prompt, seed, _), video in zip(latents, frames)], sheet)
+    return ValidationRound(step, folder, videos, sheet, frames)
