@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "Train a LoRA on the transformer from a cache; the VAE and T5 are never loaded.",
     "infer": "Generate videos with the base pipeline plus a trained LoRA.",
     "cache": "Inspect, verify or prune a cache: `cogtune cache inspect|verify|prune PATH`.",
+    "export": "Write a trained LoRA in another tool's layout: `cogtune export --format comfyui`.",
     "make-tiny-model": "Write a tiny random-weight CogVideoX pipeline folder (for demos and tests).",
     "make-demo-data": "Write captioned synthetic demo clips in the prompts.txt + videos.txt format.",
 }
@@ -35,7 +36,12 @@ def _preprocess(argv):
 
     result = preprocess.run(load_config("preprocess", argv))
     if result.is_main_process:
-        print(result.summary())
+        from . import logs
+
+        logs.result(result.summary(), cache=str(result.cache_dir), samples=result.samples, skipped=result.failed,
+                    encoded_videos=result.encoded_videos, encoded_captions=result.encoded_captions,
+                    reused_videos=result.reused_videos, reused_captions=result.reused_captions,
+                    seconds=round(result.seconds, 1))
 
 
 def _train(argv):
@@ -49,15 +55,25 @@ def _train(argv):
         return
     result = train.run(config, preprocess_config)
     if result.is_main_process:
-        print(f"lora: {result.lora_path}")
+        from . import logs
+
+        logs.result(f"lora: {result.lora_path}", lora=str(result.lora_path), steps=result.global_step)
 
 
 def _infer(argv):
     from . import infer
     from .config import load_config
 
+    from . import logs
+
     for path in infer.run(load_config("infer", argv)):
-        print(f"video: {path}")
+        logs.result(f"video: {path}", video=str(path))
+
+
+def _export(argv):
+    from .export import main
+
+    main(argv)
 
 
 def _cache(argv):
@@ -90,8 +106,15 @@ def _make_demo_data(argv):
     print(f"data: {make_demo_data(args.output_dir)}")
 
 
-HANDLERS = {"preprocess": _preprocess, "train": _train, "infer": _infer, "cache": _cache,
+HANDLERS = {"preprocess": _preprocess, "train": _train, "infer": _infer, "cache": _cache, "export": _export,
             "make-tiny-model": _make_tiny_model, "make-demo-data": _make_demo_data}
+
+
+def _event(name: str, command: str, text: str) -> None:
+    """With --log_format json, the way a run ended is a JSON line too (after the text on stderr)."""
+    from . import logs
+
+    logs.event(name, command=command, text=text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         status = HANDLERS[command](rest)
     except Preempted as e:
         print(f"cogtune {command}: {e}", file=sys.stderr)
+        _event("stopped", command, str(e))
         return EXIT_PREEMPTED
     except CogtuneError as e:
         print(f"cogtune {command}: error: {e}", file=sys.stderr)
+        _event("error", command, str(e))
         return 2
     except KeyboardInterrupt:
         print(f"cogtune {command}: interrupted", file=sys.stderr)

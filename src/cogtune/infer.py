@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import logs
 from .config import InferConfig, check_precision_available, precision_dtype
 from .errors import CogtuneError
 from .families import ModelConfigs, drop_learned_positional_embeddings
 from .tiny import write_mp4
+from .validation import video_name
 from .video import load_first_frame
 from .train import LORA_INFO_NAME, LORA_WEIGHT_NAME
 
@@ -95,14 +96,10 @@ def lora_location(config: InferConfig) -> tuple[str, str | None]:
     return lora, None  # a hub id
 
 
-def video_name(index: int, prompt: str, seed: int) -> str:
-    words = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-")[:48] or "video"
-    return f"{index:03d}-{words}-seed{seed}.mp4"
-
-
 def run(config: InferConfig) -> list[Path]:
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
+    logs.configure(config.log_format)
     folder, weight_name = lora_location(config)
     models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
                                config.cache_dir)
@@ -112,7 +109,7 @@ def run(config: InferConfig) -> list[Path]:
         lora_info(folder).get("ignore_learned_positional_embeddings"))
     spec.check_clip_size(config.num_frames, config.height, config.width, ignore_positions)
     check_precision_available(config.mixed_precision)
-    spec.check_precision(config.mixed_precision, print)
+    spec.check_precision(config.mixed_precision, logs.message)
     dtype = precision_dtype(config.mixed_precision)
     pipeline_class = CogVideoXImageToVideoPipeline if spec.image_conditioned else CogVideoXPipeline
     try:
@@ -143,7 +140,8 @@ def run(config: InferConfig) -> list[Path]:
     out_dir = Path(config.video_output_dir or Path(config.output_dir) / "videos")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for index, job in enumerate(jobs):
+    pipe.set_progress_bar_config(disable=logs.json_lines(), leave=False, desc="denoising")
+    for index, job in enumerate(logs.progress(jobs, desc="generating", unit="video")):
         generator = torch.Generator().manual_seed(config.seed)
         image = {"image": load_first_frame(job.image)} if job.image is not None else {}
         frames = pipe(

@@ -27,6 +27,12 @@ def configure(log_format: str, enabled: bool = True) -> None:
     if log_format not in FORMATS:
         raise ValueError(f"log format {log_format!r} is not one of {FORMATS}")
     _state.update(format=log_format, enabled=enabled)
+    if log_format == "json":  # the libraries' own bars (loading weights) would garble the log
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
 
 
 def json_lines() -> bool:

@@ -402,7 +402,7 @@ def check_validation_inputs(config, spec) -> list[tuple[str, str | None]]:
 def validation_pixels(image: str | Path, height: int, width: int) -> torch.Tensor:
     """A validation image (or a video's first frame) resized to cover height x width and centre-cropped,
     as the training clips are: [3, 1, height, width] in [-1, 1]."""
-    frame = np.asarray(load_first_frame(Path(image)))[None]  # [1, H, W, 3] uint8
+    frame = np.array(load_first_frame(Path(image)))[None]  # [1, H, W, 3] uint8
     plan = plan_resize_crop(frame.shape[1], frame.shape[2], height, width, "center")
     return resize_crop(to_model_range(frame), plan, height, width).permute(1, 0, 2, 3)
 

@@ -431,6 +431,9 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     from diffusers.optimization import get_scheduler
 
     # Set-up: devices, precision, output folder.
+    report.check_trackers(config.report_to)
+    if config.push_to_hub:
+        report.check_hub_token(config.hub_token)
     output_dir = Path(config.output_dir)
     schema.ensure_writable_dir(output_dir, "--output_dir")
     check_precision_available(config.mixed_precision)
@@ -475,9 +478,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     if validation is not None and engine == "FSDP":
         raise CogtuneError("Validation during training is not available under FSDP, which shards the weights "
                            "across processes; leave out --validation_prompt and run `cogtune infer` on the LoRA.")
-    report.check_trackers(config.report_to)
-    if config.push_to_hub:
-        report.check_hub_token(config.hub_token)
+
     if config.offload_optimizer and engine in ("FSDP", "DEEPSPEED"):
         raise CogtuneError(f"--offload_optimizer does not combine with {engine}, which shards the optimizer itself; "
                            "use configs/accelerate/deepspeed_zero2_offload.yaml for an offloaded optimizer instead.")

@@ -54,7 +54,7 @@ def load_validation_set(config, cache_path: Path, manifest: dict) -> ValidationS
         return None
     settings = manifest["settings"]
     height, width = settings["height"], settings["width"]
-    missing = [repr(text or "(the empty negative prompt)") for text in ["", *(p for p, _ in pairs)]
+    missing = [repr(text) if text else "the empty negative prompt" for text in [*(p for p, _ in pairs), ""]
                if not schema.validation_text_path(cache_path, text).is_file()]
     prompts = []
     for prompt, image in pairs:
@@ -73,7 +73,8 @@ def load_validation_set(config, cache_path: Path, manifest: dict) -> ValidationS
             prompts.append(ValidationPrompt(prompt, image, embeds, moments))
     if missing:
         raise CogtuneError(
-            f"The cache {cache_path} holds no encoding of the validation {', '.join(dict.fromkeys(missing))}. Run "
+            f"The cache {cache_path} holds no encoding of these validation inputs: {', '.join(dict.fromkeys(missing))}. "
+            "Run "
             "`cogtune preprocess` with the same --validation_prompt (and --validation_images): it encodes only "
             "what is missing, so that training never needs T5."
         )
@@ -82,12 +83,11 @@ def load_validation_set(config, cache_path: Path, manifest: dict) -> ValidationS
 
 
 def load_scheduler(models: ModelConfigs):
-    """The pipeline's own scheduler (DDIM for CogVideoX-2b, DPM for the 5b models), as `cogtune infer` uses."""
-    import diffusers
+    """The validation scheduler: CogVideoXDPMScheduler from the pipeline's scheduler config, as the
+    diffusers training scripts validate (and as the CogVideoX authors advise for sampling)."""
+    from diffusers import CogVideoXDPMScheduler
 
-    name = models.scheduler.get("_class_name", "CogVideoXDDIMScheduler")
-    scheduler_class = getattr(diffusers, name, diffusers.CogVideoXDDIMScheduler)
-    return scheduler_class.from_config(models.scheduler)
+    return CogVideoXDPMScheduler.from_config(models.scheduler)
 
 
 @torch.no_grad()
