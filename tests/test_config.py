@@ -138,3 +138,41 @@ def test_missing_optional_optimizer_packages_give_a_clear_error():
     adamw = make_optimizer(parameters, load_config("train", ["--pretrained_model_name_or_path", "m",
                                                              "--optimizer", "AdamW"]), 1e-3)
     assert isinstance(adamw, torch.optim.AdamW)
+
+
+# Every flag of diffusers' examples/cogvideo/train_cogvideox_lora.py and
+# train_cogvideox_image_to_video_lora.py (diffusers 58eb52c080, 0.40.0.dev0).
+DIFFUSERS_SCRIPT_FLAGS = """
+pretrained_model_name_or_path revision variant cache_dir dataset_name dataset_config_name instance_data_root
+video_column caption_column id_token dataloader_num_workers validation_prompt validation_images
+validation_prompt_separator num_validation_videos validation_epochs guidance_scale use_dynamic_cfg seed rank
+lora_alpha mixed_precision output_dir height width video_reshape_mode fps max_num_frames skip_frames_start
+skip_frames_end random_flip train_batch_size num_train_epochs max_train_steps checkpointing_steps
+checkpoints_total_limit resume_from_checkpoint gradient_accumulation_steps gradient_checkpointing learning_rate
+scale_lr lr_scheduler lr_warmup_steps lr_num_cycles lr_power enable_slicing enable_tiling noised_image_dropout
+optimizer use_8bit_adam adam_beta1 adam_beta2 prodigy_beta3 prodigy_decouple adam_weight_decay adam_epsilon
+max_grad_norm prodigy_use_bias_correction prodigy_safeguard_warmup tracker_name push_to_hub hub_token hub_model_id
+logging_dir allow_tf32 report_to nccl_timeout
+""".split()
+
+
+def test_readme_maps_every_flag_of_the_diffusers_scripts_to_a_stage_that_takes_it():
+    import dataclasses
+    import re
+
+    from cogtune.config import STAGE_CONFIGS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Coming from the diffusers script", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:4] for line in section.splitlines() if line.startswith("| `--")]
+    mapped = {flag: where for flags, _, where in rows for flag in re.findall(r"`--([a-z0-9_]+)`", flags)}
+    assert sorted(mapped) == sorted(DIFFUSERS_SCRIPT_FLAGS)
+    stages = {stage: {f.name for f in dataclasses.fields(cls)} for stage, cls in STAGE_CONFIGS.items()}
+    for flag, where in mapped.items():
+        if where.strip().startswith("none"):
+            assert not any(flag in names for names in stages.values())
+            continue
+        named = [stage for stage in stages if stage in where or "every stage" in where]
+        assert named, (flag, where)
+        for stage in named:
+            assert flag in stages[stage], f"--{flag} is mapped to {stage}, which does not take it"
