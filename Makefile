@@ -43,6 +43,7 @@ demo: setup demo-assets
 	@echo "CACHE: $$(sed -n 's/^cache: //p' $(DEMO)/preprocess.out)"
 	@echo "LORA: $$(sed -n 's/^lora: //p' $(DEMO)/train.out)"
 	@echo "VIDEO: $$(sed -n 's/^video: //p' $(DEMO)/infer.out | head -n 1)"
+	@echo "VALIDATION: $(abspath $(DEMO)/lora/validation) (mp4s and contact_sheet.png per step; loss_curve.png and README.md beside)"
 
 test: setup
 	$(BIN)/python -m pytest -q

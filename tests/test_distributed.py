@@ -63,7 +63,8 @@ def trained(tmp_path_factory, tiny_model, data):
     """A cache, and one-process training with a batch of 2 for 6 steps (the reference)."""
     root = tmp_path_factory.mktemp("ddp")
     config = write_config(root / "c.toml", tiny_model, data, root / "cache", root / "one", height=32, width=48,
-                          max_train_steps=6, checkpointing_steps=3, lr_scheduler="cosine", lr_warmup_steps=2)
+                          max_train_steps=6, checkpointing_steps=3, lr_scheduler="cosine", lr_warmup_steps=2,
+                          validation_prompt="DEMO a red square", validation_num_inference_steps=2)
     cogtune_here("preprocess", "--config", config)
     cogtune_here("train", "--config", config, "--train_batch_size", "2")
     return dict(root=root, config=config, one=root / "one")
@@ -89,8 +90,12 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(trai
 
 def test_two_process_checkpoint_and_resume(trained, tmp_path):
     full = tmp_path / "full"
-    common = ["-m", "cogtune.cli", "train", "--config", trained["config"], "--train_batch_size", "1"]
+    common = ["-m", "cogtune.cli", "train", "--config", trained["config"], "--train_batch_size", "1",
+              "--validation_steps", "3"]
     torchrun(*common, "--output_dir", full)
+    # validation on the main process while the other waits, without changing the training
+    assert sorted(p.name for p in (full / "validation").iterdir()) == ["step-000003", "step-000006"]
+    assert len(list((full / "validation" / "step-000006").glob("*.mp4"))) == 1
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
@@ -99,6 +104,7 @@ def test_two_process_checkpoint_and_resume(trained, tmp_path):
     out = torchrun(*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
     assert "Resumed from" in out.stdout + out.stderr
     assert losses(resumed) == pytest.approx(losses(full), rel=1e-6)
+    assert losses(full) == pytest.approx(losses(trained["one"]), rel=1e-5)
     a, b = load_file(full / "pytorch_lora_weights.safetensors"), load_file(resumed / "pytorch_lora_weights.safetensors")
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
