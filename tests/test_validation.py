@@ -3,6 +3,7 @@ the loss curve, the model card, the ComfyUI export and JSON logs."""
 
 import dataclasses
 import gc
+import io
 import json
 import re
 import weakref
@@ -148,6 +149,11 @@ def test_tensorboard_holds_the_logged_scalars_and_validation_images(validated_ru
         assert [s.value for s in scalars] == pytest.approx([r[name] for r in log], rel=1e-6)
     assert "validation/contact_sheet" in tags["images"]
     assert [image.step for image in events.Images("validation/contact_sheet")] == [2, 4]
+    for index in (0, 1):  # each validation video, as an animated GIF (what add_video writes)
+        videos = events.Images(f"validation/video_{index}")
+        assert [v.step for v in videos] == [2, 4]
+        gif = Image.open(io.BytesIO(videos[-1].encoded_image_string))
+        assert gif.format == "GIF" and gif.n_frames == 9 and gif.size == (64, 32)
 
 
 def test_model_card_fields(validated_run):

@@ -65,12 +65,36 @@ def log_validation(accelerator, done) -> None:
         if tracker.name == "tensorboard":
             sheet = np.asarray(Image.open(done.contact_sheet).convert("RGB"))
             tracker.writer.add_image("validation/contact_sheet", sheet, done.step, dataformats="HWC")
+            for index, frames in enumerate(done.frames):
+                _add_gif(tracker.writer, f"validation/video_{index}", frames, done.fps, done.step)
             tracker.writer.flush()
         elif tracker.name == "wandb":
             import wandb
 
             tracker.log({"validation": [wandb.Video(str(path), caption=prompt, format="mp4")
                                         for prompt, path in done.videos]}, step=done.step)
+
+
+def gif_bytes(frames: np.ndarray, fps: int) -> bytes:
+    """[F, H, W, 3] uint8 frames as an endlessly looping animated GIF."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    images = [Image.fromarray(frame) for frame in frames]
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return buffer.getvalue()
+
+
+def _add_gif(writer, tag: str, frames: np.ndarray, fps: int, step: int) -> None:
+    """A video in tensorboard's image panel, as SummaryWriter.add_video writes it (an animated GIF),
+    without add_video's moviepy dependency."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    height, width = frames.shape[1:3]
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif_bytes(frames, fps))
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 # --- the loss curve -----------------------------------------------------------------------------

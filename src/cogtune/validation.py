@@ -188,6 +188,7 @@ class ValidationRound:
     videos: list[tuple[str, Path]]  # (prompt, mp4)
     contact_sheet: Path
     frames: list[np.ndarray]  # per video, [F, H, W, 3] uint8 (for the trackers)
+    fps: int = 8
 
 
 def run_validation(transformer, validation: ValidationSet, config, models: ModelConfigs, spec: FamilySpec,
@@ -238,4 +239,4 @@ def run_validation(transformer, validation: ValidationSet, config, models: Model
             torch.cuda.empty_cache()
     sheet = folder / CONTACT_SHEET_NAME
     contact_sheet([(f"{prompt} (seed {seed})", video) for (prompt, seed, _), video in zip(latents, frames)], sheet)
-    return ValidationRound(step, folder, videos, sheet, frames)
+    return ValidationRound(step, folder, videos, sheet, frames, fps)
