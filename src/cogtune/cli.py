@@ -14,7 +14,7 @@ from .errors import EXIT_PREEMPTED, CogtuneError, Preempted
 
 COMMANDS = {
     "preprocess": "Decode, resize and encode a video dataset into a cache (VAE latents + T5 embeddings).",
-    "train": "Train a LoRA on the transformer from a cache; the VAE and T5 are never loaded.",
+    "train": "Train a LoRA on the transformer from a cache; T5 is never loaded, the VAE only to decode validation videos.",
     "infer": "Generate videos with the base pipeline plus a trained LoRA.",
     "cache": "Inspect, verify or prune a cache: `cogtune cache inspect|verify|prune PATH`.",
     "export": "Write a trained LoRA in another tool's layout: `cogtune export --format comfyui`.",

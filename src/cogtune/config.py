@@ -99,6 +99,8 @@ class ValidationArgs:
 
 @dataclass
 class PreprocessConfig(ModelArgs, ValidationArgs):
+    """Decode, resize and encode a video dataset (and the validation prompts) into a cache."""
+
     instance_data_root: Optional[str] = opt(
         None, "Folder holding the videos; paths in videos.txt or the metadata file are relative to it."
     )
@@ -155,6 +157,8 @@ class PreprocessConfig(ModelArgs, ValidationArgs):
 
 @dataclass
 class TrainConfig(ModelArgs, ValidationArgs):
+    """Train a LoRA on the transformer from a cache; T5 is never loaded, the VAE only to decode validation videos."""
+
     data_cache: Optional[str] = opt(
         None,
         "The cache folder to train from. When unset, the cache that `cogtune preprocess` writes for the same "
@@ -260,6 +264,8 @@ class TrainConfig(ModelArgs, ValidationArgs):
 
 @dataclass
 class InferConfig(ModelArgs):
+    """Generate videos with the base pipeline plus a trained LoRA."""
+
     lora: Optional[str] = opt(
         None,
         "LoRA to load: a folder holding pytorch_lora_weights.safetensors, that file, or a hub id. "
