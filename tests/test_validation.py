@@ -267,3 +267,18 @@ def test_json_logs_are_one_event_per_line(validated_run, tmp_path):
     progress = [e for e in events if e["event"] == "progress" and e["task"] == "training"]
     assert progress[-1]["done"] == progress[-1]["total"] == 2 and progress[-1]["eta_s"] == 0
     assert (out / report.LOSS_CURVE_NAME).is_file()
+
+
+def test_validation_is_due_every_n_steps_or_at_the_end_of_every_nth_epoch():
+    from cogtune.config import make_config
+    from cogtune.train import validation_due
+
+    def due(steps_per_epoch, **settings):
+        config = make_config("train", dict(pretrained_model_name_or_path="m", validation_prompt="p", **settings))
+        return [step for step in range(1, 31) if validation_due(step, steps_per_epoch, config)]
+
+    assert due(4, validation_steps=7) == [7, 14, 21, 28]
+    assert due(4, validation_epochs=3) == [12, 24]  # the end of epochs 3 and 6
+    assert due(1) == []  # within 30 one-step epochs: the default is every 50 epochs, as in the scripts
+    assert [s for s in range(1, 101) if validation_due(s, 1, make_config(
+        "train", dict(pretrained_model_name_or_path="m")))] == [50, 100]

@@ -381,7 +381,7 @@ class TrainResult:
 # --- the recipe ---------------------------------------------------------------------------------
 
 
-def validation_due(step: int, steps_per_epoch: int, max_train_steps: int, config: TrainConfig) -> bool:
+def validation_due(step: int, steps_per_epoch: int, config: TrainConfig) -> bool:
     """Whether step ends a validation period: every --validation_steps steps, or else at the end of
     every --validation_epochs-th epoch (50, as in the diffusers scripts). The last step is validated
     anyway, after the loop."""
@@ -478,7 +478,6 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     if validation is not None and engine == "FSDP":
         raise CogtuneError("Validation during training is not available under FSDP, which shards the weights "
                            "across processes; leave out --validation_prompt and run `cogtune infer` on the LoRA.")
-
     if config.offload_optimizer and engine in ("FSDP", "DEEPSPEED"):
         raise CogtuneError(f"--offload_optimizer does not combine with {engine}, which shards the optimizer itself; "
                            "use configs/accelerate/deepspeed_zero2_offload.yaml for an offloaded optimizer instead.")
@@ -547,7 +546,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
                    if info.get("data_order", {}).get(k) != v]
         if changed:
             logs.message("warning: the data order differs from the interrupted run's, so the resumed run will "
-                              "not repeat it exactly: " + ", ".join(changed))
+                         "not repeat it exactly: " + ", ".join(changed))
         logs.message(f"Resumed from {checkpoint} at step {global_step}.", step=global_step)
 
     def save_checkpoint(step: int) -> Path:
@@ -588,7 +587,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     per_shape: dict = {}
     losses, step_losses, nan_steps = [], [], 0
     progress = logs.progress(total=max_train_steps, initial=global_step, desc="training", unit="step",
-                    disable=not accelerator.is_local_main_process)
+                             disable=not accelerator.is_local_main_process)
     batch_number = global_step * config.gradient_accumulation_steps
     step_started = time.time()
     while global_step < max_train_steps:
@@ -646,7 +645,8 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
             step_started = time.time()
             record = {"step": global_step, "loss": loss_value if finite else None, "lr": lr_scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
-                      "step_seconds": round(step_seconds, 4), "peak_memory_mib": round(report.peak_memory_mib(device), 1)}
+                      "step_seconds": round(step_seconds, 4),
+                      "peak_memory_mib": round(report.peak_memory_mib(device), 1)}
             if finite:
                 nan_steps = 0
                 losses.append(loss_value)
@@ -656,7 +656,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
                 nan_steps += 1
                 record["skipped"] = f"non-finite loss {loss_value} or gradient norm {grad_norm}"
                 logs.message(f"warning: step {global_step} skipped: the loss ({loss_value}) or the gradient norm "
-                                  f"({grad_norm}) is not finite ({nan_steps} in a row).")
+                             f"({grad_norm}) is not finite ({nan_steps} in a row).")
             progress.update(1)
             if accelerator.is_main_process:
                 with log_path.open("a") as f:
@@ -668,7 +668,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
             if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps:
                 saved = save_checkpoint(global_step)
                 logs.event("checkpoint", step=global_step, path=str(saved))
-            if validation is not None and validation_due(global_step, steps_per_epoch, max_train_steps, config):
+            if validation is not None and validation_due(global_step, steps_per_epoch, config):
                 rounds.append(validate(global_step))
                 step_started = time.time()  # the next step's time leaves the validation out
             if nan_steps >= config.max_nan_steps:
