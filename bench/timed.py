@@ -28,15 +28,7 @@ import threading
 import time
 import types
 
-
-def peak_rss_bytes() -> int:
-    """The peak RSS of this program. VmHWM starts afresh when a process execs; ru_maxrss does not
-    (a child of a big parent would report the parent's size), so VmHWM is preferred."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+from cogtune.memory import peak_rss_bytes  # VmHWM; imports torch, which main() imports anyway
 
 
 def current_rss_bytes() -> int:

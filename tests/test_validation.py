@@ -57,7 +57,8 @@ def test_generation_from_cached_embeddings_equals_the_pipeline(family, models, d
     config = write_config(tmp_path / "c.toml", models[family], demo_data, tmp_path / "cache", tmp_path / "out",
                           validation_prompt=PROMPTS[0], **({"validation_images": str(image)} if i2v else {}))
     cache = cache_of(cogtune_here("preprocess", "--config", config).stdout)
-    validation = load_validation_set(load_config("train", ["--config", str(config)]), cache,
+    spec = ModelConfigs.load(str(models[family])).spec()
+    validation = load_validation_set(load_config("train", ["--config", str(config)]), spec, cache,
                                      schema.read_manifest(cache))
     (prompt,) = validation.prompts
     assert (prompt.image_moments is not None) == i2v
@@ -66,7 +67,6 @@ def test_generation_from_cached_embeddings_equals_the_pipeline(family, models, d
         models[family], torch_dtype=torch.float32)
     if i2v:
         pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
-    spec = ModelConfigs.load(str(models[family])).spec()
     settings = dict(num_inference_steps=3, guidance_scale=6.0, use_dynamic_cfg=i2v)
     ours = generate_latents(pipe.transformer, type(pipe.scheduler).from_config(pipe.scheduler.config), spec,
                             prompt.prompt_embeds, validation.negative_embeds, 9, 32, 64,
@@ -174,10 +174,9 @@ def test_model_card_fields(validated_run):
     assert "validation/step-000004/contact_sheet.png" in text and "loss_curve.png" in text
 
     # The same card for a hub base model names it in the header, as the hub expects.
-    config = load_config("train", ["--config", str(validated_run["config"])])
     models = ModelConfigs.load(str(validated_run["model"]))
     models = dataclasses.replace(models, source=dict(models.source, pretrained_model_name_or_path="THUDM/CogVideoX-2b"))
-    data = report.card_data(config, models, models.spec(), schema.read_manifest(validated_run["cache"]), [], 4, out)
+    data = report.card_data(models, models.spec(), schema.read_manifest(validated_run["cache"]), [], out)
     assert data["base_model"] == "THUDM/CogVideoX-2b" and "widget" not in data
 
 

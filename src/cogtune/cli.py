@@ -61,10 +61,8 @@ def _train(argv):
 
 
 def _infer(argv):
-    from . import infer
+    from . import infer, logs
     from .config import load_config
-
-    from . import logs
 
     for path in infer.run(load_config("infer", argv)):
         logs.result(f"video: {path}", video=str(path))

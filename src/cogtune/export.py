@@ -36,7 +36,9 @@ def lora_alpha(metadata: dict | None, folder: Path) -> float | None:
     adapter = json.loads((metadata or {}).get("lora_adapter_metadata") or "{}")
     if "transformer.lora_alpha" in adapter:
         return float(adapter["transformer.lora_alpha"])
-    info = folder / "cogtune_lora.json"
+    from .train import LORA_INFO_NAME
+
+    info = folder / LORA_INFO_NAME
     if info.is_file():
         return float(json.loads(info.read_text())["lora_alpha"])
     return None

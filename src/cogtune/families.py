@@ -192,6 +192,21 @@ class FamilySpec:
         )
 
 
+def load_vae(config, device, dtype):
+    """The pipeline's VAE on device, with the stage's --enable_slicing and --enable_tiling applied."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    vae = AutoencoderKLCogVideoX.from_pretrained(
+        config.pretrained_model_name_or_path, subfolder="vae", revision=config.revision, variant=config.variant,
+        cache_dir=config.cache_dir, torch_dtype=dtype,
+    ).to(device).eval()
+    if config.enable_slicing:
+        vae.enable_slicing()
+    if config.enable_tiling:
+        vae.enable_tiling()
+    return vae
+
+
 def drop_learned_positional_embeddings(transformer) -> None:
     """Let CogVideoX-5b-I2V run at other sizes: its learned positional embeddings are near zero and
     tied to 49x480x720, so they are left out (in training and in inference alike)."""

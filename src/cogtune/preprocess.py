@@ -24,10 +24,11 @@ from . import logs
 from .config import PreprocessConfig, precision_dtype
 from .buckets import bucket_name, configured_buckets, size_rule
 from .errors import CogtuneError, Preempted
-from .families import ModelConfigs
+from .families import ModelConfigs, load_vae
 from .distributed import Processes, balance, processes
 from .signals import StopRequests, ignore_stop_signals
 from .sources import load_records
+from .validation import check_validation_inputs
 from .video import (Clip, ClipSkipped, decode_cost, load_first_frame, not_a_video, plan_resize_crop, read_clip,
                     resize_crop, to_model_range)
 
@@ -155,7 +156,7 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
                                config.cache_dir)
     spec = models.spec()  # refuses what is not a CogVideoX model before any encoding
-    check_validation_inputs(config, spec)
+    validation_pairs = check_validation_inputs(config, spec)
     for size in configured_buckets(config) or [(config.max_num_frames, config.height, config.width)]:
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
     identity = cache_identity(config, models)
@@ -165,7 +166,7 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     with schema.cache_lock(cache_dir):  # shared with other writers; keeps `cogtune cache prune` out
         counts = _encode_missing(records, config, models, identity, cache_dir, stop, procs)
         if procs.is_main:
-            counts["validation_files"] = encode_validation(config, models, cache_dir)
+            counts["validation_files"] = encode_validation(config, models, cache_dir, validation_pairs)
         else:
             counts["validation_files"] = 0
     counts = {key: sum(c[key] for c in procs.gather(counts)) for key in counts}
@@ -336,12 +337,12 @@ def _encode_captions(captions: list[str], config: PreprocessConfig, models: Mode
 
 
 @torch.no_grad()
-def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_dir: Path) -> int:
-    """Encode the --validation_prompt prompts (and the empty negative prompt) with T5 and, for
-    image-to-video models, the --validation_images with the VAE, into the cache's validation
-    folder, so that training can generate without either. Only what is missing is encoded;
-    returns how many files were written."""
-    pairs = check_validation_inputs(config, models.spec())
+def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_dir: Path,
+                      pairs: list[tuple[str, str | None]]) -> int:
+    """Encode the validation prompts of `pairs` (checked by check_validation_inputs) and the empty
+    negative prompt with T5 and, for image-to-video models, their images with the VAE, into the
+    cache's validation folder, so that training can generate without either. Only what is
+    missing is encoded; returns how many files were written."""
     if not pairs:
         return 0
     images = [image for _, image in pairs if image]
@@ -366,13 +367,8 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_dir:
         if not path.is_file():
             pending[path] = image
     if pending:
-        from diffusers import AutoencoderKLCogVideoX
-
         device, dtype = _device_and_dtype(config.mixed_precision)
-        vae = AutoencoderKLCogVideoX.from_pretrained(
-            config.pretrained_model_name_or_path, subfolder="vae", revision=config.revision, variant=config.variant,
-            cache_dir=config.cache_dir, torch_dtype=dtype,
-        ).to(device).eval()
+        vae = load_vae(config, device, dtype)
         for path, image in pending.items():
             pixels = validation_pixels(image, config.height, config.width)  # [C, 1, H, W]
             posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
@@ -381,22 +377,6 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_dir:
         written += len(pending)
         del vae
     return written
-
-
-def check_validation_inputs(config, spec) -> list[tuple[str, str | None]]:
-    """The validation (prompt, image) pairs, checked against the model and the file system."""
-    pairs = config.validation_pairs()
-    images = [image for _, image in pairs if image]
-    if images and not spec.image_conditioned:
-        raise CogtuneError(f"--validation_images is for image-to-video models; this {spec.description} model "
-                           "generates from text alone. Leave it out.")
-    if pairs and spec.image_conditioned and not images:
-        raise CogtuneError(f"This {spec.description} model animates an image: give one --validation_images entry "
-                           "per --validation_prompt.")
-    for image in images:
-        if not Path(image).is_file():
-            raise CogtuneError(f"--validation_images: {image} does not exist.")
-    return pairs
 
 
 def validation_pixels(image: str | Path, height: int, width: int) -> torch.Tensor:
@@ -437,8 +417,6 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
     """Decode clips in DataLoader workers and VAE-encode them in batches of --vae_batch_size clips
     of one bucket (and, for image-to-video models, their noised first frames); returns how many
     could not be used."""
-    from diffusers import AutoencoderKLCogVideoX
-
     jobs = [(path, sha) for sha, path in videos]
     limit = failure_limit(config.max_failures, len(jobs))
     loader = torch.utils.data.DataLoader(ClipDataset(jobs, config), batch_size=1, collate_fn=_first,
@@ -446,14 +424,7 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
                                          worker_init_fn=ignore_stop_signals)
     clips = iter(loader)  # the decode workers start now, before the VAE exists: none holds a copy of it
     device, dtype = _device_and_dtype(config.mixed_precision)
-    vae = AutoencoderKLCogVideoX.from_pretrained(
-        config.pretrained_model_name_or_path, subfolder="vae", revision=config.revision, variant=config.variant,
-        cache_dir=config.cache_dir, torch_dtype=dtype,
-    ).to(device).eval()
-    if config.enable_slicing:
-        vae.enable_slicing()
-    if config.enable_tiling:
-        vae.enable_tiling()
+    vae = load_vae(config, device, dtype)
     store_dtype = schema.DTYPES[config.latent_dtype]
 
     def encode(pending: list[tuple[str, Clip]]) -> None:

@@ -32,17 +32,11 @@ def peak_memory_mib(device) -> float:
     """Peak memory so far: torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on a CPU."""
     import torch
 
+    from .memory import peak_rss_bytes
+
     if getattr(device, "type", str(device)) == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def check_trackers(report_to: str) -> None:
@@ -159,7 +153,12 @@ def _relative(path: Path, root: Path) -> str:
     return Path(path).resolve().relative_to(root.resolve()).as_posix()
 
 
-def card_data(config, models, spec, manifest: dict, rounds: list, steps: int, output_dir: Path) -> dict:
+def last_round(rounds: list):
+    """The last validation round that made videos (a process other than the main one knows none)."""
+    return next((r for r in reversed(rounds) if r.videos), None)
+
+
+def card_data(models, spec, manifest: dict, rounds: list, output_dir: Path) -> dict:
     """The YAML header of the model card."""
     base = models.source["pretrained_model_name_or_path"]
     kind = "image-to-video" if spec.image_conditioned else "text-to-video"
@@ -171,7 +170,7 @@ def card_data(config, models, spec, manifest: dict, rounds: list, steps: int, ou
     id_token = manifest.get("dataset", {}).get("id_token")
     if id_token:
         data["instance_prompt"] = id_token
-    last = next((r for r in reversed(rounds) if r.videos), None)
+    last = last_round(rounds)
     if last is not None:
         data["widget"] = [{"text": prompt, "output": {"url": _relative(path, output_dir)}} for prompt, path in last.videos]
     return data
@@ -181,14 +180,15 @@ def model_card(config, models, spec, manifest: dict, rounds: list, steps: int, o
     """The model card (README.md) of a trained LoRA: YAML header, settings, samples, how to load it."""
     import yaml
 
-    data = card_data(config, models, spec, manifest, rounds, steps, output_dir)
+    data = card_data(models, spec, manifest, rounds, output_dir)
+    last = last_round(rounds)
     base = models.source["pretrained_model_name_or_path"]
     settings = manifest["settings"]
     image = spec.image_conditioned
     pipeline_class = "CogVideoXImageToVideoPipeline" if image else "CogVideoXPipeline"
     repo = config.hub_model_id or output_dir.name
     id_token = data.get("instance_prompt")
-    prompt = (rounds[-1].videos[0][0] if rounds and rounds[-1].videos else f"{id_token or ''} a video".strip())
+    prompt = last.videos[0][0] if last is not None else f"{id_token or ''} a video".strip()
     rows = [
         ("Base model", f"`{base}`" + (" (a local folder)" if "base_model" not in data else "")),
         ("Model family", spec.description),
@@ -213,7 +213,6 @@ def model_card(config, models, spec, manifest: dict, rounds: list, steps: int, o
              "## Training settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     lines += ["", "## Validation samples", ""]
-    last = next((r for r in reversed(rounds) if r.videos), None)
     if last is None:
         lines += ["No validation prompts were given (`--validation_prompt`)."]
     else:
@@ -265,7 +264,7 @@ def upload_patterns(rounds: list) -> list[str]:
     from .train import LORA_INFO_NAME, LORA_WEIGHT_NAME, TRAIN_LOG_NAME
 
     patterns = [MODEL_CARD_NAME, LORA_WEIGHT_NAME, LORA_INFO_NAME, TRAIN_LOG_NAME, LOSS_CURVE_NAME]
-    last = next((r for r in reversed(rounds) if r.videos), None)
+    last = last_round(rounds)
     if last is not None:
         patterns.append(f"{last.folder.parent.name}/{last.folder.name}/*")
     return patterns

@@ -474,7 +474,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
     spec.check_precision(config.mixed_precision, logs.message)
     engine = accelerator.distributed_type.name
-    validation = load_validation_set(config, cache_path, cache.manifest)  # T5 never runs here: the cache has them
+    validation = load_validation_set(config, spec, cache_path, cache.manifest)  # T5 never runs here: the cache has them
     if validation is not None and engine == "FSDP":
         raise CogtuneError("Validation during training is not available under FSDP, which shards the weights "
                            "across processes; leave out --validation_prompt and run `cogtune infer` on the LoRA.")
@@ -568,7 +568,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
         done = None
         if accelerator.is_main_process:
             done = run_validation(lora_of(), validation, config, models, spec, output_dir, step, weight_dtype,
-                                  accelerator.autocast, cache.manifest["settings"]["fps"])
+                                  accelerator.autocast)
             logs.event("validation", step=step, folder=str(done.folder), contact_sheet=str(done.contact_sheet),
                        videos=[str(path) for _, path in done.videos])
             if not logs.json_lines():

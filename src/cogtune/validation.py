@@ -20,7 +20,7 @@ import torch
 from . import data_schema as schema
 from . import logs
 from .errors import CogtuneError
-from .families import FamilySpec, ModelConfigs
+from .families import FamilySpec, ModelConfigs, load_vae
 from .tiny import write_mp4
 
 VALIDATION_DIR = "validation"  # under the output dir: step-<N>/ folders of mp4 files and a contact sheet
@@ -42,44 +42,56 @@ class ValidationSet:
     num_frames: int
     height: int
     width: int
+    fps: int  # of the training clips, and so of the validation videos
 
 
-def load_validation_set(config, cache_path: Path, manifest: dict) -> ValidationSet | None:
+def check_validation_inputs(config, spec: FamilySpec) -> list[tuple[str, str | None]]:
+    """The validation (prompt, image) pairs, checked against the model and the file system."""
+    pairs = config.validation_pairs()
+    images = [image for _, image in pairs if image]
+    if images and not spec.image_conditioned:
+        raise CogtuneError(f"--validation_images is for image-to-video models; this {spec.description} model "
+                           "generates from text alone. Leave it out.")
+    if pairs and spec.image_conditioned and not images:
+        raise CogtuneError(f"This {spec.description} model animates an image: give one --validation_images entry "
+                           "per --validation_prompt.")
+    for image in images:
+        if not Path(image).is_file():
+            raise CogtuneError(f"--validation_images: {image} does not exist.")
+    return pairs
+
+
+def load_validation_set(config, spec: FamilySpec, cache_path: Path, manifest: dict) -> ValidationSet | None:
     """The validation prompts' cached embeddings (and image latents), at the cache's clip size; a
     clear error, before any model is loaded, for whatever preprocess has not encoded."""
     from safetensors.torch import load_file
 
-    pairs = config.validation_pairs()
+    pairs = check_validation_inputs(config, spec)
     if not pairs:
         return None
     settings = manifest["settings"]
     height, width = settings["height"], settings["width"]
-    missing = [repr(text) if text else "the empty negative prompt" for text in [*(p for p, _ in pairs), ""]
-               if not schema.validation_text_path(cache_path, text).is_file()]
+    text_paths = {text: schema.validation_text_path(cache_path, text) for text in [*(p for p, _ in pairs), ""]}
+    image_paths = {image: schema.validation_image_path(cache_path, schema.sha256_file(image), height, width)
+                   for _, image in pairs if image is not None}
+    missing = [repr(text) if text else "the empty negative prompt" for text, path in text_paths.items()
+               if not path.is_file()]
+    missing += [f"image {image}" for image, path in image_paths.items() if not path.is_file()]
+    if missing:
+        raise CogtuneError(
+            f"The cache {cache_path} holds no encoding of these validation inputs: {', '.join(missing)}. Run "
+            "`cogtune preprocess` with the same --validation_prompt (and --validation_images): it encodes only "
+            "what is missing, so that training never needs T5."
+        )
     prompts = []
     for prompt, image in pairs:
         moments = None
         if image is not None:
-            if not Path(image).is_file():
-                raise CogtuneError(f"--validation_images: {image} does not exist.")
-            path = schema.validation_image_path(cache_path, schema.sha256_file(image), height, width)
-            if not path.is_file():
-                missing.append(f"image {image}")
-                continue
-            tensors = load_file(path)
+            tensors = load_file(image_paths[image])
             moments = (tensors["mean"], tensors["logvar"])
-        if not missing:
-            embeds = load_file(schema.validation_text_path(cache_path, prompt))["prompt_embeds"]
-            prompts.append(ValidationPrompt(prompt, image, embeds, moments))
-    if missing:
-        raise CogtuneError(
-            f"The cache {cache_path} holds no encoding of these validation inputs: {', '.join(dict.fromkeys(missing))}. "
-            "Run "
-            "`cogtune preprocess` with the same --validation_prompt (and --validation_images): it encodes only "
-            "what is missing, so that training never needs T5."
-        )
-    negative = load_file(schema.validation_text_path(cache_path, ""))["prompt_embeds"]
-    return ValidationSet(prompts, negative, settings["max_num_frames"], height, width)
+        prompts.append(ValidationPrompt(prompt, image, load_file(text_paths[prompt])["prompt_embeds"], moments))
+    negative = load_file(text_paths[""])["prompt_embeds"]
+    return ValidationSet(prompts, negative, settings["max_num_frames"], height, width, settings["fps"])
 
 
 def load_scheduler(models: ModelConfigs):
@@ -188,15 +200,13 @@ class ValidationRound:
     videos: list[tuple[str, Path]]  # (prompt, mp4)
     contact_sheet: Path
     frames: list[np.ndarray]  # per video, [F, H, W, 3] uint8 (for the trackers)
-    fps: int = 8
+    fps: int
 
 
 def run_validation(transformer, validation: ValidationSet, config, models: ModelConfigs, spec: FamilySpec,
-                   output_dir: Path, step: int, dtype: torch.dtype, autocast, fps: int) -> ValidationRound:
+                   output_dir: Path, step: int, dtype: torch.dtype, autocast) -> ValidationRound:
     """Generate --num_validation_videos per prompt, decode them with the VAE (loaded here, freed
     before returning), and write the mp4s and a contact sheet under OUTPUT_DIR/validation/step-N."""
-    from diffusers import AutoencoderKLCogVideoX
-
     was_training = transformer.training
     transformer.eval()
     scheduler = load_scheduler(models)
@@ -213,15 +223,7 @@ def run_validation(transformer, validation: ValidationSet, config, models: Model
                         generator, dtype, prompt.image_moments)))
     finally:
         transformer.train(was_training)
-    device = latents[0][2].device
-    vae = AutoencoderKLCogVideoX.from_pretrained(
-        models.source["pretrained_model_name_or_path"], subfolder="vae", revision=config.revision,
-        variant=config.variant, cache_dir=config.cache_dir, torch_dtype=dtype,
-    ).to(device).eval()
-    if config.enable_slicing:
-        vae.enable_slicing()
-    if config.enable_tiling:
-        vae.enable_tiling()
+    vae = load_vae(config, latents[0][2].device, dtype)
     folder = output_dir / VALIDATION_DIR / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     videos, frames = [], []
@@ -229,7 +231,7 @@ def run_validation(transformer, validation: ValidationSet, config, models: Model
         for index, (prompt, seed, video_latents) in enumerate(latents):
             video = decode(vae, video_latents, spec.scaling_factor)
             path = folder / video_name(index, prompt, seed)
-            write_mp4(path, video, fps)
+            write_mp4(path, video, validation.fps)
             videos.append((prompt, path))
             frames.append(video)
     finally:
@@ -239,4 +241,4 @@ def run_validation(transformer, validation: ValidationSet, config, models: Model
             torch.cuda.empty_cache()
     sheet = folder / CONTACT_SHEET_NAME
     contact_sheet([(f"{prompt} (seed {seed})", video) for (prompt, seed, _), video in zip(latents, frames)], sheet)
-    return ValidationRound(step, folder, videos, sheet, frames, fps)
+    return ValidationRound(step, folder, videos, sheet, frames, validation.fps)
