@@ -1,21 +1,36 @@
 # cogtune: `make demo` runs the whole pipeline on a tiny model on the CPU; `make test` runs the tests.
 PYTHON ?= python3
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c  # a stage that fails fails `make demo`, even piped into tee
 VENV := .venv
 BIN := $(VENV)/bin
-CONFIG ?= configs/demo.toml
-ARGS ?=
 DEMO := demo
+CONFIG ?= $(DEMO)/demo.toml
+ARGS ?=
 
-.PHONY: setup demo demo-assets preprocess train infer test bench clean
+.PHONY: setup lock demo demo-assets preprocess train infer test test-latest test-oldest bench clean
 
-# The stamp is rebuilt only when pyproject.toml changes, so a second `make setup` takes no time.
-$(VENV)/.installed: pyproject.toml
+# The development environment is installed from the lock file, so every fresh clone, on any day,
+# tests the versions that were tested here; `make lock` resolves the newest ones again. The stamp
+# is rebuilt only when pyproject.toml or the lock change, so a second `make setup` takes no time.
+LOCK := requirements/lock.txt
+PIP_TOOLS := pip-tools==7.6.2
+# `pip check`, except for decord 0.6.0's wheel, whose metadata names a cp36 tag (its file name says py3).
+PIP_CHECK = $(1)/bin/python -m pip check > $(1)/pip-check.txt || \
+	! grep -v '^decord 0.6.0 is not supported on this platform' $(1)/pip-check.txt
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet $$(grep '^pip==' $(LOCK))
+	$(BIN)/python -m pip install --quiet --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(call PIP_CHECK,$(VENV))
 	touch $@
 
 setup: $(VENV)/.installed
+
+# The demo's config (its paths are relative to its folder), written as `cogtune init` writes any family's.
+$(DEMO)/demo.toml: | setup
+	$(BIN)/cogtune init --family demo --force $(DEMO)
 
 $(DEMO)/tiny-cogvideox/model_index.json: | setup
 	$(BIN)/cogtune make-tiny-model $(DEMO)/tiny-cogvideox
@@ -23,7 +38,7 @@ $(DEMO)/tiny-cogvideox/model_index.json: | setup
 $(DEMO)/data/videos.txt: | setup
 	$(BIN)/cogtune make-demo-data $(DEMO)/data
 
-demo-assets: $(DEMO)/tiny-cogvideox/model_index.json $(DEMO)/data/videos.txt
+demo-assets: $(DEMO)/demo.toml $(DEMO)/tiny-cogvideox/model_index.json $(DEMO)/data/videos.txt
 
 preprocess: setup
 	$(BIN)/cogtune preprocess --config $(CONFIG) $(ARGS)
@@ -35,9 +50,9 @@ infer: setup
 	$(BIN)/cogtune infer --config $(CONFIG) $(ARGS)
 
 demo: setup demo-assets
-	$(BIN)/cogtune preprocess --config configs/demo.toml | tee $(DEMO)/preprocess.out
-	$(BIN)/cogtune train --config configs/demo.toml | tee $(DEMO)/train.out
-	$(BIN)/cogtune infer --config configs/demo.toml | tee $(DEMO)/infer.out
+	$(BIN)/cogtune preprocess --config $(DEMO)/demo.toml | tee $(DEMO)/preprocess.out
+	$(BIN)/cogtune train --config $(DEMO)/demo.toml | tee $(DEMO)/train.out
+	$(BIN)/cogtune infer --config $(DEMO)/demo.toml | tee $(DEMO)/infer.out
 	@echo
 	@echo "MODEL: $(abspath $(DEMO)/tiny-cogvideox)"
 	@echo "CACHE: $$(sed -n 's/^cache: //p' $(DEMO)/preprocess.out)"
@@ -46,7 +61,32 @@ demo: setup demo-assets
 	@echo "VALIDATION: $(abspath $(DEMO)/lora/validation) (mp4s and contact_sheet.png per step; loss_curve.png and README.md beside)"
 
 test: setup
-	$(BIN)/python -m pytest -q
+	COGTUNE_ENV=lock $(BIN)/python -m pytest -q
+
+# Resolve the lock again: the newest releases within pyproject.toml's ranges (and requirements/dev.in).
+lock:
+	test -x .venv-tools/bin/pip-compile || ($(PYTHON) -m venv .venv-tools && .venv-tools/bin/pip install --quiet $(PIP_TOOLS))
+	.venv-tools/bin/pip-compile --quiet --upgrade --allow-unsafe --extra test --strip-extras --no-emit-index-url \
+		--no-emit-find-links -o $(LOCK) pyproject.toml requirements/dev.in
+
+# The suite against the newest releases pyproject.toml allows today (no lock), and against the
+# floors of its ranges (each dependency at the lowest release it admits), each in its own venv.
+test-latest:
+	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --upgrade pip
+	.venv-latest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	$(call PIP_CHECK,.venv-latest)
+	.venv-latest/bin/python -m pip list --format freeze | grep -iE '^(torch|diffusers|transformers|accelerate|peft|huggingface.hub|numpy)=='
+	.venv-latest/bin/python -m pytest -q
+
+test-oldest:
+	test -x .venv-oldest/bin/python || $(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install --quiet --upgrade pip packaging
+	.venv-oldest/bin/python requirements/floors.py > .venv-oldest/floors.txt
+	.venv-oldest/bin/python -m pip install --quiet -c .venv-oldest/floors.txt -e '.[test]'
+	$(call PIP_CHECK,.venv-oldest)
+	.venv-oldest/bin/python -m pip list --format freeze | grep -iE '^(torch|diffusers|transformers|accelerate|peft|huggingface.hub|numpy)=='
+	COGTUNE_ENV=oldest .venv-oldest/bin/python -m pytest -q
 
 # Side by side with the diffusers reference script: make bench REFERENCE=/path/to/diffusers
 # (a git checkout of huggingface/diffusers). Without REFERENCE only cogtune is measured.

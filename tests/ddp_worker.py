@@ -8,12 +8,12 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from cogtune import train
-from cogtune.config import config_path_in, load_config, preprocess_config_for
+from cogtune.config import data_settings, load_config
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
     config = load_config("train", argv)
-    result = train.run(config, preprocess_config_for(config, config_path_in(argv)))
+    result = train.run(config, data_settings(config, argv))
     weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(result.transformer).items()}
     import os
 

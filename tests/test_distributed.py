@@ -82,7 +82,8 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(trai
     reference = load_file(trained["one"] / "pytorch_lora_weights.safetensors")
     saved = load_file(out / "pytorch_lora_weights.safetensors")
     assert saved.keys() == reference.keys()
-    assert all(torch.allclose(saved[k], reference[k], rtol=1e-4, atol=1e-6) for k in saved)
+    for key in saved:  # equal up to the summation order of the gradient all-reduce, at each tensor's own scale
+        torch.testing.assert_close(saved[key], reference[key], rtol=1e-4, atol=1e-4 * reference[key].abs().max().item())
     assert losses(out) == pytest.approx(losses(trained["one"]), rel=1e-5)
     assert sorted(p.name for p in (out / "checkpoint-6").glob("random_states_*")) == \
         ["random_states_0.safetensors", "random_states_1.safetensors"]
@@ -115,7 +116,9 @@ def test_two_process_checkpoint_and_resume(trained, tmp_path):
 def test_shipped_accelerate_configs_load(name, engine):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    config = load_config_from_file(str(TESTS.parent / "configs" / "accelerate" / f"{name}.yaml"))
+    from cogtune.starter import TEMPLATES
+
+    config = load_config_from_file(str(TEMPLATES / "accelerate" / f"{name}.yaml"))
     assert config.distributed_type.name == engine
     if engine == "DEEPSPEED":
         stage = config.deepspeed_config["zero_stage"]
@@ -146,7 +149,7 @@ exit $status
 
 
 def test_the_multinode_slurm_example_starts_one_process_per_task_and_requeues(trained, tmp_path):
-    """examples/slurm/train_multinode.sbatch with stand-ins for srun and scontrol: two processes
+    """slurm/train_multinode.sbatch (as `cogtune init` writes it) with stand-ins for srun and scontrol: two processes
     find each other through the environment the script sets, and SIGUSR1 stops both at one
     checkpoint that holds both processes' states, then the job is requeued."""
     from test_preemption import logged_steps, wait_for
@@ -161,7 +164,8 @@ def test_the_multinode_slurm_example_starts_one_process_per_task_and_requeues(tr
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_NTASKS="2",
                SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(29000 + os.getpid() % 1000),
                CONFIG=str(trained["config"]), COGTUNE=f"{sys.executable} -m cogtune.cli")
-    script = TESTS.parent / "examples" / "slurm" / "train_multinode.sbatch"
+    cogtune_here("init", "--family", "5b", tmp_path / "run")
+    script = tmp_path / "run" / "slurm" / "train_multinode.sbatch"
     out = tmp_path / "out"
     args = ["bash", str(script), "--output_dir", str(out), "--train_batch_size", "1", "--max_train_steps", "400",
             "--checkpointing_steps", "1000"]

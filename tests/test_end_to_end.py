@@ -130,7 +130,7 @@ def test_training_creates_no_encoders_and_the_saved_lora_reproduces_the_model(tm
     from transformers import T5EncoderModel
 
     from cogtune import train
-    from cogtune.config import load_config, preprocess_config_for
+    from cogtune.config import data_settings, load_config
 
     created = []
     for cls in (T5EncoderModel, AutoencoderKLCogVideoX):
@@ -143,7 +143,7 @@ def test_training_creates_no_encoders_and_the_saved_lora_reproduces_the_model(tm
         monkeypatch.setattr(cls, "__init__", recording_init)
     argv = ["--config", str(run["config"]), "--output_dir", str(tmp_path / "out")]
     config = load_config("train", argv)
-    result = train.run(config, preprocess_config_for(config, str(run["config"])))
+    result = train.run(config, data_settings(config, argv))
     assert created == []
     monkeypatch.undo()
 

@@ -163,8 +163,8 @@ def test_a_pickled_lora_is_refused(setup, tmp_path):
 
 
 def test_the_slurm_example_passes_usr1_on_and_requeues_then_the_requeued_job_finishes(setup, tmp_path):
-    """examples/slurm/train.sbatch as Slurm runs it: SIGUSR1 to the batch script before the time limit;
-    `scontrol` is a stand-in that records the requeue."""
+    """slurm/train.sbatch, as `cogtune init` writes it, run as Slurm runs it: SIGUSR1 to the batch script
+    before the time limit; `scontrol` is a stand-in that records the requeue."""
     import os
     import subprocess
     import sys
@@ -175,7 +175,9 @@ def test_the_slurm_example_passes_usr1_on_and_requeues_then_the_requeued_job_fin
     (bin_dir / "scontrol").chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
                CONFIG=str(setup["config"]), COGTUNE=f"{sys.executable} -m cogtune.cli")
-    script = Path(__file__).parents[1] / "examples" / "slurm" / "train.sbatch"
+    cogtune_here("init", "--family", "2b", tmp_path / "run")
+    script = tmp_path / "run" / "slurm" / "train.sbatch"
+    assert 'CONFIG=${CONFIG:-cogvideox-2b-lora.toml}' in script.read_text()
     out = tmp_path / "out"
     job = subprocess.Popen(["bash", str(script), "--output_dir", str(out)], env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)

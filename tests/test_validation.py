@@ -64,7 +64,7 @@ def test_generation_from_cached_embeddings_equals_the_pipeline(family, models, d
     assert (prompt.image_moments is not None) == i2v
 
     pipe = (CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline).from_pretrained(
-        models[family], torch_dtype=torch.float32)
+        models[family])
     if i2v:
         pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
     settings = dict(num_inference_steps=3, guidance_scale=6.0, use_dynamic_cfg=i2v)
@@ -199,9 +199,9 @@ def test_comfyui_export_has_the_documented_keys_and_merges_to_the_trained_lora(v
     assert state["lora_unet_transformer_blocks_0_attn1_to_q.alpha"].item() == 2.0  # the trained alpha
     assert to_comfyui(original, None)["lora_unet_transformer_blocks_0_attn1_to_q.alpha"].item() == 4.0  # = rank
 
-    with_lora = CogVideoXPipeline.from_pretrained(validated_run["model"], torch_dtype=torch.float32)
+    with_lora = CogVideoXPipeline.from_pretrained(validated_run["model"])
     with_lora.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors", adapter_name="lora")
-    merged = CogVideoXPipeline.from_pretrained(validated_run["model"], torch_dtype=torch.float32).transformer
+    merged = CogVideoXPipeline.from_pretrained(validated_run["model"]).transformer
     for name in {k.split(".")[0] for k in state}:
         parts, module, piece = name[len("lora_unet_"):].split("_"), merged, ""
         while parts:  # the wrapper's walk: join pieces with "_" until a submodule of that name exists

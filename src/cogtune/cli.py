@@ -13,6 +13,8 @@ import sys
 from .errors import EXIT_PREEMPTED, CogtuneError, Preempted
 
 COMMANDS = {
+    "init": "Write a family's config, the accelerate configs and the Slurm scripts into a folder: "
+            "`cogtune init --family 5b DIR`.",
     "preprocess": "Decode, resize and encode a video dataset into a cache (VAE latents + T5 embeddings).",
     "train": "Train a LoRA on the transformer from a cache; T5 is never loaded, the VAE only to decode validation videos.",
     "infer": "Generate videos with the base pipeline plus a trained LoRA.",
@@ -24,7 +26,8 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: cogtune <command> [--config FILE.toml] [flags]", "", "commands:"]
+    lines = ["usage: cogtune <command> [--config FILE.toml] [flags]   (cogtune --version: the version)", "",
+             "commands:"]
     lines += [f"  {name:<16} {text}" for name, text in COMMANDS.items()]
     lines += ["", "Run `cogtune <command> --help` for its flags."]
     return "\n".join(lines)
@@ -46,10 +49,10 @@ def _preprocess(argv):
 
 def _train(argv):
     from . import train
-    from .config import config_path_in, load_config, preprocess_config_for
+    from .config import data_settings, load_config
 
     config = load_config("train", argv)
-    preprocess_config = preprocess_config_for(config, config_path_in(argv))
+    preprocess_config = None if config.data_cache else data_settings(config, argv)
     if config.dry_run:
         print(train.dry_run(config, preprocess_config))
         return
@@ -66,6 +69,12 @@ def _infer(argv):
 
     for path in infer.run(load_config("infer", argv)):
         logs.result(f"video: {path}", video=str(path))
+
+
+def _init(argv):
+    from .starter import main
+
+    main(argv, COMMANDS["init"])
 
 
 def _export(argv):
@@ -104,7 +113,7 @@ def _make_demo_data(argv):
     print(f"data: {make_demo_data(args.output_dir)}")
 
 
-HANDLERS = {"preprocess": _preprocess, "train": _train, "infer": _infer, "cache": _cache, "export": _export,
+HANDLERS = {"init": _init, "preprocess": _preprocess, "train": _train, "infer": _infer, "cache": _cache, "export": _export,
             "make-tiny-model": _make_tiny_model, "make-demo-data": _make_demo_data}
 
 
@@ -119,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"cogtune {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in HANDLERS:

@@ -66,6 +66,10 @@ class ModelArgs:
         "CogVideoX-5b-I2V only: leave out its learned positional embeddings (tied to 49x480x720) so that it "
         "trains and generates at other sizes. Recorded with the LoRA; infer then leaves them out too.",
     )
+    # Where the settings came from (filled by load_config, not settings themselves): the config file,
+    # and which settings its command line gave as flags.
+    config_file: Optional[str] = field(default=None, metadata={"internal": True}, repr=False)
+    command_line: tuple = field(default=(), metadata={"internal": True}, repr=False)
 
 
 @dataclass
@@ -254,7 +258,7 @@ class TrainConfig(ModelArgs, ValidationArgs):
     push_to_hub: bool = opt(False, "Upload the LoRA, its model card and validation videos to the Hugging Face Hub "
                                    "at the end of training.")
     hub_model_id: Optional[str] = opt(None, "Hub repository to upload to (default: the name of --output_dir).")
-    hub_token: Optional[str] = opt(None, "Hub token (default: the token of `huggingface-cli login` or HF_TOKEN).")
+    hub_token: Optional[str] = opt(None, "Hub token (default: the token of `hf auth login` or HF_TOKEN).")
     nccl_timeout: int = opt(600, "Seconds the processes of a multi-GPU run wait for each other (NCCL timeout).")
     dataloader_num_workers: int = opt(0, "Worker processes that read the cache.")
     noised_image_dropout: float = opt(
@@ -301,7 +305,19 @@ class InferConfig(ModelArgs):
 NUMBERS_AS_TEXT = {"max_failures"}  # a count or a fraction, kept as written
 ALTERNATIVES = (("prompt", "prompt_file"),)  # settings of which a command line gives one or the other
 STAGE_CONFIGS = {"preprocess": PreprocessConfig, "train": TrainConfig, "infer": InferConfig}
-KNOWN_KEYS = {f.name for cls in STAGE_CONFIGS.values() for f in dataclasses.fields(cls)}
+
+
+def settings_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a stage's dataclass that are settings (flags and config keys)."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+KNOWN_KEYS = {f.name for cls in STAGE_CONFIGS.values() for f in settings_fields(cls)}
+# Settings whose values are paths: a relative one in a config file is relative to that file's folder.
+# The second group may also be hub ids; they are taken as paths when that path exists.
+PATH_SETTINGS = ("instance_data_root", "cache_root", "data_cache", "output_dir", "video_output_dir", "prompt_file",
+                 "image", "cache_dir", "resume_from_checkpoint", "validation_images")
+PATH_OR_HUB_SETTINGS = ("pretrained_model_name_or_path", "dataset_name", "lora")
 
 
 def _base_type(annotation: str) -> type:
@@ -311,26 +327,46 @@ def _base_type(annotation: str) -> type:
     return hint
 
 
-def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per dataclass field, named as the field."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="A TOML file of settings; flags given here override it.")
-    for f in dataclasses.fields(cls):
-        kind = _base_type(f.type)
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = f"{f.metadata['help']} (default: {default})"
-        name = f"--{f.name}"
-        if kind is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)
-        elif kind is list:
-            parser.add_argument(name, nargs="+", help=help_text)
-        else:
-            choices = f.metadata.get("choices")
-            if f.name == "optimizer":  # users type Adam / AdamW, as in the reference README
-                parser.add_argument(name, type=str.lower, choices=choices, help=help_text)
-            else:
-                parser.add_argument(name, type=kind, choices=choices, help=help_text)
+def build_parser(stage: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per setting, named as the field. It takes the flags of every
+    stage, so that one command line (or a diffusers script's, pasted whole) serves each stage: a flag
+    of another stage is accepted and left to that stage."""
+    cls = STAGE_CONFIGS[stage]
+    parser = argparse.ArgumentParser(prog=f"cogtune {stage}", description=(cls.__doc__ or "").strip() or None,
+                                     argument_default=argparse.SUPPRESS,
+                                     usage=f"cogtune {stage} [--config FILE.toml] [--setting VALUE ...]")
+    parser.add_argument("--config", help="A TOML file of settings; flags given here override it. Relative paths in "
+                                          "it are relative to its folder.")
+    own = [f for f in settings_fields(cls)]
+    added = {f.name for f in own}
+    for f in own:
+        _add_flag(parser, f, _help_text(f))
+    for other in STAGE_CONFIGS.values():  # hidden from --help: `cogtune <that stage> --help` describes them
+        for f in settings_fields(other):
+            if f.name not in added:
+                added.add(f.name)
+                _add_flag(parser, f, argparse.SUPPRESS)
+    parser.epilog = ("The flags of the other stages are accepted too, and left to them, so that one command line "
+                     "(or a diffusers script's, pasted whole) serves every stage.")
     return parser
+
+
+def _help_text(f: dataclasses.Field) -> str:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return f"{f.metadata['help']} (default: {default})"
+
+
+def _add_flag(group, f: dataclasses.Field, help_text: str) -> None:
+    kind = _base_type(f.type)
+    name = f"--{f.name}"
+    if kind is bool:
+        group.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)
+    elif kind is list:
+        group.add_argument(name, nargs="+", help=help_text)
+    elif f.name == "optimizer":  # users type Adam / AdamW, as in the reference README
+        group.add_argument(name, type=str.lower, choices=f.metadata.get("choices"), help=help_text)
+    else:
+        group.add_argument(name, type=kind, choices=f.metadata.get("choices"), help=help_text)
 
 
 def read_toml(path: str | Path) -> dict:
@@ -356,16 +392,40 @@ def values_for_stage(document: dict, stage: str, source: str) -> dict:
             f"{source}: unknown setting(s) {', '.join(sorted(unknown))}. "
             f"Run `cogtune {stage} --help` for the settings each stage takes."
         )
-    names = {f.name for f in dataclasses.fields(STAGE_CONFIGS[stage])}
+    names = {f.name for f in settings_fields(STAGE_CONFIGS[stage])}
     values = {k: v for k, v in document.items() if k in names}
     values.update({k: v for k, v in document.get(stage, {}).items() if k in names})
     return values
 
 
-def make_config(stage: str, values: dict, source: str = "settings"):
-    """Build and validate a stage's dataclass from flat values."""
+def relative_to(values: dict, folder: Path, separator: str = ":::") -> dict:
+    """values with their relative paths made relative to folder (a config file's): the paths of
+    PATH_SETTINGS always, those of PATH_OR_HUB_SETTINGS when that path exists (else a hub id)."""
+    resolved = dict(values)
+
+    def under(text: str) -> str:
+        path = Path(text).expanduser()
+        return text if path.is_absolute() else str(folder / path)
+
+    for name, value in values.items():
+        if not isinstance(value, str) or not value:
+            continue
+        if name == "resume_from_checkpoint" and value == "latest":
+            continue
+        if name == "validation_images":
+            resolved[name] = separator.join(under(part.strip()) for part in value.split(separator))
+        elif name in PATH_SETTINGS:
+            resolved[name] = under(value)
+        elif name in PATH_OR_HUB_SETTINGS and not Path(value).expanduser().is_absolute() and (folder / value).exists():
+            resolved[name] = str(folder / value)
+    return resolved
+
+
+def make_config(stage: str, values: dict, source: str = "settings", origin: dict | None = None):
+    """Build and validate a stage's dataclass from flat values; origin: config_file and command_line."""
+    origin = origin or {}
     cls = STAGE_CONFIGS[stage]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in settings_fields(cls)}
     for name, value in values.items():
         kind = _base_type(fields[name].type)
         if value is None:
@@ -381,26 +441,33 @@ def make_config(stage: str, values: dict, source: str = "settings"):
             raise CogtuneError(f"{source}: {name} must be one of {', '.join(choices)}, got {value!r}.")
         if name == "optimizer":
             values[name] = value.lower()
-    config = cls(**values)
+    config = cls(**values, **origin)
     validate(config)
     return config
 
 
 def load_config(stage: str, argv: list[str]) -> Any:
-    """Parse a stage's command line: defaults, then the --config file, then flags."""
+    """Parse a stage's command line: defaults, then the --config file (its [stage] table over its
+    top-level keys; relative paths relative to its folder), then flags. Flags of the other stages
+    are accepted and ignored."""
     cls = STAGE_CONFIGS[stage]
-    parser = build_parser(cls, f"cogtune {stage}", (cls.__doc__ or "").strip() or None)
-    flags = vars(parser.parse_args(argv))
+    flags = vars(build_parser(stage).parse_args(argv))
+    own = {f.name for f in settings_fields(cls)}
+    flags = {name: value for name, value in flags.items() if name in own or name == "config"}
     values = {}
     config_path = flags.pop("config", None)
     if config_path:
-        values.update(values_for_stage(read_toml(config_path), stage, str(config_path)))
+        document = values_for_stage(read_toml(config_path), stage, str(config_path))
+        separator = flags.get("validation_prompt_separator", document.get("validation_prompt_separator", ":::"))
+        values.update(relative_to(document, Path(config_path).resolve().parent, separator))
         for pair in ALTERNATIVES:  # --prompt_file on the command line replaces the file's prompt, and so on
             for given, replaced in (pair, pair[::-1]):
                 if given in flags and replaced not in flags:
                     values.pop(replaced, None)
     values.update(flags)
-    return make_config(stage, values, source=str(config_path) if config_path else "command line")
+    origin = {"config_file": str(Path(config_path).resolve()) if config_path else None,
+              "command_line": tuple(sorted(flags))}
+    return make_config(stage, values, source=str(config_path) if config_path else "command line", origin=origin)
 
 
 def validate(config) -> None:
@@ -465,18 +532,11 @@ def check_precision_available(mixed_precision: str) -> None:
         raise CogtuneError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU.")
 
 
-def config_path_in(argv: list[str]) -> str | None:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--config")
-    return parser.parse_known_args(argv)[0].config
-
-
-def preprocess_config_for(train: TrainConfig, config_path: str | None) -> PreprocessConfig | None:
-    """The preprocess settings of the same config file, with the training run's model and cache root:
-    they name the cache that `cogtune preprocess --config FILE` wrote."""
-    if not config_path:
-        return None
-    values = values_for_stage(read_toml(config_path), "preprocess", str(config_path))
-    for name in ("pretrained_model_name_or_path", "revision", "variant", "cache_dir", "cache_root"):
-        values[name] = getattr(train, name)
-    return make_config("preprocess", values, str(config_path))
+def data_settings(stage_config, argv: list[str]) -> "PreprocessConfig":
+    """The preprocess settings of a train (or infer) command line: the same config file and flags, read
+    as `cogtune preprocess` reads them (its [preprocess] table, its flags), with this stage's model and
+    cache root. They name the cache that preprocess wrote for this command line."""
+    data = load_config("preprocess", argv)
+    return dataclasses.replace(data, **{name: getattr(stage_config, name) for name in
+                                        ("pretrained_model_name_or_path", "revision", "variant", "cache_dir",
+                                         "cache_root") if hasattr(stage_config, name)})

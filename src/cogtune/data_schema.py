@@ -51,7 +51,8 @@ from safetensors.torch import save_file
 from .errors import CogtuneError
 
 # 2: image-to-video latents, image_noise_sigmas; 3: bucket, failure_kind, decoder; 4: tensor checksums
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5  # 5: model configs hashed as their files store them (4 hashed the installed
+# transformers' expanded view of the T5 config, which changed with its version)
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".lock"
 CHECKSUMS_METADATA = "cogtune.sha256"  # shard header entry: JSON {tensor key: sha256 of its bytes}
@@ -119,9 +120,12 @@ def sha256_tensor(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
+IGNORED_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype")  # the library that saved it, storage dtype
+
+
 def config_hash(config: dict) -> str:
     """Hash of a component's config.json, ignoring keys that do not change the weights' meaning."""
-    kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("transformers_version",)}
+    kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in IGNORED_CONFIG_KEYS}
     return sha256_text(json.dumps(kept, sort_keys=True, default=str))
 
 
@@ -315,15 +319,16 @@ def read_manifest(cache_dir: Path) -> dict:
     return manifest
 
 
-def describe_differences(expected: dict, found: dict, prefix: str = "") -> list[str]:
+def describe_differences(expected: dict, found: dict, prefix: str = "", found_label: str = "cache has",
+                         expected_label: str = "expected") -> list[str]:
     """Human-readable differences between two nested dicts."""
     lines = []
     for key in sorted(set(expected) | set(found)):
         a, b = expected.get(key), found.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            lines += describe_differences(a, b, f"{prefix}{key}.")
+            lines += describe_differences(a, b, f"{prefix}{key}.", found_label, expected_label)
         elif a != b:
-            lines.append(f"{prefix}{key}: cache has {b!r}, expected {a!r}")
+            lines.append(f"{prefix}{key}: {found_label} {b!r}, {expected_label} {a!r}")
     return lines
 
 

@@ -18,10 +18,13 @@ multiplying (CogVideoX 1.5-I2V was trained that way).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from . import hub
 from .errors import CogtuneError
 
 OFS_VALUE = 2.0  # the ofs embedding input of CogVideoX 1.5-I2V, as its pipeline passes it
@@ -192,14 +195,23 @@ class FamilySpec:
         )
 
 
-def load_vae(config, device, dtype):
+def dtype_argument(cls, dtype) -> dict:
+    """The from_pretrained keyword that sets a model's dtype: `dtype` for transformers and for
+    diffusers 0.40 and newer (which deprecate `torch_dtype`), `torch_dtype` for older diffusers."""
+    if cls.__module__.startswith("diffusers"):
+        import diffusers
+
+        major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
+        if (major, minor) < (0, 40):
+            return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+def load_vae(models: "ModelConfigs", config, device, dtype):
     """The pipeline's VAE on device, with the stage's --enable_slicing and --enable_tiling applied."""
     from diffusers import AutoencoderKLCogVideoX
 
-    vae = AutoencoderKLCogVideoX.from_pretrained(
-        config.pretrained_model_name_or_path, subfolder="vae", revision=config.revision, variant=config.variant,
-        cache_dir=config.cache_dir, torch_dtype=dtype,
-    ).to(device).eval()
+    vae = models.load_part(AutoencoderKLCogVideoX, "vae", dtype=dtype).to(device).eval()
     if config.enable_slicing:
         vae.enable_slicing()
     if config.enable_tiling:
@@ -214,40 +226,107 @@ def drop_learned_positional_embeddings(transformer) -> None:
     transformer.register_to_config(use_learned_positional_embeddings=False)
 
 
+# The published pipelines whose config files ship with cogtune (config.json files only, no
+# weights; see published/README.md): --dry_run, every check before weights are loaded and the
+# naming of caches then need no network. Hub ids are matched without regard to case.
+PUBLISHED_DIR = Path(__file__).resolve().parent / "published"
+PUBLISHED = {
+    f"{namespace}/{name}".lower(): name.lower()
+    for namespace in ("THUDM", "zai-org")
+    for name in ("CogVideoX-2b", "CogVideoX-5b", "CogVideoX-5b-I2V", "CogVideoX1.5-5B", "CogVideoX1.5-5B-I2V")
+}
+CONFIG_FILES = {"transformer": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json",
+                "text_encoder": "config.json"}
+FLAG = "--pretrained_model_name_or_path"
+
+
+def published_folder(name: str) -> Path | None:
+    """The shipped configs of a published hub id, or None."""
+    folder = PUBLISHED.get(name.strip("/").lower())
+    return PUBLISHED_DIR / folder if folder else None
+
+
 @dataclass(frozen=True)
 class ModelConfigs:
-    """The config files of a pipeline's parts, read without instantiating (or downloading) weights."""
+    """The config files of a pipeline's parts, read without instantiating (or downloading) weights,
+    and the one place that loads the parts' weights."""
 
     source: dict  # pretrained_model_name_or_path (absolute when local), revision, variant
     transformer: dict
     vae: dict
     text_encoder: dict
     scheduler: dict
+    cache_dir: str | None = None  # the Hugging Face cache (--cache_dir)
 
     @classmethod
     def load(cls, pretrained_model_name_or_path: str, revision: str | None = None, variant: str | None = None,
              cache_dir: str | None = None) -> "ModelConfigs":
-        from pathlib import Path
-
-        from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
-        from transformers import AutoConfig
-
-        location = pretrained_model_name_or_path
-        if Path(location).exists():
-            location = str(Path(location).resolve())
-        kwargs = dict(revision=revision, cache_dir=cache_dir)
-        try:
-            transformer = dict(CogVideoXTransformer3DModel.load_config(location, subfolder="transformer", **kwargs))
-            vae = dict(AutoencoderKLCogVideoX.load_config(location, subfolder="vae", **kwargs))
-            scheduler = dict(CogVideoXDDIMScheduler.load_config(location, subfolder="scheduler", **kwargs))
-            text_encoder = AutoConfig.from_pretrained(location, subfolder="text_encoder", **kwargs).to_dict()
-        except (OSError, ValueError) as e:
+        """Read the configs of a local pipeline folder, of a published hub id (shipped with cogtune,
+        unless another --revision is asked for), or of another hub id (the Hugging Face cache first,
+        then the hub, which fails within seconds when it cannot be reached)."""
+        name = pretrained_model_name_or_path
+        path = Path(name).expanduser()
+        if path.exists():
+            name, folder = str(path.resolve()), path.resolve()
+        elif not hub.looks_like_hub_id(name) or path.parent.name and path.parent.is_dir():  # models/CogVideoX-5b
             raise CogtuneError(
-                f"Cannot read the model configs of --pretrained_model_name_or_path {pretrained_model_name_or_path}: "
-                f"{str(e).splitlines()[0].rstrip('.')}. Give a diffusers CogVideoX pipeline folder or hub id."
-            ) from None
-        source = {"pretrained_model_name_or_path": location, "revision": revision, "variant": variant}
-        return cls(source, transformer, vae, text_encoder, scheduler)
+                f"{FLAG} {name} does not exist. Give the folder of a diffusers CogVideoX pipeline (it holds "
+                "model_index.json and transformer/, vae/, text_encoder/ and scheduler/), or a hub id such as "
+                "THUDM/CogVideoX-5b.")
+        else:
+            folder = published_folder(name) if revision is None else None
+        configs = {}
+        for part, filename in CONFIG_FILES.items():
+            if folder is None:
+                configs[part] = hub.read_json(name, f"{part}/{filename}", revision, cache_dir, FLAG)
+                continue
+            try:
+                configs[part] = json.loads((folder / part / filename).read_text())
+            except FileNotFoundError:
+                raise CogtuneError(f"{FLAG} {name} is not a diffusers CogVideoX pipeline folder: it has no "
+                                   f"{part}/{filename}.") from None
+            except json.JSONDecodeError as e:
+                raise CogtuneError(f"{folder / part / filename} is not valid JSON ({e}).") from None
+        source = {"pretrained_model_name_or_path": name, "revision": revision, "variant": variant}
+        return cls(source, cache_dir=cache_dir, **configs)
+
+    @classmethod
+    def of(cls, config) -> "ModelConfigs":
+        """The configs of a stage's --pretrained_model_name_or_path, --revision, --variant and --cache_dir."""
+        return cls.load(config.pretrained_model_name_or_path, config.revision, config.variant, config.cache_dir)
+
+    @property
+    def location(self) -> str:
+        return self.source["pretrained_model_name_or_path"]
+
+    @property
+    def on_hub(self) -> bool:
+        return not Path(self.location).is_dir()
+
+    def load_part(self, cls, subfolder: str | None, dtype=None, weights: bool = True, **kwargs):
+        """`cls.from_pretrained` of one part (subfolder) or of the whole pipeline (None), from the
+        same source as the configs. A hub that cannot be reached is not waited for: the part then
+        comes from the Hugging Face cache, or the error says that it is not there."""
+        if subfolder is not None:
+            kwargs["subfolder"] = subfolder
+        kwargs.update(revision=self.source["revision"], cache_dir=self.cache_dir)
+        if weights and self.source["variant"]:
+            kwargs["variant"] = self.source["variant"]
+        if dtype is not None:
+            kwargs.update(dtype_argument(cls, dtype))
+        reason = None
+        if self.on_hub and not hub.offline():
+            reason = hub.unreachable_reason()
+            if reason is not None:
+                kwargs["local_files_only"] = True
+        try:
+            return cls.from_pretrained(self.location, **kwargs)
+        except (OSError, ValueError) as e:
+            what = f"the {subfolder} of {self.location}" if subfolder else f"the pipeline {self.location}"
+            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if reason is not None:
+                raise CogtuneError(f"Cannot load {what}: " + hub.unreachable_message(what, reason)) from None
+            raise CogtuneError(f"Cannot load {what} ({first_line}).") from None
 
     def identity(self) -> dict:
         """What the cache records about the model whose VAE and T5 made its tensors."""

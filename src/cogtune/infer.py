@@ -101,8 +101,7 @@ def run(config: InferConfig) -> list[Path]:
 
     logs.configure(config.log_format)
     folder, weight_name = lora_location(config)
-    models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
-                               config.cache_dir)
+    models = ModelConfigs.of(config)
     spec = models.spec()
     jobs = read_jobs(config, spec.image_conditioned)
     ignore_positions = config.ignore_learned_positional_embeddings or bool(
@@ -112,13 +111,7 @@ def run(config: InferConfig) -> list[Path]:
     spec.check_precision(config.mixed_precision, logs.message)
     dtype = precision_dtype(config.mixed_precision)
     pipeline_class = CogVideoXImageToVideoPipeline if spec.image_conditioned else CogVideoXPipeline
-    try:
-        pipe = pipeline_class.from_pretrained(
-            models.source["pretrained_model_name_or_path"], revision=config.revision, variant=config.variant,
-            cache_dir=config.cache_dir, torch_dtype=dtype,
-        )
-    except (OSError, ValueError) as e:
-        raise CogtuneError(f"Cannot load the pipeline {config.pretrained_model_name_or_path}: {e}") from None
+    pipe = models.load_part(pipeline_class, None, dtype=dtype)
     if ignore_positions and spec.learned_positional_embeddings:
         drop_learned_positional_embeddings(pipe.transformer)
     kwargs = {"weight_name": weight_name} if weight_name else {}

@@ -1,5 +1,6 @@
-"""What a run tells its user: progress bars with rate and ETA on a terminal, or, with
-`--log_format json`, one JSON object per line on stdout for cluster log collectors.
+"""What a run tells its user: progress bars with rate and ETA on a terminal, plain progress lines
+when stderr is a file (a batch job's log), or, with `--log_format json`, one JSON object per line
+on stdout for cluster log collectors.
 
 Every JSON line has `time` (UTC, ISO 8601) and `event`; the other keys depend on the event:
 `progress` (task, done, total, unit, rate, eta_s), `step` (the train_log.jsonl record), `checkpoint`,
@@ -10,6 +11,7 @@ PROGRESS_EVERY_S seconds per task, and once when a task ends.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,7 +29,7 @@ def configure(log_format: str, enabled: bool = True) -> None:
     if log_format not in FORMATS:
         raise ValueError(f"log format {log_format!r} is not one of {FORMATS}")
     _state.update(format=log_format, enabled=enabled)
-    if log_format == "json":  # the libraries' own bars (loading weights) would garble the log
+    if log_format == "json" or not _terminal():  # the libraries' own bars (loading weights) would garble the log
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -37,6 +39,10 @@ def configure(log_format: str, enabled: bool = True) -> None:
 
 def json_lines() -> bool:
     return _state["format"] == "json"
+
+
+def _terminal() -> bool:
+    return sys.stderr.isatty()
 
 
 def event(name: str, **fields) -> None:
@@ -66,8 +72,9 @@ def result(text: str, **fields) -> None:
         print(text, flush=True)
 
 
-class _JsonProgress:
-    """tqdm's interface, reporting as `progress` events instead of drawing a bar."""
+class _LineProgress:
+    """tqdm's interface, reporting a line at most every PROGRESS_EVERY_S seconds (and at the end)
+    instead of drawing a bar: a `progress` event in json mode, else a plain text line."""
 
     def __init__(self, iterable=None, total=None, desc="", unit="it", initial=0, **_):
         self.iterable, self.desc, self.unit = iterable, desc, unit
@@ -103,8 +110,16 @@ class _JsonProgress:
         self.reported = now = time.monotonic()
         rate = (self.n - self.start_n) / max(now - self.started, 1e-9)
         eta = (self.total - self.n) / rate if self.total is not None and rate > 0 else None
-        event("progress", task=self.desc, done=self.n, total=self.total, unit=self.unit, rate=round(rate, 4),
-              eta_s=None if eta is None else round(eta, 1), **self.postfix)
+        if json_lines():
+            event("progress", task=self.desc, done=self.n, total=self.total, unit=self.unit, rate=round(rate, 4),
+                  eta_s=None if eta is None else round(eta, 1), **self.postfix)
+            return
+        done = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
+        percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        timing = f", {rate:.3g} {self.unit}/s" + (f", {eta:.0f} s left" if eta is not None and self.n < (self.total or 0)
+                                                  else "")
+        extra = "".join(f", {key} {value}" for key, value in self.postfix.items())
+        message(f"{self.desc}: {done} {self.unit}{percent}{timing}{extra}")
 
     def close(self) -> None:
         if self.iterable is not None or self.n != self.start_n or self.total == 0:
@@ -118,8 +133,11 @@ class _JsonProgress:
 
 
 def progress(iterable=None, *, total=None, desc: str, unit: str = "it", disable: bool = False, **kwargs):
-    """A progress bar (rate and ETA) over `iterable` or up to `total`; JSON progress events in json mode."""
+    """A progress bar (rate and ETA) over `iterable` or up to `total` on a terminal; plain lines when
+    stderr is a file; JSON progress events in json mode."""
     disable = disable or not _state["enabled"]
     if json_lines() and not disable:
-        return _JsonProgress(iterable, total=total, desc=desc, unit=unit, **kwargs)
+        return _LineProgress(iterable, total=total, desc=desc, unit=unit, **kwargs)
+    if not _terminal() and not disable and os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true"):
+        return _LineProgress(iterable, total=total, desc=desc, unit=unit, **kwargs)
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, **kwargs)

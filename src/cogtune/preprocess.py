@@ -25,38 +25,13 @@ from .config import PreprocessConfig, precision_dtype
 from .buckets import bucket_name, configured_buckets, size_rule
 from .errors import CogtuneError, Preempted
 from .families import ModelConfigs, load_vae
+from .identity import cache_identity, record_preprocess_run
 from .distributed import Processes, balance, processes
 from .signals import StopRequests, ignore_stop_signals
 from .sources import load_records
 from .validation import check_validation_inputs
 from .video import (Clip, ClipSkipped, decode_cost, load_first_frame, not_a_video, plan_resize_crop, read_clip,
                     resize_crop, to_model_range)
-
-TENSOR_SETTINGS = ("height", "width", "fps", "max_num_frames", "skip_frames_start", "skip_frames_end",
-                   "video_reshape_mode", "latent_dtype", "mixed_precision", "enable_tiling")
-
-
-def cache_identity(config: PreprocessConfig, models: ModelConfigs) -> schema.CacheIdentity:
-    """Which cache a run with these settings writes to (and a training run reads from)."""
-    settings = {name: getattr(config, name) for name in TENSOR_SETTINGS}
-    buckets = configured_buckets(config)
-    settings["buckets"] = [bucket_name(b) for b in buckets] if buckets else None
-    settings["max_text_seq_length"] = models.transformer["max_text_seq_length"]
-    image_conditioned = models.spec().image_conditioned
-    settings["image_noise_variants"] = config.image_noise_variants if image_conditioned else 0
-    if config.video_reshape_mode == "random" or image_conditioned:  # random crops and first-frame noise
-        settings["seed"] = config.seed
-    dataset = {
-        "instance_data_root": str(Path(config.instance_data_root).resolve()) if config.instance_data_root else None,
-        "dataset_name": (str(Path(config.dataset_name).resolve()) if config.dataset_name and
-                         Path(config.dataset_name).exists() else config.dataset_name),
-        "dataset_config_name": config.dataset_config_name,
-        "caption_column": config.caption_column,
-        "video_column": config.video_column,
-        "id_token": config.id_token,
-    }
-    return schema.CacheIdentity(model=models.identity(), dataset=dataset, settings=settings)
-
 
 @dataclass
 class PreprocessResult:
@@ -153,8 +128,7 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     records = load_records(config.instance_data_root, config.dataset_name, config.caption_column,
                            config.video_column, config.id_token, config.dataset_config_name, config.cache_dir,
                            config.allow_symlinks_outside_root)
-    models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
-                               config.cache_dir)
+    models = ModelConfigs.of(config)
     spec = models.spec()  # refuses what is not a CogVideoX model before any encoding
     validation_pairs = check_validation_inputs(config, spec)
     for size in configured_buckets(config) or [(config.max_num_frames, config.height, config.width)]:
@@ -163,6 +137,8 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     schema.ensure_writable_dir(Path(config.cache_root), "--cache_root")
     cache_dir = Path(config.cache_root) / identity.name
     procs = processes()
+    if procs.is_main:  # what a later `cogtune train` of the same config trains on
+        record_preprocess_run(config, identity)
     with schema.cache_lock(cache_dir):  # shared with other writers; keeps `cogtune cache prune` out
         counts = _encode_missing(records, config, models, identity, cache_dir, stop, procs)
         if procs.is_main:
@@ -266,7 +242,7 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
     failed = 0
     if my_videos:
         image_variants = identity.settings["image_noise_variants"]
-        failed = _encode_videos(my_videos, config, by_video, writer, add_rows, image_variants, stop)
+        failed = _encode_videos(my_videos, config, models, by_video, writer, add_rows, image_variants, stop)
     writer.flush()
     procs.barrier()  # every process's rows are written before the selection names them
     if procs.is_main:
@@ -294,11 +270,8 @@ def _load_text_encoder(config: PreprocessConfig, models: ModelConfigs):
     from transformers import AutoTokenizer, T5EncoderModel
 
     device, dtype = _device_and_dtype(config.mixed_precision)
-    location = models.source["pretrained_model_name_or_path"]
-    kwargs = dict(revision=config.revision, cache_dir=config.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
-    text_encoder = T5EncoderModel.from_pretrained(location, subfolder="text_encoder", variant=config.variant,
-                                                  dtype=dtype, **kwargs).to(device).eval()
+    tokenizer = models.load_part(AutoTokenizer, "tokenizer", weights=False)
+    text_encoder = models.load_part(T5EncoderModel, "text_encoder", dtype=dtype).to(device).eval()
     return tokenizer, text_encoder
 
 
@@ -368,7 +341,7 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_dir:
             pending[path] = image
     if pending:
         device, dtype = _device_and_dtype(config.mixed_precision)
-        vae = load_vae(config, device, dtype)
+        vae = load_vae(models, config, device, dtype)
         for path, image in pending.items():
             pixels = validation_pixels(image, config.height, config.width)  # [C, 1, H, W]
             posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
@@ -412,7 +385,7 @@ def failure_limit(max_failures: str | None, clips: int) -> int | None:
 
 
 @torch.no_grad()
-def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_video: dict,
+def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, models: ModelConfigs, by_video: dict,
                    writer: schema.CacheWriter, add_rows, image_variants: int, stop: StopRequests) -> int:
     """Decode clips in DataLoader workers and VAE-encode them in batches of --vae_batch_size clips
     of one bucket (and, for image-to-video models, their noised first frames); returns how many
@@ -424,7 +397,7 @@ def _encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, by_
                                          worker_init_fn=ignore_stop_signals)
     clips = iter(loader)  # the decode workers start now, before the VAE exists: none holds a copy of it
     device, dtype = _device_and_dtype(config.mixed_precision)
-    vae = load_vae(config, device, dtype)
+    vae = load_vae(models, config, device, dtype)
     store_dtype = schema.DTYPES[config.latent_dtype]
 
     def encode(pending: list[tuple[str, Clip]]) -> None:

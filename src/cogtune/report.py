@@ -229,7 +229,7 @@ def model_card(config, models, spec, manifest: dict, rounds: list, steps: int, o
         "", "## Use it with diffusers", "", "```python", "import torch",
         f"from diffusers import {pipeline_class}",
         "from diffusers.utils import export_to_video" + (", load_image" if image else ""), "",
-        f'pipe = {pipeline_class}.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
+        f'pipe = {pipeline_class}.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")',
         f'pipe.load_lora_weights("{repo}", weight_name="pytorch_lora_weights.safetensors", adapter_name="cogtune")',
         'pipe.set_adapters(["cogtune"], [1.0])  # the file stores its alpha: 1.0 is the trained strength',
         *image_lines,
@@ -256,7 +256,7 @@ def check_hub_token(token: str | None) -> None:
 
     if not (token or get_token()):
         raise CogtuneError("--push_to_hub needs a Hugging Face token: pass --hub_token, set HF_TOKEN, or run "
-                           "`huggingface-cli login` first. Nothing has been trained yet.")
+                           "`hf auth login` first. Nothing has been trained yet.")
 
 
 def upload_patterns(rounds: list) -> list[str]:

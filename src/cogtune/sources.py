@@ -22,6 +22,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from .errors import CogtuneError
+from .hub import looks_like_hub_id
 
 METADATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 
@@ -121,9 +122,7 @@ def _caption_file_pairs(root: Path) -> list[tuple[str, str, str]]:
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) <= 2 and all(parts) and not name.startswith((".", "~")) and Path(name).suffix.lower() not in \
-        METADATA_SUFFIXES
+    return looks_like_hub_id(name) and Path(name).suffix.lower() not in METADATA_SUFFIXES
 
 
 def _read_hub_dataset(name: str, config_name: str | None, caption_column: str, video_column: str,

@@ -48,14 +48,22 @@ WORDS = (
 
 
 def make_tokenizer(max_length: int = MAX_TEXT_LENGTH):
-    """A T5 tokenizer whose vocabulary is built here: whole words, then single characters."""
-    from transformers import T5Tokenizer
+    """A T5 tokenizer whose vocabulary is built here: whole words, then single characters, as a
+    sentencepiece-style unigram model (the published T5 tokenizers are of that kind)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(f"▁{word}", -5.0) for word in WORDS]
     characters = string.ascii_letters + string.digits + string.punctuation
     pieces += [(f"▁{c}", -9.0) for c in characters] + [(c, -10.0) for c in characters]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=max_length)
 
 
 # Widths of each size. "tiny": a few hundred kilobytes, for tests and the demo. "small": for
@@ -90,10 +98,13 @@ def make_tiny_pipeline(family: str = "2b", seed: int = 0, size: str = "tiny"):
     from transformers import T5Config, T5EncoderModel
 
     spec, widths = FAMILIES[family], SIZES[size]
-    torch.manual_seed(seed)
     tokenizer = make_tokenizer(widths["transformer"]["max_text_seq_length"])
+    # Each part is seeded on its own: otherwise the VAE's and the transformer's weights would depend
+    # on how many random numbers the T5 initialisation of the installed transformers draws.
+    torch.manual_seed(seed)
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), decoder_start_token_id=0,
                                            **widths["text_encoder"]))
+    torch.manual_seed(seed)
     vae = AutoencoderKLCogVideoX(
         in_channels=3, out_channels=3,
         down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
@@ -106,6 +117,7 @@ def make_tiny_pipeline(family: str = "2b", seed: int = 0, size: str = "tiny"):
             16, transformer_config["sample_height"], transformer_config["sample_width"])
     if spec.get("image_conditioned"):  # the image latents are concatenated on channels
         transformer_config["in_channels"] *= 2
+    torch.manual_seed(seed)
     transformer = CogVideoXTransformer3DModel(**transformer_config)
     scheduler = CogVideoXDDIMScheduler(**spec["scheduler"])
     pipeline = CogVideoXImageToVideoPipeline if spec.get("image_conditioned") else CogVideoXPipeline

@@ -29,6 +29,7 @@ from .cache import check_samples
 from .config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
 from .errors import CogtuneError, Preempted
 from .families import FamilySpec, ModelConfigs, drop_learned_positional_embeddings
+from .identity import TrainingCache, training_cache
 from .optim import make_optimizer, state_bytes_per_parameter
 from .signals import StopRequests, ignore_stop_signals
 from .validation import load_validation_set
@@ -215,14 +216,8 @@ def collate(items: list[dict]) -> dict:
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
-def resolve_cache(config: TrainConfig, preprocess_config: PreprocessConfig | None, models: ModelConfigs) -> Path:
-    if config.data_cache:
-        return Path(config.data_cache)
-    if preprocess_config is None:
-        raise CogtuneError("Say which cache to train from: --data_cache DIR, or --config with the preprocess settings.")
-    from .preprocess import cache_identity
-
-    return schema.find_cache(config.cache_root, cache_identity(preprocess_config, models))
+def resolve_cache(config: TrainConfig, data: PreprocessConfig | None, models: ModelConfigs) -> TrainingCache:
+    return training_cache(config.data_cache, data, models)
 
 
 # --- LoRA files ---------------------------------------------------------------------------------
@@ -282,10 +277,7 @@ def build_transformer(config: TrainConfig, models: ModelConfigs, spec: FamilySpe
         finally:
             logging.set_verbosity(verbosity)
     else:
-        transformer = CogVideoXTransformer3DModel.from_pretrained(
-            models.source["pretrained_model_name_or_path"], subfolder="transformer", revision=config.revision,
-            variant=config.variant, cache_dir=config.cache_dir, torch_dtype=weight_dtype,
-        )
+        transformer = models.load_part(CogVideoXTransformer3DModel, "transformer", dtype=weight_dtype)
     if config.ignore_learned_positional_embeddings and spec.learned_positional_embeddings:
         drop_learned_positional_embeddings(transformer)
     transformer.requires_grad_(False)
@@ -310,7 +302,7 @@ def largest_latent_shape(config: TrainConfig, preprocess_config: PreprocessConfi
     """[C, F, H, W] of the biggest latent training will see, and where it was learnt: the cache's
     index when the cache exists, else the preprocess settings."""
     try:
-        cache_path = resolve_cache(config, preprocess_config, models)
+        cache_path = resolve_cache(config, preprocess_config, models).path
         shapes = {tuple(row["latent_shape"]) for row in schema.Cache.open(cache_path).samples}
         if shapes:
             return list(max(shapes, key=lambda shape: math.prod(shape[1:]))), f"the cache {cache_path}"
@@ -356,8 +348,7 @@ def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: lis
 
 def dry_run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) -> str:
     """What `cogtune train --dry_run` prints: the memory estimate, from config files alone."""
-    models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
-                               config.cache_dir)
+    models = ModelConfigs.of(config)
     spec = models.spec()
     latent_shape, source = largest_latent_shape(config, preprocess_config, models, spec)
     estimated = memory_estimate(config, models, latent_shape)
@@ -452,10 +443,11 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # The cache, checked against the model before anything is loaded.
-    models = ModelConfigs.load(config.pretrained_model_name_or_path, config.revision, config.variant,
-                               config.cache_dir)
+    models = ModelConfigs.of(config)
     spec = models.spec()
-    cache_path = resolve_cache(config, preprocess_config, models)
+    training = resolve_cache(config, preprocess_config, models)
+    cache_path = training.path
+    logs.message(f"cache: {cache_path.resolve()} ({training.why})")
     cache = schema.Cache.open(cache_path)
     schema.check_compatible(cache.manifest, models.identity(), cache_path)
     schema.check_conditioning(cache.manifest, spec.image_conditioned, spec.description, cache_path)
@@ -485,10 +477,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     # The model: the transformer alone, frozen, with LoRA adapters in fp32.
     weight_dtype = precision_dtype(config.mixed_precision)
     transformer = build_transformer(config, models, spec, accelerator.device)
-    scheduler = CogVideoXDDIMScheduler.from_pretrained(
-        models.source["pretrained_model_name_or_path"], subfolder="scheduler", revision=config.revision,
-        cache_dir=config.cache_dir,
-    )
+    scheduler = CogVideoXDDIMScheduler.from_config(models.scheduler)
     schedule = NoiseSchedule(scheduler.alphas_cumprod)
 
     # Optimizer and learning-rate schedule.

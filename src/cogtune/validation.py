@@ -223,7 +223,7 @@ def run_validation(transformer, validation: ValidationSet, config, models: Model
                         generator, dtype, prompt.image_moments)))
     finally:
         transformer.train(was_training)
-    vae = load_vae(config, latents[0][2].device, dtype)
+    vae = load_vae(models, config, latents[0][2].device, dtype)
     folder = output_dir / VALIDATION_DIR / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     videos, frames = [], []

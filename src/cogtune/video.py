@@ -146,8 +146,10 @@ class DecordVideo:
     name = "decord"
 
     def __init__(self, path: Path):
-        import decord
-
+        try:
+            import decord
+        except ImportError:  # no wheel for this platform (aarch64, say): PyAV decodes everything
+            raise _Fallback("decord is not installed") from None
         try:
             self.reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         except Exception as e:  # decord raises bare DECORDError/RuntimeError

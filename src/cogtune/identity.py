@@ -1,0 +1,141 @@
+"""How a cache is named and found: the settings that decide which cache a preprocess run writes,
+and which cache a training run trains on.
+
+A cache folder is named after everything that shapes its tensors (the model's VAE and T5, the
+dataset, the clip settings). `cogtune preprocess` also records, per config file, which cache its
+latest run wrote and with which settings given on its command line. Training takes the cache that
+its own settings name; when its command line does not name the data (the recipe `make preprocess
+ARGS="--instance_data_root B"` then `make train`), it takes the cache the latest preprocess run of
+the same config wrote and says so, and it never falls back to an older cache of other data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import data_schema as schema
+from .buckets import bucket_name, configured_buckets
+from .errors import CogtuneError
+from .families import ModelConfigs
+
+DATASET_SETTINGS = ("instance_data_root", "dataset_name", "dataset_config_name", "caption_column", "video_column",
+                    "id_token")
+TENSOR_SETTINGS = ("height", "width", "fps", "max_num_frames", "skip_frames_start", "skip_frames_end",
+                   "video_reshape_mode", "latent_dtype", "mixed_precision", "enable_tiling")
+BUCKET_SETTINGS = ("buckets", "height_buckets", "width_buckets", "frame_buckets")
+# Every setting that can change which cache a preprocess run writes.
+IDENTITY_SETTINGS = (("pretrained_model_name_or_path", "revision", "variant") + DATASET_SETTINGS + TENSOR_SETTINGS
+                     + BUCKET_SETTINGS + ("image_noise_variants", "seed"))
+LATEST_DIR = ".latest-preprocess"  # under --cache_root: one record per config file
+
+
+def cache_identity(config, models: ModelConfigs) -> schema.CacheIdentity:
+    """Which cache a preprocess run with these settings writes to (and a training run reads from)."""
+    settings = {name: getattr(config, name) for name in TENSOR_SETTINGS}
+    buckets = configured_buckets(config)
+    settings["buckets"] = [bucket_name(b) for b in buckets] if buckets else None
+    settings["max_text_seq_length"] = models.transformer["max_text_seq_length"]
+    image_conditioned = models.spec().image_conditioned
+    settings["image_noise_variants"] = config.image_noise_variants if image_conditioned else 0
+    if config.video_reshape_mode == "random" or image_conditioned:  # random crops and first-frame noise
+        settings["seed"] = config.seed
+    dataset = {
+        "instance_data_root": str(Path(config.instance_data_root).resolve()) if config.instance_data_root else None,
+        "dataset_name": (str(Path(config.dataset_name).resolve()) if config.dataset_name and
+                         Path(config.dataset_name).exists() else config.dataset_name),
+        "dataset_config_name": config.dataset_config_name,
+        "caption_column": config.caption_column,
+        "video_column": config.video_column,
+        "id_token": config.id_token,
+    }
+    return schema.CacheIdentity(model=models.identity(), dataset=dataset, settings=settings)
+
+
+def _record_path(cache_root: Path, config_file: str | None) -> Path:
+    key = schema.sha256_text(str(Path(config_file).resolve()) if config_file else "(no config file)")[:16]
+    return Path(cache_root) / LATEST_DIR / f"{key}.json"
+
+
+def record_preprocess_run(config, identity: schema.CacheIdentity) -> None:
+    """Note that the latest preprocess run of config's file (or of no file) writes identity's cache,
+    with the identity settings its command line gave."""
+    flags = {name: getattr(config, name) for name in config.command_line if name in IDENTITY_SETTINGS}
+    record = {"config_file": str(Path(config.config_file).resolve()) if config.config_file else None,
+              "cache": identity.name, "command_line": flags, "model": identity.model, "dataset": identity.dataset,
+              "settings": identity.settings, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = _record_path(Path(config.cache_root), config.config_file)
+    schema.atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(record, indent=2, default=str) + "\n"))
+
+
+def latest_preprocess_run(cache_root: Path, config_file: str | None) -> dict | None:
+    path = _record_path(cache_root, config_file)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _flags_text(flags: dict) -> str:
+    return " ".join(f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+                    for name, value in flags.items()) or "no data flags"
+
+
+@dataclass(frozen=True)
+class TrainingCache:
+    path: Path
+    why: str  # one line for the user: which cache, and why this one
+
+
+def training_cache(data_cache: str | None, data, models: ModelConfigs) -> TrainingCache:
+    """The cache a training run trains on. data: the preprocess settings of the same command line
+    (config file, [preprocess] table and flags), as `cogtune preprocess` would read them."""
+    if data_cache:
+        return TrainingCache(Path(data_cache), "given by --data_cache")
+    if data is None:
+        raise CogtuneError("Say which cache to train from: --data_cache DIR, or --config with the preprocess settings.")
+    cache_root = Path(data.cache_root)
+    named = cache_identity(data, models)
+    latest = latest_preprocess_run(cache_root, data.config_file)
+    source = f"--config {data.config_file}" if data.config_file else "no config file"
+    if latest is None or latest["cache"] == named.name:
+        path = schema.find_cache(cache_root, named)
+        return TrainingCache(path, "the cache these settings name" + (
+            ", which the latest `cogtune preprocess` of this config wrote" if latest else ""))
+
+    differences = schema.describe_differences(
+        {"model": named.model, "dataset": named.dataset, "settings": named.settings},
+        {"model": latest["model"], "dataset": latest["dataset"], "settings": latest["settings"]},
+        found_label="the latest preprocess run wrote", expected_label="this command names")
+    listing = "\n  ".join(differences[:12])
+    given = [name for name in data.command_line if name in IDENTITY_SETTINGS]
+    if given:  # this command line names its data: train on that or on nothing
+        path = cache_root / named.name
+        if (path / schema.MANIFEST_FILE).is_file():
+            return TrainingCache(path, f"the cache these settings name ({_flags_text({n: getattr(data, n) for n in given})})")
+        raise CogtuneError(
+            f"No cache for these settings at {path}. The latest `cogtune preprocess` with {source} wrote "
+            f"{cache_root / latest['cache']} ({_flags_text(latest['command_line'])}), whose settings differ:\n  {listing}\nRun preprocess with the same flags as train, or pass "
+            "--data_cache.")
+    # No data flags here: the latest preprocess run of this config is what the user means, provided its
+    # command-line flags are the whole difference (the config file has not changed since).
+    replayed = cache_identity(_with(data, latest["command_line"]), models)
+    if replayed.name == latest["cache"] and (cache_root / latest["cache"] / schema.MANIFEST_FILE).is_file():
+        return TrainingCache(
+            cache_root / latest["cache"],
+            f"written by the latest `cogtune preprocess` with {source} and {_flags_text(latest['command_line'])}; "
+            "this command gives no data flags (pass the same ones to name that cache yourself)")
+    raise CogtuneError(
+        f"Not sure which cache to train on: the settings of this command name {cache_root / named.name}, but the "
+        f"latest `cogtune preprocess` with {source} wrote {cache_root / latest['cache']} "
+        f"({_flags_text(latest['command_line'])}), and they differ:\n  {listing}\n"
+        "Give train the data flags of the cache you mean (the same ARGS as preprocess), preprocess again with "
+        "this command's settings, or pass --data_cache.")
+
+
+def _with(data, values: dict):
+    import dataclasses
+
+    return dataclasses.replace(data, **{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(data)}})
