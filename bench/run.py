@@ -402,7 +402,9 @@ def main() -> None:
             "--instance_data_root", str(subset(data, clips)), "--height", str(settings.height),
             "--width", str(settings.width), "--fps", str(settings.fps), "--max_num_frames", str(settings.frames),
             "--cache_root", str(cache_root), "--mixed_precision", settings.mixed_precision], work)
-    (cache_dir,) = [path for path in cache_root.iterdir() if path.is_dir()]
+    from cogtune import data_schema as schema
+
+    (cache_dir,) = schema.list_caches(cache_root)
     half, full = runs[settings.clips // 2], runs[settings.clips]
     preprocess = dict(full, clips=settings.clips, clips_per_s=settings.clips / full["seconds"],
                       steady_clips_per_s=(settings.clips - settings.clips // 2) / (full["seconds"] - half["seconds"]))

@@ -35,8 +35,6 @@ def write_clip(path: Path, codec: str = "libx264", height: int = 64, width: int 
             stream.options = options
         if times is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
-        if rotation:
-            stream.set_display_rotation(rotation)
         for i, frame in enumerate(pattern(count, height, width)):
             video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
             if times is not None:
@@ -45,4 +43,25 @@ def write_clip(path: Path, codec: str = "libx264", height: int = 64, width: int 
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    if rotation:
+        set_mp4_rotation(path, rotation)
     return path
+
+
+def set_mp4_rotation(path: Path, degrees: int) -> None:
+    """Write a display-matrix rotation into an MP4's track header (tkhd), as FFmpeg and phones do:
+    [cos, -sin, 0, sin, cos, 0, 0, 0, 1] in 16.16 fixed point (the last in 2.30). Done on the bytes, so
+    that it works with every PyAV (writing side data needs PyAV 18)."""
+    import math
+    import struct
+
+    data = bytearray(path.read_bytes())
+    box = data.find(b"tkhd")
+    assert box > 0, f"{path} has no track header"
+    version = data[box + 4]
+    # version/flags, creation and modification times, track id, reserved, duration, reserved, layer,
+    # alternate group, volume, reserved: then the matrix
+    offset = box + 4 + 4 + (8 if version == 0 else 16) + 4 + 4 + (4 if version == 0 else 8) + 8 + 2 + 2 + 2 + 2
+    cos, sin = round(math.cos(math.radians(degrees))), round(math.sin(math.radians(degrees)))
+    data[offset:offset + 36] = struct.pack(">9i", cos << 16, -sin << 16, 0, sin << 16, cos << 16, 0, 0, 0, 1 << 30)
+    path.write_bytes(bytes(data))

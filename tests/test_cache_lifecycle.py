@@ -53,6 +53,11 @@ def files_in(folder: Path, pattern: str = "*") -> list[Path]:
     return sorted(folder.glob(pattern)) if folder.is_dir() else []
 
 
+def caches_in(cache_root: Path) -> list[Path]:
+    """The cache folders under a --cache_root (not its hidden record of the latest preprocess runs)."""
+    return [path for path in files_in(cache_root) if not path.name.startswith(".")]
+
+
 def snapshot(folder: Path) -> dict:
     """Every file under folder with its size and mtime: to prove nothing was touched."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
@@ -115,7 +120,7 @@ def test_kill_9_or_sigterm_at_any_moment_then_rerun_gives_every_clip_exactly_onc
         if sent == signal.SIGTERM and interrupted[-1] == sent:
             assert process.returncode == 75, stderr  # saved what it had and stopped cleanly
             assert "stopped by SIGTERM; everything encoded so far is saved" in stderr
-        (cache_dir,) = files_in(tmp_path / "cache")
+        (cache_dir,) = caches_in(tmp_path / "cache")
         assert_every_visible_file_is_whole(cache_dir)
     assert len(interrupted) >= 2  # the runs were really interrupted
     out = cogtune_here("preprocess", "--config", config).stdout
@@ -143,7 +148,7 @@ def test_disk_full_stops_with_a_clear_error_and_the_cache_resumes(tmp_path, tiny
     assert full.returncode == 2, full.stderr
     assert "No space left writing" in full.stderr and ".safetensors" in full.stderr
     assert "run the same command again to continue" in full.stderr and "Traceback" not in full.stderr
-    (cache_dir,) = files_in(tmp_path / "cache")
+    (cache_dir,) = caches_in(tmp_path / "cache")
     assert_every_visible_file_is_whole(cache_dir)
     assert not files_in(cache_dir / schema.SHARDS_DIR, ".*.tmp")  # no temp file left behind
     out = cogtune_here("preprocess", "--config", config).stdout

@@ -88,7 +88,7 @@ def test_every_family_lora_loads_into_its_diffusers_pipeline(trained):
     family = trained["family"]
     cls = CogVideoXImageToVideoPipeline if family in I2V else CogVideoXPipeline
     pipe = cls.from_pretrained(trained["model"])
-    pipe.load_lora_weights(str(trained["out"]))
+    pipe.load_lora_weights(str(trained["out"]), weight_name=train.LORA_WEIGHT_NAME)
     channels = pipe.transformer.config.in_channels
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4 if family.startswith("1.5") else 3, channels, 4, 8, generator=generator)

@@ -129,7 +129,8 @@ def test_checkpoint_state_round_trips_without_pickle(tmp_path):
 
 
 def test_a_nan_sample_skips_its_step_and_training_goes_on(setup, tmp_path):
-    cache_dir = Path(shutil.copytree(next((setup["root"] / "cache").iterdir()), tmp_path / "cache" / "c"))
+    (cache,) = schema.list_caches(setup["root"] / "cache")
+    cache_dir = Path(shutil.copytree(cache, tmp_path / "cache" / "c"))
     row = schema.Cache.open(cache_dir).samples[0]
     shard = schema.shard_path(cache_dir, row["latent_shard"])
     tensors = load_file(shard)

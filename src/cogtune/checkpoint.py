@@ -121,18 +121,20 @@ def checkpoints_in(output_dir: Path) -> list[Path]:
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint, for --resume_from_checkpoint latest. Refuses when a newer
-    checkpoint-N folder is not one of ours (a diffusers script's, say): starting again at step 0
-    beside it would look like a resume and silently not be one."""
+    checkpoint-N folder was written by accelerate's save_state (a diffusers script's: pickled
+    optimizer.bin, random_states_0.pkl), which cogtune never opens: starting again at step 0 beside
+    it would look like a resume and silently not be one."""
     checkpoints = checkpoints_in(output_dir)
-    ours = set(checkpoints)
     newest = int(checkpoints[-1].name.removeprefix(PREFIX)) if checkpoints else -1
     foreign = sorted((int(match.group(1)), path) for path in Path(output_dir).glob(f"{PREFIX}*")
-                     if path.is_dir() and path not in ours and (match := re.fullmatch(rf"{PREFIX}(\d+)", path.name)))
+                     if (match := re.fullmatch(rf"{PREFIX}(\d+)", path.name)) and path.is_dir()
+                     and not (path / STATE_NAME).exists() and (any(path.glob("*.bin")) or any(path.glob("*.pkl"))))
     newer = [path for step, path in foreign if step > newest]
     if newer:
         raise CogtuneError(
-            f"--resume_from_checkpoint latest: {newer[-1]} is not a cogtune checkpoint (it holds no {STATE_NAME}; "
-            "the diffusers training scripts write such folders), so cogtune cannot resume it. "
+            f"--resume_from_checkpoint latest: {newer[-1]} is not a cogtune checkpoint (it holds no {STATE_NAME} "
+            "but accelerate's pickled state, as the diffusers training scripts write it), so cogtune cannot resume "
+            "it. "
             + (f"The newest cogtune checkpoint is {checkpoints[-1]}: pass it to --resume_from_checkpoint. "
                if checkpoints else "Nothing has been trained here by cogtune. ")
             + "To start a new run, use another --output_dir or move that folder away.")

@@ -333,7 +333,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     of another stage is accepted and left to that stage."""
     cls = STAGE_CONFIGS[stage]
     parser = argparse.ArgumentParser(prog=f"cogtune {stage}", description=(cls.__doc__ or "").strip() or None,
-                                     argument_default=argparse.SUPPRESS,
+                                     argument_default=argparse.SUPPRESS, allow_abbrev=False,
                                      usage=f"cogtune {stage} [--config FILE.toml] [--setting VALUE ...]")
     parser.add_argument("--config", help="A TOML file of settings; flags given here override it. Relative paths in "
                                           "it are relative to its folder.")

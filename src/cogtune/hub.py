@@ -32,7 +32,10 @@ def offline() -> bool:
 
 
 def endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    """The hub huggingface_hub talks to (HF_ENDPOINT, read when it was imported)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT.rstrip("/")
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,104 @@
+"""What a batch job's log and a requeued job meet: plain progress lines in a file, no deprecation
+noise, a clear refusal of checkpoints cogtune did not write, and cache identities that do not
+change with the installed libraries."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from cogtune import data_schema as schema
+from cogtune.families import ModelConfigs
+from conftest import cogtune_here, write_config
+
+
+def test_progress_written_to_a_file_is_plain_lines(tmp_path, tiny_model, demo_data):
+    config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    with open(tmp_path / "job.log", "w") as log:  # stderr is a file, as in a Slurm job
+        subprocess.run([sys.executable, "-m", "cogtune", "preprocess", "--config", str(config)], stdout=log,
+                       stderr=log, env=env, check=True)
+    text = (tmp_path / "job.log").read_text()
+    assert "\r" not in text and "\x1b[" not in text  # no redrawn bars, no cursor escapes
+    assert "encoding videos: 4/4 clip (100%)" in text
+    assert "cache: " in text
+
+
+def test_stages_pass_no_deprecated_keywords(tmp_path, tiny_model, demo_data):
+    config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out",
+                          max_train_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for stage in ("preprocess", "train", "infer"):
+            cogtune_here(stage, "--config", config)
+    deprecated = [str(w.message) for w in caught if "deprecat" in str(w.message).lower()]
+    assert deprecated == []
+
+
+def accelerate_checkpoint(folder):
+    """What the diffusers scripts' accelerator.save_state writes: pickles and a LoRA."""
+    folder.mkdir(parents=True)
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "pytorch_lora_weights.safetensors"):
+        (folder / name).write_bytes(b"not for cogtune")
+
+
+def test_resume_latest_refuses_a_diffusers_script_checkpoint(tmp_path, tiny_model, demo_data):
+    config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out",
+                          max_train_steps=2)
+    cogtune_here("preprocess", "--config", config)
+    accelerate_checkpoint(tmp_path / "out" / "checkpoint-1000")
+    result = cogtune_here("train", "--config", config, "--resume_from_checkpoint", "latest", check=False)
+    assert result.returncode == 2
+    assert "checkpoint-1000 is not a cogtune checkpoint" in result.stderr
+    assert "Nothing has been trained here by cogtune" in result.stderr
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+    # beside an older checkpoint of ours, it names the one to pass
+    (tmp_path / "out" / "checkpoint-1000").rename(tmp_path / "moved")
+    cogtune_here("train", "--config", config)
+    accelerate_checkpoint(tmp_path / "out" / "checkpoint-1000")
+    result = cogtune_here("train", "--config", config, "--resume_from_checkpoint", "latest", check=False)
+    assert result.returncode == 2 and "The newest cogtune checkpoint is" in result.stderr
+    assert "checkpoint-2: pass it to --resume_from_checkpoint" in result.stderr
+
+
+def test_model_identity_is_the_config_files_as_stored(tiny_model, tmp_path):
+    """The cache records hashes of the config files themselves, so another transformers or diffusers
+    version (which expands configs with its own defaults, or saves them with its version) names the
+    same cache."""
+    import shutil
+
+    models = ModelConfigs.load(str(tiny_model))
+    stored = json.loads((tiny_model / "text_encoder" / "config.json").read_text())
+    assert models.text_encoder == stored
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)
+    for part in ("text_encoder", "vae"):
+        path = copy / part / "config.json"
+        config = json.loads(path.read_text())
+        config.update(transformers_version="9.9.9", _diffusers_version="9.9.9", dtype="bfloat16")
+        config.pop("torch_dtype", None)
+        path.write_text(json.dumps(config))
+    again = ModelConfigs.load(str(copy)).identity()
+    first = models.identity()
+    for key in ("vae_config_sha256", "text_encoder_config_sha256"):
+        assert again[key] == first[key]
+    changed = json.loads((copy / "vae" / "config.json").read_text())
+    changed["scaling_factor"] = 0.5
+    (copy / "vae" / "config.json").write_text(json.dumps(changed))
+    assert ModelConfigs.load(str(copy)).identity()["vae_config_sha256"] != first["vae_config_sha256"]
+    assert schema.FORMAT_VERSION >= 5
+
+
+@pytest.mark.parametrize("stage", ["preprocess", "train"])
+def test_a_stage_ignores_the_other_stages_flags(stage, tmp_path):
+    from cogtune.config import load_config
+
+    config = load_config(stage, ["--pretrained_model_name_or_path", "m", "--rank", "8", "--vae_batch_size", "2",
+                                 "--num_inference_steps", "3", "--height", "64"])
+    assert set(config.command_line) <= {f for f in config.__dataclass_fields__}
+    assert config.height == 64 if stage == "preprocess" else not hasattr(config, "height")

@@ -1,0 +1,122 @@
+"""Train trains on what preprocess wrote, or refuses: the README recipe with a user's own data
+(`make preprocess ARGS="--instance_data_root B"` after a run on A, then `make train`), buckets
+given to preprocess only, and a diffusers command line pasted whole into either stage."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from cogtune.config import data_settings, load_config
+from cogtune.tiny import make_demo_data
+from conftest import cogtune_here, write_config
+
+
+def cache_of(stdout: str) -> Path:
+    return Path(re.search(r"^cache: (.+)$", stdout, re.M).group(1))
+
+
+def trained_on(stderr: str) -> tuple[Path, str]:
+    """The cache a training run says it trains on, and why."""
+    match = re.search(r"^cache: (\S+) \((.+)\)$", stderr, re.M)
+    return Path(match.group(1)), match.group(2)
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory, tiny_model, demo_data):
+    root = tmp_path_factory.mktemp("choice")
+    other = make_demo_data(root / "other-data", num_frames=28)
+    config = write_config(root / "my.toml", tiny_model, demo_data, root / "cache", root / "out",
+                          max_train_steps=1, checkpointing_steps=10)
+    cache_a = cache_of(cogtune_here("preprocess", "--config", config).stdout)
+    cache_b = cache_of(cogtune_here("preprocess", "--config", config, "--instance_data_root", other).stdout)
+    assert cache_a != cache_b
+    return dict(root=root, config=config, other=other, a=cache_a, b=cache_b)
+
+
+def test_the_same_args_for_train_name_the_cache_preprocess_wrote(two_datasets):
+    d = two_datasets
+    result = cogtune_here("train", "--config", d["config"], "--instance_data_root", d["other"],
+                          "--output_dir", d["root"] / "with-args")
+    path, why = trained_on(result.stderr)
+    assert path == d["b"] and "the cache these settings name" in why
+
+
+def test_train_without_the_args_trains_on_the_latest_preprocess_run_and_says_so(two_datasets):
+    d = two_datasets
+    result = cogtune_here("train", "--config", d["config"], "--output_dir", d["root"] / "without-args")
+    path, why = trained_on(result.stderr)
+    assert path == d["b"] != d["a"]
+    assert "latest `cogtune preprocess`" in why and f"--instance_data_root {d['other']}" in why
+
+
+def test_a_config_changed_since_the_latest_preprocess_is_refused_naming_the_difference(two_datasets, tmp_path):
+    d = two_datasets
+    changed = tmp_path / "changed.toml"
+    changed.write_text(d["config"].read_text().replace("height = 32", "height = 48"))
+    cogtune_here("preprocess", "--config", changed, "--instance_data_root", d["other"])  # its own latest run
+    changed.write_text(changed.read_text().replace("height = 48", "height = 64"))  # edited, not preprocessed
+    result = cogtune_here("train", "--config", changed, "--output_dir", tmp_path / "out", check=False)
+    assert result.returncode == 2
+    assert "settings.height: the latest preprocess run wrote 48, this command names 64" in result.stderr
+    assert "Give train the data flags" in result.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_data_flags_that_name_no_cache_are_refused_with_the_latest_run(two_datasets, tmp_path):
+    d = two_datasets
+    result = cogtune_here("train", "--config", d["config"], "--instance_data_root", d["other"], "--fps", "4",
+                          "--output_dir", tmp_path / "out", check=False)
+    assert result.returncode == 2
+    assert "No cache for these settings" in result.stderr
+    assert "settings.fps: the latest preprocess run wrote 8, this command names 4" in result.stderr
+
+
+def test_buckets_given_to_preprocess_only_are_found_by_train(tmp_path, tiny_model, demo_data):
+    config = write_config(tmp_path / "b.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out",
+                          max_train_steps=1, checkpointing_steps=10)
+    plain = cache_of(cogtune_here("preprocess", "--config", config).stdout)
+    bucketed = cache_of(cogtune_here("preprocess", "--config", config, "--buckets", "9x32x64", "5x32x64").stdout)
+    assert bucketed != plain
+    path, why = trained_on(cogtune_here("train", "--config", config).stderr)
+    assert path == bucketed and "--buckets 9x32x64 5x32x64" in why
+
+
+# The command line of the diffusers README (seeds/diffusers-cogvideox-lora-readme.md), as users paste it.
+SEED_COMMAND = """
+  --pretrained_model_name_or_path THUDM/CogVideoX-2b --cache_dir /hf-cache
+  --instance_data_root /data/videos --dataset_name my-awesome-name/my-awesome-dataset
+  --caption_column prompt --video_column video --id_token BW_STYLE
+  --validation_prompt "BW_STYLE Spiderman swinging over buildings:::A panda plays a guitar"
+  --validation_prompt_separator ::: --num_validation_videos 1 --validation_epochs 10 --seed 42 --rank 64
+  --lora_alpha 64 --mixed_precision fp16 --output_dir /raid/aryan/cogvideox-lora
+  --height 480 --width 720 --fps 8 --max_num_frames 49 --skip_frames_start 0 --skip_frames_end 0
+  --train_batch_size 1 --num_train_epochs 30 --checkpointing_steps 1000 --gradient_accumulation_steps 1
+  --learning_rate 1e-3 --lr_scheduler cosine_with_restarts --lr_warmup_steps 200 --lr_num_cycles 1
+  --enable_slicing --enable_tiling --optimizer Adam --adam_beta1 0.9 --adam_beta2 0.95 --max_grad_norm 1.0
+  --report_to wandb
+"""
+
+
+def test_the_diffusers_command_line_pasted_whole_is_accepted_by_both_stages():
+    argv = shlex.split(SEED_COMMAND)
+    assert len([a for a in argv if a.startswith("--")]) == 37
+    pre = load_config("preprocess", argv)
+    train = load_config("train", argv)
+    assert (pre.dataset_name, pre.video_column, pre.height, pre.max_num_frames, pre.enable_tiling) == \
+        ("my-awesome-name/my-awesome-dataset", "video", 480, 49, True)
+    assert (train.rank, train.optimizer, train.lr_scheduler, train.report_to, train.mixed_precision) == \
+        (64, "adam", "cosine_with_restarts", "wandb", "fp16")
+    data = data_settings(train, argv)  # what train names its cache by: preprocess's reading of the same line
+    assert (data.instance_data_root, data.id_token, data.fps) == (pre.instance_data_root, "BW_STYLE", 8)
+    assert "instance_data_root" in data.command_line and "rank" not in data.command_line
+
+
+def test_a_mistyped_flag_is_refused_in_one_line_not_a_usage_dump():
+    result = cogtune_here("train", "--pretrained_model_name_or_path", "m", "--learning_rte", "1e-3", check=False)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --learning_rte" in result.stderr
+    assert len(result.stderr.splitlines()) <= 3
