@@ -11,6 +11,7 @@ the same config wrote and says so, and it never falls back to an older cache of 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from . import data_schema as schema
 from .buckets import bucket_name, configured_buckets
+from .config import relative_to
 from .errors import CogtuneError
 from .families import ModelConfigs
 
@@ -63,6 +65,7 @@ def record_preprocess_run(config, identity: schema.CacheIdentity) -> None:
     """Note that the latest preprocess run of config's file (or of no file) writes identity's cache,
     with the identity settings its command line gave."""
     flags = {name: getattr(config, name) for name in config.command_line if name in IDENTITY_SETTINGS}
+    flags = relative_to(flags, Path.cwd())  # absolute, so that a train run elsewhere can replay them
     record = {"config_file": str(Path(config.config_file).resolve()) if config.config_file else None,
               "cache": identity.name, "command_line": flags, "model": identity.model, "dataset": identity.dataset,
               "settings": identity.settings, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -136,6 +139,6 @@ def training_cache(data_cache: str | None, data, models: ModelConfigs) -> Traini
 
 
 def _with(data, values: dict):
-    import dataclasses
-
-    return dataclasses.replace(data, **{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(data)}})
+    """data with some settings replaced (those it has)."""
+    names = {f.name for f in dataclasses.fields(data)}
+    return dataclasses.replace(data, **{name: value for name, value in values.items() if name in names})

@@ -29,7 +29,7 @@ from .cache import check_samples
 from .config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
 from .errors import CogtuneError, Preempted
 from .families import FamilySpec, ModelConfigs, drop_learned_positional_embeddings
-from .identity import TrainingCache, training_cache
+from .identity import training_cache
 from .optim import make_optimizer, state_bytes_per_parameter
 from .signals import StopRequests, ignore_stop_signals
 from .validation import load_validation_set
@@ -216,10 +216,6 @@ def collate(items: list[dict]) -> dict:
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
-def resolve_cache(config: TrainConfig, data: PreprocessConfig | None, models: ModelConfigs) -> TrainingCache:
-    return training_cache(config.data_cache, data, models)
-
-
 # --- LoRA files ---------------------------------------------------------------------------------
 
 
@@ -302,7 +298,7 @@ def largest_latent_shape(config: TrainConfig, preprocess_config: PreprocessConfi
     """[C, F, H, W] of the biggest latent training will see, and where it was learnt: the cache's
     index when the cache exists, else the preprocess settings."""
     try:
-        cache_path = resolve_cache(config, preprocess_config, models).path
+        cache_path = training_cache(config.data_cache, preprocess_config, models).path
         shapes = {tuple(row["latent_shape"]) for row in schema.Cache.open(cache_path).samples}
         if shapes:
             return list(max(shapes, key=lambda shape: math.prod(shape[1:]))), f"the cache {cache_path}"
@@ -445,7 +441,7 @@ def _run(config: TrainConfig, preprocess_config: PreprocessConfig | None, stop: 
     # The cache, checked against the model before anything is loaded.
     models = ModelConfigs.of(config)
     spec = models.spec()
-    training = resolve_cache(config, preprocess_config, models)
+    training = training_cache(config.data_cache, preprocess_config, models)
     cache_path = training.path
     logs.message(f"cache: {cache_path.resolve()} ({training.why})")
     cache = schema.Cache.open(cache_path)
