@@ -101,6 +101,9 @@ def _make_tiny_model(argv):
                         help="tiny (tests, demo) or small (benchmarks: the real models' proportions, 48M "
                              "transformer parameters).")
     args = parser.parse_args(argv)
+    from . import logs
+
+    logs.configure("text")  # no library progress bars in a log file
     print(f"model: {make_tiny_model(args.output_dir, args.family, args.seed, args.size)}")
 
 
