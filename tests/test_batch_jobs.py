@@ -30,13 +30,18 @@ def test_progress_written_to_a_file_is_plain_lines(tmp_path, tiny_model, demo_da
 
 
 def test_stages_pass_no_deprecated_keywords(tmp_path, tiny_model, demo_data):
+    """No deprecation warning from the libraries cogtune calls with keywords (diffusers' torch_dtype,
+    for one). Warnings a library raises about its own dependencies (matplotlib about pyparsing at the
+    floors, say) are not about what cogtune passes."""
     config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out",
                           max_train_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for stage in ("preprocess", "train", "infer"):
             cogtune_here(stage, "--config", config)
-    deprecated = [str(w.message) for w in caught if "deprecat" in str(w.message).lower()]
+    called = ("diffusers", "transformers", "peft", "accelerate", "huggingface_hub", "safetensors", "cogtune")
+    deprecated = [(w.filename, str(w.message)) for w in caught if "deprecat" in str(w.message).lower()
+                  and any(f"/{library}/" in w.filename for library in called)]
     assert deprecated == []
 
 

@@ -189,3 +189,18 @@ def test_the_hub_messages_name_the_current_login_command(monkeypatch, tmp_path):
         report.check_hub_token(None)
     sources = "".join(p.read_text() for p in PACKAGE.rglob("*.py"))
     assert "huggingface-cli" not in sources
+
+
+def test_without_decord_every_video_is_decoded_with_pyav(demo_data):
+    """What aarch64 installs get (no decord wheel): the same clip, read by PyAV."""
+    script = f"""
+import sys
+sys.modules["decord"] = None  # import decord now raises ImportError, as where it is not installed
+from pathlib import Path
+from cogtune.video import fixed_size, read_clip
+clip = read_clip(Path({str(demo_data / "videos" / "00000.mp4")!r}), fixed_size(32, 48, 9), 8, 0, 0, "center", None)
+print(clip.decoder, tuple(clip.pixels.shape))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["pyav", "(3,", "9,", "32,", "48)"]

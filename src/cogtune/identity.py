@@ -117,11 +117,12 @@ def training_cache(data_cache: str | None, data, models: ModelConfigs) -> Traini
     if given:  # this command line names its data: train on that or on nothing
         path = cache_root / named.name
         if (path / schema.MANIFEST_FILE).is_file():
-            return TrainingCache(path, f"the cache these settings name ({_flags_text({n: getattr(data, n) for n in given})})")
+            flags = _flags_text({name: getattr(data, name) for name in given})
+            return TrainingCache(path, f"the cache these settings name ({flags})")
         raise CogtuneError(
             f"No cache for these settings at {path}. The latest `cogtune preprocess` with {source} wrote "
-            f"{cache_root / latest['cache']} ({_flags_text(latest['command_line'])}), whose settings differ:\n  {listing}\nRun preprocess with the same flags as train, or pass "
-            "--data_cache.")
+            f"{cache_root / latest['cache']} ({_flags_text(latest['command_line'])}), whose settings differ:\n"
+            f"  {listing}\nRun preprocess with the same flags as train, or pass --data_cache.")
     # No data flags here: the latest preprocess run of this config is what the user means, provided its
     # command-line flags are the whole difference (the config file has not changed since).
     replayed = cache_identity(_with(data, latest["command_line"]), models)
