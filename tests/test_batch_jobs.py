@@ -18,15 +18,18 @@ from conftest import cogtune_here, write_config
 
 
 def test_progress_written_to_a_file_is_plain_lines(tmp_path, tiny_model, demo_data):
-    config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out")
+    config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out",
+                          max_train_steps=2)
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     with open(tmp_path / "job.log", "w") as log:  # stderr is a file, as in a Slurm job
-        subprocess.run([sys.executable, "-m", "cogtune", "preprocess", "--config", str(config)], stdout=log,
-                       stderr=log, env=env, check=True)
+        for stage in ("preprocess", "train", "infer"):
+            subprocess.run([sys.executable, "-m", "cogtune", stage, "--config", str(config)], stdout=log,
+                           stderr=log, env=env, check=True)
     text = (tmp_path / "job.log").read_text()
     assert "\r" not in text and "\x1b[" not in text  # no redrawn bars, no cursor escapes
-    assert "encoding videos: 4/4 clip (100%)" in text
-    assert "cache: " in text
+    for line in ("encoding videos: 4/4 clip (100%)", "training: 2/2 step (100%)", "generating: 1/1 video (100%)",
+                 "cache: ", "lora: ", "video: "):
+        assert line in text, line
 
 
 def test_stages_pass_no_deprecated_keywords(tmp_path, tiny_model, demo_data):

@@ -133,7 +133,7 @@ def run(config: InferConfig) -> list[Path]:
     out_dir = Path(config.video_output_dir or Path(config.output_dir) / "videos")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    pipe.set_progress_bar_config(disable=logs.json_lines(), leave=False, desc="denoising")
+    pipe.set_progress_bar_config(disable=not logs.draws_bars(), leave=False, desc="denoising")
     for index, job in enumerate(logs.progress(jobs, desc="generating", unit="video")):
         generator = torch.Generator().manual_seed(config.seed)
         image = {"image": load_first_frame(job.image)} if job.image is not None else {}

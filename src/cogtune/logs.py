@@ -29,7 +29,7 @@ def configure(log_format: str, enabled: bool = True) -> None:
     if log_format not in FORMATS:
         raise ValueError(f"log format {log_format!r} is not one of {FORMATS}")
     _state.update(format=log_format, enabled=enabled)
-    if log_format == "json" or not _terminal():  # the libraries' own bars (loading weights) would garble the log
+    if not draws_bars():  # the libraries' own bars (loading weights) would garble the log
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -43,6 +43,11 @@ def json_lines() -> bool:
 
 def _terminal() -> bool:
     return sys.stderr.isatty()
+
+
+def draws_bars() -> bool:
+    """Whether progress is drawn as bars (text mode on a terminal) rather than reported in lines."""
+    return not json_lines() and _terminal()
 
 
 def event(name: str, **fields) -> None:
@@ -116,8 +121,9 @@ class _LineProgress:
             return
         done = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
         percent = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-        timing = f", {rate:.3g} {self.unit}/s" + (f", {eta:.0f} s left" if eta is not None and self.n < (self.total or 0)
-                                                  else "")
+        timing = f", {rate:.0f} {self.unit}/s" if rate >= 100 else f", {rate:.3g} {self.unit}/s"
+        if eta is not None and self.n < (self.total or 0):
+            timing += f", {eta:.0f} s left"
         extra = "".join(f", {key} {value}" for key, value in self.postfix.items())
         message(f"{self.desc}: {done} {self.unit}{percent}{timing}{extra}")
 
