@@ -18,14 +18,16 @@ from conftest import cogtune_here, write_config
 
 
 def test_progress_written_to_a_file_is_plain_lines(tmp_path, tiny_model, demo_data):
+    """The three stages with stderr a file, as in a Slurm job, in one new process (tqdm reads
+    TQDM_DISABLE, which the tests set, when it is imported)."""
     config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out",
                           max_train_steps=2)
+    script = ("from cogtune.cli import main\n"
+              f"assert all(main([stage, '--config', {str(config)!r}]) == 0 for stage in ('preprocess', 'train', 'infer'))")
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
-    with open(tmp_path / "job.log", "w") as log:  # stderr is a file, as in a Slurm job
-        for stage in ("preprocess", "train", "infer"):
-            subprocess.run([sys.executable, "-m", "cogtune", stage, "--config", str(config)], stdout=log,
-                           stderr=log, env=env, check=True)
-    text = (tmp_path / "job.log").read_text()
+    with open(tmp_path / "job.log", "w") as log:
+        subprocess.run([sys.executable, "-c", script], stdout=log, stderr=log, env=env, check=True)
+    text = (tmp_path / "job.log").read_bytes().decode()  # read_text would turn \r into \n
     assert "\r" not in text and "\x1b[" not in text  # no redrawn bars, no cursor escapes
     for line in ("encoding videos: 4/4 clip (100%)", "training: 2/2 step (100%)", "generating: 1/1 video (100%)",
                  "cache: ", "lora: ", "video: "):

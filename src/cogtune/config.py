@@ -337,7 +337,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                                      usage=f"cogtune {stage} [--config FILE.toml] [--setting VALUE ...]")
     parser.add_argument("--config", help="A TOML file of settings; flags given here override it. Relative paths in "
                                           "it are relative to its folder.")
-    own = [f for f in settings_fields(cls)]
+    own = settings_fields(cls)
     added = {f.name for f in own}
     for f in own:
         _add_flag(parser, f, _help_text(f))
@@ -405,7 +405,7 @@ def relative_to(values: dict, folder: Path, separator: str = ":::") -> dict:
 
     def under(text: str) -> str:
         path = Path(text).expanduser()
-        return text if path.is_absolute() else str(folder / path)
+        return str(path) if path.is_absolute() else str(folder / path)
 
     for name, value in values.items():
         if not isinstance(value, str) or not value:
