@@ -27,7 +27,7 @@ SETTINGS = [
 def main() -> None:
     from cogtune.config import load_config
     from cogtune.families import ModelConfigs
-    from cogtune.train import memory_estimate
+    from cogtune.train.memory import memory_estimate
 
     gib = 1024 ** 3
     lines = ["# Expected peak GPU memory (`cogtune train --dry_run`), 49x480x720, batch 1, rank 64", "",

@@ -24,7 +24,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 def main() -> None:
     from cogtune import preprocess
     from cogtune.config import make_config
-    from cogtune.tiny import COLORS, make_tiny_model, synthetic_frames, write_mp4
+    from cogtune.dev.tiny import COLORS, make_tiny_model, synthetic_frames
+    from cogtune.util.media import write_mp4
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=32)

@@ -68,7 +68,8 @@ def make_assets(work: Path, settings: Settings) -> tuple[Path, Path]:
     """The small model and `clips` distinct captioned clips (prompts.txt + videos.txt), built once per work folder."""
     import numpy as np
 
-    from cogtune.tiny import COLORS, make_tiny_model, synthetic_frames, write_mp4
+    from cogtune.dev.tiny import COLORS, make_tiny_model, synthetic_frames
+    from cogtune.util.media import write_mp4
 
     model = work / f"model-{settings.size}"
     if not (model / "model_index.json").is_file():
@@ -124,7 +125,7 @@ def read_throughput(cache_dir: Path, batch: int, passes: int = 5) -> dict:
     import torch
 
     from cogtune import data_schema as schema
-    from cogtune.train import LatentDataset, collate, epoch_batches
+    from cogtune.train.data import LatentDataset, collate, epoch_batches
 
     cache = schema.Cache.open(cache_dir)
     shapes = [tuple(row["latent_shape"]) for row in cache.samples]
@@ -161,7 +162,7 @@ def step_flops(model: Path, settings: Settings) -> int:
 
     from cogtune.config import load_config
     from cogtune.families import ModelConfigs
-    from cogtune.train import build_transformer
+    from cogtune.train.model import build_transformer
 
     models = ModelConfigs.load(str(model))
     spec = models.spec()

@@ -28,7 +28,7 @@ import threading
 import time
 import types
 
-from cogtune.memory import peak_rss_bytes  # VmHWM; imports torch, which main() imports anyway
+from cogtune.util.rss import peak_rss_bytes  # VmHWM; imports nothing the reference would not
 
 
 def current_rss_bytes() -> int:

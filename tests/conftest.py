@@ -47,21 +47,21 @@ def cogtune_here(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from cogtune.tiny import make_tiny_model
+    from cogtune.dev.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny-2b", family="2b")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_5b(tmp_path_factory) -> Path:
-    from cogtune.tiny import make_tiny_model
+    from cogtune.dev.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("model5b") / "tiny-5b", family="5b", seed=1)
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    from cogtune.tiny import make_demo_data
+    from cogtune.dev.tiny import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("data") / "demo")
 

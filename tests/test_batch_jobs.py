@@ -14,6 +14,7 @@ import pytest
 
 from cogtune import data_schema as schema
 from cogtune.families import ModelConfigs
+
 from conftest import cogtune_here, write_config
 
 

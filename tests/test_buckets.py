@@ -6,12 +6,14 @@ from pathlib import Path
 import pytest
 
 from cogtune import data_schema as schema
-from cogtune.buckets import assign_bucket, configured_buckets
 from cogtune.config import make_config
+from cogtune.data.buckets import assign_bucket, configured_buckets
 from cogtune.errors import CogtuneError
-from cogtune.train import epoch_batches
+from cogtune.train.data import epoch_batches
+
 from clips import write_clip
-from conftest import cogtune_here as cogtune, write_config
+from conftest import cogtune_here as cogtune
+from conftest import write_config
 
 BUCKETS = [(9, 32, 48), (9, 48, 32), (9, 32, 32), (5, 32, 48), (5, 48, 32)]
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from cogtune.config import data_settings, load_config
-from cogtune.tiny import make_demo_data
+from cogtune.dev.tiny import make_demo_data
+
 from conftest import cogtune_here, write_config
 
 

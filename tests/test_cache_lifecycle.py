@@ -14,7 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cogtune import data_schema as schema
-from cogtune.tiny import synthetic_frames, write_mp4
+from cogtune.dev.tiny import synthetic_frames
+from cogtune.util.media import write_mp4
+
 from conftest import cogtune_here, write_config
 
 

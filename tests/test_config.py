@@ -5,9 +5,9 @@ import pytest
 from cogtune.config import (STAGE_CONFIGS, data_settings, load_config, make_config, read_toml, settings_fields,
                             values_for_stage)
 from cogtune.errors import CogtuneError
-from conftest import cogtune, cogtune_here
+from cogtune.templates import TEMPLATES
 
-from cogtune.starter import TEMPLATES
+from conftest import cogtune, cogtune_here
 
 SHIPPED = sorted((TEMPLATES / "configs").glob("*.toml"))
 
@@ -126,7 +126,7 @@ def test_missing_optional_optimizer_packages_give_a_clear_error():
 
     import torch
 
-    from cogtune.optim import make_optimizer
+    from cogtune.train.optim import make_optimizer
 
     parameters = [torch.nn.Parameter(torch.zeros(2))]
     for package, argv in (("bitsandbytes", ["--use_8bit_adam"]), ("prodigyopt", ["--optimizer", "prodigy"])):

@@ -4,7 +4,8 @@ frame times and frame count, or skipped with its reason."""
 import numpy as np
 import pytest
 
-from cogtune.video import ClipSkipped, DecordVideo, PyAVVideo, fixed_size, open_video, read_clip
+from cogtune.data.video import ClipSkipped, DecordVideo, PyAVVideo, fixed_size, open_video, read_clip
+
 from clips import pattern, write_clip
 from conftest import ASSETS
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from cogtune import data_schema as schema
+
 from conftest import cogtune_here, write_config
 from test_cache_lifecycle import cache_dir_of, write_dataset
 
@@ -116,7 +117,7 @@ def test_two_process_checkpoint_and_resume(trained, tmp_path):
 def test_shipped_accelerate_configs_load(name, engine):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from cogtune.starter import TEMPLATES
+    from cogtune.templates import TEMPLATES
 
     config = load_config_from_file(str(TEMPLATES / "accelerate" / f"{name}.yaml"))
     assert config.distributed_type.name == engine

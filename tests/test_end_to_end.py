@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cogtune import data_schema as schema
+
 from conftest import ASSETS, cogtune, cogtune_here, write_config
 
 
@@ -97,7 +98,7 @@ def test_first_step_loss_matches_an_independent_computation(run, tiny_model):
     base transformer (LoRA B matrices start at zero) and the scheduler's own operations."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 
-    from cogtune.train import batch_generator, epoch_batches
+    from cogtune.train.data import batch_generator, epoch_batches
 
     cache = schema.Cache.open(run["cache"])
     shapes = [tuple(r["latent_shape"]) for r in cache.samples]

@@ -12,10 +12,14 @@ import torch
 from cogtune import data_schema as schema
 from cogtune import infer, preprocess, train
 from cogtune.config import data_settings, load_config
+from cogtune.data.video import read_clip
+from cogtune.dev.tiny import make_demo_data, make_tiny_model
 from cogtune.errors import CogtuneError
-from cogtune.tiny import make_demo_data, make_tiny_model
-from cogtune.video import read_clip
-from conftest import cogtune_here as cogtune, write_config
+from cogtune.train.log import TRAIN_LOG_NAME
+from cogtune.train.lora import LORA_INFO_NAME, LORA_WEIGHT_NAME
+
+from conftest import cogtune_here as cogtune
+from conftest import write_config
 
 FAMILIES = ["2b", "5b", "5b-i2v", "1.5-5b", "1.5-5b-i2v"]
 I2V = {"5b-i2v", "1.5-5b-i2v"}
@@ -74,7 +78,7 @@ def test_every_family_preprocesses_trains_and_generates(trained):
     (video,) = trained["infer"]
     frames = read_video(video)
     assert len(frames) == 9 and frames[0].shape == (32, 64, 3)
-    info = json.loads((trained["out"] / train.LORA_INFO_NAME).read_text())
+    info = json.loads((trained["out"] / LORA_INFO_NAME).read_text())
     assert ("image-to-video" in info["family"]) == (family in I2V)
     assert ("1.5" in info["family"]) == family.startswith("1.5")
 
@@ -88,7 +92,7 @@ def test_every_family_lora_loads_into_its_diffusers_pipeline(trained):
     family = trained["family"]
     cls = CogVideoXImageToVideoPipeline if family in I2V else CogVideoXPipeline
     pipe = cls.from_pretrained(trained["model"])
-    pipe.load_lora_weights(str(trained["out"]), weight_name=train.LORA_WEIGHT_NAME)
+    pipe.load_lora_weights(str(trained["out"]), weight_name=LORA_WEIGHT_NAME)
     channels = pipe.transformer.config.in_channels
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4 if family.startswith("1.5") else 3, channels, 4, 8, generator=generator)
@@ -119,7 +123,7 @@ def test_first_step_loss_matches_the_design_formula(trained):
     from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline,
                            CogVideoXPipeline, CogVideoXTransformer3DModel)
 
-    from cogtune.train import batch_generator, epoch_batches
+    from cogtune.train.data import batch_generator, epoch_batches
 
     model, family = trained["model"], trained["family"]
     cache = schema.Cache.open(trained["preprocess"].cache_dir)
@@ -167,7 +171,7 @@ def test_first_step_loss_matches_the_design_formula(trained):
     weights = 1 / (1 - scheduler.alphas_cumprod[timesteps])
     expected = torch.stack([(weights[b] * (x0_hat[b] - x0[b]) ** 2).mean() for b in range(2)]).mean()
 
-    logged = json.loads((trained["out"] / train.TRAIN_LOG_NAME).read_text().splitlines()[0])["loss"]
+    logged = json.loads((trained["out"] / TRAIN_LOG_NAME).read_text().splitlines()[0])["loss"]
     assert logged == pytest.approx(expected.item(), rel=1e-4)
 
 
@@ -217,7 +221,7 @@ def test_first_frame_encodings_are_stored_noised_and_reproducible(trained):
 
     from diffusers import AutoencoderKLCogVideoX
 
-    from cogtune.buckets import size_rule
+    from cogtune.data.buckets import size_rule
 
     cache = schema.Cache.open(trained["preprocess"].cache_dir)
     config = load_config("preprocess", ["--config", str(trained["config"])])
@@ -260,7 +264,7 @@ def test_cogvideox15_trains_on_an_odd_latent_frame_count(tmp_path, models):
     cache_dir = Path(cogtune("preprocess", "--config", config).stdout.split("cache: ")[1].splitlines()[0])
     assert {tuple(r["latent_shape"]) for r in schema.Cache.open(cache_dir).samples} == {(4, 13, 4, 8)}
     cogtune("train", "--config", config)
-    log = [json.loads(line) for line in (tmp_path / "out" / train.TRAIN_LOG_NAME).read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "out" / TRAIN_LOG_NAME).read_text().splitlines()]
     assert len(log) == 2 and all(0 < r["loss"] < 100 for r in log)
     video = Path(cogtune("infer", "--config", config).stdout.split("video: ")[1].strip())
     assert len(read_video(video)) == 49
@@ -316,7 +320,7 @@ def test_ignoring_learned_positional_embeddings_trains_other_sizes_and_infer_fol
     config = write_config(tmp_path / "c.toml", models["5b-i2v"], demo_data, tmp_path / "cache", tmp_path / "out",
                           width=48, image=str(first_frame), ignore_learned_positional_embeddings=True)
     results = run_stages(config, "preprocess", "train")
-    info = json.loads((tmp_path / "out" / train.LORA_INFO_NAME).read_text())
+    info = json.loads((tmp_path / "out" / LORA_INFO_NAME).read_text())
     assert info["ignore_learned_positional_embeddings"] is True
     assert not results["train"].transformer.patch_embed.use_learned_positional_embeddings
     # infer without the flag: the LoRA's record makes it leave the embeddings out too
@@ -324,7 +328,7 @@ def test_ignoring_learned_positional_embeddings_trains_other_sizes_and_infer_fol
                  .split("video: ")[1].strip())
     assert read_video(video)[0].shape == (32, 48, 3)
     # a LoRA without that record, at that size, is refused before the pipeline is loaded
-    (tmp_path / "out" / train.LORA_INFO_NAME).unlink()
+    (tmp_path / "out" / LORA_INFO_NAME).unlink()
     with pytest.raises(CogtuneError, match="--ignore_learned_positional_embeddings"):
         run_stages(config, "infer", extra=["--no-ignore_learned_positional_embeddings"])
 

@@ -18,7 +18,8 @@ from packaging.version import Version
 
 from cogtune.config import load_config, make_config, read_toml, values_for_stage
 from cogtune.errors import CogtuneError
-from cogtune.starter import FAMILIES, TEMPLATES
+from cogtune.templates import FAMILIES, TEMPLATES
+
 from conftest import cogtune, cogtune_here
 
 ROOT = Path(__file__).parents[1]
@@ -181,7 +182,7 @@ def test_version_and_python_dash_m():
 
 
 def test_the_hub_messages_name_the_current_login_command(monkeypatch, tmp_path):
-    from cogtune import report
+    from cogtune.train import report
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
@@ -197,7 +198,7 @@ def test_without_decord_every_video_is_decoded_with_pyav(demo_data):
 import sys
 sys.modules["decord"] = None  # import decord now raises ImportError, as where it is not installed
 from pathlib import Path
-from cogtune.video import fixed_size, read_clip
+from cogtune.data.video import fixed_size, read_clip
 clip = read_clip(Path({str(demo_data / "videos" / "00000.mp4")!r}), fixed_size(32, 48, 9), 8, 0, 0, "center", None)
 print(clip.decoder, tuple(clip.pixels.shape))
 """

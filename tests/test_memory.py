@@ -8,9 +8,10 @@ from safetensors.torch import load_file
 
 from cogtune.config import load_config
 from cogtune.families import ModelConfigs
-from cogtune.memory import LiveTensorBytes
-from cogtune.optim import make_optimizer
-from cogtune.train import build_transformer, memory_estimate
+from cogtune.train.memory import LiveTensorBytes, memory_estimate
+from cogtune.train.model import build_transformer
+from cogtune.train.optim import make_optimizer
+
 from conftest import cogtune_here, write_config
 
 # The stated tolerance: the estimate is at most 15% above the measured peak and at most 5% below it
@@ -50,7 +51,7 @@ def measured_peak(config, models, latent_shape: list[int]) -> int:
 def models(tmp_path_factory):
     """Tiny models of three families, with more layers and tokens than the test default so that
     activations, not fixed costs, make most of the figure."""
-    from cogtune.tiny import make_tiny_model
+    from cogtune.dev.tiny import make_tiny_model
 
     return {family: ModelConfigs.load(str(make_tiny_model(tmp_path_factory.mktemp(family) / family, family)))
             for family in ("2b", "5b", "1.5-5b-i2v")}

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from cogtune import hub
 from cogtune.errors import CogtuneError
 from cogtune.families import PUBLISHED, ModelConfigs
-from cogtune.starter import TEMPLATES
-from conftest import cogtune_here
+from cogtune.templates import TEMPLATES
+from cogtune.util import hub
 
 FAMILY_CONFIGS = sorted(p for p in (TEMPLATES / "configs").glob("cogvideox*.toml"))
 
@@ -67,8 +66,8 @@ def run_cogtune(*args, **env) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("path", FAMILY_CONFIGS, ids=[p.stem for p in FAMILY_CONFIGS])
 def test_every_published_family_is_known_without_the_network(path, offline, stand_in_hub, monkeypatch):
     """What --dry_run and the pre-flight checks need: configs, family, clip-size checks, the cache name."""
+    from cogtune.cache.identity import cache_identity
     from cogtune.config import data_settings, load_config
-    from cogtune.identity import cache_identity
 
     monkeypatch.setenv("HF_ENDPOINT", stand_in_hub)
     if offline:

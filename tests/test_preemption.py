@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cogtune import checkpoint as checkpoints
 from cogtune import data_schema as schema
+from cogtune.train import checkpoint as checkpoints
+
 from conftest import cogtune_here, write_config
 from test_cache_lifecycle import start, wait_for
 

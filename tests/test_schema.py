@@ -5,6 +5,7 @@ import torch
 
 from cogtune import data_schema as schema
 from cogtune.errors import CogtuneError
+from cogtune.util import files
 
 MODEL = {"pretrained_model_name_or_path": "/models/a", "revision": None, "variant": None,
          "vae_config_sha256": "v1", "text_encoder_config_sha256": "t1"}
@@ -30,7 +31,7 @@ def write_sample(writer, sha, caption, latent=None, text=None):
     row = schema.row_template()
     row.update(sample_id=schema.sample_id(sha, caption), status=schema.STATUS_OK, reason="", source_path="/x.mp4",
                source_size=1, source_mtime_ns=1, source_sha256=sha, caption=caption,
-               caption_sha256=schema.sha256_text(caption), frame_indices=list(range(9)), source_fps=8.0,
+               caption_sha256=files.sha256_text(caption), frame_indices=list(range(9)), source_fps=8.0,
                source_height=32, source_width=48, num_frames=9, height=32, width=48,
                latent_shape=list(latent.shape), latent_shard=shard, latent_key=schema.video_key(sha),
                text_shard=text_shard, text_key=text_key)
@@ -117,5 +118,5 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        schema.atomic_write(target, failing)
+        files.atomic_write(target, failing)
     assert not target.exists() and list(tmp_path.iterdir()) == []

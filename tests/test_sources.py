@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cogtune.data.sources import load_records, with_id_token
 from cogtune.errors import CogtuneError
-from cogtune.sources import load_records, with_id_token
 
 
 def make_videos(root, names):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from cogtune.train import NoiseSchedule, add_noise, epoch_batches, velocity_loss
+from cogtune.train.data import epoch_batches
+from cogtune.train.step import NoiseSchedule, add_noise, velocity_loss
 
 
 def test_every_sample_once_per_epoch_batches_of_one_shape():
@@ -27,7 +28,7 @@ def test_order_is_deterministic_and_shuffled_across_the_dataset():
 def scheduler():
     from diffusers import CogVideoXDDIMScheduler
 
-    from cogtune.tiny import SCHEDULER_2B
+    from cogtune.dev.tiny import SCHEDULER_2B
 
     return CogVideoXDDIMScheduler(**SCHEDULER_2B)
 

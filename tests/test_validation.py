@@ -17,12 +17,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cogtune import data_schema as schema
-from cogtune import report
 from cogtune.config import load_config
+from cogtune.dev.tiny import make_tiny_model
 from cogtune.export import to_comfyui
 from cogtune.families import ModelConfigs
-from cogtune.tiny import make_tiny_model
-from cogtune.validation import CONTACT_SHEET_NAME, generate_latents, load_validation_set
+from cogtune.train import report
+from cogtune.train.validation import CONTACT_SHEET_NAME, generate_latents, load_validation_set
+
 from conftest import cogtune_here, write_config
 
 PROMPTS = ("DEMO a red square moves", "DEMO a blue circle")
@@ -51,7 +52,7 @@ def cache_of(stdout: str) -> Path:
 def test_generation_from_cached_embeddings_equals_the_pipeline(family, models, demo_data, image, tmp_path):
     """The denoising loop run on cached embeddings gives the latents the diffusers pipeline gives from
     the prompt itself (DDIM for 2b; DPM, dynamic CFG, image and 1.5 frame padding for 1.5-I2V)."""
-    from diffusers import (CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXPipeline)
+    from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
     i2v = family == "1.5-5b-i2v"
     config = write_config(tmp_path / "c.toml", models[family], demo_data, tmp_path / "cache", tmp_path / "out",
@@ -270,7 +271,7 @@ def test_json_logs_are_one_event_per_line(validated_run, tmp_path):
 
 def test_validation_is_due_every_n_steps_or_at_the_end_of_every_nth_epoch():
     from cogtune.config import make_config
-    from cogtune.train import validation_due
+    from cogtune.train.recipe import validation_due
 
     def due(steps_per_epoch, **settings):
         config = make_config("train", dict(pretrained_model_name_or_path="m", validation_prompt="p", **settings))

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from cogtune.video import (ClipSkipped, fixed_size, largest_4k_plus_1, plan_resize_crop, read_clip, resize_crop,
-                           select_frame_indices, to_model_range)
+from cogtune.data.video import (ClipSkipped, fixed_size, largest_4k_plus_1, plan_resize_crop, read_clip, resize_crop,
+                                select_frame_indices, to_model_range)
 
 
 @pytest.mark.parametrize("frames, expected", [(1, 1), (4, 1), (5, 5), (8, 5), (9, 9), (49, 49), (52, 49), (53, 53)])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import EXIT_PREEMPTED, CogtuneError, Preempted
+from cogtune.errors import EXIT_PREEMPTED, CogtuneError, Preempted
 
 COMMANDS = {
     "init": "Write a family's config, the accelerate configs and the Slurm scripts into a folder: "
@@ -34,12 +34,12 @@ def _usage() -> str:
 
 
 def _preprocess(argv):
-    from . import preprocess
-    from .config import load_config
+    from cogtune import preprocess
+    from cogtune.config import load_config
 
     result = preprocess.run(load_config("preprocess", argv))
     if result.is_main_process:
-        from . import logs
+        from cogtune.util import logs
 
         logs.result(result.summary(), cache=str(result.cache_dir), samples=result.samples, skipped=result.failed,
                     encoded_videos=result.encoded_videos, encoded_captions=result.encoded_captions,
@@ -48,8 +48,8 @@ def _preprocess(argv):
 
 
 def _train(argv):
-    from . import train
-    from .config import data_settings, load_config
+    from cogtune import train
+    from cogtune.config import data_settings, load_config
 
     config = load_config("train", argv)
     preprocess_config = None if config.data_cache else data_settings(config, argv)
@@ -58,39 +58,40 @@ def _train(argv):
         return
     result = train.run(config, preprocess_config)
     if result.is_main_process:
-        from . import logs
+        from cogtune.util import logs
 
         logs.result(f"lora: {result.lora_path}", lora=str(result.lora_path), steps=result.global_step)
 
 
 def _infer(argv):
-    from . import infer, logs
-    from .config import load_config
+    from cogtune import infer
+    from cogtune.config import load_config
+    from cogtune.util import logs
 
     for path in infer.run(load_config("infer", argv)):
         logs.result(f"video: {path}", video=str(path))
 
 
 def _init(argv):
-    from .starter import main
+    from cogtune.templates import main
 
     main(argv, COMMANDS["init"])
 
 
 def _export(argv):
-    from .export import main
+    from cogtune.export import main
 
     main(argv)
 
 
 def _cache(argv):
-    from .cache import main
+    from cogtune.cache.tool import main
 
     return main(argv)
 
 
 def _make_tiny_model(argv):
-    from .tiny import FAMILIES, SIZES, make_tiny_model
+    from cogtune.dev.tiny import FAMILIES, SIZES, make_tiny_model
 
     parser = argparse.ArgumentParser(prog="cogtune make-tiny-model", description=COMMANDS["make-tiny-model"])
     parser.add_argument("output_dir", help="Folder to write the pipeline to.")
@@ -101,14 +102,14 @@ def _make_tiny_model(argv):
                         help="tiny (tests, demo) or small (benchmarks: the real models' proportions, 48M "
                              "transformer parameters).")
     args = parser.parse_args(argv)
-    from . import logs
+    from cogtune.util import logs
 
     logs.configure("text")  # no library progress bars in a log file
     print(f"model: {make_tiny_model(args.output_dir, args.family, args.seed, args.size)}")
 
 
 def _make_demo_data(argv):
-    from .tiny import make_demo_data
+    from cogtune.dev.tiny import make_demo_data
 
     parser = argparse.ArgumentParser(prog="cogtune make-demo-data", description=COMMANDS["make-demo-data"])
     parser.add_argument("output_dir", help="Folder to write prompts.txt, videos.txt and videos/ to.")
@@ -122,7 +123,7 @@ HANDLERS = {"init": _init, "preprocess": _preprocess, "train": _train, "infer": 
 
 def _event(name: str, command: str, text: str) -> None:
     """With --log_format json, the way a run ended is a JSON line too (after the text on stderr)."""
-    from . import logs
+    from cogtune.util import logs
 
     logs.event(name, command=command, text=text)
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from cogtune import __version__
 
         print(f"cogtune {__version__}")
         return 0

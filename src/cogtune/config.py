@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import CogtuneError
+from cogtune.errors import CogtuneError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -99,6 +99,21 @@ class ValidationArgs:
         if any(not p for p in prompts):
             raise CogtuneError(f"--validation_prompt holds an empty prompt (check the {separator!r} separators).")
         return list(zip(prompts, images or [None] * len(prompts)))
+
+    def checked_validation_pairs(self, spec) -> list[tuple[str, str | None]]:
+        """The validation (prompt, image) pairs, checked against the model (a FamilySpec) and the file system."""
+        pairs = self.validation_pairs()
+        images = [image for _, image in pairs if image]
+        if images and not spec.image_conditioned:
+            raise CogtuneError(f"--validation_images is for image-to-video models; this {spec.description} model "
+                               "generates from text alone. Leave it out.")
+        if pairs and spec.image_conditioned and not images:
+            raise CogtuneError(f"This {spec.description} model animates an image: give one --validation_images entry "
+                               "per --validation_prompt.")
+        for image in images:
+            if not Path(image).is_file():
+                raise CogtuneError(f"--validation_images: {image} does not exist.")
+        return pairs
 
 
 @dataclass
@@ -508,7 +523,7 @@ def validate(config) -> None:
     if isinstance(config, TrainConfig) and not 0 <= config.noised_image_dropout <= 1:
         raise CogtuneError(f"--noised_image_dropout is a probability (0 to 1), got {config.noised_image_dropout}.")
     if isinstance(config, PreprocessConfig):
-        from .buckets import configured_buckets
+        from cogtune.data.buckets import configured_buckets
 
         configured_buckets(config)
         if config.image_noise_variants < 1:

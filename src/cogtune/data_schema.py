@@ -30,13 +30,10 @@ setting that changes the tensors. Anything else gets its own folder, never a sil
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
-import os
 import re
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +45,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import CogtuneError
+from cogtune.errors import CogtuneError
+from cogtune.util.files import atomic_write, sha256_text, write_json
 
 # 2: image-to-video latents, image_noise_sigmas; 3: bucket, failure_kind, decoder; 4: tensor checksums
 FORMAT_VERSION = 5  # 5: model configs hashed as their files store them (4 hashed the installed
@@ -103,30 +101,9 @@ SELECTION_SCHEMA = pa.schema([("sample_id", pa.string())])
 # --- identities ---------------------------------------------------------------------------------
 
 
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def sha256_tensor(tensor: torch.Tensor) -> str:
     """Hash of a tensor's bytes as stored (any dtype, bf16 included)."""
     return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
-
-
-IGNORED_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype")  # the library that saved it, storage dtype
-
-
-def config_hash(config: dict) -> str:
-    """Hash of a component's config.json, ignoring keys that do not change the weights' meaning."""
-    kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in IGNORED_CONFIG_KEYS}
-    return sha256_text(json.dumps(kept, sort_keys=True, default=str))
 
 
 def sample_id(source_sha256: str, caption: str) -> str:
@@ -167,8 +144,6 @@ def validation_image_path(cache_dir: str | Path, image_sha256: str, height: int,
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """A small safetensors file, written atomically."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda temp: save_file(tensors, temp, metadata=metadata))
 
@@ -201,51 +176,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")[:40] or "x"
 
 
-# --- atomic writes ------------------------------------------------------------------------------
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-TEMP_SUFFIX = ".tmp"
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota exceeded, file size limit
-
-
-def atomic_write(path: Path, write: callable) -> None:
-    """Call write(temp_path), fsync, then rename over path, so readers see all or nothing.
-
-    A full disk (or quota) leaves no temp file behind and becomes a CogtuneError that says how to
-    continue: everything written before stays valid."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    os.close(fd)
-    try:
-        write(temp)
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(temp, path)
-    except BaseException as e:
-        Path(temp).unlink(missing_ok=True)
-        if _is_no_space(e):
-            raise CogtuneError(
-                f"No space left writing {path} ({_strerror(e)}). Everything written before it is intact: free some "
-                "space (or choose another folder) and run the same command again to continue where it stopped."
-            ) from None
-        raise
-
-
-def _is_no_space(error: BaseException) -> bool:
-    """An OSError for a full disk, also when a library wrapped it in its own error type."""
-    if isinstance(error, OSError) and error.errno in NO_SPACE:
-        return True
-    text = str(error).lower()
-    return any(words in text for words in ("no space left", "disk quota", "file too large"))
-
-
-def _strerror(error: BaseException) -> str:
-    return error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+# --- the lock ---------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -265,21 +196,6 @@ def cache_lock(cache_dir: Path, exclusive: bool = False):
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def ensure_writable_dir(folder: Path, flag: str) -> None:
-    """Create folder if needed and prove it writable, before any expensive work starts."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CogtuneError(f"Cannot write to {flag} {folder}: {e.strerror}. Pick a writable folder.") from None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def _write_parquet(path: Path, table: pa.Table) -> None:
@@ -357,7 +273,7 @@ class CacheWriter:
                     + "\nUse another --cache_root, or delete that folder."
                 )
         else:
-            _write_json(self.cache_dir / MANIFEST_FILE, manifest)
+            write_json(self.cache_dir / MANIFEST_FILE, manifest)
 
     def _new_part_name(self) -> str:
         return f"{self.writer_id}-{uuid.uuid4().hex[:12]}"

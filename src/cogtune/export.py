@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from . import data_schema as schema
-from .errors import CogtuneError
+from cogtune.errors import CogtuneError
+from cogtune.train.lora import LORA_WEIGHT_NAME, read_lora_info
+from cogtune.util import files
 
 FORMATS = ("comfyui",)
 PREFIX = "lora_unet_"
@@ -36,12 +37,8 @@ def lora_alpha(metadata: dict | None, folder: Path) -> float | None:
     adapter = json.loads((metadata or {}).get("lora_adapter_metadata") or "{}")
     if "transformer.lora_alpha" in adapter:
         return float(adapter["transformer.lora_alpha"])
-    from .train import LORA_INFO_NAME
-
-    info = folder / LORA_INFO_NAME
-    if info.is_file():
-        return float(json.loads(info.read_text())["lora_alpha"])
-    return None
+    info = read_lora_info(folder)
+    return float(info["lora_alpha"]) if "lora_alpha" in info else None
 
 
 def to_comfyui(state: dict[str, torch.Tensor], alpha: float | None) -> dict[str, torch.Tensor]:
@@ -64,8 +61,6 @@ def export(lora: str | Path, output: str | Path | None, format: str = "comfyui")
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .train import LORA_WEIGHT_NAME
-
     if format not in FORMATS:
         raise CogtuneError(f"--format {format} is not one of {', '.join(FORMATS)}.")
     path = Path(lora)
@@ -80,13 +75,13 @@ def export(lora: str | Path, output: str | Path | None, format: str = "comfyui")
         metadata = f.metadata()
     converted = to_comfyui(state, lora_alpha(metadata, path.parent))
     output = Path(output) if output else path.with_name(f"{path.stem}_comfyui.safetensors")
-    schema.atomic_write(output, lambda temp: save_file(converted, temp, metadata={"format": "pt",
+    files.atomic_write(output, lambda temp: save_file(converted, temp, metadata={"format": "pt",
                                                                                    "exported_by": "cogtune"}))
     return output
 
 
 def main(argv: list[str]) -> None:
-    from . import logs
+    from cogtune.util import logs
 
     parser = argparse.ArgumentParser(prog="cogtune export",
                                      description="Write a trained LoRA in another tool's key layout.")

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from . import hub
-from .errors import CogtuneError
+from cogtune.errors import CogtuneError
+from cogtune.util import hub
+from cogtune.util.files import sha256_text
 
 OFS_VALUE = 2.0  # the ofs embedding input of CogVideoX 1.5-I2V, as its pipeline passes it
 
@@ -109,6 +110,10 @@ class FamilySpec:
             warn(f"warning: this {self.description} model was trained in bf16; fp16 may overflow. "
                  "--mixed_precision bf16 is recommended.")
 
+    def ignores_learned_positions(self, ignore_learned_positional_embeddings: bool) -> bool:
+        """Whether --ignore_learned_positional_embeddings leaves anything out: only 5b-I2V has them."""
+        return bool(ignore_learned_positional_embeddings and self.learned_positional_embeddings)
+
     # --- clip sizes ---
 
     def latent_frames(self, num_frames: int) -> int:
@@ -171,6 +176,19 @@ class FamilySpec:
             return None
         return torch.full((batch_size,), OFS_VALUE, device=device)
 
+    def transformer_inputs(self, batch_size: int, latent_frames: int, latent_height: int, latent_width: int,
+                           device: torch.device, dtype: torch.dtype | None = None) -> dict:
+        """The family's keyword inputs of the transformer for a batch of latents of this size
+        (latent_frames after any 1.5 padding): its RoPE tables (None for sincos models) and, for
+        CogVideoX 1.5-I2V, ofs (in dtype when given). Training, validation and the memory estimate
+        all feed the transformer through this."""
+        ofs = self.ofs(batch_size, device)
+        if ofs is not None and dtype is not None:
+            ofs = ofs.to(dtype)
+        rotary = self.rotary_embeddings(latent_height * self.vae_scale_spatial, latent_width * self.vae_scale_spatial,
+                                        latent_frames, device)
+        return {"image_rotary_emb": rotary, "ofs": ofs}
+
     def rotary_embeddings(self, height: int, width: int, latent_frames: int, device: torch.device):
         """RoPE (cos, sin) for a latent clip of the given pixel size (latent_frames after any 1.5
         padding), or None for sincos models. As the pipelines do: CogVideoX 1.0 places the patch
@@ -224,6 +242,15 @@ def drop_learned_positional_embeddings(transformer) -> None:
     tied to 49x480x720, so they are left out (in training and in inference alike)."""
     transformer.patch_embed.use_learned_positional_embeddings = False
     transformer.register_to_config(use_learned_positional_embeddings=False)
+
+
+IGNORED_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype")  # the library that saved it, storage dtype
+
+
+def config_hash(config: dict) -> str:
+    """Hash of a component's config.json, ignoring keys that do not change the weights' meaning."""
+    kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in IGNORED_CONFIG_KEYS}
+    return sha256_text(json.dumps(kept, sort_keys=True, default=str))
 
 
 # The published pipelines whose config files ship with cogtune (config.json files only, no
@@ -330,8 +357,6 @@ class ModelConfigs:
 
     def identity(self) -> dict:
         """What the cache records about the model whose VAE and T5 made its tensors."""
-        from .data_schema import config_hash
-
         return dict(self.source, family=self.spec().description, vae_config_sha256=config_hash(self.vae),
                     text_encoder_config_sha256=config_hash(self.text_encoder))
 

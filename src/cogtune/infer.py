@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import logs
-from .config import InferConfig, check_precision_available, precision_dtype
-from .errors import CogtuneError
-from .families import ModelConfigs, drop_learned_positional_embeddings
-from .tiny import write_mp4
-from .validation import video_name
-from .video import load_first_frame
-from .train import LORA_INFO_NAME, LORA_WEIGHT_NAME
+from cogtune.config import InferConfig, check_precision_available, precision_dtype
+from cogtune.data.video import load_first_frame
+from cogtune.errors import CogtuneError
+from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
+from cogtune.train.lora import LORA_WEIGHT_NAME, read_lora_info
+from cogtune.train.validation import video_name
+from cogtune.util import logs
+from cogtune.util.media import write_mp4
 
 ADAPTER_NAME = "cogtune"
 
@@ -70,12 +69,6 @@ def _prompt_image_pairs(path: Path) -> list[tuple[str, str | None]]:
     return [(str(row["prompt"]).strip(), row.get("image") or None) for row in rows if str(row["prompt"] or "").strip()]
 
 
-def lora_info(folder: str) -> dict:
-    """The training facts cogtune stored beside a local LoRA (empty for hub LoRAs and other tools')."""
-    path = Path(folder) / LORA_INFO_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def lora_location(config: InferConfig) -> tuple[str, str | None]:
     """(folder or hub id, weight file name) of the LoRA to load."""
     lora = config.lora or config.output_dir
@@ -105,14 +98,14 @@ def run(config: InferConfig) -> list[Path]:
     spec = models.spec()
     jobs = read_jobs(config, spec.image_conditioned)
     ignore_positions = config.ignore_learned_positional_embeddings or bool(
-        lora_info(folder).get("ignore_learned_positional_embeddings"))
+        read_lora_info(folder).get("ignore_learned_positional_embeddings"))
     spec.check_clip_size(config.num_frames, config.height, config.width, ignore_positions)
     check_precision_available(config.mixed_precision)
     spec.check_precision(config.mixed_precision, logs.message)
     dtype = precision_dtype(config.mixed_precision)
     pipeline_class = CogVideoXImageToVideoPipeline if spec.image_conditioned else CogVideoXPipeline
     pipe = models.load_part(pipeline_class, None, dtype=dtype)
-    if ignore_positions and spec.learned_positional_embeddings:
+    if spec.ignores_learned_positions(ignore_positions):
         drop_learned_positional_embeddings(pipe.transformer)
     kwargs = {"weight_name": weight_name} if weight_name else {}
     try:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import CogtuneError
+from cogtune.errors import CogtuneError
 
 
 class ClipSkipped(CogtuneError):

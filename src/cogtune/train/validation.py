@@ -11,17 +11,17 @@ from __future__ import annotations
 import gc
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import data_schema as schema
-from . import logs
-from .errors import CogtuneError
-from .families import FamilySpec, ModelConfigs, load_vae
-from .tiny import write_mp4
+from cogtune import data_schema as schema
+from cogtune.errors import CogtuneError
+from cogtune.families import FamilySpec, ModelConfigs, load_vae
+from cogtune.util import files, logs
+from cogtune.util.media import write_mp4
 
 VALIDATION_DIR = "validation"  # under the output dir: step-<N>/ folders of mp4 files and a contact sheet
 CONTACT_SHEET_NAME = "contact_sheet.png"
@@ -45,34 +45,18 @@ class ValidationSet:
     fps: int  # of the training clips, and so of the validation videos
 
 
-def check_validation_inputs(config, spec: FamilySpec) -> list[tuple[str, str | None]]:
-    """The validation (prompt, image) pairs, checked against the model and the file system."""
-    pairs = config.validation_pairs()
-    images = [image for _, image in pairs if image]
-    if images and not spec.image_conditioned:
-        raise CogtuneError(f"--validation_images is for image-to-video models; this {spec.description} model "
-                           "generates from text alone. Leave it out.")
-    if pairs and spec.image_conditioned and not images:
-        raise CogtuneError(f"This {spec.description} model animates an image: give one --validation_images entry "
-                           "per --validation_prompt.")
-    for image in images:
-        if not Path(image).is_file():
-            raise CogtuneError(f"--validation_images: {image} does not exist.")
-    return pairs
-
-
 def load_validation_set(config, spec: FamilySpec, cache_path: Path, manifest: dict) -> ValidationSet | None:
     """The validation prompts' cached embeddings (and image latents), at the cache's clip size; a
     clear error, before any model is loaded, for whatever preprocess has not encoded."""
     from safetensors.torch import load_file
 
-    pairs = check_validation_inputs(config, spec)
+    pairs = config.checked_validation_pairs(spec)
     if not pairs:
         return None
     settings = manifest["settings"]
     height, width = settings["height"], settings["width"]
     text_paths = {text: schema.validation_text_path(cache_path, text) for text in [*(p for p, _ in pairs), ""]}
-    image_paths = {image: schema.validation_image_path(cache_path, schema.sha256_file(image), height, width)
+    image_paths = {image: schema.validation_image_path(cache_path, files.sha256_file(image), height, width)
                    for _, image in pairs if image is not None}
     missing = [repr(text) if text else "the empty negative prompt" for text, path in text_paths.items()
                if not path.is_file()]
@@ -132,10 +116,7 @@ def generate_latents(transformer, scheduler, spec: FamilySpec, prompt_embeds: to
     guided = guidance_scale > 1.0
     embeds = torch.stack([negative_embeds, prompt_embeds]) if guided else prompt_embeds[None]
     embeds = embeds.to(device, dtype)
-    rotary = spec.rotary_embeddings(height, width, frames, device)
-    ofs = spec.ofs(1, device)
-    if ofs is not None:
-        ofs = ofs.to(dtype)
+    family_inputs = spec.transformer_inputs(1, frames, shape[3], shape[4], device, dtype)
     extra = {"eta": 0.0, "generator": generator}
     old_pred_original_sample = None
     for i, t in enumerate(logs.progress(timesteps, desc="validation", unit="step", leave=False)):
@@ -144,7 +125,7 @@ def generate_latents(transformer, scheduler, spec: FamilySpec, prompt_embeds: to
         if image_latents is not None:
             model_input = torch.cat([model_input, torch.cat([image_latents] * model_input.shape[0])], dim=2)
         noise_pred = transformer(hidden_states=model_input, encoder_hidden_states=embeds,
-                                 timestep=t.expand(model_input.shape[0]), image_rotary_emb=rotary, ofs=ofs,
+                                 timestep=t.expand(model_input.shape[0]), **family_inputs,
                                  return_dict=False)[0].float()
         scale = guidance_scale
         if use_dynamic_cfg:
@@ -190,17 +171,19 @@ def contact_sheet(videos: list[tuple[str, np.ndarray]], path: Path, columns: int
         picks = np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)
         for column, index in enumerate(picks):
             sheet.paste(Image.fromarray(frames[index]), (column * frame_width, top + label_height))
-    schema.atomic_write(path, lambda temp: sheet.save(temp, format="PNG"))
+    files.atomic_write(path, lambda temp: sheet.save(temp, format="PNG"))
 
 
 @dataclass
 class ValidationRound:
+    """A validation round's videos; on the processes other than the main one, its step only."""
+
     step: int
-    folder: Path
-    videos: list[tuple[str, Path]]  # (prompt, mp4)
-    contact_sheet: Path
-    frames: list[np.ndarray]  # per video, [F, H, W, 3] uint8 (for the trackers)
-    fps: int
+    folder: Path | None = None
+    videos: list[tuple[str, Path]] = field(default_factory=list)  # (prompt, mp4)
+    contact_sheet: Path | None = None
+    frames: list[np.ndarray] = field(default_factory=list)  # per video, [F, H, W, 3] uint8 (for the trackers)
+    fps: int = 0
 
 
 def run_validation(transformer, validation: ValidationSet, config, models: ModelConfigs, spec: FamilySpec,

@@ -35,6 +35,11 @@ class Processes:
             dist.barrier()
 
 
+def is_main_process() -> bool:
+    """Whether this is the job's first process (RANK 0), without joining any process group."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def processes() -> Processes:
     """This process's place in the job; joins the job's process group (gloo: only small Python
     objects travel through it) when there are several processes."""

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cogtune.util.media import write_mp4
+
 # Scheduler settings of the published CogVideoX-2b / -5b pipelines (scheduler/scheduler_config.json).
 SCHEDULER_2B = dict(
     beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085, clip_sample=False,
@@ -150,30 +152,6 @@ def synthetic_frames(num_frames: int, height: int, width: int, color: tuple, dir
         top = (height - side) // 2
         frames[i, top:top + side, left:left + side] = color
     return frames
-
-
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float) -> None:
-    """Write [F, H, W, 3] uint8 frames to an H.264 mp4 (MPEG-4 part 2 where libx264 is missing)."""
-    import av
-
-    from .data_schema import atomic_write
-
-    def write(temp):
-        with av.open(temp, mode="w", format="mp4") as container:
-            try:
-                stream = container.add_stream("libx264", rate=round(fps))
-                stream.options = {"crf": "18"}
-            except Exception:  # an FFmpeg build without libx264
-                stream = container.add_stream("mpeg4", rate=round(fps))
-            stream.height, stream.width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
-            stream.pix_fmt = "yuv420p"
-            for frame in frames:
-                image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[: stream.height, : stream.width]),
-                                                   format="rgb24")
-                container.mux(stream.encode(image))
-            container.mux(stream.encode())
-
-    atomic_write(Path(path), write)
 
 
 def make_demo_data(path: str | Path, num_frames: int = 24, fps: int = 16, height: int = 48, width: int = 64) -> Path:

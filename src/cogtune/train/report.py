@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import data_schema as schema
-from . import logs
-from .errors import CogtuneError
+from cogtune.errors import CogtuneError
+from cogtune.train.log import TRAIN_LOG_NAME, read_log
+from cogtune.train.lora import LORA_INFO_NAME, LORA_WEIGHT_NAME
+from cogtune.util import files, logs
+from cogtune.util.rss import peak_rss_bytes
 
 LOSS_CURVE_NAME = "loss_curve.png"
 MODEL_CARD_NAME = "README.md"
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
-@dataclass
-class ValidationMark:
-    """A validation round as the processes other than the main one know it: its step only."""
-
-    step: int
-    videos: list = field(default_factory=list)
-    folder: Path | None = None
-    contact_sheet: Path | None = None
-
-
 def peak_memory_mib(device) -> float:
     """Peak memory so far: torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on a CPU."""
     import torch
-
-    from .memory import peak_rss_bytes
 
     if getattr(device, "type", str(device)) == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -94,16 +82,6 @@ def _add_gif(writer, tag: str, frames: np.ndarray, fps: int, step: int) -> None:
 # --- the loss curve -----------------------------------------------------------------------------
 
 
-def read_log(log_path: Path) -> list[dict]:
-    records = []
-    for line in log_path.read_text().splitlines() if log_path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a killed run
-            continue
-    return records
-
-
 def write_loss_curve(log_path: Path, png_path: Path | None = None) -> Path | None:
     """A PNG of the loss per step (and its running mean) and the learning rate, from train_log.jsonl,
     so that a resumed run's curve covers the whole run. None when no step has a loss yet."""
@@ -133,7 +111,7 @@ def write_loss_curve(log_path: Path, png_path: Path | None = None) -> Path | Non
     axis.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=8)
     axis.set_title(f"{log_path.parent.name}: {len(records)} steps, last loss {losses[-1]:.4f}")
     figure.tight_layout()
-    schema.atomic_write(png_path, lambda temp: figure.savefig(temp, format="png"))
+    files.atomic_write(png_path, lambda temp: figure.savefig(temp, format="png"))
     plt.close(figure)
     return png_path
 
@@ -247,7 +225,7 @@ def model_card(config, models, spec, manifest: dict, rounds: list, steps: int, o
 def write_model_card(output_dir: Path, config, models, spec, manifest: dict, rounds: list, steps: int) -> Path:
     path = output_dir / MODEL_CARD_NAME
     text = model_card(config, models, spec, manifest, rounds, steps, output_dir)
-    schema.atomic_write(path, lambda temp: Path(temp).write_text(text))
+    files.atomic_write(path, lambda temp: Path(temp).write_text(text))
     return path
 
 
@@ -261,8 +239,6 @@ def check_hub_token(token: str | None) -> None:
 
 def upload_patterns(rounds: list) -> list[str]:
     """What goes to the hub: the LoRA, its card, facts, log and curve, and the last validation round."""
-    from .train import LORA_INFO_NAME, LORA_WEIGHT_NAME, TRAIN_LOG_NAME
-
     patterns = [MODEL_CARD_NAME, LORA_WEIGHT_NAME, LORA_INFO_NAME, TRAIN_LOG_NAME, LOSS_CURVE_NAME]
     last = last_round(rounds)
     if last is not None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import CogtuneError
+from cogtune.errors import CogtuneError
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATES = Path(__file__).resolve().parent  # configs/, accelerate/ and slurm/ beside this file
 FAMILIES = {
     "2b": "cogvideox-2b-lora.toml",
     "5b": "cogvideox-5b-lora.toml",

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import TrainConfig
-from .errors import CogtuneError
+from cogtune.config import TrainConfig
+from cogtune.errors import CogtuneError
 
 # Bytes of optimizer state per trainable parameter, for the memory estimate (Prodigy keeps four
 # fp32 tensors per parameter; 8-bit Adam two one-byte tensors, plus block statistics not counted).

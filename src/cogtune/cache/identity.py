@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import data_schema as schema
-from .buckets import bucket_name, configured_buckets
-from .config import relative_to
-from .errors import CogtuneError
-from .families import ModelConfigs
+from cogtune import data_schema as schema
+from cogtune.config import relative_to
+from cogtune.data.buckets import bucket_name, configured_buckets
+from cogtune.errors import CogtuneError
+from cogtune.families import ModelConfigs
+from cogtune.util import files
 
 DATASET_SETTINGS = ("instance_data_root", "dataset_name", "dataset_config_name", "caption_column", "video_column",
                     "id_token")
@@ -57,7 +58,7 @@ def cache_identity(config, models: ModelConfigs) -> schema.CacheIdentity:
 
 
 def _record_path(cache_root: Path, config_file: str | None) -> Path:
-    key = schema.sha256_text(str(Path(config_file).resolve()) if config_file else "(no config file)")[:16]
+    key = files.sha256_text(str(Path(config_file).resolve()) if config_file else "(no config file)")[:16]
     return Path(cache_root) / LATEST_DIR / f"{key}.json"
 
 
@@ -70,7 +71,7 @@ def record_preprocess_run(config, identity: schema.CacheIdentity) -> None:
               "cache": identity.name, "command_line": flags, "model": identity.model, "dataset": identity.dataset,
               "settings": identity.settings, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path = _record_path(Path(config.cache_root), config.config_file)
-    schema.atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(record, indent=2, default=str) + "\n"))
+    files.atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(record, indent=2, default=str) + "\n"))
 
 
 def latest_preprocess_run(cache_root: Path, config_file: str | None) -> dict | None:

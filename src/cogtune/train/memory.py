@@ -21,11 +21,21 @@ block's weights upcast at a time) and not without it; the meta pass counts this 
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from cogtune import data_schema as schema
+from cogtune.cache.identity import training_cache
+from cogtune.config import PreprocessConfig, TrainConfig, precision_dtype
+from cogtune.data.buckets import configured_buckets
+from cogtune.errors import CogtuneError
+from cogtune.families import FamilySpec, ModelConfigs
+from cogtune.train.model import build_transformer
+from cogtune.train.optim import state_bytes_per_parameter
 
 GIB = 1024 ** 3
 
@@ -79,18 +89,6 @@ def tensor_bytes(tensors) -> int:
         storage = t.untyped_storage()
         seen[storage._cdata] = storage.nbytes()
     return sum(seen.values())
-
-
-def peak_rss_bytes() -> int:
-    """The peak RSS of this process. VmHWM starts afresh when a process execs; ru_maxrss does not
-    (a child of a big parent would report the parent's size), so VmHWM is preferred."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 class SavedTensorBytes:
@@ -233,3 +231,63 @@ class LiveTensorBytes(TorchDispatchMode):
         for t in torch.utils._pytree.tree_leaves(out):
             self._track(t)
         return out
+
+
+# --- the estimate of a configuration (`cogtune train --dry_run`) --------------------------------
+
+
+def largest_latent_shape(config: TrainConfig, preprocess_config: PreprocessConfig | None, models: ModelConfigs,
+                         spec: FamilySpec) -> tuple[list[int], str]:
+    """[C, F, H, W] of the biggest latent training will see, and where it was learnt: the cache's
+    index when the cache exists, else the preprocess settings."""
+    try:
+        cache_path = training_cache(config.data_cache, preprocess_config, models).path
+        shapes = {tuple(row["latent_shape"]) for row in schema.Cache.open(cache_path).samples}
+        if shapes:
+            return list(max(shapes, key=lambda shape: math.prod(shape[1:]))), f"the cache {cache_path}"
+    except CogtuneError:
+        if preprocess_config is None:
+            raise
+    buckets = configured_buckets(preprocess_config) or [(preprocess_config.max_num_frames, preprocess_config.height,
+                                                         preprocess_config.width)]
+    frames, height, width = max(buckets, key=lambda bucket: math.prod(bucket))
+    return ([spec.latent_channels, spec.latent_frames(frames), height // spec.vae_scale_spatial,
+             width // spec.vae_scale_spatial], "the preprocess settings (no cache yet)")
+
+
+def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: list[int]):
+    """The expected peak GPU memory of training with these settings on batches of latent_shape [C, F, H, W]."""
+    spec = models.spec()
+    meta = torch.device("meta")
+    transformer = build_transformer(config, models, spec, meta, meta=True)
+    weight_dtype = precision_dtype(config.mixed_precision)
+    for parameter in transformer.parameters():  # as autocast would run them (see memory.estimate)
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(weight_dtype)
+    channels, frames, height, width = latent_shape
+    frames += spec.frame_padding(frames)
+    batch = config.train_batch_size
+    in_channels = transformer.config.in_channels
+    inputs = dict(
+        hidden_states=torch.empty(batch, frames, in_channels, height, width, device=meta, dtype=weight_dtype),
+        encoder_hidden_states=torch.empty(batch, spec.max_text_seq_length, spec.text_embed_dim, device=meta,
+                                          dtype=weight_dtype),
+        timestep=torch.zeros(batch, dtype=torch.long, device=meta),
+        **spec.transformer_inputs(batch, frames, height, width, meta),
+    )
+    return estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
+                    config.offload_optimizer)
+
+
+def dry_run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) -> str:
+    """What `cogtune train --dry_run` prints: the memory estimate, from config files alone."""
+    models = ModelConfigs.of(config)
+    spec = models.spec()
+    latent_shape, source = largest_latent_shape(config, preprocess_config, models, spec)
+    estimated = memory_estimate(config, models, latent_shape)
+    channels, frames, height, width = latent_shape
+    return (f"Expected peak GPU memory for {spec.description}, batch {config.train_batch_size} of latents "
+            f"{frames}x{height}x{width} (the largest, from {source}), rank {config.rank}, "
+            f"--mixed_precision {config.mixed_precision}:\n{estimated.table()}\n"
+            "The estimate counts tensors (as torch.cuda.max_memory_allocated does); the CUDA context and the "
+            "allocator's cache add about 0.5-1 GiB to what nvidia-smi shows.")

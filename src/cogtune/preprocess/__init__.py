@@ -19,19 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data_schema as schema
-from . import logs
-from .config import PreprocessConfig, precision_dtype
-from .buckets import bucket_name, configured_buckets, size_rule
-from .errors import CogtuneError, Preempted
-from .families import ModelConfigs, load_vae
-from .identity import cache_identity, record_preprocess_run
-from .distributed import Processes, balance, processes
-from .signals import StopRequests, ignore_stop_signals
-from .sources import load_records
-from .validation import check_validation_inputs
-from .video import (Clip, ClipSkipped, decode_cost, load_first_frame, not_a_video, plan_resize_crop, read_clip,
-                    resize_crop, to_model_range)
+from cogtune import data_schema as schema
+from cogtune.cache.identity import cache_identity, record_preprocess_run
+from cogtune.config import PreprocessConfig, precision_dtype
+from cogtune.data.buckets import bucket_name, configured_buckets, size_rule
+from cogtune.data.sources import load_records
+from cogtune.data.video import (Clip, ClipSkipped, decode_cost, load_first_frame, not_a_video, plan_resize_crop,
+                                read_clip, resize_crop, to_model_range)
+from cogtune.errors import CogtuneError, Preempted
+from cogtune.families import ModelConfigs, load_vae
+from cogtune.util import files, logs
+from cogtune.util.distributed import Processes, balance, is_main_process, processes
+from cogtune.util.signals import StopRequests, ignore_stop_signals
+
 
 @dataclass
 class PreprocessResult:
@@ -75,7 +75,7 @@ class _Source:
 
     def fingerprint(self, path: Path) -> tuple[int, int, str]:
         stat = path.stat()
-        sha = self.known.get((str(path), stat.st_size, stat.st_mtime_ns)) or schema.sha256_file(path)
+        sha = self.known.get((str(path), stat.st_size, stat.st_mtime_ns)) or files.sha256_file(path)
         return stat.st_size, stat.st_mtime_ns, sha
 
 
@@ -118,7 +118,7 @@ def _device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
 
 
 def run(config: PreprocessConfig) -> PreprocessResult:
-    logs.configure(config.log_format, enabled=int(os.environ.get("RANK", 0)) == 0)
+    logs.configure(config.log_format, enabled=is_main_process())
     with StopRequests() as stop:
         return _run(config, stop)
 
@@ -130,11 +130,11 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
                            config.allow_symlinks_outside_root)
     models = ModelConfigs.of(config)
     spec = models.spec()  # refuses what is not a CogVideoX model before any encoding
-    validation_pairs = check_validation_inputs(config, spec)
+    validation_pairs = config.checked_validation_pairs(spec)
     for size in configured_buckets(config) or [(config.max_num_frames, config.height, config.width)]:
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
     identity = cache_identity(config, models)
-    schema.ensure_writable_dir(Path(config.cache_root), "--cache_root")
+    files.ensure_writable_dir(Path(config.cache_root), "--cache_root")
     cache_dir = Path(config.cache_root) / identity.name
     procs = processes()
     if procs.is_main:  # what a later `cogtune train` of the same config trains on
@@ -218,7 +218,7 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
         for record, size, mtime_ns, sha, sid in entries:
             row = schema.row_template()
             row.update(sample_id=sid, source_path=str(record.video), source_size=size, source_mtime_ns=mtime_ns,
-                       source_sha256=sha, caption=record.caption, caption_sha256=schema.sha256_text(record.caption))
+                       source_sha256=sha, caption=record.caption, caption_sha256=files.sha256_text(record.caption))
             if failure is not None:
                 kind, message = failure
                 row.update(status=schema.STATUS_FAILED, failure_kind=kind, reason=f"{record.where}: {message}",
@@ -312,7 +312,7 @@ def _encode_captions(captions: list[str], config: PreprocessConfig, models: Mode
 @torch.no_grad()
 def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_dir: Path,
                       pairs: list[tuple[str, str | None]]) -> int:
-    """Encode the validation prompts of `pairs` (checked by check_validation_inputs) and the empty
+    """Encode the validation prompts of `pairs` (checked by checked_validation_pairs) and the empty
     negative prompt with T5 and, for image-to-video models, their images with the VAE, into the
     cache's validation folder, so that training can generate without either. Only what is
     missing is encoded; returns how many files were written."""
@@ -335,7 +335,7 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_dir:
         del text_encoder
     pending = {}
     for image in images:
-        sha = schema.sha256_file(image)
+        sha = files.sha256_file(image)
         path = schema.validation_image_path(cache_dir, sha, config.height, config.width)
         if not path.is_file():
             pending[path] = image
@@ -363,7 +363,7 @@ def validation_pixels(image: str | Path, height: int, width: int) -> torch.Tenso
 def first_frame_noise(seed: int, sha: str, variants: int) -> tuple[list[float], torch.Generator]:
     """The noise sigmas exp(N(-3, 0.5)) of a clip's first-frame encodings, and the generator that
     then draws their noise: a function of the seed and the clip's content only."""
-    generator = torch.Generator().manual_seed(int(schema.sha256_text(f"first frame {seed} {sha}")[:15], 16))
+    generator = torch.Generator().manual_seed(int(files.sha256_text(f"first frame {seed} {sha}")[:15], 16))
     sigmas = torch.exp(torch.randn(variants, generator=generator, dtype=torch.float64) * 0.5 - 3.0)
     return sigmas.tolist(), generator
 

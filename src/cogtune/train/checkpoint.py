@@ -20,15 +20,18 @@ import json
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import data_schema as schema
-from .errors import CogtuneError
+from cogtune.errors import CogtuneError
+from cogtune.train.lora import load_lora_into, save_lora
+from cogtune.util import files
 
 PREFIX = "checkpoint-"
 STATE_NAME = "cogtune_state.json"
@@ -74,7 +77,7 @@ def unflatten(value, tensors: dict):
 def save_state(path: Path, state: dict) -> None:
     tensors: dict = {}
     structure = flatten(state, tensors)
-    schema.atomic_write(path, lambda temp: save_file(tensors, temp, metadata={STRUCTURE_KEY: json.dumps(structure)}))
+    files.atomic_write(path, lambda temp: save_file(tensors, temp, metadata={STRUCTURE_KEY: json.dumps(structure)}))
 
 
 def load_state(path: Path) -> dict:
@@ -162,21 +165,40 @@ def training_state_name(engine: str, process_index: int) -> str:
     return f"training_state_{process_index}.safetensors" if engine == "FSDP" else TRAINING_STATE_NAME
 
 
-def save(accelerator, output_dir: Path, step: int, info: dict, lora_weights, save_lora, optimizer, lr_scheduler,
-         total_limit: int | None) -> Path:
-    """Write checkpoint-<step> from every process (each adds its RNG states); returns its path.
-    lora_weights() gathers the LoRA tensors (every process calls it); save_lora(directory, weights)
-    writes them (the main process)."""
+@dataclass
+class Run:
+    """What a checkpoint saves and restores: the prepared transformer (its LoRA), optimizer and
+    learning-rate schedule, with the accelerator that prepared them."""
+
+    accelerator: Any
+    transformer: Any
+    optimizer: Any
+    lr_scheduler: Any
+
+    def lora_model(self):
+        """The transformer with its LoRA, unwrapped from DDP, FSDP or DeepSpeed."""
+        return self.accelerator.unwrap_model(self.transformer)
+
+    def lora_weights(self) -> dict:
+        """The LoRA tensors, gathered from every process's shards under FSDP and ZeRO-3: every process calls it."""
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.lora_model(), state_dict=self.accelerator.get_state_dict(self.transformer))
+
+
+def save(run: Run, output_dir: Path, step: int, info: dict, total_limit: int | None) -> Path:
+    """Write checkpoint-<step> from every process (each adds its RNG states); returns its path."""
+    accelerator, optimizer, lr_scheduler = run.accelerator, run.optimizer, run.lr_scheduler
     final = output_dir / f"{PREFIX}{step}"
     temp = output_dir / f".{PREFIX}{step}.tmp"
-    weights = lora_weights()
+    weights = run.lora_weights()
     if accelerator.is_main_process:
         shutil.rmtree(temp, ignore_errors=True)
         temp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_state(temp / f"random_states_{accelerator.process_index}.safetensors", rng_states())
     if accelerator.is_main_process:
-        save_lora(temp, weights)
+        save_lora(run.lora_model(), temp, weights)
     engine = accelerator.distributed_type.name
     if engine == "DEEPSPEED":  # ZeRO partitions the optimizer into DeepSpeed's own objects: its own format
         accelerator.save_state(str(temp / DEEPSPEED_DIR), exclude_frozen_parameters=True)
@@ -187,7 +209,7 @@ def save(accelerator, output_dir: Path, step: int, info: dict, lora_weights, sav
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = dict(info, global_step=step, num_processes=accelerator.num_processes)
-        schema.atomic_write(temp / STATE_NAME, lambda t: Path(t).write_text(json.dumps(state, indent=2) + "\n"))
+        files.write_text(temp / STATE_NAME, json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         temp.rename(final)  # complete checkpoints only ever appear under their final name
         if total_limit is not None:  # old ones go only once the new one is in place
@@ -199,8 +221,9 @@ def save(accelerator, output_dir: Path, step: int, info: dict, lora_weights, sav
     return final
 
 
-def load(accelerator, checkpoint: Path, load_lora, optimizer, lr_scheduler) -> dict:
+def load(run: Run, checkpoint: Path) -> dict:
     """Restore a checkpoint written by `save`; returns its cogtune_state.json."""
+    accelerator, optimizer, lr_scheduler = run.accelerator, run.optimizer, run.lr_scheduler
     info = read_info(checkpoint)
     engine = accelerator.distributed_type.name
     if (checkpoint / DEEPSPEED_DIR).is_dir():
@@ -208,7 +231,7 @@ def load(accelerator, checkpoint: Path, load_lora, optimizer, lr_scheduler) -> d
             raise CogtuneError(f"{checkpoint} was saved under DeepSpeed; resume it under DeepSpeed too.")
         accelerator.load_state(str(checkpoint / DEEPSPEED_DIR))  # the LoRA weights are in it too
     else:
-        load_lora(checkpoint)
+        load_lora_into(run.lora_model(), checkpoint)
         path = checkpoint / training_state_name(engine, accelerator.process_index)
         if not path.is_file():
             raise CogtuneError(f"{checkpoint} holds no {path.name}: it was saved by another engine or number of "

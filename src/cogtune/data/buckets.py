@@ -3,7 +3,7 @@
 Buckets come from `--height_buckets` x `--width_buckets` x `--frame_buckets`, or an explicit
 `--buckets 49x480x720 49x720x480 ...`. A clip goes to the bucket nearest its aspect ratio, then its
 area, among those whose frame count it can fill, and then the longest of those. Batches are built
-from one bucket at a time (train.epoch_batches).
+from one bucket at a time (train.data.epoch_batches).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import re
 
-from .errors import CogtuneError
-from .video import ClipSkipped, SizeRule, fixed_size
+from cogtune.data.video import ClipSkipped, SizeRule, fixed_size
+from cogtune.errors import CogtuneError
 
 Bucket = tuple[int, int, int]  # frames, height, width
 

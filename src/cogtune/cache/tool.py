@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from . import data_schema as schema
-from .errors import CogtuneError
-
+from cogtune import data_schema as schema
+from cogtune.errors import CogtuneError
+from cogtune.util import files
 
 # --- what a cache should hold -------------------------------------------------------------------
 
@@ -246,7 +246,7 @@ def used_shards(rows) -> set[str]:
 def temp_files(cache_dir: Path) -> list[Path]:
     """Temp files that killed writers left behind (never visible to readers)."""
     folders = (cache_dir, cache_dir / schema.SHARDS_DIR, cache_dir / schema.INDEX_DIR)
-    return sorted(p for folder in folders for p in folder.glob(f".*{schema.TEMP_SUFFIX}") if p.is_file())
+    return sorted(p for folder in folders for p in folder.glob(f".*{files.TEMP_SUFFIX}") if p.is_file())
 
 
 @dataclass

@@ -21,8 +21,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from .errors import CogtuneError
-from .hub import looks_like_hub_id
+from cogtune.errors import CogtuneError
+from cogtune.util.hub import looks_like_hub_id
 
 METADATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .errors import CogtuneError
+from cogtune.errors import CogtuneError
 
 REACH_TIMEOUT_S = 5.0  # the whole check, name lookup included
 LOGIN_COMMAND = "hf auth login"
@@ -74,8 +74,8 @@ def read_json(repo_id: str, filename: str, revision: str | None, cache_dir: str 
     """A JSON file of a hub repository: from the local Hugging Face cache when it is there (no
     network), else downloaded; a hub that cannot be reached fails at once with a message that says so."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError, \
-        RevisionNotFoundError
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     kwargs = dict(repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir)
     try:

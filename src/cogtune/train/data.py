@@ -1,0 +1,123 @@
+"""The cache as training data: the order of the batches, a pure function of (seed, epoch); each
+process's share of a global batch; the plan of a run (batches per epoch, steps); the dataset that
+reads one sample's tensors; and the cache a run trains on, checked before any model is loaded."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cogtune import data_schema as schema
+from cogtune.cache.identity import training_cache
+from cogtune.cache.tool import check_samples
+from cogtune.errors import CogtuneError
+from cogtune.families import FamilySpec, ModelConfigs
+from cogtune.util import logs
+
+
+def epoch_batches(shapes: list[tuple], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: the whole dataset shuffled from (seed, epoch), each batch holding
+    samples of one latent shape. Every sample appears exactly once; the last batch of a shape may
+    be short."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(shapes))
+    pending: dict[tuple, list[int]] = {}
+    batches = []
+    for index in order.tolist():
+        group = pending.setdefault(shapes[index], [])
+        group.append(index)
+        if len(group) == batch_size:
+            batches.append(pending.pop(shapes[index]))
+    batches.extend(pending.values())
+    return batches
+
+
+def batch_generator(seed: int, batch_number: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + batch_number)
+
+
+def rank_share(batch: list[int], batch_size: int, num_processes: int, process_index: int) -> list[int]:
+    """This process's part of a global batch. With several processes, a short global batch (the
+    last of a bucket) is filled up with its own samples again, so that every process gets
+    batch_size samples of the same shape and no collective waits on another."""
+    if num_processes == 1:
+        return batch
+    wanted = batch_size * num_processes
+    filled = (batch * math.ceil(wanted / len(batch)))[:wanted]
+    return filled[process_index * batch_size:(process_index + 1) * batch_size]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How many batches and steps a run has, known up front from the index alone. Every process
+    walks the same global batches (train_batch_size x processes, one shape each)."""
+
+    shapes: list  # the latent shape of every sample, in index order
+    global_batch_size: int
+    batches_per_epoch: int
+    steps_per_epoch: int
+    max_train_steps: int
+
+    @classmethod
+    def of(cls, cache: schema.Cache, config, processes: int) -> "TrainingPlan":
+        shapes = [tuple(row["latent_shape"]) for row in cache.samples]
+        global_batch_size = config.train_batch_size * processes
+        batches_per_epoch = len(epoch_batches(shapes, global_batch_size, config.seed, 0))
+        steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+        return cls(shapes, global_batch_size, batches_per_epoch, steps_per_epoch,
+                   config.max_train_steps or config.num_train_epochs * steps_per_epoch)
+
+    def batches_from(self, batch_number: int, config, processes: int, process_index: int) -> list[list[int]]:
+        """This process's batches of the epoch that batch_number falls in, from that batch on."""
+        epoch, position = divmod(batch_number, self.batches_per_epoch)
+        return [rank_share(batch, config.train_batch_size, processes, process_index)
+                for batch in epoch_batches(self.shapes, self.global_batch_size, config.seed, epoch)[position:]]
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    def __init__(self, cache: schema.Cache):
+        self.cache = cache
+
+    def __len__(self):
+        return len(self.cache.samples)
+
+    def __getitem__(self, index):
+        row = self.cache.samples[index]
+        mean, logvar = self.cache.latent_moments(row)
+        item = {"mean": mean, "logvar": logvar, "prompt_embeds": self.cache.prompt_embeds(row)}
+        if self.cache.image_noise_variants:
+            item["image_mean"], item["image_logvar"] = self.cache.image_moments(row)
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def open_training_cache(config, data, models: ModelConfigs, spec: FamilySpec) -> tuple[Path, schema.Cache]:
+    """The cache this run trains on (saying which, and why), refused before any model is loaded
+    when it does not fit the model: another VAE or T5, the other kind of model, another text
+    length, no usable samples, damaged shards, clip sizes the family cannot take."""
+    training = training_cache(config.data_cache, data, models)
+    cache_path = training.path
+    logs.message(f"cache: {cache_path.resolve()} ({training.why})")
+    cache = schema.Cache.open(cache_path)
+    schema.check_compatible(cache.manifest, models.identity(), cache_path)
+    schema.check_conditioning(cache.manifest, spec.image_conditioned, spec.description, cache_path)
+    cached_text_length = cache.manifest["settings"].get("max_text_seq_length")
+    if cached_text_length != spec.max_text_seq_length:
+        raise CogtuneError(
+            f"The cache {cache_path} holds text embeddings of {cached_text_length} tokens but the transformer takes "
+            f"{spec.max_text_seq_length}."
+        )
+    if not cache.samples:
+        raise CogtuneError(f"The cache {cache_path} holds no usable samples ({len(cache.failed)} were skipped).")
+    damage = check_samples(cache_path, cache.manifest, cache.samples, checksums=False)  # shard headers: quick
+    if not damage.ok:
+        raise CogtuneError(f"The cache {cache_path} is damaged:\n" + damage.text(checksums=False))
+    for size in sorted({(row["num_frames"], row["height"], row["width"]) for row in cache.samples}):
+        spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
+    return cache_path, cache

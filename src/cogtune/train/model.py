@@ -1,0 +1,48 @@
+"""The transformer as training uses it, on a device or on PyTorch's meta device (for the memory estimate)."""
+
+from __future__ import annotations
+
+import torch
+
+from cogtune.config import TrainConfig, precision_dtype
+from cogtune.families import FamilySpec, ModelConfigs, drop_learned_positional_embeddings
+
+
+def build_transformer(config: TrainConfig, models: ModelConfigs, spec: FamilySpec, device, meta: bool = False):
+    """The transformer as training uses it: frozen in the --mixed_precision dtype (linear weights in
+    fp8 with --layerwise_casting_storage_dtype), with fp32 LoRA adapters. meta: built on the meta
+    device from the config alone (shapes, no weights), for the memory estimate."""
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    weight_dtype = precision_dtype(config.mixed_precision)
+    if meta:
+        from diffusers.utils import logging
+
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # .to(dtype) on a model built from its config warns about fp32 modules
+        try:
+            with torch.device("meta"):
+                transformer = CogVideoXTransformer3DModel.from_config(models.transformer).to(weight_dtype)
+        finally:
+            logging.set_verbosity(verbosity)
+    else:
+        transformer = models.load_part(CogVideoXTransformer3DModel, "transformer", dtype=weight_dtype)
+    if spec.ignores_learned_positions(config.ignore_learned_positional_embeddings):
+        drop_learned_positional_embeddings(transformer)
+    transformer.requires_grad_(False)
+    transformer.to(device)
+    if config.gradient_checkpointing and not meta:
+        transformer.enable_gradient_checkpointing()
+    torch.manual_seed(config.seed)  # LoRA init
+    transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, init_lora_weights=True,
+                                       target_modules=list(config.lora_target_modules)))
+    cast_training_params([transformer], dtype=torch.float32)  # only the LoRA is trained: only it is fp32
+    if config.layerwise_casting_storage_dtype != "none":  # after the LoRA, which it leaves in fp32
+        transformer.enable_layerwise_casting(storage_dtype=getattr(torch, config.layerwise_casting_storage_dtype),
+                                             compute_dtype=weight_dtype)
+    if config.compile and not meta:  # regional compilation: one compiled graph serves every block
+        for block in transformer.transformer_blocks:
+            block.compile()
+    return transformer

@@ -1,0 +1,304 @@
+"""Stage 2: the training recipe. `run` reads top to bottom: set-up, the cache, the model, the
+optimizer and its schedule, resume, the loop, the final LoRA. The parts it calls live beside it:
+`data` (the cache as batches), `step` (the math of one step), `model`, `lora`, `log`,
+`checkpoint`, `optim`, `validation` and `report`.
+
+Only the transformer is loaded (plus the scheduler's config): the VAE moments and T5 embeddings
+come from the cache, so the VAE and T5 never exist in this process (the VAE only to decode
+validation videos). The randomness of every batch is drawn from a generator seeded by (seed,
+batch number), and the data order of every epoch from (seed, epoch): a run's batches are a pure
+function of its position, which makes resuming exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cogtune.config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
+from cogtune.errors import CogtuneError, Preempted
+from cogtune.families import ModelConfigs
+from cogtune.train import checkpoint as checkpoints
+from cogtune.train import log, report
+from cogtune.train.data import LatentDataset, TrainingPlan, batch_generator, collate, open_training_cache
+from cogtune.train.lora import LORA_WEIGHT_NAME, save_lora, write_lora_info
+from cogtune.train.model import build_transformer
+from cogtune.train.optim import make_optimizer
+from cogtune.train.step import Draws, NoiseSchedule, step_inputs, velocity_loss
+from cogtune.train.validation import ValidationRound, load_validation_set, run_validation
+from cogtune.util import distributed, files, logs
+from cogtune.util.signals import StopRequests, ignore_stop_signals
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path
+    is_main_process: bool
+    transformer: torch.nn.Module = field(repr=False)
+    global_step: int = 0
+    losses: list = field(default_factory=list)
+
+
+def validation_due(step: int, steps_per_epoch: int, config: TrainConfig) -> bool:
+    """Whether step ends a validation period: every --validation_steps steps, or else at the end of
+    every --validation_epochs-th epoch (50, as in the diffusers scripts). The last step is validated
+    anyway, after the loop."""
+    if config.validation_steps:
+        return step % config.validation_steps == 0
+    epochs = config.validation_epochs or 50
+    return step % steps_per_epoch == 0 and (step // steps_per_epoch) % epochs == 0
+
+
+def stop_requested(accelerator, stop: StopRequests) -> bool:
+    """Whether any process was asked to stop (a signal may reach only some of them)."""
+    wanted = torch.tensor([1.0 if stop.signal else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        wanted = accelerator.reduce(wanted, reduction="sum")
+    return bool(wanted.item())
+
+
+def run(config: TrainConfig, data: PreprocessConfig | None = None) -> TrainResult:
+    """Train a LoRA. data: the preprocess settings of the same command line, which name the cache
+    (config.data_settings). SIGTERM or SIGUSR1 make it save a checkpoint at the next step and raise
+    Preempted."""
+    from accelerate.state import AcceleratorState
+
+    try:
+        with StopRequests() as stop:
+            return _run(config, data, stop)
+    except BaseException:  # stopped, preempted or failed: the curve of the steps so far, all the same
+        if distributed.is_main_process():
+            report.write_loss_curve_quietly(Path(config.output_dir) / log.TRAIN_LOG_NAME)
+        raise
+    finally:  # a later run in this process may choose another precision (keeps the distributed state)
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def _accelerator(config: TrainConfig, output_dir: Path):
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun, gloo) are then one job too
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / config.logging_dir)),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.nccl_timeout))],
+    )
+    logs.configure(config.log_format, enabled=accelerator.is_main_process)
+    set_seed(config.seed)
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def _check_engine(config: TrainConfig, engine: str, validating: bool) -> None:
+    if validating and engine == "FSDP":
+        raise CogtuneError("Validation during training is not available under FSDP, which shards the weights "
+                           "across processes; leave out --validation_prompt and run `cogtune infer` on the LoRA.")
+    if config.offload_optimizer and engine in ("FSDP", "DEEPSPEED"):
+        raise CogtuneError(f"--offload_optimizer does not combine with {engine}, which shards the optimizer itself; "
+                           "use accelerate/deepspeed_zero2_offload.yaml (cogtune init) for an offloaded optimizer.")
+
+
+def _resume(run: checkpoints.Run, config: TrainConfig, output_dir: Path, order: dict) -> int:
+    """Restore --resume_from_checkpoint (the LoRA, optimizer, schedule, scaler and RNG states);
+    returns its step, from which the data position follows. 0 for a new run."""
+    checkpoint = None
+    if config.resume_from_checkpoint == "latest":
+        checkpoint = checkpoints.latest_checkpoint(output_dir)
+        if checkpoint is None:
+            logs.message(f"No checkpoint in {output_dir} yet; starting a new run.")
+    elif config.resume_from_checkpoint:
+        checkpoint = Path(config.resume_from_checkpoint)
+    if checkpoint is None:
+        return 0
+    info = checkpoints.load(run, checkpoint)
+    changed = [f"{k} ({info.get('data_order', {}).get(k)} -> {v})" for k, v in order.items()
+               if info.get("data_order", {}).get(k) != v]
+    if changed:
+        logs.message("warning: the data order differs from the interrupted run's, so the resumed run will "
+                     "not repeat it exactly: " + ", ".join(changed))
+    logs.message(f"Resumed from {checkpoint} at step {info['global_step']}.", step=info["global_step"])
+    return info["global_step"]
+
+
+def _validate(run: checkpoints.Run, validation, config, models, spec, output_dir, step, weight_dtype) -> ValidationRound:
+    """Validation videos from the main process; the others wait for it."""
+    accelerator = run.accelerator
+    done = None
+    if accelerator.is_main_process:
+        done = run_validation(run.lora_model(), validation, config, models, spec, output_dir, step, weight_dtype,
+                              accelerator.autocast)
+        logs.event("validation", step=step, folder=str(done.folder), contact_sheet=str(done.contact_sheet),
+                   videos=[str(path) for _, path in done.videos])
+        if not logs.json_lines():
+            logs.message(f"validation videos of step {step}: {done.folder}")
+        report.log_validation(accelerator, done)
+    accelerator.wait_for_everyone()
+    return done or ValidationRound(step)
+
+
+def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests) -> TrainResult:
+    from diffusers import CogVideoXDDIMScheduler
+    from diffusers.optimization import get_scheduler
+
+    # Set-up: trackers and hub token, the output folder, devices and precision.
+    report.check_trackers(config.report_to)
+    if config.push_to_hub:
+        report.check_hub_token(config.hub_token)
+    output_dir = Path(config.output_dir)
+    files.ensure_writable_dir(output_dir, "--output_dir")
+    check_precision_available(config.mixed_precision)
+    accelerator = _accelerator(config, output_dir)
+    processes, process_index = accelerator.num_processes, accelerator.process_index
+
+    # The cache, checked against the model before anything is loaded.
+    models = ModelConfigs.of(config)
+    spec = models.spec()
+    cache_path, cache = open_training_cache(config, data, models, spec)
+    spec.check_precision(config.mixed_precision, logs.message)
+    validation = load_validation_set(config, spec, cache_path, cache.manifest)  # T5 never runs here: the cache has them
+    _check_engine(config, accelerator.distributed_type.name, validation is not None)
+
+    # The model: the transformer alone, frozen, with LoRA adapters in fp32; the noise schedule.
+    weight_dtype = precision_dtype(config.mixed_precision)
+    transformer = build_transformer(config, models, spec, accelerator.device)
+    schedule = NoiseSchedule(CogVideoXDDIMScheduler.from_config(models.scheduler).alphas_cumprod)
+
+    # Optimizer and learning-rate schedule, sized from the index alone.
+    learning_rate = config.learning_rate
+    if config.scale_lr:
+        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * processes
+    lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = make_optimizer(lora_parameters, config, learning_rate)
+    plan = TrainingPlan.of(cache, config, processes)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps * processes,
+        num_training_steps=plan.max_train_steps * processes, num_cycles=config.lr_num_cycles, power=config.lr_power,
+    )
+    if accelerator.state.deepspeed_plugin is not None:  # it cannot learn the batch size from a prepared loader
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
+    run = checkpoints.Run(accelerator, *accelerator.prepare(transformer, optimizer, lr_scheduler))
+
+    # Resume, and the run's history in train_log.jsonl up to the step resumed from.
+    order = {"seed": config.seed, "train_batch_size": config.train_batch_size,
+             "gradient_accumulation_steps": config.gradient_accumulation_steps, "num_processes": processes,
+             "cache": str(cache_path)}
+    global_step = _resume(run, config, output_dir, order)
+    log_path = output_dir / log.TRAIN_LOG_NAME
+    if accelerator.is_main_process:
+        log.keep_up_to(log_path, global_step)
+    if config.report_to != "none":  # accelerate starts trackers on the main process only
+        accelerator.init_trackers(config.tracker_name or "cogtune", config={
+            k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
+
+    def save_checkpoint(step: int) -> Path:
+        return checkpoints.save(run, output_dir, step, {"data_order": order}, config.checkpoints_total_limit)
+
+    # The loop.
+    dataset = LatentDataset(cache)
+    device, on_gpu = accelerator.device, accelerator.device.type == "cuda"
+    family_inputs = functools.lru_cache(maxsize=None)(  # RoPE tables and ofs, once per bucket and batch size
+        lambda *shape: spec.transformer_inputs(*shape, device))
+    steps = log.StepLog(log_path, accelerator, logs.progress(
+        total=plan.max_train_steps, initial=global_step, desc="training", unit="step",
+        disable=not accelerator.is_local_main_process))
+    rounds, step_losses = [], []  # validation rounds of this run; the losses of this step's micro-batches
+    batch_number = global_step * config.gradient_accumulation_steps
+    while global_step < plan.max_train_steps:
+        batches = plan.batches_from(batch_number, config, processes, process_index)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                             num_workers=config.dataloader_num_workers,
+                                             worker_init_fn=ignore_stop_signals, pin_memory=on_gpu)
+        for batch in loader:
+            draws = Draws(batch_generator(config.seed, batch_number), start=process_index * config.train_batch_size,
+                          total=plan.global_batch_size if processes > 1 else None)
+            batch_number += 1
+            with accelerator.accumulate(run.transformer):
+                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}  # pinned
+                inputs = step_inputs(batch, spec, draws, schedule, config.noised_image_dropout)
+                with accelerator.autocast():
+                    pred = run.transformer(
+                        hidden_states=inputs.model_input.to(weight_dtype),
+                        encoder_hidden_states=batch["prompt_embeds"].to(weight_dtype),
+                        timestep=inputs.timesteps.to(device),
+                        **family_inputs(inputs.x0.shape[0], inputs.x0.shape[1], *inputs.x0.shape[3:]),
+                        return_dict=False,
+                    )[0]
+                loss = velocity_loss(pred, inputs.x_t.to(weight_dtype), inputs.x0, inputs.constants)
+                step_losses.append(loss.detach())
+                accelerator.backward(loss)  # every process, even with a NaN loss, so that none waits for another
+                if not accelerator.sync_gradients:
+                    continue
+                # The mean over the step's micro-batches and processes: the same number on every process,
+                # so they all take or all skip the step.
+                loss_value = accelerator.gather(torch.stack(step_losses).mean()).mean().item()
+                step_losses = []
+                norm = accelerator.clip_grad_norm_(lora_parameters, config.max_grad_norm)
+                grad_norm = float(norm) if norm is not None else None  # None: DeepSpeed clips by itself
+                # Under fp16 the gradient scaler itself skips steps with overflowing gradients.
+                finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm)
+                                                        or accelerator.scaler is not None)
+                if finite:
+                    run.optimizer.step()
+                run.lr_scheduler.step()
+                run.optimizer.zero_grad()
+
+            global_step += 1
+            steps.write(global_step, loss_value, finite, run.lr_scheduler.get_last_lr()[0], grad_norm,
+                        report.peak_memory_mib(device))
+            saved = None
+            if global_step % config.checkpointing_steps == 0 or global_step == plan.max_train_steps:
+                saved = save_checkpoint(global_step)
+                logs.event("checkpoint", step=global_step, path=str(saved))
+            if validation is not None and validation_due(global_step, plan.steps_per_epoch, config):
+                rounds.append(_validate(run, validation, config, models, spec, output_dir, global_step, weight_dtype))
+                steps.restart_clock()  # the next step's time leaves the validation out
+            if steps.non_finite_in_a_row >= config.max_nan_steps:
+                raise CogtuneError(
+                    f"Stopped at step {global_step}: {steps.non_finite_in_a_row} steps in a row had a NaN or infinite "
+                    f"loss or gradient (--max_nan_steps {config.max_nan_steps}). Lower --learning_rate, use bf16 "
+                    f"instead of fp16, or check the cache with `cogtune cache verify {cache_path}`; the checkpoints "
+                    "before it are intact.")
+            if stop_requested(accelerator, stop):
+                where = saved or save_checkpoint(global_step)
+                raise Preempted(
+                    f"stopped by {stop.signal or 'another process'} at step {global_step}; checkpoint saved to {where}. "
+                    "Run the same command with --resume_from_checkpoint latest to continue."
+                )
+            if global_step >= plan.max_train_steps:
+                break
+    steps.close()
+    if validation is not None and (not rounds or rounds[-1].step != global_step):
+        rounds.append(_validate(run, validation, config, models, spec, output_dir, global_step, weight_dtype))
+
+    # The final LoRA, its info, the loss curve and the model card (and the hub).
+    accelerator.wait_for_everyone()
+    lora_path = output_dir / LORA_WEIGHT_NAME
+    weights = run.lora_weights()
+    if accelerator.is_main_process:
+        lora_path = save_lora(run.lora_model(), output_dir, weights)
+        write_lora_info(output_dir, {
+            "base_model": models.source, "family": spec.description,
+            "ignore_learned_positional_embeddings": spec.ignores_learned_positions(
+                config.ignore_learned_positional_embeddings),
+            "rank": config.rank, "lora_alpha": config.lora_alpha, "target_modules": list(config.lora_target_modules),
+            "steps": global_step, "cache": str(cache_path)})
+        report.write_loss_curve_quietly(log_path)
+        card = report.write_model_card(output_dir, config, models, spec, cache.manifest, rounds, global_step)
+        logs.event("model_card", path=str(card))
+        if config.push_to_hub:
+            url = report.push_to_hub(output_dir, config, rounds)
+            logs.message(f"uploaded to {url}", url=url)
+    accelerator.end_training()
+    return TrainResult(lora_path=lora_path.resolve(), is_main_process=accelerator.is_main_process,
+                       transformer=run.lora_model(), global_step=global_step, losses=steps.losses)

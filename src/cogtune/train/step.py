@@ -1,0 +1,131 @@
+"""One training step's math, as pure functions: the randomness of a batch (drawn in full on every
+process, each keeping its own rows), the posterior samples, the noise schedule's constants, the
+inputs the transformer gets and the CogVideoX velocity loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cogtune.families import FamilySpec
+
+
+@dataclass
+class Draws:
+    """The random numbers of one global batch, drawn in full on every process from the batch's
+    generator, of which a process keeps the rows of its own samples: each sample gets the same
+    noise whether the global batch is trained by one process or shared among several."""
+
+    generator: torch.Generator
+    start: int = 0  # this process's first row in the global batch
+    total: int | None = None  # rows of the global batch (None: this process's batch is all of it)
+
+    def _keep(self, drawn: torch.Tensor, rows: int) -> torch.Tensor:
+        return drawn[self.start:self.start + rows]
+
+    def randn(self, shape) -> torch.Tensor:
+        return self._keep(torch.randn((self.total or shape[0], *shape[1:]), generator=self.generator), shape[0])
+
+    def randint(self, high: int, rows: int) -> torch.Tensor:
+        return self._keep(torch.randint(0, high, (self.total or rows,), generator=self.generator), rows)
+
+    def rand(self, rows: int) -> torch.Tensor:
+        return self._keep(torch.rand(self.total or rows, generator=self.generator), rows)
+
+
+def sample_x0(mean: torch.Tensor, logvar: torch.Tensor, spec: FamilySpec, draws: Draws) -> torch.Tensor:
+    """A fresh sample of the VAE posterior, scaled for the transformer, as [B, F, C, H, W] float32.
+
+    mean, logvar: [B, C, F, H, W] as stored in the cache."""
+    mean, logvar = mean.float(), logvar.float()
+    eps = draws.randn(mean.shape).to(mean.device)
+    latents = mean + torch.exp(0.5 * logvar) * eps
+    return spec.scale_latents(latents).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def sample_image_latents(mean: torch.Tensor, logvar: torch.Tensor, spec: FamilySpec, draws: Draws,
+                         dropout: float) -> torch.Tensor:
+    """The image-to-video conditioning latent of each sample, [B, 1, C, H, W] float32: one of its
+    stored noised first-frame encodings picked at random, sampled from its posterior, scaled as
+    the I2V pipeline does, and zeroed with probability `dropout`.
+
+    mean, logvar: [B, K, C, 1, H, W], the K stored encodings of each sample."""
+    batch, variants = mean.shape[:2]
+    chosen = draws.randint(variants, batch)
+    rows = torch.arange(batch)
+    mean, logvar = mean[rows, chosen].float(), logvar[rows, chosen].float()
+    eps = draws.randn(mean.shape).to(mean.device)
+    latents = spec.scale_image_latents(mean + torch.exp(0.5 * logvar) * eps).permute(0, 2, 1, 3, 4)
+    keep = (draws.rand(batch) >= dropout).to(latents.dtype).to(latents.device)
+    return latents * keep.view(-1, 1, 1, 1, 1)
+
+
+@dataclass
+class NoiseSchedule:
+    """The timestep-dependent constants of the loss, computed once in float64 from alphas_cumprod."""
+
+    alphas_cumprod: torch.Tensor
+
+    def __post_init__(self):
+        abar = self.alphas_cumprod.to(torch.float64)
+        self.signal, self.noise, self.weight = abar.sqrt(), (1 - abar).sqrt(), 1 / (1 - abar)
+
+    def __len__(self):
+        return len(self.alphas_cumprod)
+
+    def at(self, timesteps: torch.Tensor) -> "StepConstants":
+        return StepConstants(*(table[timesteps].float().view(-1, 1, 1, 1, 1)
+                               for table in (self.signal, self.noise, self.weight)))
+
+
+@dataclass
+class StepConstants:
+    """sqrt(abar_t), sqrt(1 - abar_t) and 1 / (1 - abar_t) of a batch's timesteps, shaped [B, 1, 1, 1, 1]."""
+
+    signal: torch.Tensor
+    noise: torch.Tensor
+    weight: torch.Tensor
+
+    def to(self, device) -> "StepConstants":
+        return StepConstants(self.signal.to(device), self.noise.to(device), self.weight.to(device))
+
+
+@dataclass
+class StepInputs:
+    """What one training step feeds the transformer, and what its loss compares against."""
+
+    x0: torch.Tensor  # [B, F, C, H, W], F padded for CogVideoX 1.5
+    x_t: torch.Tensor
+    model_input: torch.Tensor  # x_t, with the image condition concatenated on channels for I2V
+    timesteps: torch.Tensor
+    constants: StepConstants
+
+
+def step_inputs(batch: dict, spec: FamilySpec, draws: Draws, schedule: NoiseSchedule,
+                noised_image_dropout: float) -> StepInputs:
+    """The randomness of one step, drawn in a fixed order: the video posterior sample, timesteps,
+    noise, then (I2V) the image encoding, its posterior sample and dropout."""
+    x0 = spec.pad_frames(sample_x0(batch["mean"], batch["logvar"], spec, draws))
+    timesteps = draws.randint(len(schedule), x0.shape[0])
+    noise = draws.randn(x0.shape)
+    constants = schedule.at(timesteps).to(x0.device)
+    x_t = add_noise(x0, noise.to(x0.device), constants)
+    model_input = x_t
+    if spec.image_conditioned:
+        image = sample_image_latents(batch["image_mean"], batch["image_logvar"], spec, draws,
+                                     noised_image_dropout)
+        model_input = torch.cat([x_t, spec.image_condition(image, x0.shape[1])], dim=2)
+    return StepInputs(x0=x0, x_t=x_t, model_input=model_input, timesteps=timesteps, constants=constants)
+
+
+def velocity_loss(pred: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, constants: StepConstants) -> torch.Tensor:
+    """The CogVideoX training loss: x0_hat = sqrt(abar) x_t - sqrt(1 - abar) pred, weighted by
+    1 / (1 - abar), averaged over (F, C, H, W) and then over the batch."""
+    x0_hat = constants.signal * x_t.float() - constants.noise * pred.float()
+    return (constants.weight * (x0_hat - x0.float()) ** 2).flatten(1).mean(1).mean()
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, constants: StepConstants) -> torch.Tensor:
+    """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, with the coefficients computed in float64."""
+    return constants.signal * x0 + constants.noise * noise

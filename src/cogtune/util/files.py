@@ -1,0 +1,94 @@
+"""Files written so that readers see all or nothing, and content hashes: the generic file I/O
+every stage and tool shares.
+
+A full disk (or quota, or file size limit) becomes a CogtuneError that says how to continue:
+everything written before stays valid.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from cogtune.errors import CogtuneError
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+TEMP_SUFFIX = ".tmp"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota exceeded, file size limit
+
+
+def atomic_write(path: Path, write: callable) -> None:
+    """Call write(temp_path), fsync, then rename over path, so readers see all or nothing.
+
+    A full disk (or quota) leaves no temp file behind and becomes a CogtuneError that says how to
+    continue: everything written before stays valid."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    os.close(fd)
+    try:
+        write(temp)
+        with open(temp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(temp, path)
+    except BaseException as e:
+        Path(temp).unlink(missing_ok=True)
+        if _is_no_space(e):
+            raise CogtuneError(
+                f"No space left writing {path} ({_strerror(e)}). Everything written before it is intact: free some "
+                "space (or choose another folder) and run the same command again to continue where it stopped."
+            ) from None
+        raise
+
+
+def _is_no_space(error: BaseException) -> bool:
+    """An OSError for a full disk, also when a library wrapped it in its own error type."""
+    if isinstance(error, OSError) and error.errno in NO_SPACE:
+        return True
+    text = str(error).lower()
+    return any(words in text for words in ("no space left", "disk quota", "file too large"))
+
+
+def _strerror(error: BaseException) -> str:
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+
+
+def ensure_writable_dir(folder: Path, flag: str) -> None:
+    """Create folder if needed and prove it writable, before any expensive work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CogtuneError(f"Cannot write to {flag} {folder}: {e.strerror}. Pick a writable folder.") from None
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda temp: Path(temp).write_text(text))
