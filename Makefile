@@ -8,7 +8,7 @@ DEMO := demo
 CONFIG ?= $(DEMO)/demo.toml
 ARGS ?=
 
-.PHONY: setup lock demo demo-assets preprocess train infer test test-latest test-oldest bench clean
+.PHONY: setup lock demo demo-assets preprocess train infer test test-fast test-latest test-oldest bench clean
 
 # The development environment is installed from the lock file, so every fresh clone, on any day,
 # tests the versions that were tested here; `make lock` resolves the newest ones again. The stamp
@@ -62,6 +62,10 @@ demo: setup demo-assets
 
 test: setup
 	COGTUNE_ENV=lock $(BIN)/python -m pytest -q
+
+# The unit tests alone (no tiny model, no command line, no second process): seconds, for the edit loop.
+test-fast: setup
+	COGTUNE_ENV=lock $(BIN)/python -m pytest -q -m "not e2e"
 
 # Resolve the lock again: the newest releases within pyproject.toml's ranges (and requirements/dev.in).
 lock:

@@ -124,11 +124,11 @@ def read_throughput(cache_dir: Path, batch: int, passes: int = 5) -> dict:
     """Samples/s of the training DataLoader alone (the same dataset, batches and collate as `cogtune train`)."""
     import torch
 
-    from cogtune import data_schema as schema
+    from cogtune.cache.reader import Cache
     from cogtune.train.data import LatentDataset, collate, epoch_batches
 
-    cache = schema.Cache.open(cache_dir)
-    shapes = [tuple(row["latent_shape"]) for row in cache.samples]
+    cache = Cache.open(cache_dir)
+    shapes = [tuple(row.latent_shape) for row in cache.samples]
     dataset = LatentDataset(cache)
     samples, started = 0, time.perf_counter()
     for epoch in range(passes):
@@ -403,9 +403,9 @@ def main() -> None:
             "--instance_data_root", str(subset(data, clips)), "--height", str(settings.height),
             "--width", str(settings.width), "--fps", str(settings.fps), "--max_num_frames", str(settings.frames),
             "--cache_root", str(cache_root), "--mixed_precision", settings.mixed_precision], work)
-    from cogtune import data_schema as schema
+    from cogtune.cache.identity import list_caches
 
-    (cache_dir,) = schema.list_caches(cache_root)
+    (cache_dir,) = list_caches(cache_root)
     half, full = runs[settings.clips // 2], runs[settings.clips]
     preprocess = dict(full, clips=settings.clips, clips_per_s=settings.clips / full["seconds"],
                       steady_clips_per_s=(settings.clips - settings.clips // 2) / (full["seconds"] - half["seconds"]))

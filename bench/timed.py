@@ -51,8 +51,8 @@ def install_torchvision_standin() -> None:
     except Exception:  # not installed, or a build that does not match this torch
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
-    import torch.nn.functional as F
     import diffusers.utils
+    import torch.nn.functional as F
     import transformers.utils
 
     # Both libraries decide once, and remember, that torchvision is missing, so they never use the stand-in.

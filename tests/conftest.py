@@ -1,9 +1,14 @@
-"""Shared fixtures: a tiny random CogVideoX model and demo clips, built once per test session."""
+"""Shared fixtures: tiny random CogVideoX models and demo clips, built once per test session; the
+command line run as a user runs it; and the `e2e` marker.
+
+A test is end to end (`e2e`) when it builds or uses a tiny model or demo clips, runs the command
+line, or lives in a module of whole runs (E2E_MODULES); `make test-fast` runs the others alone."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +18,19 @@ import pytest
 ASSETS = Path(__file__).parent / "assets"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+MODEL_FIXTURES = {"tiny_model", "tiny_models", "demo_data"}
+E2E_MODULES = {"test_batch_jobs", "test_bench", "test_cache_choice", "test_cache_lifecycle", "test_distributed",
+               "test_end_to_end", "test_families", "test_install", "test_offline", "test_preemption",
+               "test_validation"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if (MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in E2E_MODULES
+                or item.get_closest_marker("e2e")):
+            item.add_marker(pytest.mark.e2e)
 
 
 def cogtune(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -46,17 +64,25 @@ def cogtune_here(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
+def tiny_models(tmp_path_factory):
+    """The one tiny-model factory: tiny_models(family, seed) is that family's random-weight pipeline,
+    built once per session."""
     from cogtune.dev.tiny import make_tiny_model
 
-    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny-2b", family="2b")
+    built = {}
+
+    def tiny(family: str = "2b", seed: int = 0) -> Path:
+        if (family, seed) not in built:
+            folder = tmp_path_factory.mktemp(f"model-{family}-{seed}") / f"tiny-{family}"
+            built[family, seed] = make_tiny_model(folder, family=family, seed=seed)
+        return built[family, seed]
+
+    return tiny
 
 
 @pytest.fixture(scope="session")
-def tiny_model_5b(tmp_path_factory) -> Path:
-    from cogtune.dev.tiny import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("model5b") / "tiny-5b", family="5b", seed=1)
+def tiny_model(tiny_models) -> Path:
+    return tiny_models("2b")
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +90,11 @@ def demo_data(tmp_path_factory) -> Path:
     from cogtune.dev.tiny import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("data") / "demo")
+
+
+def cache_path_of(output: str) -> Path:
+    """The cache folder a preprocess run printed (its `cache: ...` summary line)."""
+    return Path(re.search(r"^cache: (.+)$", output, re.M).group(1))
 
 
 def write_config(path: Path, model: Path, data: Path, cache_root: Path, output_dir: Path, **extra) -> Path:

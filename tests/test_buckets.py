@@ -5,15 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from cogtune import data_schema as schema
+from cogtune.cache.reader import Cache
 from cogtune.config import make_config
 from cogtune.data.buckets import assign_bucket, configured_buckets
 from cogtune.errors import CogtuneError
 from cogtune.train.data import epoch_batches
 
 from clips import write_clip
-from conftest import cogtune_here as cogtune
-from conftest import write_config
+from conftest import cache_path_of, cogtune_here, write_config
 
 BUCKETS = [(9, 32, 48), (9, 48, 32), (9, 32, 32), (5, 32, 48), (5, 48, 32)]
 
@@ -89,25 +88,25 @@ def test_mixed_dataset_preprocesses_into_buckets_and_trains_with_batch_4(tmp_pat
                           dataset_name=str(mixed_data / "metadata.jsonl"), caption_column="text", video_column="file",
                           fps=24, buckets=["9x32x48", "9x48x32", "5x32x48", "5x48x32"], train_batch_size=4,
                           max_train_steps=3, vae_batch_size=2, dataloader_num_workers=2)
-    out = cogtune("preprocess", "--config", config).stdout
+    out = cogtune_here("preprocess", "--config", config).stdout
     assert "samples: 10 ok, 2 skipped" in out
     assert "skipped, too short: 1" in out and "skipped, unreadable: 1" in out
     assert "buckets: 5x32x48 (1), 5x48x32 (1), 9x32x48 (4), 9x48x32 (4)" in out
-    cache = schema.Cache.open(Path(out.split("cache: ")[1].splitlines()[0]))
-    by_name = {Path(r["source_path"]).name: r for r in cache.samples}
+    cache = Cache.open(cache_path_of(out))
+    by_name = {Path(r.source_path).name: r for r in cache.samples}
     for name, row in by_name.items():
         portrait = name.startswith("portrait")
-        assert (row["height"] > row["width"]) == portrait, name
-        assert row["num_frames"] == (5 if "short" in name else 9)
-        assert row["bucket"] == f"{row['num_frames']}x{row['height']}x{row['width']}"
-        assert row["latent_shape"] == [4, (row["num_frames"] - 1) // 4 + 1, row["height"] // 8, row["width"] // 8]
-    assert by_name["portrait-phone.mp4"]["source_height"] == 96  # the rotation was applied
-    assert by_name["land-long-3.mp4"]["decoder"] == "pyav"  # AV1
-    failed = {Path(r["source_path"]).name: r for r in cache.failed}
-    assert failed["tiny.mp4"]["failure_kind"] == "too short" and "shortest bucket has 5" in failed["tiny.mp4"]["reason"]
-    assert failed["broken.mp4"]["failure_kind"] == "unreadable"
+        assert (row.height > row.width) == portrait, name
+        assert row.num_frames == (5 if "short" in name else 9)
+        assert row.bucket == f"{row.num_frames}x{row.height}x{row.width}"
+        assert row.latent_shape == [4, (row.num_frames - 1) // 4 + 1, row.height // 8, row.width // 8]
+    assert by_name["portrait-phone.mp4"].source_height == 96  # the rotation was applied
+    assert by_name["land-long-3.mp4"].decoder == "pyav"  # AV1
+    failed = {Path(r.source_path).name: r for r in cache.failed}
+    assert failed["tiny.mp4"].failure_kind == "too short" and "shortest bucket has 5" in failed["tiny.mp4"].reason
+    assert failed["broken.mp4"].failure_kind == "unreadable"
 
-    cogtune("train", "--config", config)
+    cogtune_here("train", "--config", config)
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(r["loss"] > 0 for r in log)
 
@@ -117,13 +116,13 @@ def test_max_failures_stops_early_and_keeps_what_was_encoded(tmp_path, tiny_mode
                           dataset_name=str(mixed_data / "metadata.jsonl"), caption_column="text", video_column="file",
                           fps=24, buckets=["9x32x48", "9x48x32", "5x32x48", "5x48x32"])
     # broken.mp4 is read first and tiny.mp4 last: one failure is tolerated, the second stops the run
-    stopped = cogtune("preprocess", "--config", config, "--max_failures", "1", check=False)
+    stopped = cogtune_here("preprocess", "--config", config, "--max_failures", "1", check=False)
     assert stopped.returncode == 2 and "Stopped: 2 of the 12 clips" in stopped.stderr
     assert "more than --max_failures 1 allows" in stopped.stderr and "tiny.mp4" in stopped.stderr
     assert "The clips encoded so far are kept" in stopped.stderr
-    again = cogtune("preprocess", "--config", config).stdout
+    again = cogtune_here("preprocess", "--config", config).stdout
     assert "encoded: 0 videos" in again and "reused from the cache: 10 videos" in again
     assert "samples: 10 ok, 2 skipped" in again
     # a fraction: 5% of 12 clips tolerates none, so the first unusable clip stops the run
-    fraction = cogtune("preprocess", "--config", config, "--max_failures", "0.05", "--fps", "12", check=False)
+    fraction = cogtune_here("preprocess", "--config", config, "--max_failures", "0.05", "--fps", "12", check=False)
     assert fraction.returncode == 2 and "Stopped: 1 of the 1 clips" in fraction.stderr

@@ -13,11 +13,7 @@ import pytest
 from cogtune.config import data_settings, load_config
 from cogtune.dev.tiny import make_demo_data
 
-from conftest import cogtune_here, write_config
-
-
-def cache_of(stdout: str) -> Path:
-    return Path(re.search(r"^cache: (.+)$", stdout, re.M).group(1))
+from conftest import cache_path_of, cogtune_here, write_config
 
 
 def trained_on(stderr: str) -> tuple[Path, str]:
@@ -32,8 +28,8 @@ def two_datasets(tmp_path_factory, tiny_model, demo_data):
     other = make_demo_data(root / "other-data", num_frames=28)
     config = write_config(root / "my.toml", tiny_model, demo_data, root / "cache", root / "out",
                           max_train_steps=1, checkpointing_steps=10)
-    cache_a = cache_of(cogtune_here("preprocess", "--config", config).stdout)
-    cache_b = cache_of(cogtune_here("preprocess", "--config", config, "--instance_data_root", other).stdout)
+    cache_a = cache_path_of(cogtune_here("preprocess", "--config", config).stdout)
+    cache_b = cache_path_of(cogtune_here("preprocess", "--config", config, "--instance_data_root", other).stdout)
     assert cache_a != cache_b
     return dict(root=root, config=config, other=other, a=cache_a, b=cache_b)
 
@@ -79,8 +75,8 @@ def test_data_flags_that_name_no_cache_are_refused_with_the_latest_run(two_datas
 def test_buckets_given_to_preprocess_only_are_found_by_train(tmp_path, tiny_model, demo_data):
     config = write_config(tmp_path / "b.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out",
                           max_train_steps=1, checkpointing_steps=10)
-    plain = cache_of(cogtune_here("preprocess", "--config", config).stdout)
-    bucketed = cache_of(cogtune_here("preprocess", "--config", config, "--buckets", "9x32x64", "5x32x64").stdout)
+    plain = cache_path_of(cogtune_here("preprocess", "--config", config).stdout)
+    bucketed = cache_path_of(cogtune_here("preprocess", "--config", config, "--buckets", "9x32x64", "5x32x64").stdout)
     assert bucketed != plain
     path, why = trained_on(cogtune_here("train", "--config", config).stderr)
     assert path == bucketed and "--buckets 9x32x64 5x32x64" in why

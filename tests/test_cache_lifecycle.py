@@ -14,10 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cogtune import data_schema as schema
+from cogtune.cache.reader import Cache, read_index, read_selection
+from cogtune.cache.writer import cache_lock, write_index_part, write_selection
 from cogtune.dev.tiny import synthetic_frames
 from cogtune.util.media import write_mp4
 
-from conftest import cogtune_here, write_config
+from conftest import cache_path_of, cogtune_here, write_config
 
 
 def write_dataset(root: Path, count: int, height: int = 48, width: int = 64) -> Path:
@@ -66,9 +68,6 @@ def snapshot(folder: Path) -> dict:
             for p in folder.rglob("*") if p.is_file() and p.name != schema.LOCK_FILE}
 
 
-def cache_dir_of(output: str) -> Path:
-    return Path(output.split("cache: ")[1].splitlines()[0])
-
 
 def assert_every_visible_file_is_whole(cache_dir: Path) -> None:
     for shard in files_in(cache_dir / schema.SHARDS_DIR, "*.safetensors"):
@@ -95,7 +94,7 @@ def built(tmp_path_factory, tiny_model, eight_clips):
     """A finished cache of the eight clips (copy it before changing it)."""
     root = tmp_path_factory.mktemp("built")
     config = write_config(root / "c.toml", tiny_model, eight_clips, root / "cache", root / "out", height=32, width=48)
-    return dict(config=config, cache=cache_dir_of(cogtune_here("preprocess", "--config", config).stdout))
+    return dict(config=config, cache=cache_path_of(cogtune_here("preprocess", "--config", config).stdout))
 
 
 def copy_cache(built, tmp_path) -> Path:
@@ -133,7 +132,7 @@ def test_kill_9_or_sigterm_at_any_moment_then_rerun_gives_every_clip_exactly_onc
     assert verify.stdout.strip().endswith("ok")
     ok_rows = raw_ok_rows(cache_dir)
     assert len(ok_rows) == len(set(ok_rows)) == 8  # each clip exactly once, even in the raw index parts
-    assert len(schema.Cache.open(cache_dir).samples) == 8
+    assert len(Cache.open(cache_dir).samples) == 8
 
 
 def test_disk_full_stops_with_a_clear_error_and_the_cache_resumes(tmp_path, tiny_model, demo_data):
@@ -168,7 +167,7 @@ def test_inspect_shows_samples_buckets_bytes_settings_and_failures(tmp_path, tin
     (data / "videos.txt").write_text((data / "videos.txt").read_text() + "videos/broken.mp4\n")
     config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out",
                           height=32, width=48)
-    cache_dir = cache_dir_of(cogtune_here("preprocess", "--config", config).stdout)
+    cache_dir = cache_path_of(cogtune_here("preprocess", "--config", config).stdout)
     text = cogtune_here("cache", "inspect", cache_dir).stdout
     assert "samples: 8 selected and usable; 8 encoded in all, 1 failed" in text
     assert "buckets: 9x32x48 (8)" in text and "in 1 shards" in text
@@ -180,24 +179,24 @@ def test_inspect_shows_samples_buckets_bytes_settings_and_failures(tmp_path, tin
 
 def test_verify_names_damaged_samples_and_prune_then_preprocess_repairs(tmp_path, built):
     cache_dir = copy_cache(built, tmp_path)
-    rows = schema.Cache.open(cache_dir).samples
+    rows = Cache.open(cache_dir).samples
     victim = rows[3]
-    shard = schema.shard_path(cache_dir, victim["latent_shard"])
+    shard = schema.shard_path(cache_dir, victim.latent_shard)
     tensors, metadata = load_file(shard), safe_open(str(shard), "pt").metadata()
-    mean_key, _ = schema.latent_tensor_keys(victim["latent_key"])
+    mean_key, _ = schema.latent_tensor_keys(victim.latent_key)
     tensors[mean_key] = tensors[mean_key].clone()
     tensors[mean_key].view(-1)[5] += 1.0  # one changed value, as a bit flip on disk would do
     save_file(tensors, shard, metadata=metadata)
 
     result = cogtune_here("cache", "verify", cache_dir, check=False)
     assert result.returncode == 1
-    assert f"{victim['sample_id']} ({victim['source_path']}): {mean_key} does not match its checksum" in result.stdout
+    assert f"{victim.sample_id} ({victim.source_path}): {mean_key} does not match its checksum" in result.stdout
     assert "damaged: 1 samples" in result.stdout
     assert cogtune_here("cache", "verify", cache_dir, "--no_checksums").returncode == 0  # headers alone look fine
 
     shard.unlink()  # a lost shard: every sample in it is named
     result = cogtune_here("cache", "verify", cache_dir, check=False)
-    users = {r["sample_id"] for r in rows if r["latent_shard"] == victim["latent_shard"]}
+    users = {r.sample_id for r in rows if r.latent_shard == victim.latent_shard}
     assert result.returncode == 1 and f"damaged: {len(users)} samples" in result.stdout
     assert "is missing" in result.stdout
 
@@ -214,12 +213,11 @@ def test_prune_removes_failed_entries_unused_shards_and_temp_files(tmp_path, bui
     orphan = shutil.copy(shards[0], cache_dir / schema.SHARDS_DIR / "w0-orphan.safetensors")
     temp = cache_dir / schema.SHARDS_DIR / ".w0-abc.safetensors.x1y2.tmp"
     temp.write_bytes(b"half a shard")
-    failed = schema.row_template()
-    failed.update(sample_id="f" * 32, status=schema.STATUS_FAILED, reason="videos.txt line 9: cannot open video",
-                  failure_kind="unreadable", source_path="/gone.mp4", image_noise_sigmas=[])
-    schema.write_index_part(cache_dir, "w0-failed", [failed])
-    selection = schema.read_selection(cache_dir) + ["f" * 32]
-    schema.write_selection(cache_dir, selection)
+    failed = schema.failed_row(schema.SampleSource("f" * 32, "/gone.mp4", 1, 1, "0" * 64, "a caption"),
+                               "unreadable", "videos.txt line 9: cannot open video")
+    write_index_part(cache_dir, "w0-failed", [failed])
+    selection = read_selection(cache_dir) + ["f" * 32]
+    write_selection(cache_dir, selection)
 
     dry = cogtune_here("cache", "prune", "--dry_run", cache_dir).stdout
     assert "would remove: 1 failed entries" in dry and "1 unused shards, 1 temp files" in dry
@@ -228,7 +226,7 @@ def test_prune_removes_failed_entries_unused_shards_and_temp_files(tmp_path, bui
     assert "removed: 1 failed entries" in out and "1 unused shards, 1 temp files" in out
     assert not Path(orphan).exists() and not temp.exists()
     assert len(files_in(cache_dir / schema.INDEX_DIR, "*.parquet")) == 1  # compacted
-    cache = schema.Cache.open(cache_dir)
+    cache = Cache.open(cache_dir)
     assert len(cache.samples) == 8 and not cache.failed
     assert cogtune_here("cache", "verify", cache_dir).returncode == 0
     # what a preprocess run selected is read again unchanged
@@ -240,7 +238,7 @@ def test_prune_unselected_drops_clips_no_longer_in_the_dataset(tmp_path, tiny_mo
     data = Path(shutil.copytree(eight_clips, tmp_path / "data"))
     config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out",
                           height=32, width=48, shard_size_mb=1e-6)
-    cache_dir = cache_dir_of(cogtune_here("preprocess", "--config", config).stdout)
+    cache_dir = cache_path_of(cogtune_here("preprocess", "--config", config).stdout)
     for name in ("prompts.txt", "videos.txt"):  # the dataset shrinks to its first 5 clips
         lines = (data / name).read_text().splitlines()[:5]
         (data / name).write_text("\n".join(lines) + "\n")
@@ -249,12 +247,12 @@ def test_prune_unselected_drops_clips_no_longer_in_the_dataset(tmp_path, tiny_mo
     out = cogtune_here("cache", "prune", "--unselected", cache_dir).stdout
     assert "3 unselected samples" in out
     assert len(files_in(cache_dir / schema.SHARDS_DIR, "*.safetensors")) == before - 6  # 3 clips, 3 captions
-    assert len(schema.read_index(cache_dir)) == 5 and cogtune_here("cache", "verify", cache_dir).returncode == 0
+    assert len(read_index(cache_dir)) == 5 and cogtune_here("cache", "verify", cache_dir).returncode == 0
 
 
 def test_prune_waits_for_a_running_preprocess(tmp_path, built):
     cache_dir = copy_cache(built, tmp_path)
-    with schema.cache_lock(cache_dir):  # as a preprocess run holds it
+    with cache_lock(cache_dir):  # as a preprocess run holds it
         result = cogtune_here("cache", "prune", cache_dir, check=False)
     assert result.returncode == 2 and "a preprocess run is writing to it" in result.stderr
 
@@ -323,7 +321,7 @@ def test_bad_dataset_is_refused_before_any_work_and_the_cache_is_untouched(tmp_p
     with pytest.raises(CogtuneError, match=expected):
         preprocess.run(config)
     assert snapshot(cache_dir) == before
-    assert len(schema.Cache.open(cache_dir).samples) == 8
+    assert len(Cache.open(cache_dir).samples) == 8
 
 
 def test_a_symlink_out_of_the_root_is_read_when_allowed(tmp_path, tiny_model, eight_clips):

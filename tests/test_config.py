@@ -103,6 +103,7 @@ def test_help_documents_every_flag():
             assert f"--{field.name}" in out, (stage, field.name)
 
 
+@pytest.mark.e2e  # a new process: what a user sees on stderr
 def test_user_errors_print_one_line_without_traceback(tmp_path):
     result = cogtune("preprocess", "--pretrained_model_name_or_path", tmp_path / "nope",
                      "--instance_data_root", tmp_path, check=False)

@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from cogtune import data_schema as schema
+from cogtune.cache.reader import Cache
 
-from conftest import cogtune_here, write_config
-from test_cache_lifecycle import cache_dir_of, write_dataset
+from conftest import cache_path_of, cogtune_here, write_config
+from test_cache_lifecycle import write_dataset
 
 TESTS = Path(__file__).parent
 
@@ -38,21 +39,21 @@ def data(tmp_path_factory):
 def test_two_process_preprocess_equals_one_process(tmp_path, tiny_model, data):
     config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "one", tmp_path / "out",
                           height=32, width=48, shard_size_mb=1e-6)
-    one = schema.Cache.open(cache_dir_of(cogtune_here("preprocess", "--config", config).stdout))
+    one = Cache.open(cache_path_of(cogtune_here("preprocess", "--config", config).stdout))
     out = torchrun("-m", "cogtune.cli", "preprocess", "--config", config, "--cache_root", tmp_path / "two").stdout
     assert sum(line.startswith("cache: ") for line in out.splitlines()) == 1  # one summary, from the main process
     assert "encoded: 6 videos, 6 captions" in out
-    two = schema.Cache.open(cache_dir_of(out))
+    two = Cache.open(cache_path_of(out))
     writers = {p.name.split("-")[0] for p in (two.path / schema.SHARDS_DIR).glob("*.safetensors")}
     assert writers == {"r0", "r1"}  # both processes encoded a share
 
-    assert [r["sample_id"] for r in one.samples] != [] and \
-        sorted(r["sample_id"] for r in one.samples) == sorted(r["sample_id"] for r in two.samples)
-    rows_two = {r["sample_id"]: r for r in two.samples}
+    assert [r.sample_id for r in one.samples] != [] and \
+        sorted(r.sample_id for r in one.samples) == sorted(r.sample_id for r in two.samples)
+    rows_two = {r.sample_id: r for r in two.samples}
     for row in one.samples:
-        other = rows_two[row["sample_id"]]
+        other = rows_two[row.sample_id]
         for column in ("frame_indices", "bucket", "latent_shape", "latent_key", "text_key", "caption", "decoder"):
-            assert row[column] == other[column]
+            assert getattr(row, column) == getattr(other, column)
         for a, b in zip(one.latent_moments(row), two.latent_moments(other)):
             assert torch.equal(a, b)
         assert torch.equal(one.prompt_embeds(row), two.prompt_embeds(other))

@@ -9,26 +9,24 @@ import av
 import pytest
 import torch
 
-from cogtune import data_schema as schema
 from cogtune import infer, preprocess, train
+from cogtune.cache.reader import Cache
 from cogtune.config import data_settings, load_config
 from cogtune.data.video import read_clip
-from cogtune.dev.tiny import make_demo_data, make_tiny_model
+from cogtune.dev.tiny import make_demo_data
 from cogtune.errors import CogtuneError
 from cogtune.train.log import TRAIN_LOG_NAME
 from cogtune.train.lora import LORA_INFO_NAME, LORA_WEIGHT_NAME
 
-from conftest import cogtune_here as cogtune
-from conftest import write_config
+from conftest import cache_path_of, cogtune_here, write_config
 
 FAMILIES = ["2b", "5b", "5b-i2v", "1.5-5b", "1.5-5b-i2v"]
 I2V = {"5b-i2v", "1.5-5b-i2v"}
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    return {family: make_tiny_model(root / family, family, seed=3) for family in FAMILIES}
+def models(tiny_models):
+    return {family: tiny_models(family, seed=3) for family in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +124,8 @@ def test_first_step_loss_matches_the_design_formula(trained):
     from cogtune.train.data import batch_generator, epoch_batches
 
     model, family = trained["model"], trained["family"]
-    cache = schema.Cache.open(trained["preprocess"].cache_dir)
-    shapes = [tuple(r["latent_shape"]) for r in cache.samples]
+    cache = Cache.open(trained["preprocess"].cache_path)
+    shapes = [tuple(r.latent_shape) for r in cache.samples]
     rows = [cache.samples[i] for i in epoch_batches(shapes, 2, 42, 0)[0]]
     mean = torch.stack([cache.latent_moments(r)[0] for r in rows])
     logvar = torch.stack([cache.latent_moments(r)[1] for r in rows])
@@ -223,20 +221,20 @@ def test_first_frame_encodings_are_stored_noised_and_reproducible(trained):
 
     from cogtune.data.buckets import size_rule
 
-    cache = schema.Cache.open(trained["preprocess"].cache_dir)
+    cache = Cache.open(trained["preprocess"].cache_path)
     config = load_config("preprocess", ["--config", str(trained["config"])])
     vae = AutoencoderKLCogVideoX.from_pretrained(trained["model"], subfolder="vae").eval()
     assert cache.image_noise_variants == 2
     for row in cache.samples:
-        seed_text = f"first frame {config.seed} {row['source_sha256']}"
+        seed_text = f"first frame {config.seed} {row.source_sha256}"
         generator = torch.Generator().manual_seed(int(hashlib.sha256(seed_text.encode()).hexdigest()[:15], 16))
         sigmas = torch.exp(torch.randn(2, generator=generator, dtype=torch.float64) * 0.5 - 3.0)
-        assert row["image_noise_sigmas"] == pytest.approx(sigmas.tolist(), rel=1e-12)
+        assert row.image_noise_sigmas == pytest.approx(sigmas.tolist(), rel=1e-12)
         assert sigmas[0] != sigmas[1]
 
-        clip = read_clip(Path(row["source_path"]), size_rule(config), config.fps, config.skip_frames_start,
+        clip = read_clip(Path(row.source_path), size_rule(config), config.fps, config.skip_frames_start,
                          config.skip_frames_end, config.video_reshape_mode, None)
-        assert clip.frame_indices == row["frame_indices"]
+        assert clip.frame_indices == row.frame_indices
         first = clip.pixels[:, :1].float()  # [C, 1, H, W] in [-1, 1]
         noise = torch.randn((2, *first.shape), generator=generator)
         noised = first[None] + noise * sigmas.float().view(-1, 1, 1, 1, 1)
@@ -249,8 +247,8 @@ def test_first_frame_encodings_are_stored_noised_and_reproducible(trained):
     # The noise is a function of the seed and the clip: a new cache with the same settings is identical.
     again = preprocess.run(load_config("preprocess", ["--config", str(trained["config"]), "--cache_root",
                                                       str(trained["out"].parent / "cache-again")]))
-    other = schema.Cache.open(again.cache_dir)
-    assert [r["image_noise_sigmas"] for r in other.samples] == [r["image_noise_sigmas"] for r in cache.samples]
+    other = Cache.open(again.cache_path)
+    assert [r.image_noise_sigmas for r in other.samples] == [r.image_noise_sigmas for r in cache.samples]
     for row, row_again in zip(cache.samples, other.samples):
         assert torch.equal(cache.image_moments(row)[0], other.image_moments(row_again)[0])
 
@@ -261,12 +259,12 @@ def test_cogvideox15_trains_on_an_odd_latent_frame_count(tmp_path, models):
     data = make_demo_data(tmp_path / "data", num_frames=52, fps=16)
     config = write_config(tmp_path / "c.toml", models["1.5-5b"], data, tmp_path / "cache", tmp_path / "out",
                           fps=16, max_num_frames=49, num_frames=49, max_train_steps=2, train_batch_size=1)
-    cache_dir = Path(cogtune("preprocess", "--config", config).stdout.split("cache: ")[1].splitlines()[0])
-    assert {tuple(r["latent_shape"]) for r in schema.Cache.open(cache_dir).samples} == {(4, 13, 4, 8)}
-    cogtune("train", "--config", config)
+    cache_dir = cache_path_of(cogtune_here("preprocess", "--config", config).stdout)
+    assert {tuple(r.latent_shape) for r in Cache.open(cache_dir).samples} == {(4, 13, 4, 8)}
+    cogtune_here("train", "--config", config)
     log = [json.loads(line) for line in (tmp_path / "out" / TRAIN_LOG_NAME).read_text().splitlines()]
     assert len(log) == 2 and all(0 < r["loss"] < 100 for r in log)
-    video = Path(cogtune("infer", "--config", config).stdout.split("video: ")[1].strip())
+    video = Path(cogtune_here("infer", "--config", config).stdout.split("video: ")[1].strip())
     assert len(read_video(video)) == 49
 
 
@@ -278,7 +276,7 @@ def test_text_to_video_cache_is_refused_for_an_image_to_video_model_and_the_reve
     for family in ("5b", "5b-i2v"):
         config = write_config(tmp_path / f"{family}.toml", models[family], demo_data, tmp_path / "cache",
                               tmp_path / family)
-        caches[family] = run_stages(config, "preprocess")["preprocess"].cache_dir
+        caches[family] = run_stages(config, "preprocess")["preprocess"].cache_path
     for family, other in (("5b-i2v", "5b"), ("5b", "5b-i2v")):
         expected = "built for a text-to-video model" if family == "5b-i2v" else "built for an image-to-video model"
         with pytest.raises(CogtuneError, match=f"{expected}.*Preprocess the data with this model"):
@@ -288,7 +286,7 @@ def test_text_to_video_cache_is_refused_for_an_image_to_video_model_and_the_reve
 
 def test_cache_of_another_family_is_refused_naming_it(tmp_path, models, demo_data):
     config = write_config(tmp_path / "c.toml", models["5b"], demo_data, tmp_path / "cache", tmp_path / "out")
-    cache_dir = run_stages(config, "preprocess")["preprocess"].cache_dir
+    cache_dir = run_stages(config, "preprocess")["preprocess"].cache_path
     with pytest.raises(CogtuneError) as refused:
         run_stages(config, "train", extra=["--pretrained_model_name_or_path", models["1.5-5b"],
                                            "--data_cache", cache_dir])
@@ -324,7 +322,7 @@ def test_ignoring_learned_positional_embeddings_trains_other_sizes_and_infer_fol
     assert info["ignore_learned_positional_embeddings"] is True
     assert not results["train"].transformer.patch_embed.use_learned_positional_embeddings
     # infer without the flag: the LoRA's record makes it leave the embeddings out too
-    video = Path(cogtune("infer", "--config", config, "--no-ignore_learned_positional_embeddings").stdout
+    video = Path(cogtune_here("infer", "--config", config, "--no-ignore_learned_positional_embeddings").stdout
                  .split("video: ")[1].strip())
     assert read_video(video)[0].shape == (32, 48, 3)
     # a LoRA without that record, at that size, is refused before the pipeline is loaded
@@ -340,7 +338,7 @@ def test_infer_reads_prompt_image_pairs_and_checks_images(tmp_path, trained, fir
     second.write_bytes(trained["infer"][0].read_bytes())
     pairs.write_text(json.dumps({"prompt": "DEMO a red square", "image": str(first_frame)}) + "\n"
                      + json.dumps({"prompt": "DEMO from a video's first frame", "image": "second.mp4"}) + "\n")
-    out = cogtune("infer", "--config", trained["config"], "--prompt_file", pairs, "--image", "",
+    out = cogtune_here("infer", "--config", trained["config"], "--prompt_file", pairs, "--image", "",
                   "--video_output_dir", tmp_path / "videos").stdout
     assert out.count("video: ") == 2
     with pytest.raises(CogtuneError, match="nope.png does not exist"):

@@ -48,13 +48,9 @@ def measured_peak(config, models, latent_shape: list[int]) -> int:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Tiny models of three families, with more layers and tokens than the test default so that
-    activations, not fixed costs, make most of the figure."""
-    from cogtune.dev.tiny import make_tiny_model
-
-    return {family: ModelConfigs.load(str(make_tiny_model(tmp_path_factory.mktemp(family) / family, family)))
-            for family in ("2b", "5b", "1.5-5b-i2v")}
+def models(tiny_models):
+    """The configs of tiny models of three families."""
+    return {family: ModelConfigs.load(str(tiny_models(family))) for family in ("2b", "5b", "1.5-5b-i2v")}
 
 
 @pytest.mark.parametrize("family, latent_shape, flags", [

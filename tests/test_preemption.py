@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cogtune import data_schema as schema
+from cogtune.cache.identity import list_caches
+from cogtune.cache.reader import Cache
 from cogtune.train import checkpoint as checkpoints
 
 from conftest import cogtune_here, write_config
@@ -130,12 +132,12 @@ def test_checkpoint_state_round_trips_without_pickle(tmp_path):
 
 
 def test_a_nan_sample_skips_its_step_and_training_goes_on(setup, tmp_path):
-    (cache,) = schema.list_caches(setup["root"] / "cache")
+    (cache,) = list_caches(setup["root"] / "cache")
     cache_dir = Path(shutil.copytree(cache, tmp_path / "cache" / "c"))
-    row = schema.Cache.open(cache_dir).samples[0]
-    shard = schema.shard_path(cache_dir, row["latent_shard"])
+    row = Cache.open(cache_dir).samples[0]
+    shard = schema.shard_path(cache_dir, row.latent_shard)
     tensors = load_file(shard)
-    mean_key, _ = schema.latent_tensor_keys(row["latent_key"])
+    mean_key, _ = schema.latent_tensor_keys(row.latent_key)
     tensors[mean_key] = torch.full_like(tensors[mean_key], float("nan"))
     save_file(tensors, shard)
     result = cogtune_here("train", "--config", setup["config"], "--data_cache", cache_dir, "--output_dir",

@@ -16,23 +16,22 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from cogtune import data_schema as schema
+from cogtune.cache.identity import list_caches
+from cogtune.cache.reader import read_manifest
 from cogtune.config import load_config
-from cogtune.dev.tiny import make_tiny_model
 from cogtune.export import to_comfyui
 from cogtune.families import ModelConfigs
 from cogtune.train import report
 from cogtune.train.validation import CONTACT_SHEET_NAME, generate_latents, load_validation_set
 
-from conftest import cogtune_here, write_config
+from conftest import cache_path_of, cogtune_here, write_config
 
 PROMPTS = ("DEMO a red square moves", "DEMO a blue circle")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("validation-models")
-    return {family: make_tiny_model(root / family, family, seed=5) for family in ("2b", "1.5-5b-i2v")}
+def models(tiny_models):
+    return {family: tiny_models(family, seed=5) for family in ("2b", "1.5-5b-i2v")}
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +43,6 @@ def image(tmp_path_factory):
     return path
 
 
-def cache_of(stdout: str) -> Path:
-    return Path(re.search(r"^cache: (.+)$", stdout, re.M).group(1))
-
 
 @pytest.mark.parametrize("family", ["2b", "1.5-5b-i2v"])
 def test_generation_from_cached_embeddings_equals_the_pipeline(family, models, demo_data, image, tmp_path):
@@ -57,10 +53,10 @@ def test_generation_from_cached_embeddings_equals_the_pipeline(family, models, d
     i2v = family == "1.5-5b-i2v"
     config = write_config(tmp_path / "c.toml", models[family], demo_data, tmp_path / "cache", tmp_path / "out",
                           validation_prompt=PROMPTS[0], **({"validation_images": str(image)} if i2v else {}))
-    cache = cache_of(cogtune_here("preprocess", "--config", config).stdout)
+    cache = cache_path_of(cogtune_here("preprocess", "--config", config).stdout)
     spec = ModelConfigs.load(str(models[family])).spec()
     validation = load_validation_set(load_config("train", ["--config", str(config)]), spec, cache,
-                                     schema.read_manifest(cache))
+                                     read_manifest(cache))
     (prompt,) = validation.prompts
     assert (prompt.image_moments is not None) == i2v
 
@@ -111,7 +107,7 @@ def validated_run(tmp_path_factory, models, demo_data):
         patch.setattr(AutoencoderKLCogVideoX, "from_pretrained", counting_vae)
         trained = cogtune_here("train", "--config", config)
     gc.collect()
-    return dict(config=config, out=root / "out", cache=cache_of(preprocessed), preprocessed=preprocessed,
+    return dict(config=config, out=root / "out", cache=cache_path_of(preprocessed), preprocessed=preprocessed,
                 trained=trained, built=built, model=models["2b"])
 
 
@@ -177,7 +173,7 @@ def test_model_card_fields(validated_run):
     # The same card for a hub base model names it in the header, as the hub expects.
     models = ModelConfigs.load(str(validated_run["model"]))
     models = dataclasses.replace(models, source=dict(models.source, pretrained_model_name_or_path="THUDM/CogVideoX-2b"))
-    data = report.card_data(models, models.spec(), schema.read_manifest(validated_run["cache"]), [], out)
+    data = report.card_data(models, models.spec(), read_manifest(validated_run["cache"]), [], out)
     assert data["base_model"] == "THUDM/CogVideoX-2b" and "widget" not in data
 
 
@@ -244,7 +240,7 @@ def test_bad_validation_and_tracking_settings_are_refused_before_any_work(tmp_pa
     ]:
         result = cogtune_here("preprocess", "--config", config, *flags, check=False)
         assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert not (tmp_path / "cache").exists() or not schema.list_caches(tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not list_caches(tmp_path / "cache")
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))

@@ -41,7 +41,7 @@ def _preprocess(argv):
     if result.is_main_process:
         from cogtune.util import logs
 
-        logs.result(result.summary(), cache=str(result.cache_dir), samples=result.samples, skipped=result.failed,
+        logs.result(result.summary(), cache=str(result.cache_path), samples=result.samples, skipped=result.failed,
                     encoded_videos=result.encoded_videos, encoded_captions=result.encoded_captions,
                     reused_videos=result.reused_videos, reused_captions=result.reused_captions,
                     seconds=round(result.seconds, 1))

@@ -162,7 +162,7 @@ class PreprocessConfig(ModelArgs, ValidationArgs):
     enable_tiling: bool = opt(False, "Encode with the VAE tile by tile (less memory at high resolution).")
     dataloader_num_workers: int = opt(0, "Worker processes that decode and resize videos while the encoders run.")
     vae_batch_size: int = opt(1, "Clips of one bucket the VAE encodes at once (more is faster and needs more memory).")
-    max_failures: Optional[str] = opt(
+    max_failures: Optional[float] = opt(
         None,
         "Stop the run when more clips than this cannot be used: a count (10) or a fraction of the clips (0.05). "
         "Default: never stop; unusable clips are skipped and counted.",
@@ -268,7 +268,7 @@ class TrainConfig(ModelArgs, ValidationArgs):
         "none", "Experiment tracker for accelerate: none, tensorboard, wandb or all.",
         choices=("none", "tensorboard", "wandb", "all"),
     )
-    tracker_name: Optional[str] = opt(None, "Project name of the tracker run (default: cogtune-<model family>).")
+    tracker_name: str = opt("cogtune", "Project name of the tracker run.")
     logging_dir: str = opt("logs", "Tracker logs go to OUTPUT_DIR/LOGGING_DIR.")
     push_to_hub: bool = opt(False, "Upload the LoRA, its model card and validation videos to the Hugging Face Hub "
                                    "at the end of training.")
@@ -317,7 +317,6 @@ class InferConfig(ModelArgs):
     enable_tiling: bool = opt(False, "Decode latents tile by tile in the VAE.")
 
 
-NUMBERS_AS_TEXT = {"max_failures"}  # a count or a fraction, kept as written
 ALTERNATIVES = (("prompt", "prompt_file"),)  # settings of which a command line gives one or the other
 STAGE_CONFIGS = {"preprocess": PreprocessConfig, "train": TrainConfig, "infer": InferConfig}
 
@@ -447,8 +446,6 @@ def make_config(stage: str, values: dict, source: str = "settings", origin: dict
             continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)
-        elif name in NUMBERS_AS_TEXT and isinstance(value, (int, float)) and not isinstance(value, bool):
-            values[name] = str(value)
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise CogtuneError(f"{source}: {name} must be of type {kind.__name__}, got {value!r}.")
         choices = fields[name].metadata.get("choices")
@@ -528,15 +525,8 @@ def validate(config) -> None:
         configured_buckets(config)
         if config.image_noise_variants < 1:
             raise CogtuneError(f"--image_noise_variants must be 1 or more, got {config.image_noise_variants}.")
-        if config.max_failures is not None:
-            try:
-                valid = float(config.max_failures) >= 0
-            except ValueError:
-                valid = False
-            if not valid:
-                raise CogtuneError(
-                    f"--max_failures takes a count (10) or a fraction (0.05), got {config.max_failures!r}."
-                )
+        if config.max_failures is not None and not config.max_failures >= 0:
+            raise CogtuneError(f"--max_failures takes a count (10) or a fraction (0.05), got {config.max_failures:g}.")
 
 
 def check_precision_available(mixed_precision: str) -> None:

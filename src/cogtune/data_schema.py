@@ -1,5 +1,6 @@
 """The cache contract between `preprocess` and `train`: the only module that knows file names,
-tensor keys, Parquet columns and the format version.
+tensor keys, Parquet columns, the format version, and the typed manifest and index rows.
+`cache.writer` writes this format, `cache.reader` reads it, `cache.identity` names and finds a cache.
 
 A cache is one folder, named after what it holds, under a cache root:
 
@@ -29,24 +30,16 @@ setting that changes the tensors. Anything else gets its own folder, never a sil
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import dataclasses
 import hashlib
-import json
-import re
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from cogtune.errors import CogtuneError
-from cogtune.util.files import atomic_write, sha256_text, write_json
+from cogtune.util.files import sha256_text
 
 # 2: image-to-video latents, image_noise_sigmas; 3: bucket, failure_kind, decoder; 4: tensor checksums
 FORMAT_VERSION = 5  # 5: model configs hashed as their files store them (4 hashed the installed
@@ -56,13 +49,18 @@ LOCK_FILE = ".lock"
 CHECKSUMS_METADATA = "cogtune.sha256"  # shard header entry: JSON {tensor key: sha256 of its bytes}
 SELECTION_FILE = "selection.parquet"
 SHARDS_DIR = "shards"
-VALIDATION_DIR = "validation"
 INDEX_DIR = "index"
+VALIDATION_INPUTS_DIR = "validation"  # validation prompts' T5 embeddings and images' VAE moments
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+# Tensor keys of the validation files (one prompt embedding, or one image's VAE moments, per file).
+VALIDATION_PROMPT_EMBEDS = "prompt_embeds"
+VALIDATION_IMAGE_MEAN, VALIDATION_IMAGE_LOGVAR = "mean", "logvar"
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -98,7 +96,7 @@ INDEX_SCHEMA = pa.schema(
 SELECTION_SCHEMA = pa.schema([("sample_id", pa.string())])
 
 
-# --- identities ---------------------------------------------------------------------------------
+# --- keys and paths -----------------------------------------------------------------------------
 
 
 def sha256_tensor(tensor: torch.Tensor) -> str:
@@ -132,112 +130,224 @@ def text_tensor_key(key: str) -> str:
     return f"text/{key}/prompt_embeds"
 
 
-def validation_text_path(cache_dir: str | Path, prompt: str) -> Path:
-    """A validation prompt's T5 embedding (tensor `prompt_embeds`); "" is the negative prompt."""
-    return Path(cache_dir) / VALIDATION_DIR / f"text-{caption_key(prompt)}.safetensors"
+def shard_path(cache_path: str | Path, name: str) -> Path:
+    return Path(cache_path) / SHARDS_DIR / f"{name}.safetensors"
 
 
-def validation_image_path(cache_dir: str | Path, image_sha256: str, height: int, width: int) -> Path:
-    """A validation image's VAE moments (tensors `mean`, `logvar`, [C, 1, h, w]) at one pixel size."""
-    return Path(cache_dir) / VALIDATION_DIR / f"image-{image_sha256[:32]}-{height}x{width}.safetensors"
+def shard_paths(cache_path: str | Path) -> list[Path]:
+    """Every complete shard of a cache (temp files of killed runs have another suffix)."""
+    return sorted((Path(cache_path) / SHARDS_DIR).glob("*.safetensors"))
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """A small safetensors file, written atomically."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda temp: save_file(tensors, temp, metadata=metadata))
+def index_part_path(cache_path: str | Path, name: str) -> Path:
+    return Path(cache_path) / INDEX_DIR / f"{name}.parquet"
+
+
+def validation_text_path(cache_path: str | Path, prompt: str) -> Path:
+    """A validation prompt's T5 embedding (VALIDATION_PROMPT_EMBEDS); "" is the negative prompt."""
+    return Path(cache_path) / VALIDATION_INPUTS_DIR / f"text-{caption_key(prompt)}.safetensors"
+
+
+def validation_image_path(cache_path: str | Path, image_sha256: str, height: int, width: int) -> Path:
+    """A validation image's VAE moments (VALIDATION_IMAGE_MEAN/LOGVAR, [C, 1, h, w]) at one pixel size."""
+    return Path(cache_path) / VALIDATION_INPUTS_DIR / f"image-{image_sha256[:32]}-{height}x{width}.safetensors"
+
+
+# --- the index rows -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class CacheIdentity:
-    """Everything that decides which cache folder a preprocess run writes to."""
+class SampleSource:
+    """Where a sample comes from: one (video file, caption) pair, identified by their content."""
 
-    model: dict  # pretrained_model_name_or_path, revision, variant, component config hashes
-    dataset: dict  # where the records come from and how captions are formed
-    settings: dict  # every setting that changes the tensors
+    sample_id: str
+    source_path: str
+    source_size: int
+    source_mtime_ns: int
+    source_sha256: str
+    caption: str
+
+
+@dataclass(frozen=True)
+class VideoLatent:
+    """The index columns of an encoded video, shared by every sample of that video."""
+
+    frame_indices: list[int]
+    source_fps: float
+    source_height: int
+    source_width: int
+    num_frames: int
+    height: int
+    width: int
+    bucket: str
+    decoder: str
+    latent_shape: list[int]
+    latent_shard: str
+    latent_key: str
+    image_noise_sigmas: list[float]
+
+
+@dataclass(slots=True)
+class IndexRow:
+    """One row of the index (INDEX_SCHEMA): a sample, encoded (status ok) or skipped with a reason."""
+
+    sample_id: str
+    status: str
+    reason: str | None = None
+    failure_kind: str | None = None
+    source_path: str | None = None
+    source_size: int | None = None
+    source_mtime_ns: int | None = None
+    source_sha256: str | None = None
+    caption: str | None = None
+    caption_sha256: str | None = None
+    frame_indices: list[int] | None = None
+    source_fps: float | None = None
+    source_height: int | None = None
+    source_width: int | None = None
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    bucket: str | None = None
+    decoder: str | None = None
+    latent_shape: list[int] | None = None
+    latent_shard: str | None = None
+    latent_key: str | None = None
+    text_shard: str | None = None
+    text_key: str | None = None
+    image_noise_sigmas: list[float] | None = None
 
     @property
-    def fingerprint(self) -> str:
-        payload = {"format_version": FORMAT_VERSION, "model": self.model, "dataset": self.dataset,
-                   "settings": self.settings}
-        return sha256_text(json.dumps(payload, sort_keys=True))[:12]
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
 
-    @property
-    def name(self) -> str:
-        s = self.settings
-        model = _slug(Path(str(self.model["pretrained_model_name_or_path"]).rstrip("/")).name)
-        dataset = _slug(Path(str(self.dataset.get("dataset_name") or self.dataset.get("instance_data_root"))).name)
-        size = (f"{len(s['buckets'])}buckets" if s.get("buckets")
-                else f"{s['height']}x{s['width']}_{s['max_num_frames']}f")
-        return f"{model}_{dataset}_{size}_{s['fps']}fps_{s['video_reshape_mode']}_{self.fingerprint}"
+    def video_latent(self) -> VideoLatent:
+        """The encoded video of an ok row, to reuse for another caption of the same video."""
+        return VideoLatent(**{f.name: getattr(self, f.name) for f in dataclasses.fields(VideoLatent)})
 
+    def tensors(self, text_length: int) -> list[tuple[str, str, tuple | None]]:
+        """(shard, key, shape) of every tensor an ok row needs; a None in a shape is not checked."""
+        channels, _, height, width = self.latent_shape
+        tensors = [(self.latent_shard, key, tuple(self.latent_shape)) for key in latent_tensor_keys(self.latent_key)]
+        for variant in range(len(self.image_noise_sigmas or [])):
+            tensors += [(self.latent_shard, key, (channels, 1, height, width))
+                        for key in image_latent_tensor_keys(self.latent_key, variant)]
+        tensors.append((self.text_shard, text_tensor_key(self.text_key), (text_length, None)))
+        return tensors
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")[:40] or "x"
-
-
-# --- the lock ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def cache_lock(cache_dir: Path, exclusive: bool = False):
-    """Writers share a cache's lock; `cogtune cache prune` takes it alone, so it never deletes what a
-    running preprocess is writing. Raises CogtuneError when the lock cannot be had at once."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / LOCK_FILE, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CogtuneError(
-                f"{cache_dir} is in use: " + ("a preprocess run is writing to it; wait until it has finished."
-                                              if exclusive else "`cogtune cache prune` is running on it; wait for it.")
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    def to_json(self) -> dict:
+        return {name: getattr(self, name) for name in INDEX_SCHEMA.names}
 
 
-def _write_parquet(path: Path, table: pa.Table) -> None:
-    atomic_write(path, lambda temp: pq.write_table(table, temp))
+def ok_row(source: SampleSource, video: VideoLatent, text_shard: str) -> IndexRow:
+    """The row of a sample whose video latents and caption embedding are stored."""
+    return IndexRow(status=STATUS_OK, reason="", caption_sha256=sha256_text(source.caption),
+                    text_key=caption_key(source.caption), text_shard=text_shard,
+                    **dataclasses.asdict(source), **dataclasses.asdict(video))
+
+
+def failed_row(source: SampleSource, kind: str, reason: str) -> IndexRow:
+    """The row of a sample whose clip could not be used, and why (it is not tried again)."""
+    return IndexRow(status=STATUS_FAILED, failure_kind=kind, reason=reason, image_noise_sigmas=[],
+                    caption_sha256=sha256_text(source.caption), **dataclasses.asdict(source))
 
 
 # --- the manifest -------------------------------------------------------------------------------
 
 
-def manifest_for(identity: CacheIdentity) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "fingerprint": identity.fingerprint,
-        "model": identity.model,
-        "dataset": identity.dataset,
-        "settings": identity.settings,
-    }
+@dataclass(frozen=True)
+class CacheModel:
+    """The model whose VAE and T5 made a cache's tensors."""
+
+    pretrained_model_name_or_path: str
+    revision: str | None
+    variant: str | None
+    family: str
+    vae_config_sha256: str
+    text_encoder_config_sha256: str
 
 
-def read_manifest(cache_dir: Path) -> dict:
-    path = cache_dir / MANIFEST_FILE
-    if not path.is_file():
-        raise CogtuneError(
-            f"{cache_dir} is not a cogtune cache (no {MANIFEST_FILE}). Run `cogtune preprocess` to build one, "
-            "or point --data_cache at a folder it wrote."
-        )
+@dataclass(frozen=True)
+class CacheDataset:
+    """Where a cache's records come from and how their captions are formed."""
+
+    instance_data_root: str | None
+    dataset_name: str | None
+    dataset_config_name: str | None
+    caption_column: str | None
+    video_column: str | None
+    id_token: str | None
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Every setting that shaped a cache's tensors."""
+
+    height: int
+    width: int
+    fps: int
+    max_num_frames: int
+    skip_frames_start: int
+    skip_frames_end: int
+    video_reshape_mode: str
+    latent_dtype: str
+    mixed_precision: str
+    enable_tiling: bool
+    buckets: list[str] | None  # FRAMESxHEIGHTxWIDTH names, or None: one size
+    max_text_seq_length: int
+    image_noise_variants: int  # first-frame encodings per video: 0 for text-to-video
+    seed: int | None = None  # recorded only where it changes tensors (random crops, first-frame noise)
+
+
+def _as_json(record) -> dict:
+    data = dataclasses.asdict(record)
+    if isinstance(record, CacheSettings) and record.seed is None:
+        del data["seed"]
+    return data
+
+
+def _record(cls, data: dict, where: str):
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CogtuneError(f"{path} is damaged ({e}); rebuild the cache with `cogtune preprocess`.") from None
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CogtuneError(
-            f"{cache_dir} has cache format version {version}, this cogtune reads version {FORMAT_VERSION}. "
-            "Rebuild it with `cogtune preprocess` (it writes a new folder; the old one can be deleted)."
-        )
-    return manifest
+        return cls(**data)
+    except TypeError as e:
+        raise CogtuneError(f"{where} does not describe a cache of format version {FORMAT_VERSION} ({e}); "
+                           "rebuild the cache with `cogtune preprocess`.") from None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json: what a cache holds and how it was made."""
+
+    fingerprint: str
+    model: CacheModel
+    dataset: CacheDataset
+    settings: CacheSettings
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return {"format_version": self.format_version, "fingerprint": self.fingerprint, "model": _as_json(self.model),
+                "dataset": _as_json(self.dataset), "settings": _as_json(self.settings)}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> "Manifest":
+        """The manifest in data (read from where), refused unless it is of this format version."""
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CogtuneError(
+                f"{where} has cache format version {version}, this cogtune reads version {FORMAT_VERSION}. "
+                "Rebuild it with `cogtune preprocess` (it writes a new folder; the old one can be deleted)."
+            )
+        try:
+            fingerprint, model, dataset, settings = (data[k] for k in ("fingerprint", "model", "dataset", "settings"))
+        except KeyError as e:
+            raise CogtuneError(f"{where} lacks {e}; rebuild the cache with `cogtune preprocess`.") from None
+        return cls(fingerprint, _record(CacheModel, model, where), _record(CacheDataset, dataset, where),
+                   _record(CacheSettings, settings, where))
 
 
 def describe_differences(expected: dict, found: dict, prefix: str = "", found_label: str = "cache has",
                          expected_label: str = "expected") -> list[str]:
-    """Human-readable differences between two nested dicts."""
+    """Human-readable differences between two nested dicts (such as two manifests' JSON)."""
     lines = []
     for key in sorted(set(expected) | set(found)):
         a, b = expected.get(key), found.get(key)
@@ -246,278 +356,3 @@ def describe_differences(expected: dict, found: dict, prefix: str = "", found_la
         elif a != b:
             lines.append(f"{prefix}{key}: {found_label} {b!r}, {expected_label} {a!r}")
     return lines
-
-
-# --- writing ------------------------------------------------------------------------------------
-
-
-class CacheWriter:
-    """Appends encoded tensors and index rows to a cache, one complete shard at a time."""
-
-    def __init__(self, cache_dir: Path, identity: CacheIdentity, shard_size_mb: float, writer_id: str = "w0"):
-        self.cache_dir = Path(cache_dir)
-        self.writer_id = writer_id
-        self.shard_bytes = int(shard_size_mb * 1024 * 1024)
-        self._tensors: dict[str, torch.Tensor] = {}
-        self._rows: list[dict] = []
-        self._pending_bytes = 0
-        self._part_name = self._new_part_name()
-        self.shards_written = 0
-        manifest = manifest_for(identity)
-        if (self.cache_dir / MANIFEST_FILE).exists():
-            found = read_manifest(self.cache_dir)
-            differences = describe_differences(manifest, found)
-            if differences:
-                raise CogtuneError(
-                    f"{self.cache_dir} holds a cache with other settings:\n  " + "\n  ".join(differences)
-                    + "\nUse another --cache_root, or delete that folder."
-                )
-        else:
-            write_json(self.cache_dir / MANIFEST_FILE, manifest)
-
-    def _new_part_name(self) -> str:
-        return f"{self.writer_id}-{uuid.uuid4().hex[:12]}"
-
-    @property
-    def part_name(self) -> str:
-        """The shard that tensors added now will land in."""
-        return self._part_name
-
-    def add_tensor(self, key: str, tensor: torch.Tensor) -> str:
-        """Queue a tensor; returns the shard name it will be stored in."""
-        tensor = tensor.detach().to("cpu").contiguous()
-        self._tensors[key] = tensor
-        self._pending_bytes += tensor.numel() * tensor.element_size()
-        return self._part_name
-
-    def add_row(self, row: dict) -> None:
-        missing = [name for name in INDEX_SCHEMA.names if name not in row]
-        if missing:
-            raise ValueError(f"index row lacks columns {missing}")
-        self._rows.append(row)
-
-    def should_flush(self) -> bool:
-        return self._pending_bytes >= self.shard_bytes
-
-    def flush(self) -> None:
-        """Make everything queued so far visible: the shard first, then its index part."""
-        if not self._tensors and not self._rows:
-            return
-        name = self._part_name
-        if self._tensors:
-            tensors = self._tensors
-            metadata = {"format_version": str(FORMAT_VERSION),
-                        CHECKSUMS_METADATA: json.dumps({key: sha256_tensor(t) for key, t in tensors.items()})}
-            atomic_write(self.cache_dir / SHARDS_DIR / f"{name}.safetensors",
-                         lambda temp: save_file(tensors, temp, metadata=metadata))
-            self.shards_written += 1
-        if self._rows:
-            write_index_part(self.cache_dir, name, self._rows)
-        self._tensors, self._rows, self._pending_bytes = {}, [], 0
-        self._part_name = self._new_part_name()
-
-    def write_selection(self, sample_ids: Iterable[str]) -> None:
-        """Record the samples of a finished run; training reads exactly these."""
-        self.flush()
-        write_selection(self.cache_dir, sample_ids)
-
-
-def write_index_part(cache_dir: Path, name: str, rows: list[dict]) -> Path:
-    path = Path(cache_dir) / INDEX_DIR / f"{name}.parquet"
-    _write_parquet(path, pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
-    return path
-
-
-def write_selection(cache_dir: Path, sample_ids: Iterable[str]) -> None:
-    ids = list(dict.fromkeys(sample_ids))
-    _write_parquet(Path(cache_dir) / SELECTION_FILE, pa.Table.from_pydict({"sample_id": ids}, SELECTION_SCHEMA))
-
-
-# --- reading ------------------------------------------------------------------------------------
-
-
-def index_parts(cache_dir: Path) -> list[Path]:
-    """The index parts, first written first."""
-    return sorted((Path(cache_dir) / INDEX_DIR).glob("*.parquet"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-
-
-def read_index_part(part: Path) -> list[dict]:
-    try:
-        table = pq.read_table(part)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CogtuneError(f"Cache index part {part} is damaged ({e}); delete it and rerun preprocess.") from None
-    if table.schema.names != INDEX_SCHEMA.names:
-        raise CogtuneError(f"Cache index part {part} has unexpected columns; rebuild the cache.")
-    return table.to_pylist()
-
-
-def read_index(cache_dir: Path, damaged_parts: list | None = None) -> list[dict]:
-    """One row per sample, in the order samples first appeared. A sample written more than once
-    (a retried failure, two writers) keeps its first usable row, else its first row. A damaged
-    index part raises CogtuneError, or is appended to damaged_parts when that list is given."""
-    rows: dict[str, dict] = {}
-    for part in index_parts(cache_dir):
-        try:
-            part_rows = read_index_part(part)
-        except CogtuneError:
-            if damaged_parts is None:
-                raise
-            damaged_parts.append(part)
-            continue
-        for row in part_rows:
-            known = rows.get(row["sample_id"])
-            if known is None or (known["status"] != STATUS_OK and row["status"] == STATUS_OK):
-                rows[row["sample_id"]] = row
-    return list(rows.values())
-
-
-def read_selection(cache_dir: Path) -> list[str] | None:
-    """The sample ids of the last finished preprocess run, or None if no run has finished."""
-    path = Path(cache_dir) / SELECTION_FILE
-    if not path.is_file():
-        return None
-    try:
-        return pq.read_table(path).column("sample_id").to_pylist()
-    except (pa.ArrowInvalid, OSError, KeyError) as e:
-        raise CogtuneError(f"{path} is damaged ({e}); run `cogtune preprocess` again to rewrite it.") from None
-
-
-def shard_path(cache_dir: Path, name: str) -> Path:
-    return Path(cache_dir) / SHARDS_DIR / f"{name}.safetensors"
-
-
-@dataclass
-class Cache:
-    """A finished cache opened for reading: the selected samples and lazy tensor access."""
-
-    path: Path
-    manifest: dict
-    samples: list[dict]  # index rows of the selected samples with status ok
-    failed: list[dict] = field(default_factory=list)
-    _handles: dict = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def open(cls, path: str | Path) -> "Cache":
-        path = Path(path)
-        manifest = read_manifest(path)
-        selection = read_selection(path)
-        if selection is None:
-            raise CogtuneError(
-                f"{path} has no {SELECTION_FILE}: its preprocess run did not finish. Run `cogtune preprocess` "
-                "again with the same settings; it resumes where it stopped."
-            )
-        selected = set(selection)
-        rows = [row for row in read_index(path) if row["sample_id"] in selected]
-        missing = selected - {row["sample_id"] for row in rows}
-        if missing:
-            raise CogtuneError(
-                f"{path}: {len(missing)} selected samples have no index row (the cache is damaged). "
-                "Run `cogtune preprocess` again to rewrite them."
-            )
-        ok = [row for row in rows if row["status"] == STATUS_OK]
-        failed = [row for row in rows if row["status"] != STATUS_OK]
-        return cls(path=path, manifest=manifest, samples=ok, failed=failed)
-
-    def _shard(self, name: str):
-        handle = self._handles.get(name)
-        if handle is None:
-            path = shard_path(self.path, name)
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise CogtuneError(f"Cache shard {path} cannot be read ({e}); run `cogtune cache verify "
-                                   f"{self.path}`.") from None
-            self._handles[name] = handle
-        return handle
-
-    def latent_moments(self, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored posterior mean and log-variance of a sample, [C, F, H, W]."""
-        mean_key, logvar_key = latent_tensor_keys(row["latent_key"])
-        shard = self._shard(row["latent_shard"])
-        return shard.get_tensor(mean_key), shard.get_tensor(logvar_key)
-
-    @property
-    def image_noise_variants(self) -> int:
-        """Noised first-frame encodings per video: 0 for a text-to-video cache."""
-        return int(self.manifest["settings"].get("image_noise_variants", 0))
-
-    def image_moments(self, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and log-variance of every noised first-frame encoding, [K, C, 1, H, W]."""
-        shard = self._shard(row["latent_shard"])
-        keys = [image_latent_tensor_keys(row["latent_key"], k) for k in range(len(row["image_noise_sigmas"]))]
-        return (torch.stack([shard.get_tensor(mean) for mean, _ in keys]),
-                torch.stack([shard.get_tensor(logvar) for _, logvar in keys]))
-
-    def prompt_embeds(self, row: dict) -> torch.Tensor:
-        """The stored T5 embedding of a sample's caption, [max_text_seq_length, text_dim]."""
-        return self._shard(row["text_shard"]).get_tensor(text_tensor_key(row["text_key"]))
-
-    def __getstate__(self):  # DataLoader workers reopen shards themselves
-        state = self.__dict__.copy()
-        state["_handles"] = {}
-        return state
-
-
-def stored_tensor_shards(cache_dir: str | Path) -> dict[str, str]:
-    """Tensor key -> shard name for every complete shard (reads only the shard headers)."""
-    found = {}
-    for path in sorted((Path(cache_dir) / SHARDS_DIR).glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt") as shard:
-                found.update(dict.fromkeys(shard.keys(), path.stem))
-        except Exception as e:  # safetensors raises its own error types
-            raise CogtuneError(f"Cache shard {path} is damaged ({e}); run `cogtune cache prune --damaged "
-                               f"{cache_dir}`, then preprocess again.") from None
-    return found
-
-
-def list_caches(cache_root: str | Path) -> list[Path]:
-    root = Path(cache_root)
-    return sorted(p.parent for p in root.glob(f"*/{MANIFEST_FILE}")) if root.is_dir() else []
-
-
-def find_cache(cache_root: str | Path, identity: CacheIdentity) -> Path:
-    """The folder of the cache that matches identity, with a helpful error when there is none."""
-    path = Path(cache_root) / identity.name
-    if (path / MANIFEST_FILE).is_file():
-        return path
-    others = list_caches(cache_root)
-    listing = "\n  ".join(str(p) for p in others) or "(none)"
-    raise CogtuneError(
-        f"No cache for these settings at {path}. Run `cogtune preprocess` with the same config first, or pass "
-        f"--data_cache with one of the caches under {cache_root}:\n  {listing}"
-    )
-
-
-def check_compatible(manifest: dict, model: dict, cache_path: Path) -> None:
-    """Refuse a cache whose tensors came from other VAE or text-encoder weights than model's."""
-    expected = {k: model[k] for k in ("vae_config_sha256", "text_encoder_config_sha256")}
-    found = {k: manifest.get("model", {}).get(k) for k in expected}
-    differences = describe_differences(expected, found)
-    if differences:
-        built_for = manifest.get("model", {})
-        raise CogtuneError(
-            f"The cache {cache_path} was built for another model: {built_for.get('pretrained_model_name_or_path')}, "
-            f"a {built_for.get('family', 'CogVideoX')} model, not {model['pretrained_model_name_or_path']}, a "
-            f"{model.get('family', 'CogVideoX')} model. Their VAE or T5 differ:\n  " + "\n  ".join(differences)
-            + "\nPreprocess the data with the model you train, or train the model the cache was built for."
-        )
-
-
-def check_conditioning(manifest: dict, image_conditioned: bool, model_description: str, cache_path: Path) -> None:
-    """Refuse a text-to-video cache for an image-to-video model, and the reverse."""
-    variants = int(manifest.get("settings", {}).get("image_noise_variants", 0))
-    if image_conditioned and not variants:
-        raise CogtuneError(
-            f"The cache {cache_path} was built for a text-to-video model and holds no first-frame latents, but "
-            f"the model to train is a {model_description} model. Preprocess the data with this model first."
-        )
-    if variants and not image_conditioned:
-        raise CogtuneError(
-            f"The cache {cache_path} was built for an image-to-video model, but the model to train is a "
-            f"{model_description} model. Preprocess the data with this model first."
-        )
-
-
-def row_template() -> dict[str, Any]:
-    return {name: None for name in INDEX_SCHEMA.names}

@@ -14,3 +14,9 @@ EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped on request with its work s
 
 class Preempted(CogtuneError):
     """SIGTERM or SIGUSR1 stopped a run after it saved its work; the CLI exits with EXIT_PREEMPTED."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message ("" for none): the part worth quoting to a user."""
+    text = str(error)
+    return text.splitlines()[0] if text.strip() else ""

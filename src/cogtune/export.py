@@ -25,7 +25,7 @@ import torch
 
 from cogtune.errors import CogtuneError
 from cogtune.train.lora import LORA_WEIGHT_NAME, read_lora_info
-from cogtune.util import files
+from cogtune.util import files, logs
 
 FORMATS = ("comfyui",)
 PREFIX = "lora_unet_"
@@ -81,8 +81,6 @@ def export(lora: str | Path, output: str | Path | None, format: str = "comfyui")
 
 
 def main(argv: list[str]) -> None:
-    from cogtune.util import logs
-
     parser = argparse.ArgumentParser(prog="cogtune export",
                                      description="Write a trained LoRA in another tool's key layout.")
     parser.add_argument("--format", choices=FORMATS, required=True,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cogtune.errors import CogtuneError
+from cogtune.errors import CogtuneError, first_line
 from cogtune.util import hub
 from cogtune.util.files import sha256_text
 
@@ -109,6 +109,11 @@ class FamilySpec:
                 )
             warn(f"warning: this {self.description} model was trained in bf16; fp16 may overflow. "
                  "--mixed_precision bf16 is recommended.")
+
+    @property
+    def pipeline_class_name(self) -> str:
+        """The diffusers pipeline that generates with this family."""
+        return "CogVideoXImageToVideoPipeline" if self.image_conditioned else "CogVideoXPipeline"
 
     def ignores_learned_positions(self, ignore_learned_positional_embeddings: bool) -> bool:
         """Whether --ignore_learned_positional_embeddings leaves anything out: only 5b-I2V has them."""
@@ -350,10 +355,10 @@ class ModelConfigs:
             return cls.from_pretrained(self.location, **kwargs)
         except (OSError, ValueError) as e:
             what = f"the {subfolder} of {self.location}" if subfolder else f"the pipeline {self.location}"
-            first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            message = first_line(e) or type(e).__name__
             if reason is not None:
                 raise CogtuneError(f"Cannot load {what}: " + hub.unreachable_message(what, reason)) from None
-            raise CogtuneError(f"Cannot load {what} ({first_line}).") from None
+            raise CogtuneError(f"Cannot load {what} ({message}).") from None
 
     def identity(self) -> dict:
         """What the cache records about the model whose VAE and T5 made its tensors."""

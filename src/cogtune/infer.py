@@ -10,7 +10,7 @@ import torch
 
 from cogtune.config import InferConfig, check_precision_available, precision_dtype
 from cogtune.data.video import load_first_frame
-from cogtune.errors import CogtuneError
+from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
 from cogtune.train.lora import LORA_WEIGHT_NAME, read_lora_info
 from cogtune.train.validation import video_name
@@ -62,7 +62,7 @@ def _prompt_image_pairs(path: Path) -> list[tuple[str, str | None]]:
     try:
         table = (pyarrow.csv.read_csv(path) if path.suffix.lower() == ".csv" else pyarrow.json.read_json(path))
     except Exception as e:  # pyarrow's parse errors
-        raise CogtuneError(f"--prompt_file {path} cannot be read: {str(e).splitlines()[0]}") from None
+        raise CogtuneError(f"--prompt_file {path} cannot be read: {first_line(e)}") from None
     if "prompt" not in table.column_names:
         raise CogtuneError(f"--prompt_file {path} has no 'prompt' column (columns: {', '.join(table.column_names)}).")
     rows = table.to_pylist()
@@ -90,7 +90,7 @@ def lora_location(config: InferConfig) -> tuple[str, str | None]:
 
 
 def run(config: InferConfig) -> list[Path]:
-    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+    import diffusers
 
     logs.configure(config.log_format)
     folder, weight_name = lora_location(config)
@@ -103,7 +103,7 @@ def run(config: InferConfig) -> list[Path]:
     check_precision_available(config.mixed_precision)
     spec.check_precision(config.mixed_precision, logs.message)
     dtype = precision_dtype(config.mixed_precision)
-    pipeline_class = CogVideoXImageToVideoPipeline if spec.image_conditioned else CogVideoXPipeline
+    pipeline_class = getattr(diffusers, spec.pipeline_class_name)
     pipe = models.load_part(pipeline_class, None, dtype=dtype)
     if spec.ignores_learned_positions(ignore_positions):
         drop_learned_positional_embeddings(pipe.transformer)
@@ -111,7 +111,7 @@ def run(config: InferConfig) -> list[Path]:
     try:
         pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, use_safetensors=True, **kwargs)  # never pickle
     except (OSError, ValueError) as e:
-        raise CogtuneError(f"Cannot load the LoRA {config.lora or config.output_dir}: {str(e).splitlines()[0]}") from None
+        raise CogtuneError(f"Cannot load the LoRA {config.lora or config.output_dir}: {first_line(e)}") from None
     # The LoRA file carries its alpha, so scale 1.0 is the trained strength.
     pipe.set_adapters([ADAPTER_NAME], [config.lora_scale])
     if config.enable_slicing:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,43 @@ IDENTITY_SETTINGS = (("pretrained_model_name_or_path", "revision", "variant") + 
 LATEST_DIR = ".latest-preprocess"  # under --cache_root: one record per config file
 
 
-def cache_identity(config, models: ModelConfigs) -> schema.CacheIdentity:
+@dataclass(frozen=True)
+class CacheIdentity:
+    """Everything that decides which cache folder a preprocess run writes to: a cache's name ends in
+    the fingerprint of these, so two caches are the same exactly when all of them are."""
+
+    model: schema.CacheModel
+    dataset: schema.CacheDataset
+    settings: schema.CacheSettings
+
+    @property
+    def fingerprint(self) -> str:
+        manifest = schema.Manifest("", self.model, self.dataset, self.settings).to_json()
+        del manifest["fingerprint"]
+        return files.sha256_text(json.dumps(manifest, sort_keys=True))[:12]
+
+    @property
+    def name(self) -> str:
+        s = self.settings
+        model = _slug(Path(str(self.model.pretrained_model_name_or_path).rstrip("/")).name)
+        dataset = _slug(Path(str(self.dataset.dataset_name or self.dataset.instance_data_root)).name)
+        size = f"{len(s.buckets)}buckets" if s.buckets else f"{s.height}x{s.width}_{s.max_num_frames}f"
+        return f"{model}_{dataset}_{size}_{s.fps}fps_{s.video_reshape_mode}_{self.fingerprint}"
+
+    def manifest(self) -> schema.Manifest:
+        """The manifest of the cache these settings name."""
+        return schema.Manifest(self.fingerprint, self.model, self.dataset, self.settings)
+
+    def to_json(self) -> dict:
+        manifest = self.manifest().to_json()
+        return {key: manifest[key] for key in ("model", "dataset", "settings")}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", text).strip("-")[:40] or "x"
+
+
+def cache_identity(config, models: ModelConfigs) -> CacheIdentity:
     """Which cache a preprocess run with these settings writes to (and a training run reads from)."""
     settings = {name: getattr(config, name) for name in TENSOR_SETTINGS}
     buckets = configured_buckets(config)
@@ -54,7 +91,25 @@ def cache_identity(config, models: ModelConfigs) -> schema.CacheIdentity:
         "video_column": config.video_column,
         "id_token": config.id_token,
     }
-    return schema.CacheIdentity(model=models.identity(), dataset=dataset, settings=settings)
+    return CacheIdentity(model=schema.CacheModel(**models.identity()), dataset=schema.CacheDataset(**dataset),
+                         settings=schema.CacheSettings(**settings))
+
+
+def list_caches(cache_root: str | Path) -> list[Path]:
+    root = Path(cache_root)
+    return sorted(p.parent for p in root.glob(f"*/{schema.MANIFEST_FILE}")) if root.is_dir() else []
+
+
+def find_cache(cache_root: str | Path, identity: CacheIdentity) -> Path:
+    """The folder of the cache that matches identity, with a helpful error when there is none."""
+    path = Path(cache_root) / identity.name
+    if (path / schema.MANIFEST_FILE).is_file():
+        return path
+    listing = "\n  ".join(str(p) for p in list_caches(cache_root)) or "(none)"
+    raise CogtuneError(
+        f"No cache for these settings at {path}. Run `cogtune preprocess` with the same config first, or pass "
+        f"--data_cache with one of the caches under {cache_root}:\n  {listing}"
+    )
 
 
 def _record_path(cache_root: Path, config_file: str | None) -> Path:
@@ -62,14 +117,14 @@ def _record_path(cache_root: Path, config_file: str | None) -> Path:
     return Path(cache_root) / LATEST_DIR / f"{key}.json"
 
 
-def record_preprocess_run(config, identity: schema.CacheIdentity) -> None:
+def record_preprocess_run(config, identity: CacheIdentity) -> None:
     """Note that the latest preprocess run of config's file (or of no file) writes identity's cache,
     with the identity settings its command line gave."""
     flags = {name: getattr(config, name) for name in config.command_line if name in IDENTITY_SETTINGS}
     flags = relative_to(flags, Path.cwd())  # absolute, so that a train run elsewhere can replay them
     record = {"config_file": str(Path(config.config_file).resolve()) if config.config_file else None,
-              "cache": identity.name, "command_line": flags, "model": identity.model, "dataset": identity.dataset,
-              "settings": identity.settings, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "cache": identity.name, "command_line": flags, **identity.to_json(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path = _record_path(Path(config.cache_root), config.config_file)
     files.atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(record, indent=2, default=str) + "\n"))
 
@@ -105,12 +160,12 @@ def training_cache(data_cache: str | None, data, models: ModelConfigs) -> Traini
     latest = latest_preprocess_run(cache_root, data.config_file)
     source = f"--config {data.config_file}" if data.config_file else "no config file"
     if latest is None or latest["cache"] == named.name:
-        path = schema.find_cache(cache_root, named)
+        path = find_cache(cache_root, named)
         return TrainingCache(path, "the cache these settings name" + (
             ", which the latest `cogtune preprocess` of this config wrote" if latest else ""))
 
     differences = schema.describe_differences(
-        {"model": named.model, "dataset": named.dataset, "settings": named.settings},
+        named.to_json(),
         {"model": latest["model"], "dataset": latest["dataset"], "settings": latest["settings"]},
         found_label="the latest preprocess run wrote", expected_label="this command names")
     listing = "\n  ".join(differences[:12])

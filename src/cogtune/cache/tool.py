@@ -16,28 +16,16 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
 from cogtune import data_schema as schema
-from cogtune.errors import CogtuneError
+from cogtune.cache.identity import list_caches
+from cogtune.cache.reader import index_parts, read_index, read_manifest, read_selection
+from cogtune.cache.writer import cache_lock, write_index_part, write_selection
+from cogtune.errors import CogtuneError, first_line
 from cogtune.util import files
 
 # --- what a cache should hold -------------------------------------------------------------------
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
-def expected_tensors(row: dict, text_length: int) -> list[tuple[str, str, tuple | None]]:
-    """(shard, key, shape) of every tensor an ok index row needs; a None shape is checked loosely."""
-    channels, _, height, width = row["latent_shape"]
-    latent = tuple(row["latent_shape"])
-    tensors = [(row["latent_shard"], key, latent) for key in schema.latent_tensor_keys(row["latent_key"])]
-    for variant in range(len(row["image_noise_sigmas"] or [])):
-        tensors += [(row["latent_shard"], key, (channels, 1, height, width))
-                    for key in schema.image_latent_tensor_keys(row["latent_key"], variant)]
-    tensors.append((row["text_shard"], schema.text_tensor_key(row["text_key"]), (text_length, None)))
-    return tensors
 
 
 def _shape_matches(shape: list[int], expected: tuple) -> bool:
@@ -58,7 +46,7 @@ def _size(path: Path) -> int:
 class Report:
     """What verify found: problems per sample and per file."""
 
-    cache_dir: Path
+    cache_path: Path
     samples: int = 0  # ok index rows checked
     shards: int = 0
     bytes_hashed: int = 0
@@ -66,14 +54,14 @@ class Report:
     damaged_shards: set = field(default_factory=set)
     damaged_index_parts: list = field(default_factory=list)
     cache_problems: list = field(default_factory=list)  # not tied to one sample
-    rows: dict = field(default_factory=dict)  # sample_id -> row
+    rows: dict[str, schema.IndexRow] = field(default_factory=dict)  # by sample_id
 
     @property
     def ok(self) -> bool:
         return not (self.damaged or self.damaged_shards or self.damaged_index_parts or self.cache_problems)
 
     def text(self, checksums: bool) -> str:
-        lines = [f"cache: {self.cache_dir}",
+        lines = [f"cache: {self.cache_path}",
                  f"checked: {self.samples} samples in {self.shards} shards"
                  + (f", {_human_bytes(self.bytes_hashed)} hashed" if checksums else " (headers only)")]
         lines += [f"problem: {problem}" for problem in self.cache_problems]
@@ -81,25 +69,26 @@ class Report:
         if self.damaged:
             lines.append(f"damaged: {len(self.damaged)} samples")
             for sid, problems in sorted(self.damaged.items()):
-                source = self.rows.get(sid, {}).get("source_path", "?")
+                row = self.rows.get(sid)
+                source = row.source_path if row is not None else "?"
                 lines.append(f"  {sid} ({source}): " + "; ".join(dict.fromkeys(problems)))
         if self.ok:
             lines.append("ok")
         else:
-            lines.append(f"Run `cogtune cache prune --damaged {self.cache_dir}` to drop what is damaged, then "
+            lines.append(f"Run `cogtune cache prune --damaged {self.cache_path}` to drop what is damaged, then "
                          "`cogtune preprocess` with the same settings to encode it again.")
         return "\n".join(lines)
 
 
-def verify(cache_dir: str | Path, checksums: bool = True, selected_only: bool = False) -> Report:
+def verify(cache_path: str | Path, checksums: bool = True, selected_only: bool = False) -> Report:
     """Check every ok sample of the index (or of the selection) against the shards."""
-    cache_dir = Path(cache_dir)
-    manifest = schema.read_manifest(cache_dir)
-    report = Report(cache_dir=cache_dir)
-    rows = {row["sample_id"]: row for row in schema.read_index(cache_dir, report.damaged_index_parts)}
+    cache_path = Path(cache_path)
+    manifest = read_manifest(cache_path)
+    report = Report(cache_path=cache_path)
+    rows = {row.sample_id: row for row in read_index(cache_path, report.damaged_index_parts)}
     report.rows = rows
     try:
-        selection = schema.read_selection(cache_dir)
+        selection = read_selection(cache_path)
     except CogtuneError as e:
         selection = []
         report.cache_problems.append(str(e))
@@ -111,25 +100,24 @@ def verify(cache_dir: str | Path, checksums: bool = True, selected_only: bool = 
         if sid not in rows:
             report.damaged[sid].append("selected but has no index row")
     selected = set(selection)
-    checked = [row for row in rows.values() if row["status"] == schema.STATUS_OK
-               and (not selected_only or row["sample_id"] in selected)]
-    return check_samples(cache_dir, manifest, checked, checksums, report)
+    checked = [row for row in rows.values() if row.ok
+               and (not selected_only or row.sample_id in selected)]
+    return check_samples(cache_path, manifest, checked, checksums, report)
 
 
-def check_samples(cache_dir: Path, manifest: dict, rows: list[dict], checksums: bool,
+def check_samples(cache_path: Path, manifest: schema.Manifest, rows: list[schema.IndexRow], checksums: bool,
                   report: Report | None = None) -> Report:
     """Check the tensors of these ok index rows against the shards (into report, or a new one)."""
-    report = report or Report(cache_dir=Path(cache_dir), rows={row["sample_id"]: row for row in rows})
+    report = report or Report(cache_path=Path(cache_path), rows={row.sample_id: row for row in rows})
     report.samples = len(rows)
-    settings = manifest["settings"]
-    dtype = schema.DTYPES[settings.get("latent_dtype", "fp32")]
+    dtype = schema.DTYPES[manifest.settings.latent_dtype]
     needed: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))  # shard -> key -> [(sid, shape)]
     for row in rows:
-        for shard, key, shape in expected_tensors(row, settings["max_text_seq_length"]):
-            needed[shard][key].append((row["sample_id"], shape))
+        for shard, key, shape in row.tensors(manifest.settings.max_text_seq_length):
+            needed[shard][key].append((row.sample_id, shape))
 
     for shard_name, keys in sorted(needed.items()):
-        path = schema.shard_path(cache_dir, shard_name)
+        path = schema.shard_path(cache_path, shard_name)
         report.shards += 1
 
         def damage(problem: str, users: list) -> None:
@@ -151,8 +139,8 @@ def check_samples(cache_dir: Path, manifest: dict, rows: list[dict], checksums: 
                         continue
                     header = shard.get_slice(key)
                     shape = list(header.get_shape())
-                    if header.get_dtype() != SAFETENSORS_DTYPES[dtype]:
-                        damage(f"{key} is {header.get_dtype()}, the cache stores {SAFETENSORS_DTYPES[dtype]}", users)
+                    if header.get_dtype() != schema.SAFETENSORS_DTYPES[dtype]:
+                        damage(f"{key} is {header.get_dtype()}, the cache stores {schema.SAFETENSORS_DTYPES[dtype]}", users)
                     for sid, expected in users:
                         if not _shape_matches(shape, expected):
                             damage(f"{key} has shape {shape}, the index says "
@@ -165,7 +153,7 @@ def check_samples(cache_dir: Path, manifest: dict, rows: list[dict], checksums: 
                         elif schema.sha256_tensor(tensor) != recorded[key]:
                             damage(f"{key} does not match its checksum (shard {shard_name} is corrupt)", users)
         except Exception as e:  # safetensors raises its own error types for damaged files
-            damage(f"shard {shard_name} cannot be read ({str(e).splitlines()[0][:120]})", everyone)
+            damage(f"shard {shard_name} cannot be read ({first_line(e)[:120]})", everyone)
     return report
 
 
@@ -184,41 +172,42 @@ def inspect(path: str | Path, failures_shown: int = 10) -> str:
     """A human summary of one cache, or a list of the caches under a cache root."""
     path = Path(path)
     if not (path / schema.MANIFEST_FILE).is_file():
-        caches = schema.list_caches(path)
+        caches = list_caches(path)
         if not caches:
             raise CogtuneError(f"{path} is neither a cogtune cache nor a folder holding caches.")
         lines = [f"{len(caches)} caches under {path}:"]
-        for cache_dir in caches:
-            selection = schema.read_selection(cache_dir)
-            size = sum(_size(p) for p in (cache_dir / schema.SHARDS_DIR).glob("*.safetensors"))
+        for cache_path in caches:
+            selection = read_selection(cache_path)
+            size = sum(_size(p) for p in schema.shard_paths(cache_path))
             state = f"{len(selection)} samples" if selection is not None else "unfinished"
-            lines.append(f"  {cache_dir.name}  ({state}, {_human_bytes(size)})")
+            lines.append(f"  {cache_path.name}  ({state}, {_human_bytes(size)})")
         return "\n".join(lines)
 
-    manifest = schema.read_manifest(path)
-    rows = schema.read_index(path)
-    selection = schema.read_selection(path)
+    manifest = read_manifest(path)
+    rows = read_index(path)
+    selection = read_selection(path)
     selected = set(selection or [])
-    ok = [r for r in rows if r["status"] == schema.STATUS_OK and r["sample_id"] in selected]
-    failed = [r for r in rows if r["status"] != schema.STATUS_OK]
-    shards = sorted((path / schema.SHARDS_DIR).glob("*.safetensors"))
+    ok = [r for r in rows if r.ok and r.sample_id in selected]
+    failed = [r for r in rows if not r.ok]
+    shards = schema.shard_paths(path)
     used = used_shards(rows)
     orphans = [p for p in shards if p.stem not in used]
     shard_bytes = sum(_size(p) for p in shards)
-    index_bytes = sum(_size(p) for p in schema.index_parts(path))
+    index_bytes = sum(_size(p) for p in index_parts(path))
     temps = temp_files(path)
-    model = manifest["model"]
+    model = manifest.model
     lines = [
         f"cache: {path.resolve()}",
-        f"format version {manifest['format_version']}, fingerprint {manifest['fingerprint']}",
-        f"model: {model.get('pretrained_model_name_or_path')} ({model.get('family', 'CogVideoX')})",
-        "dataset: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest["dataset"].items()) if v is not None),
-        "settings: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest["settings"].items()) if v is not None),
+        f"format version {manifest.format_version}, fingerprint {manifest.fingerprint}",
+        f"model: {model.pretrained_model_name_or_path} ({model.family})",
+        "dataset: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.to_json()["dataset"].items()) if v is not None),
+        "settings: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.to_json()["settings"].items())
+                                 if v is not None),
         ("samples: unfinished (no preprocess run has finished yet); " if selection is None
          else f"samples: {len(ok)} selected and usable; ")
-        + f"{sum(r['status'] == schema.STATUS_OK for r in rows)} encoded in all, {len(failed)} failed",
+        + f"{sum(r.ok for r in rows)} encoded in all, {len(failed)} failed",
         "buckets: " + (", ".join(f"{name} ({count})" for name, count in
-                                 sorted(Counter(r["bucket"] for r in ok).items())) or "(none)"),
+                                 sorted(Counter(r.bucket for r in ok).items())) or "(none)"),
         f"bytes: {_human_bytes(shard_bytes)} in {len(shards)} shards"
         + (f" ({_human_bytes(shard_bytes // len(ok))} per sample)" if ok else "") + f", index {_human_bytes(index_bytes)}",
     ]
@@ -226,9 +215,9 @@ def inspect(path: str | Path, failures_shown: int = 10) -> str:
         lines.append(f"prunable: {len(orphans)} shards no sample uses ({_human_bytes(sum(map(_size, orphans)))}), "
                      f"{len(temps)} temp files; `cogtune cache prune {path}` removes them")
     if failed:
-        kinds = Counter(r["failure_kind"] or "unreadable" for r in failed)
+        kinds = Counter(r.failure_kind or "unreadable" for r in failed)
         lines.append("failures: " + ", ".join(f"{kind} ({count})" for kind, count in kinds.most_common()))
-        lines += [f"  {r['reason']}" for r in failed[:failures_shown]]
+        lines += [f"  {r.reason}" for r in failed[:failures_shown]]
         if len(failed) > failures_shown:
             lines.append(f"  ... and {len(failed) - failures_shown} more (in the index: status == 'failed')")
     return "\n".join(lines)
@@ -239,13 +228,13 @@ def inspect(path: str | Path, failures_shown: int = 10) -> str:
 
 def used_shards(rows) -> set[str]:
     """The shards that hold a tensor of an ok row; any other shard can go."""
-    return {name for row in rows if row["status"] == schema.STATUS_OK
-            for name in (row["latent_shard"], row["text_shard"])}
+    return {name for row in rows if row.ok
+            for name in (row.latent_shard, row.text_shard)}
 
 
-def temp_files(cache_dir: Path) -> list[Path]:
+def temp_files(cache_path: Path) -> list[Path]:
     """Temp files that killed writers left behind (never visible to readers)."""
-    folders = (cache_dir, cache_dir / schema.SHARDS_DIR, cache_dir / schema.INDEX_DIR)
+    folders = (cache_path, cache_path / schema.SHARDS_DIR, cache_path / schema.INDEX_DIR)
     return sorted(p for folder in folders for p in folder.glob(f".*{files.TEMP_SUFFIX}") if p.is_file())
 
 
@@ -266,53 +255,53 @@ class PruneResult:
                 f"{self.orphan_shards} unused shards, {self.temp_files} temp files ({_human_bytes(self.bytes_freed)})")
 
 
-def prune(cache_dir: str | Path, failed: bool = True, unselected: bool = False, damaged: bool = False,
+def prune(cache_path: str | Path, failed: bool = True, unselected: bool = False, damaged: bool = False,
           dry_run: bool = False) -> PruneResult:
-    cache_dir = Path(cache_dir)
-    schema.read_manifest(cache_dir)
-    with schema.cache_lock(cache_dir, exclusive=True):
+    cache_path = Path(cache_path)
+    read_manifest(cache_path)
+    with cache_lock(cache_path, exclusive=True):
         if damaged:
-            report = verify(cache_dir, checksums=True)
+            report = verify(cache_path, checksums=True)
             rows, damaged_parts = report.rows, report.damaged_index_parts
         else:  # the index alone says what is failed, unselected or unused
             damaged_parts = []
-            rows = {row["sample_id"]: row for row in schema.read_index(cache_dir, damaged_parts)}
-        selection = schema.read_selection(cache_dir)
+            rows = {row.sample_id: row for row in read_index(cache_path, damaged_parts)}
+        selection = read_selection(cache_path)
         selected = set(selection or [])
         result = PruneResult(damaged_index_parts=len(damaged_parts))
 
         drop = set()
         if failed:
-            gone = {sid for sid, row in rows.items() if row["status"] != schema.STATUS_OK}
+            gone = {sid for sid, row in rows.items() if not row.ok}
             result.failed, drop = len(gone), drop | gone
         if unselected and selection is not None:
             gone = {sid for sid in rows if sid not in selected} - drop
             result.unselected, drop = len(gone), drop | gone
         if damaged:
             gone = {sid for sid, row in rows.items() if sid in report.damaged or
-                    (row["status"] == schema.STATUS_OK and
-                     {row["latent_shard"], row["text_shard"]} & report.damaged_shards)}
+                    (row.ok and
+                     {row.latent_shard, row.text_shard} & report.damaged_shards)}
             result.damaged, drop = len(gone - drop), drop | gone
         kept = [row for sid, row in rows.items() if sid not in drop]
         used = used_shards(kept)
-        doomed_shards = [p for p in sorted((cache_dir / schema.SHARDS_DIR).glob("*.safetensors"))
+        doomed_shards = [p for p in schema.shard_paths(cache_path)
                          if p.stem not in used]
-        temps = temp_files(cache_dir)
+        temps = temp_files(cache_path)
         result.orphan_shards, result.temp_files = len(doomed_shards), len(temps)
         result.bytes_freed = sum(map(_size, doomed_shards + temps))
         if dry_run:
             return result
 
-        old_parts = schema.index_parts(cache_dir)
+        old_parts = index_parts(cache_path)
         if drop or damaged_parts or len(old_parts) > 1:
             # one compacted part replaces all others; it is written first, so a crash loses nothing
-            new_part = schema.write_index_part(cache_dir, f"pruned-{uuid.uuid4().hex[:12]}", kept) if kept else None
+            new_part = write_index_part(cache_path, f"pruned-{uuid.uuid4().hex[:12]}", kept) if kept else None
             for part in old_parts:
                 if part != new_part:
                     part.unlink(missing_ok=True)
-        kept_ids = {row["sample_id"] for row in kept}
+        kept_ids = {row.sample_id for row in kept}
         if selection is not None and not selected <= kept_ids:  # training reads the selection: no holes
-            schema.write_selection(cache_dir, [sid for sid in selection if sid in kept_ids])
+            write_selection(cache_path, [sid for sid in selection if sid in kept_ids])
         for path in doomed_shards + temps:
             path.unlink(missing_ok=True)
         return result

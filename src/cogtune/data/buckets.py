@@ -56,6 +56,11 @@ def configured_buckets(config) -> list[Bucket] | None:
     return sorted(set(buckets))
 
 
+def clip_sizes(config) -> list[Bucket]:
+    """Every (frames, height, width) a preprocess config brings clips to: its buckets, or its one size."""
+    return configured_buckets(config) or [(config.max_num_frames, config.height, config.width)]
+
+
 def assign_bucket(buckets: list[Bucket], available_frames: int, height: int, width: int) -> Bucket | None:
     """The bucket for a clip of `available_frames` usable frames and height x width pixels: nearest
     in aspect ratio (on a log scale, so 2:1 and 1:2 are equally far from 1:1), then in area, among

@@ -21,7 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from cogtune.errors import CogtuneError
+from cogtune.errors import CogtuneError, first_line
 from cogtune.util.hub import looks_like_hub_id
 
 METADATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
@@ -137,7 +137,7 @@ def _read_hub_dataset(name: str, config_name: str | None, caption_column: str, v
     try:
         table = datasets.load_dataset(name, config_name, split="train", cache_dir=cache_dir)
     except Exception as e:  # datasets raises many types: missing dataset, no network, bad config
-        raise CogtuneError(f"Cannot load the hub dataset {name}: {str(e).splitlines()[0]}") from None
+        raise CogtuneError(f"Cannot load the hub dataset {name}: {first_line(e)}") from None
     _require_columns(table.column_names, caption_column, video_column, f"Hub dataset {name}")
     return [(_unquote(c), _unquote(v), f"{name} row {i + 1}")
             for i, (c, v) in enumerate(zip(table[caption_column], table[video_column]))]

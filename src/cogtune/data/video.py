@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cogtune.errors import CogtuneError
+from cogtune.errors import CogtuneError, first_line
 
 
 class ClipSkipped(CogtuneError):
@@ -153,7 +153,7 @@ class DecordVideo:
         try:
             self.reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         except Exception as e:  # decord raises bare DECORDError/RuntimeError
-            raise _Fallback(f"cannot open: {str(e).splitlines()[0][:120]}") from None
+            raise _Fallback(f"cannot open: {first_line(e)[:120]}") from None
         count = len(self.reader)
         self.fps = float(self.reader.get_avg_fps())
         if count < 1 or not PLAUSIBLE_FPS[0] <= self.fps <= PLAUSIBLE_FPS[1]:
@@ -161,7 +161,7 @@ class DecordVideo:
         try:
             stamps = self.reader.get_frame_timestamp(range(count))[:, 0]
         except Exception as e:
-            raise _Fallback(f"no timestamps: {str(e).splitlines()[0][:120]}") from None
+            raise _Fallback(f"no timestamps: {first_line(e)[:120]}") from None
         steps = np.diff(stamps)
         if count > 2 and (steps.min() <= 0 or steps.max() > 1.5 * steps.min() + 1e-3):
             raise _Fallback("variable frame rate")
@@ -173,7 +173,7 @@ class DecordVideo:
         try:
             frames = self.reader.get_batch(indices).asnumpy()
         except Exception as e:
-            raise _Fallback(f"decode error: {str(e).splitlines()[0][:120]}") from None
+            raise _Fallback(f"decode error: {first_line(e)[:120]}") from None
         if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
             raise _Fallback(f"returned frames of shape {tuple(frames.shape)}")
         return frames

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cogtune.errors import CogtuneError
+from cogtune.errors import CogtuneError, first_line
 from cogtune.train.lora import load_lora_into, save_lora
 from cogtune.util import files
 
@@ -86,7 +86,7 @@ def load_state(path: Path) -> dict:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
             structure = json.loads((f.metadata() or {})[STRUCTURE_KEY])
     except Exception as e:  # safetensors raises its own error types
-        raise CogtuneError(f"Checkpoint file {path} cannot be read ({str(e).splitlines()[0]}); resume from an "
+        raise CogtuneError(f"Checkpoint file {path} cannot be read ({first_line(e)}); resume from an "
                            "earlier checkpoint or start again.") from None
     return unflatten(structure, tensors)
 

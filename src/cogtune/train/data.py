@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cogtune import data_schema as schema
 from cogtune.cache.identity import training_cache
+from cogtune.cache.reader import Cache, check_for_training
 from cogtune.cache.tool import check_samples
 from cogtune.errors import CogtuneError
 from cogtune.families import FamilySpec, ModelConfigs
@@ -62,8 +62,8 @@ class TrainingPlan:
     max_train_steps: int
 
     @classmethod
-    def of(cls, cache: schema.Cache, config, processes: int) -> "TrainingPlan":
-        shapes = [tuple(row["latent_shape"]) for row in cache.samples]
+    def of(cls, cache: Cache, config, processes: int) -> "TrainingPlan":
+        shapes = [tuple(row.latent_shape) for row in cache.samples]
         global_batch_size = config.train_batch_size * processes
         batches_per_epoch = len(epoch_batches(shapes, global_batch_size, config.seed, 0))
         steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
@@ -78,7 +78,7 @@ class TrainingPlan:
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    def __init__(self, cache: schema.Cache):
+    def __init__(self, cache: Cache):
         self.cache = cache
 
     def __len__(self):
@@ -97,27 +97,20 @@ def collate(items: list[dict]) -> dict:
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
-def open_training_cache(config, data, models: ModelConfigs, spec: FamilySpec) -> tuple[Path, schema.Cache]:
+def open_training_cache(config, data, models: ModelConfigs, spec: FamilySpec) -> tuple[Path, Cache]:
     """The cache this run trains on (saying which, and why), refused before any model is loaded
     when it does not fit the model: another VAE or T5, the other kind of model, another text
     length, no usable samples, damaged shards, clip sizes the family cannot take."""
     training = training_cache(config.data_cache, data, models)
     cache_path = training.path
     logs.message(f"cache: {cache_path.resolve()} ({training.why})")
-    cache = schema.Cache.open(cache_path)
-    schema.check_compatible(cache.manifest, models.identity(), cache_path)
-    schema.check_conditioning(cache.manifest, spec.image_conditioned, spec.description, cache_path)
-    cached_text_length = cache.manifest["settings"].get("max_text_seq_length")
-    if cached_text_length != spec.max_text_seq_length:
-        raise CogtuneError(
-            f"The cache {cache_path} holds text embeddings of {cached_text_length} tokens but the transformer takes "
-            f"{spec.max_text_seq_length}."
-        )
+    cache = Cache.open(cache_path)
+    check_for_training(cache.manifest, models.identity(), spec, cache_path)
     if not cache.samples:
         raise CogtuneError(f"The cache {cache_path} holds no usable samples ({len(cache.failed)} were skipped).")
     damage = check_samples(cache_path, cache.manifest, cache.samples, checksums=False)  # shard headers: quick
     if not damage.ok:
         raise CogtuneError(f"The cache {cache_path} is damaged:\n" + damage.text(checksums=False))
-    for size in sorted({(row["num_frames"], row["height"], row["width"]) for row in cache.samples}):
+    for size in sorted({(row.num_frames, row.height, row.width) for row in cache.samples}):
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
     return cache_path, cache

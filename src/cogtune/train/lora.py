@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from cogtune.errors import CogtuneError
+from cogtune.errors import CogtuneError, first_line
 from cogtune.util import files
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -43,7 +43,7 @@ def load_lora_into(transformer, directory: Path) -> None:
     try:  # safetensors only: a pickled LoRA is never opened
         state = CogVideoXPipeline.lora_state_dict(str(directory), weight_name=LORA_WEIGHT_NAME, use_safetensors=True)
     except Exception as e:  # diffusers and safetensors raise several error types
-        raise CogtuneError(f"Cannot read {Path(directory) / LORA_WEIGHT_NAME} ({str(e).splitlines()[0]}).") from None
+        raise CogtuneError(f"Cannot read {Path(directory) / LORA_WEIGHT_NAME} ({first_line(e)}).") from None
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     result = set_peft_model_state_dict(transformer, state, adapter_name="default")
     if getattr(result, "unexpected_keys", None):

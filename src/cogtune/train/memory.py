@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cogtune import data_schema as schema
 from cogtune.cache.identity import training_cache
+from cogtune.cache.reader import Cache
 from cogtune.config import PreprocessConfig, TrainConfig, precision_dtype
-from cogtune.data.buckets import configured_buckets
+from cogtune.data.buckets import clip_sizes
 from cogtune.errors import CogtuneError
 from cogtune.families import FamilySpec, ModelConfigs
 from cogtune.train.model import build_transformer
@@ -242,15 +242,13 @@ def largest_latent_shape(config: TrainConfig, preprocess_config: PreprocessConfi
     index when the cache exists, else the preprocess settings."""
     try:
         cache_path = training_cache(config.data_cache, preprocess_config, models).path
-        shapes = {tuple(row["latent_shape"]) for row in schema.Cache.open(cache_path).samples}
+        shapes = {tuple(row.latent_shape) for row in Cache.open(cache_path).samples}
         if shapes:
             return list(max(shapes, key=lambda shape: math.prod(shape[1:]))), f"the cache {cache_path}"
     except CogtuneError:
         if preprocess_config is None:
             raise
-    buckets = configured_buckets(preprocess_config) or [(preprocess_config.max_num_frames, preprocess_config.height,
-                                                         preprocess_config.width)]
-    frames, height, width = max(buckets, key=lambda bucket: math.prod(bucket))
+    frames, height, width = max(clip_sizes(preprocess_config), key=lambda bucket: math.prod(bucket))
     return ([spec.latent_channels, spec.latent_frames(frames), height // spec.vae_scale_spatial,
              width // spec.vae_scale_spatial], "the preprocess settings (no cache yet)")
 

@@ -198,7 +198,7 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests)
     if accelerator.is_main_process:
         log.keep_up_to(log_path, global_step)
     if config.report_to != "none":  # accelerate starts trackers on the main process only
-        accelerator.init_trackers(config.tracker_name or "cogtune", config={
+        accelerator.init_trackers(config.tracker_name, config={
             k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
 
     def save_checkpoint(step: int) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cogtune import data_schema as schema
 from cogtune.errors import CogtuneError
 from cogtune.train.log import TRAIN_LOG_NAME, read_log
 from cogtune.train.lora import LORA_INFO_NAME, LORA_WEIGHT_NAME
@@ -136,7 +137,7 @@ def last_round(rounds: list):
     return next((r for r in reversed(rounds) if r.videos), None)
 
 
-def card_data(models, spec, manifest: dict, rounds: list, output_dir: Path) -> dict:
+def card_data(models, spec, manifest: schema.Manifest, rounds: list, output_dir: Path) -> dict:
     """The YAML header of the model card."""
     base = models.source["pretrained_model_name_or_path"]
     kind = "image-to-video" if spec.image_conditioned else "text-to-video"
@@ -145,7 +146,7 @@ def card_data(models, spec, manifest: dict, rounds: list, output_dir: Path) -> d
                      "template:sd-lora", "cogtune"]}
     if not Path(base).exists():  # a hub id; the hub refuses a local path here
         data["base_model"] = base
-    id_token = manifest.get("dataset", {}).get("id_token")
+    id_token = manifest.dataset.id_token
     if id_token:
         data["instance_prompt"] = id_token
     last = last_round(rounds)
@@ -154,16 +155,16 @@ def card_data(models, spec, manifest: dict, rounds: list, output_dir: Path) -> d
     return data
 
 
-def model_card(config, models, spec, manifest: dict, rounds: list, steps: int, output_dir: Path) -> str:
+def model_card(config, models, spec, manifest: schema.Manifest, rounds: list, steps: int, output_dir: Path) -> str:
     """The model card (README.md) of a trained LoRA: YAML header, settings, samples, how to load it."""
     import yaml
 
     data = card_data(models, spec, manifest, rounds, output_dir)
     last = last_round(rounds)
     base = models.source["pretrained_model_name_or_path"]
-    settings = manifest["settings"]
+    settings = manifest.settings
     image = spec.image_conditioned
-    pipeline_class = "CogVideoXImageToVideoPipeline" if image else "CogVideoXPipeline"
+    pipeline_class = spec.pipeline_class_name
     repo = config.hub_model_id or output_dir.name
     id_token = data.get("instance_prompt")
     prompt = last.videos[0][0] if last is not None else f"{id_token or ''} a video".strip()
@@ -178,9 +179,8 @@ def model_card(config, models, spec, manifest: dict, rounds: list, steps: int, o
         ("Optimizer", config.optimizer + (" (8-bit)" if config.use_8bit_adam else "")),
         ("Batch size x accumulation", f"{config.train_batch_size} x {config.gradient_accumulation_steps}"),
         ("Mixed precision", config.mixed_precision),
-        ("Clips", f"{settings['max_num_frames']} frames of {settings['height']}x{settings['width']} at "
-                  f"{settings['fps']} fps" + (f", buckets {', '.join(settings['buckets'])}" if settings.get("buckets")
-                                             else "")),
+        ("Clips", f"{settings.max_num_frames} frames of {settings.height}x{settings.width} at {settings.fps} fps"
+                  + (f", buckets {', '.join(settings.buckets)}" if settings.buckets else "")),
         ("Seed", str(config.seed)),
     ]
     lines = ["---", yaml.safe_dump(data, sort_keys=False).strip(), "---", "",
@@ -213,7 +213,7 @@ def model_card(config, models, spec, manifest: dict, rounds: list, steps: int, o
         *image_lines,
         f"video = pipe({call_image}prompt={prompt!r}, guidance_scale={config.guidance_scale:g}, "
         f"use_dynamic_cfg={config.use_dynamic_cfg}).frames[0]",
-        f'export_to_video(video, "output.mp4", fps={settings["fps"]})', "```", "",
+        f'export_to_video(video, "output.mp4", fps={settings.fps})', "```", "",
         f"Diffusers versions that ignore the stored alpha need `pipe.set_adapters([\"cogtune\"], "
         f"[{config.lora_alpha:g} / {config.rank}])` instead. With cogtune: `cogtune infer --lora {repo} "
         f"--pretrained_model_name_or_path {base} --prompt \"...\"`.", "",
@@ -222,7 +222,7 @@ def model_card(config, models, spec, manifest: dict, rounds: list, steps: int, o
     return "\n".join(lines)
 
 
-def write_model_card(output_dir: Path, config, models, spec, manifest: dict, rounds: list, steps: int) -> Path:
+def write_model_card(output_dir: Path, config, models, spec, manifest: schema.Manifest, rounds: list, steps: int) -> Path:
     path = output_dir / MODEL_CARD_NAME
     text = model_card(config, models, spec, manifest, rounds, steps, output_dir)
     files.atomic_write(path, lambda temp: Path(temp).write_text(text))

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from cogtune import data_schema as schema
-from cogtune.errors import CogtuneError
+from cogtune.cache.reader import read_validation_inputs
 from cogtune.families import FamilySpec, ModelConfigs, load_vae
 from cogtune.util import files, logs
 from cogtune.util.media import write_mp4
 
-VALIDATION_DIR = "validation"  # under the output dir: step-<N>/ folders of mp4 files and a contact sheet
+VALIDATION_VIDEOS_DIR = "validation"  # under the output dir: step-<N>/ folders of mp4 files and a contact sheet
 CONTACT_SHEET_NAME = "contact_sheet.png"
 
 
@@ -45,37 +45,16 @@ class ValidationSet:
     fps: int  # of the training clips, and so of the validation videos
 
 
-def load_validation_set(config, spec: FamilySpec, cache_path: Path, manifest: dict) -> ValidationSet | None:
+def load_validation_set(config, spec: FamilySpec, cache_path: Path, manifest: schema.Manifest) -> ValidationSet | None:
     """The validation prompts' cached embeddings (and image latents), at the cache's clip size; a
     clear error, before any model is loaded, for whatever preprocess has not encoded."""
-    from safetensors.torch import load_file
-
     pairs = config.checked_validation_pairs(spec)
     if not pairs:
         return None
-    settings = manifest["settings"]
-    height, width = settings["height"], settings["width"]
-    text_paths = {text: schema.validation_text_path(cache_path, text) for text in [*(p for p, _ in pairs), ""]}
-    image_paths = {image: schema.validation_image_path(cache_path, files.sha256_file(image), height, width)
-                   for _, image in pairs if image is not None}
-    missing = [repr(text) if text else "the empty negative prompt" for text, path in text_paths.items()
-               if not path.is_file()]
-    missing += [f"image {image}" for image, path in image_paths.items() if not path.is_file()]
-    if missing:
-        raise CogtuneError(
-            f"The cache {cache_path} holds no encoding of these validation inputs: {', '.join(missing)}. Run "
-            "`cogtune preprocess` with the same --validation_prompt (and --validation_images): it encodes only "
-            "what is missing, so that training never needs T5."
-        )
-    prompts = []
-    for prompt, image in pairs:
-        moments = None
-        if image is not None:
-            tensors = load_file(image_paths[image])
-            moments = (tensors["mean"], tensors["logvar"])
-        prompts.append(ValidationPrompt(prompt, image, load_file(text_paths[prompt])["prompt_embeds"], moments))
-    negative = load_file(text_paths[""])["prompt_embeds"]
-    return ValidationSet(prompts, negative, settings["max_num_frames"], height, width, settings["fps"])
+    settings = manifest.settings
+    embeds, images = read_validation_inputs(cache_path, pairs, settings.height, settings.width)
+    prompts = [ValidationPrompt(prompt, image, embeds[prompt], images.get(image)) for prompt, image in pairs]
+    return ValidationSet(prompts, embeds[""], settings.max_num_frames, settings.height, settings.width, settings.fps)
 
 
 def load_scheduler(models: ModelConfigs):
@@ -207,7 +186,7 @@ def run_validation(transformer, validation: ValidationSet, config, models: Model
     finally:
         transformer.train(was_training)
     vae = load_vae(models, config, latents[0][2].device, dtype)
-    folder = output_dir / VALIDATION_DIR / f"step-{step:06d}"
+    folder = output_dir / VALIDATION_VIDEOS_DIR / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     videos, frames = [], []
     try:

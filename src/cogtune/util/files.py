@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from cogtune.errors import CogtuneError
+from cogtune.errors import CogtuneError, first_line
 
 
 def sha256_text(text: str) -> str:
@@ -70,7 +70,7 @@ def _is_no_space(error: BaseException) -> bool:
 
 
 def _strerror(error: BaseException) -> str:
-    return error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    return error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
 
 
 def ensure_writable_dir(folder: Path, flag: str) -> None:

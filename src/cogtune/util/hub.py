@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cogtune.errors import CogtuneError
+from cogtune.errors import CogtuneError, first_line
 
 REACH_TIMEOUT_S = 5.0  # the whole check, name lookup included
 LOGIN_COMMAND = "hf auth login"
@@ -104,6 +104,6 @@ def read_json(repo_id: str, filename: str, revision: str | None, cache_dir: str 
             raise CogtuneError(f"{flag} {repo_id} is not a diffusers CogVideoX pipeline: it has no {filename}.") \
                 from None
         except OSError as e:  # a connection that broke off after the check
-            raise CogtuneError(f"{flag} {repo_id}: " + unreachable_message(filename, str(e).splitlines()[0])) \
+            raise CogtuneError(f"{flag} {repo_id}: " + unreachable_message(filename, first_line(e))) \
                 from None
     return json.loads(Path(path).read_text())

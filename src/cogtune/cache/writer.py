@@ -1,0 +1,122 @@
+"""Writing a cache in the format of `data_schema`: shards, index parts, the selection, the
+validation inputs, and the lock that writers share and `cogtune cache prune` takes alone."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import save_file
+
+from cogtune import data_schema as schema
+from cogtune.cache.reader import read_manifest
+from cogtune.errors import CogtuneError
+from cogtune.util.files import atomic_write, write_json
+
+
+@contextlib.contextmanager
+def cache_lock(cache_path: Path, exclusive: bool = False):
+    """Writers share a cache's lock; `cogtune cache prune` takes it alone, so it never deletes what a
+    running preprocess is writing. Raises CogtuneError when the lock cannot be had at once."""
+    cache_path.mkdir(parents=True, exist_ok=True)
+    with open(cache_path / schema.LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CogtuneError(
+                f"{cache_path} is in use: " + ("a preprocess run is writing to it; wait until it has finished."
+                                               if exclusive else "`cogtune cache prune` is running on it; wait for it.")
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A small safetensors file (a validation input), written atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda temp: save_file(tensors, temp, metadata=metadata))
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    atomic_write(path, lambda temp: pq.write_table(table, temp))
+
+
+def write_index_part(cache_path: Path, name: str, rows: list[schema.IndexRow]) -> Path:
+    path = schema.index_part_path(cache_path, name)
+    _write_parquet(path, pa.Table.from_pylist([row.to_json() for row in rows], schema=schema.INDEX_SCHEMA))
+    return path
+
+
+def write_selection(cache_path: Path, sample_ids: Iterable[str]) -> None:
+    ids = list(dict.fromkeys(sample_ids))
+    _write_parquet(Path(cache_path) / schema.SELECTION_FILE,
+                   pa.Table.from_pydict({"sample_id": ids}, schema.SELECTION_SCHEMA))
+
+
+class CacheWriter:
+    """Appends encoded tensors and index rows to a cache, one complete shard at a time."""
+
+    def __init__(self, cache_path: Path, manifest: schema.Manifest, shard_size_mb: float, writer_id: str = "w0"):
+        self.cache_path = Path(cache_path)
+        self.writer_id = writer_id
+        self.shard_bytes = int(shard_size_mb * 1024 * 1024)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._rows: list[schema.IndexRow] = []
+        self._pending_bytes = 0
+        self._part_name = self._new_part_name()
+        if (self.cache_path / schema.MANIFEST_FILE).exists():
+            differences = schema.describe_differences(manifest.to_json(), read_manifest(self.cache_path).to_json())
+            if differences:
+                raise CogtuneError(
+                    f"{self.cache_path} holds a cache with other settings:\n  " + "\n  ".join(differences)
+                    + "\nUse another --cache_root, or delete that folder."
+                )
+        else:
+            write_json(self.cache_path / schema.MANIFEST_FILE, manifest.to_json())
+
+    def _new_part_name(self) -> str:
+        return f"{self.writer_id}-{uuid.uuid4().hex[:12]}"
+
+    def add_tensor(self, key: str, tensor: torch.Tensor) -> str:
+        """Queue a tensor; returns the shard name it will be stored in."""
+        tensor = tensor.detach().to("cpu").contiguous()
+        self._tensors[key] = tensor
+        self._pending_bytes += tensor.numel() * tensor.element_size()
+        return self._part_name
+
+    def add_row(self, row: schema.IndexRow) -> None:
+        self._rows.append(row)
+
+    def should_flush(self) -> bool:
+        return self._pending_bytes >= self.shard_bytes
+
+    def flush(self) -> None:
+        """Make everything queued so far visible: the shard first, then its index part."""
+        if not self._tensors and not self._rows:
+            return
+        name = self._part_name
+        if self._tensors:
+            tensors = self._tensors
+            metadata = {"format_version": str(schema.FORMAT_VERSION),
+                        schema.CHECKSUMS_METADATA: json.dumps({key: schema.sha256_tensor(t)
+                                                               for key, t in tensors.items()})}
+            atomic_write(schema.shard_path(self.cache_path, name),
+                         lambda temp: save_file(tensors, temp, metadata=metadata))
+        if self._rows:
+            write_index_part(self.cache_path, name, self._rows)
+        self._tensors, self._rows, self._pending_bytes = {}, [], 0
+        self._part_name = self._new_part_name()
+
+    def write_selection(self, sample_ids: Iterable[str]) -> None:
+        """Record the samples of a finished run; training reads exactly these."""
+        self.flush()
+        write_selection(self.cache_path, sample_ids)

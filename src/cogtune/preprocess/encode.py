@@ -1,0 +1,267 @@
+"""The encoders of stage 1: T5 for captions and validation prompts, the 3D VAE for clips, their
+noised first frames and validation images. Each writes its tensors through a CacheWriter; the
+index rows that name them are the caller's (`preprocess._encode_missing`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from cogtune import data_schema as schema
+from cogtune.cache.writer import CacheWriter, write_tensors
+from cogtune.config import PreprocessConfig, precision_dtype
+from cogtune.data.buckets import bucket_name, size_rule
+from cogtune.data.video import (Clip, ClipSkipped, load_first_frame, plan_resize_crop, read_clip, resize_crop,
+                                to_model_range)
+from cogtune.errors import CogtuneError, Preempted, first_line
+from cogtune.families import ModelConfigs, load_vae
+from cogtune.preprocess.plan import failure_limit
+from cogtune.util import files, logs
+from cogtune.util.signals import StopRequests, ignore_stop_signals
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Decodes and resizes one video per item, in DataLoader workers when there are any."""
+
+    def __init__(self, jobs: list[tuple[Path, str]], config: PreprocessConfig):
+        self.jobs = jobs
+        self.config = config
+        self._size = None  # built where it is used (a worker), as closures do not pickle
+
+    def __len__(self):
+        return len(self.jobs)
+
+    def __getitem__(self, i):
+        path, sha = self.jobs[i]
+        c = self.config
+        rng = np.random.default_rng([c.seed, int(sha[:15], 16)])  # a clip's crop depends only on it and the seed
+        if self._size is None:
+            self._size = size_rule(c)
+        try:
+            clip = read_clip(path, self._size, c.fps, c.skip_frames_start, c.skip_frames_end,
+                             c.video_reshape_mode, rng)
+            return sha, clip, None
+        except ClipSkipped as e:
+            return sha, None, (e.kind, str(e))
+        except Exception as e:  # a decoder crash on one file must not end the run
+            return sha, None, ("unreadable", f"{type(e).__name__}: {first_line(e)[:200]}")
+
+
+def _first(batch):
+    return batch[0]
+
+
+def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():  # one GPU per process of a node
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), precision_dtype(precision)
+    # bf16/fp16 3D convolutions are pathologically slow on CPUs: encode in fp32 there.
+    return torch.device("cpu"), torch.float32
+
+
+def stop_if_requested(stop: StopRequests, writer: CacheWriter) -> None:
+    """At a safe point: on SIGTERM/SIGUSR1, save what is encoded and end the run."""
+    if stop.signal:
+        writer.flush()
+        raise Preempted(f"stopped by {stop.signal}; everything encoded so far is saved in {writer.cache_path}. "
+                        "Run the same command again to continue.")
+
+
+def _load_text_encoder(config: PreprocessConfig, models: ModelConfigs):
+    """(tokenizer, T5 encoder on the device) of the pipeline."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    device, dtype = device_and_dtype(config.mixed_precision)
+    tokenizer = models.load_part(AutoTokenizer, "tokenizer", weights=False)
+    text_encoder = models.load_part(T5EncoderModel, "text_encoder", dtype=dtype).to(device).eval()
+    return tokenizer, text_encoder
+
+
+@torch.no_grad()
+def _embed_texts(texts: list[str], tokenizer, text_encoder, max_length: int) -> tuple[torch.Tensor, int]:
+    """T5 embeddings of texts padded to max_length, as the pipelines make them; and how many were
+    truncated."""
+    tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                       add_special_tokens=True, return_tensors="pt")
+    full_lengths = tokenizer(texts, add_special_tokens=True, return_length=True)["length"]
+    embeds = text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+    return embeds, sum(length > max_length for length in full_lengths)
+
+
+def encode_captions(captions: list[str], config: PreprocessConfig, models: ModelConfigs,
+                     writer: CacheWriter, stop: StopRequests, batch_size: int = 8) -> dict[str, str]:
+    """T5-encode captions padded to the model's text length; returns tensor key -> shard."""
+    tokenizer, text_encoder = _load_text_encoder(config, models)
+    max_length = models.transformer["max_text_seq_length"]
+    store_dtype = schema.DTYPES[config.latent_dtype]
+    shards, truncated = {}, 0
+    for start in logs.progress(range(0, len(captions), batch_size), desc="encoding captions", unit="batch"):
+        batch = captions[start:start + batch_size]
+        embeds, cut = _embed_texts(batch, tokenizer, text_encoder, max_length)
+        truncated += cut
+        for caption, embed in zip(batch, embeds):
+            key = schema.text_tensor_key(schema.caption_key(caption))
+            shards[key] = writer.add_tensor(key, embed.to(store_dtype))
+            if writer.should_flush():
+                writer.flush()
+        stop_if_requested(stop, writer)
+    if truncated:
+        logs.message(f"warning: {truncated} caption(s) are longer than {max_length} tokens and were truncated.")
+    del text_encoder
+    return shards
+
+
+@torch.no_grad()
+def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path: Path,
+                      pairs: list[tuple[str, str | None]]) -> int:
+    """Encode the validation prompts of `pairs` (checked by checked_validation_pairs) and the empty
+    negative prompt with T5 and, for image-to-video models, their images with the VAE, into the
+    cache's validation folder, so that training can generate without either. Only what is
+    missing is encoded; returns how many files were written."""
+    if not pairs:
+        return 0
+    images = [image for _, image in pairs if image]
+    written = 0
+    texts = [text for text in dict.fromkeys(["", *(prompt for prompt, _ in pairs)])
+             if not schema.validation_text_path(cache_path, text).is_file()]
+    if texts:
+        tokenizer, text_encoder = _load_text_encoder(config, models)
+        embeds, truncated = _embed_texts(texts, tokenizer, text_encoder, models.transformer["max_text_seq_length"])
+        for text, embed in zip(texts, embeds):
+            write_tensors(schema.validation_text_path(cache_path, text), {schema.VALIDATION_PROMPT_EMBEDS: embed.float()},
+                                 {"prompt": text})
+        written += len(texts)
+        if truncated:
+            logs.message(f"warning: {truncated} validation prompt(s) are longer than the model's text length and "
+                         "were truncated.")
+        del text_encoder
+    pending = {}
+    for image in images:
+        sha = files.sha256_file(image)
+        path = schema.validation_image_path(cache_path, sha, config.height, config.width)
+        if not path.is_file():
+            pending[path] = image
+    if pending:
+        device, dtype = device_and_dtype(config.mixed_precision)
+        vae = load_vae(models, config, device, dtype)
+        for path, image in pending.items():
+            pixels = validation_pixels(image, config.height, config.width)  # [C, 1, H, W]
+            posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
+            write_tensors(path, {schema.VALIDATION_IMAGE_MEAN: posterior.mean[0].float(),
+                                schema.VALIDATION_IMAGE_LOGVAR: posterior.logvar[0].float()},
+                                 {"image": str(image)})
+        written += len(pending)
+        del vae
+    return written
+
+
+def validation_pixels(image: str | Path, height: int, width: int) -> torch.Tensor:
+    """A validation image (or a video's first frame) resized to cover height x width and centre-cropped,
+    as the training clips are: [3, 1, height, width] in [-1, 1]."""
+    frame = np.array(load_first_frame(Path(image)))[None]  # [1, H, W, 3] uint8
+    plan = plan_resize_crop(frame.shape[1], frame.shape[2], height, width, "center")
+    return resize_crop(to_model_range(frame), plan, height, width).permute(1, 0, 2, 3)
+
+
+def first_frame_noise(seed: int, sha: str, variants: int) -> tuple[list[float], torch.Generator]:
+    """The noise sigmas exp(N(-3, 0.5)) of a clip's first-frame encodings, and the generator that
+    then draws their noise: a function of the seed and the clip's content only."""
+    generator = torch.Generator().manual_seed(int(files.sha256_text(f"first frame {seed} {sha}")[:15], 16))
+    sigmas = torch.exp(torch.randn(variants, generator=generator, dtype=torch.float64) * 0.5 - 3.0)
+    return sigmas.tolist(), generator
+
+
+def noised_first_frames(pixels: torch.Tensor, sigmas: list[float], generator: torch.Generator) -> torch.Tensor:
+    """[C, F, H, W] clip -> [K, C, 1, H, W]: its first frame plus Gaussian noise of each sigma."""
+    first = pixels[:, :1].float()
+    noise = torch.randn((len(sigmas), *first.shape), generator=generator)
+    return first[None] + noise * torch.tensor(sigmas, dtype=torch.float32).view(-1, 1, 1, 1, 1)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One video done: its stored latents, or why it could not be used."""
+
+    sha256: str
+    path: Path
+    latent: schema.VideoLatent | None
+    failure: tuple[str, str] | None = None  # (kind, message)
+
+
+@torch.no_grad()
+def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, models: ModelConfigs,
+                  writer: CacheWriter, image_variants: int, stop: StopRequests) -> Iterator[Encoded]:
+    """Decode clips in DataLoader workers and VAE-encode them in batches of --vae_batch_size clips
+    of one bucket (and, for image-to-video models, their noised first frames). Yields each video
+    once its tensors are queued in the writer (or it failed), so that the caller adds its index rows
+    before the writer's next flush."""
+    paths = dict(videos)
+    jobs = [(path, sha) for sha, path in videos]
+    limit = failure_limit(config.max_failures, len(jobs))
+    loader = torch.utils.data.DataLoader(ClipDataset(jobs, config), batch_size=1, collate_fn=_first,
+                                         num_workers=config.dataloader_num_workers,
+                                         worker_init_fn=ignore_stop_signals)
+    clips = iter(loader)  # the decode workers start now, before the VAE exists: none holds a copy of it
+    device, dtype = device_and_dtype(config.mixed_precision)
+    vae = load_vae(models, config, device, dtype)
+    store_dtype = schema.DTYPES[config.latent_dtype]
+
+    def encode(pending: list[tuple[str, Clip]]) -> Iterator[Encoded]:
+        pixels = torch.stack([clip.pixels for _, clip in pending]).to(device, dtype)
+        posterior = vae.encode(pixels).latent_dist
+        for number, (sha, clip) in enumerate(pending):
+            key = schema.video_key(sha)
+            mean, logvar = posterior.mean[number].to(store_dtype), posterior.logvar[number].to(store_dtype)
+            mean_key, logvar_key = schema.latent_tensor_keys(key)
+            shard = writer.add_tensor(mean_key, mean)
+            writer.add_tensor(logvar_key, logvar)
+            sigmas = []
+            if image_variants:
+                sigmas, generator = first_frame_noise(config.seed, sha, image_variants)
+                images = noised_first_frames(clip.pixels, sigmas, generator)
+                image_posterior = vae.encode(images.to(device, dtype)).latent_dist
+                for variant in range(image_variants):
+                    image_mean_key, image_logvar_key = schema.image_latent_tensor_keys(key, variant)
+                    writer.add_tensor(image_mean_key, image_posterior.mean[variant].to(store_dtype))
+                    writer.add_tensor(image_logvar_key, image_posterior.logvar[variant].to(store_dtype))
+            frames, height, width = clip.pixels.shape[1:]
+            yield Encoded(sha, paths[sha], schema.VideoLatent(
+                frame_indices=clip.frame_indices, source_fps=clip.source_fps, source_height=clip.source_height,
+                source_width=clip.source_width, num_frames=frames, height=height, width=width,
+                bucket=bucket_name((frames, height, width)), decoder=clip.decoder, latent_shape=list(mean.shape),
+                latent_shard=shard, latent_key=key, image_noise_sigmas=sigmas,
+            ))
+            if writer.should_flush():
+                writer.flush()
+
+    failed = 0
+    pending: dict[tuple, list] = {}  # bucket -> decoded clips waiting for a full VAE batch
+    progress = logs.progress(clips, total=len(jobs), desc="encoding videos", unit="clip")
+    for read, (sha, clip, failure) in enumerate(progress, start=1):
+        if clip is None:
+            failed += 1
+            logs.message(f"skipped {paths[sha]}: {failure[1]}", path=str(paths[sha]), reason=failure[1])
+            yield Encoded(sha, paths[sha], None, failure)
+            if limit is not None and failed > limit:
+                for batch in pending.values():
+                    yield from encode(batch)
+                writer.flush()  # everything encoded so far stays in the cache for the next run
+                raise CogtuneError(
+                    f"Stopped: {failed} of the {read} clips read so far could not be used, more than "
+                    f"--max_failures {config.max_failures:g} allows (last: {paths[sha]}: {failure[1]}). "
+                    "The clips encoded so far are kept; fix or remove the bad files (their reasons are in the "
+                    "cache index) and run again to continue."
+                )
+        else:
+            bucket = tuple(clip.pixels.shape[1:])
+            pending.setdefault(bucket, []).append((sha, clip))
+            if len(pending[bucket]) >= config.vae_batch_size:
+                yield from encode(pending.pop(bucket))
+        progress.set_postfix(failed=failed)
+        stop_if_requested(stop, writer)  # decoded clips still waiting for a VAE batch are decoded again next run
+    for batch in pending.values():
+        yield from encode(batch)

@@ -1,0 +1,120 @@
+"""Millisecond tests of the pure functions that the process-level tests reach only through torchrun
+or whole runs: how batches are shared among processes, the noise each sample gets, how videos are
+balanced, the failure limit, the training log, and the quick judgements on paths and files."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cogtune.data.sources import _looks_like_hub_id
+from cogtune.data.video import not_a_video
+from cogtune.preprocess.plan import failure_limit
+from cogtune.train.checkpoint import flatten, unflatten
+from cogtune.train.data import epoch_batches, rank_share
+from cogtune.train.log import logged_step
+from cogtune.train.step import Draws
+from cogtune.util.distributed import balance
+from cogtune.util.hub import looks_like_hub_id
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_rank_shares_split_a_full_global_batch_in_order(processes):
+    batch = list(range(10, 10 + 2 * processes))
+    shares = [rank_share(batch, 2, processes, rank) for rank in range(processes)]
+    assert sum(shares, []) == batch
+
+
+def test_a_short_global_batch_is_filled_with_its_own_samples():
+    shares = [rank_share([7, 8, 9], 2, 2, rank) for rank in range(2)]
+    assert shares == [[7, 8], [9, 7]]  # every process gets batch_size samples of the batch's shape
+    assert rank_share([7, 8, 9], 2, 1, 0) == [7, 8, 9]  # one process keeps the batch as it is
+
+
+def test_every_sample_gets_the_same_noise_whatever_the_process_count():
+    def draws(start, total):
+        return Draws(torch.Generator().manual_seed(5), start=start, total=total)
+
+    whole = draws(0, None)
+    alone = (whole.randn((4, 3)), whole.randint(1000, 4), whole.rand(4))
+    for rows, starts in ((2, (0, 2)), (1, (0, 1, 2, 3))):
+        parts = [draws(start, 4) for start in starts]
+        shared = [(d.randn((rows, 3)), d.randint(1000, rows), d.rand(rows)) for d in parts]
+        for kind in range(3):
+            assert torch.equal(torch.cat([s[kind] for s in shared]), alone[kind])
+
+
+def test_epoch_batches_hold_one_shape_and_every_sample_once():
+    shapes = [(4, 3, 4, 8)] * 5 + [(4, 2, 4, 8)] * 3
+    batches = epoch_batches(shapes, 2, seed=1, epoch=0)
+    assert sorted(i for batch in batches for i in batch) == list(range(8))
+    assert all(len({shapes[i] for i in batch}) == 1 for batch in batches)
+    assert epoch_batches(shapes, 2, seed=1, epoch=0) == batches != epoch_batches(shapes, 2, seed=1, epoch=1)
+
+
+def test_balance_gives_each_video_to_the_least_loaded_process():
+    costs = [5.0, 1.0, 4.0, 2.0, 3.0]
+    owner = balance(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owner) if o == rank) for rank in range(2)]
+    assert owner == [0, 0, 1, 0, 1] and loads == [8.0, 7.0]  # 5 -> 0, 4 -> 1, 3 -> 1 (4 < 5), 2 -> 0, 1 -> 0 (a tie)
+    assert balance([1.0, 1.0, 1.0], 3) == [0, 1, 2]  # ties go to the lowest rank
+    assert balance([], 4) == []
+
+
+@pytest.mark.parametrize("max_failures, clips, limit", [
+    (None, 100, None), (10.0, 100, 10), (1.0, 3, 1), (0.05, 100, 5), (0.05, 19, 0), (0.0, 50, 0), (0.5, 7, 3)])
+def test_failure_limit_is_a_count_from_one_up_and_a_fraction_below(max_failures, clips, limit):
+    assert failure_limit(max_failures, clips) == limit
+
+
+def test_a_log_line_cut_short_counts_as_after_every_step():
+    assert logged_step(json.dumps({"step": 3, "loss": 0.5})) == 3
+    for broken in ('{"step": 4, "lo', "", "[1, 2]", '{"loss": 1}'):
+        assert logged_step(broken) == math.inf
+
+
+@pytest.mark.parametrize("head, reason", [
+    (b"", "empty"), (b"\x89PNG\r\n\x1a\n" + bytes(100), "PNG"), (b"\xff\xd8\xff\xe0" + bytes(100), "JPEG"),
+    (b"RIFF\x00\x00\x00\x00WAVEfmt ", "RIFF"), (b"a caption\nanother\n", "text"),
+    ("un chat noir é".encode() * 400, "text"), (b"%PDF-1.7", "PDF")])
+def test_files_that_are_certainly_not_videos_say_what_they_are(tmp_path, head, reason):
+    path = tmp_path / "x"
+    path.write_bytes(head)
+    assert reason in not_a_video(path)
+
+
+@pytest.mark.parametrize("head", [b"\x00\x00\x00\x18ftypmp42" + bytes(64), b"RIFF\x00\x00\x00\x00AVI LIST",
+                                  b"\x1aE\xdf\xa3" + bytes(60)])
+def test_video_containers_may_be_videos(tmp_path, head):
+    path = tmp_path / "x"
+    path.write_bytes(head)
+    assert not_a_video(path) is None
+
+
+@pytest.mark.parametrize("name, hub", [
+    ("THUDM/CogVideoX-2b", True), ("Wild-Heart/Disney-VideoGeneration-Dataset", True), ("gpt2", True),
+    ("./data", False), ("/data/clips", False), ("~/clips", False), ("a/b/c", False), ("a//b", False),
+    ("my data/x", False), ("", False)])
+def test_hub_ids_are_told_from_paths(name, hub):
+    assert looks_like_hub_id(name) is hub
+
+
+def test_a_metadata_file_name_is_not_a_hub_dataset():
+    assert _looks_like_hub_id("user/videos") and not _looks_like_hub_id("clips/metadata.csv")
+    assert not _looks_like_hub_id("clips/train.jsonl")
+
+
+def test_checkpoint_state_round_trips_tensors_arrays_tuples_and_dicts():
+    state = {"step": 3, "rng": (1, np.arange(4, dtype=np.uint32), [torch.ones(2), None]), "name": "x",
+             "nested": {"a": torch.zeros(1, dtype=torch.bfloat16), "b": 0.5, "c": True}}
+    tensors = {}
+    stored = json.loads(json.dumps(flatten(state, tensors)))  # what the checkpoint holds is plain JSON
+    back = unflatten(stored, tensors)
+    assert back["step"] == 3 and back["name"] == "x" and isinstance(back["rng"], tuple)
+    assert back["rng"][1].dtype == np.uint32 and np.array_equal(back["rng"][1], np.arange(4))
+    assert torch.equal(back["rng"][2][0], torch.ones(2)) and back["rng"][2][1] is None
+    assert back["nested"]["a"].dtype == torch.bfloat16 and back["nested"]["b"] == 0.5 and back["nested"]["c"] is True
+    with pytest.raises(TypeError, match="cannot store a set"):
+        flatten({"bad": {1, 2}}, {})
