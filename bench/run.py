@@ -178,7 +178,7 @@ def step_flops(model: Path, settings: Settings) -> int:
             hidden_states=torch.empty(settings.batch, frames, transformer.config.in_channels, height, width, device=meta),
             encoder_hidden_states=torch.empty(settings.batch, spec.max_text_seq_length, spec.text_embed_dim, device=meta),
             timestep=torch.zeros(settings.batch, dtype=torch.long, device=meta),
-            image_rotary_emb=spec.rotary_embeddings(settings.height, settings.width, frames, meta),
+            **spec.transformer_inputs(settings.batch, frames, height, width, meta),
             return_dict=False)[0]
         pred.float().pow(2).mean().backward()
     return counter.get_total_flops()

@@ -250,7 +250,7 @@ def test_prune_unselected_drops_clips_no_longer_in_the_dataset(tmp_path, tiny_mo
     assert len(read_index(cache_dir)) == 5 and cogtune_here("cache", "verify", cache_dir).returncode == 0
 
 
-def test_prune_waits_for_a_running_preprocess(tmp_path, built):
+def test_prune_is_refused_while_a_preprocess_runs(tmp_path, built):
     cache_dir = copy_cache(built, tmp_path)
     with cache_lock(cache_dir):  # as a preprocess run holds it
         result = cogtune_here("cache", "prune", cache_dir, check=False)

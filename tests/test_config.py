@@ -117,7 +117,8 @@ def test_user_errors_print_one_line_without_traceback(tmp_path):
     (["infer", "--pretrained_model_name_or_path", "m", "--prompt", "p", "--lora", "/does/not/exist"], "does not exist"),
     (["infer", "--pretrained_model_name_or_path", "m"], "exactly one of --prompt or --prompt_file"),
 ])
-def test_more_user_errors_are_one_line(argv, message):
+def test_more_user_errors_are_one_line(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --output_dir is relative
     result = cogtune_here(*argv, check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 

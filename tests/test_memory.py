@@ -154,5 +154,6 @@ def test_optimizer_options_refuse_combinations_that_cannot_work():
 def test_compiled_blocks_train_like_plain_ones(tmp_path, tiny_model, demo_data):
     plain = train_lora(tmp_path, tiny_model, demo_data, "plain")
     compiled = train_lora(tmp_path, tiny_model, demo_data, "compiled", "--compile")
+    assert plain and plain.keys() == compiled.keys()
     for key in plain:
         assert torch.allclose(plain[key], compiled[key], rtol=1e-3, atol=1e-5), key

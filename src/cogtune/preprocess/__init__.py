@@ -145,9 +145,9 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
 
     videos = my_videos(work.videos_needed, procs)
     failed = 0
-    for done in encode_videos(videos, config, models, writer, identity.settings.image_noise_variants, stop):
-        add_rows(done.sha256, done.latent, done.failure)
-        failed += done.latent is None
+    for encoded in encode_videos(videos, config, models, writer, identity.settings.image_noise_variants, stop):
+        add_rows(encoded.sha256, encoded.latent, encoded.failure)
+        failed += encoded.latent is None
     writer.flush()
     procs.barrier()  # every process's rows are written before the selection names them
     if procs.is_main:

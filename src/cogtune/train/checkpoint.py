@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from cogtune.errors import CogtuneError, first_line
 from cogtune.train.lora import load_lora_into, save_lora
-from cogtune.util import files
+from cogtune.util import files, logs
 
 PREFIX = "checkpoint-"
 STATE_NAME = "cogtune_state.json"
@@ -248,3 +248,26 @@ def load(run: Run, checkpoint: Path) -> dict:
         accelerator.print(f"warning: {checkpoint} holds no random states for process {accelerator.process_index} "
                           f"(it was saved by {info.get('num_processes')} processes); they start fresh.")
     return info
+
+
+def resume(run: Run, resume_from_checkpoint: str | None, output_dir: Path, order: dict) -> int:
+    """Restore --resume_from_checkpoint (a checkpoint folder, or "latest" in output_dir): the LoRA,
+    optimizer, schedule, scaler and RNG states. Returns its step, from which the data position
+    follows; 0 for a new run. order: what decides the data order, compared with the checkpoint's."""
+    checkpoint = None
+    if resume_from_checkpoint == "latest":
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None:
+            logs.message(f"No checkpoint in {output_dir} yet; starting a new run.")
+    elif resume_from_checkpoint:
+        checkpoint = Path(resume_from_checkpoint)
+    if checkpoint is None:
+        return 0
+    info = load(run, checkpoint)
+    changed = [f"{k} ({info.get('data_order', {}).get(k)} -> {v})" for k, v in order.items()
+               if info.get("data_order", {}).get(k) != v]
+    if changed:
+        logs.message("warning: the data order differs from the interrupted run's, so the resumed run will "
+                     "not repeat it exactly: " + ", ".join(changed))
+    logs.message(f"Resumed from {checkpoint} at step {info['global_step']}.", step=info["global_step"])
+    return info["global_step"]

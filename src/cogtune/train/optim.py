@@ -105,3 +105,14 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
         with torch.no_grad():  # the loaded run's parameters are set by its LoRA; keep the copies equal
             for parameter, cpu_parameter in zip(self.parameters, self.cpu_parameters):
                 cpu_parameter.copy_(parameter)
+
+
+def make_lr_scheduler(optimizer, config: TrainConfig, max_train_steps: int, processes: int):
+    """--lr_scheduler as the diffusers scripts build it (accelerate steps a prepared scheduler once
+    per process, hence the factor)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps * processes,
+        num_training_steps=max_train_steps * processes, num_cycles=config.lr_num_cycles, power=config.lr_power,
+    )

@@ -27,9 +27,9 @@ from cogtune.train import log, report
 from cogtune.train.data import LatentDataset, TrainingPlan, batch_generator, collate, open_training_cache
 from cogtune.train.lora import LORA_WEIGHT_NAME, save_lora, write_lora_info
 from cogtune.train.model import build_transformer
-from cogtune.train.optim import make_optimizer
-from cogtune.train.step import Draws, NoiseSchedule, step_inputs, velocity_loss
-from cogtune.train.validation import ValidationRound, load_validation_set, run_validation
+from cogtune.train.optim import make_lr_scheduler, make_optimizer
+from cogtune.train.step import Draws, NoiseSchedule, training_loss
+from cogtune.train.validation import ValidationRound, load_validation_set, run_validation, validation_due
 from cogtune.util import distributed, files, logs
 from cogtune.util.signals import StopRequests, ignore_stop_signals
 
@@ -41,24 +41,6 @@ class TrainResult:
     transformer: torch.nn.Module = field(repr=False)
     global_step: int = 0
     losses: list = field(default_factory=list)
-
-
-def validation_due(step: int, steps_per_epoch: int, config: TrainConfig) -> bool:
-    """Whether step ends a validation period: every --validation_steps steps, or else at the end of
-    every --validation_epochs-th epoch (50, as in the diffusers scripts). The last step is validated
-    anyway, after the loop."""
-    if config.validation_steps:
-        return step % config.validation_steps == 0
-    epochs = config.validation_epochs or 50
-    return step % steps_per_epoch == 0 and (step // steps_per_epoch) % epochs == 0
-
-
-def stop_requested(accelerator, stop: StopRequests) -> bool:
-    """Whether any process was asked to stop (a signal may reach only some of them)."""
-    wanted = torch.tensor([1.0 if stop.signal else 0.0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        wanted = accelerator.reduce(wanted, reduction="sum")
-    return bool(wanted.item())
 
 
 def run(config: TrainConfig, data: PreprocessConfig | None = None) -> TrainResult:
@@ -109,47 +91,66 @@ def _check_engine(config: TrainConfig, engine: str, validating: bool) -> None:
                            "use accelerate/deepspeed_zero2_offload.yaml (cogtune init) for an offloaded optimizer.")
 
 
-def _resume(run: checkpoints.Run, config: TrainConfig, output_dir: Path, order: dict) -> int:
-    """Restore --resume_from_checkpoint (the LoRA, optimizer, schedule, scaler and RNG states);
-    returns its step, from which the data position follows. 0 for a new run."""
-    checkpoint = None
-    if config.resume_from_checkpoint == "latest":
-        checkpoint = checkpoints.latest_checkpoint(output_dir)
-        if checkpoint is None:
-            logs.message(f"No checkpoint in {output_dir} yet; starting a new run.")
-    elif config.resume_from_checkpoint:
-        checkpoint = Path(config.resume_from_checkpoint)
-    if checkpoint is None:
-        return 0
-    info = checkpoints.load(run, checkpoint)
-    changed = [f"{k} ({info.get('data_order', {}).get(k)} -> {v})" for k, v in order.items()
-               if info.get("data_order", {}).get(k) != v]
-    if changed:
-        logs.message("warning: the data order differs from the interrupted run's, so the resumed run will "
-                     "not repeat it exactly: " + ", ".join(changed))
-    logs.message(f"Resumed from {checkpoint} at step {info['global_step']}.", step=info["global_step"])
-    return info["global_step"]
-
-
 def _validate(run: checkpoints.Run, validation, config, models, spec, output_dir, step, weight_dtype) -> ValidationRound:
     """Validation videos from the main process; the others wait for it."""
     accelerator = run.accelerator
-    done = None
+    finished = None
     if accelerator.is_main_process:
-        done = run_validation(run.lora_model(), validation, config, models, spec, output_dir, step, weight_dtype,
-                              accelerator.autocast)
-        logs.event("validation", step=step, folder=str(done.folder), contact_sheet=str(done.contact_sheet),
-                   videos=[str(path) for _, path in done.videos])
+        finished = run_validation(run.lora_model(), validation, config, models, spec, output_dir, step, weight_dtype,
+                                  accelerator.autocast)
+        logs.event("validation", step=step, folder=str(finished.folder), contact_sheet=str(finished.contact_sheet),
+                   videos=[str(path) for _, path in finished.videos])
         if not logs.json_lines():
-            logs.message(f"validation videos of step {step}: {done.folder}")
-        report.log_validation(accelerator, done)
+            logs.message(f"validation videos of step {step}: {finished.folder}")
+        report.log_validation(accelerator, finished)
     accelerator.wait_for_everyone()
-    return done or ValidationRound(step)
+    return finished or ValidationRound(step)
+
+
+def _optimizer_step(run: checkpoints.Run, step_losses: list, lora_parameters: list, max_grad_norm: float):
+    """Clip, step and schedule once the step's micro-batches are accumulated; returns (loss, gradient
+    norm, whether the step was taken). The loss is the mean over the step's micro-batches and
+    processes: the same number on every process, so they all take or all skip the step."""
+    accelerator = run.accelerator
+    loss_value = accelerator.gather(torch.stack(step_losses).mean()).mean().item()
+    norm = accelerator.clip_grad_norm_(lora_parameters, max_grad_norm)
+    grad_norm = float(norm) if norm is not None else None  # None: DeepSpeed clips by itself
+    # Under fp16 the gradient scaler itself skips steps with overflowing gradients.
+    finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm)
+                                            or accelerator.scaler is not None)
+    if finite:
+        run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad()
+    return loss_value, grad_norm, finite
+
+
+def _save_outputs(run: checkpoints.Run, config: TrainConfig, models, spec, cache_path: Path, manifest, rounds: list,
+                  global_step: int, output_dir: Path) -> Path:
+    """The final LoRA and its info, the loss curve and the model card (and the hub), from the main
+    process; every process calls it (the weights are gathered from all of them)."""
+    accelerator = run.accelerator
+    lora_path = output_dir / LORA_WEIGHT_NAME
+    weights = run.lora_weights()
+    if accelerator.is_main_process:
+        lora_path = save_lora(run.lora_model(), output_dir, weights)
+        write_lora_info(output_dir, {
+            "base_model": models.source, "family": spec.description,
+            "ignore_learned_positional_embeddings": spec.ignores_learned_positions(
+                config.ignore_learned_positional_embeddings),
+            "rank": config.rank, "lora_alpha": config.lora_alpha, "target_modules": list(config.lora_target_modules),
+            "steps": global_step, "cache": str(cache_path)})
+        report.write_loss_curve_quietly(output_dir / log.TRAIN_LOG_NAME)
+        card = report.write_model_card(output_dir, config, models, spec, manifest, rounds, global_step)
+        logs.event("model_card", path=str(card))
+        if config.push_to_hub:
+            url = report.push_to_hub(output_dir, config, rounds)
+            logs.message(f"uploaded to {url}", url=url)
+    return lora_path
 
 
 def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests) -> TrainResult:
     from diffusers import CogVideoXDDIMScheduler
-    from diffusers.optimization import get_scheduler
 
     # Set-up: trackers and hub token, the output folder, devices and precision.
     report.check_trackers(config.report_to)
@@ -181,10 +182,7 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests)
     lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = make_optimizer(lora_parameters, config, learning_rate)
     plan = TrainingPlan.of(cache, config, processes)
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps * processes,
-        num_training_steps=plan.max_train_steps * processes, num_cycles=config.lr_num_cycles, power=config.lr_power,
-    )
+    lr_scheduler = make_lr_scheduler(optimizer, config, plan.max_train_steps, processes)
     if accelerator.state.deepspeed_plugin is not None:  # it cannot learn the batch size from a prepared loader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
     run = checkpoints.Run(accelerator, *accelerator.prepare(transformer, optimizer, lr_scheduler))
@@ -193,7 +191,7 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests)
     order = {"seed": config.seed, "train_batch_size": config.train_batch_size,
              "gradient_accumulation_steps": config.gradient_accumulation_steps, "num_processes": processes,
              "cache": str(cache_path)}
-    global_step = _resume(run, config, output_dir, order)
+    global_step = checkpoints.resume(run, config.resume_from_checkpoint, output_dir, order)
     log_path = output_dir / log.TRAIN_LOG_NAME
     if accelerator.is_main_process:
         log.keep_up_to(log_path, global_step)
@@ -225,33 +223,14 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests)
             batch_number += 1
             with accelerator.accumulate(run.transformer):
                 batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}  # pinned
-                inputs = step_inputs(batch, spec, draws, schedule, config.noised_image_dropout)
-                with accelerator.autocast():
-                    pred = run.transformer(
-                        hidden_states=inputs.model_input.to(weight_dtype),
-                        encoder_hidden_states=batch["prompt_embeds"].to(weight_dtype),
-                        timestep=inputs.timesteps.to(device),
-                        **family_inputs(inputs.x0.shape[0], inputs.x0.shape[1], *inputs.x0.shape[3:]),
-                        return_dict=False,
-                    )[0]
-                loss = velocity_loss(pred, inputs.x_t.to(weight_dtype), inputs.x0, inputs.constants)
+                loss = training_loss(run.transformer, batch, spec, draws, schedule, config.noised_image_dropout,
+                                     family_inputs, weight_dtype, accelerator.autocast)
                 step_losses.append(loss.detach())
                 accelerator.backward(loss)  # every process, even with a NaN loss, so that none waits for another
                 if not accelerator.sync_gradients:
                     continue
-                # The mean over the step's micro-batches and processes: the same number on every process,
-                # so they all take or all skip the step.
-                loss_value = accelerator.gather(torch.stack(step_losses).mean()).mean().item()
+                loss_value, grad_norm, finite = _optimizer_step(run, step_losses, lora_parameters, config.max_grad_norm)
                 step_losses = []
-                norm = accelerator.clip_grad_norm_(lora_parameters, config.max_grad_norm)
-                grad_norm = float(norm) if norm is not None else None  # None: DeepSpeed clips by itself
-                # Under fp16 the gradient scaler itself skips steps with overflowing gradients.
-                finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm)
-                                                        or accelerator.scaler is not None)
-                if finite:
-                    run.optimizer.step()
-                run.lr_scheduler.step()
-                run.optimizer.zero_grad()
 
             global_step += 1
             steps.write(global_step, loss_value, finite, run.lr_scheduler.get_last_lr()[0], grad_norm,
@@ -269,7 +248,7 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests)
                     f"loss or gradient (--max_nan_steps {config.max_nan_steps}). Lower --learning_rate, use bf16 "
                     f"instead of fp16, or check the cache with `cogtune cache verify {cache_path}`; the checkpoints "
                     "before it are intact.")
-            if stop_requested(accelerator, stop):
+            if distributed.any_process(accelerator, stop.signal is not None):
                 where = saved or save_checkpoint(global_step)
                 raise Preempted(
                     f"stopped by {stop.signal or 'another process'} at step {global_step}; checkpoint saved to {where}. "
@@ -283,22 +262,7 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests)
 
     # The final LoRA, its info, the loss curve and the model card (and the hub).
     accelerator.wait_for_everyone()
-    lora_path = output_dir / LORA_WEIGHT_NAME
-    weights = run.lora_weights()
-    if accelerator.is_main_process:
-        lora_path = save_lora(run.lora_model(), output_dir, weights)
-        write_lora_info(output_dir, {
-            "base_model": models.source, "family": spec.description,
-            "ignore_learned_positional_embeddings": spec.ignores_learned_positions(
-                config.ignore_learned_positional_embeddings),
-            "rank": config.rank, "lora_alpha": config.lora_alpha, "target_modules": list(config.lora_target_modules),
-            "steps": global_step, "cache": str(cache_path)})
-        report.write_loss_curve_quietly(log_path)
-        card = report.write_model_card(output_dir, config, models, spec, cache.manifest, rounds, global_step)
-        logs.event("model_card", path=str(card))
-        if config.push_to_hub:
-            url = report.push_to_hub(output_dir, config, rounds)
-            logs.message(f"uploaded to {url}", url=url)
+    lora_path = _save_outputs(run, config, models, spec, cache_path, cache.manifest, rounds, global_step, output_dir)
     accelerator.end_training()
     return TrainResult(lora_path=lora_path.resolve(), is_main_process=accelerator.is_main_process,
                        transformer=run.lora_model(), global_step=global_step, losses=steps.losses)

@@ -129,3 +129,20 @@ def velocity_loss(pred: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, const
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, constants: StepConstants) -> torch.Tensor:
     """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, with the coefficients computed in float64."""
     return constants.signal * x0 + constants.noise * noise
+
+
+def training_loss(transformer, batch: dict, spec: FamilySpec, draws: Draws, schedule: NoiseSchedule,
+                  noised_image_dropout: float, family_inputs, weight_dtype: torch.dtype, autocast) -> torch.Tensor:
+    """One micro-batch's loss: draw the step's inputs, run the transformer (under autocast, in
+    weight_dtype) and compare its velocity with x0. family_inputs(batch, frames, height, width):
+    the family's extra keyword inputs (spec.transformer_inputs, cached per shape)."""
+    inputs = step_inputs(batch, spec, draws, schedule, noised_image_dropout)
+    with autocast():
+        pred = transformer(
+            hidden_states=inputs.model_input.to(weight_dtype),
+            encoder_hidden_states=batch["prompt_embeds"].to(weight_dtype),
+            timestep=inputs.timesteps.to(inputs.x0.device),
+            **family_inputs(inputs.x0.shape[0], inputs.x0.shape[1], *inputs.x0.shape[3:]),
+            return_dict=False,
+        )[0]
+    return velocity_loss(pred, inputs.x_t.to(weight_dtype), inputs.x0, inputs.constants)

@@ -57,6 +57,16 @@ def load_validation_set(config, spec: FamilySpec, cache_path: Path, manifest: sc
     return ValidationSet(prompts, embeds[""], settings.max_num_frames, settings.height, settings.width, settings.fps)
 
 
+def validation_due(step: int, steps_per_epoch: int, config) -> bool:
+    """Whether step ends a validation period: every --validation_steps steps, or else at the end of
+    every --validation_epochs-th epoch (50, as in the diffusers scripts). The last step is validated
+    anyway, after the loop."""
+    if config.validation_steps:
+        return step % config.validation_steps == 0
+    epochs = config.validation_epochs or 50
+    return step % steps_per_epoch == 0 and (step // steps_per_epoch) % epochs == 0
+
+
 def load_scheduler(models: ModelConfigs):
     """The validation scheduler: CogVideoXDPMScheduler from the pipeline's scheduler config, as the
     diffusers training scripts validate (and as the CogVideoX authors advise for sampling)."""

@@ -9,6 +9,7 @@ import heapq
 import os
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 
@@ -16,7 +17,6 @@ import torch.distributed as dist
 class Processes:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +46,7 @@ def processes() -> Processes:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
-    return Processes(int(os.environ.get("RANK", 0)), world_size, int(os.environ.get("LOCAL_RANK", 0)))
+    return Processes(int(os.environ.get("RANK", 0)), world_size)
 
 
 def balance(costs: list[float], world_size: int) -> list[int]:
@@ -60,3 +60,11 @@ def balance(costs: list[float], world_size: int) -> list[int]:
         owner[i] = rank
         heapq.heappush(loads, (load + costs[i], rank))
     return owner
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether flag is set on any process of the job (a stop signal may reach only some of them)."""
+    wanted = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        wanted = accelerator.reduce(wanted, reduction="sum")
+    return bool(wanted.item())
