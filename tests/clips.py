@@ -53,15 +53,38 @@ def set_mp4_rotation(path: Path, degrees: int) -> None:
     [cos, -sin, 0, sin, cos, 0, 0, 0, 1] in 16.16 fixed point (the last in 2.30). Done on the bytes, so
     that it works with every PyAV (writing side data needs PyAV 18)."""
     import math
+
+    cos, sin = round(math.cos(math.radians(degrees))), round(math.sin(math.radians(degrees)))
+    set_mp4_matrix(path, cos, -sin, sin, cos)
+
+
+def set_mp4_matrix(path: Path, a: int, b: int, c: int, d: int) -> None:
+    """Write the display matrix [a, b, 0, c, d, 0, 0, 0, 1] into an MP4's track header: a pixel at
+    (x, y) is shown at (a x + c y, b x + d y). A negative determinant mirrors the picture."""
     import struct
 
     data = bytearray(path.read_bytes())
     box = data.find(b"tkhd")
     assert box > 0, f"{path} has no track header"
     version = data[box + 4]
-    # version/flags, creation and modification times, track id, reserved, duration, reserved, layer,
-    # alternate group, volume, reserved: then the matrix
     offset = box + 4 + 4 + (8 if version == 0 else 16) + 4 + 4 + (4 if version == 0 else 8) + 8 + 2 + 2 + 2 + 2
-    cos, sin = round(math.cos(math.radians(degrees))), round(math.sin(math.radians(degrees)))
-    data[offset:offset + 36] = struct.pack(">9i", cos << 16, -sin << 16, 0, sin << 16, cos << 16, 0, 0, 0, 1 << 30)
+    data[offset:offset + 36] = struct.pack(">9i", a << 16, b << 16, 0, c << 16, d << 16, 0, 0, 0, 1 << 30)
     path.write_bytes(bytes(data))
+
+
+def write_clip_with_lead_in(path: Path, hidden: int = 2, count: int = 24, fps: int = 24) -> Path:
+    """An MP4 whose first `hidden` frames have negative times, so that its edit list hides them (as
+    cutting a clip without re-encoding does): players start at pattern frame `hidden`."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, fps)
+        for i, frame in enumerate(pattern(count, 64, 96)):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            video_frame.pts, video_frame.time_base = i - hidden, Fraction(1, fps)
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    assert b"elst" in path.read_bytes(), "no edit list was written"
+    return path

@@ -93,6 +93,9 @@ def test_mixed_dataset_preprocesses_into_buckets_and_trains_with_batch_4(tmp_pat
     assert "skipped, too short: 1" in out and "skipped, unreadable: 1" in out
     assert "buckets: 5x32x48 (1), 5x48x32 (1), 9x32x48 (4), 9x48x32 (4)" in out
     cache = Cache.open(cache_path_of(out))
+    settings = cogtune_here("cache", "inspect", cache.path).stdout.split("settings: ")[1].splitlines()[0]
+    shown = {item.split("=")[0] for item in settings.split(", ")}
+    assert "buckets" in shown and not {"height", "width", "max_num_frames"} & shown, settings
     by_name = {Path(r.source_path).name: r for r in cache.samples}
     for name, row in by_name.items():
         portrait = name.startswith("portrait")

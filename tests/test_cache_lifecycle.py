@@ -172,7 +172,7 @@ def test_inspect_shows_samples_buckets_bytes_settings_and_failures(tmp_path, tin
     assert "samples: 8 selected and usable; 8 encoded in all, 1 failed" in text
     assert "buckets: 9x32x48 (8)" in text and "in 1 shards" in text
     assert "height=32" in text and "fps=8" in text and f"format version {schema.FORMAT_VERSION}" in text
-    assert "failures: unreadable (1)" in text and "videos.txt line 9" in text
+    assert "failures: unreadable (1)" in text and f"{data / 'videos/broken.mp4'}: prompts.txt/videos.txt line 9" in text
     listing = cogtune_here("cache", "inspect", tmp_path / "cache").stdout
     assert f"{cache_dir.name}  (9 samples" in listing
 

@@ -106,3 +106,152 @@ def test_skips_leave_no_frames(tmp_path):
     with pytest.raises(ClipSkipped, match="no frames left") as skipped:
         read_clip(path, fixed_size(32, 32, 9), 8, 4, 4, "center", None)
     assert skipped.value.kind == "too short"
+
+
+def test_a_misreported_average_rate_does_not_move_the_frames(tmp_path):
+    """An MKV of frames 1/30 s apart that says it is 60 fps: decord reads it, and frames are still
+    picked by their timestamps (nearest to k / 8 s at 30 fps; ties go to the later frame)."""
+    path = write_clip(tmp_path / "said60.mkv", count=60, fps=60, times=[i / 30 for i in range(60)],
+                      container_format="matroska")
+    clip = read(path, fps=8, frames=9)
+    assert clip.decoder == "decord" and clip.source_fps == pytest.approx(30, rel=1e-3)
+    assert clip.frame_indices == [int(k * 30 / 8 + 0.5) for k in range(9)]
+
+
+def test_a_slightly_wrong_average_rate_does_not_drift(tmp_path):
+    """31 fps said, 29.97 fps true, over 8 s: the last of 49 frames at 8 fps is the one at 6 s."""
+    times = [i * 1001 / 30000 for i in range(240)]
+    path = write_clip(tmp_path / "said31.mkv", count=240, fps=31, times=times, container_format="matroska",
+                      height=32, width=32)
+    clip = read(path, fps=8, frames=49)
+    assert clip.frame_indices[-1] == min(range(240), key=lambda i: abs(times[i] - 6.0))
+    assert all(abs(times[i] - k / 8) <= 0.5 / 29.97 + 1e-3 for k, i in enumerate(clip.frame_indices))
+
+
+def test_timestamps_out_of_order_are_searched_in_display_order(tmp_path):
+    """H.264 with B-frames in AVI: FFmpeg labels the frames 1, 3, 4, 2, ... (decode order) while it
+    hands them out in display order; the k-th frame shown is at the k-th time."""
+    path = write_clip(tmp_path / "bframes.avi", count=30, fps=25, container_format="avi", options={"bf": "2"})
+    clip = read(path, fps=8, frames=5)
+    assert clip.decoder == "pyav"
+    assert clip.frame_indices == [int(k * 25 / 8 + 0.5) for k in range(5)]  # [0, 3, 6, 9, 13]
+    later = read_clip(path, fixed_size(32, 32, 5), 8, 5, 0, "center", None)
+    assert later.frame_indices == [5 + int(k * 25 / 8 + 0.5) for k in range(5)]  # starts at frame 5, 200 ms
+    blue = [float(v) for v in clip.pixels[2, :, 16, 24]]  # the pattern's blue rises with the frame number
+    assert blue == sorted(blue)
+
+
+def test_decoding_memory_follows_the_output_not_the_source(tmp_path):
+    """17 frames of 720x1280 brought to 32x48, by decord (MP4) and by PyAV (AVI with B-frames): the
+    torch memory a decode holds at its peak is under two source frames in float, not 17 of them."""
+    from cogtune.train.memory import LiveTensorBytes
+
+    source_frame = 720 * 1280 * 3 * 4
+    for name, options, decoder in (("big.mp4", None, "decord"), ("big.avi", {"bf": "2"}, "pyav")):
+        path = write_clip(tmp_path / name, count=17, fps=8, height=720, width=1280, options=options)
+        with LiveTensorBytes() as live:
+            clip = read(path, fps=8, frames=17, height=32, width=48)
+        assert clip.decoder == decoder and clip.pixels.shape == (3, 17, 32, 48)
+        assert live.peak < 2 * source_frame, (name, live.peak / source_frame)
+
+
+def test_a_video_given_as_the_first_frame_is_turned_as_training_clips_are(tmp_path):
+    """A portrait phone clip (display matrix: a quarter turn) as --image or --validation_images: its
+    first frame is upright, the same frame training reads from the clip."""
+    from cogtune.data.video import first_frame_pixels
+
+    path = write_clip(tmp_path / "phone.mp4", height=64, width=96, rotation=90, codec="libx264",
+                      options={"crf": "0"})
+    first = first_frame_pixels(path, 48, 32)
+    clip = read(path, height=48, width=32)
+    assert first.shape == (3, 1, 48, 32)
+    assert (first[:, 0] - clip.pixels[:, 0]).abs().mean() < 0.02  # decord and PyAV decode alike
+
+
+def test_an_audio_only_file_is_skipped_as_having_no_video_stream(tmp_path):
+    import av
+
+    path = tmp_path / "voice.m4a"
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for start in range(0, 16000, 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with pytest.raises(ClipSkipped, match="no video stream") as skipped:
+        read(path)
+    assert skipped.value.kind == "no video stream"
+
+
+@pytest.mark.parametrize("name, codec, options, times", [
+    ("h264.mp4", "libx264", None, None),
+    ("vfr.mkv", "libx264", None, [i * 0.04 + (0.02 if i > 15 else 0) for i in range(30)]),
+    ("vp9.webm", "libvpx-vp9", None, None),
+    ("xvid.avi", "mpeg4", None, None),
+    ("mpegts.ts", "libx264", None, None),
+])
+def test_packet_timestamps_are_the_decoded_frames_times(tmp_path, name, codec, options, times):
+    """PyAV reads frame times from packets without decoding; they are the times that decoding every
+    frame gives, and the frames read are the same."""
+    path = write_clip(tmp_path / name, codec, count=30 if times else 20, times=times, options=options)
+    fast, careful = PyAVVideo(path), PyAVVideo(path, from_packets=False)
+    assert fast.frame_times == careful.frame_times and len(fast.frame_times) == (30 if times else 20)
+    every = list(range(len(fast.frame_times)))
+    assert np.array_equal(fast.frames(every), careful.frames(every))
+
+
+def test_packets_that_do_not_match_the_frames_send_pyav_back_to_decoding_every_frame(tmp_path):
+    """In an AVI with B-frames FFmpeg labels frames in decode order: the packet path notices the
+    first frame whose time is not its packet's and gives way to the careful one."""
+    from cogtune.data.video import _Fallback
+
+    path = write_clip(tmp_path / "bframes.avi", count=30, fps=25, options={"bf": "2"})
+    with pytest.raises(_Fallback, match="not at the time its packet said"):
+        PyAVVideo(path).frames([0, 5])
+    assert PyAVVideo(path, from_packets=False).frames([0, 5]).shape == (2, 64, 96, 3)
+
+
+def test_frames_an_edit_list_hides_are_not_read(tmp_path):
+    """Four lead-in frames hidden by the MP4 edit list (25 encoded, 21 shown): the clip holds the
+    21 frames players show, starting with the pattern's frame 4, and no frame twice. (decord counts
+    25, shifts their times below 0 and repeats the last frame to fill them.)"""
+    import av
+
+    from clips import write_clip_with_lead_in
+
+    path = write_clip_with_lead_in(tmp_path / "cut.mp4", hidden=4, count=25)
+    clip = read(path, fps=24, frames=49, height=64, width=96)
+    assert clip.decoder == "pyav" and clip.frame_indices == list(range(21))
+    with av.open(str(path)) as container:  # FFmpeg applies the edit list, as players do
+        shown = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(shown) == 21 and abs(int(shown[0][40, 60, 2]) - 40) < 8  # the pattern's frame 4
+    frames = (clip.pixels.permute(1, 2, 3, 0).numpy() + 1) * 127.5
+    assert all(np.abs(ours - theirs).mean() < 1.0 for ours, theirs in zip(frames, shown))
+    blue = frames[:, 40, 60, 2]
+    assert np.all(np.diff(blue) > 2)  # every frame a new one
+
+
+@pytest.mark.parametrize("matrix, shown", [
+    ((-1, 0, 0, 1), "mirrored"),  # a selfie clip: mirrored left to right
+    ((0, 1, 1, 0), "transposed"),  # a quarter turn and a mirror: rows become columns, in place
+])
+def test_a_mirroring_display_matrix_is_applied_whole(tmp_path, matrix, shown):
+    """Players show a pixel at (x, y) at (a x + c y, b x + d y): a mirror stays a mirror, not the
+    rotation FFmpeg reports for it (180 degrees for a left-right mirror). decord, which applies only
+    the rotation, is not used for such files."""
+    from clips import set_mp4_matrix
+
+    path = write_clip(tmp_path / "selfie.mp4", height=64, width=96, codec="libx264", options={"crf": "0"})
+    set_mp4_matrix(path, *matrix)
+    stored = pattern(1, 64, 96)[0]
+    expected = stored[:, ::-1] if shown == "mirrored" else stored.transpose(1, 0, 2)
+    height, width = expected.shape[:2]
+    clip = read(path, height=height, width=width)
+    assert clip.decoder == "pyav" and (clip.source_height, clip.source_width) == (height, width)
+    first = (clip.pixels[:, 0].permute(1, 2, 0).numpy() + 1) * 127.5
+    assert np.abs(first - expected).mean() < 3
+    if shown == "mirrored":
+        assert np.abs(first - stored[::-1, ::-1]).mean() > 30  # not turned 180 degrees

@@ -278,3 +278,47 @@ def test_validation_is_due_every_n_steps_or_at_the_end_of_every_nth_epoch():
     assert due(1) == []  # within 30 one-step epochs: the default is every 50 epochs, as in the scripts
     assert [s for s in range(1, 101) if validation_due(s, 1, make_config(
         "train", dict(pretrained_model_name_or_path="m")))] == [50, 100]
+
+
+def test_the_first_frame_reaches_the_vae_the_same_in_preprocess_and_infer(tmp_path, models, demo_data,
+                                                                         monkeypatch):
+    """A 40x24 JPEG whose EXIF says "turn 90 degrees clockwise": preprocess (whose cached latents
+    in-training validation uses) and `cogtune infer` both hand the VAE the upright image,
+    cover-resized to 32x64 and centre-cropped, not the raw one plain-resized by the pipeline."""
+    from diffusers import AutoencoderKLCogVideoX
+    from PIL import ImageOps
+
+    from cogtune.data.video import first_frame_pixels
+
+    picture = tmp_path / "phone.jpg"
+    stored = np.random.default_rng(1).integers(0, 256, (40, 24, 3), dtype=np.uint8)  # stored portrait
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned clockwise: landscape, 24 x 40
+    Image.fromarray(stored).save(picture, exif=exif, quality=95)
+    with Image.open(picture) as raw:
+        upright = np.asarray(ImageOps.exif_transpose(raw).convert("RGB"))
+    assert upright.shape == (24, 40, 3)
+    expected = first_frame_pixels(picture, 32, 64)
+    # independent of our resize: the upright image scaled by 64/40 covers 32x64 (38x64), centre rows 3..35
+    scaled = torch.nn.functional.interpolate(torch.from_numpy(upright.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1,
+                                             size=(38, 64), mode="bilinear", antialias=True, align_corners=False)
+    assert torch.allclose(expected[:, 0], scaled[0, :, 3:35].clamp(-1, 1), atol=1e-6)
+
+    seen = []
+    original = AutoencoderKLCogVideoX.encode
+
+    def recording_encode(self, x, *args, **kwargs):
+        seen.append(x.detach().float().clone())
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKLCogVideoX, "encode", recording_encode)
+    config = write_config(tmp_path / "c.toml", models["1.5-5b-i2v"], demo_data, tmp_path / "cache", tmp_path / "out",
+                          validation_prompt=PROMPTS[0], validation_images=str(picture), image_noise_variants=1)
+    cogtune_here("preprocess", "--config", config)
+    from_preprocess = seen[-1]  # the validation image is encoded last
+    cogtune_here("train", "--config", config, "--max_train_steps", "1")
+    seen.clear()
+    cogtune_here("infer", "--config", config, "--image", picture)
+    assert len(seen) == 1
+    assert torch.equal(from_preprocess, expected[None])
+    assert torch.allclose(seen[0], expected[None], atol=1e-6)  # [0, 1] -> the pipeline's normalisation -> [-1, 1]

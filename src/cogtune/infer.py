@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from cogtune.config import InferConfig, check_precision_available, precision_dtype
-from cogtune.data.video import load_first_frame
+from cogtune.data.video import first_frame_pixels
 from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
 from cogtune.train.lora import LORA_WEIGHT_NAME, read_lora_info
@@ -129,7 +129,9 @@ def run(config: InferConfig) -> list[Path]:
     pipe.set_progress_bar_config(disable=not logs.draws_bars(), leave=False, desc="denoising")
     for index, job in enumerate(logs.progress(jobs, desc="generating", unit="video")):
         generator = torch.Generator().manual_seed(config.seed)
-        image = {"image": load_first_frame(job.image)} if job.image is not None else {}
+        image = {}
+        if job.image is not None:  # the frame training and validation see, in [0, 1] at the video's size
+            image["image"] = (first_frame_pixels(job.image, config.height, config.width)[:, 0][None] + 1) / 2
         frames = pipe(
             prompt=job.prompt, negative_prompt=config.negative_prompt, num_frames=config.num_frames,
             height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,

@@ -160,6 +160,9 @@ def check_samples(cache_path: Path, manifest: schema.Manifest, rows: list[schema
 # --- inspect ------------------------------------------------------------------------------------
 
 
+ONE_SIZE_SETTINGS = ("height", "width", "max_num_frames")  # unused by a cache of buckets: not shown
+
+
 def _human_bytes(n: int) -> str:
     """A byte count for people: 812 B, 3.2 KiB, 41.0 MiB, 1.3 GiB."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -202,7 +205,7 @@ def inspect(path: str | Path, failures_shown: int = 10) -> str:
         f"model: {model.pretrained_model_name_or_path} ({model.family})",
         "dataset: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.to_json()["dataset"].items()) if v is not None),
         "settings: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.to_json()["settings"].items())
-                                 if v is not None),
+                                 if v is not None and not (manifest.settings.buckets and k in ONE_SIZE_SETTINGS)),
         ("samples: unfinished (no preprocess run has finished yet); " if selection is None
          else f"samples: {len(ok)} selected and usable; ")
         + f"{sum(r.ok for r in rows)} encoded in all, {len(failed)} failed",
@@ -217,7 +220,7 @@ def inspect(path: str | Path, failures_shown: int = 10) -> str:
     if failed:
         kinds = Counter(r.failure_kind or "unreadable" for r in failed)
         lines.append("failures: " + ", ".join(f"{kind} ({count})" for kind, count in kinds.most_common()))
-        lines += [f"  {r.reason}" for r in failed[:failures_shown]]
+        lines += [f"  {r.source_path}: {r.reason}" for r in failed[:failures_shown]]
         if len(failed) > failures_shown:
             lines.append(f"  ... and {len(failed) - failures_shown} more (in the index: status == 'failed')")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ thin part that touches files.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -111,24 +112,82 @@ def resize_crop(frames: torch.Tensor, plan: ResizeCrop, height: int, width: int)
 def to_model_range(frames_uint8: np.ndarray) -> torch.Tensor:
     """[F, H, W, 3] uint8 -> [F, 3, H, W] float32 in [-1, 1]."""
     frames = torch.from_numpy(np.ascontiguousarray(frames_uint8)).permute(0, 3, 1, 2).float()
-    return frames / 127.5 - 1.0
+    return frames.div_(127.5).sub_(1.0)  # in place: one float copy of the frames, not three
 
 
-def load_first_frame(path: Path):
-    """An image file as PIL, or the first frame of a video file."""
-    from PIL import Image, UnidentifiedImageError
+def _display_matrix(frame) -> tuple[int, int, int, int] | None:
+    """(a, b, c, d) of a decoded PyAV frame's display matrix, each -1, 0 or 1, or None when it has
+    none or it is not a quarter turn (with or without a mirror)."""
+    from av.sidedata.sidedata import Type
 
     try:
-        return Image.open(path).convert("RGB")
-    except UnidentifiedImageError:
-        pass
-    import av
+        data = frame.side_data.get(Type.DISPLAYMATRIX)
+    except (AttributeError, KeyError, TypeError):
+        return None
+    if data is None:
+        return None
+    values = struct.unpack("=9i", bytes(data))
+    matrix = tuple(values[i] / 65536 for i in (0, 1, 3, 4))
+    if any(abs(v - round(v)) > 1e-3 or abs(round(v)) > 1 for v in matrix):
+        return None
+    return tuple(int(round(v)) for v in matrix)
 
+
+def _displayed(frame) -> np.ndarray:
+    """A decoded PyAV frame as shown: [H, W, 3] uint8, turned and mirrored as its display matrix
+    says (a pixel at (x, y) is shown at (a x + c y, b x + d y), as players do). A matrix of another
+    angle is applied as its nearest quarter turn."""
+    image = frame.to_ndarray(format="rgb24")
+    matrix = _display_matrix(frame)
+    if matrix is None:
+        return np.rot90(image, round((frame.rotation or 0) / 90) % 4)
+    a, b, c, d = matrix
+    if a == 0 and d == 0:  # a quarter turn: rows become columns
+        image = image.transpose(1, 0, 2)
+        image = image[::-1] if b < 0 else image
+        return image[:, ::-1] if c < 0 else image
+    image = image[::-1] if d < 0 else image
+    return image[:, ::-1] if a < 0 else image
+
+
+def _mirrors(path: Path) -> bool:
+    """Whether an MP4/MOV's display matrix mirrors the picture (decord applies only its rotation).
+    Other containers carry no display matrix."""
+    with open(path, "rb") as f:
+        if f.read(12)[4:8] not in (b"ftyp", b"moov", b"mdat", b"wide", b"free"):
+            return False
     try:
         with av.open(str(path)) as container:
-            return next(container.decode(video=0)).to_image().convert("RGB")
+            matrix = _display_matrix(next(container.decode(video=0)))
+    except (av.error.FFmpegError, StopIteration, IndexError):
+        return False
+    return matrix is not None and matrix[0] * matrix[3] - matrix[1] * matrix[2] < 0
+
+
+def load_first_frame(path: Path) -> np.ndarray:
+    """An image file as shown ([H, W, 3] uint8, its EXIF orientation applied, as diffusers'
+    load_image does), or the first frame of a video file as shown (its display rotation applied)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.array(ImageOps.exif_transpose(image).convert("RGB"))
+    except UnidentifiedImageError:
+        pass
+    try:
+        with av.open(str(path)) as container:
+            return _displayed(next(container.decode(video=0)))
     except (av.error.FFmpegError, StopIteration):
         raise CogtuneError(f"{path} is neither an image nor a video with frames.") from None
+
+
+def first_frame_pixels(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """The first frame an image-to-video model is given, from an image or a video: as shown,
+    resized to cover height x width and centre-cropped as training clips are, [3, 1, height, width]
+    in [-1, 1]. Preprocess (validation images), in-training validation and `cogtune infer` all use it."""
+    frame = load_first_frame(Path(path))[None]  # [1, H, W, 3]
+    plan = plan_resize_crop(frame.shape[1], frame.shape[2], height, width, "center")
+    return resize_crop(to_model_range(frame), plan, height, width).clamp(-1.0, 1.0).permute(1, 0, 2, 3)
 
 
 # --- decoders ---------------------------------------------------------------------------------
@@ -162,10 +221,23 @@ class DecordVideo:
             stamps = self.reader.get_frame_timestamp(range(count))[:, 0]
         except Exception as e:
             raise _Fallback(f"no timestamps: {first_line(e)[:120]}") from None
+        if _mirrors(path):
+            raise _Fallback("its display matrix mirrors the picture")
+        if stamps[0] < -1e-6:  # decord shows the frames an MP4 edit list hides (at negative times)
+            raise _Fallback("an edit list hides frames before time 0")
         steps = np.diff(stamps)
         if count > 2 and (steps.min() <= 0 or steps.max() > 1.5 * steps.min() + 1e-3):
             raise _Fallback("variable frame rate")
-        self.frame_times = [i / self.fps for i in range(count)]
+        # Frames are picked by their own timestamps: containers misreport the average rate (an MKV
+        # of 30 fps frames said to be 60 fps), and a slightly wrong one drifts along the clip. The
+        # average is used only where the timestamps confirm it to within a quarter frame over the
+        # whole clip, since decord's timestamps are float32 (exact ties between frames matter).
+        span = float(stamps[-1] - stamps[0])
+        measured = (count - 1) / span if count > 1 and span > 0 else self.fps
+        if abs(measured / self.fps - 1) * count < 0.25:
+            self.frame_times = [float(stamps[0]) + i / self.fps for i in range(count)]
+        else:
+            self.frame_times, self.fps = [float(t) for t in stamps], measured
         first = self._batch([0])
         self.height, self.width = first.shape[1:3]
 
@@ -178,46 +250,81 @@ class DecordVideo:
             raise _Fallback(f"returned frames of shape {tuple(frames.shape)}")
         return frames
 
+    def iter_frames(self, indices: list[int], group: int = 4):
+        """The frames at indices, [H, W, 3] uint8 each, decoded a few at a time."""
+        for start in range(0, len(indices), group):
+            frames = self._batch(indices[start:start + group])
+            if frames.shape[1:3] != (self.height, self.width):
+                raise _Fallback(f"frame size changed to {frames.shape[1:3]}")
+            yield from frames
+
     def frames(self, indices: list[int]) -> np.ndarray:
-        frames = self._batch(indices)
-        if frames.shape[1:3] != (self.height, self.width):
-            raise _Fallback(f"frame size changed to {frames.shape[1:3]}")
-        return frames
+        return np.stack(list(self.iter_frames(indices)))
 
 
 class PyAVVideo:
-    """The careful path: FFmpeg through PyAV. A first pass decodes every frame for its timestamp
-    (keeping no pixels), so frame counts, variable rates and wrong fps metadata cannot mislead it;
-    the second keeps the chosen frames, rotated as the container's display matrix says."""
+    """The careful path: FFmpeg through PyAV, with timestamps the decoder itself confirms.
+
+    The frame times come from the packets (no frame is decoded for them, so reading the first second
+    of an hour-long file costs a second, not an hour), sorted, since frames are shown in order of
+    their times. Decoding then stops at the last frame wanted, and checks that every frame it passes
+    is at the time the packets said; when one is not (edit lists, frames without times, packets that
+    are no frame, a damaged file), `_Fallback` is raised and `PyAVVideo(path, from_packets=False)`
+    reads the times by decoding every frame, which nothing can mislead. Frames are turned as the
+    container's display matrix says."""
 
     name = "pyav"
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, from_packets: bool = True):
+        self.path, self.from_packets = path, from_packets
         self.frame_times, self.error = [], None
         self.height = self.width = 0
         try:
             with av.open(str(path)) as container:
                 if not container.streams.video:
-                    raise ClipSkipped("cannot open video: the file has no video stream")
+                    raise ClipSkipped("cannot open video: the file has no video stream", kind="no video stream")
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
                 rate = float(stream.average_rate or stream.guessed_rate or 0) or None
-                for frame in self._decode(container, stream):
-                    if frame.time is not None:
-                        self.frame_times.append(float(frame.time))
-                    else:
-                        self.frame_times.append(self.frame_times[-1] + 1 / (rate or 30) if self.frame_times else 0.0)
-                    if len(self.frame_times) == 1:
-                        quarter_turns = round((frame.rotation or 0) / 90) % 4
-                        self.height, self.width = ((frame.width, frame.height) if quarter_turns % 2
-                                                   else (frame.height, frame.width))
+                if from_packets:
+                    self._times_from_packets(container, stream)
+                else:
+                    self._times_from_frames(container, stream, rate)
         except av.error.FFmpegError as e:
+            if from_packets:
+                raise _Fallback(f"cannot demux: {e.strerror or e}") from None
             raise ClipSkipped(f"cannot open video: {e.strerror or e}") from None
         if not self.frame_times:
             raise ClipSkipped(f"cannot decode any frame{': ' + self.error if self.error else ''}")
+        # Frames come out in display order, but some containers label them out of order (AVI with
+        # B-frames: 1, 3, 4, 2, ...): the k-th frame shown is at the k-th smallest time.
+        self.frame_times.sort()
         span = self.frame_times[-1] - self.frame_times[0]
         self.fps = (len(self.frame_times) - 1) / span if span > 0 else (rate or 0.0)
+
+    def _times_from_packets(self, container, stream) -> None:
+        for packet in container.demux(stream):
+            if packet.size == 0 or getattr(packet, "is_discard", False):  # end of stream; hidden by an edit list
+                continue
+            if packet.pts is None or packet.time_base is None:
+                raise _Fallback("a packet without a timestamp")
+            self.frame_times.append(float(packet.pts * packet.time_base))
+        if not self.frame_times:
+            raise _Fallback("no video packets")
+        container.seek(0)
+        self._set_size(next(container.decode(stream)))
+
+    def _times_from_frames(self, container, stream, rate: float | None) -> None:
+        for frame in self._decode(container, stream):
+            if frame.time is not None:
+                self.frame_times.append(float(frame.time))
+            else:
+                self.frame_times.append(self.frame_times[-1] + 1 / (rate or 30) if self.frame_times else 0.0)
+            if len(self.frame_times) == 1:
+                self._set_size(frame)
+
+    def _set_size(self, frame) -> None:
+        self.height, self.width = _displayed(frame).shape[:2]
 
     def _decode(self, container, stream):
         """Frames in display order, stopping quietly at the first decode error (a truncated or
@@ -227,21 +334,41 @@ class PyAVVideo:
         except av.error.FFmpegError as e:
             self.error = f"decode error after {len(self.frame_times)} frames: {e.strerror or e}"
 
-    def frames(self, indices: list[int]) -> np.ndarray:
-        wanted = set(indices)
-        kept = {}
+    def iter_frames(self, indices: list[int]):
+        """The frames at indices (ascending, an index may repeat), [H, W, 3] uint8 each, as they are
+        decoded: only one source frame is held at a time."""
+        wanted = sorted(indices)
+        if wanted != list(indices):
+            raise ValueError("frame indices must be ascending")
+        position = 0
         with av.open(str(self.path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for number, frame in enumerate(container.decode(stream)):
-                if number in wanted:
-                    image = frame.to_ndarray(format="rgb24")
-                    kept[number] = np.rot90(image, round((frame.rotation or 0) / 90) % 4)
-                    if len(kept) == len(wanted):
+            frames = container.decode(stream)
+            number = -1
+            while position < len(wanted):
+                try:
+                    frame = next(frames)
+                except (StopIteration, av.error.FFmpegError) as e:
+                    if self.from_packets:
+                        raise _Fallback(f"frame {number + 1} of {len(self.frame_times)} cannot be decoded") from None
+                    if isinstance(e, StopIteration):
                         break
-        if len(kept) != len(wanted):
-            raise ClipSkipped(f"decode error: got {len(kept)} of {len(wanted)} frames on the second pass")
-        return np.stack([kept[i] for i in indices])
+                    raise
+                number += 1
+                if self.from_packets and (frame.time is None or number >= len(self.frame_times)
+                                          or abs(float(frame.time) - self.frame_times[number]) > 1e-6):
+                    raise _Fallback(f"frame {number} is not at the time its packet said")
+                if number == wanted[position]:
+                    image = _displayed(frame)
+                    while position < len(wanted) and wanted[position] == number:
+                        yield image
+                        position += 1
+        if position != len(wanted):
+            raise ClipSkipped(f"decode error: got {position} of {len(wanted)} frames on the second pass")
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        return np.stack(list(self.iter_frames(indices)))
 
 
 # Leading bytes of files that are certainly not videos. Unknown binary files go to the decoders,
@@ -273,11 +400,14 @@ def not_a_video(path: Path) -> str | None:
 
 
 def open_video(path: Path) -> DecordVideo | PyAVVideo:
-    """decord when it can be trusted with the file, else PyAV."""
-    try:
-        return DecordVideo(path)
-    except _Fallback:
-        return PyAVVideo(path)
+    """The first reader that can be trusted with the file: decord, PyAV with packet timestamps,
+    PyAV decoding every frame for its time."""
+    for reader in (DecordVideo, PyAVVideo):
+        try:
+            return reader(path)
+        except _Fallback:
+            pass
+    return PyAVVideo(path, from_packets=False)
 
 
 def decode_cost(path: Path) -> float:
@@ -324,14 +454,18 @@ def read_clip(path: Path, size: SizeRule, fps: float, skip_start: int, skip_end:
         candidates = resample_indices(video.frame_times, fps, skip_start, skip_end)
         num_frames, height, width = size(len(candidates), video.height, video.width)
         indices = candidates[:num_frames]
-        return video, indices, video.frames(indices), height, width
+        plan = plan_resize_crop(video.height, video.width, height, width, mode, rng)
+        # Each frame is resized as it is decoded, so memory follows the output size, not the source's.
+        pixels = torch.empty(3, len(indices), height, width)
+        for number, frame in enumerate(video.iter_frames(indices)):
+            pixels[:, number] = resize_crop(to_model_range(frame[None]), plan, height, width)[0].clamp(-1.0, 1.0)
+        return video, indices, pixels
 
+    state = rng.bit_generator.state if rng is not None else None
     try:
-        video, indices, frames, height, width = decode(open_video(path))
-    except _Fallback:  # decord failed mid-clip: start again with PyAV
-        video, indices, frames, height, width = decode(PyAVVideo(path))
-    pixels = to_model_range(frames)
-    plan = plan_resize_crop(video.height, video.width, height, width, mode, rng)
-    pixels = resize_crop(pixels, plan, height, width).clamp(-1.0, 1.0)
-    return Clip(pixels.permute(1, 0, 2, 3).contiguous(), indices, float(video.fps), int(video.height),
-                int(video.width), video.name)
+        video, indices, pixels = decode(open_video(path))
+    except _Fallback:  # a reader failed mid-clip: start again with the one nothing misleads, same random crop
+        if rng is not None:
+            rng.bit_generator.state = state
+        video, indices, pixels = decode(PyAVVideo(path, from_packets=False))
+    return Clip(pixels, indices, float(video.fps), int(video.height), int(video.width), video.name)

@@ -16,8 +16,7 @@ from cogtune import data_schema as schema
 from cogtune.cache.writer import CacheWriter, write_tensors
 from cogtune.config import PreprocessConfig, precision_dtype
 from cogtune.data.buckets import bucket_name, size_rule
-from cogtune.data.video import (Clip, ClipSkipped, load_first_frame, plan_resize_crop, read_clip, resize_crop,
-                                to_model_range)
+from cogtune.data.video import Clip, ClipSkipped, first_frame_pixels, read_clip
 from cogtune.errors import CogtuneError, Preempted, first_line
 from cogtune.families import ModelConfigs, load_vae
 from cogtune.preprocess.plan import failure_limit
@@ -149,7 +148,7 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path
         device, dtype = device_and_dtype(config.mixed_precision)
         vae = load_vae(models, config, device, dtype)
         for path, image in pending.items():
-            pixels = validation_pixels(image, config.height, config.width)  # [C, 1, H, W]
+            pixels = first_frame_pixels(image, config.height, config.width)  # [C, 1, H, W]
             posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
             write_tensors(path, {schema.VALIDATION_IMAGE_MEAN: posterior.mean[0].float(),
                                 schema.VALIDATION_IMAGE_LOGVAR: posterior.logvar[0].float()},
@@ -157,14 +156,6 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path
         written += len(pending)
         del vae
     return written
-
-
-def validation_pixels(image: str | Path, height: int, width: int) -> torch.Tensor:
-    """A validation image (or a video's first frame) resized to cover height x width and centre-cropped,
-    as the training clips are: [3, 1, height, width] in [-1, 1]."""
-    frame = np.array(load_first_frame(Path(image)))[None]  # [1, H, W, 3] uint8
-    plan = plan_resize_crop(frame.shape[1], frame.shape[2], height, width, "center")
-    return resize_crop(to_model_range(frame), plan, height, width).permute(1, 0, 2, 3)
 
 
 def first_frame_noise(seed: int, sha: str, variants: int) -> tuple[list[float], torch.Generator]:
