@@ -255,3 +255,14 @@ def test_a_mirroring_display_matrix_is_applied_whole(tmp_path, matrix, shown):
     assert np.abs(first - expected).mean() < 3
     if shown == "mirrored":
         assert np.abs(first - stored[::-1, ::-1]).mean() > 30  # not turned 180 degrees
+
+
+def test_a_gap_in_a_transport_stream_keeps_real_time(tmp_path):
+    """An MPEG-TS with half a second missing after frame 11 (a recording that dropped out): every
+    training frame is the source frame nearest its time k / 8 s, so the gap is bridged by the frames
+    beside it and motion stays at real speed."""
+    times = [i * 0.04 for i in range(12)] + [0.94 + k * 0.04 for k in range(12)]
+    path = write_clip(tmp_path / "gap.ts", count=24, times=times, container_format="mpegts")
+    clip = read(path, fps=8, frames=9)
+    nearest = [min(range(24), key=lambda i: (abs(times[i] - k / 8), -i)) for k in range(9)]  # ties: the later
+    assert clip.decoder == "pyav" and clip.frame_indices == nearest == [0, 3, 6, 9, 11, 11, 12, 12, 14]
