@@ -115,6 +115,12 @@ def to_model_range(frames_uint8: np.ndarray) -> torch.Tensor:
     return frames.div_(127.5).sub_(1.0)  # in place: one float copy of the frames, not three
 
 
+def to_clip_size(frames_uint8: np.ndarray, plan: ResizeCrop, height: int, width: int) -> torch.Tensor:
+    """Decoded frames as shown, [F, H, W, 3] uint8 -> [F, 3, height, width] in [-1, 1], resized and
+    cropped by plan: what training clips and the first frame of an image-to-video model both go through."""
+    return resize_crop(to_model_range(frames_uint8), plan, height, width).clamp(-1.0, 1.0)
+
+
 def _display_matrix(frame) -> tuple[int, int, int, int] | None:
     """(a, b, c, d) of a decoded PyAV frame's display matrix, each -1, 0 or 1, or None when it has
     none or it is not a quarter turn (with or without a mirror)."""
@@ -187,7 +193,7 @@ def first_frame_pixels(path: str | Path, height: int, width: int) -> torch.Tenso
     in [-1, 1]. Preprocess (validation images), in-training validation and `cogtune infer` all use it."""
     frame = load_first_frame(Path(path))[None]  # [1, H, W, 3]
     plan = plan_resize_crop(frame.shape[1], frame.shape[2], height, width, "center")
-    return resize_crop(to_model_range(frame), plan, height, width).clamp(-1.0, 1.0).permute(1, 0, 2, 3)
+    return to_clip_size(frame, plan, height, width).permute(1, 0, 2, 3)
 
 
 # --- decoders ---------------------------------------------------------------------------------
@@ -458,7 +464,7 @@ def read_clip(path: Path, size: SizeRule, fps: float, skip_start: int, skip_end:
         # Each frame is resized as it is decoded, so memory follows the output size, not the source's.
         pixels = torch.empty(3, len(indices), height, width)
         for number, frame in enumerate(video.iter_frames(indices)):
-            pixels[:, number] = resize_crop(to_model_range(frame[None]), plan, height, width)[0].clamp(-1.0, 1.0)
+            pixels[:, number] = to_clip_size(frame[None], plan, height, width)[0]
         return video, indices, pixels
 
     state = rng.bit_generator.state if rng is not None else None
