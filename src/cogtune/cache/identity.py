@@ -47,9 +47,8 @@ class CacheIdentity:
 
     @property
     def fingerprint(self) -> str:
-        manifest = schema.Manifest("", self.model, self.dataset, self.settings).to_json()
-        del manifest["fingerprint"]
-        return files.sha256_text(json.dumps(manifest, sort_keys=True))[:12]
+        payload = {"format_version": schema.FORMAT_VERSION, **self.to_json()}
+        return files.sha256_text(json.dumps(payload, sort_keys=True))[:12]
 
     @property
     def name(self) -> str:
@@ -64,7 +63,8 @@ class CacheIdentity:
         return schema.Manifest(self.fingerprint, self.model, self.dataset, self.settings)
 
     def to_json(self) -> dict:
-        manifest = self.manifest().to_json()
+        """model, dataset and settings as the manifest stores them."""
+        manifest = schema.Manifest("", self.model, self.dataset, self.settings).to_json()
         return {key: manifest[key] for key in ("model", "dataset", "settings")}
 
 
