@@ -88,3 +88,25 @@ def write_clip_with_lead_in(path: Path, hidden: int = 2, count: int = 24, fps: i
             container.mux(packet)
     assert b"elst" in path.read_bytes(), "no edit list was written"
     return path
+
+
+def write_long_clip(path: Path, seconds: float, height: int = 64, width: int = 96, fps: int = 24,
+                    gop: int = 24, container_format: str | None = None) -> Path:
+    """A long clip made quickly: one group of `gop` `pattern` frames is encoded, then muxed again
+    and again with later times (no re-encoding), so an hour of 1080p costs seconds to write. Frame k
+    shows pattern frame k % gop."""
+    once = path.with_name(path.stem + "-gop.mp4")
+    write_clip(once, height=height, width=width, count=gop, fps=fps, options={"g": str(gop), "preset": "ultrafast"})
+    with av.open(str(once)) as source, av.open(str(path), "w", format=container_format) as target:
+        stream = source.streams.video[0]
+        out = target.add_stream_from_template(stream)
+        packets = [packet for packet in source.demux(stream) if packet.size]
+        period = round(Fraction(gop, fps) / stream.time_base)
+        for repeat in range(int(seconds * fps) // gop):
+            for packet in packets:
+                copy = av.Packet(bytes(packet))
+                copy.pts, copy.dts = packet.pts + repeat * period, packet.dts + repeat * period
+                copy.time_base, copy.is_keyframe, copy.stream = stream.time_base, packet.is_keyframe, out
+                target.mux(copy)
+    once.unlink()
+    return path

@@ -3,6 +3,7 @@ frame times and frame count, or skipped with its reason."""
 
 import numpy as np
 import pytest
+import torch
 
 from cogtune.data.video import ClipSkipped, DecordVideo, PyAVVideo, fixed_size, open_video, read_clip
 
@@ -20,11 +21,14 @@ def read(path, fps=8, frames=9, height=32, width=32):
     ("h265_bframes.mp4", (480, 854), 5),
 ])
 def test_real_clips(name, source_size, frames):
-    clip = read(ASSETS / "videos" / name, fps=8, frames=9)
-    assert (clip.source_height, clip.source_width) == source_size and clip.decoder == "decord"
+    path = ASSETS / "videos" / name
+    clip = read(path, fps=8, frames=9)
+    assert (clip.source_height, clip.source_width) == source_size
+    assert clip.decoder == "pyav"  # the source, decoded, is larger than this small clip may take
     assert clip.pixels.shape == (3, frames, 32, 32)
     # resampled from 30 fps to 8: the source frame nearest to each k / 8 s
     assert clip.frame_indices == [int(k * clip.source_fps / 8 + 0.5) for k in range(frames)]
+    assert np.array_equal(DecordVideo(path).frames(clip.frame_indices), PyAVVideo(path).frames(clip.frame_indices))
 
 
 def test_odd_dimensions_vp9(tmp_path):
@@ -113,9 +117,9 @@ def test_a_misreported_average_rate_does_not_move_the_frames(tmp_path):
     picked by their timestamps (nearest to k / 8 s at 30 fps; ties go to the later frame)."""
     path = write_clip(tmp_path / "said60.mkv", count=60, fps=60, times=[i / 30 for i in range(60)],
                       container_format="matroska")
-    clip = read(path, fps=8, frames=9)
+    clip = read(path, fps=8, frames=17, height=64, width=96)  # the clip as large as the source: decord may read it
     assert clip.decoder == "decord" and clip.source_fps == pytest.approx(30, rel=1e-3)
-    assert clip.frame_indices == [int(k * 30 / 8 + 0.5) for k in range(9)]
+    assert clip.frame_indices == [int(k * 30 / 8 + 0.5) for k in range(13)]  # 2 s at 8 fps: 16, cut to 4k+1
 
 
 def test_a_slightly_wrong_average_rate_does_not_drift(tmp_path):
@@ -123,9 +127,11 @@ def test_a_slightly_wrong_average_rate_does_not_drift(tmp_path):
     times = [i * 1001 / 30000 for i in range(240)]
     path = write_clip(tmp_path / "said31.mkv", count=240, fps=31, times=times, container_format="matroska",
                       height=32, width=32)
-    clip = read(path, fps=8, frames=49)
-    assert clip.frame_indices[-1] == min(range(240), key=lambda i: abs(times[i] - 6.0))
-    assert all(abs(times[i] - k / 8) <= 0.5 / 29.97 + 1e-3 for k, i in enumerate(clip.frame_indices))
+    for decoder in ("decord", "pyav"):  # decord reads all of this small source; PyAV only what the clip needs
+        clip = read(path, fps=8, frames=49) if decoder == "decord" else read(path, fps=8, frames=49, height=16, width=16)
+        assert clip.decoder == decoder
+        assert clip.frame_indices[-1] == min(range(240), key=lambda i: abs(times[i] - 6.0))
+        assert all(abs(times[i] - k / 8) <= 0.5 / 29.97 + 1e-3 for k, i in enumerate(clip.frame_indices))
 
 
 def test_timestamps_out_of_order_are_searched_in_display_order(tmp_path):
@@ -142,17 +148,109 @@ def test_timestamps_out_of_order_are_searched_in_display_order(tmp_path):
 
 
 def test_decoding_memory_follows_the_output_not_the_source(tmp_path):
-    """17 frames of 720x1280 brought to 32x48, by decord (MP4) and by PyAV (AVI with B-frames): the
-    torch memory a decode holds at its peak is under two source frames in float, not 17 of them."""
+    """17 frames of 720x1280 brought to 32x48, from an MP4 and from an AVI with B-frames: what
+    a decode holds at its peak, numpy (decoded frames, seen by tracemalloc) and torch (seen by
+    LiveTensorBytes) together, is at most twice the output in float plus one source frame in float,
+    not the 17 source frames in float the decode once held (three times over). Each is measured in a
+    run of its own (LiveTensorBytes keeps numpy buffers alive a little longer). FFmpeg's own frame
+    buffers are outside both, and do not grow with the clip."""
+    import tracemalloc
+
     from cogtune.train.memory import LiveTensorBytes
 
     source_frame = 720 * 1280 * 3 * 4
-    for name, options, decoder in (("big.mp4", None, "decord"), ("big.avi", {"bf": "2"}, "pyav")):
+    for name, options in (("big.mp4", None), ("big.avi", {"bf": "2"})):
         path = write_clip(tmp_path / name, count=17, fps=8, height=720, width=1280, options=options)
-        with LiveTensorBytes() as live:
+        tracemalloc.start()
+        try:
             clip = read(path, fps=8, frames=17, height=32, width=48)
-        assert clip.decoder == decoder and clip.pixels.shape == (3, 17, 32, 48)
-        assert live.peak < 2 * source_frame, (name, live.peak / source_frame)
+            numpy_peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        with LiveTensorBytes() as live:
+            read(path, fps=8, frames=17, height=32, width=48)
+        assert clip.decoder == "pyav" and clip.pixels.shape == (3, 17, 32, 48)  # decord would hold more
+        output = clip.pixels.numel() * 4
+        assert numpy_peak + live.peak <= 2 * output + source_frame, (name, (numpy_peak + live.peak) / source_frame)
+
+
+def test_a_long_source_is_read_only_as_far_as_the_clip_needs(tmp_path):
+    """The first second of a 10-minute clip: PyAV reads the packets' times only as far as the clip
+    needs, and the clip is the one decoding every frame of the file gives, and the one a 4-second
+    cut of it gives."""
+    from clips import write_long_clip
+
+    from cogtune.data.video import REORDER_DEPTH, Span, resample_indices
+
+    long = write_long_clip(tmp_path / "long.mp4", seconds=600)
+    short = write_long_clip(tmp_path / "short.mp4", seconds=4)
+    clip, cut = read(long, fps=8, frames=9), read(short, fps=8, frames=9)
+    assert clip.decoder == "pyav"
+    assert clip.frame_indices == cut.frame_indices == [0, 3, 6, 9, 12, 15, 18, 21, 24]
+    assert torch.allclose(clip.pixels, cut.pixels, atol=1e-6)
+    video = PyAVVideo(long, Span(8, 0, 0, lambda height, width: (9, 32, 32)))
+    assert len(video.frame_times) <= 9 * 3 + 2 * REORDER_DEPTH + 8  # of 14,400 frames
+    everything = PyAVVideo(long, from_packets=False)
+    assert len(everything.frame_times) == 14400
+    assert resample_indices(everything.frame_times, 8, 0, 0, 9)[:9] == clip.frame_indices
+    assert np.array_equal(video.frames(clip.frame_indices), everything.frames(clip.frame_indices))
+
+
+def test_decord_reads_only_sources_whose_decoded_frames_fit_what_the_clip_may_take(tmp_path):
+    """decord's decoding thread runs ahead of its caller and keeps what it decodes (up to the whole
+    file), and it reads every packet to open a file: it is given a source only when all of its
+    frames, decoded, fit in twice the clip in float plus one source frame."""
+    from cogtune.data.video import Span, _decord_suits, decode_budget
+
+    path = write_clip(tmp_path / "clip.mp4", count=48, height=64, width=96)
+    decoded = 48 * 64 * 96 * 3
+    for frames, height, width in ((49, 64, 96), (9, 64, 96), (9, 32, 32), (49, 96, 64)):
+        span = Span(8, largest=lambda _h, _w: (frames, height, width))
+        fits = decoded <= 2 * frames * 3 * height * width * 4 + 64 * 96 * 3 * 4
+        assert decode_budget(span, 64, 96) == 2 * frames * 3 * height * width * 4 + 64 * 96 * 3 * 4
+        assert _decord_suits(path, span) is fits, (frames, height, width)
+        clip = read_clip(path, lambda _a, _h, _w: (min(frames, 45), height, width), 8, 0, 0, "center", None)
+        assert clip.decoder == ("decord" if fits else "pyav")
+    assert _decord_suits(path, None)  # no clip to measure against: decord first, as before
+
+
+@pytest.mark.parametrize("name, codec, options", [
+    ("bframes.mp4", "libx264", {"bf": "3", "g": "24"}),
+    ("open-gop.mp4", "libx264", {"bf": "3", "x264-params": "open-gop=1:keyint=24:min-keyint=24"}),
+    ("hevc.mp4", "libx265", {"x265-params": "log-level=none:keyint=24:bframes=3"}),
+    ("bframes.mkv", "libx264", {"bf": "3", "g": "24"}),
+    ("vp9.webm", "libvpx-vp9", {"g": "24"}),
+    ("seeks-roughly.ts", "libx264", {"bf": "2", "g": "24"}),  # the seek lands late: decoded from the start
+])
+def test_frames_far_into_a_source_are_those_decoding_from_the_start_gives(tmp_path, name, codec, options):
+    """--skip_frames_start 100 (4 s in): PyAV seeks to the key frame before frame 100 and names the
+    frames by their times; the frames are the ones decoding every frame from the start gives."""
+    from cogtune.data.video import Span, resample_indices
+
+    path = write_clip(tmp_path / name, codec, count=300, fps=24, options=options)
+    fast = PyAVVideo(path, Span(8, 100, 0, lambda height, width: (9, 32, 32)))
+    careful = PyAVVideo(path, from_packets=False)
+    indices = resample_indices(careful.frame_times, 8, 100, 0, 9)[:9]
+    assert indices == [100 + 3 * k for k in range(9)]
+    assert resample_indices(fast.frame_times, 8, 100, 0, 9)[:9] == indices
+    assert np.array_equal(fast.frames(indices), careful.frames(indices))
+
+
+@pytest.mark.parametrize("matrix, mirrors", [
+    ((1, 0, 0, 1), False), ((0, -1, 1, 0), False), ((-1, 0, 0, -1), False),  # turns
+    ((-1, 0, 0, 1), True), ((1, 0, 0, -1), True), ((0, 1, 1, 0), True),  # mirrors
+])
+def test_a_mirroring_mp4_is_told_from_its_header(tmp_path, matrix, mirrors):
+    """decord is kept from mirrored MP4s by the track header's matrix alone, read from the boxes
+    (moov after mdat here, as PyAV writes it) without decoding a frame."""
+    from clips import set_mp4_matrix
+
+    from cogtune.data.video import _mp4_mirrors
+
+    path = write_clip(tmp_path / "clip.mp4", count=2)
+    set_mp4_matrix(path, *matrix)
+    assert _mp4_mirrors(path) is mirrors
+    assert _mp4_mirrors(write_clip(tmp_path / "clip.mkv", count=2, container_format="matroska")) is False
 
 
 def test_a_video_given_as_the_first_frame_is_turned_as_training_clips_are(tmp_path):
@@ -201,6 +299,23 @@ def test_packet_timestamps_are_the_decoded_frames_times(tmp_path, name, codec, o
     assert fast.frame_times == careful.frame_times and len(fast.frame_times) == (30 if times else 20)
     every = list(range(len(fast.frame_times)))
     assert np.array_equal(fast.frames(every), careful.frames(every))
+
+
+def test_decoding_frames_for_their_times_also_stops_where_the_clip_ends(tmp_path):
+    """An AVI with B-frames (its packets mislabel the frames) of 12 s: the careful reader decodes
+    frames for their times only as far as the clip needs, and picks the frames decoding the whole
+    file picks."""
+    from cogtune.data.video import REORDER_DEPTH, Span, resample_indices
+
+    path = write_clip(tmp_path / "bframes.avi", count=300, fps=25, options={"bf": "2"})
+    clip = read(path, fps=8, frames=9)
+    assert clip.decoder == "pyav"
+    careful = PyAVVideo(path, Span(8, largest=lambda height, width: (9, 32, 32)), from_packets=False)
+    whole = PyAVVideo(path, from_packets=False)
+    assert len(whole.frame_times) == 300 and len(careful.frame_times) <= 9 * 25 / 8 + 2 * REORDER_DEPTH + 8
+    assert careful.frame_times == whole.frame_times[:len(careful.frame_times)]
+    assert clip.frame_indices == resample_indices(whole.frame_times, 8, 0, 0, 9)[:9] == [0, 3, 6, 9, 13, 16, 19, 22, 25]
+    assert np.array_equal(careful.frames(clip.frame_indices), whole.frames(clip.frame_indices))
 
 
 def test_packets_that_do_not_match_the_frames_send_pyav_back_to_decoding_every_frame(tmp_path):

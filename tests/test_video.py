@@ -2,8 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from cogtune.data.video import (ClipSkipped, fixed_size, largest_4k_plus_1, plan_resize_crop, read_clip, resize_crop,
-                                select_frame_indices, to_model_range)
+from cogtune.data.buckets import size_rule
+from cogtune.config import PreprocessConfig
+from cogtune.data.video import (ClipSkipped, Span, fixed_size, largest_4k_plus_1, plan_resize_crop, read_clip,
+                                resample_indices, resize_crop, select_frame_indices, to_clip_size, to_model_range)
 
 
 @pytest.mark.parametrize("frames, expected", [(1, 1), (4, 1), (5, 5), (8, 5), (9, 9), (49, 49), (52, 49), (53, 53)])
@@ -70,6 +72,65 @@ def test_resize_crop_shape_and_centre_content():
     out = resize_crop(frames, plan, 16, 16)
     assert out.shape == (2, 3, 16, 16)
     assert out[:, :, 8, 8].min() > 0.9 and out[:, :, 0, 8].max() < 0.1
+
+
+@pytest.mark.parametrize("source, target, mode", [
+    ((1080, 1920), (480, 720), "center"),  # down, cropped across
+    ((1080, 720), (480, 720), "center"),  # portrait into landscape: cropped down
+    ((90, 100), (240, 320), "center"),  # up
+    ((480, 700), (480, 720), "center"),  # across only: the height is kept
+    ((300, 720), (480, 720), "none"),  # down only, no crop
+    ((480, 1280), (480, 720), "random"),
+    ((64, 96), (64, 96), "center"),  # the size already
+])
+def test_resizing_band_by_band_gives_the_numbers_of_resizing_whole_float_frames(source, target, mode):
+    """to_clip_size never holds a frame in float at its source size, yet gives what resizing the
+    whole float frames gives (torch's antialiased resize is separable; other torch versions may
+    round differently in the last bit, hence the tolerance)."""
+    frames = torch.randint(0, 256, (2, *source, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
+    plan = plan_resize_crop(*source, *target, mode, np.random.default_rng(1))
+    whole = resize_crop(to_model_range(frames), plan, *target).clamp(-1, 1)
+    for rows in (64, 7):
+        banded = to_clip_size(frames, plan, *target, rows=rows)
+        assert banded.shape == (2, 3, *target)
+        assert torch.allclose(banded, whole, rtol=0, atol=1e-6)
+
+
+def _time_lists():
+    """Frame times: 30 fps; 29.97 fps after a start at 1.4 s; 25 fps then 8 fps; 8 fps then 60 fps
+    (a slow start: kept frame by frame, whatever comes later); a jittery phone clip."""
+    jitter = np.random.default_rng(5).uniform(-0.004, 0.004, 400)
+    return {
+        "30fps": [i / 30 for i in range(400)],
+        "29.97fps": [1.4 + i * 1001 / 30000 for i in range(400)],
+        "25-then-8": [i * 0.04 for i in range(40)] + [1.56 + k * 0.125 for k in range(1, 200)],
+        "8-then-60": [i * 0.125 for i in range(30)] + [3.625 + k / 60 for k in range(1, 300)],
+        "phone": list(np.cumsum(1 / 30 + jitter)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_time_lists()))
+@pytest.mark.parametrize("skip_start, skip_end, most", [(0, 0, 9), (0, 0, 49), (5, 3, 17), (40, 10, 9)])
+def test_the_first_frames_of_a_source_decide_the_clip_as_the_whole_source_does(name, skip_start, skip_end, most):
+    """A reader may stop once Span.decided_by says so: from there on, the frames resample_indices
+    picks for a clip of up to `most` frames are those it picks on the whole source, as is the
+    frame count the size rule gives."""
+    times = _time_lists()[name]
+    span = Span(8, skip_start, skip_end, lambda height, width: (most, 480, 720))
+    whole = resample_indices(times, 8, skip_start, skip_end, most)
+    decided = [n for n in range(1, len(times) + 1) if span.decided_by(times[:n], 480, 720)]
+    assert decided and decided[0] < len(times) - 50  # reading stops before the end
+    sizes = size_rule(PreprocessConfig(max_num_frames=most))
+    for n in decided:
+        first = resample_indices(times[:n], 8, skip_start, skip_end, most)
+        assert first[:most] == whole[:most], n
+        assert sizes(len(first), 480, 720) == sizes(len(whole), 480, 720)
+
+
+def test_a_slow_start_keeps_every_frame_whatever_comes_later():
+    """8 fps for 30 frames, then 60 fps: a 9-frame clip at 8 fps is the first 9 frames as they are."""
+    times = _time_lists()["8-then-60"]
+    assert resample_indices(times, 8, most=9)[:9] == list(range(9))
 
 
 def test_pixels_scaled_to_minus_one_one():

@@ -1,13 +1,18 @@
 """Decoding, frame selection, resizing and cropping of training clips.
 
-The planning functions (`select_frame_indices`, `plan_resize_crop`) are pure; `read_clip` is the
-thin part that touches files.
+The planning functions (`resample_indices`, `Span`, `plan_resize_crop`) are pure; `read_clip` is
+the thin part that touches files: it reads a source only as far as the clip needs, and holds one
+source frame at a time, so its cost follows the clip, not the source.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import itertools
 import math
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,15 +41,19 @@ def largest_4k_plus_1(frames: int) -> int:
     return (frames - 1) // 4 * 4 + 1
 
 
-def resample_indices(times: list[float], target_fps: float, skip_start: int = 0, skip_end: int = 0) -> list[int]:
+def resample_indices(times: list[float], target_fps: float, skip_start: int = 0, skip_end: int = 0,
+                     most: int | None = None) -> list[int]:
     """Indices of every source frame a clip at `target_fps` can use, from the frames' timestamps.
 
     Frames are taken from the start after `skip_start` frames, and stop before the last `skip_end`.
     A source faster than `target_fps` is resampled: frame k is the source frame nearest to time
     t0 + k / target_fps (ties go to the later frame). A source at or below `target_fps` keeps every
     frame: nothing is duplicated, so its motion plays faster when shown at `target_fps`. Timestamps
-    make this right for variable frame rates and for containers whose fps is wrong; "faster" is
-    judged by the mean rate, so a variable-rate source may repeat a frame in a slow stretch.
+    make this right for variable frame rates and for containers whose fps is wrong. "Faster" is
+    judged by the mean rate of the first `most` usable frames (all of them when `most` is None): the
+    frames a clip of at most `most` frames is made of, so that what comes later in a long source
+    does not change the clip, and a source read only as far as the clip needs (`Span.decided_by`)
+    gives the clip the whole source gives.
     """
     usable = len(times) - skip_start - skip_end
     if usable < 1:
@@ -53,12 +62,40 @@ def resample_indices(times: list[float], target_fps: float, skip_start: int = 0,
             f"drop {skip_start}+{skip_end}", kind="too short"
         )
     stamps = np.asarray(times[skip_start:skip_start + usable], dtype=np.float64)
-    if usable == 1 or (stamps[-1] - stamps[0]) * target_fps >= (usable - 1) * (1 - 1e-6):
+    judged = stamps[:most] if most else stamps
+    if usable == 1 or (judged[-1] - judged[0]) * target_fps >= (len(judged) - 1) * (1 - 1e-6):
         return list(range(skip_start, skip_start + usable))
     targets = stamps[0] + np.arange(math.floor((stamps[-1] - stamps[0]) * target_fps + 1e-6) + 1) / target_fps
     after = np.clip(np.searchsorted(stamps, targets - 1e-9), 1, usable - 1)
     nearer_before = (targets - stamps[after - 1]) < (stamps[after] - targets) - 1e-9
     return (skip_start + np.where(nearer_before, after - 1, after)).tolist()
+
+
+@dataclass(frozen=True)
+class Span:
+    """The part of a source one clip is made of: frames at `fps` after the first `skip_start`,
+    stopping `skip_end` frames before the source ends, and at most as many as `largest(height,
+    width)`, the (frames, height, width) the size rule gives a clip long enough (None: read the
+    whole source)."""
+
+    fps: float
+    skip_start: int = 0
+    skip_end: int = 0
+    largest: Callable[[int, int], tuple[int, int, int]] | None = None
+
+    def most(self, height: int, width: int) -> int | None:
+        return self.largest(height, width)[0] if self.largest else None
+
+    def decided_by(self, times: list[float], height: int, width: int) -> bool:
+        """Whether the first frames of a source, at `times` (sorted), already decide the clip:
+        `resample_indices` on them gives the frames it gives on the whole source. They must hold
+        more than `most` usable frames, reaching past the time of the last one the clip can take
+        (so that each is the nearest there is), and `skip_end` frames after those."""
+        most = self.most(height, width)
+        if most is None:
+            return False
+        body = times[self.skip_start:len(times) - self.skip_end]
+        return len(body) > most and body[-1] - body[0] >= most / self.fps
 
 
 def select_frame_indices(num_source_frames: int, source_fps: float, target_fps: float, max_frames: int,
@@ -115,10 +152,31 @@ def to_model_range(frames_uint8: np.ndarray) -> torch.Tensor:
     return frames.div_(127.5).sub_(1.0)  # in place: one float copy of the frames, not three
 
 
-def to_clip_size(frames_uint8: np.ndarray, plan: ResizeCrop, height: int, width: int) -> torch.Tensor:
+def to_clip_size(frames_uint8: np.ndarray, plan: ResizeCrop, height: int, width: int, rows: int = 64) -> torch.Tensor:
     """Decoded frames as shown, [F, H, W, 3] uint8 -> [F, 3, height, width] in [-1, 1], resized and
-    cropped by plan: what training clips and the first frame of an image-to-video model both go through."""
-    return resize_crop(to_model_range(frames_uint8), plan, height, width).clamp(-1.0, 1.0)
+    cropped by plan: what training clips and the first frame of an image-to-video model both go through.
+
+    The same numbers as `resize_crop(to_model_range(frames), ...)`, in less memory: torch's
+    antialiased resize is separable (across, then down), so each frame is made float and resized
+    across a band of `rows` rows at a time, the columns the crop keeps are resized down, and no
+    frame is ever held in float at its source size (a 4K frame is 100 MB in float, 25 MB as decoded)."""
+    count, source_height, source_width, _ = frames_uint8.shape
+    out = torch.empty(count, 3, height, width)
+    columns = slice(plan.left, plan.left + width)
+    for number in range(count):
+        frame = frames_uint8[number]
+        across = torch.empty(1, 3, source_height, width)
+        for top in range(0, source_height, rows):
+            band = to_model_range(frame[None, top:top + rows])
+            if plan.resize_width != source_width:
+                band = F.interpolate(band, size=(band.shape[2], plan.resize_width), mode="bilinear",
+                                     antialias=True, align_corners=False)
+            across[:, :, top:top + rows] = band[..., columns]
+        if plan.resize_height != source_height:
+            across = F.interpolate(across, size=(plan.resize_height, width), mode="bilinear", antialias=True,
+                                   align_corners=False)
+        out[number] = across[0, :, plan.top:plan.top + height]
+    return out.clamp_(-1.0, 1.0)
 
 
 def _display_matrix(frame) -> tuple[int, int, int, int] | None:
@@ -156,20 +214,6 @@ def _displayed(frame) -> np.ndarray:
     return image[:, ::-1] if a < 0 else image
 
 
-def _mirrors(path: Path) -> bool:
-    """Whether an MP4/MOV's display matrix mirrors the picture (decord applies only its rotation).
-    Other containers carry no display matrix."""
-    with open(path, "rb") as f:
-        if f.read(12)[4:8] not in (b"ftyp", b"moov", b"mdat", b"wide", b"free"):
-            return False
-    try:
-        with av.open(str(path)) as container:
-            matrix = _display_matrix(next(container.decode(video=0)))
-    except (av.error.FFmpegError, StopIteration, IndexError):
-        return False
-    return matrix is not None and matrix[0] * matrix[3] - matrix[1] * matrix[2] < 0
-
-
 def load_first_frame(path: Path) -> np.ndarray:
     """An image file as shown ([H, W, 3] uint8, its EXIF orientation applied, as diffusers'
     load_image does), or the first frame of a video file as shown (its display rotation applied)."""
@@ -199,14 +243,130 @@ def first_frame_pixels(path: str | Path, height: int, width: int) -> torch.Tenso
 # --- decoders ---------------------------------------------------------------------------------
 
 PLAUSIBLE_FPS = (1.0, 240.0)
+# Frames a decoder may hand out before one shown earlier (B-frames: H.264 allows 16). Of the times
+# read so far, all but the last this many are final: no frame read later is shown before them.
+REORDER_DEPTH = 16
 
 
 class _Fallback(Exception):
-    """decord cannot be trusted with this file; the reason says why."""
+    """This reader cannot be trusted with this file; the reason says why."""
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What a container's header says, read without decoding a frame."""
+
+    frames: float  # the frame count, or duration x rate; 0 when it says neither
+    rate: float
+    height: int  # as stored, before any display rotation
+    width: int
+
+
+def _header(path: Path) -> _Header | None:
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
+            seconds = float((stream.duration or 0) * (stream.time_base or 0)) or (container.duration or 0) / 1e6
+            frames = float(stream.frames or seconds * rate)
+            return _Header(frames, rate, stream.height or 0, stream.width or 0)
+    except (av.error.FFmpegError, TypeError, ValueError):
+        return None
+
+
+def decode_budget(span: Span, height: int, width: int) -> int:
+    """The most memory reading a clip may take: twice the clip in float, plus one source frame of
+    height x width in float."""
+    frames, clip_height, clip_width = span.largest(height, width)
+    return 2 * frames * 3 * clip_height * clip_width * 4 + height * width * 3 * 4
+
+
+def _decord_suits(path: Path, span: Span | None) -> bool:
+    """Whether decord may read the file: only where the whole source, decoded, fits the memory a
+    clip may take. decord reads every packet of a file to open it (430 MB for the first second of
+    a 10-minute 1080p file), and its decoding thread runs ahead of the caller, holding what it
+    decodes: up to the whole file (2 GB for 8 s of 4K while the frames are resized). Without a
+    span (no clip to measure against) it is tried first."""
+    if span is None or span.largest is None:
+        return True
+    header = _header(path)
+    if header is None or header.frames <= 0 or not header.height or not header.width:
+        return False  # a size nobody can tell: PyAV, whose memory does not depend on it
+    decoded = header.frames * header.height * header.width * 3
+    return decoded <= min(decode_budget(span, header.height, header.width),
+                          decode_budget(span, header.width, header.height))  # as stored, or turned
+
+
+def _mp4_boxes(f, start: int, end: int):
+    """(kind, content start, end) of each box between start and end of an MP4/MOV file."""
+    position = start
+    while position + 8 <= end:
+        f.seek(position)
+        head = f.read(16)
+        if len(head) < 8:
+            return
+        size, kind = struct.unpack(">I4s", head[:8])
+        header = 8
+        if size == 1 and len(head) == 16:
+            size, header = struct.unpack(">Q", head[8:])[0], 16
+        elif size == 0:
+            size = end - position
+        if size < header:
+            return
+        yield kind, position + header, min(position + size, end)
+        position += size
+
+
+def _mp4_matrix(f, kind: bytes, start: int) -> tuple[int, int, int, int]:
+    """(a, b, c, d) of the matrix in an mvhd or tkhd box (16.16 fixed point)."""
+    f.seek(start)
+    version = f.read(1)[0]
+    f.seek(start + {b"mvhd": (36, 48), b"tkhd": (40, 52)}[kind][version == 1])  # after times, ids, volume
+    values = struct.unpack(">9i", f.read(36))
+    return values[0], values[1], values[3], values[4]
+
+
+def _mp4_mirrors(path: Path) -> bool:
+    """Whether an MP4/MOV's display matrix (its first video track's tkhd, times the movie's mvhd,
+    as FFmpeg combines them) mirrors the picture: a negative determinant. Read from the boxes,
+    without decoding a frame; any file that is not an MP4/MOV carries no such matrix."""
+    sign = 1
+    with open(path, "rb") as f:
+        if f.read(12)[4:8] not in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"):
+            return False
+        end = f.seek(0, 2)
+        for kind, start, stop in _mp4_boxes(f, 0, end):
+            if kind != b"moov":
+                continue
+            for inner, inner_start, inner_stop in list(_mp4_boxes(f, start, stop)):
+                if inner == b"mvhd":
+                    a, b, c, d = _mp4_matrix(f, b"mvhd", inner_start)
+                    sign = -1 if a * d - b * c < 0 else 1
+                elif inner == b"trak":
+                    track = {k: s for k, s, _ in _mp4_boxes(f, inner_start, inner_stop)}
+                    if b"tkhd" in track and _mp4_handler(f, inner_start, inner_stop) == b"vide":
+                        a, b, c, d = _mp4_matrix(f, b"tkhd", track[b"tkhd"])
+                        return sign * (a * d - b * c) < 0
+    return False
+
+
+def _mp4_handler(f, start: int, stop: int) -> bytes | None:
+    """A trak box's handler type (b"vide" for video), from mdia/hdlr."""
+    for kind, media_start, media_stop in list(_mp4_boxes(f, start, stop)):
+        if kind == b"mdia":
+            for inner, inner_start, _ in list(_mp4_boxes(f, media_start, media_stop)):
+                if inner == b"hdlr":
+                    f.seek(inner_start + 8)
+                    return f.read(4)
+    return None
 
 
 class DecordVideo:
-    """The fast path: decord, trusted only while it agrees with itself (it applies rotation)."""
+    """decord (the diffusers scripts' reader), for sources that are small next to the clip
+    (`_decord_suits`), trusted only while it agrees with itself (it applies rotation). It reads
+    every frame's time on opening, so `frame_times` is the whole source."""
 
     name = "decord"
 
@@ -215,6 +375,8 @@ class DecordVideo:
             import decord
         except ImportError:  # no wheel for this platform (aarch64, say): PyAV decodes everything
             raise _Fallback("decord is not installed") from None
+        if _mp4_mirrors(path):
+            raise _Fallback("its display matrix mirrors the picture (decord applies only its rotation)")
         try:
             self.reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         except Exception as e:  # decord raises bare DECORDError/RuntimeError
@@ -227,8 +389,6 @@ class DecordVideo:
             stamps = self.reader.get_frame_timestamp(range(count))[:, 0]
         except Exception as e:
             raise _Fallback(f"no timestamps: {first_line(e)[:120]}") from None
-        if _mirrors(path):
-            raise _Fallback("its display matrix mirrors the picture")
         if stamps[0] < -1e-6:  # decord shows the frames an MP4 edit list hides (at negative times)
             raise _Fallback("an edit list hides frames before time 0")
         steps = np.diff(stamps)
@@ -244,25 +404,27 @@ class DecordVideo:
             self.frame_times = [float(stamps[0]) + i / self.fps for i in range(count)]
         else:
             self.frame_times, self.fps = [float(t) for t in stamps], measured
-        first = self._batch([0])
-        self.height, self.width = first.shape[1:3]
+        self.height, self.width = self._frame(0).shape[:2]
 
-    def _batch(self, indices: list[int]) -> np.ndarray:
+    def _frame(self, index: int) -> np.ndarray:
         try:
-            frames = self.reader.get_batch(indices).asnumpy()
+            frames = self.reader.get_batch([index]).asnumpy()
         except Exception as e:
             raise _Fallback(f"decode error: {first_line(e)[:120]}") from None
-        if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
+        if frames.ndim != 4 or frames.shape[0] != 1 or frames.shape[-1] != 3:
             raise _Fallback(f"returned frames of shape {tuple(frames.shape)}")
-        return frames
+        return frames[0]
 
-    def iter_frames(self, indices: list[int], group: int = 4):
-        """The frames at indices, [H, W, 3] uint8 each, decoded a few at a time."""
-        for start in range(0, len(indices), group):
-            frames = self._batch(indices[start:start + group])
-            if frames.shape[1:3] != (self.height, self.width):
-                raise _Fallback(f"frame size changed to {frames.shape[1:3]}")
-            yield from frames
+    def iter_frames(self, indices: list[int]):
+        """The frames at indices, [H, W, 3] uint8 each, decoded one at a time (decord reads on
+        from where it is, so this costs no more than asking for them together)."""
+        for index in indices:
+            yield self._same_size(self._frame(index))  # no name holds a frame while the next is decoded
+
+    def _same_size(self, frame: np.ndarray) -> np.ndarray:
+        if frame.shape[:2] != (self.height, self.width):
+            raise _Fallback(f"frame size changed to {frame.shape[:2]}")
+        return frame
 
     def frames(self, indices: list[int]) -> np.ndarray:
         return np.stack(list(self.iter_frames(indices)))
@@ -271,19 +433,22 @@ class DecordVideo:
 class PyAVVideo:
     """The careful path: FFmpeg through PyAV, with timestamps the decoder itself confirms.
 
-    The frame times come from the packets (no frame is decoded for them, so reading the first second
-    of an hour-long file costs a second, not an hour), sorted, since frames are shown in order of
-    their times. Decoding then stops at the last frame wanted, and checks that every frame it passes
-    is at the time the packets said; when one is not (edit lists, frames without times, packets that
-    are no frame, a damaged file), `_Fallback` is raised and `PyAVVideo(path, from_packets=False)`
-    reads the times by decoding every frame, which nothing can mislead. Frames are turned as the
-    container's display matrix says."""
+    Frame times come from the packets (no frame is decoded for them), sorted, since frames are shown
+    in order of their times, and only as far as `span` needs: reading the first second of an
+    hour-long file costs about a second of it (`frame_times` is then the first part of the source).
+    Decoding then starts at the key frame before the first frame wanted (a seek, where one is worth
+    it), stops at the last, and checks that every frame it passes is at a time the packets said;
+    when one is not (edit lists, frames without times, packets that are no frame, a damaged file),
+    `_Fallback` is raised and `PyAVVideo(path, span, from_packets=False)` reads the times by
+    decoding frames from the start, which nothing can mislead. Frames are turned as the container's
+    display matrix says."""
 
     name = "pyav"
 
-    def __init__(self, path: Path, from_packets: bool = True):
-        self.path, self.from_packets = path, from_packets
+    def __init__(self, path: Path, span: Span | None = None, from_packets: bool = True):
+        self.path, self.span, self.from_packets = path, span, from_packets
         self.frame_times, self.error = [], None
+        self.pts: list[int] = []  # the packets' own timestamps, sorted, beside frame_times
         self.height = self.width = 0
         try:
             with av.open(str(path)) as container:
@@ -302,32 +467,57 @@ class PyAVVideo:
             raise ClipSkipped(f"cannot open video: {e.strerror or e}") from None
         if not self.frame_times:
             raise ClipSkipped(f"cannot decode any frame{': ' + self.error if self.error else ''}")
-        # Frames come out in display order, but some containers label them out of order (AVI with
-        # B-frames: 1, 3, 4, 2, ...): the k-th frame shown is at the k-th smallest time.
-        self.frame_times.sort()
         span = self.frame_times[-1] - self.frame_times[0]
         self.fps = (len(self.frame_times) - 1) / span if span > 0 else (rate or 0.0)
 
+    def _decided(self, count: int, times) -> bool:
+        """Whether the `count` times read so far (`times()` gives them, sorted) settle the clip, so
+        reading can stop. Asked every 8 frames; without a span, never."""
+        return (self.span is not None and self.span.largest is not None and count % 8 == 0
+                and count > REORDER_DEPTH and self.height > 0
+                and self.span.decided_by(times()[:-REORDER_DEPTH], self.height, self.width))
+
     def _times_from_packets(self, container, stream) -> None:
+        stamps: list[tuple[float, int]] = []
         for packet in container.demux(stream):
             if packet.size == 0 or getattr(packet, "is_discard", False):  # end of stream; hidden by an edit list
                 continue
             if packet.pts is None or packet.time_base is None:
                 raise _Fallback("a packet without a timestamp")
-            self.frame_times.append(float(packet.pts * packet.time_base))
-        if not self.frame_times:
+            if not self.height:  # the first frame gives the size as shown
+                for frame in stream.codec_context.decode(packet):
+                    self._set_size(frame)
+                    break
+            bisect.insort(stamps, (float(packet.pts * packet.time_base), packet.pts))
+            if self._decided(len(stamps), lambda: [t for t, _ in stamps]):
+                stamps = stamps[:-REORDER_DEPTH]
+                break
+        if not stamps:
             raise _Fallback("no video packets")
-        container.seek(0)
-        self._set_size(next(container.decode(stream)))
+        if not self.height:
+            for frame in stream.codec_context.decode(None):  # a stream of one frame: it comes out at the end
+                self._set_size(frame)
+                break
+        if not self.height:
+            raise _Fallback("no packet decodes to a frame")
+        self.frame_times, self.pts = [t for t, _ in stamps], [p for _, p in stamps]
 
     def _times_from_frames(self, container, stream, rate: float | None) -> None:
+        times = self.frame_times
         for frame in self._decode(container, stream):
             if frame.time is not None:
-                self.frame_times.append(float(frame.time))
+                times.append(float(frame.time))
             else:
-                self.frame_times.append(self.frame_times[-1] + 1 / (rate or 30) if self.frame_times else 0.0)
-            if len(self.frame_times) == 1:
+                times.append(times[-1] + 1 / (rate or 30) if times else 0.0)
+            if len(times) == 1:
                 self._set_size(frame)
+            if self._decided(len(times), lambda: sorted(times)):
+                times.sort()
+                del times[-REORDER_DEPTH:]  # the latest times may not be final yet
+                break
+        # Frames come out in display order, but some containers label them out of order (AVI with
+        # B-frames: 1, 3, 4, 2, ...): the k-th frame shown is at the k-th smallest time.
+        times.sort()
 
     def _set_size(self, frame) -> None:
         self.height, self.width = _displayed(frame).shape[:2]
@@ -346,12 +536,11 @@ class PyAVVideo:
         wanted = sorted(indices)
         if wanted != list(indices):
             raise ValueError("frame indices must be ascending")
+        if not wanted:
+            return
         position = 0
-        with av.open(str(self.path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            frames = container.decode(stream)
-            number = -1
+        with contextlib.ExitStack() as opened:
+            frames, number = self._frames_from(opened, wanted[0])
             while position < len(wanted):
                 try:
                     frame = next(frames)
@@ -370,8 +559,33 @@ class PyAVVideo:
                     while position < len(wanted) and wanted[position] == number:
                         yield image
                         position += 1
+                    del image  # not held while the next frame is decoded
         if position != len(wanted):
             raise ClipSkipped(f"decode error: got {position} of {len(wanted)} frames on the second pass")
+
+    def _frames_from(self, opened: contextlib.ExitStack, first_wanted: int):
+        """Decoded frames, starting at the key frame before frame `first_wanted` where a seek is
+        worth it (more than two seconds in) and lands there, else at the start; and the display
+        number of the frame before the first. Some containers (MPEG-TS) seek only roughly: a seek
+        that lands past the frame, or on a time the packets did not give, is not used."""
+        container = opened.enter_context(av.open(str(self.path)))
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if not self.from_packets or self.frame_times[first_wanted] - self.frame_times[0] < 2.0:
+            return container.decode(stream), -1
+        try:
+            container.seek(self.pts[first_wanted], backward=True, any_frame=False, stream=stream)
+            frames = container.decode(stream)
+            key = next(frame for frame in frames if frame.key_frame)
+            found = bisect.bisect_left(self.pts, key.pts) if key.pts is not None else len(self.pts)
+            if found <= first_wanted and self.pts[found] == key.pts:
+                return itertools.chain([key], frames), found - 1
+        except (av.error.FFmpegError, StopIteration):
+            pass
+        container = opened.enter_context(av.open(str(self.path)))
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        return container.decode(stream), -1
 
     def frames(self, indices: list[int]) -> np.ndarray:
         return np.stack(list(self.iter_frames(indices)))
@@ -405,29 +619,25 @@ def not_a_video(path: Path) -> str | None:
     return None
 
 
-def open_video(path: Path) -> DecordVideo | PyAVVideo:
-    """The first reader that can be trusted with the file: decord, PyAV with packet timestamps,
-    PyAV decoding every frame for its time."""
-    for reader in (DecordVideo, PyAVVideo):
+def open_video(path: Path, span: Span | None = None) -> DecordVideo | PyAVVideo:
+    """The first reader that can be trusted with the file: decord where the whole source is small
+    next to the clip (`_decord_suits`), PyAV with packet timestamps, PyAV decoding frames for their
+    times. With a span, PyAV reads only as far as the clip needs."""
+    readers = [DecordVideo, PyAVVideo] if _decord_suits(path, span) else [PyAVVideo]
+    for reader in readers:
         try:
-            return reader(path)
+            return reader(path) if reader is DecordVideo else reader(path, span)
         except _Fallback:
             pass
-    return PyAVVideo(path, from_packets=False)
+    return PyAVVideo(path, span, from_packets=False)
 
 
 def decode_cost(path: Path) -> float:
     """What decoding a video costs, roughly: its frames x pixels from the container header (no
     frame is decoded); the file size when the header says too little."""
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            frames = stream.frames or float((stream.duration or 0) * (stream.time_base or 0) *
-                                            (stream.average_rate or stream.guessed_rate or 0))
-            if frames > 0 and stream.width and stream.height:
-                return float(frames) * stream.width * stream.height
-    except (av.error.FFmpegError, IndexError, TypeError, ValueError):
-        pass
+    header = _header(path)
+    if header is not None and header.frames > 0 and header.height and header.width:
+        return header.frames * header.height * header.width
     return float(path.stat().st_size)
 
 
@@ -454,24 +664,30 @@ def fixed_size(height: int, width: int, max_frames: int) -> SizeRule:
 
 def read_clip(path: Path, size: SizeRule, fps: float, skip_start: int, skip_end: int, mode: str,
               rng: np.random.Generator | None) -> Clip:
-    """Decode the frames of one training clip and bring them to the size `size` picks for it."""
+    """Decode the frames of one training clip and bring them to the size `size` picks for it,
+    reading the source only as far as the clip needs."""
+    span = Span(fps, skip_start, skip_end, largest=lambda height, width: size(sys.maxsize, height, width))
 
     def decode(video):
-        candidates = resample_indices(video.frame_times, fps, skip_start, skip_end)
+        most = span.most(video.height, video.width)
+        candidates = resample_indices(video.frame_times, fps, skip_start, skip_end, most)
         num_frames, height, width = size(len(candidates), video.height, video.width)
         indices = candidates[:num_frames]
         plan = plan_resize_crop(video.height, video.width, height, width, mode, rng)
         # Each frame is resized as it is decoded, so memory follows the output size, not the source's.
         pixels = torch.empty(3, len(indices), height, width)
-        for number, frame in enumerate(video.iter_frames(indices)):
+        number = 0  # not enumerate: its tuple would hold the last frame while the next is decoded
+        for frame in video.iter_frames(indices):
             pixels[:, number] = to_clip_size(frame[None], plan, height, width)[0]
+            number += 1
+            del frame  # one source frame at a time
         return video, indices, pixels
 
     state = rng.bit_generator.state if rng is not None else None
     try:
-        video, indices, pixels = decode(open_video(path))
+        video, indices, pixels = decode(open_video(path, span))
     except _Fallback:  # a reader failed mid-clip: start again with the one nothing misleads, same random crop
         if rng is not None:
             rng.bit_generator.state = state
-        video, indices, pixels = decode(PyAVVideo(path, from_packets=False))
+        video, indices, pixels = decode(PyAVVideo(path, span, from_packets=False))
     return Clip(pixels, indices, float(video.fps), int(video.height), int(video.width), video.name)
