@@ -5,11 +5,12 @@
 Every file under the folders is read as training clips in several settings (8 fps and 24 fps, 9 and
 49 frames, from the start and 10 frames in, at a small size that sends it to PyAV and at the
 source's size, which lets decord read a small source), through `read_clip`, as preprocess reads
-it. Each clip is then made again independently: PyAV decodes every frame from the start, the frame
-nearest each target time is found by a plain loop (ties to the later frame; a source no faster than
-the target keeps every frame), the frames are turned by FFmpeg's rotation angle, made float and
-resized whole with torch. Each clip is either equal (frame numbers identical, pixels within 1e-5)
-or skipped with its reason; anything else is a wrong clip, and the script exits 1.
+it. Each clip is then made again independently: PyAV decodes every frame from the start, the frames
+nearest each target time are found by a plain loop (within 1 ms of the nearest, since containers
+round times to 1 ms; a source no faster than the target keeps every frame), the frames are turned
+by FFmpeg's rotation angle, made float and resized whole with torch. Each clip is either equal
+(every frame one of the nearest, pixels within 1e-5) or skipped with its reason; anything else is
+a wrong clip, and the script exits 1.
 
 The independent turn is FFmpeg's angle alone, so a file whose display matrix mirrors is reported
 as such (`mirrored`) instead of compared pixel for pixel (tests/test_decoding.py checks those).
@@ -57,22 +58,21 @@ def independent_frames(path: Path, keep: int = 600) -> tuple[list[float], list[n
     return sorted(times), frames, mirrored
 
 
-def nearest_frames(times: list[float], fps: float, most: int, skip: int) -> list[int]:
-    """The frame nearest each time t0 + k / fps (the later on a tie), or every frame when the first
-    `most` frames are no faster than fps."""
+def nearest_frames(times: list[float], fps: float, most: int, skip: int) -> list[set[int]]:
+    """For each time t0 + k / fps, the frames nearest to it: any frame within 1 ms of the nearest
+    distance counts (containers round times to 1 ms, which decides exact ties either way). Every
+    frame, one by one, when the first `most` frames are no faster than fps."""
     usable = times[skip:]
     if not usable:
         return []
     window = usable[:most]
-    if len(usable) == 1 or (window[-1] - window[0]) * fps >= (len(window) - 1) * (1 - 1e-6):
-        return [skip + i for i in range(len(usable))]
+    if len(usable) == 1 or (window[-1] - window[0]) * fps >= (len(window) - 1) * (1 - 1e-3):
+        return [{skip + i} for i in range(len(usable))]
     picked, k = [], 0
-    while usable[0] + k / fps <= usable[-1] + 1e-6:
-        target, best = usable[0] + k / fps, 0
-        for i, time in enumerate(usable):
-            if abs(time - target) <= abs(usable[best] - target) + 1e-9:
-                best = i
-        picked.append(skip + best)
+    while usable[0] + k / fps <= usable[-1] + 1e-3:
+        target = usable[0] + k / fps
+        nearest = min(abs(time - target) for time in usable)
+        picked.append({skip + i for i, time in enumerate(usable) if abs(time - target) <= nearest + 1e-3})
         k += 1
     return picked
 
@@ -85,30 +85,33 @@ def check(path: Path) -> list[dict]:
     for fps, frames, skip, size in SETTINGS:
         row = {"file": path.name, "fps": fps, "frames": frames, "skip": skip, "size": size}
         try:
-            if reference is None:
-                reference = independent_frames(path)
-            times, images, mirrored = reference
-            if not images:
-                raise ClipSkipped("no frames")
-            height, width = (32, 48) if size == "small" else (images[0].shape[0] // 16 * 16 or 16,
-                                                              images[0].shape[1] // 16 * 16 or 16)
+            if size == "small":
+                height, width = 32, 48
+            else:  # the source's size as shown, in multiples of 16, from a first small read
+                shown = read_clip(path, fixed_size(32, 32, 1), fps, 0, 0, "center", None)
+                height, width = max(16, shown.source_height // 16 * 16), max(16, shown.source_width // 16 * 16)
             clip = read_clip(path, fixed_size(height, width, frames), fps, skip, 0, "center", None)
         except ClipSkipped as e:
             rows.append({**row, "result": "skipped", "reason": str(e).splitlines()[0], "kind": e.kind})
             continue
-        except av.error.FFmpegError as e:
-            rows.append({**row, "result": "skipped", "reason": f"independent decode failed: {e}", "kind": "unreadable"})
-            continue
         except Exception as e:  # a crash is a finding
             rows.append({**row, "result": "crash", "reason": f"{type(e).__name__}: {e}"})
             continue
-        expected = nearest_frames(times, fps, frames, skip)
-        expected = expected[:largest_4k_plus_1(min(frames, len(expected)))]
-        row.update(decoder=clip.decoder, indices_equal=clip.frame_indices == expected)
-        if mirrored:
-            rows.append({**row, "result": "mirrored"})
+        try:
+            reference = reference or independent_frames(path)
+        except (av.error.FFmpegError, IndexError) as e:
+            rows.append({**row, "decoder": clip.decoder, "result": "WRONG",
+                         "reason": f"read, where an independent decode fails: {e}"})
             continue
-        source = torch.from_numpy(np.stack([np.ascontiguousarray(images[i]) for i in expected]))
+        times, images, mirrored = reference
+        acceptable = nearest_frames(times, fps, frames, skip)
+        acceptable = acceptable[:largest_4k_plus_1(min(frames, len(acceptable)))]
+        row.update(decoder=clip.decoder, indices_equal=len(clip.frame_indices) == len(acceptable) and all(
+            index in allowed for index, allowed in zip(clip.frame_indices, acceptable)))
+        if mirrored or not row["indices_equal"]:
+            rows.append({**row, "result": "mirrored" if mirrored else "WRONG"})
+            continue
+        source = torch.from_numpy(np.stack([np.ascontiguousarray(images[i]) for i in clip.frame_indices]))
         source = source.permute(0, 3, 1, 2).float() / 127.5 - 1
         plan = plan_resize_crop(source.shape[2], source.shape[3], height, width, "center")
         if source.shape[-2:] != (plan.resize_height, plan.resize_width):

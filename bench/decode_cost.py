@@ -1,7 +1,7 @@
 """What reading one training clip costs, against the length and the resolution of its source.
 
     .venv/bin/python bench/decode_cost.py [--seconds 10 120 600] [--height 1080 --width 1920]
-                                          [--memory 1080x1920 2160x3840] [--out bench/results/decode-cost]
+                                          [--memory 480x720 1080x1920 2160x3840] [--out bench/results/decode-cost]
 
 Length: writes clips of 24 fps (one group of frames encoded once and muxed again and again, so a
 10-minute 1080p file takes seconds to write), then times reading the first second of each as a
@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, nargs="+", default=[10, 120, 600])
     parser.add_argument("--height", type=int, default=1080)
     parser.add_argument("--width", type=int, default=1920)
-    parser.add_argument("--memory", nargs="*", default=["1080x1920", "2160x3840"])
+    parser.add_argument("--memory", nargs="*", default=["480x720", "1080x1920", "2160x3840"])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "decode-cost")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)  # path frames height width source
     args = parser.parse_args()

@@ -1,11 +1,14 @@
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
 
 from cogtune.data.buckets import size_rule
 from cogtune.config import PreprocessConfig
-from cogtune.data.video import (ClipSkipped, Span, fixed_size, largest_4k_plus_1, plan_resize_crop, read_clip,
-                                resample_indices, resize_crop, select_frame_indices, to_clip_size, to_model_range)
+from cogtune.data.video import (ClipSkipped, Span, fixed_size, largest_4k_plus_1, on_the_rate, plan_resize_crop,
+                                read_clip, resample_indices, resize_crop, select_frame_indices, to_clip_size,
+                                to_model_range)
 
 
 @pytest.mark.parametrize("frames, expected", [(1, 1), (4, 1), (5, 5), (8, 5), (9, 9), (49, 49), (52, 49), (53, 53)])
@@ -131,6 +134,36 @@ def test_a_slow_start_keeps_every_frame_whatever_comes_later():
     """8 fps for 30 frames, then 60 fps: a 9-frame clip at 8 fps is the first 9 frames as they are."""
     times = _time_lists()["8-then-60"]
     assert resample_indices(times, 8, most=9)[:9] == list(range(9))
+
+
+def _nearest_exactly(source_rate: Fraction, target_rate: int, count: int, frames: int) -> list[int]:
+    """The source frame nearest each k / target_rate, in exact arithmetic (ties to the later)."""
+    return [min(range(count), key=lambda i: (abs(i / source_rate - Fraction(k, target_rate)), -i))
+            for k in range(frames)]
+
+
+@pytest.mark.parametrize("source_rate", [Fraction(30), Fraction(30000, 1001), Fraction(25), Fraction(60)])
+@pytest.mark.parametrize("rounding", ["ms", "float32"])
+def test_times_rounded_by_the_container_or_the_decoder_are_taken_as_the_grid_they_are(source_rate, rounding):
+    """A 30 fps source at 24 fps has an exact tie every 4 frames. Times rounded to 1 ms (WebM,
+    MKV) or stored as float32 (decord) break the ties either way; on_the_rate restores the grid,
+    so the frames are those exact arithmetic picks, whatever the container says its rate is."""
+    exact = [i / source_rate for i in range(200)]
+    stamps = [round(float(t), 3) for t in exact] if rounding == "ms" else np.float32([float(t) for t in exact]).tolist()
+    expected = _nearest_exactly(source_rate, 24, 200, 49)
+    for said in (float(source_rate), None, 60.0):  # right, missing, wrong
+        times, rate = on_the_rate(stamps, said)
+        assert rate == pytest.approx(float(source_rate), rel=1e-9)
+        assert resample_indices(times, 24, most=49)[:49] == expected
+    if source_rate == 30 and rounding == "ms":
+        assert resample_indices(stamps, 24, most=49)[:49] != expected  # as the container gives them
+
+
+def test_times_that_are_no_grid_are_kept_as_they_are():
+    variable = [i * 0.04 for i in range(12)] + [0.44 + k * 0.125 for k in range(1, 13)]
+    assert on_the_rate(variable, 25.0) == (variable, None)
+    jittery = list(np.cumsum(np.full(60, 1 / 30) + np.tile([0.004, -0.004], 30)))  # 4 ms off the grid
+    assert on_the_rate(jittery, 30.0) == (jittery, None)
 
 
 def test_pixels_scaled_to_minus_one_one():

@@ -71,6 +71,35 @@ def resample_indices(times: list[float], target_fps: float, skip_start: int = 0,
     return (skip_start + np.where(nearer_before, after - 1, after)).tolist()
 
 
+# Frame rates cameras and encoders use; a rate measured from rounded times is taken to be one of
+# these where the times fit it.
+COMMON_RATES = (8, 10, 12, 12.5, 15, 24000 / 1001, 24, 25, 30000 / 1001, 30, 48, 50, 60000 / 1001, 60, 90, 100,
+                120, 240)
+
+
+def on_the_rate(times: list[float], said: float | None) -> tuple[list[float], float | None]:
+    """Frame times as the constant-rate grid they are, where they are one, and its rate.
+
+    Containers round times to their time base (WebM and MKV to 1 ms) and decord hands them out as
+    float32, which turns exact ties between frames (a 30 fps source resampled to 24 fps has one
+    every 4 frames) into near-ties that go either way, differently per container and decoder.
+    Where every time is within 1 ms (and a tenth of a frame) of t0 + i / rate, the grid's times are
+    returned, trying the rate the container says, then a common rate near the measured one, then
+    the measured one; else the times as they are, and None."""
+    stamps = np.asarray(times, dtype=np.float64)
+    if len(stamps) < 2 or stamps[-1] <= stamps[0]:
+        return list(times), None
+    measured = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    near = [rate for rate in COMMON_RATES if abs(rate / measured - 1) < 0.005]
+    for rate in (said, *near, measured):
+        if not rate:
+            continue
+        grid = stamps[0] + np.arange(len(stamps)) / rate
+        if np.abs(stamps - grid).max() <= min(1e-3, 0.1 / rate):
+            return grid.tolist(), float(rate)
+    return list(times), None
+
+
 @dataclass(frozen=True)
 class Span:
     """The part of a source one clip is made of: frames at `fps` after the first `skip_start`,
@@ -270,6 +299,11 @@ PLAUSIBLE_FPS = (1.0, 240.0)
 REORDER_DEPTH = 16
 
 
+# 8-bit YUV, which decord turns into the RGB PyAV does, to the bit. Not 10-bit: there its older
+# FFmpeg converts differently (1.2 levels on average, 75 at colour edges).
+DECORD_PIXEL_FORMATS = ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p")
+
+
 class _Fallback(Exception):
     """This reader cannot be trusted with this file; the reason says why."""
 
@@ -282,6 +316,7 @@ class _Header:
     rate: float
     height: int  # as stored, before any display rotation
     width: int
+    pix_fmt: str | None
 
 
 def _header(path: Path) -> _Header | None:
@@ -293,7 +328,7 @@ def _header(path: Path) -> _Header | None:
             rate = float(stream.average_rate or stream.guessed_rate or 0)
             seconds = float((stream.duration or 0) * (stream.time_base or 0)) or (container.duration or 0) / 1e6
             frames = float(stream.frames or seconds * rate)
-            return _Header(frames, rate, stream.height or 0, stream.width or 0)
+            return _Header(frames, rate, stream.height or 0, stream.width or 0, stream.codec_context.pix_fmt)
     except (av.error.FFmpegError, TypeError, ValueError):
         return None
 
@@ -399,6 +434,9 @@ class DecordVideo:
             raise _Fallback("decord is not installed") from None
         if _mp4_mirrors(path):
             raise _Fallback("its display matrix mirrors the picture (decord applies only its rotation)")
+        header = _header(path)
+        if header is None or header.pix_fmt not in DECORD_PIXEL_FORMATS:
+            raise _Fallback(f"pixel format {header and header.pix_fmt}: decord converts it to RGB unlike FFmpeg today")
         try:
             self.reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         except Exception as e:  # decord raises bare DECORDError/RuntimeError
@@ -417,15 +455,10 @@ class DecordVideo:
         if count > 2 and (steps.min() <= 0 or steps.max() > 1.5 * steps.min() + 1e-3):
             raise _Fallback("variable frame rate")
         # Frames are picked by their own timestamps: containers misreport the average rate (an MKV
-        # of 30 fps frames said to be 60 fps), and a slightly wrong one drifts along the clip. The
-        # average is used only where the timestamps confirm it to within a quarter frame over the
-        # whole clip, since decord's timestamps are float32 (exact ties between frames matter).
+        # of 30 fps frames said to be 60 fps), and a slightly wrong one drifts along the clip.
         span = float(stamps[-1] - stamps[0])
-        measured = (count - 1) / span if count > 1 and span > 0 else self.fps
-        if abs(measured / self.fps - 1) * count < 0.25:
-            self.frame_times = [float(stamps[0]) + i / self.fps for i in range(count)]
-        else:
-            self.frame_times, self.fps = [float(t) for t in stamps], measured
+        self.frame_times, rate = on_the_rate([float(t) for t in stamps], self.fps)
+        self.fps = rate or ((count - 1) / span if count > 1 and span > 0 else self.fps)
         self.height, self.width = self._frame(0).shape[:2]
 
     def _frame(self, index: int) -> np.ndarray:
@@ -491,7 +524,9 @@ class PyAVVideo:
         if not self.frame_times:
             raise ClipSkipped(f"cannot decode any frame{': ' + self.error if self.error else ''}")
         span = self.frame_times[-1] - self.frame_times[0]
-        self.fps = (len(self.frame_times) - 1) / span if span > 0 else (rate or 0.0)
+        # The container's rate first: a source read only in part gets the grid the whole would.
+        self.frame_times, on_rate = on_the_rate(self.frame_times, rate)
+        self.fps = on_rate or ((len(self.frame_times) - 1) / span if span > 0 else (rate or 0.0))
 
     def _decided(self, count: int, times) -> bool:
         """Whether the `count` times read so far (`times()` gives them, sorted) settle the clip, so
@@ -576,8 +611,7 @@ class PyAVVideo:
                         break
                     raise
                 number += 1
-                if self.from_packets and (frame.time is None or number >= len(self.frame_times)
-                                          or abs(float(frame.time) - self.frame_times[number]) > 1e-6):
+                if self.from_packets and (number >= len(self.pts) or frame.pts != self.pts[number]):
                     raise _Fallback(f"frame {number} is not at the time its packet said")
                 if number == wanted[position]:
                     image = self.orientation.apply(frame.to_ndarray(format="rgb24"))
