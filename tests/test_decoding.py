@@ -292,6 +292,10 @@ def test_a_mirroring_mp4_is_told_from_its_header(tmp_path, matrix, mirrors):
     set_mp4_matrix(path, *matrix)
     assert _mp4_mirrors(path) is mirrors
     assert _mp4_mirrors(write_clip(tmp_path / "clip.mkv", count=2, container_format="matroska")) is False
+    data = path.read_bytes()
+    at = data.find(b"tkhd") + 4
+    (tmp_path / "bad.mp4").write_bytes(data[:at] + b"\x07" + data[at + 1:])  # a track header of no known version
+    assert _mp4_mirrors(tmp_path / "bad.mp4") is True  # cannot tell: PyAV, which applies the matrix, reads it
 
 
 def test_a_video_given_as_the_first_frame_is_turned_as_training_clips_are(tmp_path):

@@ -342,7 +342,7 @@ def decode_budget(span: Span, height: int, width: int) -> int:
 
 def _decord_suits(path: Path, span: Span | None) -> bool:
     """Whether decord may read the file: only where the whole source, decoded, fits the memory a
-    clip may take. decord reads every packet of a file to open it (430 MB for the first second of
+    clip may take. decord reads every packet of a file to open it (450 MB for the first second of
     a 10-minute 1080p file), and its decoding thread runs ahead of the caller, holding what it
     decodes: up to the whole file (2 GB for 8 s of 4K while the frames are resized). Without a
     span (no clip to measure against) it is tried first."""
@@ -380,7 +380,9 @@ def _mp4_matrix(f, kind: bytes, start: int) -> tuple[int, int, int, int]:
     """(a, b, c, d) of the matrix in an mvhd or tkhd box (16.16 fixed point)."""
     f.seek(start)
     version = f.read(1)[0]
-    f.seek(start + {b"mvhd": (36, 48), b"tkhd": (40, 52)}[kind][version == 1])  # after times, ids, volume
+    if version > 1:
+        raise ValueError(f"{kind!r} version {version}")
+    f.seek(start + {b"mvhd": (36, 48), b"tkhd": (40, 52)}[kind][version])  # after times, ids, volume
     values = struct.unpack(">9i", f.read(36))
     return values[0], values[1], values[3], values[4]
 
@@ -388,7 +390,15 @@ def _mp4_matrix(f, kind: bytes, start: int) -> tuple[int, int, int, int]:
 def _mp4_mirrors(path: Path) -> bool:
     """Whether an MP4/MOV's display matrix (its first video track's tkhd, times the movie's mvhd,
     as FFmpeg combines them) mirrors the picture: a negative determinant. Read from the boxes,
-    without decoding a frame; any file that is not an MP4/MOV carries no such matrix."""
+    without decoding a frame; any file that is not an MP4/MOV carries no such matrix. Boxes that
+    cannot be read count as mirroring: PyAV, which applies the matrix itself, reads the file."""
+    try:
+        return _mp4_matrix_mirrors(path)
+    except (struct.error, IndexError, ValueError):
+        return True
+
+
+def _mp4_matrix_mirrors(path: Path) -> bool:
     sign = 1
     with open(path, "rb") as f:
         if f.read(12)[4:8] not in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"):
