@@ -135,6 +135,7 @@ def generated(folder: Path) -> Path:
     write_clip(folder / "h264.mp4", count=90, fps=30)
     write_clip(folder / "bframes.mp4", count=150, fps=30, options={"bf": "3", "g": "30"})
     write_clip(folder / "rotated.mp4", count=60, fps=30, rotation=90)
+    write_clip(folder / "rotated.mov", count=60, fps=30, rotation=270)
     set_mp4_rotation(write_clip(folder / "upside-down.mp4", count=60, fps=30), 180)
     write_clip_with_lead_in(folder / "edit-list.mp4", hidden=4, count=60)
     write_clip(folder / "said60.mkv", count=90, fps=60, times=[i / 30 for i in range(90)], container_format="matroska")
