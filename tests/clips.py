@@ -94,19 +94,24 @@ def write_long_clip(path: Path, seconds: float, height: int = 64, width: int = 9
                     gop: int = 24, container_format: str | None = None) -> Path:
     """A long clip made quickly: one group of `gop` `pattern` frames is encoded, then muxed again
     and again with later times (no re-encoding), so an hour of 1080p costs seconds to write. Frame k
-    shows pattern frame k % gop."""
+    shows pattern frame k % gop. PyAV 14 writes such copied packets as 1-byte packets; there every
+    frame is encoded instead (frame k shows pattern frame k), which takes longer."""
     once = path.with_name(path.stem + "-gop.mp4")
     write_clip(once, height=height, width=width, count=gop, fps=fps, options={"g": str(gop), "preset": "ultrafast"})
     with av.open(str(once)) as source, av.open(str(path), "w", format=container_format) as target:
         stream = source.streams.video[0]
         out = target.add_stream_from_template(stream)
-        packets = [packet for packet in source.demux(stream) if packet.size]
         period = round(Fraction(gop, fps) / stream.time_base)
         for repeat in range(int(seconds * fps) // gop):
-            for packet in packets:
-                copy = av.Packet(bytes(packet))
-                copy.pts, copy.dts = packet.pts + repeat * period, packet.dts + repeat * period
-                copy.time_base, copy.is_keyframe, copy.stream = stream.time_base, packet.is_keyframe, out
-                target.mux(copy)
+            source.seek(0, stream=stream)
+            for packet in source.demux(stream):
+                if packet.size:
+                    packet.pts, packet.dts = packet.pts + repeat * period, packet.dts + repeat * period
+                    packet.stream = out
+                    target.mux(packet)
     once.unlink()
-    return path
+    with av.open(str(path)) as written:
+        if next(written.demux(video=0)).size > 1:
+            return path
+    return write_clip(path, height=height, width=width, count=int(seconds * fps) // gop * gop, fps=fps,
+                      container_format=container_format, options={"g": str(gop), "preset": "ultrafast"})
