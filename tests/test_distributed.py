@@ -33,7 +33,7 @@ def torchrun(*args, processes: int = 2) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("dist"), 6)
+    return write_dataset(tmp_path_factory.mktemp("dist"), 5)  # 5: batches of 2 end with a short one
 
 
 def test_two_process_preprocess_equals_one_process(tmp_path, tiny_model, data):
@@ -42,13 +42,17 @@ def test_two_process_preprocess_equals_one_process(tmp_path, tiny_model, data):
     one = Cache.open(cache_path_of(cogtune_here("preprocess", "--config", config).stdout))
     out = torchrun("-m", "cogtune.cli", "preprocess", "--config", config, "--cache_root", tmp_path / "two").stdout
     assert sum(line.startswith("cache: ") for line in out.splitlines()) == 1  # one summary, from the main process
-    assert "encoded: 6 videos, 6 captions" in out
+    assert "encoded: 5 videos, 5 captions" in out
     two = Cache.open(cache_path_of(out))
     writers = {p.name.split("-")[0] for p in (two.path / schema.SHARDS_DIR).glob("*.safetensors")}
     assert writers == {"r0", "r1"}  # both processes encoded a share
 
+    # the same samples in the same order (training shuffles positions in it), whoever wrote them
     assert [r.sample_id for r in one.samples] != [] and \
-        sorted(r.sample_id for r in one.samples) == sorted(r.sample_id for r in two.samples)
+        [r.sample_id for r in one.samples] == [r.sample_id for r in two.samples]
+    for age, part in enumerate(reversed(sorted((two.path / schema.INDEX_DIR).glob("*.parquet")))):
+        os.utime(part, (1_000_000 + age, 1_000_000 + age))  # a touch, a copy without times, rsync
+    assert [r.sample_id for r in Cache.open(two.path).samples] == [r.sample_id for r in two.samples]
     rows_two = {r.sample_id: r for r in two.samples}
     for row in one.samples:
         other = rows_two[row.sample_id]
@@ -62,7 +66,8 @@ def test_two_process_preprocess_equals_one_process(tmp_path, tiny_model, data):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model, data):
-    """A cache, and one-process training with a batch of 2 for 6 steps (the reference)."""
+    """A cache of 5 clips, and one-process training with a batch of 2 for 6 steps (the reference):
+    each epoch's third batch is short."""
     root = tmp_path_factory.mktemp("ddp")
     config = write_config(root / "c.toml", tiny_model, data, root / "cache", root / "one", height=32, width=48,
                           max_train_steps=6, checkpointing_steps=3, lr_scheduler="cosine", lr_warmup_steps=2,
@@ -77,6 +82,8 @@ def losses(output_dir: Path) -> list[float]:
 
 
 def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(trained, tmp_path):
+    """Short batches included: on two processes a lone sample is trained once, with the noise it gets
+    on one process (the second process trains a repeat of weight zero)."""
     out = tmp_path / "two"
     torchrun(TESTS / "ddp_worker.py", "--config", trained["config"], "--output_dir", out, "--train_batch_size", "1")
     rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")

@@ -24,13 +24,24 @@ from cogtune.util.hub import looks_like_hub_id
 def test_rank_shares_split_a_full_global_batch_in_order(processes):
     batch = list(range(10, 10 + 2 * processes))
     shares = [rank_share(batch, 2, processes, rank) for rank in range(processes)]
-    assert sum(shares, []) == batch
+    assert sum((share.indices for share in shares), []) == batch
+    assert all(share.real == 2 and share.total == len(batch) for share in shares)
 
 
-def test_a_short_global_batch_is_filled_with_its_own_samples():
-    shares = [rank_share([7, 8, 9], 2, 2, rank) for rank in range(2)]
-    assert shares == [[7, 8], [9, 7]]  # every process gets batch_size samples of the batch's shape
-    assert rank_share([7, 8, 9], 2, 1, 0) == [7, 8, 9]  # one process keeps the batch as it is
+@pytest.mark.parametrize("processes", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch", [[7], [7, 8, 9], [7, 8, 9, 10, 11]])
+def test_a_short_global_batch_counts_each_sample_once_whatever_the_process_count(processes, batch):
+    """Every process gets batch_size rows of the batch's shape (repeats fill a short batch), and the
+    real rows, taken in order across processes, are the batch itself, each once: the loss weights
+    (1 for real rows, 0 for repeats, divided by total / processes) then average to the batch's mean."""
+    size = max(1, math.ceil(len(batch) / processes))
+    shares = [rank_share(batch, size, processes, rank) for rank in range(processes)]
+    assert all(len(share.indices) == (len(batch) if processes == 1 else size) for share in shares)
+    assert sum((share.indices[:share.real] for share in shares), []) == batch
+    assert all(set(share.indices) <= set(batch) and share.total == len(batch) for share in shares)
+    losses = {index: float(index) ** 2 for index in batch}  # any per-sample losses
+    per_process = [sum(losses[i] for i in share.indices[:share.real]) / (share.total / processes) for share in shares]
+    assert sum(per_process) / processes == pytest.approx(sum(losses.values()) / len(batch))
 
 
 def test_every_sample_gets_the_same_noise_whatever_the_process_count():
@@ -44,6 +55,10 @@ def test_every_sample_gets_the_same_noise_whatever_the_process_count():
         shared = [(d.randn((rows, 3)), d.randint(1000, rows), d.rand(rows)) for d in parts]
         for kind in range(3):
             assert torch.equal(torch.cat([s[kind] for s in shared]), alone[kind])
+    short = draws(2, 3)  # the second of two processes, batch 2, of a global batch of 3: one real row
+    whole_of_three = draws(0, None)
+    noise, reference = short.randn((2, 3)), whole_of_three.randn((3, 3))
+    assert torch.equal(noise[0], reference[2]) and torch.isfinite(noise).all()  # the repeat's row counts for nothing
 
 
 def test_epoch_batches_hold_one_shape_and_every_sample_once():

@@ -94,7 +94,8 @@ def stored_tensor_shards(cache_path: str | Path) -> dict[str, str]:
 
 @dataclass
 class Cache:
-    """A finished cache opened for reading: the selected samples and lazy tensor access."""
+    """A finished cache opened for reading: the selected samples, in the order of their sample ids
+    (content keys), and lazy tensor access."""
 
     path: Path
     manifest: schema.Manifest
@@ -120,6 +121,9 @@ class Cache:
                 f"{path}: {len(missing)} selected samples have no index row (the cache is damaged). "
                 "Run `cogtune preprocess` again to rewrite them."
             )
+        # In the order of their content keys: training shuffles positions in this list, so it must
+        # not depend on which process wrote a sample, when, or on the index parts' modification times.
+        rows.sort(key=lambda row: row.sample_id)
         return cls(path=path, manifest=manifest, samples=[row for row in rows if row.ok],
                    failed=[row for row in rows if not row.ok])
 

@@ -1,5 +1,6 @@
-"""The cache as training data: the order of the batches, a pure function of (seed, epoch); each
-process's share of a global batch; the plan of a run (batches per epoch, steps); the dataset that
+"""The cache as training data: the order of the batches, a pure function of (seed, epoch) and the
+samples' content keys; each process's share of a global batch (the same samples and weights for
+any number of processes); the plan of a run (batches per epoch, steps); the dataset that
 reads one sample's tensors; and the cache a run trains on, checked before any model is loaded."""
 
 from __future__ import annotations
@@ -39,15 +40,29 @@ def batch_generator(seed: int, batch_number: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + batch_number)
 
 
-def rank_share(batch: list[int], batch_size: int, num_processes: int, process_index: int) -> list[int]:
-    """This process's part of a global batch. With several processes, a short global batch (the
-    last of a bucket) is filled up with its own samples again, so that every process gets
-    batch_size samples of the same shape and no collective waits on another."""
+@dataclass(frozen=True)
+class Share:
+    """One process's part of a global batch: `indices`, always batch_size of them so that every
+    process runs the same shapes and no collective waits on another; the first `real` are its
+    own samples, the rest repeats (of the batch's shape) whose loss weight is zero. `start` is its
+    first row in the global batch, `total` the global batch's real samples: the loss is the sum
+    over real rows divided by total / processes, so that the mean over processes (DDP's gradient
+    average) is the mean over the real samples, whatever the number of processes."""
+
+    indices: list[int]
+    real: int
+    start: int
+    total: int
+
+
+def rank_share(batch: list[int], batch_size: int, num_processes: int, process_index: int) -> Share:
+    """This process's part of a global batch (see Share). One process takes the batch as it is."""
     if num_processes == 1:
-        return batch
-    wanted = batch_size * num_processes
-    filled = (batch * math.ceil(wanted / len(batch)))[:wanted]
-    return filled[process_index * batch_size:(process_index + 1) * batch_size]
+        return Share(list(batch), len(batch), 0, len(batch))
+    start = process_index * batch_size
+    own = batch[start:start + batch_size]
+    padding = [batch[k % len(batch)] for k in range(batch_size - len(own))]
+    return Share(own + padding, len(own), start, len(batch))
 
 
 @dataclass(frozen=True)
@@ -70,8 +85,9 @@ class TrainingPlan:
         return cls(shapes, global_batch_size, batches_per_epoch, steps_per_epoch,
                    config.max_train_steps or config.num_train_epochs * steps_per_epoch)
 
-    def batches_from(self, batch_number: int, config, processes: int, process_index: int) -> list[list[int]]:
-        """This process's batches of the epoch that batch_number falls in, from that batch on."""
+    def batches_from(self, batch_number: int, config, processes: int, process_index: int) -> list[Share]:
+        """This process's shares of the batches of the epoch that batch_number falls in, from that
+        batch on."""
         epoch, position = divmod(batch_number, self.batches_per_epoch)
         return [rank_share(batch, config.train_batch_size, processes, process_index)
                 for batch in epoch_batches(self.shapes, self.global_batch_size, config.seed, epoch)[position:]]

@@ -213,18 +213,18 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests)
     rounds, step_losses = [], []  # validation rounds of this run; the losses of this step's micro-batches
     batch_number = global_step * config.gradient_accumulation_steps
     while global_step < plan.max_train_steps:
-        batches = plan.batches_from(batch_number, config, processes, process_index)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                             num_workers=config.dataloader_num_workers,
+        shares = plan.batches_from(batch_number, config, processes, process_index)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[share.indices for share in shares],
+                                             collate_fn=collate, num_workers=config.dataloader_num_workers,
                                              worker_init_fn=ignore_stop_signals, pin_memory=on_gpu)
-        for batch in loader:
-            draws = Draws(batch_generator(config.seed, batch_number), start=process_index * config.train_batch_size,
-                          total=plan.global_batch_size if processes > 1 else None)
+        for share, batch in zip(shares, loader):
+            draws = Draws(batch_generator(config.seed, batch_number), start=share.start, total=share.total)
             batch_number += 1
             with accelerator.accumulate(run.transformer):
                 batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}  # pinned
                 loss = training_loss(run.transformer, batch, spec, draws, schedule, config.noised_image_dropout,
-                                     family_inputs, weight_dtype, accelerator.autocast)
+                                     family_inputs, weight_dtype, accelerator.autocast, share.real,
+                                     share.total / processes)
                 step_losses.append(loss.detach())
                 accelerator.backward(loss)  # every process, even with a NaN loss, so that none waits for another
                 if not accelerator.sync_gradients:

@@ -19,10 +19,15 @@ class Draws:
 
     generator: torch.Generator
     start: int = 0  # this process's first row in the global batch
-    total: int | None = None  # rows of the global batch (None: this process's batch is all of it)
+    total: int | None = None  # real samples of the global batch (None: this process's batch is all of it)
 
     def _keep(self, drawn: torch.Tensor, rows: int) -> torch.Tensor:
-        return drawn[self.start:self.start + rows]
+        """This process's rows; rows past the global batch's real samples (repeats of weight zero,
+        see train.data.Share) get the first row's numbers, which nothing uses."""
+        kept = drawn[self.start:self.start + rows]
+        if len(kept) < rows:
+            kept = torch.cat([kept, drawn[:1].expand(rows - len(kept), *drawn.shape[1:])])
+        return kept
 
     def randn(self, shape) -> torch.Tensor:
         return self._keep(torch.randn((self.total or shape[0], *shape[1:]), generator=self.generator), shape[0])
@@ -119,11 +124,16 @@ def step_inputs(batch: dict, spec: FamilySpec, draws: Draws, schedule: NoiseSche
     return StepInputs(x0=x0, x_t=x_t, model_input=model_input, timesteps=timesteps, constants=constants)
 
 
-def velocity_loss(pred: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, constants: StepConstants) -> torch.Tensor:
-    """The CogVideoX training loss: x0_hat = sqrt(abar) x_t - sqrt(1 - abar) pred, weighted by
-    1 / (1 - abar), averaged over (F, C, H, W) and then over the batch."""
+def velocity_losses(pred: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, constants: StepConstants) -> torch.Tensor:
+    """The CogVideoX training loss of each sample, [B]: x0_hat = sqrt(abar) x_t - sqrt(1 - abar)
+    pred, weighted by 1 / (1 - abar), averaged over (F, C, H, W)."""
     x0_hat = constants.signal * x_t.float() - constants.noise * pred.float()
-    return (constants.weight * (x0_hat - x0.float()) ** 2).flatten(1).mean(1).mean()
+    return (constants.weight * (x0_hat - x0.float()) ** 2).flatten(1).mean(1)
+
+
+def velocity_loss(pred: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, constants: StepConstants) -> torch.Tensor:
+    """The CogVideoX training loss, averaged over the batch."""
+    return velocity_losses(pred, x_t, x0, constants).mean()
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, constants: StepConstants) -> torch.Tensor:
@@ -132,10 +142,13 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, constants: StepConstants) -
 
 
 def training_loss(transformer, batch: dict, spec: FamilySpec, draws: Draws, schedule: NoiseSchedule,
-                  noised_image_dropout: float, family_inputs, weight_dtype: torch.dtype, autocast) -> torch.Tensor:
+                  noised_image_dropout: float, family_inputs, weight_dtype: torch.dtype, autocast,
+                  real: int | None = None, per_process: float | None = None) -> torch.Tensor:
     """One micro-batch's loss: draw the step's inputs, run the transformer (under autocast, in
     weight_dtype) and compare its velocity with x0. family_inputs(batch, frames, height, width):
-    the family's extra keyword inputs (spec.transformer_inputs, cached per shape)."""
+    the family's extra keyword inputs (spec.transformer_inputs, cached per shape). With `real`
+    and `per_process` (train.data.Share), the sum over the first `real` samples divided by
+    `per_process`: the rows after them are repeats that count for nothing. Else the mean."""
     inputs = step_inputs(batch, spec, draws, schedule, noised_image_dropout)
     with autocast():
         pred = transformer(
@@ -145,4 +158,7 @@ def training_loss(transformer, batch: dict, spec: FamilySpec, draws: Draws, sche
             **family_inputs(inputs.x0.shape[0], inputs.x0.shape[1], *inputs.x0.shape[3:]),
             return_dict=False,
         )[0]
-    return velocity_loss(pred, inputs.x_t.to(weight_dtype), inputs.x0, inputs.constants)
+    losses = velocity_losses(pred, inputs.x_t.to(weight_dtype), inputs.x0, inputs.constants)
+    if real is None:
+        return losses.mean()
+    return losses[:real].sum() / per_process
