@@ -98,25 +98,63 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(trai
         ["random_states_0.safetensors", "random_states_1.safetensors"]
 
 
-def test_two_process_checkpoint_and_resume(trained, tmp_path):
+def lrs(output_dir: Path) -> list[float]:
+    return [json.loads(line)["lr"] for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def resume_from(source: Path, step: int, target: Path) -> Path:
+    """A run folder holding source's checkpoint-<step> and its log up to that step."""
+    target.mkdir()
+    shutil.copytree(source / f"checkpoint-{step}", target / f"checkpoint-{step}")
+    log = (source / "train_log.jsonl").read_text().splitlines()
+    (target / "train_log.jsonl").write_text("\n".join(log[:step]) + "\n")
+    return target
+
+
+def test_checkpoints_resume_on_another_number_of_processes(trained, tmp_path):
+    """With the same global batch, a run resumed on 2 processes from a 1-process checkpoint, or on 1
+    from a 2-process one, trains what the uninterrupted run trains: the learning-rate schedule counts
+    optimizer steps (a cosine with warm-up once restarted its warm-up after 2 -> 1), and the data
+    order follows the global batch."""
     full = tmp_path / "full"
-    common = ["-m", "cogtune.cli", "train", "--config", trained["config"], "--train_batch_size", "1",
-              "--validation_steps", "3"]
-    torchrun(*common, "--output_dir", full)
+    common = ["--config", trained["config"], "--validation_steps", "3"]
+    torchrun("-m", "cogtune.cli", "train", *common, "--train_batch_size", "1", "--output_dir", full)
     # validation on the main process while the other waits, without changing the training
     assert sorted(p.name for p in (full / "validation").iterdir()) == ["step-000003", "step-000006"]
     assert len(list((full / "validation" / "step-000006").glob("*.mp4"))) == 1
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
-    log = (full / "train_log.jsonl").read_text().splitlines()
-    (resumed / "train_log.jsonl").write_text("\n".join(log[:3]) + "\n")
-    out = torchrun(*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
-    assert "Resumed from" in out.stdout + out.stderr
-    assert losses(resumed) == pytest.approx(losses(full), rel=1e-6)
     assert losses(full) == pytest.approx(losses(trained["one"]), rel=1e-5)
-    a, b = load_file(full / "pytorch_lora_weights.safetensors"), load_file(resumed / "pytorch_lora_weights.safetensors")
-    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert lrs(full) == pytest.approx(lrs(trained["one"]), rel=1e-9)
+
+    one_to_two = resume_from(trained["one"], 3, tmp_path / "one-to-two")
+    out = torchrun("-m", "cogtune.cli", "train", *common, "--train_batch_size", "1", "--output_dir", one_to_two,
+                   "--resume_from_checkpoint", "latest")
+    assert "Resumed from" in out.stdout + out.stderr and "data order differs" not in out.stdout + out.stderr
+    assert "engine: DDP, 2 processes on CPUs" in out.stderr  # what runs, said once
+    two_to_one = resume_from(full, 3, tmp_path / "two-to-one")
+    cogtune_here("train", *common, "--train_batch_size", "2", "--output_dir", two_to_one,
+                 "--resume_from_checkpoint", "latest")
+    reference = load_file(trained["one"] / "pytorch_lora_weights.safetensors")
+    for resumed in (one_to_two, two_to_one):
+        assert lrs(resumed) == pytest.approx(lrs(trained["one"]), rel=1e-9)
+        assert losses(resumed) == pytest.approx(losses(trained["one"]), rel=1e-5)
+        weights = load_file(resumed / "pytorch_lora_weights.safetensors")
+        for key in reference:
+            torch.testing.assert_close(weights[key], reference[key], rtol=1e-4,
+                                       atol=1e-4 * reference[key].abs().max().item())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+@pytest.mark.parametrize("variable, engine", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
+def test_an_engine_that_needs_gpus_is_refused_on_cpus(trained, tmp_path, monkeypatch, variable, engine):
+    """`accelerate launch` with the DeepSpeed or FSDP config on a machine without CUDA: accelerate
+    ran DeepSpeed as plain CPU DDP without a word, and failed inside FSDP with a traceback on every
+    rank. Now: a clear refusal, before anything is loaded or written."""
+    monkeypatch.setenv(variable, "true")  # what accelerate launch --config_file sets in every process
+    out = tmp_path / "out"
+    result = cogtune_here("train", "--config", trained["config"], "--output_dir", out, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"asks for {engine}, which needs CUDA GPUs" in result.stderr and "accelerate/ddp.yaml" in result.stderr
+    assert not (out / "train_log.jsonl").exists()
 
 
 @pytest.mark.parametrize("name, engine", [("single_gpu", "NO"), ("ddp", "MULTI_GPU"), ("fsdp", "FSDP"),
@@ -140,8 +178,12 @@ def test_shipped_accelerate_configs_load(name, engine):
 
 
 FAKE_SRUN = """#!/bin/bash
-# stand-in for srun on one machine: SLURM_NTASKS copies of the command, signals passed on
-while [[ "$1" == --* ]]; do shift; done
+# stand-in for srun on one machine: SLURM_NTASKS copies of the command, signals passed on; with
+# --kill-on-bad-exit=1, as srun does, the first task to exit non-zero has the others killed, and
+# srun then returns 137 (what the real one returned when the ranks stopped with 75 a moment apart)
+kill_on_bad_exit=0
+while [[ "$1" == --* ]]; do [ "$1" = --kill-on-bad-exit=1 ] && kill_on_bad_exit=1; shift; done
+echo "$MASTER_PORT" > "$FAKE_SRUN_LOG"
 pids=()
 for ((i = 0; i < SLURM_NTASKS; i++)); do
     SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
@@ -152,17 +194,19 @@ status=0
 for p in "${pids[@]}"; do
     while :; do forwarded=0; wait $p; s=$?; [ "$forwarded" = 1 ] || break; done
     [ $s -gt $status ] && status=$s
+    if [ $s -ne 0 ] && [ $kill_on_bad_exit = 1 ]; then
+        kill -9 "${pids[@]}" 2>/dev/null
+        wait
+        exit 137
+    fi
 done
 exit $status
 """
 
 
-def test_the_multinode_slurm_example_starts_one_process_per_task_and_requeues(trained, tmp_path):
-    """slurm/train_multinode.sbatch (as `cogtune init` writes it) with stand-ins for srun and scontrol: two processes
-    find each other through the environment the script sets, and SIGUSR1 stops both at one
-    checkpoint that holds both processes' states, then the job is requeued."""
-    from test_preemption import logged_steps, wait_for
-
+def fake_slurm(tmp_path: Path, job_id: str, **env) -> dict:
+    """PATH with stand-ins for srun and scontrol (requeues go to scontrol.log), and the environment
+    of a Slurm job of two tasks on this machine."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN)
@@ -170,9 +214,21 @@ def test_the_multinode_slurm_example_starts_one_process_per_task_and_requeues(tr
         f"#!/bin/sh\nif [ \"$1\" = show ]; then echo 127.0.0.1; else echo \"$@\" >> {tmp_path / 'scontrol.log'}; fi\n")
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77", SLURM_NTASKS="2",
-               SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(29000 + os.getpid() % 1000),
-               CONFIG=str(trained["config"]), COGTUNE=f"{sys.executable} -m cogtune.cli")
+    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID=job_id, SLURM_NTASKS="2",
+                SLURM_JOB_NODELIST="localhost", FAKE_SRUN_LOG=str(tmp_path / "srun.log"),
+                COGTUNE=f"{sys.executable} -m cogtune.cli", **env)
+
+
+def test_the_multinode_slurm_example_starts_one_process_per_task_and_requeues(trained, tmp_path):
+    """slurm/train_multinode.sbatch (as `cogtune init` writes it) with stand-ins for srun and
+    scontrol: two processes find each other through the environment the script sets, on a port of
+    the job's own, and SIGUSR1 stops both at one checkpoint that holds both processes' states. srun
+    --kill-on-bad-exit then returns 137, not 75, and the job is requeued all the same."""
+    from test_preemption import logged_steps, wait_for
+
+    job_id = str(10_000 + os.getpid() % 20_000)  # the port the script derives from it must be free here
+    env = fake_slurm(tmp_path, job_id, CONFIG=str(trained["config"]))
+    env.pop("MASTER_PORT", None)
     cogtune_here("init", "--family", "5b", tmp_path / "run")
     script = tmp_path / "run" / "slurm" / "train_multinode.sbatch"
     out = tmp_path / "out"
@@ -182,8 +238,21 @@ def test_the_multinode_slurm_example_starts_one_process_per_task_and_requeues(tr
     assert wait_for(lambda: logged_steps(out) >= 3, job)
     job.send_signal(signal.SIGUSR1)
     stdout, stderr = job.communicate(timeout=180)
-    assert job.returncode == 75, stderr[-3000:]
-    assert "requeueing job 77" in stdout and (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
+    assert job.returncode == 137, stderr[-3000:]  # srun's status, passed on
+    assert f"requeueing job {job_id}" in stdout and (tmp_path / "scontrol.log").read_text() == f"requeue {job_id}\n"
+    assert (tmp_path / "srun.log").read_text().strip() == str(10_000 + int(job_id) % 20_000)  # the job's own port
     (checkpoint,) = (out).glob("checkpoint-*")
     assert sorted(p.name for p in checkpoint.glob("random_states_*")) == \
         ["random_states_0.safetensors", "random_states_1.safetensors"]  # both processes took part
+
+
+def test_a_multinode_job_that_fails_without_being_stopped_is_not_requeued(tmp_path):
+    """A crash (here a config that does not exist) ends the job with its status, and no requeue:
+    requeueing is for stops the script passed on."""
+    env = fake_slurm(tmp_path, "31", MASTER_PORT=str(29000 + os.getpid() % 1000), CONFIG=str(tmp_path / "none.toml"))
+    cogtune_here("init", "--family", "5b", tmp_path / "run")
+    for name in ("train_multinode", "preprocess_multinode"):
+        job = subprocess.run(["bash", str(tmp_path / "run" / "slurm" / f"{name}.sbatch")], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert job.returncode != 0 and "requeueing" not in job.stdout, name
+    assert not (tmp_path / "scontrol.log").exists()

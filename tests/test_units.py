@@ -155,3 +155,37 @@ def test_clip_sizes_a_family_cannot_take_are_refused_before_encoding():
         learned.check_clip_size(49, 480, 640, False)
     learned.check_clip_size(49, 480, 640, True)  # --ignore_learned_positional_embeddings
     published_spec("cogvideox-2b").check_clip_size(25, 320, 480, False)  # sincos: any size
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "polynomial", "constant_with_warmup", "cosine_with_restarts"])
+def test_a_schedule_saved_counting_each_process_resumes_at_the_same_point(name):
+    """Checkpoints written before the schedule counted optimizer steps hold a position counted once
+    per process (2 here) on a schedule twice as long: in_optimizer_steps divides it back, and the
+    learning rates from there on are those of a schedule that always counted optimizer steps."""
+    from diffusers.optimization import get_scheduler
+
+    from cogtune.train.checkpoint import LR_SCHEDULE_UNIT, in_optimizer_steps
+
+    def schedule(scale: int):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        return optimizer, get_scheduler(name, optimizer, num_warmup_steps=2 * scale, num_training_steps=10 * scale,
+                                        num_cycles=2 if name == "cosine_with_restarts" else 0.5)
+
+    optimizer, old = schedule(2)
+    for _ in range(2 * 3):  # 3 optimizer steps on 2 processes, stepped once per process
+        optimizer.step()
+        old.step()
+    saved = old.state_dict()
+    reference_optimizer, reference = schedule(1)
+    for _ in range(3):
+        reference_optimizer.step()
+        reference.step()
+    resumed_optimizer, resumed = schedule(1)
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    resumed.load_state_dict(in_optimizer_steps(saved, {"num_processes": 2}))
+    assert in_optimizer_steps(saved, {"lr_schedule_unit": LR_SCHEDULE_UNIT}) is saved  # new checkpoints as saved
+    for _ in range(7):
+        for opt, sched in ((reference_optimizer, reference), (resumed_optimizer, resumed)):
+            opt.step()
+            sched.step()
+        assert resumed.get_last_lr() == pytest.approx(reference.get_last_lr(), rel=1e-12)

@@ -37,6 +37,7 @@ PREFIX = "checkpoint-"
 STATE_NAME = "cogtune_state.json"
 TRAINING_STATE_NAME = "training_state.safetensors"
 STRUCTURE_KEY = "cogtune.structure"
+LR_SCHEDULE_UNIT = "optimizer_step"  # how the saved schedule counts; see in_optimizer_steps
 
 
 # --- nested state <-> tensors + JSON ------------------------------------------------------------
@@ -208,7 +209,8 @@ def save(run: Run, output_dir: Path, step: int, info: dict, total_limit: int | N
                    {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = dict(info, global_step=step, num_processes=accelerator.num_processes)
+        state = dict(info, global_step=step, num_processes=accelerator.num_processes,
+                     lr_schedule_unit=LR_SCHEDULE_UNIT)
         files.write_text(temp / STATE_NAME, json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         temp.rename(final)  # complete checkpoints only ever appear under their final name
@@ -219,6 +221,19 @@ def save(run: Run, output_dir: Path, step: int, info: dict, total_limit: int | N
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def in_optimizer_steps(schedule: dict, info: dict) -> dict:
+    """A saved learning-rate schedule's state, counted in optimizer steps. Checkpoints before
+    LR_SCHEDULE_UNIT counted once per process per step (accelerate stepped the schedule on every
+    process, and its length was multiplied to match): their position is divided back, which for
+    the diffusers schedules (functions of step / length) is the same point of the same curve."""
+    if info.get("lr_schedule_unit") == LR_SCHEDULE_UNIT:
+        return schedule
+    processes = int(info.get("num_processes") or 1)
+    schedule = dict(schedule, last_epoch=schedule["last_epoch"] // processes)
+    schedule["_step_count"] = schedule["last_epoch"] + 1
+    return schedule
 
 
 def load(run: Run, checkpoint: Path) -> dict:
@@ -238,7 +253,7 @@ def load(run: Run, checkpoint: Path) -> dict:
                                f"processes ({info.get('num_processes')}); resume it as it was run.")
         state = load_state(path)
         optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        lr_scheduler.load_state_dict(in_optimizer_steps(state["lr_scheduler"], info))
         if state["scaler"] is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
     rng_path = checkpoint / f"random_states_{accelerator.process_index}.safetensors"
@@ -264,8 +279,10 @@ def resume(run: Run, resume_from_checkpoint: str | None, output_dir: Path, order
     if checkpoint is None:
         return 0
     info = load(run, checkpoint)
-    changed = [f"{k} ({info.get('data_order', {}).get(k)} -> {v})" for k, v in order.items()
-               if info.get("data_order", {}).get(k) != v]
+    saved = dict(info.get("data_order", {}))
+    if "global_batch_size" not in saved and "train_batch_size" in saved:  # written before global_batch_size
+        saved["global_batch_size"] = saved["train_batch_size"] * int(saved.get("num_processes") or 1)
+    changed = [f"{k} ({saved.get(k)} -> {v})" for k, v in order.items() if saved.get(k) != v]
     if changed:
         logs.message("warning: the data order differs from the interrupted run's, so the resumed run will "
                      "not repeat it exactly: " + ", ".join(changed))

@@ -107,12 +107,13 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
                 cpu_parameter.copy_(parameter)
 
 
-def make_lr_scheduler(optimizer, config: TrainConfig, max_train_steps: int, processes: int):
-    """--lr_scheduler as the diffusers scripts build it (accelerate steps a prepared scheduler once
-    per process, hence the factor)."""
+def make_lr_scheduler(optimizer, config: TrainConfig, max_train_steps: int):
+    """--lr_scheduler as the diffusers scripts build it, in optimizer steps whatever the number of
+    processes: the accelerator does not step it once per process (step_scheduler_with_optimizer
+    off), so a checkpoint's schedule means the same on any number of processes."""
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(
-        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps * processes,
-        num_training_steps=max_train_steps * processes, num_cycles=config.lr_num_cycles, power=config.lr_power,
+        config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=max_train_steps, num_cycles=config.lr_num_cycles, power=config.lr_power,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,22 +61,45 @@ def run(config: TrainConfig, data: PreprocessConfig | None = None) -> TrainResul
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
+ENGINE_NAMES = {"NO": "one process", "MULTI_GPU": "DDP", "MULTI_CPU": "DDP", "FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}
+
+
+def requested_engine() -> str | None:
+    """The sharding engine an `accelerate launch --config_file` asked for (it says so in the
+    environment of every process), or None."""
+    def flag(name: str) -> bool:
+        return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+    return "DeepSpeed" if flag("ACCELERATE_USE_DEEPSPEED") else "FSDP" if flag("ACCELERATE_USE_FSDP") else None
+
+
 def _accelerator(config: TrainConfig, output_dir: Path):
     from datetime import timedelta
 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
+    engine = requested_engine()
+    if engine and not torch.cuda.is_available():  # accelerate would run DeepSpeed as plain CPU DDP, or fail in FSDP
+        raise CogtuneError(
+            f"The accelerate config asks for {engine}, which needs CUDA GPUs, and this machine has none. Run "
+            "it where the GPUs are, or use accelerate/ddp.yaml (cogtune init) for several processes on CPUs.")
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun, gloo) are then one job too
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps (train.optim.make_lr_scheduler)
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir),
                                             logging_dir=str(output_dir / config.logging_dir)),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.nccl_timeout))],
     )
     logs.configure(config.log_format, enabled=accelerator.is_main_process)
+    engine_name = ENGINE_NAMES.get(accelerator.distributed_type.name, accelerator.distributed_type.name)
+    processes = accelerator.num_processes
+    logs.message(f"engine: {engine_name}, {processes} process{'es' if processes > 1 else ''} on "
+                 f"{'CPUs' if accelerator.device.type == 'cpu' else accelerator.device.type.upper() + ' devices'}",
+                 engine=accelerator.distributed_type.name, processes=processes)
     set_seed(config.seed)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -120,7 +144,8 @@ def _optimizer_step(run: checkpoints.Run, step_losses: list, lora_parameters: li
                                             or accelerator.scaler is not None)
     if finite:
         run.optimizer.step()
-    run.lr_scheduler.step()
+    if not getattr(run.optimizer, "step_was_skipped", False):  # fp16: a step the gradient scaler skipped
+        run.lr_scheduler.step()
     run.optimizer.zero_grad()
     return loss_value, grad_norm, finite
 
@@ -182,15 +207,16 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests)
     lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = make_optimizer(lora_parameters, config, learning_rate)
     plan = TrainingPlan.of(cache, config, processes)
-    lr_scheduler = make_lr_scheduler(optimizer, config, plan.max_train_steps, processes)
+    lr_scheduler = make_lr_scheduler(optimizer, config, plan.max_train_steps)
     if accelerator.state.deepspeed_plugin is not None:  # it cannot learn the batch size from a prepared loader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
     run = checkpoints.Run(accelerator, *accelerator.prepare(transformer, optimizer, lr_scheduler))
 
     # Resume, and the run's history in train_log.jsonl up to the step resumed from.
-    order = {"seed": config.seed, "train_batch_size": config.train_batch_size,
-             "gradient_accumulation_steps": config.gradient_accumulation_steps, "num_processes": processes,
-             "cache": str(cache_path)}
+    # What decides the data order: the global batch (not how it is shared among processes), so a
+    # run resumed on another number of processes with the same global batch trains the same samples.
+    order = {"seed": config.seed, "global_batch_size": plan.global_batch_size,
+             "gradient_accumulation_steps": config.gradient_accumulation_steps, "cache": str(cache_path)}
     global_step = checkpoints.resume(run, config.resume_from_checkpoint, output_dir, order)
     log_path = output_dir / log.TRAIN_LOG_NAME
     if accelerator.is_main_process:
