@@ -257,6 +257,28 @@ def test_prune_is_refused_while_a_preprocess_runs(tmp_path, built):
     assert result.returncode == 2 and "a preprocess run is writing to it" in result.stderr
 
 
+def test_a_file_system_without_locks_is_named_with_its_way_out(tmp_path, built, monkeypatch):
+    """On Lustre or NFS mounted without locks, flock fails with ENOLCK: prune (and preprocess) stop
+    with a message that says so and how to go on, not a traceback; with COGTUNE_NO_CACHE_LOCK=1 they
+    go on without the lock, saying so. (flock is the operating system's; it is made to answer as
+    such a file system does.)"""
+    import errno
+
+    from cogtune.cache import writer
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    cache_dir = copy_cache(built, tmp_path)
+    monkeypatch.setattr(writer.fcntl, "flock", no_locks)
+    result = cogtune_here("cache", "prune", cache_dir, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "without file locks (flock: No locks available)" in result.stderr and "COGTUNE_NO_CACHE_LOCK=1" in result.stderr
+    monkeypatch.setenv("COGTUNE_NO_CACHE_LOCK", "1")
+    result = cogtune_here("cache", "prune", cache_dir, check=False)
+    assert result.returncode == 0 and "going on without one" in result.stderr
+
+
 # --- bad input: a clear error before any work, and nothing already written lost ----------------
 
 

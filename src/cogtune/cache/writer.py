@@ -4,8 +4,10 @@ validation inputs, and the lock that writers share and `cogtune cache prune` tak
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Iterable
@@ -18,13 +20,20 @@ from safetensors.torch import save_file
 from cogtune import data_schema as schema
 from cogtune.cache.reader import read_manifest
 from cogtune.errors import CogtuneError
+from cogtune.util import logs
 from cogtune.util.files import atomic_write, write_json
+
+
+# flock's answers on a file system that has no locks (Lustre or NFS mounted without them, FUSE).
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
+NO_LOCK_VARIABLE = "COGTUNE_NO_CACHE_LOCK"
 
 
 @contextlib.contextmanager
 def cache_lock(cache_path: Path, exclusive: bool = False):
     """Writers share a cache's lock; `cogtune cache prune` takes it alone, so it never deletes what a
-    running preprocess is writing. Raises CogtuneError when the lock cannot be had at once."""
+    running preprocess is writing. Raises CogtuneError when the lock cannot be had at once, or when
+    the file system has no locks (unless COGTUNE_NO_CACHE_LOCK=1 says to go on without one)."""
     cache_path.mkdir(parents=True, exist_ok=True)
     with open(cache_path / schema.LOCK_FILE, "a+") as f:
         try:
@@ -34,6 +43,20 @@ def cache_lock(cache_path: Path, exclusive: bool = False):
                 f"{cache_path} is in use: " + ("a preprocess run is writing to it; wait until it has finished."
                                                if exclusive else "`cogtune cache prune` is running on it; wait for it.")
             ) from None
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                raise
+            if os.environ.get(NO_LOCK_VARIABLE) != "1":
+                raise CogtuneError(
+                    f"{cache_path} is on a file system without file locks (flock: {e.strerror}), as Lustre or NFS "
+                    "mounted without them are. cogtune locks a cache so that `cogtune cache prune` never deletes "
+                    "what a preprocess is writing. Put the cache on a file system with locks (ask for a mount with "
+                    f"-o flock), or set {NO_LOCK_VARIABLE}=1 to go on without the lock, and then never run "
+                    "`cogtune cache prune` on this cache while a preprocess writes to it."
+                ) from None
+            logs.message(f"warning: {cache_path} has no file locks; going on without one ({NO_LOCK_VARIABLE}=1).")
+            yield
+            return
         try:
             yield
         finally:
