@@ -250,6 +250,29 @@ def test_prune_unselected_drops_clips_no_longer_in_the_dataset(tmp_path, tiny_mo
     assert len(read_index(cache_dir)) == 5 and cogtune_here("cache", "verify", cache_dir).returncode == 0
 
 
+def test_a_touched_clip_is_hashed_once_not_on_every_rerun(tmp_path, tiny_model, eight_clips):
+    """A touch, a copy or rsync without times changes a clip's mtime, not its content: the next run
+    hashes it (and encodes nothing), and the runs after it do not hash it again (the new size and
+    mtime are kept in the cache's fingerprints file)."""
+    import os
+
+    data = Path(shutil.copytree(eight_clips, tmp_path / "data"))
+    config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out",
+                          height=32, width=48)
+    first = cogtune_here("preprocess", "--config", config).stdout
+    assert "hashed: 8 of 8 source files" in first
+    assert "hashed: 0 of 8 source files" in cogtune_here("preprocess", "--config", config).stdout
+    for video in sorted((data / "videos").glob("*.mp4"))[:3]:
+        os.utime(video, ns=(video.stat().st_atime_ns, video.stat().st_mtime_ns + 10**9))
+    touched = cogtune_here("preprocess", "--config", config).stdout
+    assert "hashed: 3 of 8 source files" in touched and "encoded: 0 videos, 0 captions" in touched
+    for _ in range(2):
+        assert "hashed: 0 of 8 source files" in cogtune_here("preprocess", "--config", config).stdout
+    (cache_path_of(first) / schema.FINGERPRINTS_FILE).write_bytes(b"not parquet")  # only a shortcut:
+    assert "hashed: 3 of 8 source files" in cogtune_here("preprocess", "--config", config).stdout  # read as none
+    assert "hashed: 0 of 8 source files" in cogtune_here("preprocess", "--config", config).stdout  # and rewritten
+
+
 def test_prune_is_refused_while_a_preprocess_runs(tmp_path, built):
     cache_dir = copy_cache(built, tmp_path)
     with cache_lock(cache_dir):  # as a preprocess run holds it

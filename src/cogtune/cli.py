@@ -44,7 +44,7 @@ def _preprocess(argv):
         logs.result(result.summary(), cache=str(result.cache_path), samples=result.samples, skipped=result.failed,
                     encoded_videos=result.encoded_videos, encoded_captions=result.encoded_captions,
                     reused_videos=result.reused_videos, reused_captions=result.reused_captions,
-                    seconds=round(result.seconds, 1))
+                    hashed=result.hashed, sources=result.sources, seconds=round(result.seconds, 1))
 
 
 def _train(argv):

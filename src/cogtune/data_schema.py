@@ -48,6 +48,10 @@ MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".lock"
 CHECKSUMS_METADATA = "cogtune.sha256"  # shard header entry: JSON {tensor key: sha256 of its bytes}
 SELECTION_FILE = "selection.parquet"
+# The content hash of every source file as last seen (path, size, mtime): a file touched, copied or
+# rsynced without times is hashed again once, not on every later run. Only a shortcut: a cache
+# without it, or with a damaged one, is read as if it had none.
+FINGERPRINTS_FILE = "fingerprints.parquet"
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
 VALIDATION_INPUTS_DIR = "validation"  # validation prompts' T5 embeddings and images' VAE moments
@@ -94,6 +98,8 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 SELECTION_SCHEMA = pa.schema([("sample_id", pa.string())])
+FINGERPRINTS_SCHEMA = pa.schema([("source_path", pa.string()), ("source_size", pa.int64()),
+                                 ("source_mtime_ns", pa.int64()), ("source_sha256", pa.string())])
 
 
 # --- keys and paths -----------------------------------------------------------------------------

@@ -79,6 +79,18 @@ def read_selection(cache_path: Path) -> list[str] | None:
         raise CogtuneError(f"{path} is damaged ({e}); run `cogtune preprocess` again to rewrite it.") from None
 
 
+def read_fingerprints(cache_path: Path) -> dict[tuple[str, int, int], str]:
+    """(source path, size, mtime_ns) -> content hash, as the last preprocess runs saw the files;
+    empty when the cache has no fingerprints file or a damaged one (they are only a shortcut)."""
+    path = Path(cache_path) / schema.FINGERPRINTS_FILE
+    try:
+        table = pq.read_table(path, schema=schema.FINGERPRINTS_SCHEMA)
+    except (FileNotFoundError, pa.ArrowInvalid, OSError):
+        return {}
+    columns = [table.column(name).to_pylist() for name in schema.FINGERPRINTS_SCHEMA.names]
+    return {(p, size, mtime): sha for p, size, mtime, sha in zip(*columns)}
+
+
 def stored_tensor_shards(cache_path: str | Path) -> dict[str, str]:
     """Tensor key -> shard name for every complete shard (reads only the shard headers)."""
     found = {}

@@ -85,6 +85,16 @@ def write_selection(cache_path: Path, sample_ids: Iterable[str]) -> None:
                    pa.Table.from_pydict({"sample_id": ids}, schema.SELECTION_SCHEMA))
 
 
+def write_fingerprints(cache_path: Path, fingerprints: dict[tuple[str, int, int], str]) -> None:
+    """Replace the cache's fingerprints file (see data_schema.FINGERPRINTS_FILE)."""
+    columns = list(zip(*fingerprints.items())) if fingerprints else [(), ()]
+    keys, hashes = columns
+    table = pa.Table.from_pydict({
+        "source_path": [k[0] for k in keys], "source_size": [k[1] for k in keys],
+        "source_mtime_ns": [k[2] for k in keys], "source_sha256": list(hashes)}, schema.FINGERPRINTS_SCHEMA)
+    _write_parquet(Path(cache_path) / schema.FINGERPRINTS_FILE, table)
+
+
 class CacheWriter:
     """Appends encoded tensors and index rows to a cache, one complete shard at a time."""
 

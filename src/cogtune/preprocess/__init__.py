@@ -17,8 +17,8 @@ from pathlib import Path
 
 from cogtune import data_schema as schema
 from cogtune.cache.identity import CacheIdentity, cache_identity, record_preprocess_run
-from cogtune.cache.reader import Cache, read_index, stored_tensor_shards
-from cogtune.cache.writer import CacheWriter, cache_lock
+from cogtune.cache.reader import Cache, read_fingerprints, read_index, stored_tensor_shards
+from cogtune.cache.writer import CacheWriter, cache_lock, write_fingerprints
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import clip_sizes
 from cogtune.data.sources import load_records
@@ -43,6 +43,8 @@ class PreprocessResult:
     reused_captions: int
     known_failures: int  # failed in an earlier run, not tried again
     seconds: float
+    hashed: int = 0  # source files read whole for their content hash (the others were unchanged)
+    sources: int = 0  # dataset records
     is_main_process: bool = True
     validation_files: int = 0  # validation prompt embeddings and image latents written this run
 
@@ -54,7 +56,8 @@ class PreprocessResult:
             + "\nbuckets: " + ", ".join(f"{name} ({count})" for name, count in self.buckets.items()) + "\n"
             f"encoded: {self.encoded_videos} videos, {self.encoded_captions} captions; "
             f"reused from the cache: {self.reused_videos} videos, {self.reused_captions} captions "
-            f"({self.seconds:.1f} s)"
+            f"({self.seconds:.1f} s)\n"
+            f"hashed: {self.hashed} of {self.sources} source files (the others unchanged since last hashed)"
             + (f"\nvalidation: {self.validation_files} prompt embedding(s) or image latent(s) encoded"
                if self.validation_files else "")
             + (f"\n{self.known_failures} clips failed in an earlier run and were not tried again; "
@@ -116,7 +119,10 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
     # Every process reads the cache before any writes to it: the gather in plan() waits for all.
     index_rows = read_index(cache_path)
     stored_tensors = stored_tensor_shards(cache_path)
-    work = plan(records, index_rows, stored_tensors, procs)
+    recorded = read_fingerprints(cache_path)
+    work = plan(records, index_rows, stored_tensors, procs, recorded)
+    if procs.is_main and work.fingerprints != recorded:  # hashes are saved before any encoding
+        write_fingerprints(cache_path, work.fingerprints)
 
     text_shards = dict(stored_tensors)
     my_captions = work.captions_needed[procs.rank::procs.world_size]
@@ -154,7 +160,8 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
         writer.write_selection(sample.source.sample_id for sample in work.samples)
     procs.barrier()
     if not procs.is_main:  # the plan's counts are the same on every process: the main one reports them
-        work.reused_videos = work.reused_captions = work.known_failures = 0
+        work.reused_videos = work.reused_captions = work.known_failures = work.hashed = 0
     return dict(encoded_videos=len(videos) - failed, encoded_captions=len(my_captions),
                 reused_videos=work.reused_videos, reused_captions=work.reused_captions,
-                known_failures=work.known_failures)
+                known_failures=work.known_failures, hashed=work.hashed,
+                sources=len(work.samples) if procs.is_main else 0)

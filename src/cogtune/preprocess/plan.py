@@ -16,14 +16,20 @@ from cogtune.util.distributed import Processes, balance
 
 
 class SourceFingerprints:
-    """Content hashes of source files, reusing the hash of a file whose size and mtime are unchanged."""
+    """Content hashes of source files, reusing the hash of a file whose size and mtime are unchanged
+    since an index row or the fingerprints file (read_fingerprints) recorded them."""
 
-    def __init__(self, index_rows: list[schema.IndexRow]):
-        self.known = {(r.source_path, r.source_size, r.source_mtime_ns): r.source_sha256 for r in index_rows}
+    def __init__(self, index_rows: list[schema.IndexRow], recorded: dict[tuple[str, int, int], str] | None = None):
+        self.known = dict(recorded or {})
+        self.known.update({(r.source_path, r.source_size, r.source_mtime_ns): r.source_sha256 for r in index_rows})
+        self.hashed = 0  # files read whole for their hash in this run
 
     def fingerprint(self, path: Path) -> tuple[int, int, str]:
         stat = path.stat()
-        sha = self.known.get((str(path), stat.st_size, stat.st_mtime_ns)) or files.sha256_file(path)
+        sha = self.known.get((str(path), stat.st_size, stat.st_mtime_ns))
+        if sha is None:
+            sha = files.sha256_file(path)
+            self.hashed += 1
         return stat.st_size, stat.st_mtime_ns, sha
 
 
@@ -49,21 +55,25 @@ class Plan:
     reused_captions: int
     known_failures: int  # failed in an earlier run, not tried again
     by_video: dict[str, list[PlannedSample]] = field(default_factory=dict)  # missing samples per video sha256
+    hashed: int = 0  # source files read whole for their hash, by all processes
+    fingerprints: dict[tuple[str, int, int], str] = field(default_factory=dict)  # as the fingerprints file should be
 
 
 def plan(records: list[Record], index_rows: list[schema.IndexRow], stored_tensors: dict[str, str],
-         procs: Processes) -> Plan:
-    """Fingerprint every source (each process a share) and see what the cache lacks. A new file that
-    is plainly no video (text, an image) is a mistake in the dataset: say so before any work."""
+         procs: Processes, recorded: dict[tuple[str, int, int], str] | None = None) -> Plan:
+    """Fingerprint every source (each process a share; `recorded`: the cache's fingerprints file)
+    and see what the cache lacks. A new file that is plainly no video (text, an image) is a mistake
+    in the dataset: say so before any work."""
     done = {row.sample_id: row for row in index_rows}  # encoded, or failed in an earlier run
     latents = {row.latent_key for row in index_rows if row.ok}
-    sources = SourceFingerprints(index_rows)
+    sources = SourceFingerprints(index_rows, recorded)
     mine = {}
     for i in logs.progress(range(procs.rank, len(records), procs.world_size), desc="fingerprinting", unit="file",
                            leave=False, disable=not procs.is_main):
         size, mtime_ns, sha = sources.fingerprint(records[i].video)
         unseen = schema.sample_id(sha, records[i].caption) not in done
         mine[i] = (size, mtime_ns, sha, not_a_video(records[i].video) if unseen else None)
+    hashed = sum(procs.gather(sources.hashed))
     fingerprints = {i: f for part in procs.gather(mine) for i, f in part.items()}
     samples = []
     for i, record in enumerate(records):
@@ -87,8 +97,16 @@ def plan(records: list[Record], index_rows: list[schema.IndexRow], stored_tensor
         reused_videos=len({s.source.source_sha256 for s in samples if s.video_key in latents}),
         reused_captions=len({s.source.caption for s in samples}) - len(captions_needed),
         known_failures=sum(s.source.sample_id in done and not done[s.source.sample_id].ok for s in samples),
-        by_video=by_video,
+        by_video=by_video, hashed=hashed, fingerprints=_updated(recorded or {}, samples),
     )
+
+
+def _updated(recorded: dict[tuple[str, int, int], str], samples: list[PlannedSample]) -> dict:
+    """The fingerprints file after this run: one entry per path, this run's where it saw the path."""
+    seen = {(s.source.source_path, s.source.source_size, s.source.source_mtime_ns): s.source.source_sha256
+            for s in samples}
+    paths = {path for path, _, _ in seen}
+    return {**{key: sha for key, sha in recorded.items() if key[0] not in paths}, **seen}
 
 
 def my_videos(videos: list[tuple[str, Path]], procs: Processes) -> list[tuple[str, Path]]:
