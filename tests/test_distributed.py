@@ -98,6 +98,19 @@ def test_ddp_on_two_processes_equals_one_process_with_the_same_global_batch(trai
         ["random_states_0.safetensors", "random_states_1.safetensors"]
 
 
+def test_three_processes_equal_one_with_the_same_global_batch(trained, tmp_path):
+    """5 clips in global batches of 3: each epoch's second batch has 2 samples, so the third process
+    trains only a repeat of weight zero. Losses and LoRA equal one process with a batch of 3."""
+    one, three = tmp_path / "one", tmp_path / "three"
+    common = ["--config", trained["config"], "--max_train_steps", "4", "--checkpointing_steps", "100"]
+    cogtune_here("train", *common, "--train_batch_size", "3", "--output_dir", one)
+    torchrun("-m", "cogtune.cli", "train", *common, "--train_batch_size", "1", "--output_dir", three, processes=3)
+    assert losses(three) == pytest.approx(losses(one), rel=1e-5)
+    reference, saved = (load_file(path / "pytorch_lora_weights.safetensors") for path in (one, three))
+    for key in reference:
+        torch.testing.assert_close(saved[key], reference[key], rtol=1e-4, atol=1e-4 * reference[key].abs().max().item())
+
+
 def lrs(output_dir: Path) -> list[float]:
     return [json.loads(line)["lr"] for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
 
