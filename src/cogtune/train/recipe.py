@@ -97,9 +97,9 @@ def _accelerator(config: TrainConfig, output_dir: Path):
     logs.configure(config.log_format, enabled=accelerator.is_main_process)
     engine_name = ENGINE_NAMES.get(accelerator.distributed_type.name, accelerator.distributed_type.name)
     processes = accelerator.num_processes
-    logs.message(f"engine: {engine_name}, {processes} process{'es' if processes > 1 else ''} on "
-                 f"{'CPUs' if accelerator.device.type == 'cpu' else accelerator.device.type.upper() + ' devices'}",
-                 engine=accelerator.distributed_type.name, processes=processes)
+    where = "CPUs" if accelerator.device.type == "cpu" else accelerator.device.type.upper() + " devices"
+    what = engine_name if processes == 1 else f"{engine_name}, {processes} processes"
+    logs.message(f"engine: {what} on {where}", engine=accelerator.distributed_type.name, processes=processes)
     set_seed(config.seed)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
