@@ -6,16 +6,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cogtune import data_schema as schema
-from cogtune.cache.reader import Cache, read_index, read_selection
-from cogtune.cache.writer import cache_lock, write_index_part, write_selection
+from cogtune.cache.reader import Cache, PartVanished, index_parts, read_index, read_part_table, read_selection
+from cogtune.cache.writer import MAX_INDEX_PARTS, cache_lock, compact_index, write_index_part, write_selection
 from cogtune.dev.tiny import synthetic_frames
 from cogtune.util.media import write_mp4
 
@@ -271,6 +273,75 @@ def test_a_touched_clip_is_hashed_once_not_on_every_rerun(tmp_path, tiny_model, 
     (cache_path_of(first) / schema.FINGERPRINTS_FILE).write_bytes(b"not parquet")  # only a shortcut:
     assert "hashed: 3 of 8 source files" in cogtune_here("preprocess", "--config", config).stdout  # read as none
     assert "hashed: 0 of 8 source files" in cogtune_here("preprocess", "--config", config).stdout  # and rewritten
+
+
+def test_training_reads_the_index_rows_samples_in_a_few_columns(tmp_path, built):
+    """Cache.open(for_training=True) keeps what training reads in numpy columns (keys as fixed-width
+    bytes, shard names as codes): the same samples, in the same order, naming the same tensors, as
+    the index rows, with the same rules for a sample written twice (its first usable row) and for
+    failed samples (counted, not kept)."""
+    import dataclasses
+    import os
+
+    cache_dir = copy_cache(built, tmp_path)
+    rows = read_index(cache_dir)
+    failed_twin = dataclasses.replace(rows[0], status=schema.STATUS_FAILED, reason="an earlier try", latent_shard=None)
+    lost = dataclasses.replace(rows[1], sample_id="f" * 32, status=schema.STATUS_FAILED, reason="unreadable")
+    early = write_index_part(cache_dir, "an-earlier-part", [failed_twin, lost])
+    os.utime(early, ns=(1, 1))  # read first: the ok row written later must still win
+    write_selection(cache_dir, [row.sample_id for row in rows] + [lost.sample_id])
+    full, columns = Cache.open(cache_dir), Cache.open(cache_dir, for_training=True)
+    assert len(columns.samples) == len(full.samples) == 8 and columns.failed_count == len(full.failed) == 1
+    text_length = full.manifest.settings.max_text_seq_length
+    for row, sample in zip(full.samples, columns.samples):
+        assert (sample.sample_id, sample.num_frames, sample.height, sample.width, sample.latent_shape,
+                sample.image_variants) == (row.sample_id, row.num_frames, row.height, row.width, row.latent_shape,
+                                           row.image_variants)
+        assert sample.tensors(text_length) == row.tensors(text_length)
+        for a, b in zip(full.latent_moments(row), columns.latent_moments(sample)):
+            assert torch.equal(a, b)
+    assert columns.samples.latent_shapes == [tuple(row.latent_shape) for row in full.samples]
+    assert columns.samples.nbytes < 200 * len(columns.samples)  # bytes a sample, all columns together
+    assert columns.samples.failures == dict(Counter(row.failure_kind or "unreadable" for row in full.failed))
+    assert columns.samples.buckets == dict(sorted(Counter(row.bucket for row in full.samples).items()))
+
+
+def test_many_index_parts_are_compacted_into_one_that_reads_the_same(tmp_path, built):
+    """Each process writes an index part per shard, thousands in a large run: past MAX_INDEX_PARTS
+    they are merged into one, which reads as they did (rows in order, a failed try before a later
+    usable row). A reader holding the old listing is told to list again; a damaged part stops it."""
+    import dataclasses
+    import os
+
+    cache_dir = copy_cache(built, tmp_path)
+    rows = read_index(cache_dir)
+    for part in index_parts(cache_dir):
+        part.unlink()
+    for i, row in enumerate(rows):
+        twin = write_index_part(cache_dir, f"a-{i:02d}", [dataclasses.replace(row, status=schema.STATUS_FAILED,
+                                                                             reason="an earlier try")])
+        os.utime(twin, ns=(i + 1, i + 1))  # the failed tries first, then the rows, one part each
+        os.utime(write_index_part(cache_dir, f"b-{i:02d}", [row]), ns=(100 + i, 100 + i))
+    lost = dataclasses.replace(rows[1], sample_id="f" * 32, status=schema.STATUS_FAILED, reason="unreadable")
+    os.utime(write_index_part(cache_dir, "c-lost", [lost]), ns=(200, 200))
+    write_selection(cache_dir, [row.sample_id for row in rows] + [lost.sample_id])
+    old = index_parts(cache_dir)
+    assert len(old) == 2 * len(rows) + 1 > MAX_INDEX_PARTS
+    before, training = read_index(cache_dir), Cache.open(cache_dir, for_training=True).samples
+    assert before == rows + [lost] and training.failed == 1
+    assert compact_index(cache_dir) == len(old) and len(index_parts(cache_dir)) == 1
+    assert read_index(cache_dir) == before
+    after = Cache.open(cache_dir, for_training=True).samples
+    assert list(after) == list(training) and after.failures == training.failures == {"unreadable": 1}
+    with pytest.raises(PartVanished):  # what a reader listing before the compaction meets: it lists again
+        read_part_table(old[0])
+    assert compact_index(cache_dir) == 0  # one part: nothing to do
+    for i in range(MAX_INDEX_PARTS):
+        write_index_part(cache_dir, f"c-{i:02d}", [rows[i % len(rows)]])
+    damaged = schema.index_part_path(cache_dir, "damaged")
+    damaged.write_bytes(b"not parquet")
+    parts = index_parts(cache_dir)
+    assert compact_index(cache_dir) == 0 and index_parts(cache_dir) == parts  # left for `cache prune`
 
 
 def test_prune_is_refused_while_a_preprocess_runs(tmp_path, built):

@@ -1,10 +1,12 @@
 import json
+import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cogtune.data.sources import load_records, with_id_token
+from cogtune.data.sources import VideoPaths, load_records, with_id_token
 from cogtune.errors import CogtuneError
 
 
@@ -45,6 +47,57 @@ def test_paths_outside_the_root_are_refused(tmp_path, relative):
     (root / "videos.txt").write_text(relative + "\n")
     with pytest.raises(CogtuneError, match="outside the data root"):
         load_records(str(root), None, "prompts.txt", "videos.txt", None)
+
+
+def _pathlib_answer(root, relative, allow):
+    """What pathlib says of a video path (the independent computation): its resolved path, or why not."""
+    root = root.resolve()
+    written = Path(os.path.normpath(root / relative))
+    if not written.is_relative_to(root):
+        return "outside"
+    path = written.resolve()
+    if not path.is_relative_to(root) and not allow:
+        return "symlink out"
+    return str(path) if path.is_file() else "missing"
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_video_paths_resolve_as_pathlib_does(tmp_path, allow):
+    """The one-lstat-per-file resolver (each rank resolves its share of a large dataset) gives what
+    Path.resolve gives, on a tree of file and folder symlinks, inside and out, dangling ones, ., ..,
+    doubled slashes and hidden names."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    for folder in (root / "a" / "deep", root / "b", outside):
+        folder.mkdir(parents=True)
+    for name in ("a/x.mp4", "a/.hidden.mp4", "a/deep/y.mp4", "b/z.mp4"):
+        (root / name).write_bytes(b"x")
+    (outside / "o.mp4").write_bytes(b"x")
+    (root / "a" / "link.mp4").symlink_to(root / "b" / "z.mp4")  # a file link inside
+    (root / "a" / "chain.mp4").symlink_to("link.mp4")  # a relative link to a link
+    (root / "a" / "out.mp4").symlink_to(outside / "o.mp4")  # a file link out
+    (root / "a" / "dangling.mp4").symlink_to(root / "nothing.mp4")
+    (root / "c").symlink_to(root / "a")  # a folder link inside
+    (root / "d").symlink_to(outside)  # a folder link out
+    relatives = ["a/x.mp4", "a/.hidden.mp4", "./a/x.mp4", "a//deep/y.mp4", "a/deep/../x.mp4", "a/link.mp4",
+                 "a/chain.mp4", "a/out.mp4", "a/dangling.mp4", "c/x.mp4", "c/link.mp4", "c/deep/y.mp4", "d/o.mp4",
+                 "a/missing.mp4", "a/deep", "../outside/o.mp4", str(outside / "o.mp4"), str(root / "b/z.mp4")]
+    videos = VideoPaths(allow)
+    for relative in relatives:
+        expected = _pathlib_answer(root, relative, allow)
+        try:
+            (record,) = _one_record(root, relative)
+            answer, info = videos.resolve(record)
+            assert info.st_size == 1
+        except CogtuneError as e:
+            answer = ("outside" if "points outside" in str(e) else "symlink out" if "is a symlink" in str(e)
+                      else "missing" if "does not exist" in str(e) else str(e))
+        assert answer == expected, relative
+
+
+def _one_record(root, relative):
+    (root / "prompts.txt").write_text("a caption\n")
+    (root / "videos.txt").write_text(relative + "\n")
+    return load_records(str(root), None, "prompts.txt", "videos.txt", None, resolve=False)
 
 
 def test_missing_video_names_the_line(tmp_path):

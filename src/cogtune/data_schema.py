@@ -231,18 +231,29 @@ class IndexRow:
         """The encoded video of an ok row, to reuse for another caption of the same video."""
         return VideoLatent(**{f.name: getattr(self, f.name) for f in dataclasses.fields(VideoLatent)})
 
+    @property
+    def image_variants(self) -> int:
+        """Stored noised first-frame encodings of the sample's video (0 for text-to-video)."""
+        return len(self.image_noise_sigmas or [])
+
     def tensors(self, text_length: int) -> list[tuple[str, str, tuple | None]]:
         """(shard, key, shape) of every tensor an ok row needs; a None in a shape is not checked."""
-        channels, _, height, width = self.latent_shape
-        tensors = [(self.latent_shard, key, tuple(self.latent_shape)) for key in latent_tensor_keys(self.latent_key)]
-        for variant in range(len(self.image_noise_sigmas or [])):
-            tensors += [(self.latent_shard, key, (channels, 1, height, width))
-                        for key in image_latent_tensor_keys(self.latent_key, variant)]
-        tensors.append((self.text_shard, text_tensor_key(self.text_key), (text_length, None)))
-        return tensors
+        return sample_tensors(self, text_length)
 
     def to_json(self) -> dict:
         return {name: getattr(self, name) for name in INDEX_SCHEMA.names}
+
+
+def sample_tensors(row, text_length: int) -> list[tuple[str, str, tuple | None]]:
+    """(shard, key, shape) of every tensor a usable sample needs (an IndexRow, or any row with its
+    latent_shard, latent_key, latent_shape, image_variants, text_shard and text_key)."""
+    channels, _, height, width = row.latent_shape
+    tensors = [(row.latent_shard, key, tuple(row.latent_shape)) for key in latent_tensor_keys(row.latent_key)]
+    for variant in range(row.image_variants):
+        tensors += [(row.latent_shard, key, (channels, 1, height, width))
+                    for key in image_latent_tensor_keys(row.latent_key, variant)]
+    tensors.append((row.text_shard, text_tensor_key(row.text_key), (text_length, None)))
+    return tensors
 
 
 def ok_row(source: SampleSource, video: VideoLatent, text_shard: str) -> IndexRow:

@@ -4,10 +4,13 @@ tensors of the selected samples; and whether a cache fits the model a run trains
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
@@ -34,15 +37,41 @@ def read_manifest(cache_path: Path) -> schema.Manifest:
 
 def index_parts(cache_path: Path) -> list[Path]:
     """The index parts, first written first."""
-    return sorted((Path(cache_path) / schema.INDEX_DIR).glob("*.parquet"),
-                  key=lambda p: (p.stat().st_mtime_ns, p.name))
+    found = []
+    for part in (Path(cache_path) / schema.INDEX_DIR).glob("*.parquet"):
+        try:
+            found.append((part.stat().st_mtime_ns, part.name, part))
+        except FileNotFoundError:  # compacted away since the listing
+            continue
+    return [part for *_, part in sorted(found)]
+
+
+class PartVanished(Exception):
+    """An index part was compacted into another (cache.writer.compact_index) while it was read:
+    reading again from a new listing finds its rows in the compacted part."""
+
+
+def read_part_table(part: Path, columns: list[str] | None = None, **options) -> pa.Table:
+    try:
+        return pq.read_table(part, columns=columns, **options)
+    except FileNotFoundError:
+        raise PartVanished(part) from None
+    except (pa.ArrowInvalid, OSError, KeyError) as e:
+        raise CogtuneError(f"Cache index part {part} is damaged ({e}); delete it and rerun preprocess.") from None
+
+
+def listing_retried(read):
+    """read() again while index parts vanish under it (a compaction by another process ran)."""
+    for _ in range(4):
+        try:
+            return read()
+        except PartVanished:
+            continue
+    return read()
 
 
 def read_index_part(part: Path) -> list[schema.IndexRow]:
-    try:
-        table = pq.read_table(part)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise CogtuneError(f"Cache index part {part} is damaged ({e}); delete it and rerun preprocess.") from None
+    table = read_part_table(part)
     if table.schema.names != schema.INDEX_SCHEMA.names:
         raise CogtuneError(f"Cache index part {part} has unexpected columns; rebuild the cache.")
     return [schema.IndexRow(**row) for row in table.to_pylist()]
@@ -52,6 +81,10 @@ def read_index(cache_path: Path, damaged_parts: list | None = None) -> list[sche
     """One row per sample, in the order samples first appeared. A sample written more than once
     (a retried failure, two writers) keeps its first usable row, else its first row. A damaged
     index part raises CogtuneError, or is appended to damaged_parts when that list is given."""
+    return listing_retried(lambda: _read_index(cache_path, damaged_parts))
+
+
+def _read_index(cache_path: Path, damaged_parts: list | None) -> list[schema.IndexRow]:
     rows: dict[str, schema.IndexRow] = {}
     for part in index_parts(cache_path):
         try:
@@ -68,27 +101,59 @@ def read_index(cache_path: Path, damaged_parts: list | None = None) -> list[sche
     return list(rows.values())
 
 
-def read_selection(cache_path: Path) -> list[str] | None:
-    """The sample ids of the last finished preprocess run, or None if no run has finished."""
+def encoded_videos(cache_path: Path, shas: Iterable[str]) -> dict[str, schema.IndexRow]:
+    """Source sha256 -> a usable index row of its video, for those of these videos the cache holds
+    (so that another caption of a video reuses its latents). Reads whole rows of those only."""
+    keys = {schema.video_key(sha): sha for sha in shas}
+    if not keys:
+        return {}
+    wanted = pa.array(list(keys), pa.string())
+
+    def read():
+        found = {}
+        for part in index_parts(cache_path):
+            table = read_part_table(part, filters=pc.is_in(pc.field("latent_key"), value_set=wanted))
+            for row in table.to_pylist():
+                if row["status"] == schema.STATUS_OK:
+                    found.setdefault(keys[row["latent_key"]], schema.IndexRow(**row))
+        return found
+
+    return listing_retried(read)
+
+
+def read_selection(cache_path: Path, as_arrow: bool = False) -> list[str] | pa.Array | None:
+    """The sample ids of the last finished preprocess run (a list, or an Arrow array), or None if
+    no run has finished."""
     path = Path(cache_path) / schema.SELECTION_FILE
     if not path.is_file():
         return None
     try:
-        return pq.read_table(path).column("sample_id").to_pylist()
+        column = pq.read_table(path).column("sample_id")
+        return column.combine_chunks() if as_arrow else column.to_pylist()
     except (pa.ArrowInvalid, OSError, KeyError) as e:
         raise CogtuneError(f"{path} is damaged ({e}); run `cogtune preprocess` again to rewrite it.") from None
 
 
-def read_fingerprints(cache_path: Path) -> dict[tuple[str, int, int], str]:
-    """(source path, size, mtime_ns) -> content hash, as the last preprocess runs saw the files;
-    empty when the cache has no fingerprints file or a damaged one (they are only a shortcut)."""
+def read_fingerprints(cache_path: Path) -> pa.Table:
+    """The sources as the last preprocess runs saw them (FINGERPRINTS_SCHEMA: path, size, mtime_ns,
+    content hash); empty when the cache has no fingerprints file or a damaged one (they are only a
+    shortcut)."""
     path = Path(cache_path) / schema.FINGERPRINTS_FILE
     try:
-        table = pq.read_table(path, schema=schema.FINGERPRINTS_SCHEMA)
+        return pq.read_table(path, schema=schema.FINGERPRINTS_SCHEMA)
     except (FileNotFoundError, pa.ArrowInvalid, OSError):
-        return {}
-    columns = [table.column(name).to_pylist() for name in schema.FINGERPRINTS_SCHEMA.names]
-    return {(p, size, mtime): sha for p, size, mtime, sha in zip(*columns)}
+        return schema.FINGERPRINTS_SCHEMA.empty_table()
+
+
+def index_columns(cache_path: Path, names: list[str]) -> pa.Table:
+    """These columns of every index row, parts in index_parts order: no Python object per row."""
+    def read():
+        return [read_part_table(part, columns=names) for part in index_parts(cache_path)]
+
+    tables = listing_retried(read)
+    if not tables:
+        return pa.schema([schema.INDEX_SCHEMA.field(name) for name in names]).empty_table()
+    return pa.concat_tables(tables).combine_chunks()
 
 
 def stored_tensor_shards(cache_path: str | Path) -> dict[str, str]:
@@ -104,6 +169,233 @@ def stored_tensor_shards(cache_path: str | Path) -> dict[str, str]:
     return found
 
 
+# What training reads of a sample (TrainingSamples), and nothing else of the index.
+TRAINING_COLUMNS = ("sample_id", "status", "failure_kind", "num_frames", "height", "width", "latent_shape",
+                    "latent_shard", "latent_key", "text_shard", "text_key", "image_noise_sigmas")
+
+
+def _fixed_width(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A string column of keys as a numpy array of fixed-width bytes, without a Python str per row:
+    keys of one length lie in the Arrow data buffer one after the other, which is that array."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not len(array):
+        return np.zeros(0, "S1")
+    lengths = pc.binary_length(array)
+    width = max(1, pc.max(lengths).as_py() or 0)
+    if array.null_count or pc.min(lengths).as_py() != width:  # not all one length: the slow way
+        return array.to_numpy(zero_copy_only=False).astype(f"S{width}")
+    start = int(np.frombuffer(array.buffers()[1], np.int32, count=1, offset=array.offset * 4)[0])
+    return np.frombuffer(array.buffers()[2], dtype=f"S{width}", count=len(array), offset=start).copy()
+
+
+_HEX = np.full(256, 255, np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def sort_keys(ids: np.ndarray) -> list[np.ndarray]:
+    """Integer columns that sort like the fixed-width ids: 16 hex digits to a uint64 (sample ids
+    are hex), which numpy sorts far faster than bytes; the bytes themselves where they are not hex."""
+    digits = _HEX[ids.view(np.uint8).reshape(len(ids), -1)] if len(ids) else np.zeros((0, 0), np.uint8)
+    if digits.size and digits.max() > 15:
+        return [ids]
+    keys = []
+    for start in range(0, digits.shape[1], 16):
+        key = np.zeros(len(ids), np.uint64)
+        for column in digits[:, start:start + 16].T:
+            key = (key << np.uint64(4)) | column.astype(np.uint64)
+        keys.append(key)
+    return keys  # most significant first
+
+
+def _row_keys(rows: np.ndarray) -> np.ndarray:
+    """One int64 per row of small non-negative ints ([N, K], K <= 4, each < 2**15), equal where the
+    rows are equal and ordered as they are: np.unique on these is far faster than with axis=0."""
+    if rows.size and (rows.min() < 0 or rows.max() >= 2**15 or rows.shape[1] > 4):
+        return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)  # (the slow way; same order)
+    keys = np.zeros(len(rows), np.int64)
+    for column in rows.T:
+        keys = (keys << 16) | column.astype(np.int64)
+    return keys
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingSample:
+    """What training reads of one sample (a row of TrainingSamples)."""
+
+    sample_id: str
+    num_frames: int
+    height: int
+    width: int
+    latent_shape: list[int]
+    latent_shard: str
+    latent_key: str
+    text_shard: str
+    text_key: str
+    image_variants: int
+
+    def tensors(self, text_length: int) -> list[tuple[str, str, tuple | None]]:
+        return schema.sample_tensors(self, text_length)
+
+
+class TrainingSamples:
+    """The selected usable samples of a cache as columns, in sample-id order: about 150 bytes a
+    sample in a few numpy arrays (fixed-width keys, shard names as codes), which DataLoader workers
+    share with the training process without copying, where a list of index rows took 3.6 KB a
+    sample and minutes to build at a million. Indexing gives a TrainingSample."""
+
+    def __init__(self, columns: dict[str, np.ndarray], shard_names: list[str], failures: dict[str, int]):
+        self.columns, self.shard_names = columns, shard_names
+        self.failures = failures  # failure kind -> selected samples that failed so, most first
+        self.failed = sum(failures.values())
+
+    @classmethod
+    def read(cls, cache_path: Path, selection: pa.Array) -> "TrainingSamples":
+        """The samples of `selection` (sample ids), from the index parts, in sample-id order. Reads
+        one part at a time and keeps only its selected rows, as numpy: no Python object per sample,
+        and no more than one part in Arrow at once."""
+        return listing_retried(lambda: cls._read(cache_path, selection))
+
+    @classmethod
+    def _read(cls, cache_path: Path, selection: pa.Array) -> "TrainingSamples":
+        parts = index_parts(cache_path)
+        # Which rows are selected, for all parts in one lookup (one hash set of the selection, not
+        # one per part): the sample id column alone is small.
+        ids = [read_part_table(part, columns=["sample_id"])["sample_id"] for part in parts]
+        lengths = [len(column) for column in ids]
+        chunks = [chunk for column in ids for chunk in column.chunks]
+        selected = (pc.is_in(pa.chunked_array(chunks, pa.string()), value_set=selection).to_numpy(zero_copy_only=False)
+                    if chunks else np.zeros(0, bool))
+        selected_rows = np.split(selected, np.cumsum(lengths)[:-1]) if parts else []
+        del ids, chunks, selected
+        selection = pc.unique(selection)
+        found: dict[str, list[np.ndarray]] = {}
+        shard_names: dict[str, int] = {}  # shard name -> code, in the order first seen
+        kinds: dict[str, int] = {}  # failure kind -> code, likewise
+        for order, (part, in_selection) in enumerate(zip(parts, selected_rows)):
+            rows = np.nonzero(in_selection)[0]
+            if not len(rows):
+                continue
+            table = read_part_table(part, columns=list(TRAINING_COLUMNS))
+            if len(table) != len(in_selection):
+                raise PartVanished(part)  # replaced under the same name: list and read again
+            table = table.take(pa.array(rows)).combine_chunks()
+            for name in ("latent_shard", "text_shard"):
+                for shard in pc.unique(table[name].drop_null()).to_pylist():
+                    shard_names.setdefault(shard, len(shard_names))
+            code = pa.array(list(shard_names), pa.string())
+            failures = table["failure_kind"].fill_null("unreadable")  # (rows of caches before kinds were kept)
+            for kind in pc.unique(failures).to_pylist():
+                kinds.setdefault(kind, len(kinds))
+            shape_type = table["latent_shape"].type
+            shapes = pc.list_flatten(table["latent_shape"].fill_null(pa.scalar([0, 0, 0, 0], shape_type)))
+            columns = {
+                "sample_id": _fixed_width(table["sample_id"]),
+                "latent_key": _fixed_width(table["latent_key"].fill_null("")),
+                "text_key": _fixed_width(table["text_key"].fill_null("")),
+                "latent_shard": pc.index_in(table["latent_shard"], value_set=code).fill_null(-1)
+                .to_numpy(zero_copy_only=False).astype(np.int32),
+                "text_shard": pc.index_in(table["text_shard"], value_set=code).fill_null(-1)
+                .to_numpy(zero_copy_only=False).astype(np.int32),
+                "latent_shape": shapes.to_numpy(zero_copy_only=False).astype(np.int32).reshape(len(table), 4),
+                "size": np.stack([table[name].fill_null(0).to_numpy(zero_copy_only=False).astype(np.int32)
+                                  for name in ("num_frames", "height", "width")], axis=-1).reshape(len(table), 3),
+                "image_variants": pc.list_value_length(table["image_noise_sigmas"]).fill_null(0)
+                .to_numpy(zero_copy_only=False).astype(np.int16),
+                "ok": pc.equal(table["status"], schema.STATUS_OK).fill_null(False).to_numpy(zero_copy_only=False),
+                "kind": pc.index_in(failures, value_set=pa.array(list(kinds), pa.string()))
+                .to_numpy(zero_copy_only=False).astype(np.int16),
+                "part": np.full(len(table), order, np.int32), "row": rows,
+            }
+            for name, column in columns.items():
+                found.setdefault(name, []).append(column)
+            del table
+        if not found:
+            empty = {"sample_id": np.zeros(0, "S32"), "latent_key": np.zeros(0, "S32"), "text_key": np.zeros(0, "S32"),
+                     "latent_shard": np.zeros(0, np.int32), "text_shard": np.zeros(0, np.int32),
+                     "latent_shape": np.zeros((0, 4), np.int32), "size": np.zeros((0, 3), np.int32),
+                     "image_variants": np.zeros(0, np.int16), "ok": np.zeros(0, bool), "kind": np.zeros(0, np.int16),
+                     "part": np.zeros(0, np.int32),
+                     "row": np.zeros(0, np.int64)}
+            found = {name: [column] for name, column in empty.items()}
+        columns = {}
+        for name in list(found):  # a column at a time, so that at most one is held twice
+            parts = found.pop(name)
+            columns[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            del parts
+        # One row per sample: its first usable row, else its first row (as read_index keeps them),
+        # found by sorting (sample id, failed, part, row) as integers.
+        keys = sort_keys(columns["sample_id"])
+        order = np.lexsort((columns.pop("row"), columns.pop("part"), ~columns["ok"], *reversed(keys)))
+        starts = np.zeros(len(order), bool)  # where a new sample id begins in that order
+        starts[:1] = True
+        for key in keys:
+            in_order = key[order]
+            starts[1:] |= in_order[1:] != in_order[:-1]
+        del keys
+        first = order[starts]
+        missing = len(selection) - len(first)
+        if missing:
+            raise CogtuneError(f"{cache_path}: {missing} selected samples have no index row (the cache is damaged). "
+                               "Run `cogtune preprocess` again to rewrite them.")
+        ok = columns.pop("ok")[first]
+        usable = first[ok]
+        failed_kinds = np.bincount(columns.pop("kind")[first[~ok]], minlength=len(kinds))
+        names_of_kinds = list(kinds)
+        failures = sorted(((names_of_kinds[k], int(n)) for k, n in enumerate(failed_kinds) if n),
+                          key=lambda item: (-item[1], item[0]))
+        # Shard codes in the order of the names, so that they do not depend on the parts' order.
+        names = sorted(shard_names)
+        recode = np.zeros(len(shard_names) + 1, np.int32)  # (a code of -1, no shard, stays -1)
+        recode[-1] = -1
+        for new, name in enumerate(names):
+            recode[shard_names[name]] = new
+        for name in list(columns):  # likewise
+            columns[name] = columns[name][usable]
+        for name in ("latent_shard", "text_shard"):
+            columns[name] = recode[columns[name]]
+        return cls(columns, names, failures=dict(failures))
+
+    def __len__(self) -> int:
+        return len(self.columns["sample_id"])
+
+    def __getitem__(self, index: int) -> TrainingSample:
+        c = self.columns
+        frames, height, width = (int(v) for v in c["size"][index])
+        return TrainingSample(
+            sample_id=c["sample_id"][index].decode(), num_frames=frames, height=height, width=width,
+            latent_shape=c["latent_shape"][index].tolist(), latent_shard=self.shard_names[c["latent_shard"][index]],
+            latent_key=c["latent_key"][index].decode(), text_shard=self.shard_names[c["text_shard"][index]],
+            text_key=c["text_key"][index].decode(), image_variants=int(c["image_variants"][index]))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def latent_shapes(self) -> list[tuple]:
+        return [tuple(shape) for shape in self.columns["latent_shape"].tolist()]
+
+    @property
+    def shape_groups(self) -> list[int]:
+        """A number per sample, the same for samples of the same latent shape (what batching needs)."""
+        return np.unique(_row_keys(self.columns["latent_shape"]), return_inverse=True)[1].reshape(-1).tolist()
+
+    @property
+    def buckets(self) -> dict[str, int]:
+        """Bucket name (FRAMESxHEIGHTxWIDTH) -> samples, in name order."""
+        keys, first, counts = np.unique(_row_keys(self.columns["size"]), return_index=True, return_counts=True)
+        sizes = self.columns["size"][first].tolist()
+        return dict(sorted(("x".join(map(str, size)), int(n)) for size, n in zip(sizes, counts)))
+
+    @property
+    def clip_sizes(self) -> set[tuple[int, int, int]]:
+        _, first = np.unique(_row_keys(self.columns["size"]), return_index=True)
+        return {tuple(size) for size in self.columns["size"][first].tolist()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(column.nbytes for column in self.columns.values())
+
+
 @dataclass
 class Cache:
     """A finished cache opened for reading: the selected samples, in the order of their sample ids
@@ -111,20 +403,26 @@ class Cache:
 
     path: Path
     manifest: schema.Manifest
-    samples: list[schema.IndexRow]  # the selected samples with status ok
-    failed: list[schema.IndexRow] = field(default_factory=list)
+    samples: list[schema.IndexRow] | TrainingSamples  # the selected samples with status ok
+    failed: list[schema.IndexRow] = field(default_factory=list)  # (empty when opened for training)
+    failed_count: int = 0
     _handles: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, path: str | Path) -> "Cache":
+    def open(cls, path: str | Path, for_training: bool = False) -> "Cache":
+        """The cache at path. for_training: the samples as TrainingSamples (columns; no failed rows,
+        only their count in `failed_count`), which is what a run over a million samples can hold."""
         path = Path(path)
         manifest = read_manifest(path)
-        selection = read_selection(path)
+        selection = read_selection(path, as_arrow=for_training)
         if selection is None:
             raise CogtuneError(
                 f"{path} has no {schema.SELECTION_FILE}: its preprocess run did not finish. Run `cogtune preprocess` "
                 "again with the same settings; it resumes where it stopped."
             )
+        if for_training:
+            samples = TrainingSamples.read(path, selection)
+            return cls(path=path, manifest=manifest, samples=samples, failed_count=samples.failed)
         selected = set(selection)
         rows = [row for row in read_index(path) if row.sample_id in selected]
         missing = selected - {row.sample_id for row in rows}
@@ -136,8 +434,9 @@ class Cache:
         # In the order of their content keys: training shuffles positions in this list, so it must
         # not depend on which process wrote a sample, when, or on the index parts' modification times.
         rows.sort(key=lambda row: row.sample_id)
-        return cls(path=path, manifest=manifest, samples=[row for row in rows if row.ok],
-                   failed=[row for row in rows if not row.ok])
+        failed = [row for row in rows if not row.ok]
+        return cls(path=path, manifest=manifest, samples=[row for row in rows if row.ok], failed=failed,
+                   failed_count=len(failed))
 
     def _shard(self, name: str):
         handle = self._handles.get(name)
@@ -165,7 +464,7 @@ class Cache:
     def image_moments(self, row: schema.IndexRow) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance of every noised first-frame encoding, [K, C, 1, H, W]."""
         shard = self._shard(row.latent_shard)
-        keys = [schema.image_latent_tensor_keys(row.latent_key, k) for k in range(len(row.image_noise_sigmas))]
+        keys = [schema.image_latent_tensor_keys(row.latent_key, k) for k in range(row.image_variants)]
         return (torch.stack([shard.get_tensor(mean) for mean, _ in keys]),
                 torch.stack([shard.get_tensor(logvar) for _, logvar in keys]))
 

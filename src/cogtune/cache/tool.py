@@ -16,11 +16,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from safetensors import safe_open
 
 from cogtune import data_schema as schema
 from cogtune.cache.identity import list_caches
-from cogtune.cache.reader import index_parts, read_index, read_manifest, read_selection
+from cogtune.cache.reader import TrainingSamples, index_parts, read_index, read_manifest, read_selection, sort_keys
 from cogtune.cache.writer import cache_lock, write_index_part, write_selection
 from cogtune.errors import CogtuneError, first_line
 from cogtune.util import files
@@ -105,16 +106,57 @@ def verify(cache_path: str | Path, checksums: bool = True, selected_only: bool =
     return check_samples(cache_path, manifest, checked, checksums, report)
 
 
-def check_samples(cache_path: Path, manifest: schema.Manifest, rows: list[schema.IndexRow], checksums: bool,
+def check_samples(cache_path: Path, manifest: schema.Manifest, rows, checksums: bool,
                   report: Report | None = None) -> Report:
-    """Check the tensors of these ok index rows against the shards (into report, or a new one)."""
+    """Check the tensors of these ok index rows (or TrainingSamples) against the shards (into
+    report, or a new one). Samples that name the same tensors are checked once, as one."""
+    if isinstance(rows, TrainingSamples):
+        return _check_training_samples(cache_path, manifest, rows, checksums)
     report = report or Report(cache_path=Path(cache_path), rows={row.sample_id: row for row in rows})
     report.samples = len(rows)
-    dtype = schema.DTYPES[manifest.settings.latent_dtype]
+    return _check_shards(cache_path, manifest, _needed(rows, manifest), checksums, report)
+
+
+def _check_training_samples(cache_path: Path, manifest: schema.Manifest, samples: TrainingSamples,
+                            checksums: bool) -> Report:
+    """check_samples for the columns training holds: one representative per distinct set of tensors
+    (a video and a caption), its problems then given to every sample that shares them."""
+    columns = samples.columns
+    keys = [columns["latent_shard"], *sort_keys(columns["latent_key"]), columns["text_shard"],
+            *sort_keys(columns["text_key"]), columns["image_variants"], *columns["latent_shape"].T]
+    order = np.lexsort(keys[::-1])
+    starts = np.zeros(len(order), bool)  # where another set of tensors begins in that order
+    starts[:1] = True
+    for key in keys:
+        in_order = key[order]
+        starts[1:] |= in_order[1:] != in_order[:-1]
+    first = order[starts]
+    which = np.empty(len(order), np.int64)
+    which[order] = np.cumsum(starts) - 1  # each sample's set of tensors
+    representatives = [samples[int(i)] for i in first]
+    checked = _check_shards(cache_path, manifest, _needed(representatives, manifest), checksums,
+                            Report(cache_path=Path(cache_path)))
+    report = Report(cache_path=Path(cache_path), samples=len(samples), shards=checked.shards,
+                    bytes_hashed=checked.bytes_hashed, damaged_shards=checked.damaged_shards)
+    for number, representative in enumerate(representatives):
+        problems = checked.damaged.get(representative.sample_id)
+        if problems:
+            for index in np.nonzero(which == number)[0]:
+                report.damaged[columns["sample_id"][index].decode()].extend(problems)
+    return report
+
+
+def _needed(rows, manifest: schema.Manifest) -> dict[str, dict[str, list]]:
     needed: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))  # shard -> key -> [(sid, shape)]
     for row in rows:
         for shard, key, shape in row.tensors(manifest.settings.max_text_seq_length):
             needed[shard][key].append((row.sample_id, shape))
+    return needed
+
+
+def _check_shards(cache_path: Path, manifest: schema.Manifest, needed: dict, checksums: bool, report: Report) -> Report:
+    """Open each shard once and check the keys, dtypes, shapes (and checksums) its users need."""
+    dtype = schema.DTYPES[manifest.settings.latent_dtype]
 
     for shard_name, keys in sorted(needed.items()):
         path = schema.shard_path(cache_path, shard_name)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from cogtune import data_schema as schema
-from cogtune.cache.reader import read_manifest
+from cogtune.cache.reader import PartVanished, index_parts, read_manifest, read_part_table
 from cogtune.errors import CogtuneError
 from cogtune.util import logs
 from cogtune.util.files import atomic_write, write_json
@@ -79,20 +79,43 @@ def write_index_part(cache_path: Path, name: str, rows: list[schema.IndexRow]) -
     return path
 
 
+# More index parts than this at the end of a preprocess run are compacted into one (each process
+# writes a part per shard it fills: thousands in a large run, each a file for training to open).
+MAX_INDEX_PARTS = 16
+
+
+def compact_index(cache_path: Path, most: int = MAX_INDEX_PARTS) -> int:
+    """Rewrite the index parts as one, in their order, where there are more than `most`; returns
+    how many were merged. Safe beside other writers and readers: the merged part is written before
+    any part it holds is deleted (a crash between leaves rows twice, which readers keep once), parts
+    written meanwhile are left alone, and a reader whose part vanishes reads a new listing
+    (reader.listing_retried). A damaged part stops it: `cogtune cache prune` deals with those."""
+    parts = index_parts(cache_path)
+    if len(parts) <= most:
+        return 0
+    try:
+        tables = [read_part_table(part) for part in parts]
+    except (CogtuneError, PartVanished):  # damaged, or another process compacts now
+        return 0
+    if any(table.schema.names != schema.INDEX_SCHEMA.names for table in tables):
+        return 0
+    merged = pa.concat_tables([table.cast(schema.INDEX_SCHEMA) for table in tables])
+    _write_parquet(schema.index_part_path(cache_path, f"compacted-{uuid.uuid4().hex[:12]}"), merged)
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return len(parts)
+
+
 def write_selection(cache_path: Path, sample_ids: Iterable[str]) -> None:
     ids = list(dict.fromkeys(sample_ids))
     _write_parquet(Path(cache_path) / schema.SELECTION_FILE,
                    pa.Table.from_pydict({"sample_id": ids}, schema.SELECTION_SCHEMA))
 
 
-def write_fingerprints(cache_path: Path, fingerprints: dict[tuple[str, int, int], str]) -> None:
-    """Replace the cache's fingerprints file (see data_schema.FINGERPRINTS_FILE)."""
-    columns = list(zip(*fingerprints.items())) if fingerprints else [(), ()]
-    keys, hashes = columns
-    table = pa.Table.from_pydict({
-        "source_path": [k[0] for k in keys], "source_size": [k[1] for k in keys],
-        "source_mtime_ns": [k[2] for k in keys], "source_sha256": list(hashes)}, schema.FINGERPRINTS_SCHEMA)
-    _write_parquet(Path(cache_path) / schema.FINGERPRINTS_FILE, table)
+def write_fingerprints(cache_path: Path, fingerprints: pa.Table) -> None:
+    """Replace the cache's fingerprints file (see data_schema.FINGERPRINTS_FILE) with this table
+    (FINGERPRINTS_SCHEMA)."""
+    _write_parquet(Path(cache_path) / schema.FINGERPRINTS_FILE, fingerprints.cast(schema.FINGERPRINTS_SCHEMA))
 
 
 class CacheWriter:

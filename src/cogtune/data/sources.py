@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,9 +30,10 @@ METADATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 
 @dataclass(frozen=True)
 class Record:
-    video: Path  # absolute
+    video: Path | str  # absolute; a str as written (inside root) until resolve_record follows its symlinks
     caption: str  # with the id_token already in front
     where: str  # for error messages: file and line or row
+    root: Path | None = field(default=None, compare=False)  # the data root, while `video` is not yet resolved
 
 
 def with_id_token(caption: str, id_token: str | None) -> str:
@@ -44,7 +46,11 @@ def with_id_token(caption: str, id_token: str | None) -> str:
 
 def load_records(instance_data_root: str | None, dataset_name: str | None, caption_column: str,
                  video_column: str, id_token: str | None, dataset_config_name: str | None = None,
-                 cache_dir: str | None = None, allow_symlinks_outside_root: bool = False) -> list[Record]:
+                 cache_dir: str | None = None, allow_symlinks_outside_root: bool = False,
+                 resolve: bool = True) -> list[Record]:
+    """The dataset's records. resolve=False: the video paths as written (checked to stay inside the
+    data root, but not looked at on disk); resolve_record then checks each, which lets the
+    processes of a preprocess run each stat only their share of a large dataset."""
     if dataset_name and not Path(dataset_name).exists() and _looks_like_hub_id(dataset_name):
         if not instance_data_root:
             raise CogtuneError(
@@ -72,37 +78,83 @@ def load_records(instance_data_root: str | None, dataset_name: str | None, capti
     if not root.is_dir():
         raise CogtuneError(f"--instance_data_root {root} is not a folder.")
     records = []
+    resolved_root = root.resolve()
+    top = str(resolved_root)
     for caption, video, where in pairs:
         if caption is None or not str(caption).strip():
             raise CogtuneError(f"{where}: the caption is empty. Write a caption or remove the row.")
         if video is None or not str(video).strip():
             raise CogtuneError(f"{where}: the video path is empty.")
-        path = _resolve_video(root, str(video).strip(), where, allow_symlinks_outside_root)
-        records.append(Record(path, with_id_token(str(caption), id_token), where))
+        written = _written_path(top, str(video).strip(), where)
+        records.append(Record(written, with_id_token(str(caption), id_token), where, resolved_root))
     if not records:
         raise CogtuneError("The dataset has no rows.")
+    if resolve:
+        records = [resolve_record(record, allow_symlinks_outside_root) for record in records]
     return records
 
 
-def _resolve_video(root: Path, relative: str, where: str, allow_symlinks_outside_root: bool) -> Path:
-    """The video's path: inside the data root as written (no ..), and, unless allowed, once
-    symlinks are followed too."""
-    root = root.resolve()
-    written = Path(os.path.normpath(root / relative))  # absolute paths stay themselves
-    if not written.is_relative_to(root):
+def _written_path(root: str, relative: str, where: str) -> str:
+    """The video's path as written, inside the (resolved) data root: no .. out of it. (Strings,
+    not pathlib, in this loop: it runs once per record, a million times for a large dataset.)"""
+    if relative.startswith("/") or relative.endswith("/") or "//" in relative or "/." in "/" + relative:
+        written = os.path.normpath(os.path.join(root, relative))  # absolute paths stay themselves
+    else:
+        written = root.rstrip("/") + "/" + relative  # (already normal: no ., .., // or leading /)
+    if written != root and not written.startswith(root.rstrip(os.sep) + os.sep):
         raise CogtuneError(
             f"{where}: video path {relative!r} points outside the data root {root}. "
             "Paths must stay inside --instance_data_root."
         )
-    path = written.resolve()
-    if not path.is_relative_to(root) and not allow_symlinks_outside_root:
-        raise CogtuneError(
-            f"{where}: video path {relative!r} is a symlink to {path}, outside the data root {root}. "
-            "Pass --allow_symlinks_outside_root if that is intended."
-        )
-    if not path.is_file():
-        raise CogtuneError(f"{where}: video file {written} does not exist.")
-    return path
+    return written
+
+
+class VideoPaths:
+    """Resolves records' video paths: follows symlinks, checks the file exists and (unless
+    allowed) lies inside the data root, and returns its stat. One lstat per file: the real path of
+    each folder is looked up once, not once per file in it."""
+
+    def __init__(self, allow_symlinks_outside_root: bool = False):
+        self.allow_symlinks_outside_root = allow_symlinks_outside_root
+        self._folders: dict[str, str] = {}
+        self._roots: dict[Path, str] = {}  # root -> its path with a trailing separator
+
+    def resolve(self, record: Record) -> tuple[str, os.stat_result]:
+        written = str(record.video)
+        if record.root is None:  # resolved already
+            return written, os.stat(written)
+        folder, _, name = written.rpartition("/")
+        real_folder = self._folders.get(folder)
+        if real_folder is None:
+            real_folder = self._folders[folder] = os.path.realpath(folder or "/")
+        path = real_folder + "/" + name if real_folder != "/" else "/" + name
+        try:
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                path = os.path.realpath(path)
+                info = os.stat(path)
+        except FileNotFoundError:
+            info = None
+        inside = self._roots.get(record.root)
+        if inside is None:
+            inside = self._roots[record.root] = str(record.root).rstrip("/") + "/"
+        if not path.startswith(inside) and not self.allow_symlinks_outside_root:
+            raise CogtuneError(
+                f"{record.where}: video path {os.path.relpath(written, record.root)!r} is a symlink to {path}, "
+                f"outside the data root {record.root}. Pass --allow_symlinks_outside_root if that is intended."
+            )
+        if info is None or not stat.S_ISREG(info.st_mode):
+            raise CogtuneError(f"{record.where}: video file {written} does not exist.")
+        return path, info
+
+
+def resolve_record(record: Record, allow_symlinks_outside_root: bool = False) -> Record:
+    """The record with its video path's symlinks followed: an existing file, inside the data root
+    unless allowed."""
+    if record.root is None:
+        return record
+    path, _ = VideoPaths(allow_symlinks_outside_root).resolve(record)
+    return replace(record, video=Path(path), root=None)
 
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")

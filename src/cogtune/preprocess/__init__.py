@@ -11,20 +11,19 @@ stop (exit status 75); running it again continues.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from cogtune import data_schema as schema
 from cogtune.cache.identity import CacheIdentity, cache_identity, record_preprocess_run
-from cogtune.cache.reader import Cache, read_fingerprints, read_index, stored_tensor_shards
-from cogtune.cache.writer import CacheWriter, cache_lock, write_fingerprints
+from cogtune.cache.reader import Cache, encoded_videos, read_fingerprints, stored_tensor_shards
+from cogtune.cache.writer import CacheWriter, cache_lock, compact_index, write_fingerprints
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import clip_sizes
 from cogtune.data.sources import load_records
 from cogtune.families import ModelConfigs
 from cogtune.preprocess.encode import encode_captions, encode_validation, encode_videos
-from cogtune.preprocess.plan import my_videos, plan
+from cogtune.preprocess.plan import CacheHolds, my_videos, plan
 from cogtune.util import files, logs
 from cogtune.util.distributed import Processes, is_main_process, processes
 from cogtune.util.signals import StopRequests
@@ -76,7 +75,7 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     started = time.time()
     records = load_records(config.instance_data_root, config.dataset_name, config.caption_column,
                            config.video_column, config.id_token, config.dataset_config_name, config.cache_dir,
-                           config.allow_symlinks_outside_root)
+                           resolve=False)  # each process resolves its share in plan()
     models = ModelConfigs.of(config)
     spec = models.spec()  # refuses what is not a CogVideoX model before any encoding
     validation_pairs = config.checked_validation_pairs(spec)
@@ -96,11 +95,10 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
             counts["validation_files"] = 0
     counts = {key: sum(c[key] for c in procs.gather(counts)) for key in counts}
 
-    cache = Cache.open(cache_path)
+    selected = Cache.open(cache_path, for_training=True).samples  # columns: cheap at a million samples
     return PreprocessResult(
-        cache_path=cache_path.resolve(), samples=len(cache.samples), failed=len(cache.failed),
-        skipped_by_kind=dict(Counter(row.failure_kind or "unreadable" for row in cache.failed).most_common()),
-        buckets=dict(sorted(Counter(row.bucket for row in cache.samples).items())),
+        cache_path=cache_path.resolve(), samples=len(selected), failed=selected.failed,
+        skipped_by_kind=selected.failures, buckets=selected.buckets,
         seconds=time.time() - started, is_main_process=procs.is_main, **counts,
     )
 
@@ -117,11 +115,11 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
     procs.barrier()  # the main process wrote the manifest; the others check it against theirs
     writer = writer or new_writer()
     # Every process reads the cache before any writes to it: the gather in plan() waits for all.
-    index_rows = read_index(cache_path)
+    holds = CacheHolds.read(cache_path, read_fingerprints(cache_path))
     stored_tensors = stored_tensor_shards(cache_path)
-    recorded = read_fingerprints(cache_path)
-    work = plan(records, index_rows, stored_tensors, procs, recorded)
-    if procs.is_main and work.fingerprints != recorded:  # hashes are saved before any encoding
+    work = plan(records, holds, stored_tensors, procs, config.allow_symlinks_outside_root)
+    del holds
+    if procs.is_main and work.fingerprints is not None:  # hashes are saved before any encoding
         write_fingerprints(cache_path, work.fingerprints)
 
     text_shards = dict(stored_tensors)
@@ -144,10 +142,8 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
 
     # Samples whose video is already encoded only need a row.
     if procs.is_main:
-        latents = {row.latent_key: row for row in index_rows if row.ok}
-        for sha in work.by_video:
-            if schema.video_key(sha) in latents:
-                add_rows(sha, latents[schema.video_key(sha)].video_latent())
+        for sha, row in encoded_videos(cache_path, work.by_video).items():
+            add_rows(sha, row.video_latent())
 
     videos = my_videos(work.videos_needed, procs)
     failed = 0
@@ -157,11 +153,12 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
     writer.flush()
     procs.barrier()  # every process's rows are written before the selection names them
     if procs.is_main:
-        writer.write_selection(sample.source.sample_id for sample in work.samples)
+        writer.write_selection(work.sample_ids)
+        compact_index(cache_path)
     procs.barrier()
     if not procs.is_main:  # the plan's counts are the same on every process: the main one reports them
         work.reused_videos = work.reused_captions = work.known_failures = work.hashed = 0
     return dict(encoded_videos=len(videos) - failed, encoded_captions=len(my_captions),
                 reused_videos=work.reused_videos, reused_captions=work.reused_captions,
                 known_failures=work.known_failures, hashed=work.hashed,
-                sources=len(work.samples) if procs.is_main else 0)
+                sources=len(work.sample_ids) if procs.is_main else 0)

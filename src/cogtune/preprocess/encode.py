@@ -190,6 +190,8 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
     of one bucket (and, for image-to-video models, their noised first frames). Yields each video
     once its tensors are queued in the writer (or it failed), so that the caller adds its index rows
     before the writer's next flush."""
+    if not videos:  # nothing to encode: no VAE to load
+        return
     paths = dict(videos)
     jobs = [(path, sha) for sha, path in videos]
     limit = failure_limit(config.max_failures, len(jobs))

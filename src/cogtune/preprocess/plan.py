@@ -1,5 +1,9 @@
 """What a preprocess run has to do: fingerprint every source file, see what the cache already
-holds, and share the rest among the processes."""
+holds, and share the rest among the processes.
+
+Built for datasets of a million clips: each process resolves, stats and (where the file changed)
+hashes only its share of the sources, and what the cache holds is read as Arrow columns, never as
+a Python object per index row."""
 
 from __future__ import annotations
 
@@ -7,30 +11,48 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from cogtune import data_schema as schema
-from cogtune.data.sources import Record
+from cogtune.cache.reader import index_columns
+from cogtune.data.sources import Record, VideoPaths
 from cogtune.data.video import decode_cost, not_a_video
 from cogtune.errors import CogtuneError
 from cogtune.util import files, logs
 from cogtune.util.distributed import Processes, balance
 
+INDEX_COLUMNS = ["sample_id", "status", "latent_key", "source_path", "source_size", "source_mtime_ns",
+                 "source_sha256"]
 
-class SourceFingerprints:
-    """Content hashes of source files, reusing the hash of a file whose size and mtime are unchanged
-    since an index row or the fingerprints file (read_fingerprints) recorded them."""
 
-    def __init__(self, index_rows: list[schema.IndexRow], recorded: dict[tuple[str, int, int], str] | None = None):
-        self.known = dict(recorded or {})
-        self.known.update({(r.source_path, r.source_size, r.source_mtime_ns): r.source_sha256 for r in index_rows})
-        self.hashed = 0  # files read whole for their hash in this run
+@dataclass
+class CacheHolds:
+    """What a preprocess run needs to know of the cache, as Arrow arrays."""
 
-    def fingerprint(self, path: Path) -> tuple[int, int, str]:
-        stat = path.stat()
-        sha = self.known.get((str(path), stat.st_size, stat.st_mtime_ns))
-        if sha is None:
-            sha = files.sha256_file(path)
-            self.hashed += 1
-        return stat.st_size, stat.st_mtime_ns, sha
+    done: pa.Array  # sample ids with an index row (encoded, or failed in an earlier run)
+    usable: pa.Array  # sample ids with a usable row
+    latents: pa.Array  # video keys whose latents are stored
+    fingerprints: pa.Table  # the fingerprints file (FINGERPRINTS_SCHEMA)
+    known: pa.Table  # sources as last seen: the fingerprints file, then the index rows
+
+    @classmethod
+    def read(cls, cache_path: Path, fingerprints: pa.Table) -> "CacheHolds":
+        index = index_columns(cache_path, INDEX_COLUMNS)
+        ok = pc.equal(index["status"], schema.STATUS_OK).fill_null(False)
+        rows = index.select(schema.FINGERPRINTS_SCHEMA.names).drop_null().cast(schema.FINGERPRINTS_SCHEMA)
+        return cls(done=_array(pc.unique(index["sample_id"])), usable=_array(index["sample_id"].filter(ok)),
+                   latents=_array(pc.unique(index["latent_key"].filter(ok))),
+                   fingerprints=fingerprints, known=pa.concat_tables([fingerprints, rows]))
+
+
+def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def _in(values: list[str] | pa.Array, value_set: pa.Array) -> list[bool]:
+    return pc.is_in(pa.array(values, pa.string()), value_set=value_set).to_pylist()
 
 
 @dataclass(frozen=True)
@@ -47,7 +69,7 @@ class PlannedSample:
 
 @dataclass
 class Plan:
-    samples: list[PlannedSample]  # every record, in dataset order: the selection of this run
+    sample_ids: list[str]  # every record's, in dataset order: the selection of this run
     missing: list[PlannedSample]  # the samples without an index row
     captions_needed: list[str]  # captions without a stored embedding
     videos_needed: list[tuple[str, Path]]  # (sha256, path) of videos without stored latents
@@ -56,57 +78,110 @@ class Plan:
     known_failures: int  # failed in an earlier run, not tried again
     by_video: dict[str, list[PlannedSample]] = field(default_factory=dict)  # missing samples per video sha256
     hashed: int = 0  # source files read whole for their hash, by all processes
-    fingerprints: dict[tuple[str, int, int], str] = field(default_factory=dict)  # as the fingerprints file should be
+    fingerprints: pa.Table | None = None  # the fingerprints file after this run; None: unchanged
 
 
-def plan(records: list[Record], index_rows: list[schema.IndexRow], stored_tensors: dict[str, str],
-         procs: Processes, recorded: dict[tuple[str, int, int], str] | None = None) -> Plan:
-    """Fingerprint every source (each process a share; `recorded`: the cache's fingerprints file)
-    and see what the cache lacks. A new file that is plainly no video (text, an image) is a mistake
-    in the dataset: say so before any work."""
-    done = {row.sample_id: row for row in index_rows}  # encoded, or failed in an earlier run
-    latents = {row.latent_key for row in index_rows if row.ok}
-    sources = SourceFingerprints(index_rows, recorded)
-    mine = {}
-    for i in logs.progress(range(procs.rank, len(records), procs.world_size), desc="fingerprinting", unit="file",
-                           leave=False, disable=not procs.is_main):
-        size, mtime_ns, sha = sources.fingerprint(records[i].video)
-        unseen = schema.sample_id(sha, records[i].caption) not in done
-        mine[i] = (size, mtime_ns, sha, not_a_video(records[i].video) if unseen else None)
-    hashed = sum(procs.gather(sources.hashed))
-    fingerprints = {i: f for part in procs.gather(mine) for i, f in part.items()}
-    samples = []
-    for i, record in enumerate(records):
-        size, mtime_ns, sha, not_video = fingerprints[i]
-        if not_video:
-            raise CogtuneError(f"{record.where}: {record.video} is not a video ({not_video}). Fix the dataset row or "
-                               "remove it; nothing has been encoded yet.")
-        samples.append(PlannedSample(record, schema.SampleSource(
-            sample_id=schema.sample_id(sha, record.caption), source_path=str(record.video), source_size=size,
-            source_mtime_ns=mtime_ns, source_sha256=sha, caption=record.caption)))
-    missing = [s for s in samples if s.source.sample_id not in done]
+def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str], procs: Processes,
+         allow_symlinks_outside_root: bool = False) -> Plan:
+    """Fingerprint every source (each process resolves, stats and hashes a share) and see what the
+    cache lacks. A new file that is plainly no video (text, an image) is a mistake in the dataset:
+    say so before any work."""
+    share = range(procs.rank, len(records), procs.world_size)
+    mine, error, videos = [], None, VideoPaths(allow_symlinks_outside_root)
+    for i in logs.progress(share, desc="checking sources", unit="file", leave=False, disable=not procs.is_main):
+        try:
+            path, info = videos.resolve(records[i])
+        except CogtuneError as e:
+            error = (i, str(e))
+            break
+        except OSError as e:
+            error = (i, f"{records[i].where}: {records[i].video} cannot be read ({e.strerror}).")
+            break
+        mine.append((path, info.st_size, info.st_mtime_ns))
+    errors = [e for e in procs.gather(error) if e is not None]
+    if errors:  # every process raises the first one, in dataset order
+        raise CogtuneError(min(errors)[1])
+    paths, sizes, mtimes = (list(column) for column in zip(*mine)) if mine else ([], [], [])
+    shas, hashed = _content_hashes(paths, sizes, mtimes, holds.known)
+    ids = [schema.sample_id(sha, records[i].caption) for i, sha in zip(share, shas)]
+    not_videos = {}
+    for i, path, unseen in zip(share, paths, (not done for done in _in(ids, holds.done))):
+        problem = unseen and not_a_video(Path(path))
+        if problem:
+            not_videos[i] = (path, problem)
+    parts = procs.gather((paths, sizes, mtimes, shas, ids, not_videos, hashed))
+    not_videos = {i: problem for part in parts for i, problem in part[5].items()}
+    if not_videos:
+        i = min(not_videos)
+        path, problem = not_videos[i]
+        raise CogtuneError(f"{records[i].where}: {path} is not a video ({problem}). Fix the dataset row or "
+                           "remove it; nothing has been encoded yet.")
+    # Every record's columns in dataset order: record i is item i // world_size of process i % world_size.
+    def in_order(column: int) -> list:
+        values = [None] * len(records)
+        for rank, part in enumerate(parts):
+            values[rank::procs.world_size] = part[column]
+        return values
+
+    paths, sizes, mtimes, shas, ids = (in_order(column) for column in range(5))
+    have_row = _in(ids, holds.done)
+    missing = [
+        PlannedSample(records[i], schema.SampleSource(sample_id=ids[i], source_path=paths[i], source_size=sizes[i],
+                                                      source_mtime_ns=mtimes[i], source_sha256=shas[i],
+                                                      caption=records[i].caption))
+        for i in range(len(records)) if not have_row[i]]
     captions_needed = sorted({s.source.caption for s in missing
                               if schema.text_tensor_key(schema.caption_key(s.source.caption)) not in stored_tensors})
     by_video: dict[str, list[PlannedSample]] = {}
     for s in missing:
         by_video.setdefault(s.source.source_sha256, []).append(s)
+    encoded = _in([schema.video_key(sha) for sha in by_video], holds.latents)
+    video_shas = pa.array(shas, pa.string())
+    distinct_videos = pc.unique(pc.utf8_slice_codeunits(video_shas, 0, 32)) if shas else pa.array([], pa.string())
     return Plan(
-        samples=samples, missing=missing, captions_needed=captions_needed,
-        videos_needed=[(sha, group[0].record.video) for sha, group in by_video.items()
-                       if schema.video_key(sha) not in latents],
-        reused_videos=len({s.source.source_sha256 for s in samples if s.video_key in latents}),
-        reused_captions=len({s.source.caption for s in samples}) - len(captions_needed),
-        known_failures=sum(s.source.sample_id in done and not done[s.source.sample_id].ok for s in samples),
-        by_video=by_video, hashed=hashed, fingerprints=_updated(recorded or {}, samples),
+        sample_ids=ids, missing=missing, captions_needed=captions_needed,
+        videos_needed=[(sha, Path(group[0].source.source_path)) for (sha, group), stored in zip(by_video.items(), encoded)
+                       if not stored],
+        reused_videos=pc.sum(pc.is_in(distinct_videos, value_set=holds.latents)).as_py() or 0,
+        reused_captions=len({record.caption for record in records}) - len(captions_needed),
+        known_failures=sum(have and not ok for have, ok in zip(have_row, _in(ids, holds.usable))),
+        by_video=by_video, hashed=sum(part[6] for part in parts),
+        fingerprints=_updated(holds.fingerprints, paths, sizes, mtimes, shas) if procs.is_main else None,
     )
 
 
-def _updated(recorded: dict[tuple[str, int, int], str], samples: list[PlannedSample]) -> dict:
-    """The fingerprints file after this run: one entry per path, this run's where it saw the path."""
-    seen = {(s.source.source_path, s.source.source_size, s.source.source_mtime_ns): s.source.source_sha256
-            for s in samples}
-    paths = {path for path, _, _ in seen}
-    return {**{key: sha for key, sha in recorded.items() if key[0] not in paths}, **seen}
+def _content_hashes(paths: list[str], sizes: list[int], mtimes: list[int], known: pa.Table) -> tuple[list[str], int]:
+    """The sha256 of each of these files: the one recorded for its path, size and mtime where there
+    is one (an Arrow join, no Python object per recorded file), else read whole (counted in the
+    second value)."""
+    keys = ["source_path", "source_size", "source_mtime_ns"]
+    mine = pa.table({"source_path": pa.array(paths, pa.string()), "source_size": pa.array(sizes, pa.int64()),
+                     "source_mtime_ns": pa.array(mtimes, pa.int64()),
+                     "order": pa.array(np.arange(len(paths), dtype=np.int64))})
+    recorded = known.group_by(keys, use_threads=False).aggregate([("source_sha256", "min")])  # a key once
+    joined = mine.join(recorded, keys=keys, join_type="left outer", use_threads=False)
+    shas = [None] * len(paths)
+    for order, sha in zip(joined["order"].to_pylist(), joined["source_sha256_min"].to_pylist()):
+        shas[order] = sha
+    hashed = 0
+    for i, sha in enumerate(shas):
+        if sha is None:
+            shas[i] = files.sha256_file(Path(paths[i]))
+            hashed += 1
+    return shas, hashed
+
+
+def _updated(fingerprints: pa.Table, paths: list[str], sizes: list[int], mtimes: list[int],
+             shas: list[str]) -> pa.Table | None:
+    """The fingerprints file after this run, by path (this run's entries for the paths it saw, the
+    file's for the others), or None where that is what the file holds already."""
+    seen = pa.table({"source_path": pa.array(paths, pa.string()), "source_size": pa.array(sizes, pa.int64()),
+                     "source_mtime_ns": pa.array(mtimes, pa.int64()), "source_sha256": pa.array(shas, pa.string())})
+    seen = seen.group_by(schema.FINGERPRINTS_SCHEMA.names, use_threads=False).aggregate([])  # a path once
+    others = fingerprints.filter(pc.invert(pc.is_in(fingerprints["source_path"], value_set=seen["source_path"])))
+    updated = pa.concat_tables([others, seen.select(schema.FINGERPRINTS_SCHEMA.names).cast(schema.FINGERPRINTS_SCHEMA)])
+    updated = updated.sort_by([(name, "ascending") for name in schema.FINGERPRINTS_SCHEMA.names])
+    return None if updated.equals(fingerprints) else updated
 
 
 def my_videos(videos: list[tuple[str, Path]], procs: Processes) -> list[tuple[str, Path]]:

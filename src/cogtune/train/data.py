@@ -70,7 +70,7 @@ class TrainingPlan:
     """How many batches and steps a run has, known up front from the index alone. Every process
     walks the same global batches (train_batch_size x processes, one shape each)."""
 
-    shapes: list  # the latent shape of every sample, in index order
+    shapes: list  # the latent shape of every sample (as a number per shape), in sample order
     global_batch_size: int
     batches_per_epoch: int
     steps_per_epoch: int
@@ -78,7 +78,7 @@ class TrainingPlan:
 
     @classmethod
     def of(cls, cache: Cache, config, processes: int) -> "TrainingPlan":
-        shapes = [tuple(row.latent_shape) for row in cache.samples]
+        shapes = cache.samples.shape_groups  # batches hold one latent shape: a number per shape will do
         global_batch_size = config.train_batch_size * processes
         batches_per_epoch = len(epoch_batches(shapes, global_batch_size, config.seed, 0))
         steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
@@ -120,13 +120,13 @@ def open_training_cache(config, data, models: ModelConfigs, spec: FamilySpec) ->
     training = training_cache(config.data_cache, data, models)
     cache_path = training.path
     logs.message(f"cache: {cache_path.resolve()} ({training.why})")
-    cache = Cache.open(cache_path)
+    cache = Cache.open(cache_path, for_training=True)
     check_for_training(cache.manifest, models.identity(), spec, cache_path)
-    if not cache.samples:
-        raise CogtuneError(f"The cache {cache_path} holds no usable samples ({len(cache.failed)} were skipped).")
+    if not len(cache.samples):
+        raise CogtuneError(f"The cache {cache_path} holds no usable samples ({cache.failed_count} were skipped).")
     damage = check_samples(cache_path, cache.manifest, cache.samples, checksums=False)  # shard headers: quick
     if not damage.ok:
         raise CogtuneError(f"The cache {cache_path} is damaged:\n" + damage.text(checksums=False))
-    for size in sorted({(row.num_frames, row.height, row.width) for row in cache.samples}):
+    for size in sorted(cache.samples.clip_sizes):
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
     return cache_path, cache
