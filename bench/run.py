@@ -51,6 +51,7 @@ class Settings:
     seed: int = 0
     learning_rate: float = 1e-4
     mixed_precision: str = "no"
+    only: str = ""  # run only the training setting of this label ("" for all)
 
     def shared_flags(self) -> list[str]:
         """The training flags both trainers take with the same name and meaning."""
@@ -226,6 +227,8 @@ def train_runs(settings: Settings, model: Path, data: Path, cache_dir: Path, wor
                  ["-m", "cogtune.cli", "train", *shared, "--gradient_checkpointing",
                   "--layerwise_casting_storage_dtype", "float8_e4m3fn", "--data_cache", str(cache_dir),
                   "--output_dir", str(work / f"out-cogtune-{len(runs)}")]))
+    if settings.only:  # (the test of this script runs one setting)
+        runs = [run for run in runs if run[0] == settings.only]
     # Every run is repeated, in turn with the others so that a slow spell of the machine is shared;
     # a run's figures are the medians over its repeats (its range is kept in the JSON).
     repeats: list[list[dict]] = [[] for _ in runs]

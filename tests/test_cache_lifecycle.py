@@ -348,7 +348,7 @@ def test_prune_is_refused_while_a_preprocess_runs(tmp_path, built):
     cache_dir = copy_cache(built, tmp_path)
     with cache_lock(cache_dir):  # as a preprocess run holds it
         result = cogtune_here("cache", "prune", cache_dir, check=False)
-    assert result.returncode == 2 and "a preprocess run is writing to it" in result.stderr
+    assert result.returncode == 2 and "in use by a preprocess or training run" in result.stderr
 
 
 def test_a_file_system_without_locks_is_named_with_its_way_out(tmp_path, built, monkeypatch):
@@ -358,13 +358,13 @@ def test_a_file_system_without_locks_is_named_with_its_way_out(tmp_path, built, 
     such a file system does.)"""
     import errno
 
-    from cogtune.cache import writer
+    from cogtune.util import locks
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
     cache_dir = copy_cache(built, tmp_path)
-    monkeypatch.setattr(writer.fcntl, "flock", no_locks)
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
     result = cogtune_here("cache", "prune", cache_dir, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "without file locks (flock: No locks available)" in result.stderr and "COGTUNE_NO_CACHE_LOCK=1" in result.stderr

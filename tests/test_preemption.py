@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cogtune import data_schema as schema
@@ -139,7 +140,11 @@ def test_a_nan_sample_skips_its_step_and_training_goes_on(setup, tmp_path):
     tensors = load_file(shard)
     mean_key, _ = schema.latent_tensor_keys(row.latent_key)
     tensors[mean_key] = torch.full_like(tensors[mean_key], float("nan"))
-    save_file(tensors, shard)
+    with safe_open(str(shard), framework="pt") as f:  # as a VAE that gave NaN would have written it: checksummed
+        metadata = dict(f.metadata())
+    checksums = json.loads(metadata[schema.CHECKSUMS_METADATA])
+    checksums[mean_key] = schema.sha256_tensor(tensors[mean_key])
+    save_file(tensors, shard, metadata={**metadata, schema.CHECKSUMS_METADATA: json.dumps(checksums)})
     result = cogtune_here("train", "--config", setup["config"], "--data_cache", cache_dir, "--output_dir",
                           tmp_path / "out", "--max_train_steps", "4", "--train_batch_size", "1")
     log = log_of(tmp_path / "out")

@@ -90,7 +90,7 @@ def test_video_paths_resolve_as_pathlib_does(tmp_path, allow):
             assert info.st_size == 1
         except CogtuneError as e:
             answer = ("outside" if "points outside" in str(e) else "symlink out" if "is a symlink" in str(e)
-                      else "missing" if "does not exist" in str(e) else str(e))
+                      else "missing" if "does not exist" in str(e) or "not a video file" in str(e) else str(e))
         assert answer == expected, relative
 
 

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from cogtune.errors import EXIT_PREEMPTED, CogtuneError, Preempted
+from cogtune.util.signals import catch_stop_signals_early
 
 COMMANDS = {
     "init": "Write a family's config, the accelerate configs and the Slurm scripts into a folder: "
@@ -129,6 +130,8 @@ def _event(name: str, command: str, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a process of its own (not a call from Python): before the stages' heavy imports
+        catch_stop_signals_early()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

@@ -204,6 +204,11 @@ class TrainConfig(ModelArgs, ValidationArgs):
         None, "A checkpoint-N folder to resume from, or 'latest' for the newest one in --output_dir (a new run "
               "when there is none yet, so a requeued job can always pass it)."
     )
+    resume_with_new_data: bool = opt(
+        False, "Resume even though the cache's selection changed since the checkpoint (clips added or removed by a "
+               "later preprocess). Without it such a resume is refused: its steps would differ from the run it "
+               "continues."
+    )
     max_nan_steps: int = opt(
         5, "A step whose loss or gradient is NaN or infinite is skipped with a warning; this many in a row stop "
            "the run.")
@@ -487,16 +492,33 @@ def validate(config) -> None:
         raise CogtuneError("--pretrained_model_name_or_path is required (a local pipeline folder or a hub id).")
     positive = ["validation_epochs", "validation_steps", "num_validation_videos", "validation_num_inference_steps",
                 "nccl_timeout", "train_batch_size", "gradient_accumulation_steps", "rank", "vae_batch_size", "checkpointing_steps",
-                "max_nan_steps",
+                "max_nan_steps", "max_train_steps", "lr_num_cycles", "lora_alpha", "shard_size_mb",
+                "adam_epsilon", "lr_power",
                 "num_train_epochs", "max_num_frames", "fps", "num_frames", "height", "width", "num_inference_steps"]
+    # Every number is checked here, when flags are read: not after a model has loaded, and never
+    # silently taken (0 steps as "a full epoch", -3 as "nothing to do").
     for name in positive:
         value = getattr(config, name, None)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # (NaN fails too)
             raise CogtuneError(f"--{name} must be positive, got {value}.")
-    for name in ("skip_frames_start", "skip_frames_end", "dataloader_num_workers", "lr_warmup_steps"):
+    for name in ("skip_frames_start", "skip_frames_end", "dataloader_num_workers", "lr_warmup_steps",
+                 "adam_weight_decay", "guidance_scale", "seed", "learning_rate"):  # (a rate of 0: a dry look at the losses)
         value = getattr(config, name, None)
-        if value is not None and value < 0:
+        if value is not None and not value >= 0:
             raise CogtuneError(f"--{name} must be zero or more, got {value}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(config, name, None)
+        if value is not None and not 0 <= value < 1:
+            raise CogtuneError(f"--{name} must be at least 0 and below 1, got {value}.")
+    for name in ("learning_rate", "max_grad_norm", "lora_alpha", "shard_size_mb", "guidance_scale", "lora_scale"):
+        value = getattr(config, name, None)
+        if value is not None and value in (float("inf"), float("-inf")):
+            raise CogtuneError(f"--{name} must be a finite number, got {value}.")
+    tracker = getattr(config, "tracker_name", None)
+    if tracker is not None and (not tracker.strip() or tracker.strip(".") == "" or "/" in tracker or "\\" in tracker
+                                or "\0" in tracker):
+        raise CogtuneError(f"--tracker_name {tracker!r} must be a plain name (no / or \\, not . or ..): trackers "
+                           "use it as a folder name inside --output_dir.")
     if isinstance(config, (PreprocessConfig, InferConfig)):
         for name in ("height", "width"):
             if getattr(config, name) % 16:

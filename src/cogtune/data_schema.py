@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +137,20 @@ def text_tensor_key(key: str) -> str:
     return f"text/{key}/prompt_embeds"
 
 
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\Z")  # what CacheWriter names shards: r0-<hex>
+
+
+def valid_shard_name(name) -> bool:
+    return isinstance(name, str) and bool(SHARD_NAME.match(name)) and ".." not in name
+
+
 def shard_path(cache_path: str | Path, name: str) -> Path:
+    """The file of a shard. A name that is no plain file name (a path, .., an absolute path: a
+    crafted index) is refused, so that nothing outside the cache's shards/ is ever read."""
+    if not valid_shard_name(name):
+        raise CogtuneError(f"{cache_path}: the index names a shard {name!r}, which is not a file in its {SHARDS_DIR}/ "
+                           "folder (a damaged or crafted index). Run `cogtune cache verify` on it, then "
+                           "`cogtune cache prune --damaged` and preprocess again.")
     return Path(cache_path) / SHARDS_DIR / f"{name}.safetensors"
 
 
@@ -282,6 +296,14 @@ class CacheModel:
     family: str
     vae_config_sha256: str
     text_encoder_config_sha256: str
+    # A digest of the VAE's and T5's weight files (names, sizes and sampled bytes) for a local
+    # pipeline folder; None for a hub id (its id and revision name the weights) and in caches
+    # written before it was kept. Not part of the cache's name: a cache written with other weights
+    # under the same name is refused by the writer and by training instead (WEIGHTS_DIGEST).
+    weights_sha256: str | None = None
+
+
+WEIGHTS_DIGEST = "weights_sha256"
 
 
 @dataclass(frozen=True)
@@ -325,6 +347,8 @@ def _as_json(record) -> dict:
 
 def _record(cls, data: dict, where: str):
     try:
+        if not isinstance(data, dict):
+            raise TypeError(f"{cls.__name__} is not an object")
         return cls(**data)
     except TypeError as e:
         raise CogtuneError(f"{where} does not describe a cache of format version {FORMAT_VERSION} ({e}); "
@@ -348,6 +372,8 @@ class Manifest:
     @classmethod
     def from_json(cls, data: dict, where: str) -> "Manifest":
         """The manifest in data (read from where), refused unless it is of this format version."""
+        if not isinstance(data, dict):
+            raise CogtuneError(f"{where}: its manifest is not a JSON object; rebuild the cache with `cogtune preprocess`.")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise CogtuneError(

@@ -18,6 +18,7 @@ multiplying (CogVideoX 1.5-I2V was trained that way).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,6 +279,27 @@ def published_folder(name: str) -> Path | None:
     return PUBLISHED_DIR / folder if folder else None
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_digest(folder: Path, parts: tuple[str, ...], sample_bytes: int = 1 << 16) -> str:
+    """A digest of the weight files of these parts of a pipeline folder, cheap for any size: each
+    file's name and size, and 64 KiB from its start (the safetensors header: names, dtypes, shapes),
+    middle and end. Two sets of weights of one config differ there as everywhere."""
+    digest = hashlib.sha256()
+    for part in parts:
+        for path in sorted((folder / part).glob("*")):
+            if path.suffix not in WEIGHT_SUFFIXES or not path.is_file():
+                continue
+            size = path.stat().st_size
+            digest.update(f"{part}/{path.name}\0{size}\0".encode())
+            with open(path, "rb") as f:
+                for offset in sorted({0, max(0, size // 2 - sample_bytes // 2), max(0, size - sample_bytes)}):
+                    f.seek(offset)
+                    digest.update(f.read(sample_bytes))
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class ModelConfigs:
     """The config files of a pipeline's parts, read without instantiating (or downloading) weights,
@@ -363,7 +385,8 @@ class ModelConfigs:
     def identity(self) -> dict:
         """What the cache records about the model whose VAE and T5 made its tensors."""
         return dict(self.source, family=self.spec().description, vae_config_sha256=config_hash(self.vae),
-                    text_encoder_config_sha256=config_hash(self.text_encoder))
+                    text_encoder_config_sha256=config_hash(self.text_encoder),
+                    weights_sha256=None if self.on_hub else weights_digest(Path(self.location), ("vae", "text_encoder")))
 
     def spec(self) -> FamilySpec:
         return FamilySpec.from_configs(self.transformer, self.vae, self.scheduler)

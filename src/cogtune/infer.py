@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from cogtune.config import InferConfig, check_precision_available, precision_dtype
 from cogtune.data.video import first_frame_pixels
@@ -14,7 +15,7 @@ from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
 from cogtune.train.lora import LORA_WEIGHT_NAME, read_lora_info
 from cogtune.train.validation import video_name
-from cogtune.util import logs
+from cogtune.util import files, logs
 from cogtune.util.media import write_mp4
 
 ADAPTER_NAME = "cogtune"
@@ -89,11 +90,28 @@ def lora_location(config: InferConfig) -> tuple[str, str | None]:
     return lora, None  # a hub id
 
 
+def _check_lora_file(path: Path) -> None:
+    """A local LoRA file must be a whole safetensors file: said in one line before the pipeline
+    loads, not as safetensors' traceback after (a hub LoRA is checked when it is fetched)."""
+    if not path.is_file():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error types
+        raise CogtuneError(f"The LoRA {path} cannot be read ({first_line(e)}): the file is damaged or cut short. "
+                           "Copy it again, or use a checkpoint's LoRA.") from None
+
+
 def run(config: InferConfig) -> list[Path]:
     import diffusers
 
     logs.configure(config.log_format)
     folder, weight_name = lora_location(config)
+    _check_lora_file(Path(folder) / (weight_name or LORA_WEIGHT_NAME))
+    # Where the videos go, proved writable before minutes of loading the pipeline.
+    out_dir = Path(config.video_output_dir or Path(config.output_dir) / "videos")
+    files.ensure_writable_dir(out_dir, "--video_output_dir" if config.video_output_dir else "--output_dir")
     models = ModelConfigs.of(config)
     spec = models.spec()
     jobs = read_jobs(config, spec.image_conditioned)
@@ -110,7 +128,7 @@ def run(config: InferConfig) -> list[Path]:
     kwargs = {"weight_name": weight_name} if weight_name else {}
     try:
         pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, use_safetensors=True, **kwargs)  # never pickle
-    except (OSError, ValueError) as e:
+    except Exception as e:  # OSError, ValueError, safetensors' and peft's own error types
         raise CogtuneError(f"Cannot load the LoRA {config.lora or config.output_dir}: {first_line(e)}") from None
     # The LoRA file carries its alpha, so scale 1.0 is the trained strength.
     pipe.set_adapters([ADAPTER_NAME], [config.lora_scale])
@@ -123,8 +141,6 @@ def run(config: InferConfig) -> list[Path]:
     else:
         pipe.to("cuda" if torch.cuda.is_available() else "cpu")
 
-    out_dir = Path(config.video_output_dir or Path(config.output_dir) / "videos")
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     pipe.set_progress_bar_config(disable=not logs.draws_bars(), leave=False, desc="denoising")
     for index, job in enumerate(logs.progress(jobs, desc="generating", unit="video")):

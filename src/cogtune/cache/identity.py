@@ -48,6 +48,7 @@ class CacheIdentity:
     @property
     def fingerprint(self) -> str:
         payload = {"format_version": schema.FORMAT_VERSION, **self.to_json()}
+        payload["model"].pop(schema.WEIGHTS_DIGEST, None)  # see CacheModel: checked, not named
         return files.sha256_text(json.dumps(payload, sort_keys=True))[:12]
 
     @property
@@ -132,9 +133,14 @@ def record_preprocess_run(config, identity: CacheIdentity) -> None:
 def latest_preprocess_run(cache_root: Path, config_file: str | None) -> dict | None:
     path = _record_path(cache_root, config_file)
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    # A record of another shape (edited by hand, cut short) is no record: the settings decide alone.
+    needed = {"cache": str, "model": dict, "dataset": dict, "settings": dict, "command_line": dict}
+    if not isinstance(record, dict) or any(not isinstance(record.get(k), kind) for k, kind in needed.items()):
+        return None
+    return record
 
 
 def _flags_text(flags: dict) -> str:

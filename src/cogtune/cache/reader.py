@@ -3,6 +3,7 @@ tensors of the selected samples; and whether a cache fits the model a run trains
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -392,6 +393,12 @@ class TrainingSamples:
         return {tuple(size) for size in self.columns["size"][first].tolist()}
 
     @property
+    def digest(self) -> str:
+        """Which samples these are: their count and a digest of their ids (in id order)."""
+        ids = np.ascontiguousarray(self.columns["sample_id"])
+        return f"{len(ids)} samples, sha256 {hashlib.sha256(ids.tobytes()).hexdigest()[:16]}"
+
+    @property
     def nbytes(self) -> int:
         return sum(column.nbytes for column in self.columns.values())
 
@@ -406,7 +413,9 @@ class Cache:
     samples: list[schema.IndexRow] | TrainingSamples  # the selected samples with status ok
     failed: list[schema.IndexRow] = field(default_factory=list)  # (empty when opened for training)
     failed_count: int = 0
+    verify_checksums: bool = False  # check each tensor read against its shard's recorded sha256
     _handles: dict = field(default_factory=dict, repr=False)
+    _checksums: dict = field(default_factory=dict, repr=False)  # shard name -> {key: sha256}
 
     @classmethod
     def open(cls, path: str | Path, for_training: bool = False) -> "Cache":
@@ -422,7 +431,8 @@ class Cache:
             )
         if for_training:
             samples = TrainingSamples.read(path, selection)
-            return cls(path=path, manifest=manifest, samples=samples, failed_count=samples.failed)
+            return cls(path=path, manifest=manifest, samples=samples, failed_count=samples.failed,
+                       verify_checksums=True)
         selected = set(selection)
         rows = [row for row in read_index(path) if row.sample_id in selected]
         missing = selected - {row.sample_id for row in rows}
@@ -450,11 +460,31 @@ class Cache:
             self._handles[name] = handle
         return handle
 
+    def _tensor(self, shard_name: str, key: str, sample_id: str) -> torch.Tensor:
+        """A stored tensor; with verify_checksums, refused unless it hashes to what its shard
+        recorded when it was written (a flipped byte is never trained on)."""
+        shard = self._shard(shard_name)
+        tensor = shard.get_tensor(key)
+        if self.verify_checksums:
+            recorded = self._checksums.get(shard_name)
+            if recorded is None:
+                try:
+                    recorded = json.loads((shard.metadata() or {}).get(schema.CHECKSUMS_METADATA, "{}"))
+                except json.JSONDecodeError:
+                    recorded = {}
+                self._checksums[shard_name] = recorded
+            if schema.sha256_tensor(tensor) != recorded.get(key):
+                raise CogtuneError(
+                    f"Sample {sample_id}: tensor {key} in {schema.shard_path(self.path, shard_name)} does not match the "
+                    f"checksum recorded when it was written (the file is corrupt). Run `cogtune cache verify {self.path}`, "
+                    f"then `cogtune cache prune --damaged {self.path}` and preprocess again; checkpoints are intact.")
+        return tensor
+
     def latent_moments(self, row: schema.IndexRow) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored posterior mean and log-variance of a sample, [C, F, H, W]."""
         mean_key, logvar_key = schema.latent_tensor_keys(row.latent_key)
-        shard = self._shard(row.latent_shard)
-        return shard.get_tensor(mean_key), shard.get_tensor(logvar_key)
+        return (self._tensor(row.latent_shard, mean_key, row.sample_id),
+                self._tensor(row.latent_shard, logvar_key, row.sample_id))
 
     @property
     def image_noise_variants(self) -> int:
@@ -463,14 +493,13 @@ class Cache:
 
     def image_moments(self, row: schema.IndexRow) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance of every noised first-frame encoding, [K, C, 1, H, W]."""
-        shard = self._shard(row.latent_shard)
         keys = [schema.image_latent_tensor_keys(row.latent_key, k) for k in range(row.image_variants)]
-        return (torch.stack([shard.get_tensor(mean) for mean, _ in keys]),
-                torch.stack([shard.get_tensor(logvar) for _, logvar in keys]))
+        return (torch.stack([self._tensor(row.latent_shard, mean, row.sample_id) for mean, _ in keys]),
+                torch.stack([self._tensor(row.latent_shard, logvar, row.sample_id) for _, logvar in keys]))
 
     def prompt_embeds(self, row: schema.IndexRow) -> torch.Tensor:
         """The stored T5 embedding of a sample's caption, [max_text_seq_length, text_dim]."""
-        return self._shard(row.text_shard).get_tensor(schema.text_tensor_key(row.text_key))
+        return self._tensor(row.text_shard, schema.text_tensor_key(row.text_key), row.sample_id)
 
     def __getstate__(self):  # DataLoader workers reopen shards themselves
         state = self.__dict__.copy()
@@ -510,6 +539,8 @@ def check_compatible(manifest: schema.Manifest, model: dict, cache_path: Path) -
     (ModelConfigs.identity())."""
     built_for = manifest.model
     expected = {k: model[k] for k in ("vae_config_sha256", "text_encoder_config_sha256")}
+    if built_for.weights_sha256 is not None and model.get(schema.WEIGHTS_DIGEST) is not None:
+        expected[schema.WEIGHTS_DIGEST] = model[schema.WEIGHTS_DIGEST]  # the same configs, other weights
     differences = schema.describe_differences(expected, {k: getattr(built_for, k) for k in expected})
     if differences:
         raise CogtuneError(

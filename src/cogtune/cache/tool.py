@@ -158,8 +158,7 @@ def _check_shards(cache_path: Path, manifest: schema.Manifest, needed: dict, che
     """Open each shard once and check the keys, dtypes, shapes (and checksums) its users need."""
     dtype = schema.DTYPES[manifest.settings.latent_dtype]
 
-    for shard_name, keys in sorted(needed.items()):
-        path = schema.shard_path(cache_path, shard_name)
+    for shard_name, keys in sorted(needed.items(), key=lambda item: str(item[0])):
         report.shards += 1
 
         def damage(problem: str, users: list) -> None:
@@ -168,6 +167,10 @@ def _check_shards(cache_path: Path, manifest: schema.Manifest, needed: dict, che
                 report.damaged[sid].append(problem)
 
         everyone = [user for users in keys.values() for user in users]
+        if not schema.valid_shard_name(shard_name):
+            damage(f"names shard {shard_name!r}, which is not a file in the cache's shards/ folder", everyone)
+            continue
+        path = schema.shard_path(cache_path, shard_name)
         if not path.is_file():
             damage(f"shard {shard_name} is missing", everyone)
             continue
@@ -337,16 +340,18 @@ def prune(cache_path: str | Path, failed: bool = True, unselected: bool = False,
         if dry_run:
             return result
 
+        # In an order that a kill at any point leaves a whole cache: first the selection shrinks to
+        # what stays (every sample it names still has its rows), then one compacted index part is
+        # written before the old ones go, and the unused shards go last.
+        kept_ids = {row.sample_id for row in kept}
+        if selection is not None and not selected <= kept_ids:  # training reads the selection: no holes
+            write_selection(cache_path, [sid for sid in selection if sid in kept_ids])
         old_parts = index_parts(cache_path)
         if drop or damaged_parts or len(old_parts) > 1:
-            # one compacted part replaces all others; it is written first, so a crash loses nothing
             new_part = write_index_part(cache_path, f"pruned-{uuid.uuid4().hex[:12]}", kept) if kept else None
             for part in old_parts:
                 if part != new_part:
                     part.unlink(missing_ok=True)
-        kept_ids = {row.sample_id for row in kept}
-        if selection is not None and not selected <= kept_ids:  # training reads the selection: no holes
-            write_selection(cache_path, [sid for sid in selection if sid in kept_ids])
         for path in doomed_shards + temps:
             path.unlink(missing_ok=True)
         return result

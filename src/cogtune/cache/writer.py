@@ -4,10 +4,7 @@ validation inputs, and the lock that writers share and `cogtune cache prune` tak
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Iterable
@@ -20,47 +17,28 @@ from safetensors.torch import save_file
 from cogtune import data_schema as schema
 from cogtune.cache.reader import PartVanished, index_parts, read_manifest, read_part_table
 from cogtune.errors import CogtuneError
-from cogtune.util import logs
+from cogtune.util import locks
 from cogtune.util.files import atomic_write, write_json
 
 
-# flock's answers on a file system that has no locks (Lustre or NFS mounted without them, FUSE).
-NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
-NO_LOCK_VARIABLE = "COGTUNE_NO_CACHE_LOCK"
-
-
 @contextlib.contextmanager
-def cache_lock(cache_path: Path, exclusive: bool = False):
-    """Writers share a cache's lock; `cogtune cache prune` takes it alone, so it never deletes what a
-    running preprocess is writing. Raises CogtuneError when the lock cannot be had at once, or when
-    the file system has no locks (unless COGTUNE_NO_CACHE_LOCK=1 says to go on without one)."""
+def cache_lock(cache_path: Path, exclusive: bool = False, user: str = "a preprocess run"):
+    """Preprocess and training runs share a cache's lock (`user` says which this is); `cogtune cache
+    prune` takes it alone, so it never deletes what a running preprocess writes or a training reads.
+    Raises CogtuneError when the lock cannot be had at once, or when the file system has no locks
+    (unless COGTUNE_NO_CACHE_LOCK=1 says to go on without one)."""
     cache_path.mkdir(parents=True, exist_ok=True)
-    with open(cache_path / schema.LOCK_FILE, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CogtuneError(
-                f"{cache_path} is in use: " + ("a preprocess run is writing to it; wait until it has finished."
-                                               if exclusive else "`cogtune cache prune` is running on it; wait for it.")
-            ) from None
-        except OSError as e:
-            if e.errno not in NO_LOCKS:
-                raise
-            if os.environ.get(NO_LOCK_VARIABLE) != "1":
-                raise CogtuneError(
-                    f"{cache_path} is on a file system without file locks (flock: {e.strerror}), as Lustre or NFS "
-                    "mounted without them are. cogtune locks a cache so that `cogtune cache prune` never deletes "
-                    "what a preprocess is writing. Put the cache on a file system with locks (ask for a mount with "
-                    f"-o flock), or set {NO_LOCK_VARIABLE}=1 to go on without the lock, and then never run "
-                    "`cogtune cache prune` on this cache while a preprocess writes to it."
-                ) from None
-            logs.message(f"warning: {cache_path} has no file locks; going on without one ({NO_LOCK_VARIABLE}=1).")
-            yield
-            return
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def busy(holder: str) -> str:
+        if exclusive:
+            return (f"{cache_path} is in use by a preprocess or training run; `cogtune cache prune` waits for none: "
+                    "run it again once they have finished.")
+        return (f"{cache_path} is being pruned by `cogtune cache prune`" + (f" ({holder})" if holder else "")
+                + f"; {user} cannot start now. Run it again once the prune has finished.")
+
+    with locks.flock(cache_path / schema.LOCK_FILE, exclusive, busy,
+                     "a cache so that `cogtune cache prune` never deletes what a preprocess writes or a training reads"):
+        yield
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -130,7 +108,10 @@ class CacheWriter:
         self._pending_bytes = 0
         self._part_name = self._new_part_name()
         if (self.cache_path / schema.MANIFEST_FILE).exists():
-            differences = schema.describe_differences(manifest.to_json(), read_manifest(self.cache_path).to_json())
+            stored = read_manifest(self.cache_path).to_json()
+            if stored["model"].get(schema.WEIGHTS_DIGEST) is None:  # written before weights were told apart
+                stored["model"][schema.WEIGHTS_DIGEST] = manifest.model.weights_sha256
+            differences = schema.describe_differences(manifest.to_json(), stored)
             if differences:
                 raise CogtuneError(
                     f"{self.cache_path} holds a cache with other settings:\n  " + "\n  ".join(differences)

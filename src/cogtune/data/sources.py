@@ -72,7 +72,7 @@ def load_records(instance_data_root: str | None, dataset_name: str | None, capti
         root = Path(instance_data_root)
         pairs = []
         if root.is_dir() and not (root / caption_column).exists() and not (root / video_column).exists():
-            pairs = _caption_file_pairs(root)  # a folder of clip.mp4 + clip.txt
+            pairs = _caption_file_pairs(root, allow_symlinks_outside_root)  # a folder of clip.mp4 + clip.txt
         if not pairs:
             pairs = _read_line_files(root, caption_column, video_column)
     if not root.is_dir():
@@ -143,9 +143,18 @@ class VideoPaths:
                 f"{record.where}: video path {os.path.relpath(written, record.root)!r} is a symlink to {path}, "
                 f"outside the data root {record.root}. Pass --allow_symlinks_outside_root if that is intended."
             )
-        if info is None or not stat.S_ISREG(info.st_mode):
+        if info is None:
             raise CogtuneError(f"{record.where}: video file {written} does not exist.")
+        if not stat.S_ISREG(info.st_mode):
+            raise CogtuneError(f"{record.where}: video path {written} is {_file_kind(info.st_mode)}, not a video file. "
+                               "Fix the dataset row or remove it.")
         return path, info
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def resolve_record(record: Record, allow_symlinks_outside_root: bool = False) -> Record:
@@ -160,14 +169,21 @@ def resolve_record(record: Record, allow_symlinks_outside_root: bool = False) ->
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
 
 
-def _caption_file_pairs(root: Path) -> list[tuple[str, str, str]]:
-    """A folder of clip.mp4 + clip.txt pairs (in subfolders too): the caption is the text file's content."""
+def _caption_file_pairs(root: Path, allow_symlinks_outside_root: bool = False) -> list[tuple[str, str, str]]:
+    """A folder of clip.mp4 + clip.txt pairs (in subfolders too): the caption is the text file's
+    content. A caption file that is a symlink out of the root is refused as a video would be: its
+    target's text would end up in the cache and in every embedding of it."""
     pairs = []
+    real_root = root.resolve()
     for video in sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
         caption_path = video.with_suffix(".txt")
         relative = str(video.relative_to(root))
         if not caption_path.is_file():
             raise CogtuneError(f"{video} has no caption file {caption_path.name} beside it; write one or remove the video.")
+        target = caption_path.resolve()
+        if not target.is_relative_to(real_root) and not allow_symlinks_outside_root:
+            raise CogtuneError(f"{caption_path} is a symlink to {target}, outside the data root {real_root}. Pass "
+                               "--allow_symlinks_outside_root if that is intended.")
         caption = " ".join(line.strip() for line in _lines(caption_path)).strip()
         pairs.append((caption, relative, str(caption_path.relative_to(root))))
     return pairs

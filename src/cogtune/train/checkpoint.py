@@ -265,10 +265,12 @@ def load(run: Run, checkpoint: Path) -> dict:
     return info
 
 
-def resume(run: Run, resume_from_checkpoint: str | None, output_dir: Path, order: dict) -> int:
+def resume(run: Run, resume_from_checkpoint: str | None, output_dir: Path, order: dict,
+           new_data: bool = False) -> int:
     """Restore --resume_from_checkpoint (a checkpoint folder, or "latest" in output_dir): the LoRA,
     optimizer, schedule, scaler and RNG states. Returns its step, from which the data position
-    follows; 0 for a new run. order: what decides the data order, compared with the checkpoint's."""
+    follows; 0 for a new run. order: what decides the data order, compared with the checkpoint's:
+    other samples (order["samples"], a digest of the selection) are refused unless new_data."""
     checkpoint = None
     if resume_from_checkpoint == "latest":
         checkpoint = latest_checkpoint(output_dir)
@@ -282,7 +284,14 @@ def resume(run: Run, resume_from_checkpoint: str | None, output_dir: Path, order
     saved = dict(info.get("data_order", {}))
     if "global_batch_size" not in saved and "train_batch_size" in saved:  # written before global_batch_size
         saved["global_batch_size"] = saved["train_batch_size"] * int(saved.get("num_processes") or 1)
-    changed = [f"{k} ({saved.get(k)} -> {v})" for k, v in order.items() if saved.get(k) != v]
+    if "samples" in saved and saved["samples"] != order.get("samples") and not new_data:
+        raise CogtuneError(
+            f"The cache's samples changed since {checkpoint} was saved ({saved['samples']} then, {order.get('samples')} "
+            "now: a preprocess run added or removed clips), so resuming would not continue the same run. Pass "
+            "--resume_with_new_data to go on with the new samples, or train them in a new run (another --output_dir)."
+        )
+    changed = [f"{k} ({saved.get(k)} -> {v})" for k, v in order.items() if k in saved and saved.get(k) != v
+               or k not in saved and k != "samples"]
     if changed:
         logs.message("warning: the data order differs from the interrupted run's, so the resumed run will "
                      "not repeat it exactly: " + ", ".join(changed))

@@ -30,7 +30,10 @@ def save_lora(transformer, directory: Path, weights: dict | None = None) -> Path
             temp, transformer_lora_layers=weights if weights is not None else get_peft_model_state_dict(transformer),
             transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
         )
-        (temp / LORA_WEIGHT_NAME).replace(directory / LORA_WEIGHT_NAME)
+        files.publish(temp / LORA_WEIGHT_NAME, directory / LORA_WEIGHT_NAME)  # readable by the group, as all else
+    except Exception as e:  # a full disk arrives wrapped in safetensors' own error type
+        files.raise_if_no_space(e, directory / LORA_WEIGHT_NAME)
+        raise
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return directory / LORA_WEIGHT_NAME

@@ -12,6 +12,7 @@ function of its position, which makes resuming exact.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from cogtune.cache.writer import cache_lock
 from cogtune.config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
 from cogtune.errors import CogtuneError, Preempted
 from cogtune.families import ModelConfigs
@@ -31,7 +33,7 @@ from cogtune.train.model import build_transformer
 from cogtune.train.optim import make_lr_scheduler, make_optimizer
 from cogtune.train.step import Draws, NoiseSchedule, training_loss
 from cogtune.train.validation import ValidationRound, load_validation_set, run_validation, validation_due
-from cogtune.util import distributed, files, logs
+from cogtune.util import distributed, files, locks, logs
 from cogtune.util.signals import StopRequests, ignore_stop_signals
 
 
@@ -50,11 +52,12 @@ def run(config: TrainConfig, data: PreprocessConfig | None = None) -> TrainResul
     Preempted."""
     from accelerate.state import AcceleratorState
 
+    held = contextlib.ExitStack()  # the locks of the output folder and the cache, for the whole run
     try:
-        with StopRequests() as stop:
-            return _run(config, data, stop)
+        with StopRequests() as stop, held:
+            return _run(config, data, stop, held)
     except BaseException:  # stopped, preempted or failed: the curve of the steps so far, all the same
-        if distributed.is_main_process():
+        if distributed.is_main_process() and getattr(held, "owns_output_dir", False):  # not another run's
             report.write_loss_curve_quietly(Path(config.output_dir) / log.TRAIN_LOG_NAME)
         raise
     finally:  # a later run in this process may choose another precision (keeps the distributed state)
@@ -174,7 +177,31 @@ def _save_outputs(run: checkpoints.Run, config: TrainConfig, models, spec, cache
     return lora_path
 
 
-def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests) -> TrainResult:
+OUTPUT_LOCK = ".cogtune-train.lock"
+
+
+def _hold_output_dir(accelerator, output_dir: Path, held: contextlib.ExitStack) -> None:
+    """One training run per output folder: the main process locks it for the whole run (a run that
+    died holds nothing, so a requeued job starts at once); every process of a refused job stops."""
+    refused = None
+    if accelerator.is_main_process:
+        def busy(holder: str) -> str:
+            who = holder or "its host and pid are not known"
+            return (f"--output_dir {output_dir} is in use by another training run ({who}). Two runs in one folder "
+                    "would mix their checkpoints and logs: wait for it to end, stop it, or choose another --output_dir.")
+        try:
+            held.enter_context(locks.flock(output_dir / OUTPUT_LOCK, True, busy,
+                                           "an output folder so that two training runs never write into it at once"))
+            held.owns_output_dir = True
+        except CogtuneError as e:
+            refused = str(e)
+    if distributed.any_process(accelerator, refused is not None):
+        raise CogtuneError(refused or f"--output_dir {output_dir} is in use by another training run (see the main "
+                                      "process's message).")
+
+
+def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
+         held: contextlib.ExitStack) -> TrainResult:
     from diffusers import CogVideoXDDIMScheduler
 
     # Set-up: trackers and hub token, the output folder, devices and precision.
@@ -191,9 +218,11 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests)
     models = ModelConfigs.of(config)
     spec = models.spec()
     cache_path, cache = open_training_cache(config, data, models, spec)
+    held.enter_context(cache_lock(cache_path, user="this training run"))  # shared: keeps `cache prune` out
     spec.check_precision(config.mixed_precision, logs.message)
     validation = load_validation_set(config, spec, cache_path, cache.manifest)  # T5 never runs here: the cache has them
     _check_engine(config, accelerator.distributed_type.name, validation is not None)
+    _hold_output_dir(accelerator, output_dir, held)  # (after the checks: a run refused by them leaves nothing)
 
     # The model: the transformer alone, frozen, with LoRA adapters in fp32; the noise schedule.
     weight_dtype = precision_dtype(config.mixed_precision)
@@ -216,8 +245,9 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests)
     # What decides the data order: the global batch (not how it is shared among processes), so a
     # run resumed on another number of processes with the same global batch trains the same samples.
     order = {"seed": config.seed, "global_batch_size": plan.global_batch_size,
-             "gradient_accumulation_steps": config.gradient_accumulation_steps, "cache": str(cache_path)}
-    global_step = checkpoints.resume(run, config.resume_from_checkpoint, output_dir, order)
+             "gradient_accumulation_steps": config.gradient_accumulation_steps, "cache": str(cache_path),
+             "samples": cache.samples.digest}  # what is trained on: a resume over other samples is refused
+    global_step = checkpoints.resume(run, config.resume_from_checkpoint, output_dir, order, config.resume_with_new_data)
     log_path = output_dir / log.TRAIN_LOG_NAME
     if accelerator.is_main_process:
         log.keep_up_to(log_path, global_step)

@@ -53,12 +53,27 @@ def atomic_write(path: Path, write: callable) -> None:
         os.replace(temp, path)
     except BaseException as e:
         Path(temp).unlink(missing_ok=True)
-        if _is_no_space(e):
-            raise CogtuneError(
-                f"No space left writing {path} ({_strerror(e)}). Everything written before it is intact: free some "
-                "space (or choose another folder) and run the same command again to continue where it stopped."
-            ) from None
+        raise_if_no_space(e, path)
         raise
+
+
+def publish(temp: Path, path: Path) -> None:
+    """Move a finished file written by a library (temp) into place as atomic_write would: fsynced,
+    with the usual permissions (a library's temp files may be 0600), then renamed."""
+    with open(temp, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(temp, 0o666 & ~_UMASK)
+    os.replace(temp, path)
+
+
+def raise_if_no_space(error: BaseException, path: Path) -> None:
+    """A full disk (or quota), also wrapped in a library's error type, as a CogtuneError that says
+    how to continue; anything else is left to the caller."""
+    if _is_no_space(error):
+        raise CogtuneError(
+            f"No space left writing {path} ({_strerror(error)}). Everything written before it is intact: free some "
+            "space (or choose another folder) and run the same command again to continue where it stopped."
+        ) from None
 
 
 def _is_no_space(error: BaseException) -> bool:
@@ -77,9 +92,11 @@ def ensure_writable_dir(folder: Path, flag: str) -> None:
     """Create folder if needed and prove it writable, before any expensive work starts."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A probe of a new name, created exclusively and never through a symlink: a file another
+        # user planted in a shared folder (a link to one of theirs) is never opened, let alone truncated.
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise CogtuneError(f"Cannot write to {flag} {folder}: {e.strerror}. Pick a writable folder.") from None
 

@@ -9,6 +9,22 @@ import signal
 import threading
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_early: list[str] = []  # stop signals received before the running stage entered StopRequests
+
+
+def catch_stop_signals_early() -> None:
+    """Called first thing by the command line, before torch and diffusers are imported (seconds): a
+    stop signal received from then on is remembered and honoured by the stage's StopRequests at its
+    first safe point (exit status 75, which a Slurm script requeues), where the default action
+    would kill the process with status 143."""
+    if threading.current_thread() is threading.main_thread():
+        for number in STOP_SIGNALS:
+            signal.signal(number, _remember)
+
+
+def _remember(number, frame) -> None:
+    if not _early:
+        _early.append(signal.Signals(number).name)
 
 
 class StopRequests:
@@ -26,6 +42,8 @@ class StopRequests:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for number in STOP_SIGNALS:
                 self._previous[number] = signal.signal(number, self._handle)
+        if _early and self.signal is None:  # received while the stage was still being imported
+            self.signal = _early[0]
         return self
 
     def __exit__(self, *exc):
