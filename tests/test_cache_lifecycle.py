@@ -1,5 +1,6 @@
 """Caches that survive kill -9, SIGTERM and full disks; `cogtune cache inspect | verify | prune`."""
 
+import os
 import resource
 import shutil
 import signal
@@ -475,3 +476,52 @@ def test_unwritable_output_dir_is_refused_before_training(tmp_path, built):
     result = cogtune_here("preprocess", "--config", built["config"], "--cache_root", blocker / "cache", check=False)
     assert result.returncode == 2 and "Cannot write to --cache_root" in result.stderr
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_prune_killed_at_any_step_leaves_a_whole_cache(tmp_path, built):
+    """kill -9 before each rename and each delete a prune makes (the selection rewritten, the index
+    compacted, old parts and unused shards deleted): every state it can leave is a whole cache that
+    verify passes and training opens, and the next prune finishes the job. (The prune runs in a
+    forked copy of this process, which an audit hook ends at the n-th rename or delete.)"""
+    import io
+
+    from cogtune.cli import main
+
+    source = copy_cache(built, tmp_path / "source")
+    failed = schema.failed_row(schema.SampleSource("f" * 32, "/gone.mp4", 1, 1, "0" * 64, "a caption"),
+                               "unreadable", "videos.txt line 9: cannot open video")
+    write_index_part(source, "w0-failed", [failed])  # selected and failed: prune removes it from both
+    write_selection(source, read_selection(source) + ["f" * 32])
+    shutil.copy(files_in(source / schema.SHARDS_DIR, "*.safetensors")[0], source / schema.SHARDS_DIR / "w0-orphan.safetensors")
+
+    def prune_killed_at(cache: Path, n: int) -> int:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                steps = [0]
+
+                def kill_at_nth_change(event, args):
+                    if event in ("os.rename", "os.remove"):
+                        steps[0] += 1
+                        if steps[0] == n:
+                            os._exit(137)
+
+                sys.addaudithook(kill_at_nth_change)
+                sys.stdout = sys.stderr = io.StringIO()
+                code = main(["cache", "prune", str(cache)])
+            finally:
+                os._exit(code)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    states = 0
+    for n in range(1, 100):
+        cache = Path(shutil.copytree(source, tmp_path / f"n{n}" / source.name))
+        if prune_killed_at(cache, n) == 0:  # finished before its n-th change: every step was tried
+            break
+        states += 1
+        assert cogtune_here("cache", "verify", cache).returncode == 0, n
+        assert len(Cache.open(cache, for_training=True).samples) == 8
+        assert cogtune_here("cache", "prune", cache).returncode == 0
+        assert cogtune_here("cache", "verify", cache).returncode == 0 and read_selection(cache)[-1] != "f" * 32
+    assert states >= 4  # the selection, the compacted part, the old parts, the unused shard
