@@ -8,7 +8,7 @@ DEMO := demo
 CONFIG ?= $(DEMO)/demo.toml
 ARGS ?=
 
-.PHONY: setup lock demo demo-assets preprocess train infer test test-fast test-latest test-oldest bench clean
+.PHONY: setup lock demo demo-assets preprocess train infer test test-fast test-latest test-oldest bench gpu-wheels bench-gpu clean
 
 # The development environment is installed from the lock file, so every fresh clone, on any day,
 # tests the versions that were tested here; `make lock` resolves the newest ones again. The stamp
@@ -97,6 +97,20 @@ test-oldest:
 REFERENCE ?=
 bench: setup
 	$(BIN)/python bench/run.py $(if $(REFERENCE),--reference $(REFERENCE)) $(ARGS)
+
+# The one prepared GPU check (bench/gpu_check.py). The GPU machine has torch, transformers, accelerate,
+# peft, safetensors and pyarrow but no diffusers and no network: `make gpu-wheels` here puts the
+# lock's diffusers wheel into bench/wheels/ (ignored by git; carry it with the working tree), and
+# `make bench-gpu` there installs it from that folder alone, then runs the check from src/.
+GPU_WHEELS := bench/wheels
+gpu-wheels: setup
+	$(BIN)/python -m pip download --quiet --no-deps --dest $(GPU_WHEELS) $$(grep '^diffusers==' $(LOCK))
+
+GPU_SITE := bench/work/gpu-site
+bench-gpu:
+	$(PYTHON) -c "import diffusers" 2>/dev/null || test -d $(GPU_SITE)/diffusers || $(PYTHON) -m pip install --quiet \
+		--no-index --no-deps --target $(GPU_SITE) --find-links $(GPU_WHEELS) diffusers
+	PYTHONPATH=$(CURDIR)/src:$(CURDIR)/$(GPU_SITE) $(PYTHON) bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache bench/work

@@ -50,3 +50,23 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
+    """bench/gpu_check.py, the one command for a GPU machine, in its CPU mode: the same parts, the
+    same files, on the tiny model (so that it never rots while no GPU is lent)."""
+    out = tmp_path / "results" / "gpu-check"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu", "--size", "tiny", "--steps", "3",
+         "--warmup", "1", "--work", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads(out.with_suffix(".json").read_text())
+    (parity,) = [row for row in results["rows"] if row["part"] == "parity"]
+    assert parity["ok"] and len(parity["cpu_losses"]) == 1 and parity["cpu_losses"] == parity["device_losses"]
+    (train,) = [row for row in results["rows"] if row["part"] == "train"]
+    assert "error" not in train, train
+    assert train["median_step_seconds"] > 0 and train["peak_allocated_mib"] > 0 and train["tflops"] > 0
+    assert 0 < train["estimate_gib"] < 0.01  # the tiny model's --dry_run estimate
+    table = out.with_suffix(".md").read_text()
+    assert "| 2b, fp32, gradient checkpointing | 9x32x64 |" in table and "reference: not run" in table
+    assert "Parity: a training step's loss on cpu vs CPU: worst relative difference 0.0" in table

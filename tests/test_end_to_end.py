@@ -18,7 +18,10 @@ def run(tmp_path_factory, tiny_model, demo_data):
     """preprocess -> train -> infer through the CLI with one config file."""
     root = tmp_path_factory.mktemp("e2e")
     config = write_config(root / "run.toml", tiny_model, demo_data, root / "cache", root / "out")
-    outputs = {stage: cogtune(stage, "--config", config).stdout for stage in ("preprocess", "train", "infer")}
+    # train as its own process (the console command); preprocess and infer in this one (their own
+    # processes are run by the demo, the batch-job and the preemption tests)
+    outputs = {stage: (cogtune if stage == "train" else cogtune_here)(stage, "--config", config).stdout
+               for stage in ("preprocess", "train", "infer")}
     cache_dir = cache_path_of(outputs["preprocess"])
     return dict(root=root, config=config, cache=cache_dir, out=root / "out", **outputs)
 

@@ -53,14 +53,28 @@ def logged_steps(output_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
+def _catches(pid: int, number: int) -> bool:
+    """Whether the process has a handler for this signal (its SigCgt mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (number - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask from /proc")
 def test_sigterm_checkpoints_exits_75_and_resume_equals_an_uninterrupted_run(setup, tmp_path):
+    """SIGTERM sent the moment the process catches it, while torch and diffusers are still being
+    imported (a stop in a job's first seconds): honoured after the first step, with a checkpoint and
+    status 75 (which the Slurm script requeues), not the default kill (143). (Waiting for logged
+    steps instead races a tiny model's 10 ms steps on a busy machine.)"""
     out = tmp_path / "out"
     process = start("train", "--config", setup["config"], "--output_dir", out)
-    # The run creates its output folder right after installing its handler; a signal from then on,
-    # here while the model loads, is honoured after the step that follows. (Waiting for some logged
-    # steps instead races a tiny model's 10 ms steps on a busy machine.)
-    assert wait_for(out.is_dir, process)
+    assert wait_for(lambda: _catches(process.pid, signal.SIGTERM), process)
+    imported_yet = "torch" in Path(f"/proc/{process.pid}/maps").read_text()
     process.send_signal(signal.SIGTERM)
+    assert not imported_yet  # the signal came during the imports
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 75, stderr
     (saved,) = checkpoints.checkpoints_in(out)  # checkpointing_steps is 1000: this one is the signal's

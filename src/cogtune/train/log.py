@@ -60,12 +60,14 @@ class StepLog:
         self.step_started = time.time()
 
     def write(self, step: int, loss: float, finite: bool, lr: float, grad_norm: float | None,
-              peak_memory_mib: float) -> dict:
+              peak_memory_mib: float, peak_reserved_mib: float | None = None) -> dict:
         step_seconds = time.time() - self.step_started
         self.restart_clock()
         record = {"step": step, "loss": loss if finite else None, "lr": lr,
                   "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
                   "step_seconds": round(step_seconds, 4), "peak_memory_mib": round(peak_memory_mib, 1)}
+        if peak_reserved_mib is not None:  # on a GPU: what the caching allocator held at most
+            record["peak_reserved_mib"] = round(peak_reserved_mib, 1)
         if finite:
             self.non_finite_in_a_row = 0
             self.losses.append(loss)

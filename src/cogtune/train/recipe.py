@@ -290,7 +290,7 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
 
             global_step += 1
             steps.write(global_step, loss_value, finite, run.lr_scheduler.get_last_lr()[0], grad_norm,
-                        report.peak_memory_mib(device))
+                        report.peak_memory_mib(device), report.peak_reserved_mib(device))
             saved = None
             if global_step % config.checkpointing_steps == 0 or global_step == plan.max_train_steps:
                 saved = save_checkpoint(global_step)

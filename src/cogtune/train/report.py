@@ -28,6 +28,15 @@ def peak_memory_mib(device) -> float:
     return peak_rss_bytes() / 2**20
 
 
+def peak_reserved_mib(device) -> float | None:
+    """torch.cuda.max_memory_reserved on a GPU (what the allocator held), None elsewhere."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**20
+    return None
+
+
 def check_trackers(report_to: str) -> None:
     """Name the missing package before any model is loaded."""
     import importlib.util
