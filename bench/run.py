@@ -52,6 +52,7 @@ class Settings:
     learning_rate: float = 1e-4
     mixed_precision: str = "no"
     only: str = ""  # run only the training setting of this label ("" for all)
+    steady: int = 1  # 0: preprocess once, without the second run that gives the steady rate
 
     def shared_flags(self) -> list[str]:
         """The training flags both trainers take with the same name and meaning."""
@@ -325,8 +326,9 @@ def report(results: dict, out: Path, name: str) -> None:
     p, r = results["preprocess"], results["read"]
     step = min(run["median_step_seconds"] for run in results["train"] if run["trainer"] == "cogtune")
     lines += ["", "| stage | figure |", "|---|---|",
-              f"| preprocess | {p['steady_clips_per_s']:.2f} clips/s steady (the time {p['clips']} clips take beyond "
-              f"{p['clips'] // 2}); {p['clips_per_s']:.2f} clips/s for the whole command ({p['clips']} clips in "
+              f"| preprocess | " + (f"{p['steady_clips_per_s']:.2f} clips/s steady (the time {p['clips']} clips take "
+                                      f"beyond {p['clips'] // 2}); " if p['steady_clips_per_s'] else "")
+              + f"{p['clips_per_s']:.2f} clips/s for the whole command ({p['clips']} clips in "
               f"{p['seconds']:.1f} s, start-up and model loading included); peak RSS "
               f"{p['peak_rss_bytes'] / MIB:.0f} MiB |",
               f"| cache read (training DataLoader alone) | {r['samples_per_s']:.0f} samples/s; one batch in "
@@ -399,7 +401,7 @@ def main() -> None:
     # Two fresh caches, of half the clips and of all of them: the difference is the steady encoding
     # rate, without start-up and model loading.
     runs = {}
-    for clips in (settings.clips // 2, settings.clips):
+    for clips in (settings.clips // 2, settings.clips) if settings.steady else (settings.clips,):
         cache_root = work / f"cache-{clips}-{time.time_ns()}"
         runs[clips] = run_measured(f"preprocess-{clips}", [
             "-m", "cogtune.cli", "preprocess", "--pretrained_model_name_or_path", str(model),
@@ -409,9 +411,11 @@ def main() -> None:
     from cogtune.cache.identity import list_caches
 
     (cache_dir,) = list_caches(cache_root)
-    half, full = runs[settings.clips // 2], runs[settings.clips]
+    full = runs[settings.clips]
+    half = runs.get(settings.clips // 2)
     preprocess = dict(full, clips=settings.clips, clips_per_s=settings.clips / full["seconds"],
-                      steady_clips_per_s=(settings.clips - settings.clips // 2) / (full["seconds"] - half["seconds"]))
+                      steady_clips_per_s=(settings.clips - settings.clips // 2) / (full["seconds"] - half["seconds"])
+                      if half else None)
     read = read_throughput(cache_dir, settings.batch)
     train = train_runs(settings, model, data, cache_dir, work, args.reference)
 

@@ -14,7 +14,7 @@ def test_bench_runner_writes_the_table_json_and_plot(tmp_path):
     result = subprocess.run(
         [sys.executable, str(BENCH / "run.py"), "--size", "tiny", "--clips", "4", "--steps", "4", "--warmup", "1",
          "--height", "32", "--width", "64", "--rank", "4", "--repeats", "1", "--out", str(tmp_path / "results"),
-         "--work", str(tmp_path / "work"), "--only", "gradient checkpointing"], capture_output=True, text=True)
+         "--work", str(tmp_path / "work"), "--only", "gradient checkpointing", "--steady", "0"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads((tmp_path / "results" / "cpu-tiny.json").read_text())
     runs = results["train"]
