@@ -208,6 +208,17 @@ def sort_keys(ids: np.ndarray) -> list[np.ndarray]:
     return keys  # most significant first
 
 
+def group_starts(keys: list[np.ndarray], order: np.ndarray) -> np.ndarray:
+    """Where a new value of the keys begins along `order` (a lexsort of them): True at the first
+    row of each group."""
+    starts = np.zeros(len(order), bool)
+    starts[:1] = True
+    for key in keys:
+        in_order = key[order]
+        starts[1:] |= in_order[1:] != in_order[:-1]
+    return starts
+
+
 def _row_keys(rows: np.ndarray) -> np.ndarray:
     """One int64 per row of small non-negative ints ([N, K], K <= 4, each < 2**15), equal where the
     rows are equal and ordered as they are: np.unique on these is far faster than with axis=0."""
@@ -327,11 +338,7 @@ class TrainingSamples:
         # found by sorting (sample id, failed, part, row) as integers.
         keys = sort_keys(columns["sample_id"])
         order = np.lexsort((columns.pop("row"), columns.pop("part"), ~columns["ok"], *reversed(keys)))
-        starts = np.zeros(len(order), bool)  # where a new sample id begins in that order
-        starts[:1] = True
-        for key in keys:
-            in_order = key[order]
-            starts[1:] |= in_order[1:] != in_order[:-1]
+        starts = group_starts(keys, order)  # where a new sample id begins in that order
         del keys
         first = order[starts]
         missing = len(selection) - len(first)

@@ -21,7 +21,8 @@ from safetensors import safe_open
 
 from cogtune import data_schema as schema
 from cogtune.cache.identity import list_caches
-from cogtune.cache.reader import TrainingSamples, index_parts, read_index, read_manifest, read_selection, sort_keys
+from cogtune.cache.reader import (TrainingSamples, group_starts, index_parts, read_index, read_manifest, read_selection,
+                                  sort_keys)
 from cogtune.cache.writer import cache_lock, write_index_part, write_selection
 from cogtune.errors import CogtuneError, first_line
 from cogtune.util import files
@@ -125,11 +126,7 @@ def _check_training_samples(cache_path: Path, manifest: schema.Manifest, samples
     keys = [columns["latent_shard"], *sort_keys(columns["latent_key"]), columns["text_shard"],
             *sort_keys(columns["text_key"]), columns["image_variants"], *columns["latent_shape"].T]
     order = np.lexsort(keys[::-1])
-    starts = np.zeros(len(order), bool)  # where another set of tensors begins in that order
-    starts[:1] = True
-    for key in keys:
-        in_order = key[order]
-        starts[1:] |= in_order[1:] != in_order[:-1]
+    starts = group_starts(keys, order)  # where another set of tensors begins in that order
     first = order[starts]
     which = np.empty(len(order), np.int64)
     which[order] = np.cumsum(starts) - 1  # each sample's set of tensors

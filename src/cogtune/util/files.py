@@ -47,10 +47,7 @@ def atomic_write(path: Path, write: callable) -> None:
     os.close(fd)
     try:
         write(temp)
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(temp, path)
+        publish(Path(temp), path)  # (mkstemp creates 0600: publish gives the usual permissions)
     except BaseException as e:
         Path(temp).unlink(missing_ok=True)
         raise_if_no_space(e, path)
