@@ -60,8 +60,9 @@ demo: setup demo-assets
 	@echo "VIDEO: $$(sed -n 's/^video: //p' $(DEMO)/infer.out | head -n 1)"
 	@echo "VALIDATION: $(abspath $(DEMO)/lora/validation) (mp4s and contact_sheet.png per step; loss_curve.png and README.md beside)"
 
+# Two or more test processes (pytest-xdist, up to 4): much of the suite waits on the processes it starts.
 test: setup
-	COGTUNE_ENV=lock $(BIN)/python -m pytest -q
+	COGTUNE_ENV=lock $(BIN)/python -m pytest -q --numprocesses auto --maxprocesses 4
 
 # The unit tests alone (no tiny model, no command line, no second process): seconds, for the edit loop.
 test-fast: setup
@@ -98,19 +99,30 @@ REFERENCE ?=
 bench: setup
 	$(BIN)/python bench/run.py $(if $(REFERENCE),--reference $(REFERENCE)) $(ARGS)
 
-# The one prepared GPU check (bench/gpu_check.py). The GPU machine has torch, transformers, accelerate,
-# peft, safetensors and pyarrow but no diffusers and no network: `make gpu-wheels` here puts the
-# lock's diffusers wheel into bench/wheels/ (ignored by git; carry it with the working tree), and
-# `make bench-gpu` there installs it from that folder alone, then runs the check from src/.
+# The one prepared GPU check (bench/gpu_check.py). The GPU machine we measure on has torch,
+# torchvision, transformers, accelerate, peft, safetensors, pyarrow and sentencepiece, but no
+# diffusers, PyAV or decord, and no network. `make gpu-wheels` here puts the lock's wheels of those
+# three, built for the GPU machine's Python (GPU_PYTHON), into bench/wheels/ (53 MiB, ignored by git:
+# carry it with the working tree); with REFERENCE=<a diffusers checkout> it also copies the diffusers
+# script there, for the side-by-side part. `make bench-gpu` there installs what the machine lacks
+# from that folder alone (into bench/work/gpu-site) and runs the check from src/.
 GPU_WHEELS := bench/wheels
+GPU_PYTHON ?= 3.12
+GPU_PACKAGES := diffusers av decord
 gpu-wheels: setup
-	$(BIN)/python -m pip download --quiet --no-deps --dest $(GPU_WHEELS) $$(grep '^diffusers==' $(LOCK))
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \
+		--dest $(GPU_WHEELS) $$(for p in $(GPU_PACKAGES); do grep -o "^$$p==[^ ;]*" $(LOCK); done)
+	$(if $(REFERENCE),mkdir -p $(GPU_WHEELS)/reference/examples/cogvideo && \
+		cp $(REFERENCE)/examples/cogvideo/train_cogvideox_lora.py $(GPU_WHEELS)/reference/examples/cogvideo/)
 
 GPU_SITE := bench/work/gpu-site
 bench-gpu:
-	$(PYTHON) -c "import diffusers" 2>/dev/null || test -d $(GPU_SITE)/diffusers || $(PYTHON) -m pip install --quiet \
-		--no-index --no-deps --target $(GPU_SITE) --find-links $(GPU_WHEELS) diffusers
-	PYTHONPATH=$(CURDIR)/src:$(CURDIR)/$(GPU_SITE) $(PYTHON) bench/gpu_check.py $(ARGS)
+	for p in $(GPU_PACKAGES); do $(PYTHON) -c "import $$p" 2>/dev/null || test -d $(GPU_SITE)/$$p || \
+		$(PYTHON) -m pip install --quiet --no-index --no-deps --target $(GPU_SITE) --find-links $(GPU_WHEELS) $$p \
+		|| exit 1; done
+	PYTHONPATH=$(CURDIR)/src:$(CURDIR)/$(GPU_SITE) $(PYTHON) bench/gpu_check.py \
+		$(if $(wildcard $(GPU_WHEELS)/reference),--reference $(GPU_WHEELS)/reference) $(ARGS)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache bench/work

@@ -6,7 +6,9 @@
 Our trainer and the diffusers reference script run under this same wrapper, so both are measured
 the same way: a global optimizer-step hook (torch.optim.optimizer.register_optimizer_step_post_hook)
 records the time of every step, and at exit RESULT.json gets those times, the peak RSS (VmHWM) at the last step
-and at exit and, on a GPU, torch.cuda.max_memory_allocated. The wrapper changes nothing in the script.
+and at exit and, on a GPU, torch.cuda.max_memory_allocated over the whole run and over the steps
+after the first (cuda_training_peak_allocated and _reserved: training alone, without the loading
+and dataset encoding before it). The wrapper changes nothing in the script.
 
 The diffusers script imports torchvision for three image functions (resize, crop, InterpolationMode).
 Where torchvision cannot be imported (its wheels do not import beside torch 2.13), the wrapper
@@ -101,13 +103,20 @@ def main() -> None:
     def on_step(optimizer, args, kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+            if record["step_times"]:  # the peak of the steps after the first (the optimizer state exists)
+                record["cuda_training_peak_allocated"] = torch.cuda.max_memory_allocated()
+                record["cuda_training_peak_reserved"] = torch.cuda.max_memory_reserved()
+            else:  # after the first step: what came before (loading, encoding the dataset) is left out
+                record["cuda_max_memory_allocated_before_training"] = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
         record["step_times"].append(time.perf_counter())
         record["peak_rss_bytes_at_last_step"] = peak_rss_bytes()
 
     def write_record():
         record["peak_rss_bytes"] = peak_rss_bytes()
-        if torch.cuda.is_available():
-            record["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
+        if torch.cuda.is_available():  # the whole run's peak
+            record["cuda_max_memory_allocated"] = max(torch.cuda.max_memory_allocated(),
+                                                      record.get("cuda_max_memory_allocated_before_training") or 0)
         with open(result_path, "w") as f:
             json.dump(record, f)
 

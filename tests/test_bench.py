@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from cogtune.cache.reader import Cache
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -53,20 +57,34 @@ print("ok")
 
 
 def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
-    """bench/gpu_check.py, the one command for a GPU machine, in its CPU mode: the same parts, the
-    same files, on the tiny model (so that it never rots while no GPU is lent)."""
+    """bench/gpu_check.py, the one command for a GPU machine, in its CPU mode: every part, the same
+    files, on shrunk published configs (so that it never rots while no GPU is lent). Without a
+    diffusers checkout the reference part says why it did not run."""
     out = tmp_path / "results" / "gpu-check"
     result = subprocess.run(
         [sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu", "--size", "tiny", "--steps", "3",
          "--warmup", "1", "--work", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads(out.with_suffix(".json").read_text())
-    (parity,) = [row for row in results["rows"] if row["part"] == "parity"]
+    rows = {part: [row for row in results["rows"] if row["part"] == part]
+            for part in ("parity", "train", "reference", "preprocess")}
+    (parity,) = rows["parity"]
     assert parity["ok"] and len(parity["cpu_losses"]) == 1 and parity["cpu_losses"] == parity["device_losses"]
-    (train,) = [row for row in results["rows"] if row["part"] == "train"]
+    (train,) = rows["train"]
     assert "error" not in train, train
     assert train["median_step_seconds"] > 0 and train["peak_allocated_mib"] > 0 and train["tflops"] > 0
     assert 0 < train["estimate_gib"] < 0.01  # the tiny model's --dry_run estimate
+    (reference,) = rows["reference"]
+    assert reference["error"].startswith("not run: no reference script")
+    assert [row["setting"] for row in rows["preprocess"]] == ["VAE tiling and slicing", "no tiling or slicing"]
+    for row in rows["preprocess"]:
+        assert "error" not in row, row
+        assert row["clips"] == 3 and row["vae_seconds"] > 0 and row["t5_seconds"] > 0
+        assert row["clips_per_s"] == pytest.approx(3 / row["vae_seconds"])
+        assert row["vae_peak_mib"] is None  # GPU memory only
+    caches = [Cache.open(path.parent) for path in (tmp_path / "work").glob("preprocess-*/*/manifest.json")]
+    assert [len(cache.samples) for cache in caches] == [3, 3]  # every clip encoded, in each fresh cache
     table = out.with_suffix(".md").read_text()
-    assert "| 2b, fp32, gradient checkpointing | 9x32x64 |" in table and "reference: not run" in table
-    assert "Parity: a training step's loss on cpu vs CPU: worst relative difference 0.0" in table
+    assert "| 2b, fp32, gradient checkpointing | 9x32x64 |" in table and "not run: no reference script" in table
+    assert "| VAE tiling and slicing | 3 of 9x48x80 -> 9x32x64 |" in table
+    assert "Parity: a training step's loss on cpu vs the CPU: worst relative difference 0.0" in table

@@ -38,6 +38,10 @@ def transformer_output(transformer, seed=0):
 def test_preprocess_writes_the_cache(run):
     assert "samples: 4 ok, 0 skipped" in run["preprocess"]
     assert "encoded: 4 videos, 4 captions" in run["preprocess"]
+    # Each stage's figures: its items, and no GPU peak on a CPU.
+    stages = [line for line in run["preprocess"].splitlines() if line.startswith(("T5: ", "VAE: "))]
+    assert [line.split(" in ")[0] for line in stages] == ["T5: 4 captions", "VAE: 4 clips"], stages
+    assert all("clips/s)" in line or "captions/s)" in line for line in stages), stages
     cache = Cache.open(run["cache"])
     assert len(cache.samples) == 4
     for row in cache.samples:
@@ -54,6 +58,7 @@ def test_second_preprocess_encodes_nothing(run):
     shards_before = sorted((run["cache"] / schema.SHARDS_DIR).iterdir())
     again = cogtune_here("preprocess", "--config", run["config"]).stdout
     assert "encoded: 0 videos, 0 captions; reused from the cache: 4 videos, 4 captions" in again
+    assert "T5: " not in again and "VAE: " not in again  # no stage ran
     assert sorted((run["cache"] / schema.SHARDS_DIR).iterdir()) == shards_before
 
 

@@ -11,8 +11,11 @@ stop (exit status 75); running it again continues.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from cogtune import data_schema as schema
 from cogtune.cache.identity import CacheIdentity, cache_identity, record_preprocess_run
@@ -22,7 +25,7 @@ from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import clip_sizes
 from cogtune.data.sources import load_records
 from cogtune.families import ModelConfigs
-from cogtune.preprocess.encode import encode_captions, encode_validation, encode_videos
+from cogtune.preprocess.encode import device_and_dtype, encode_captions, encode_validation, encode_videos
 from cogtune.preprocess.plan import CacheHolds, my_videos, plan
 from cogtune.util import files, logs
 from cogtune.util.distributed import Processes, is_main_process, processes
@@ -46,6 +49,7 @@ class PreprocessResult:
     sources: int = 0  # dataset records
     is_main_process: bool = True
     validation_files: int = 0  # validation prompt embeddings and image latents written this run
+    stages: dict = field(default_factory=dict)  # "captions"/"videos" -> StageFigures of this process
 
     def summary(self) -> str:
         return (
@@ -62,7 +66,41 @@ class PreprocessResult:
             + (f"\n{self.known_failures} clips failed in an earlier run and were not tried again; "
                "`cogtune cache prune` forgets failures so that the next run retries them" if self.known_failures
                else "")
+            + "".join(f"\n{figures.line(name)}" for name, figures in self.stages.items())
         )
+
+
+@dataclass
+class StageFigures:
+    """What one encoding stage of this process took: its items, its wall time (loading its model and,
+    for videos, decoding included) and its peak GPU memory (torch.cuda.max_memory_allocated over the
+    stage; None on a CPU)."""
+
+    items: int
+    seconds: float = 0.0
+    peak_gpu_mib: float | None = None
+
+    def line(self, name: str) -> str:
+        model, unit = {"captions": ("T5", "captions"), "videos": ("VAE", "clips")}[name]
+        peak = "" if self.peak_gpu_mib is None else f", peak GPU memory {self.peak_gpu_mib / 1024:.2f} GiB"
+        return (f"{model}: {self.items} {unit} in {self.seconds:.1f} s "
+                f"({self.items / max(self.seconds, 1e-9):.2f} {unit}/s{peak})")
+
+
+@contextmanager
+def measured(stages: dict, name: str, items: int, device: torch.device):
+    """Time the stage and, on a GPU, take its peak memory alone (the peak is reset at its start)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    started, figures = time.perf_counter(), StageFigures(items)
+    yield
+    if cuda:
+        torch.cuda.synchronize(device)
+        figures.peak_gpu_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    figures.seconds = time.perf_counter() - started
+    stages[name] = figures
 
 
 def run(config: PreprocessConfig) -> PreprocessResult:
@@ -87,8 +125,9 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     procs = processes()
     if procs.is_main:  # what a later `cogtune train` of the same config trains on
         record_preprocess_run(config, identity)
+    stages: dict[str, StageFigures] = {}
     with cache_lock(cache_path):  # shared with other writers; keeps `cogtune cache prune` out
-        counts = _encode_missing(records, config, models, identity, cache_path, stop, procs)
+        counts = _encode_missing(records, config, models, identity, cache_path, stop, procs, stages)
         if procs.is_main:
             counts["validation_files"] = encode_validation(config, models, cache_path, validation_pairs)
         else:
@@ -99,15 +138,16 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     return PreprocessResult(
         cache_path=cache_path.resolve(), samples=len(selected), failed=selected.failed,
         skipped_by_kind=selected.failures, buckets=selected.buckets,
-        seconds=time.time() - started, is_main_process=procs.is_main, **counts,
+        seconds=time.time() - started, is_main_process=procs.is_main, stages=stages, **counts,
     )
 
 
 def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, identity: CacheIdentity,
-                    cache_path: Path, stop: StopRequests, procs: Processes) -> dict:
+                    cache_path: Path, stop: StopRequests, procs: Processes, stages: dict) -> dict:
     """Encode what the cache lacks for these records, then record them as the selection; returns
-    what this process encoded and reused. With several processes, each fingerprints, encodes and
-    writes its own share: captions dealt out in turn, videos balanced by decode cost."""
+    what this process encoded and reused, and puts each stage's figures into `stages`. With several
+    processes, each fingerprints, encodes and writes its own share: captions dealt out in turn,
+    videos balanced by decode cost."""
     def new_writer():
         return CacheWriter(cache_path, identity.manifest(), config.shard_size_mb, writer_id=f"r{procs.rank}")
 
@@ -124,8 +164,10 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
 
     text_shards = dict(stored_tensors)
     my_captions = work.captions_needed[procs.rank::procs.world_size]
+    device = device_and_dtype(config.mixed_precision)[0]
     if my_captions:
-        text_shards.update(encode_captions(my_captions, config, models, writer, stop))
+        with measured(stages, "captions", len(my_captions), device):
+            text_shards.update(encode_captions(my_captions, config, models, writer, stop))
     if procs.world_size > 1 and work.captions_needed:  # learn where the other processes stored theirs
         writer.flush()
         procs.barrier()
@@ -147,9 +189,10 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
 
     videos = my_videos(work.videos_needed, procs)
     failed = 0
-    for encoded in encode_videos(videos, config, models, writer, identity.settings.image_noise_variants, stop):
-        add_rows(encoded.sha256, encoded.latent, encoded.failure)
-        failed += encoded.latent is None
+    with measured(stages, "videos", len(videos), device) if videos else nullcontext():
+        for encoded in encode_videos(videos, config, models, writer, identity.settings.image_noise_variants, stop):
+            add_rows(encoded.sha256, encoded.latent, encoded.failure)
+            failed += encoded.latent is None
     writer.flush()
     procs.barrier()  # every process's rows are written before the selection names them
     if procs.is_main:
