@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cogtune"
 LAYERS = [
     ("basics", ["cogtune.errors", "cogtune.util"]),
     ("data", ["cogtune.data."]),
-    ("settings and contract", ["cogtune.config", "cogtune.families", "cogtune.data_schema"]),
+    ("settings and contract", ["cogtune.config", "cogtune.families", "cogtune.data_schema", "cogtune.quantize"]),
     ("cache", ["cogtune.cache"]),
     ("preprocess", ["cogtune.preprocess"]),
     ("train", ["cogtune.train"]),

@@ -19,6 +19,14 @@ from conftest import cogtune_here, write_config
 MAX_OVER, MAX_UNDER, MAX_UNDER_BF16 = 0.15, 0.05, 0.10
 
 
+def inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors behind a tensor: itself, or a tensor subclass's parts (quantized weights)."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return [inner for name in names for inner in inner_tensors(getattr(tensor, name))]
+    return [tensor]
+
+
 def measured_peak(config, models, latent_shape: list[int]) -> int:
     """Live tensor bytes at the peak of two real training steps on the CPU (forward, loss, backward, optimizer)."""
     spec = models.spec()
@@ -34,8 +42,8 @@ def measured_peak(config, models, latent_shape: list[int]) -> int:
                   timestep=torch.tensor([500] * batch),
                   image_rotary_emb=spec.rotary_embeddings(height * 8, width * 8, frames, "cpu"),
                   ofs=spec.ofs(batch, "cpu"))
-    existing = [*transformer.parameters(), *transformer.buffers(),
-                *[t for v in inputs.values() for t in (v if isinstance(v, tuple) else (v,)) if t is not None]]
+    existing = [inner for t in [*transformer.parameters(), *transformer.buffers()] for inner in inner_tensors(t)]
+    existing += [t for v in inputs.values() for t in (v if isinstance(v, tuple) else (v,)) if t is not None]
     with LiveTensorBytes(existing) as live:
         for _ in range(2):  # the second step also holds the optimizer state
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):

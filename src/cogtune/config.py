@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from cogtune import quantize
 from cogtune.errors import CogtuneError
 
 if sys.version_info >= (3, 11):
@@ -221,6 +222,16 @@ class TrainConfig(ModelArgs, ValidationArgs):
         "norms and embeddings are not cast.",
         choices=("none", "float8_e4m3fn", "float8_e5m2"),
     )
+    quant_backend: str = opt(
+        "none",
+        "Quantize the frozen transformer as it loads (QLoRA-style), through diffusers' quantization configs: "
+        "torchao, bitsandbytes_4bit, bitsandbytes_8bit (CUDA only) or quanto. The LoRA stays fp32 and loads "
+        "into an unquantized pipeline.",
+        choices=("none", "torchao", "bitsandbytes_4bit", "bitsandbytes_8bit", "quanto"),
+    )
+    quant_type: Optional[str] = opt(
+        None, "The --quant_backend's type: torchao int8wo, float8wo or int4wo; bitsandbytes_4bit nf4 or fp4; "
+              "bitsandbytes_8bit int8; quanto int8, float8 or int4 (default: the first of each).")
     offload_optimizer: bool = opt(
         False, "Keep the optimizer state (and an fp32 copy of the LoRA) in CPU memory and step there; "
                "the GPU then holds no optimizer state.")
@@ -318,8 +329,22 @@ class InferConfig(ModelArgs):
     fps: int = opt(8, "Frame rate written into the mp4 files.")
     mixed_precision: str = opt("bf16", "Dtype of the pipeline: no (fp32), fp16 or bf16.", choices=MIXED_PRECISION)
     enable_model_cpu_offload: bool = opt(False, "Keep each model on the CPU until it runs (less GPU memory).")
+    enable_sequential_cpu_offload: bool = opt(
+        False, "Keep every layer on the CPU until it runs (the least GPU memory, and much slower; one GPU only).")
     enable_slicing: bool = opt(False, "Decode latents one video at a time in the VAE.")
     enable_tiling: bool = opt(False, "Decode latents tile by tile in the VAE.")
+    quant_backend: str = opt(
+        "none", "Quantize --components_to_quantize as they load, through diffusers' quantization configs: torchao, "
+                "bitsandbytes_4bit, bitsandbytes_8bit (CUDA only) or quanto.",
+        choices=("none", "torchao", "bitsandbytes_4bit", "bitsandbytes_8bit", "quanto"))
+    quant_type: Optional[str] = opt(
+        None, "The --quant_backend's type: torchao int8wo, float8wo or int4wo; bitsandbytes_4bit nf4 or fp4; "
+              "bitsandbytes_8bit int8; quanto int8, float8 or int4 (default: the first of each).")
+    components_to_quantize: list = opt(
+        ["transformer", "text_encoder"], "The pipeline's parts that --quant_backend quantizes (transformer, "
+                                         "text_encoder, vae), as diffusers' PipelineQuantizationConfig names them.")
+    compile: bool = opt(
+        False, "Compile each transformer block with torch.compile (faster denoising after a slow first step).")
 
 
 ALTERNATIVES = (("prompt", "prompt_file"),)  # settings of which a command line gives one or the other
@@ -537,6 +562,20 @@ def validate(config) -> None:
         raise CogtuneError("Give exactly one of --prompt or --prompt_file.")
     if isinstance(config, (PreprocessConfig, TrainConfig)):
         config.validation_pairs()
+    if isinstance(config, (TrainConfig, InferConfig)):
+        quantize.check(config.quant_backend, config.quant_type)
+    if isinstance(config, InferConfig):
+        unknown = set(config.components_to_quantize) - {"transformer", "text_encoder", "vae"}
+        if unknown:
+            raise CogtuneError(f"--components_to_quantize: {', '.join(sorted(unknown))} is not a part of the pipeline "
+                               "(transformer, text_encoder, vae).")
+        if config.enable_sequential_cpu_offload and config.enable_model_cpu_offload:
+            raise CogtuneError("--enable_sequential_cpu_offload and --enable_model_cpu_offload: pick one (sequential "
+                               "saves more memory, model offload is faster).")
+    if isinstance(config, TrainConfig):
+        if config.quant_backend != "none" and config.layerwise_casting_storage_dtype != "none":
+            raise CogtuneError("--quant_backend and --layerwise_casting_storage_dtype both shrink the frozen weights: "
+                               "pick one.")
     if isinstance(config, TrainConfig) and config.max_grad_norm <= 0:
         raise CogtuneError(f"--max_grad_norm must be positive, got {config.max_grad_norm}.")
     if isinstance(config, TrainConfig) and not 0 <= config.noised_image_dropout <= 1:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from cogtune import quantize
 from cogtune.config import InferConfig, check_precision_available, precision_dtype
 from cogtune.data.video import first_frame_pixels
 from cogtune.errors import CogtuneError, first_line
@@ -122,7 +123,14 @@ def run(config: InferConfig) -> list[Path]:
     spec.check_precision(config.mixed_precision, logs.message)
     dtype = precision_dtype(config.mixed_precision)
     pipeline_class = getattr(diffusers, spec.pipeline_class_name)
-    pipe = models.load_part(pipeline_class, None, dtype=dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quantization = None
+    if config.quant_backend != "none":
+        quantize.require(config.quant_backend, device)
+        quantization = quantize.pipeline_config(config.quant_backend, config.quant_type,
+                                                config.components_to_quantize, dtype)
+    pipe = models.load_part(pipeline_class, None, dtype=dtype,
+                            **({"quantization_config": quantization} if quantization else {}))
     if spec.ignores_learned_positions(ignore_positions):
         drop_learned_positional_embeddings(pipe.transformer)
     kwargs = {"weight_name": weight_name} if weight_name else {}
@@ -136,10 +144,18 @@ def run(config: InferConfig) -> list[Path]:
         pipe.vae.enable_slicing()
     if config.enable_tiling:
         pipe.vae.enable_tiling()
-    if config.enable_model_cpu_offload and torch.cuda.is_available():
+    offload = device.type == "cuda" and (config.enable_model_cpu_offload or config.enable_sequential_cpu_offload)
+    if (config.enable_model_cpu_offload or config.enable_sequential_cpu_offload) and not offload:
+        logs.message("note: CPU offload needs a GPU; on the CPU everything is in CPU memory already.")
+    if offload and config.enable_sequential_cpu_offload:
+        pipe.enable_sequential_cpu_offload()
+    elif offload:
         pipe.enable_model_cpu_offload()
     else:
-        pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+        pipe.to(device)
+    if config.compile:  # regional compilation, as in training: one compiled graph serves every block
+        for block in pipe.transformer.transformer_blocks:
+            block.compile()
 
     written = []
     pipe.set_progress_bar_config(disable=not logs.draws_bars(), leave=False, desc="denoising")

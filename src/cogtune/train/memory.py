@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from cogtune import quantize
 from cogtune.cache.identity import training_cache
 from cogtune.cache.reader import Cache
 from cogtune.config import PreprocessConfig, TrainConfig, precision_dtype
@@ -165,11 +166,12 @@ def activation_bytes(transformer, inputs: dict) -> tuple[int, int, int, int]:
 
 
 def estimate(transformer, inputs: dict, gradient_checkpointing: bool, optimizer_state_bytes: int,
-             offload_optimizer: bool) -> Estimate:
+             offload_optimizer: bool, weights: int | None = None) -> Estimate:
     """The peak memory of training `transformer` (frozen, with LoRA, on the meta device or any other)
     on `inputs` (the keyword arguments of one forward pass, on the same device). Under mixed
     precision, pass the LoRA in the compute dtype: autocast, which does not act on the meta device,
-    runs the LoRA matmuls in that dtype and saves their inputs in it."""
+    runs the LoRA matmuls in that dtype and saves their inputs in it. `weights`: the frozen weights'
+    bytes where they are not the model's own (quantized ones, counted by quantize.weight_bytes)."""
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     frozen = [p for p in transformer.parameters() if not p.requires_grad] + list(transformer.buffers())
     lora_params = sum(p.numel() for p in trainable)
@@ -178,7 +180,7 @@ def estimate(transformer, inputs: dict, gradient_checkpointing: bool, optimizer_
     with_checkpointing = block_inputs + largest_block + total_saved - in_blocks
     tokens = inputs["encoder_hidden_states"].shape[1] + _video_tokens(transformer, inputs["hidden_states"])
     return Estimate(
-        weights=sum(p.numel() * p.element_size() for p in frozen),
+        weights=sum(p.numel() * p.element_size() for p in frozen) if weights is None else weights,
         lora=lora_bytes,
         gradients=lora_bytes,
         optimizer=0 if offload_optimizer else lora_params * optimizer_state_bytes,
@@ -273,8 +275,19 @@ def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: lis
         timestep=torch.zeros(batch, dtype=torch.long, device=meta),
         **spec.transformer_inputs(batch, frames, height, width, meta),
     )
-    return estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
-                    config.offload_optimizer)
+    if config.quant_backend == "none":
+        return estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
+                        config.offload_optimizer)
+    # The meta model is unquantized: its linear weights are counted as the backend stores them, and
+    # what the backend's layers save for the backward pass is added to the activations.
+    estimated = estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
+                         config.offload_optimizer, quantize.weight_bytes(transformer, config.quant_backend,
+                                                                         config.quant_type))
+    without, with_ = quantize.dequantized_saved_bytes(transformer, config.quant_backend, weight_dtype.itemsize)
+    estimated.activations_without_checkpointing += without
+    estimated.activations_with_checkpointing += with_
+    estimated.activations += with_ if config.gradient_checkpointing else without
+    return estimated
 
 
 def dry_run(config: TrainConfig, preprocess_config: PreprocessConfig | None = None) -> str:
@@ -286,6 +299,9 @@ def dry_run(config: TrainConfig, preprocess_config: PreprocessConfig | None = No
     channels, frames, height, width = latent_shape
     return (f"Expected peak GPU memory for {spec.description}, batch {config.train_batch_size} of latents "
             f"{frames}x{height}x{width} (the largest, from {source}), rank {config.rank}, "
-            f"--mixed_precision {config.mixed_precision}:\n{estimated.table()}\n"
+            f"--mixed_precision {config.mixed_precision}"
+            + (f", --quant_backend {config.quant_backend} --quant_type "
+               f"{quantize.quant_type(config.quant_backend, config.quant_type)}" if config.quant_backend != "none" else "")
+            + f":\n{estimated.table()}\n"
             "The estimate counts tensors (as torch.cuda.max_memory_allocated does); the CUDA context and the "
             "allocator's cache add about 0.5-1 GiB to what nvidia-smi shows.")

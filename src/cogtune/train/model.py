@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from cogtune import quantize
 from cogtune.config import TrainConfig, precision_dtype
 from cogtune.families import FamilySpec, ModelConfigs, drop_learned_positional_embeddings
 
 
 def build_transformer(config: TrainConfig, models: ModelConfigs, spec: FamilySpec, device, meta: bool = False):
     """The transformer as training uses it: frozen in the --mixed_precision dtype (linear weights in
-    fp8 with --layerwise_casting_storage_dtype), with fp32 LoRA adapters. meta: built on the meta
+    fp8 with --layerwise_casting_storage_dtype, or quantized with --quant_backend), with fp32 LoRA
+    adapters. meta: built on the meta
     device from the config alone (shapes, no weights), for the memory estimate."""
     from diffusers import CogVideoXTransformer3DModel
     from diffusers.training_utils import cast_training_params
@@ -28,11 +30,16 @@ def build_transformer(config: TrainConfig, models: ModelConfigs, spec: FamilySpe
         finally:
             logging.set_verbosity(verbosity)
     else:
-        transformer = models.load_part(CogVideoXTransformer3DModel, "transformer", dtype=weight_dtype)
+        if config.quant_backend != "none":
+            quantize.require(config.quant_backend, torch.device(device))
+        quantization = quantize.diffusers_config(config.quant_backend, config.quant_type, weight_dtype)
+        transformer = models.load_part(CogVideoXTransformer3DModel, "transformer", dtype=weight_dtype,
+                                       **({"quantization_config": quantization} if quantization else {}))
     if spec.ignores_learned_positions(config.ignore_learned_positional_embeddings):
         drop_learned_positional_embeddings(transformer)
     transformer.requires_grad_(False)
-    transformer.to(device)
+    if config.quant_backend not in quantize.CUDA_ONLY:  # (bitsandbytes put the weights on the GPU as they loaded)
+        transformer.to(device)
     if config.gradient_checkpointing and not meta:
         transformer.enable_gradient_checkpointing()
     torch.manual_seed(config.seed)  # LoRA init
