@@ -1,4 +1,4 @@
-"""The `--dry_run` memory estimate for the real CogVideoX-2b and -5b at 49x480x720, batch 1, rank 64.
+"""The `--dry_run` memory estimate for the published CogVideoX models at their native sizes, batch 1, rank 64.
 
     .venv/bin/python bench/estimates.py            # writes bench/results/estimates.md
 
@@ -14,13 +14,26 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+GC = ["--gradient_checkpointing"]
 SETTINGS = [
     ("bf16", []),
-    ("bf16, gradient checkpointing", ["--gradient_checkpointing"]),
-    ("bf16, gradient checkpointing, 8-bit Adam", ["--gradient_checkpointing", "--use_8bit_adam"]),
-    ("bf16, gradient checkpointing, optimizer offload", ["--gradient_checkpointing", "--offload_optimizer"]),
-    ("fp8 storage, bf16 compute, gradient checkpointing",
-     ["--gradient_checkpointing", "--layerwise_casting_storage_dtype", "float8_e4m3fn"]),
+    ("bf16, gradient checkpointing", GC),
+    ("bf16, gradient checkpointing, 8-bit Adam", GC + ["--use_8bit_adam"]),
+    ("bf16, gradient checkpointing, optimizer offload", GC + ["--offload_optimizer"]),
+    ("fp8 storage, bf16 compute, gradient checkpointing", GC + ["--layerwise_casting_storage_dtype", "float8_e4m3fn"]),
+    ("torchao int8wo base, gradient checkpointing", GC + ["--quant_backend", "torchao", "--quant_type", "int8wo"]),
+    ("torchao float8wo base, gradient checkpointing", GC + ["--quant_backend", "torchao", "--quant_type", "float8wo"]),
+    ("quanto int8 base, gradient checkpointing", GC + ["--quant_backend", "quanto", "--quant_type", "int8"]),
+    ("bitsandbytes nf4 base, gradient checkpointing", GC + ["--quant_backend", "bitsandbytes_4bit"]),
+    ("bitsandbytes nf4 base, gradient checkpointing, 8-bit Adam",
+     GC + ["--quant_backend", "bitsandbytes_4bit", "--use_8bit_adam"]),
+]
+# (family, hub id, latent shape [C, F, H, W] of its native clip size, which the row names)
+MODELS = [
+    ("2b", "THUDM/CogVideoX-2b", [16, 13, 60, 90], "49x480x720"),
+    ("5b", "THUDM/CogVideoX-5b", [16, 13, 60, 90], "49x480x720"),
+    ("5b-I2V", "THUDM/CogVideoX-5b-I2V", [16, 13, 60, 90], "49x480x720"),
+    ("1.5-5B", "THUDM/CogVideoX1.5-5B", [16, 21, 96, 170], "81x768x1360"),
 ]
 
 
@@ -30,17 +43,17 @@ def main() -> None:
     from cogtune.train.memory import memory_estimate
 
     gib = 1024 ** 3
-    lines = ["# Expected peak GPU memory (`cogtune train --dry_run`), 49x480x720, batch 1, rank 64", "",
+    lines = ["# Expected peak GPU memory (`cogtune train --dry_run`), batch 1, rank 64", "",
              "Estimates from the published model configs; not measured on a GPU (none was available).", "",
-             "| model | settings | weights | LoRA + grads + optimizer | activations | total |", "|---|---|---|---|---|---|"]
-    for family in ("2b", "5b"):
-        model = f"THUDM/CogVideoX-{family}"
+             "| model | clip | settings | weights | LoRA + grads + optimizer | activations | total |",
+             "|---|---|---|---|---|---|---|"]
+    for family, model, shape, clip in MODELS:
         models = ModelConfigs.load(model)
         for label, flags in SETTINGS:
             config = load_config("train", ["--pretrained_model_name_or_path", model, "--rank", "64",
                                            "--lora_alpha", "64", "--mixed_precision", "bf16", *flags])
-            e = memory_estimate(config, models, [16, 13, 60, 90])
-            lines.append(f"| CogVideoX-{family} | {label} | {e.weights / gib:.2f} GiB | "
+            e = memory_estimate(config, models, shape)
+            lines.append(f"| CogVideoX-{family} | {clip} | {label} | {e.weights / gib:.2f} GiB | "
                          f"{(e.lora + e.gradients + e.optimizer) / gib:.2f} GiB | "
                          f"{(e.activations + e.transient) / gib:.2f} GiB | **{e.total / gib:.2f} GiB** |")
     lines.append("")
