@@ -232,6 +232,10 @@ class TrainConfig(ModelArgs, ValidationArgs):
     quant_type: Optional[str] = opt(
         None, "The --quant_backend's type: torchao int8wo, float8wo or int4wo; bitsandbytes_4bit nf4 or fp4; "
               "bitsandbytes_8bit int8; quanto int8, float8 or int4 (default: the first of each).")
+    blocks_to_swap: int = opt(
+        0, "Keep the frozen weights of this many transformer blocks (the last ones) in CPU memory and bring each "
+           "to the GPU only while it runs, overlapped with compute (musubi-tuner's option). Needs "
+           "--gradient_checkpointing.")
     offload_optimizer: bool = opt(
         False, "Keep the optimizer state (and an fp32 copy of the LoRA) in CPU memory and step there; "
                "the GPU then holds no optimizer state.")
@@ -572,6 +576,17 @@ def validate(config) -> None:
         if config.enable_sequential_cpu_offload and config.enable_model_cpu_offload:
             raise CogtuneError("--enable_sequential_cpu_offload and --enable_model_cpu_offload: pick one (sequential "
                                "saves more memory, model offload is faster).")
+    if isinstance(config, TrainConfig) and config.blocks_to_swap:
+        if config.blocks_to_swap < 0:
+            raise CogtuneError(f"--blocks_to_swap must be zero or more, got {config.blocks_to_swap}.")
+        if not config.gradient_checkpointing:
+            raise CogtuneError("--blocks_to_swap needs --gradient_checkpointing: without it a block's weights are "
+                               "kept for the backward pass, so it could not leave the GPU.")
+        for flag, used in (("--compile", config.compile),
+                           ("--layerwise_casting_storage_dtype", config.layerwise_casting_storage_dtype != "none"),
+                           ("--quant_backend", config.quant_backend != "none")):
+            if used:
+                raise CogtuneError(f"--blocks_to_swap and {flag} both act on the blocks' weights: use one.")
     if isinstance(config, TrainConfig):
         if config.quant_backend != "none" and config.layerwise_casting_storage_dtype != "none":
             raise CogtuneError("--quant_backend and --layerwise_casting_storage_dtype both shrink the frozen weights: "

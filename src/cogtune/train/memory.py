@@ -36,6 +36,7 @@ from cogtune.data.buckets import clip_sizes
 from cogtune.errors import CogtuneError
 from cogtune.families import FamilySpec, ModelConfigs
 from cogtune.train.model import build_transformer
+from cogtune.train.swap import swapped_bytes
 from cogtune.train.optim import state_bytes_per_parameter
 
 GIB = 1024 ** 3
@@ -276,8 +277,12 @@ def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: lis
         **spec.transformer_inputs(batch, frames, height, width, meta),
     )
     if config.quant_backend == "none":
-        return estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
-                        config.offload_optimizer)
+        estimated = estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
+                             config.offload_optimizer)
+        if config.blocks_to_swap:  # the swapped blocks' weights are on the GPU two at a time at most
+            away, at_once = swapped_bytes(transformer.transformer_blocks, config.blocks_to_swap)
+            estimated.weights += at_once - away
+        return estimated
     # The meta model is unquantized: its linear weights are counted as the backend stores them, and
     # what the backend's layers save for the backward pass is added to the activations.
     estimated = estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),

@@ -7,6 +7,7 @@ import torch
 from cogtune import quantize
 from cogtune.config import TrainConfig, precision_dtype
 from cogtune.families import FamilySpec, ModelConfigs, drop_learned_positional_embeddings
+from cogtune.train.swap import BlockSwap
 
 
 def build_transformer(config: TrainConfig, models: ModelConfigs, spec: FamilySpec, device, meta: bool = False):
@@ -38,6 +39,9 @@ def build_transformer(config: TrainConfig, models: ModelConfigs, spec: FamilySpe
     if spec.ignores_learned_positions(config.ignore_learned_positional_embeddings):
         drop_learned_positional_embeddings(transformer)
     transformer.requires_grad_(False)
+    if config.blocks_to_swap and not meta:  # before the move: the swapped blocks' weights stay in CPU memory
+        transformer._cogtune_block_swap = BlockSwap(transformer.transformer_blocks, config.blocks_to_swap,
+                                                    torch.device(device))
     if config.quant_backend not in quantize.CUDA_ONLY:  # (bitsandbytes put the weights on the GPU as they loaded)
         transformer.to(device)
     if config.gradient_checkpointing and not meta:
