@@ -101,26 +101,28 @@ bench: setup
 
 # The one prepared GPU check (bench/gpu_check.py). The GPU machine we measure on has torch,
 # torchvision, transformers, accelerate, peft, safetensors, pyarrow and sentencepiece, but no
-# diffusers, PyAV or decord, and no network. `make gpu-wheels` here puts the lock's wheels of those
-# three, built for the GPU machine's Python (GPU_PYTHON), into bench/wheels/ (53 MiB, ignored by git:
+# diffusers, PyAV, decord, torchao or quanto, and no network. `make gpu-wheels` here puts the lock's
+# wheels of those, built for the GPU machine's Python (GPU_PYTHON), into bench/wheels/ (57 MiB, ignored by git:
 # carry it with the working tree); with REFERENCE=<a diffusers checkout> it also copies the diffusers
 # script there, for the side-by-side part. `make bench-gpu` there installs what the machine lacks
 # from that folder alone (into bench/work/gpu-site) and runs the check from src/.
 GPU_WHEELS := bench/wheels
 GPU_PYTHON ?= 3.12
-GPU_PACKAGES := diffusers av decord
+# import name:distribution name; torchao and quanto for the quantized settings (bitsandbytes' wheel, with
+# its CUDA kernels, is over the 64 MiB the working tree may carry: its settings are not in the check).
+GPU_PACKAGES := diffusers:diffusers av:av decord:decord torchao:torchao optimum.quanto:optimum-quanto
 gpu-wheels: setup
 	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \
-		--dest $(GPU_WHEELS) $$(for p in $(GPU_PACKAGES); do grep -o "^$$p==[^ ;]*" $(LOCK); done)
+		--dest $(GPU_WHEELS) $$(for p in $(GPU_PACKAGES); do grep -o "^$${p#*:}==[^ ;]*" $(LOCK); done)
 	$(if $(REFERENCE),mkdir -p $(GPU_WHEELS)/reference/examples/cogvideo && \
 		cp $(REFERENCE)/examples/cogvideo/train_cogvideox_lora.py $(GPU_WHEELS)/reference/examples/cogvideo/)
 
 GPU_SITE := bench/work/gpu-site
 bench-gpu:
-	for p in $(GPU_PACKAGES); do $(PYTHON) -c "import $$p" 2>/dev/null || test -d $(GPU_SITE)/$$p || \
-		$(PYTHON) -m pip install --quiet --no-index --no-deps --target $(GPU_SITE) --find-links $(GPU_WHEELS) $$p \
-		|| exit 1; done
+	for p in $(GPU_PACKAGES); do $(PYTHON) -c "import $${p%:*}" 2>/dev/null || \
+		PYTHONPATH=$(GPU_SITE) $(PYTHON) -c "import $${p%:*}" 2>/dev/null || $(PYTHON) -m pip install --quiet \
+		--no-index --no-deps --target $(GPU_SITE) --find-links $(GPU_WHEELS) $${p#*:} || exit 1; done
 	PYTHONPATH=$(CURDIR)/src:$(CURDIR)/$(GPU_SITE) $(PYTHON) bench/gpu_check.py \
 		$(if $(wildcard $(GPU_WHEELS)/reference),--reference $(GPU_WHEELS)/reference) $(ARGS)
 

@@ -13,8 +13,8 @@ measured, so a run cut short still leaves the figures of what it finished.
 Parts, in the order they run (the most wanted figures first, so a short budget loses the least):
 - parity: the loss of a training step on the device equals the CPU's for the same tiny model,
   batch, noise and timesteps (within bf16 tolerance on a GPU; exactly on a CPU);
-- train: `cogtune train` on each setting (family, precision, gradient checkpointing, fp8 storage of
-  the frozen base), batch 1, rank 64: peak `max_memory_allocated` and `max_memory_reserved` (peak
+- train: `cogtune train` on each setting (family, precision, gradient checkpointing, fp8 storage or
+  a torchao int8 quantized frozen base, block swap), batch 1, rank 64: peak `max_memory_allocated` and `max_memory_reserved` (peak
   RSS on a CPU), median step time after warm-up, transformer TFLOP/s and MFU against the chip's
   dense bf16 peak, and the `--dry_run` estimate beside the measured peak with their ratio;
 - reference: the diffusers script examples/cogvideo/train_cogvideox_lora.py on 2b with the same
@@ -49,10 +49,15 @@ GC = ["--gradient_checkpointing"]
 FP8 = ["--layerwise_casting_storage_dtype", "float8_e4m3fn"]
 # Training settings (label, family, frames x height x width, precision, extra flags), most wanted
 # first: the README's two figures (2b and 5b, bf16, gradient checkpointing), then the others.
+INT8 = ["--quant_backend", "torchao", "--quant_type", "int8wo"]
 SETTINGS = {
     "real": [
         ("2b, bf16, gradient checkpointing", "2b", (49, 480, 720), "bf16", GC),
         ("5b, bf16, gradient checkpointing", "5b", (49, 480, 720), "bf16", GC),
+        ("5b, bf16, gradient checkpointing, torchao int8wo base", "5b", (49, 480, 720), "bf16", GC + INT8),
+        ("5b, bf16, gradient checkpointing, 32 of 42 blocks swapped", "5b", (49, 480, 720), "bf16",
+         GC + ["--blocks_to_swap", "32"]),
+        ("2b, bf16, gradient checkpointing, torchao int8wo base", "2b", (49, 480, 720), "bf16", GC + INT8),
         ("2b, fp16, gradient checkpointing", "2b", (49, 480, 720), "fp16", GC),
         ("2b, bf16, gradient checkpointing, fp8 storage", "2b", (49, 480, 720), "bf16", GC + FP8),
         ("5b, bf16, gradient checkpointing, fp8 storage", "5b", (49, 480, 720), "bf16", GC + FP8),
@@ -61,6 +66,8 @@ SETTINGS = {
     ],
     "tiny": [
         ("2b, fp32, gradient checkpointing", "2b", (9, 32, 64), "no", GC),
+        ("2b, fp32, gradient checkpointing, 1 of 2 blocks swapped", "2b", (9, 32, 64), "no",
+         GC + ["--blocks_to_swap", "1"]),
     ],
 }
 # The training settings the reference runs too (it has no fp8 storage, and 2b only here).
@@ -73,9 +80,9 @@ REFERENCE_SETTINGS = {
 SOURCE_CLIPS = {"real": (4, (49, 720, 1280)), "tiny": (3, (9, 48, 80))}
 VAE_OPTIONS = [("VAE tiling and slicing", ["--enable_tiling", "--enable_slicing"]), ("no tiling or slicing", [])]
 # Seconds for each part (spread over the parts chosen, in these proportions, by --budget). The real
-# ones sum to 7.7 minutes: the whole check fits an 8-minute command.
+# ones sum to 7.8 minutes: the whole check fits an 8-minute command.
 PART_SECONDS = {
-    "real": {"parity": 40, "train": 240, "reference": 100, "preprocess": 80},
+    "real": {"parity": 30, "train": 270, "reference": 100, "preprocess": 70},
     "tiny": {"parity": 120, "train": 120, "reference": 180, "preprocess": 120},
 }
 MIN_COMMAND_SECONDS = 10  # a command is not started with less left than this in its part's budget
