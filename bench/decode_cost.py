@@ -63,7 +63,7 @@ def memory(path: Path, frames: int, height: int, width: int, source: tuple[int, 
     import tracemalloc
 
     from cogtune.data.video import fixed_size, read_clip
-    from cogtune.train.memory import LiveTensorBytes
+    from cogtune.util.tensor_bytes import LiveTensorBytes
 
     with RssPeak() as rss:
         read_clip(path, fixed_size(height, width, frames), 8, 0, 0, "center", None)

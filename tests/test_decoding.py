@@ -178,7 +178,7 @@ def test_decoding_memory_follows_the_output_not_the_source(tmp_path):
     buffers are outside both, and do not grow with the clip."""
     import tracemalloc
 
-    from cogtune.train.memory import LiveTensorBytes
+    from cogtune.util.tensor_bytes import LiveTensorBytes
 
     source_frame = 720 * 1280 * 3 * 4
     for name, options in (("big.mp4", None), ("big.avi", {"bf": "2"})):

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from cogtune.config import load_config
 from cogtune.families import ModelConfigs
-from cogtune.train.memory import LiveTensorBytes, memory_estimate
+from cogtune.train.memory import memory_estimate
+from cogtune.util.tensor_bytes import LiveTensorBytes
 from cogtune.train.model import build_transformer
 from cogtune.train.optim import make_optimizer
 

@@ -142,3 +142,26 @@ def test_infer_quantizes_the_parts_it_is_told_and_generates(trained, tiny_model,
                        "--video_output_dir", tmp_path, "--num_inference_steps", "2").stdout
     with av.open(out.split("video: ")[1].strip()) as container:
         assert len(list(container.decode(video=0))) == 9
+
+
+def test_preprocess_with_a_quantized_t5_writes_another_cache_of_close_embeddings(tmp_path, tiny_model, demo_data):
+    from cogtune.cache.reader import Cache
+
+    from conftest import cache_path_of
+
+    config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out")
+    plain = cache_path_of(cogtune_here("preprocess", "--config", config).stdout)
+    quantized = cache_path_of(cogtune_here("preprocess", "--config", config, "--text_encoder_quant_backend",
+                                           "torchao").stdout)
+    assert plain != quantized
+    settings = [json.loads((path / "manifest.json").read_text())["settings"] for path in (plain, quantized)]
+    assert "text_encoder_quantization" not in settings[0]  # an unquantized cache keeps the name it had
+    assert settings[1]["text_encoder_quantization"] == "torchao int8wo"
+    a, b = Cache.open(plain), Cache.open(quantized)
+    rows = {row.sample_id: row for row in b.samples}
+    assert sorted(rows) == sorted(row.sample_id for row in a.samples)
+    for row in a.samples:
+        embeds, quantized_embeds = a.prompt_embeds(row), b.prompt_embeds(rows[row.sample_id])
+        error = (embeds - quantized_embeds).norm() / embeds.norm()
+        assert 0 < error <= 0.05, error  # int8 weights, the tolerance of the training loss above, with margin
+        assert all(torch.equal(x, y) for x, y in zip(a.latent_moments(row), b.latent_moments(rows[row.sample_id])))

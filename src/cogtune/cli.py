@@ -38,7 +38,13 @@ def _preprocess(argv):
     from cogtune import preprocess
     from cogtune.config import load_config
 
-    result = preprocess.run(load_config("preprocess", argv))
+    config = load_config("preprocess", argv)
+    if config.dry_run:
+        from cogtune.preprocess.memory import dry_run
+
+        print(dry_run(config))
+        return
+    result = preprocess.run(config)
     if result.is_main_process:
         from cogtune.util import logs
 

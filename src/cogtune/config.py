@@ -161,6 +161,19 @@ class PreprocessConfig(ModelArgs, ValidationArgs):
     shard_size_mb: float = opt(512.0, "A cache shard file rolls over once it holds this many megabytes.")
     enable_slicing: bool = opt(False, "Encode the clips of a batch one at a time in the VAE (less memory).")
     enable_tiling: bool = opt(False, "Encode with the VAE tile by tile (less memory at high resolution).")
+    text_encoder_quant_backend: str = opt(
+        "none", "Quantize T5 as it loads, for encoding the captions (torchao, bitsandbytes_4bit, bitsandbytes_8bit "
+                "or quanto, as --quant_backend names them): T5-XXL takes 8.9 GiB in bf16. The embeddings change "
+                "slightly, so the cache is another one.",
+        choices=("none", "torchao", "bitsandbytes_4bit", "bitsandbytes_8bit", "quanto"))
+    text_encoder_quant_type: Optional[str] = opt(
+        None, "The --text_encoder_quant_backend's type (as --quant_type; default: the backend's first).")
+    text_encoder_cpu_offload: bool = opt(
+        False, "Keep T5's layers in CPU memory and bring each to the GPU only while it runs (accelerate's "
+               "cpu_offload): T5 then needs little GPU memory, and encodes more slowly. The embeddings are the same.")
+    dry_run: bool = opt(
+        False, "Print the expected peak GPU memory of the T5 and VAE stages for these settings and exit, loading "
+               "no weights.")
     dataloader_num_workers: int = opt(0, "Worker processes that decode and resize videos while the encoders run.")
     vae_batch_size: int = opt(1, "Clips of one bucket the VAE encodes at once (more is faster and needs more memory).")
     max_failures: Optional[float] = opt(
@@ -568,6 +581,9 @@ def validate(config) -> None:
         config.validation_pairs()
     if isinstance(config, (TrainConfig, InferConfig)):
         quantize.check(config.quant_backend, config.quant_type)
+    if isinstance(config, PreprocessConfig):
+        quantize.check(config.text_encoder_quant_backend, config.text_encoder_quant_type,
+                       "--text_encoder_quant_backend", "--text_encoder_quant_type")
     if isinstance(config, InferConfig):
         unknown = set(config.components_to_quantize) - {"transformer", "text_encoder", "vae"}
         if unknown:

@@ -336,12 +336,15 @@ class CacheSettings:
     max_text_seq_length: int
     image_noise_variants: int  # first-frame encodings per video: 0 for text-to-video
     seed: int | None = None  # recorded only where it changes tensors (random crops, first-frame noise)
+    text_encoder_quantization: str | None = None  # "torchao int8wo" when T5 was quantized; else not recorded
 
 
 def _as_json(record) -> dict:
     data = dataclasses.asdict(record)
-    if isinstance(record, CacheSettings) and record.seed is None:
-        del data["seed"]
+    if isinstance(record, CacheSettings):  # recorded only when set: older caches keep their names
+        for optional in ("seed", "text_encoder_quantization"):
+            if data[optional] is None:
+                del data[optional]
     return data
 
 

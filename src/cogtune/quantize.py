@@ -39,13 +39,13 @@ def quant_type(backend: str, chosen: str | None) -> str:
     return chosen or BACKENDS[backend][0]
 
 
-def check(backend: str, chosen: str | None, flag: str = "--quant_backend") -> None:
+def check(backend: str, chosen: str | None, flag: str = "--quant_backend", type_flag: str = "--quant_type") -> None:
     """Refuse a type that is not the backend's (with the config, before anything else)."""
     if backend == "none":
         if chosen:
-            raise CogtuneError(f"--quant_type {chosen} needs {flag} (one of {', '.join(BACKENDS)}).")
+            raise CogtuneError(f"{type_flag} {chosen} needs {flag} (one of {', '.join(BACKENDS)}).")
     elif chosen and chosen not in BACKENDS[backend]:
-        raise CogtuneError(f"--quant_type {chosen} is not a type of {flag} {backend}: use one of "
+        raise CogtuneError(f"{type_flag} {chosen} is not a type of {flag} {backend}: use one of "
                            f"{', '.join(BACKENDS[backend])}.")
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cogtune import data_schema as schema
+from cogtune import quantize
 from cogtune.config import relative_to
 from cogtune.data.buckets import bucket_name, configured_buckets
 from cogtune.errors import CogtuneError
@@ -32,7 +33,8 @@ TENSOR_SETTINGS = ("height", "width", "fps", "max_num_frames", "skip_frames_star
 BUCKET_SETTINGS = ("buckets", "height_buckets", "width_buckets", "frame_buckets")
 # Every setting that can change which cache a preprocess run writes.
 IDENTITY_SETTINGS = (("pretrained_model_name_or_path", "revision", "variant") + DATASET_SETTINGS + TENSOR_SETTINGS
-                     + BUCKET_SETTINGS + ("image_noise_variants", "seed"))
+                     + BUCKET_SETTINGS + ("image_noise_variants", "seed", "text_encoder_quant_backend",
+                                          "text_encoder_quant_type"))
 LATEST_DIR = ".latest-preprocess"  # under --cache_root: one record per config file
 
 
@@ -83,6 +85,9 @@ def cache_identity(config, models: ModelConfigs) -> CacheIdentity:
     settings["image_noise_variants"] = config.image_noise_variants if image_conditioned else 0
     if config.video_reshape_mode == "random" or image_conditioned:  # random crops and first-frame noise
         settings["seed"] = config.seed
+    if config.text_encoder_quant_backend != "none":
+        settings["text_encoder_quantization"] = (f"{config.text_encoder_quant_backend} "
+                                                 f"{quantize.quant_type(config.text_encoder_quant_backend, config.text_encoder_quant_type)}")
     dataset = {
         "instance_data_root": str(Path(config.instance_data_root).resolve()) if config.instance_data_root else None,
         "dataset_name": (str(Path(config.dataset_name).resolve()) if config.dataset_name and

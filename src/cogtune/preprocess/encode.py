@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from cogtune import data_schema as schema
+from cogtune import quantize
 from cogtune.cache.writer import CacheWriter, write_tensors
 from cogtune.config import PreprocessConfig, precision_dtype
 from cogtune.data.buckets import bucket_name, size_rule
@@ -76,8 +77,28 @@ def _load_text_encoder(config: PreprocessConfig, models: ModelConfigs):
 
     device, dtype = device_and_dtype(config.mixed_precision)
     tokenizer = models.load_part(AutoTokenizer, "tokenizer", weights=False)
-    text_encoder = models.load_part(T5EncoderModel, "text_encoder", dtype=dtype).to(device).eval()
+    kwargs = {}
+    if config.text_encoder_quant_backend != "none":
+        quantize.require(config.text_encoder_quant_backend, device, "--text_encoder_quant_backend")
+        kwargs["quantization_config"] = quantize.transformers_config(config.text_encoder_quant_backend,
+                                                                     config.text_encoder_quant_type, dtype)
+    text_encoder = models.load_part(T5EncoderModel, "text_encoder", dtype=dtype, **kwargs).eval()
+    if config.text_encoder_cpu_offload and device.type == "cuda":  # each layer comes to the GPU as it runs
+        from accelerate import cpu_offload
+
+        cpu_offload(text_encoder, execution_device=device)
+    elif config.text_encoder_quant_backend not in quantize.CUDA_ONLY:  # (bitsandbytes loaded it on the GPU)
+        text_encoder.to(device)
     return tokenizer, text_encoder
+
+
+def free(device: torch.device) -> None:
+    """Give the memory of a model just deleted back, so that the next model has all of it."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()
@@ -91,8 +112,11 @@ def _embed_texts(texts: list[str], tokenizer, text_encoder, max_length: int) -> 
     return embeds, sum(length > max_length for length in full_lengths)
 
 
+CAPTION_BATCH = 8  # captions T5 encodes at once
+
+
 def encode_captions(captions: list[str], config: PreprocessConfig, models: ModelConfigs,
-                     writer: CacheWriter, stop: StopRequests, batch_size: int = 8) -> dict[str, str]:
+                     writer: CacheWriter, stop: StopRequests, batch_size: int = CAPTION_BATCH) -> dict[str, str]:
     """T5-encode captions padded to the model's text length; returns tensor key -> shard."""
     tokenizer, text_encoder = _load_text_encoder(config, models)
     max_length = models.transformer["max_text_seq_length"]
@@ -111,6 +135,7 @@ def encode_captions(captions: list[str], config: PreprocessConfig, models: Model
     if truncated:
         logs.message(f"warning: {truncated} caption(s) are longer than {max_length} tokens and were truncated.")
     del text_encoder
+    free(device_and_dtype(config.mixed_precision)[0])  # T5 is gone before the VAE loads
     return shards
 
 

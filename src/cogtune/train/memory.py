@@ -20,13 +20,10 @@ block's weights upcast at a time) and not without it; the meta pass counts this 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from cogtune import quantize
 from cogtune.cache.identity import training_cache
@@ -37,6 +34,7 @@ from cogtune.errors import CogtuneError
 from cogtune.families import FamilySpec, ModelConfigs
 from cogtune.train.model import build_transformer
 from cogtune.train.swap import swapped_bytes
+from cogtune.util.tensor_bytes import fused_attention_on_meta
 from cogtune.train.optim import state_bytes_per_parameter
 
 GIB = 1024 ** 3
@@ -121,28 +119,6 @@ class SavedTensorBytes:
         self.hooks.__exit__(*exc)
 
 
-@contextlib.contextmanager
-def fused_attention_on_meta():
-    """On the meta device F.scaled_dot_product_attention falls back to its math path, which saves the
-    whole attention matrix; the GPU's flash and memory-efficient kernels (and the CPU's flash
-    kernel) save only q, k, v, the output and a logsumexp. This routes meta tensors to the fused
-    kernel, so that the count matches what training saves."""
-    import torch.nn.functional as F
-
-    plain = F.scaled_dot_product_attention
-
-    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
-        if query.device.type != "meta" or attn_mask is not None:
-            return plain(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal)[0]
-
-    F.scaled_dot_product_attention = attention
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = plain
-
-
 def activation_bytes(transformer, inputs: dict) -> tuple[int, int, int, int]:
     """(all saved bytes, the blocks' share of them, the largest single block's, the bytes of the
     blocks' inputs) of one forward pass."""
@@ -199,41 +175,6 @@ def _video_tokens(transformer, hidden_states: torch.Tensor) -> int:
     config = transformer.config
     frames = hidden_states.shape[1] // (config.patch_size_t or 1)
     return frames * (hidden_states.shape[3] // config.patch_size) * (hidden_states.shape[4] // config.patch_size)
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Tracks the bytes of live tensor storages created while active, and their peak: on a CPU, the
-    figure torch.cuda.max_memory_allocated gives on a GPU (without the allocator's rounding).
-    Tensors that existed before (weights, say) are counted by passing them as `existing`."""
-
-    def __init__(self, existing=()):
-        super().__init__()
-        self.current = self.peak = 0
-        self.seen = weakref.WeakValueDictionary()
-        for t in existing:
-            self._track(t)
-
-    def _track(self, t):
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-            return
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self.seen:
-            return
-        self.seen[key] = storage
-        size = storage.nbytes()
-        self.current += size
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._free, size)
-
-    def _free(self, size: int):
-        self.current -= size
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            self._track(t)
-        return out
 
 
 # --- the estimate of a configuration (`cogtune train --dry_run`) --------------------------------

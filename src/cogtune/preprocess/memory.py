@@ -1,0 +1,122 @@
+"""Preprocess memory: the expected peak GPU memory of its two stages (`cogtune preprocess --dry_run`),
+from the model's config files alone.
+
+Each stage is run once on PyTorch's meta device (shapes without storage) while every tensor made
+and freed is counted (LiveTensorBytes with meta), so the activation figure is the model's own: T5
+on a batch of captions padded to the model's text length, and the VAE encoding the largest clip
+with the tiling and slicing asked for. Weights are counted as they would be stored: quantized with
+--text_encoder_quant_backend, and with --text_encoder_cpu_offload only the largest layer's at a time.
+T5 is freed before the VAE loads, so the peak is the larger stage's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cogtune import quantize
+from cogtune.config import PreprocessConfig, precision_dtype
+from cogtune.data.buckets import clip_sizes
+from cogtune.families import ModelConfigs
+from cogtune.preprocess.encode import CAPTION_BATCH
+from cogtune.util.tensor_bytes import LiveTensorBytes, fused_attention_on_meta
+
+GIB = 1024 ** 3
+
+
+@dataclass
+class StageEstimate:
+    weights: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations
+
+
+def _meta_model(build, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # .to(dtype) of a model built from its config warns about fp32 modules
+    try:
+        with torch.device("meta"):
+            return build().to(dtype).requires_grad_(False).eval()
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def t5_estimate(config: PreprocessConfig, models: ModelConfigs) -> StageEstimate:
+    """T5 encoding a batch of captions (the preprocess batch)."""
+    from transformers import T5Config, T5EncoderModel
+
+    dtype = precision_dtype(config.mixed_precision)  # (on a GPU: this machine may be a CPU)
+    text_config = {k: v for k, v in models.text_encoder.items() if k != "architectures"}
+    model = _meta_model(lambda: T5EncoderModel(T5Config(**text_config)), dtype)
+    if config.text_encoder_cpu_offload:  # one module's own weights on the GPU at a time
+        weights = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in model.modules())
+    else:
+        weights = quantize.weight_bytes(model, config.text_encoder_quant_backend, config.text_encoder_quant_type)
+    tokens = torch.zeros(CAPTION_BATCH, models.transformer["max_text_seq_length"], dtype=torch.long, device="meta")
+    return StageEstimate(weights, activation_peak(model, lambda: model(tokens)))
+
+
+def activation_peak(model: torch.nn.Module, run) -> int:
+    """The peak bytes of the tensors `run` makes beyond the model's own (whose views an op may return,
+    which must not count as new tensors)."""
+    own = [*model.parameters(), *model.buffers()]
+    with torch.no_grad(), fused_attention_on_meta(), LiveTensorBytes(own, meta=True) as live:
+        weights = live.current
+        run()
+    return live.peak - weights
+
+
+def vae_estimate(config: PreprocessConfig, models: ModelConfigs, size: tuple[int, int, int], tiling: bool,
+                 slicing: bool) -> StageEstimate:
+    """The VAE encoding --vae_batch_size clips of `size` (frames, height, width)."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    dtype = precision_dtype(config.mixed_precision)
+    vae = _meta_model(lambda: AutoencoderKLCogVideoX.from_config(models.vae), dtype)
+    if tiling:
+        vae.enable_tiling()
+    if slicing:
+        vae.enable_slicing()
+    weights = sum(t.numel() * t.element_size() for t in [*vae.parameters(), *vae.buffers()])
+    frames, height, width = size
+    clips = torch.empty(config.vae_batch_size, 3, frames, height, width, device="meta", dtype=dtype)
+    return StageEstimate(weights, activation_peak(vae, lambda: vae.encode(clips)) + clips.numel() * clips.element_size())
+
+
+def dry_run(config: PreprocessConfig) -> str:
+    """What `cogtune preprocess --dry_run` prints."""
+    models = ModelConfigs.of(config)
+    spec = models.spec()
+    size = max(clip_sizes(config), key=math.prod)
+    t5 = t5_estimate(config, models)
+    vae = vae_estimate(config, models, size, config.enable_tiling, config.enable_slicing)
+    other = vae_estimate(config, models, size, not config.enable_tiling, config.enable_slicing)
+    t5_how = ("T5 layer by layer from CPU memory" if config.text_encoder_cpu_offload else
+              f"T5 quantized, {config.text_encoder_quant_backend} "
+              f"{quantize.quant_type(config.text_encoder_quant_backend, config.text_encoder_quant_type)}"
+              if config.text_encoder_quant_backend != "none" else "T5")
+    lines = [
+        f"Expected peak GPU memory of cogtune preprocess for {spec.description}, clips of "
+        f"{'x'.join(map(str, size))} (the largest), --vae_batch_size {config.vae_batch_size}, "
+        f"--mixed_precision {config.mixed_precision}:",
+        f"  {t5_how}, {CAPTION_BATCH} captions a batch: weights {_gib(t5.weights)}, activations "
+        f"{_gib(t5.activations)}: {_gib(t5.total)}",
+        f"  VAE{' tiled' if config.enable_tiling else ''}{' sliced' if config.enable_slicing else ''}: weights "
+        f"{_gib(vae.weights)}, encoding {_gib(vae.activations)}: {_gib(vae.total)} "
+        f"({'without' if config.enable_tiling else 'with'} --enable_tiling: {_gib(other.total)})",
+        f"  expected peak: {_gib(max(t5.total, vae.total))} (T5 is freed before the VAE loads)",
+        "The estimate counts tensors (as torch.cuda.max_memory_allocated does); the CUDA context and the "
+        "allocator's cache add about 0.5-1 GiB to what nvidia-smi shows.",
+    ]
+    return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024 ** 2:.1f} MiB"

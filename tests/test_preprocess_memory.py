@@ -1,0 +1,75 @@
+"""`cogtune preprocess --dry_run`: the T5 and VAE stages' expected peak GPU memory, from configs alone,
+against the live tensor bytes of the same stages run on the CPU (the tolerance of the training
+estimate), and T5 freed before the VAE loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cogtune.config import load_config
+from cogtune.families import ModelConfigs, load_vae
+from cogtune.preprocess.encode import CAPTION_BATCH, _load_text_encoder
+from cogtune.preprocess.memory import t5_estimate, vae_estimate
+from cogtune.util.tensor_bytes import LiveTensorBytes
+
+from conftest import cogtune_here, write_config
+from test_memory import MAX_OVER, MAX_UNDER
+
+
+def measured(model: torch.nn.Module, run, inputs=()) -> int:
+    """Peak live bytes of `run` beyond the model's own tensors (inputs counted), on the CPU."""
+    own = [*model.parameters(), *model.buffers()]
+    with torch.no_grad(), LiveTensorBytes([*own, *inputs]) as live:
+        weights = sum(t.untyped_storage().nbytes() for t in own)
+        run()
+    return live.peak - weights
+
+
+def close(estimate: int, actual: int) -> bool:
+    return actual * (1 - MAX_UNDER) <= estimate <= actual * (1 + MAX_OVER)
+
+
+@pytest.mark.parametrize("tiling", [False, True])
+def test_the_vae_estimate_follows_the_measured_encoding(tiny_model, tiling):
+    # 272x400 is over the VAE's tile size (240x360): tiling splits it
+    config = load_config("preprocess", ["--pretrained_model_name_or_path", str(tiny_model), "--instance_data_root",
+                                        ".", "--mixed_precision", "no"] + (["--enable_tiling"] if tiling else []))
+    models = ModelConfigs.of(config)
+    vae = load_vae(models, config, torch.device("cpu"), torch.float32)
+    clips = torch.randn(1, 3, 9, 272, 400)
+    actual = measured(vae, lambda: vae.encode(clips), [clips])
+    estimate = vae_estimate(config, models, (9, 272, 400), tiling, False)
+    assert close(estimate.activations, actual), (estimate, actual)
+    assert estimate.weights == sum(p.numel() * 4 for p in vae.parameters())
+
+
+def test_the_t5_estimate_follows_the_measured_encoding(tiny_model):
+    config = load_config("preprocess", ["--pretrained_model_name_or_path", str(tiny_model), "--instance_data_root",
+                                        ".", "--mixed_precision", "no"])
+    models = ModelConfigs.of(config)
+    _, text_encoder = _load_text_encoder(config, models)
+    tokens = torch.ones(CAPTION_BATCH, models.transformer["max_text_seq_length"], dtype=torch.long)
+    actual = measured(text_encoder, lambda: text_encoder(tokens), [tokens])
+    estimate = t5_estimate(config, models)
+    assert close(estimate.activations, actual), (estimate, actual)
+    assert estimate.weights == sum(p.numel() * 4 for p in text_encoder.parameters())
+
+
+def test_preprocess_dry_run_prints_both_stages_and_loads_no_weights(tmp_path, tiny_model, demo_data, monkeypatch):
+    from diffusers import AutoencoderKLCogVideoX
+    from transformers import T5EncoderModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--dry_run loaded weights")
+
+    monkeypatch.setattr(AutoencoderKLCogVideoX, "from_pretrained", refuse)
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", refuse)
+    config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out")
+    out = cogtune_here("preprocess", "--config", config, "--dry_run", "--enable_tiling").stdout
+    assert "clips of 9x32x64 (the largest)" in out and "T5, 8 captions a batch: weights" in out
+    assert "VAE tiled: weights" in out and "(without --enable_tiling:" in out and "expected peak:" in out
+    assert not (tmp_path / "cache").exists()
+    quantized = cogtune_here("preprocess", "--config", config, "--dry_run", "--text_encoder_quant_backend",
+                             "quanto").stdout
+    assert "T5 quantized, quanto int8" in quantized
