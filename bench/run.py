@@ -228,6 +228,10 @@ def train_runs(settings: Settings, model: Path, data: Path, cache_dir: Path, wor
                  ["-m", "cogtune.cli", "train", *shared, "--gradient_checkpointing",
                   "--layerwise_casting_storage_dtype", "float8_e4m3fn", "--data_cache", str(cache_dir),
                   "--output_dir", str(work / f"out-cogtune-{len(runs)}")]))
+    runs.append(("gradient checkpointing + torchao int8 base", "cogtune",
+                 ["-m", "cogtune.cli", "train", *shared, "--gradient_checkpointing", "--quant_backend", "torchao",
+                  "--quant_type", "int8wo", "--data_cache", str(cache_dir),
+                  "--output_dir", str(work / f"out-cogtune-{len(runs)}")]))
     if settings.only:  # (the test of this script runs one setting)
         runs = [run for run in runs if run[0] == settings.only]
     # Every run is repeated, in turn with the others so that a slow spell of the machine is shared;
