@@ -21,6 +21,7 @@ SETTINGS = [
     ("bf16, gradient checkpointing, 8-bit Adam", GC + ["--use_8bit_adam"]),
     ("bf16, gradient checkpointing, optimizer offload", GC + ["--offload_optimizer"]),
     ("fp8 storage, bf16 compute, gradient checkpointing", GC + ["--layerwise_casting_storage_dtype", "float8_e4m3fn"]),
+    ("bf16, gradient checkpointing, 20 blocks swapped", GC + ["--blocks_to_swap", "20"]),
     ("torchao int8wo base, gradient checkpointing", GC + ["--quant_backend", "torchao", "--quant_type", "int8wo"]),
     ("torchao float8wo base, gradient checkpointing", GC + ["--quant_backend", "torchao", "--quant_type", "float8wo"]),
     ("quanto int8 base, gradient checkpointing", GC + ["--quant_backend", "quanto", "--quant_type", "int8"]),

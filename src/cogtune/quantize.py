@@ -112,15 +112,18 @@ def pipeline_config(backend: str, chosen: str | None, components: list[str], com
         for part in components})
 
 
-def linear_weight_bytes(backend: str, chosen: str | None, shape: tuple[int, ...]) -> int:
+def linear_weight_bytes(backend: str, chosen: str | None, shape: tuple[int, ...], dtype_bytes: int = 2) -> int:
     """Bytes a quantized nn.Linear weight of `shape` (out, in) takes: its values and their scales
     (per output row for the 8-bit types, per group of GROUP weights for the 4-bit ones), as
     tests/test_quantize.py finds them stored for the backends a CPU runs."""
     kind = quant_type(backend, chosen)
     numel, rows = math.prod(shape), shape[0]
     if kind in GROUP:  # 4-bit values; a scale (and a zero point, but for nf4/fp4's absmax) per group
-        per_group = 4 if kind in ("nf4", "fp4") else 2 * 2
-        return numel // 2 + math.ceil(numel / GROUP[kind]) * per_group
+        # bitsandbytes: an fp32 absmax; torchao: bf16 scale and zero; quanto: scale and shift in the
+        # model's dtype, in groups no longer than a row.
+        per_group = {"nf4": 4, "fp4": 4, "int4wo": 2 * 2, "int4": 2 * dtype_bytes}[kind]
+        group = min(GROUP[kind], shape[1]) if kind == "int4" else GROUP[kind]
+        return numel // 2 + math.ceil(numel / group) * per_group
     zero_point = rows if kind == "int8wo" else 0  # torchao's int8 keeps an int8 zero point per row too
     return numel + 4 * rows + zero_point  # 8-bit values and an fp32 scale per row
 
@@ -134,7 +137,7 @@ def weight_bytes(model: torch.nn.Module, backend: str, chosen: str | None) -> in
     for module in model.modules():  # (a LoRA's own linear layers are trainable: not quantized)
         if isinstance(module, torch.nn.Linear) and backend != "none" and not module.weight.requires_grad:
             quantized.add(id(module.weight))
-            total += linear_weight_bytes(backend, chosen, tuple(module.weight.shape))
+            total += linear_weight_bytes(backend, chosen, tuple(module.weight.shape), module.weight.element_size())
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in quantized and not tensor.requires_grad:
             total += tensor.numel() * tensor.element_size()
