@@ -15,6 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 GC = ["--gradient_checkpointing"]
+OFFLOAD = ["--gradient_checkpointing_cpu_offload"]
 SETTINGS = [
     ("bf16", []),
     ("bf16, gradient checkpointing", GC),
@@ -22,12 +23,17 @@ SETTINGS = [
     ("bf16, gradient checkpointing, optimizer offload", GC + ["--offload_optimizer"]),
     ("fp8 storage, bf16 compute, gradient checkpointing", GC + ["--layerwise_casting_storage_dtype", "float8_e4m3fn"]),
     ("bf16, gradient checkpointing, 20 blocks swapped", GC + ["--blocks_to_swap", "20"]),
+    ("bf16, gradient checkpointing, checkpoints in CPU memory", GC + OFFLOAD),
     ("torchao int8wo base, gradient checkpointing", GC + ["--quant_backend", "torchao", "--quant_type", "int8wo"]),
     ("torchao float8wo base, gradient checkpointing", GC + ["--quant_backend", "torchao", "--quant_type", "float8wo"]),
     ("quanto int8 base, gradient checkpointing", GC + ["--quant_backend", "quanto", "--quant_type", "int8"]),
     ("bitsandbytes nf4 base, gradient checkpointing", GC + ["--quant_backend", "bitsandbytes_4bit"]),
     ("bitsandbytes nf4 base, gradient checkpointing, 8-bit Adam",
      GC + ["--quant_backend", "bitsandbytes_4bit", "--use_8bit_adam"]),
+    ("torchao int8wo base, gradient checkpointing, checkpoints in CPU memory",
+     GC + OFFLOAD + ["--quant_backend", "torchao", "--quant_type", "int8wo"]),
+    ("bitsandbytes nf4 base, gradient checkpointing, 8-bit Adam, checkpoints in CPU memory",
+     GC + OFFLOAD + ["--quant_backend", "bitsandbytes_4bit", "--use_8bit_adam"]),
 ]
 # (family, hub id, latent shape [C, F, H, W] of its native clip size, which the row names)
 MODELS = [

@@ -55,6 +55,8 @@ SETTINGS = {
         ("2b, bf16, gradient checkpointing", "2b", (49, 480, 720), "bf16", GC),
         ("5b, bf16, gradient checkpointing", "5b", (49, 480, 720), "bf16", GC),
         ("5b, bf16, gradient checkpointing, torchao int8wo base", "5b", (49, 480, 720), "bf16", GC + INT8),
+        ("5b, bf16, gradient checkpointing in CPU memory, torchao int8wo base", "5b", (49, 480, 720), "bf16",
+         GC + ["--gradient_checkpointing_cpu_offload"] + INT8),
         ("5b, bf16, gradient checkpointing, 32 of 42 blocks swapped", "5b", (49, 480, 720), "bf16",
          GC + ["--blocks_to_swap", "32"]),
         ("2b, bf16, gradient checkpointing, torchao int8wo base", "2b", (49, 480, 720), "bf16", GC + INT8),

@@ -107,3 +107,40 @@ def test_swapping_needs_checkpointing_and_a_block_count_within_the_model(tmp_pat
         load_config("train", ["--config", str(config), "--blocks_to_swap", "1", "--gradient_checkpointing", "--compile"])
     with pytest.raises(CogtuneError, match="swap 1 to 1 of them"):
         BlockSwap(torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]), 2, torch.device("cpu"))
+
+
+def test_offloaded_checkpoints_train_the_same_lora_and_the_estimate_drops_what_was_offloaded(
+        tmp_path, tiny_model, demo_data, deep_model):
+    from cogtune.train.model import build_transformer
+    from cogtune.train.swap import OffloadedCheckpointing
+
+    plain = train_lora(tmp_path, tiny_model, demo_data, "plain", "--gradient_checkpointing")
+    offloaded = train_lora(tmp_path, tiny_model, demo_data, "offloaded", "--gradient_checkpointing",
+                           "--gradient_checkpointing_cpu_offload")
+    for key in plain:
+        assert torch.equal(plain[key], offloaded[key]), key
+    # The estimate's saving is what a real pass sends to CPU memory, less the one block's states that
+    # are back on the device during its recomputation.
+    models = ModelConfigs.load(str(deep_model))
+    flags = ["--pretrained_model_name_or_path", str(deep_model), "--mixed_precision", "no", "--gradient_checkpointing"]
+    shape = [4, 3, 16, 24]
+    kept = memory_estimate(load_config("train", flags), models, shape)
+    config = load_config("train", flags + ["--gradient_checkpointing_cpu_offload"])
+    sent = memory_estimate(config, models, shape)
+    transformer = build_transformer(config, models, models.spec(), torch.device("cpu"))
+    (function,) = {block._gradient_checkpointing_func for block in [transformer]}  # (set by diffusers)
+    assert isinstance(function, OffloadedCheckpointing)
+    import gc
+    import weakref
+
+    inputs = []  # every block's hidden states as it got them: none may stay alive for the backward pass
+    for block in transformer.transformer_blocks:
+        block.register_forward_pre_hook(lambda module, args: inputs.append(weakref.ref(args[0])))
+    torch.manual_seed(0)
+    out = transformer(hidden_states=torch.randn(1, 3, 4, 16, 24), encoder_hidden_states=torch.randn(1, 32, 32),
+                      timestep=torch.tensor([500]), return_dict=False)[0]
+    gc.collect()
+    assert len(inputs) == LAYERS and sum(ref() is not None for ref in inputs) == 0
+    out.mean().backward()
+    assert function.bytes > 0
+    assert kept.activations - sent.activations == function.bytes * (LAYERS - 1) // LAYERS

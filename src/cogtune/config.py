@@ -245,6 +245,9 @@ class TrainConfig(ModelArgs, ValidationArgs):
     quant_type: Optional[str] = opt(
         None, "The --quant_backend's type: torchao int8wo, float8wo or int4wo; bitsandbytes_4bit nf4 or fp4; "
               "bitsandbytes_8bit int8; quanto int8, float8 or int4 (default: the first of each).")
+    gradient_checkpointing_cpu_offload: bool = opt(
+        False, "With --gradient_checkpointing: keep each block's stored inputs in CPU memory until the backward "
+               "pass needs them (musubi-tuner's option): the activations left on the GPU are one block's.")
     blocks_to_swap: int = opt(
         0, "Keep the frozen weights of this many transformer blocks (the last ones) in CPU memory and bring each "
            "to the GPU only while it runs, overlapped with compute (musubi-tuner's option). Needs "
@@ -592,6 +595,9 @@ def validate(config) -> None:
         if config.enable_sequential_cpu_offload and config.enable_model_cpu_offload:
             raise CogtuneError("--enable_sequential_cpu_offload and --enable_model_cpu_offload: pick one (sequential "
                                "saves more memory, model offload is faster).")
+    if isinstance(config, TrainConfig) and config.gradient_checkpointing_cpu_offload and not config.gradient_checkpointing:
+        raise CogtuneError("--gradient_checkpointing_cpu_offload offloads what gradient checkpointing stores: add "
+                           "--gradient_checkpointing.")
     if isinstance(config, TrainConfig) and config.blocks_to_swap:
         if config.blocks_to_swap < 0:
             raise CogtuneError(f"--blocks_to_swap must be zero or more, got {config.blocks_to_swap}.")

@@ -119,14 +119,17 @@ class SavedTensorBytes:
         self.hooks.__exit__(*exc)
 
 
-def activation_bytes(transformer, inputs: dict) -> tuple[int, int, int, int]:
+def activation_bytes(transformer, inputs: dict) -> tuple[int, int, int, int, list[int]]:
     """(all saved bytes, the blocks' share of them, the largest single block's, the bytes of the
-    blocks' inputs) of one forward pass."""
-    per_block, block_inputs = [], []
+    blocks' inputs, and per block the bytes of its hidden and text states: what
+    --gradient_checkpointing_cpu_offload keeps in CPU memory) of one forward pass."""
+    per_block, block_inputs, offloadable = [], [], []
     with SavedTensorBytes([*transformer.parameters(), *transformer.buffers()]) as saved:
         def before(module, args, kwargs):
             module._cogtune_saved_before = saved.total
             block_inputs.append(tensor_bytes(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)))
+            states = [*args[:2], *(kwargs[k] for k in ("hidden_states", "encoder_hidden_states") if k in kwargs)]
+            offloadable.append(tensor_bytes(states))
 
         def after(module, args, kwargs, output):
             per_block.append(saved.total - module._cogtune_saved_before)
@@ -139,22 +142,25 @@ def activation_bytes(transformer, inputs: dict) -> tuple[int, int, int, int]:
         finally:
             for handle in handles:
                 handle.remove()
-    return saved.total, sum(per_block), max(per_block), sum(block_inputs)
+    return saved.total, sum(per_block), max(per_block), sum(block_inputs), offloadable
 
 
 def estimate(transformer, inputs: dict, gradient_checkpointing: bool, optimizer_state_bytes: int,
-             offload_optimizer: bool, weights: int | None = None) -> Estimate:
+             offload_optimizer: bool, weights: int | None = None, offload_checkpointed: bool = False) -> Estimate:
     """The peak memory of training `transformer` (frozen, with LoRA, on the meta device or any other)
     on `inputs` (the keyword arguments of one forward pass, on the same device). Under mixed
     precision, pass the LoRA in the compute dtype: autocast, which does not act on the meta device,
     runs the LoRA matmuls in that dtype and saves their inputs in it. `weights`: the frozen weights'
-    bytes where they are not the model's own (quantized ones, counted by quantize.weight_bytes)."""
+    bytes where they are not the model's own (quantized ones, counted by quantize.weight_bytes).
+    `offload_checkpointed`: --gradient_checkpointing_cpu_offload."""
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     frozen = [p for p in transformer.parameters() if not p.requires_grad] + list(transformer.buffers())
     lora_params = sum(p.numel() for p in trainable)
     lora_bytes = 4 * lora_params  # training keeps the LoRA and its gradients in fp32
-    total_saved, in_blocks, largest_block, block_inputs = activation_bytes(transformer, inputs)
+    total_saved, in_blocks, largest_block, block_inputs, offloadable = activation_bytes(transformer, inputs)
     with_checkpointing = block_inputs + largest_block + total_saved - in_blocks
+    if offload_checkpointed:  # the blocks' states wait in CPU memory; one block's comes back at a time
+        with_checkpointing -= sum(offloadable) - max(offloadable)
     tokens = inputs["encoder_hidden_states"].shape[1] + _video_tokens(transformer, inputs["hidden_states"])
     return Estimate(
         weights=sum(p.numel() * p.element_size() for p in frozen) if weights is None else weights,
@@ -219,7 +225,7 @@ def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: lis
     )
     if config.quant_backend == "none":
         estimated = estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
-                             config.offload_optimizer)
+                             config.offload_optimizer, offload_checkpointed=config.gradient_checkpointing_cpu_offload)
         if config.blocks_to_swap:  # the swapped blocks' weights are on the GPU two at a time at most
             away, at_once = swapped_bytes(transformer.transformer_blocks, config.blocks_to_swap)
             estimated.weights += at_once - away
@@ -228,7 +234,8 @@ def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: lis
     # what the backend's layers save for the backward pass is added to the activations.
     estimated = estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
                          config.offload_optimizer, quantize.weight_bytes(transformer, config.quant_backend,
-                                                                         config.quant_type))
+                                                                         config.quant_type),
+                         config.gradient_checkpointing_cpu_offload)
     without, with_ = quantize.dequantized_saved_bytes(transformer, config.quant_backend, weight_dtype.itemsize)
     estimated.activations_without_checkpointing += without
     estimated.activations_with_checkpointing += with_

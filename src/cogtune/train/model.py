@@ -7,7 +7,7 @@ import torch
 from cogtune import quantize
 from cogtune.config import TrainConfig, precision_dtype
 from cogtune.families import FamilySpec, ModelConfigs, drop_learned_positional_embeddings
-from cogtune.train.swap import BlockSwap
+from cogtune.train.swap import BlockSwap, OffloadedCheckpointing
 
 
 def build_transformer(config: TrainConfig, models: ModelConfigs, spec: FamilySpec, device, meta: bool = False):
@@ -45,7 +45,8 @@ def build_transformer(config: TrainConfig, models: ModelConfigs, spec: FamilySpe
     if config.quant_backend not in quantize.CUDA_ONLY:  # (bitsandbytes put the weights on the GPU as they loaded)
         transformer.to(device)
     if config.gradient_checkpointing and not meta:
-        transformer.enable_gradient_checkpointing()
+        transformer.enable_gradient_checkpointing(
+            OffloadedCheckpointing(torch.device(device)) if config.gradient_checkpointing_cpu_offload else None)
     torch.manual_seed(config.seed)  # LoRA init
     transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, init_lora_weights=True,
                                        target_modules=list(config.lora_target_modules)))

@@ -1,4 +1,6 @@
-"""Block swap (--blocks_to_swap N, musubi-tuner's option): the frozen weights of the last N
+"""CPU memory for the transformer's blocks: block swap, and checkpointed inputs offloaded.
+
+Block swap (--blocks_to_swap N, musubi-tuner's option): the frozen weights of the last N
 transformer blocks live in (pinned) CPU memory and come to the GPU only around the block's own
 forward pass and, with gradient checkpointing, its recomputation and backward pass. The copy of
 the next block is started on a side stream while the current one computes.
@@ -120,3 +122,45 @@ def swapped_bytes(blocks: torch.nn.ModuleList, count: int) -> tuple[int, int]:
     sizes = sorted((sum(t.numel() * t.element_size() for t in [*b.parameters(), *b.buffers()] if not t.requires_grad)
                     for b in list(blocks)[len(blocks) - count:]), reverse=True)
     return sum(sizes), sum(sizes[:2])
+
+
+class OffloadedCheckpointing:
+    """--gradient_checkpointing_cpu_offload (musubi-tuner's name): gradient checkpointing whose
+    stored block inputs (hidden states and text states, the big per-block tensors) wait in pinned CPU
+    memory for the backward pass instead of on the GPU. The forward pass computes on the inputs it
+    has; the recomputation brings its copy back. Given to diffusers' enable_gradient_checkpointing."""
+
+    OFFLOADED = 2  # the first two arguments of a CogVideoX block: hidden_states, encoder_hidden_states
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes = 0  # bytes sent to CPU memory since the last reset (the tests and the estimate check)
+
+    def __call__(self, module, *args):
+        from torch.utils.checkpoint import checkpoint
+
+        stored = tuple(self._to_host(a) if i < self.OFFLOADED and isinstance(a, torch.Tensor) else a
+                       for i, a in enumerate(args))
+        needs_grad = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
+        forward_inputs = [args]  # dropped once the forward pass is done: only the CPU copies stay
+
+        def run(*inputs):
+            if in_backward():  # the recomputation: the stored copies come back, needing grad as the inputs did
+                inputs = tuple(x.to(self.device, non_blocking=True).requires_grad_(needs_grad[i])
+                               if i < self.OFFLOADED and isinstance(x, torch.Tensor) else x
+                               for i, x in enumerate(inputs))
+            else:  # the forward pass: the inputs themselves (their graph carries the gradients)
+                inputs = forward_inputs[0]
+            return module(*inputs)
+
+        try:
+            return checkpoint(run, *stored, use_reentrant=False)
+        finally:
+            forward_inputs[0] = None
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        self.bytes += t.numel() * t.element_size()
+        t = t.detach()
+        if t.is_cuda:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+        return t.to("cpu", copy=True)
