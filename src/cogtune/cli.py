@@ -76,7 +76,13 @@ def _infer(argv):
     from cogtune.config import load_config
     from cogtune.util import logs
 
-    for path in infer.run(load_config("infer", argv)):
+    config = load_config("infer", argv)
+    if config.dry_run:
+        from cogtune.infer_memory import dry_run
+
+        print(dry_run(config))
+        return
+    for path in infer.run(config):
         logs.result(f"video: {path}", video=str(path))
 
 

@@ -365,6 +365,9 @@ class InferConfig(ModelArgs):
                                          "text_encoder, vae), as diffusers' PipelineQuantizationConfig names them.")
     compile: bool = opt(
         False, "Compile each transformer block with torch.compile (faster denoising after a slow first step).")
+    dry_run: bool = opt(
+        False, "Print the expected peak GPU memory of these settings (the models as stored, each stage's "
+               "activations, the offload) and exit, loading no weights.")
 
 
 ALTERNATIVES = (("prompt", "prompt_file"),)  # settings of which a command line gives one or the other

@@ -36,7 +36,8 @@ class StageEstimate:
         return self.weights + self.activations
 
 
-def _meta_model(build, dtype: torch.dtype) -> torch.nn.Module:
+def meta_model(build, dtype: torch.dtype) -> torch.nn.Module:
+    """A model built on the meta device (shapes, no storage), frozen, in dtype."""
     from diffusers.utils import logging
 
     verbosity = logging.get_verbosity()
@@ -48,13 +49,17 @@ def _meta_model(build, dtype: torch.dtype) -> torch.nn.Module:
         logging.set_verbosity(verbosity)
 
 
-def t5_estimate(config: PreprocessConfig, models: ModelConfigs) -> StageEstimate:
-    """T5 encoding a batch of captions (the preprocess batch)."""
+def meta_t5(models: ModelConfigs, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import T5Config, T5EncoderModel
 
-    dtype = precision_dtype(config.mixed_precision)  # (on a GPU: this machine may be a CPU)
     text_config = {k: v for k, v in models.text_encoder.items() if k != "architectures"}
-    model = _meta_model(lambda: T5EncoderModel(T5Config(**text_config)), dtype)
+    return meta_model(lambda: T5EncoderModel(T5Config(**text_config)), dtype)
+
+
+def t5_estimate(config: PreprocessConfig, models: ModelConfigs) -> StageEstimate:
+    """T5 encoding a batch of captions (the preprocess batch)."""
+    dtype = precision_dtype(config.mixed_precision)  # (on a GPU: this machine may be a CPU)
+    model = meta_t5(models, dtype)
     if config.text_encoder_cpu_offload:  # one module's own weights on the GPU at a time
         weights = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in model.modules())
     else:
@@ -79,7 +84,7 @@ def vae_estimate(config: PreprocessConfig, models: ModelConfigs, size: tuple[int
     from diffusers import AutoencoderKLCogVideoX
 
     dtype = precision_dtype(config.mixed_precision)
-    vae = _meta_model(lambda: AutoencoderKLCogVideoX.from_config(models.vae), dtype)
+    vae = meta_model(lambda: AutoencoderKLCogVideoX.from_config(models.vae), dtype)
     if tiling:
         vae.enable_tiling()
     if slicing:

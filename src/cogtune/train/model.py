@@ -12,9 +12,9 @@ from cogtune.train.swap import BlockSwap, OffloadedCheckpointing
 
 def build_transformer(config: TrainConfig, models: ModelConfigs, spec: FamilySpec, device, meta: bool = False):
     """The transformer as training uses it: frozen in the --mixed_precision dtype (linear weights in
-    fp8 with --layerwise_casting_storage_dtype, or quantized with --quant_backend), with fp32 LoRA
-    adapters. meta: built on the meta
-    device from the config alone (shapes, no weights), for the memory estimate."""
+    fp8 with --layerwise_casting_storage_dtype, or quantized with --quant_backend; the last
+    --blocks_to_swap blocks' weights in CPU memory), with fp32 LoRA adapters. meta: built on the
+    meta device from the config alone (shapes, no weights), for the memory estimate."""
     from diffusers import CogVideoXTransformer3DModel
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
