@@ -39,7 +39,7 @@ class BlockSwap:
         cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if cuda else None
         self.events: dict[int, torch.cuda.Event | None] = {}
-        self.loads = 0  # copies to the device, for the tests and the log
+        self.loads = 0  # copies to the device (the tests count them)
         self.frozen = {i: self._tensors(i) for i in range(self.first, len(blocks))}
         # The home copy of each swapped tensor: pinned CPU memory on a GPU machine. Made before the
         # model moves to the device, so that the swapped blocks never need room there all at once.
