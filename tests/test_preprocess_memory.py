@@ -73,3 +73,24 @@ def test_preprocess_dry_run_prints_both_stages_and_loads_no_weights(tmp_path, ti
     quantized = cogtune_here("preprocess", "--config", config, "--dry_run", "--text_encoder_quant_backend",
                              "quanto").stdout
     assert "T5 quantized, quanto int8" in quantized
+
+
+def test_a_vae_that_would_not_fit_stops_with_the_flag_to_add(tiny_model):
+    from cogtune.preprocess.memory import vae_room_problem
+
+    def settings(*flags):
+        return load_config("preprocess", ["--pretrained_model_name_or_path", str(tiny_model), "--instance_data_root",
+                                          ".", "--height", "272", "--width", "400", "--max_num_frames", "9", *flags])
+
+    config = settings()
+    models = ModelConfigs.of(config)
+    need = vae_estimate(config, models, (9, 272, 400), False, False).total
+    assert vae_room_problem(config, models, int(need * 1.2)) is None
+    problem = vae_room_problem(config, models, need)  # no room for the allocator's tenth
+    tiled = vae_estimate(config, models, (9, 272, 400), True, False).total
+    assert "encode clips of 9x272x400" in problem and "run again with --enable_tiling" in problem
+    from cogtune.preprocess.memory import _gib
+
+    assert f"(expected {_gib(tiled)})" in problem and tiled < need
+    already = settings("--enable_tiling")
+    assert "lower --vae_batch_size" in vae_room_problem(already, models, 1)

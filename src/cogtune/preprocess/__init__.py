@@ -25,7 +25,9 @@ from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import clip_sizes
 from cogtune.data.sources import load_records
 from cogtune.families import ModelConfigs
+from cogtune.errors import CogtuneError
 from cogtune.preprocess.encode import device_and_dtype, encode_captions, encode_validation, encode_videos
+from cogtune.preprocess.memory import vae_room_problem
 from cogtune.preprocess.plan import CacheHolds, my_videos, plan
 from cogtune.util import files, logs
 from cogtune.util.distributed import Processes, is_main_process, processes
@@ -188,6 +190,11 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
             add_rows(sha, row.video_latent())
 
     videos = my_videos(work.videos_needed, procs)
+    if videos and device.type == "cuda":  # T5 is gone: will the VAE fit? (stop now rather than run out midway)
+        problem = vae_room_problem(config, models, torch.cuda.mem_get_info(device)[0])
+        if problem:
+            writer.flush()
+            raise CogtuneError(problem)
     failed = 0
     with measured(stages, "videos", len(videos), device) if videos else nullcontext():
         for encoded in encode_videos(videos, config, models, writer, identity.settings.image_noise_variants, stop):

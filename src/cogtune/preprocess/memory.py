@@ -125,3 +125,21 @@ def dry_run(config: PreprocessConfig) -> str:
 
 def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024 ** 2:.1f} MiB"
+
+
+def vae_room_problem(config: PreprocessConfig, models: ModelConfigs, free_bytes: int) -> str | None:
+    """Why encoding the largest clip would not fit the GPU memory that is free (with a tenth more
+    for the allocator), and what to do; None when it fits. Tiling is never switched on behind the
+    user's back: it changes the latents, so it names another cache."""
+    size = max(clip_sizes(config), key=math.prod)
+    need = vae_estimate(config, models, size, config.enable_tiling, config.enable_slicing).total
+    if need * 1.1 <= free_bytes:
+        return None
+    if not config.enable_tiling:
+        tiled = vae_estimate(config, models, size, True, config.enable_slicing).total
+        advice = (f"run again with --enable_tiling (expected {_gib(tiled)}); it makes another cache, so give "
+                  "train the flag too, or let it find the latest preprocess run of the config")
+    else:
+        advice = "lower --vae_batch_size, or free the GPU of other work"
+    return (f"The VAE would need about {_gib(need)} to encode clips of {'x'.join(map(str, size))}, and "
+            f"{_gib(free_bytes)} of the GPU is free: {advice}. Everything encoded so far is kept.")
