@@ -39,6 +39,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import Settings, make_clips  # noqa: E402 (bench/run.py: the clips and the FLOP count it shares)
+from run import step_flops as count_step_flops  # noqa: E402
+
 MIB = 2**20
 REFERENCE_SCRIPT = Path("examples/cogvideo/train_cogvideox_lora.py")
 
@@ -226,31 +230,6 @@ def make_cache(model: Path, cache_root: Path, size: tuple[int, int, int], clips:
     return path
 
 
-def make_clips(folder: Path, count: int, size: tuple[int, int, int], fps: int = 8) -> Path:
-    """A dataset folder (prompts.txt, videos.txt, videos/) of `count` distinct synthetic clips."""
-    import numpy as np
-
-    from cogtune.dev.tiny import COLORS, synthetic_frames
-    from cogtune.util.media import write_mp4
-
-    if (folder / "videos.txt").is_file():
-        return folder
-    frames, height, width = size
-    (folder / "videos").mkdir(parents=True, exist_ok=True)
-    colors = list(COLORS.items())
-    prompts, videos = [], []
-    for i in range(count):
-        name, color = colors[i % len(colors)]
-        pixels = synthetic_frames(frames, height, width, color, 1 - 2 * (i % 2))
-        pixels = np.clip(pixels.astype(np.int16) + 7 * (i // len(colors)), 0, 255).astype(np.uint8)  # distinct
-        write_mp4(folder / "videos" / f"{i:03d}.mp4", pixels, fps)
-        prompts.append(f"a {name} square moves across a dark gradient background, take {i}")
-        videos.append(f"videos/{i:03d}.mp4")
-    (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    (folder / "videos.txt").write_text("\n".join(videos) + "\n")
-    return folder
-
-
 # --- running a command ----------------------------------------------------------------------------
 
 
@@ -378,7 +357,7 @@ def part_reference(args, work: Path, budget: Budget) -> list[dict]:
         return measured_rows("reference", settings, budget, lambda setting, timeout: {"error": f"not run: {missing}"})
     model = make_model(work / f"model-{args.size}-2b", "2b", args.size, ALL_PARTS)
     count, (_, height, width) = 1, SOURCE_CLIPS[args.size][1]
-    data = make_clips(work / f"clips-{args.size}-reference", count, (settings[0][2][0], height, width))
+    data = make_clips(work / f"clips-{args.size}-reference", count, (settings[0][2][0], height, width), 8)
 
     def measure(setting, timeout):
         label, family, (frames, height, width), precision, extra = setting
@@ -423,7 +402,7 @@ def reference_missing(script: Path | None) -> str | None:
 def part_preprocess(args, work: Path, budget: Budget) -> list[dict]:
     model = make_model(work / f"model-{args.size}-2b", "2b", args.size, ALL_PARTS)
     count, source = SOURCE_CLIPS[args.size]
-    data = make_clips(work / f"clips-{args.size}", count, source)
+    data = make_clips(work / f"clips-{args.size}", count, source, 8)
     frames, height, width = SETTINGS[args.size][0][2]
     precision = "bf16" if args.device == "cuda" else "no"
 
@@ -466,12 +445,8 @@ def dry_run_gib(model: Path, cache: Path, precision: str, extra: list[str]) -> f
 def step_flops(model: Path, size: tuple[int, int, int]) -> int:
     """Model FLOPs of one training step of the transformer (forward and backward), counted on the
     meta device (bench/run.py's count, for this size)."""
-    sys.path.insert(0, str(HERE))
-    from run import Settings
-    from run import step_flops as count
-
     frames, height, width = size
-    return count(model, Settings(frames=frames, height=height, width=width, rank=64, batch=1))
+    return count_step_flops(model, Settings(frames=frames, height=height, width=width, rank=64, batch=1))
 
 
 def device_name() -> str:

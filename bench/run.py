@@ -68,29 +68,40 @@ class Settings:
 
 def make_assets(work: Path, settings: Settings) -> tuple[Path, Path]:
     """The small model and `clips` distinct captioned clips (prompts.txt + videos.txt), built once per work folder."""
-    import numpy as np
-
-    from cogtune.dev.tiny import COLORS, make_tiny_model, synthetic_frames
-    from cogtune.util.media import write_mp4
+    from cogtune.dev.tiny import make_tiny_model
 
     model = work / f"model-{settings.size}"
     if not (model / "model_index.json").is_file():
         make_tiny_model(model, "2b", seed=0, size=settings.size)
-    data = work / f"data-{settings.clips}"
-    if not (data / "videos.txt").is_file():
-        (data / "videos").mkdir(parents=True, exist_ok=True)
-        colors = list(COLORS.items())
-        prompts, videos = [], []
-        for i in range(settings.clips):
-            name, color = colors[i % len(colors)]
-            frames = synthetic_frames(2 * settings.frames, settings.height, settings.width, color, 1 - 2 * (i % 2))
-            frames = np.clip(frames.astype(np.int16) + 7 * (i // len(colors)), 0, 255).astype(np.uint8)  # distinct
-            write_mp4(data / "videos" / f"{i:05d}.mp4", frames, settings.fps)
-            prompts.append(f"a {name} square moves across a dark gradient background, take {i}")
-            videos.append(f"videos/{i:05d}.mp4")
-        (data / "prompts.txt").write_text("\n".join(prompts) + "\n")
-        (data / "videos.txt").write_text("\n".join(videos) + "\n")
+    data = make_clips(work / f"data-{settings.clips}", settings.clips,
+                      (2 * settings.frames, settings.height, settings.width), settings.fps)
     return model, data
+
+
+def make_clips(folder: Path, count: int, size: tuple[int, int, int], fps: int) -> Path:
+    """A dataset folder (prompts.txt, videos.txt, videos/) of `count` distinct synthetic clips of
+    (frames, height, width), made once per folder."""
+    import numpy as np
+
+    from cogtune.dev.tiny import COLORS, synthetic_frames
+    from cogtune.util.media import write_mp4
+
+    if (folder / "videos.txt").is_file():
+        return folder
+    frames, height, width = size
+    (folder / "videos").mkdir(parents=True, exist_ok=True)
+    colors = list(COLORS.items())
+    prompts, videos = [], []
+    for i in range(count):
+        name, color = colors[i % len(colors)]
+        pixels = synthetic_frames(frames, height, width, color, 1 - 2 * (i % 2))
+        pixels = np.clip(pixels.astype(np.int16) + 7 * (i // len(colors)), 0, 255).astype(np.uint8)  # distinct
+        write_mp4(folder / "videos" / f"{i:05d}.mp4", pixels, fps)
+        prompts.append(f"a {name} square moves across a dark gradient background, take {i}")
+        videos.append(f"videos/{i:05d}.mp4")
+    (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (folder / "videos.txt").write_text("\n".join(videos) + "\n")
+    return folder
 
 
 # --- measuring ----------------------------------------------------------------------------------

@@ -89,8 +89,8 @@ def test_a_vae_that_would_not_fit_stops_with_the_flag_to_add(tiny_model):
     problem = vae_room_problem(config, models, need)  # no room for the allocator's tenth
     tiled = vae_estimate(config, models, (9, 272, 400), True, False).total
     assert "encode clips of 9x272x400" in problem and "run again with --enable_tiling" in problem
-    from cogtune.preprocess.memory import _gib
+    from cogtune.util.tensor_bytes import gib
 
-    assert f"(expected {_gib(tiled)})" in problem and tiled < need
+    assert f"(expected {gib(tiled)})" in problem and tiled < need
     already = settings("--enable_tiling")
     assert "lower --vae_batch_size" in vae_room_problem(already, models, 1)

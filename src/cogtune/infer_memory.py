@@ -20,8 +20,7 @@ from cogtune import quantize
 from cogtune.config import InferConfig, precision_dtype
 from cogtune.families import ModelConfigs
 from cogtune.preprocess.memory import activation_peak, meta_model, meta_t5
-
-GIB = 1024 ** 3
+from cogtune.util.tensor_bytes import gib, largest_module_bytes
 
 
 @dataclass
@@ -34,8 +33,7 @@ class Part:
 
 def _weights(model: torch.nn.Module, config: InferConfig, part: str) -> tuple[int, int]:
     backend = config.quant_backend if part in config.components_to_quantize else "none"
-    layer = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in model.modules())
-    return quantize.weight_bytes(model, backend, config.quant_type), layer
+    return quantize.weight_bytes(model, backend, config.quant_type), largest_module_bytes(model)
 
 
 def parts(config: InferConfig, models: ModelConfigs) -> list[Part]:
@@ -95,12 +93,9 @@ def dry_run(config: InferConfig) -> str:
     lines = [f"Expected peak GPU memory of cogtune infer for {spec.description}, {config.num_frames}x{config.height}x"
              f"{config.width}, --mixed_precision {config.mixed_precision}, {offload}{quantized}"
              f"{', VAE tiling' if config.enable_tiling else ''}{', VAE slicing' if config.enable_slicing else ''}:"]
-    lines += [f"  {p.name}: weights {_gib(p.weights)}, its stage's activations {_gib(p.activations)}" for p in found]
-    lines.append(f"  expected peak: {_gib(peak(found, config))}")
+    lines += [f"  {p.name}: weights {gib(p.weights)}, its stage's activations {gib(p.activations)}" for p in found]
+    lines.append(f"  expected peak: {gib(peak(found, config))}")
     lines.append("The estimate counts tensors (as torch.cuda.max_memory_allocated does); the CUDA context and the "
                  "allocator's cache add about 0.5-1 GiB to what nvidia-smi shows. The LoRA adds its own few MiB.")
     return "\n".join(lines)
 
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024 ** 2:.1f} MiB"

@@ -21,9 +21,7 @@ from cogtune.config import PreprocessConfig, precision_dtype
 from cogtune.data.buckets import clip_sizes
 from cogtune.families import ModelConfigs
 from cogtune.preprocess.encode import CAPTION_BATCH
-from cogtune.util.tensor_bytes import LiveTensorBytes, fused_attention_on_meta
-
-GIB = 1024 ** 3
+from cogtune.util.tensor_bytes import LiveTensorBytes, fused_attention_on_meta, gib, largest_module_bytes
 
 
 @dataclass
@@ -61,7 +59,7 @@ def t5_estimate(config: PreprocessConfig, models: ModelConfigs) -> StageEstimate
     dtype = precision_dtype(config.mixed_precision)  # (on a GPU: this machine may be a CPU)
     model = meta_t5(models, dtype)
     if config.text_encoder_cpu_offload:  # one module's own weights on the GPU at a time
-        weights = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in model.modules())
+        weights = largest_module_bytes(model)
     else:
         weights = quantize.weight_bytes(model, config.text_encoder_quant_backend, config.text_encoder_quant_type)
     tokens = torch.zeros(CAPTION_BATCH, models.transformer["max_text_seq_length"], dtype=torch.long, device="meta")
@@ -111,20 +109,17 @@ def dry_run(config: PreprocessConfig) -> str:
         f"Expected peak GPU memory of cogtune preprocess for {spec.description}, clips of "
         f"{'x'.join(map(str, size))} (the largest), --vae_batch_size {config.vae_batch_size}, "
         f"--mixed_precision {config.mixed_precision}:",
-        f"  {t5_how}, {CAPTION_BATCH} captions a batch: weights {_gib(t5.weights)}, activations "
-        f"{_gib(t5.activations)}: {_gib(t5.total)}",
+        f"  {t5_how}, {CAPTION_BATCH} captions a batch: weights {gib(t5.weights)}, activations "
+        f"{gib(t5.activations)}: {gib(t5.total)}",
         f"  VAE{' tiled' if config.enable_tiling else ''}{' sliced' if config.enable_slicing else ''}: weights "
-        f"{_gib(vae.weights)}, encoding {_gib(vae.activations)}: {_gib(vae.total)} "
-        f"({'without' if config.enable_tiling else 'with'} --enable_tiling: {_gib(other.total)})",
-        f"  expected peak: {_gib(max(t5.total, vae.total))} (T5 is freed before the VAE loads)",
+        f"{gib(vae.weights)}, encoding {gib(vae.activations)}: {gib(vae.total)} "
+        f"({'without' if config.enable_tiling else 'with'} --enable_tiling: {gib(other.total)})",
+        f"  expected peak: {gib(max(t5.total, vae.total))} (T5 is freed before the VAE loads)",
         "The estimate counts tensors (as torch.cuda.max_memory_allocated does); the CUDA context and the "
         "allocator's cache add about 0.5-1 GiB to what nvidia-smi shows.",
     ]
     return "\n".join(lines)
 
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024 ** 2:.1f} MiB"
 
 
 def vae_room_problem(config: PreprocessConfig, models: ModelConfigs, free_bytes: int) -> str | None:
@@ -137,9 +132,9 @@ def vae_room_problem(config: PreprocessConfig, models: ModelConfigs, free_bytes:
         return None
     if not config.enable_tiling:
         tiled = vae_estimate(config, models, size, True, config.enable_slicing).total
-        advice = (f"run again with --enable_tiling (expected {_gib(tiled)}); it makes another cache, so give "
+        advice = (f"run again with --enable_tiling (expected {gib(tiled)}); it makes another cache, so give "
                   "train the flag too, or let it find the latest preprocess run of the config")
     else:
         advice = "lower --vae_batch_size, or free the GPU of other work"
-    return (f"The VAE would need about {_gib(need)} to encode clips of {'x'.join(map(str, size))}, and "
-            f"{_gib(free_bytes)} of the GPU is free: {advice}. Everything encoded so far is kept.")
+    return (f"The VAE would need about {gib(need)} to encode clips of {'x'.join(map(str, size))}, and "
+            f"{gib(free_bytes)} of the GPU is free: {advice}. Everything encoded so far is kept.")

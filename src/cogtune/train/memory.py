@@ -34,10 +34,9 @@ from cogtune.errors import CogtuneError
 from cogtune.families import FamilySpec, ModelConfigs
 from cogtune.train.model import build_transformer
 from cogtune.train.swap import swapped_bytes
-from cogtune.util.tensor_bytes import fused_attention_on_meta
+from cogtune.util.tensor_bytes import fused_attention_on_meta, gib
 from cogtune.train.optim import state_bytes_per_parameter
 
-GIB = 1024 ** 3
 
 
 @dataclass
@@ -59,9 +58,6 @@ class Estimate:
         return self.weights + self.lora + self.gradients + self.optimizer + self.activations + self.transient
 
     def table(self) -> str:
-        def gib(n: int) -> str:
-            return f"{n / GIB:8.2f} GiB" if n >= GIB / 10 else f"{n / 1024 ** 2:8.1f} MiB"
-
         checkpointing = "with" if self.gradient_checkpointing else "without"
         other = self.activations_without_checkpointing if self.gradient_checkpointing \
             else self.activations_with_checkpointing
@@ -75,10 +71,10 @@ class Estimate:
             ("backward transient", self.transient),
         ]
         width = max(len(name) for name, _ in rows) + 2
-        lines = [f"  {name:<{width}}{gib(value)}" for name, value in rows]
-        lines.append(f"  {'expected peak GPU memory':<{width}}{gib(self.total)}")
+        lines = [f"  {name:<{width}}{gib(value, 8)}" for name, value in rows]
+        lines.append(f"  {'expected peak GPU memory':<{width}}{gib(self.total, 8)}")
         lines.append(f"  (saved activations {'without' if self.gradient_checkpointing else 'with'} gradient "
-                     f"checkpointing would be {gib(other).strip()})")
+                     f"checkpointing would be {gib(other)})")
         return "\n".join(lines)
 
 

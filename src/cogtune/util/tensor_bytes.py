@@ -8,6 +8,18 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+GIB = 1024 ** 3
+
+
+def gib(n: int, width: int = 0) -> str:
+    """n bytes in GiB, or in MiB below a tenth of a GiB (right-aligned in `width` characters)."""
+    return f"{n / GIB:{width}.2f} GiB" if n >= GIB / 10 else f"{n / 1024 ** 2:{width}.1f} MiB"
+
+
+def largest_module_bytes(model: torch.nn.Module) -> int:
+    """The most parameter bytes one module holds itself: what offloading layer by layer keeps on the device."""
+    return max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in model.modules())
+
 
 class LiveTensorBytes(TorchDispatchMode):
     """Tracks the bytes of live tensor storages created while active, and their peak: on a CPU, the
