@@ -117,3 +117,24 @@ def test_a_mistyped_flag_is_refused_in_one_line_not_a_usage_dump():
     assert result.returncode == 2
     assert "unrecognized arguments: --learning_rte" in result.stderr
     assert len(result.stderr.splitlines()) <= 3
+
+
+def test_with_auto_tiling_train_finds_the_tiled_cache_a_small_gpu_switched_to(two_datasets, tmp_path):
+    from cogtune.cache.identity import training_cache
+    from cogtune.families import ModelConfigs
+
+    d = two_datasets
+    config = tmp_path / "auto.toml"  # its own latest-preprocess record
+    config.write_text(d["config"].read_text())
+    # --auto_tiling decides only on a GPU; its run on a small one writes what --enable_tiling writes
+    tiled = cache_path_of(cogtune_here("preprocess", "--config", config, "--enable_tiling").stdout)
+
+    def chosen(*flags):
+        argv = ["--config", str(config), *flags]
+        data = data_settings(load_config("train", argv), argv)
+        return training_cache(None, data, ModelConfigs.of(data)).path.resolve()
+
+    data_flags = ["--instance_data_root", str(load_config("preprocess", ["--config", str(config)]).instance_data_root)]
+    assert chosen(*data_flags) == d["a"] != tiled  # the untiled cache these settings name
+    assert chosen(*data_flags, "--auto_tiling") == tiled
+    assert chosen("--auto_tiling") == tiled

@@ -94,3 +94,31 @@ def test_a_vae_that_would_not_fit_stops_with_the_flag_to_add(tiny_model):
     assert f"(expected {gib(tiled)})" in problem and tiled < need
     already = settings("--enable_tiling")
     assert "lower --vae_batch_size" in vae_room_problem(already, models, 1)
+
+
+def test_auto_tiling_takes_the_first_setting_that_fits_slicing_before_tiling(tiny_model):
+    from cogtune.preprocess.memory import choose_vae_memory
+
+    def settings(batch):
+        return load_config("preprocess", ["--pretrained_model_name_or_path", str(tiny_model), "--instance_data_root",
+                                          ".", "--height", "272", "--width", "400", "--max_num_frames", "9",
+                                          "--vae_batch_size", str(batch), "--auto_tiling"])
+
+    config = settings(2)
+    models = ModelConfigs.of(config)
+    need = {(t, s): vae_estimate(config, models, (9, 272, 400), t, s).total for t in (False, True) for s in (False, True)}
+    assert need[False, False] * 0.99 > need[False, True] and min(need[True, False], need[False, True]) > need[True, True]
+
+    def chosen(config, free, started=False):
+        choice = choose_vae_memory(config, models, int(free) + 1, started)
+        return choice.tiling, choice.slicing, choice.fits
+
+    assert chosen(config, need[False, False] * 1.1) == (False, False, True)
+    assert chosen(config, need[False, False] * 1.09) == (False, True, True)  # slicing first: the same latents
+    tiling, _, fits = chosen(config, need[False, True] * 1.09)
+    assert tiling and fits
+    assert chosen(config, need[True, True]) == (True, True, False)  # nothing fits: the most frugal; preprocess stops
+    assert chosen(config, need[False, False] * 10, started=True) == (True, False, True)  # continues the tiled cache
+    one = settings(1)  # one clip at a time: slicing would change nothing
+    single = {t: vae_estimate(one, models, (9, 272, 400), t, False).total for t in (False, True)}
+    assert chosen(one, single[False] * 1.09) == (True, False, single[True] * 1.1 <= single[False] * 1.09)

@@ -161,6 +161,10 @@ class PreprocessConfig(ModelArgs, ValidationArgs):
     shard_size_mb: float = opt(512.0, "A cache shard file rolls over once it holds this many megabytes.")
     enable_slicing: bool = opt(False, "Encode the clips of a batch one at a time in the VAE (less memory).")
     enable_tiling: bool = opt(False, "Encode with the VAE tile by tile (less memory at high resolution).")
+    auto_tiling: bool = opt(
+        False, "On a GPU, switch on --enable_slicing, then --enable_tiling, when the VAE would not fit the free "
+               "memory (its estimate plus a tenth). Tiling changes the latents, so it writes another cache; train "
+               "with the same config (or this flag) finds it, and a later run continues the tiled cache.")
     text_encoder_quant_backend: str = opt(
         "none", "Quantize T5 as it loads, for encoding the captions (torchao, bitsandbytes_4bit, bitsandbytes_8bit "
                 "or quanto, as --quant_backend names them): T5-XXL takes 8.9 GiB in bf16. The embeddings change "

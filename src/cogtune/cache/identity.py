@@ -168,6 +168,10 @@ def training_cache(data_cache: str | None, data, models: ModelConfigs) -> Traini
         raise CogtuneError("Say which cache to train from: --data_cache DIR, or --config with the preprocess settings.")
     cache_root = Path(data.cache_root)
     named = cache_identity(data, models)
+    if data.auto_tiling and not data.enable_tiling:  # preprocess continues a tiled cache once there is one
+        tiled = cache_identity(_with(data, {"enable_tiling": True}), models)
+        if (cache_root / tiled.name / schema.MANIFEST_FILE).is_file():
+            named = tiled
     latest = latest_preprocess_run(cache_root, data.config_file)
     source = f"--config {data.config_file}" if data.config_file else "no config file"
     if latest is None or latest["cache"] == named.name:

@@ -10,6 +10,7 @@ stop (exit status 75); running it again continues.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -27,9 +28,10 @@ from cogtune.data.sources import load_records
 from cogtune.families import ModelConfigs
 from cogtune.errors import CogtuneError
 from cogtune.preprocess.encode import device_and_dtype, encode_captions, encode_validation, encode_videos
-from cogtune.preprocess.memory import vae_room_problem
+from cogtune.preprocess.memory import choose_vae_memory, vae_room_problem
 from cogtune.preprocess.plan import CacheHolds, my_videos, plan
 from cogtune.util import files, logs
+from cogtune.util.tensor_bytes import gib
 from cogtune.util.distributed import Processes, is_main_process, processes
 from cogtune.util.signals import StopRequests
 
@@ -121,10 +123,11 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     validation_pairs = config.checked_validation_pairs(spec)
     for size in clip_sizes(config):
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
+    procs = processes()
+    config = auto_vae_memory(config, models, procs)
     identity = cache_identity(config, models)
     files.ensure_writable_dir(Path(config.cache_root), "--cache_root")
     cache_path = Path(config.cache_root) / identity.name
-    procs = processes()
     if procs.is_main:  # what a later `cogtune train` of the same config trains on
         record_preprocess_run(config, identity)
     stages: dict[str, StageFigures] = {}
@@ -142,6 +145,29 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
         skipped_by_kind=selected.failures, buckets=selected.buckets,
         seconds=time.time() - started, is_main_process=procs.is_main, stages=stages, **counts,
     )
+
+
+def auto_vae_memory(config: PreprocessConfig, models: ModelConfigs, procs: Processes) -> PreprocessConfig:
+    """--auto_tiling on a GPU: the settings with the slicing and tiling that let the VAE fit the free
+    memory (T5 is freed before the VAE loads, so what is free now is what the VAE gets). When tiling
+    is switched on it is recorded as if given on the command line, so that `cogtune train` of the
+    same config finds the tiled cache."""
+    device = device_and_dtype(config.mixed_precision)[0]
+    if not config.auto_tiling or device.type != "cuda":
+        return config
+    tiled = cache_identity(dataclasses.replace(config, enable_tiling=True), models)
+    started = (Path(config.cache_root) / tiled.name / schema.MANIFEST_FILE).is_file()
+    choice = choose_vae_memory(config, models, torch.cuda.mem_get_info(device)[0], started)
+    # All processes write one cache: each takes the most frugal setting that any of them needs.
+    choices = procs.gather((choice.tiling, choice.slicing))
+    tiling, slicing = any(t for t, _ in choices), any(s for _, s in choices)
+    if (tiling, slicing) == (config.enable_tiling, config.enable_slicing):
+        return config
+    why = "a tiled cache of these settings was started before" if started and tiling else (
+        f"the VAE needs about {gib(choice.need)} with it, and {gib(torch.cuda.mem_get_info(device)[0])} is free")
+    logs.message(f"--auto_tiling: VAE{' tiling' if tiling else ''}{' slicing' if slicing else ''} on: {why}.")
+    command_line = tuple(sorted({*config.command_line, "enable_tiling"})) if tiling else config.command_line
+    return dataclasses.replace(config, enable_tiling=tiling, enable_slicing=slicing, command_line=command_line)
 
 
 def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, identity: CacheIdentity,

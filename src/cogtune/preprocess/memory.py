@@ -122,18 +122,53 @@ def dry_run(config: PreprocessConfig) -> str:
 
 
 
+def fits(need: int, free_bytes: int) -> bool:
+    """Whether `need` bytes of tensors fit `free_bytes` of GPU memory, with a tenth more for the allocator."""
+    return need * 1.1 <= free_bytes
+
+
+@dataclass(frozen=True)
+class VaeMemoryChoice:
+    tiling: bool
+    slicing: bool
+    need: int  # the VAE's expected peak with these
+    fits: bool
+
+
+def choose_vae_memory(config: PreprocessConfig, models: ModelConfigs, free_bytes: int,
+                      tiled_cache_started: bool = False) -> VaeMemoryChoice:
+    """--auto_tiling: the first of the settings asked, then with slicing (which changes nothing in the
+    latents, so only when several clips are encoded at once), then tiling, then both, that fits
+    `free_bytes`; the last when none does. Once a tiled cache of these settings was started, tiling
+    stays on, so that a run on a larger GPU continues that cache instead of starting another."""
+    size = max(clip_sizes(config), key=math.prod)
+    tiling = config.enable_tiling or tiled_cache_started
+    candidates = [(tiling, config.enable_slicing)]
+    if config.vae_batch_size > 1 and not config.enable_slicing:
+        candidates.append((tiling, True))
+    if not tiling:
+        candidates += [(True, slicing) for _, slicing in candidates]
+    choice = None
+    for tiling, slicing in candidates:
+        need = vae_estimate(config, models, size, tiling, slicing).total
+        choice = VaeMemoryChoice(tiling, slicing, need, fits(need, free_bytes))
+        if choice.fits:
+            break
+    return choice
+
+
 def vae_room_problem(config: PreprocessConfig, models: ModelConfigs, free_bytes: int) -> str | None:
     """Why encoding the largest clip would not fit the GPU memory that is free (with a tenth more
     for the allocator), and what to do; None when it fits. Tiling is never switched on behind the
     user's back: it changes the latents, so it names another cache."""
     size = max(clip_sizes(config), key=math.prod)
     need = vae_estimate(config, models, size, config.enable_tiling, config.enable_slicing).total
-    if need * 1.1 <= free_bytes:
+    if fits(need, free_bytes):
         return None
     if not config.enable_tiling:
         tiled = vae_estimate(config, models, size, True, config.enable_slicing).total
-        advice = (f"run again with --enable_tiling (expected {gib(tiled)}); it makes another cache, so give "
-                  "train the flag too, or let it find the latest preprocess run of the config")
+        advice = (f"run again with --enable_tiling (expected {gib(tiled)}) or --auto_tiling; it makes another "
+                  "cache, so give train the flag too, or let it find the latest preprocess run of the config")
     else:
         advice = "lower --vae_batch_size, or free the GPU of other work"
     return (f"The VAE would need about {gib(need)} to encode clips of {'x'.join(map(str, size))}, and "
