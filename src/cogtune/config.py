@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -208,6 +209,20 @@ class TrainConfig(ModelArgs, ValidationArgs):
     lora_target_modules: list = opt(
         ["to_q", "to_k", "to_v", "to_out.0"], "Transformer modules that get LoRA adapters."
     )
+    lora_target_preset: Optional[str] = opt(
+        None, "A named set of --lora_target_modules (replaces it): attention (the default's four projections), "
+              "attention_ffn (plus the feed-forward layers) or all_linear (every linear layer of the blocks, the "
+              "norms' too).", choices=("attention", "attention_ffn", "all_linear"))
+    use_dora: bool = opt(
+        False, "DoRA (peft's use_dora): a learned magnitude per output feature beside the LoRA. diffusers' "
+               "load_lora_weights loads it (checked in the tests); slower steps.")
+    use_rslora: bool = opt(
+        False, "rsLoRA (peft's use_rslora): scale lora_alpha / sqrt(rank) instead of lora_alpha / rank. The file "
+               "records it; diffusers 0.35 and newer read that when loading.")
+    init_lora: Optional[str] = opt(
+        None, "Start from an existing LoRA instead of a new one: a folder with pytorch_lora_weights.safetensors "
+              "(ours, or a diffusers script's checkpoint-N), a .safetensors file, or a hub id. Same --rank, "
+              "--lora_alpha and targets. A resumed run continues from its checkpoint instead.")
     mixed_precision: str = opt(
         "bf16",
         "no, fp16 or bf16: dtype of the frozen transformer and autocast (LoRA weights stay fp32 under fp16).",
@@ -319,6 +334,23 @@ class TrainConfig(ModelArgs, ValidationArgs):
     noised_image_dropout: float = opt(
         0.05, "Image-to-video models: probability that a sample's image latent is zeroed in a step."
     )
+    caption_dropout_p: float = opt(
+        0.0, "Probability that a sample's caption is dropped in a step (as finetrainers' --caption_dropout_p), so "
+             "that classifier-free guidance keeps working after long fine-tunes.")
+    caption_dropout_technique: str = opt(
+        "empty", "What a dropped caption becomes: empty, the empty prompt's T5 embedding (what the pipeline's "
+                 "negative prompt gives; preprocess stores it), or zero.", choices=("empty", "zero"))
+    timestep_sampling: str = opt(
+        "uniform", "How a step draws its timesteps: uniform (the reference), logit_normal (sigmoid of "
+                   "N(--logit_mean, --logit_std)) or mode (--mode_scale), as diffusers' "
+                   "compute_density_for_timestep_sampling (its scripts' --weighting_scheme).",
+        choices=("uniform", "logit_normal", "mode"))
+    logit_mean: float = opt(0.0, "Mean of the logit-normal timestep density.")
+    logit_std: float = opt(1.0, "Standard deviation of the logit-normal timestep density.")
+    mode_scale: float = opt(1.29, "Scale of the mode timestep density (0 is uniform; below 1.75).")
+    snr_gamma: Optional[float] = opt(
+        None, "Min-SNR weighting of each sample's loss, min(SNR, gamma) / (SNR + 1) (diffusers' --snr_gamma; 5.0 "
+              "is the paper's). Default: unweighted, as the reference.")
 
 
 @dataclass
@@ -622,8 +654,16 @@ def validate(config) -> None:
                                "pick one.")
     if isinstance(config, TrainConfig) and config.max_grad_norm <= 0:
         raise CogtuneError(f"--max_grad_norm must be positive, got {config.max_grad_norm}.")
-    if isinstance(config, TrainConfig) and not 0 <= config.noised_image_dropout <= 1:
-        raise CogtuneError(f"--noised_image_dropout is a probability (0 to 1), got {config.noised_image_dropout}.")
+    if isinstance(config, TrainConfig):
+        for name in ("noised_image_dropout", "caption_dropout_p"):
+            if not 0 <= getattr(config, name) <= 1:
+                raise CogtuneError(f"--{name} is a probability (0 to 1), got {getattr(config, name)}.")
+        for name in ("logit_std", "snr_gamma"):
+            value = getattr(config, name)
+            if value is not None and not 0 < value < float("inf"):
+                raise CogtuneError(f"--{name} must be a positive number, got {value}.")
+        if not 0 <= config.mode_scale < 1 / (math.pi / 2 - 1):  # the mode density's map stays monotone
+            raise CogtuneError(f"--mode_scale must be at least 0 and below 1.75, got {config.mode_scale}.")
     if isinstance(config, PreprocessConfig):
         from cogtune.data.buckets import configured_buckets
 

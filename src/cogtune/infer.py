@@ -14,7 +14,7 @@ from cogtune.config import InferConfig, check_precision_available, precision_dty
 from cogtune.data.video import first_frame_pixels
 from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
-from cogtune.train.lora import LORA_WEIGHT_NAME, read_lora_info
+from cogtune.train.lora import LORA_WEIGHT_NAME, lora_source, read_lora_info
 from cogtune.train.validation import video_name
 from cogtune.util import files, logs
 from cogtune.util.media import write_mp4
@@ -73,22 +73,12 @@ def _prompt_image_pairs(path: Path) -> list[tuple[str, str | None]]:
 
 def lora_location(config: InferConfig) -> tuple[str, str | None]:
     """(folder or hub id, weight file name) of the LoRA to load."""
-    lora = config.lora or config.output_dir
-    path = Path(lora)
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise CogtuneError(f"--lora {path} is not a .safetensors file. cogtune reads LoRAs only as safetensors, "
-                               "since pickled files (.bin, .pt) can run code when opened.")
-        return str(path.parent), path.name
-    if path.is_dir():
-        if not (path / LORA_WEIGHT_NAME).is_file():
-            raise CogtuneError(f"No {LORA_WEIGHT_NAME} in {path}; train first, or pass --lora with the file.")
-        return str(path), LORA_WEIGHT_NAME
-    if config.lora is None:
+    if config.lora is not None:
+        return lora_source(config.lora, "--lora")
+    path = Path(config.output_dir)
+    if not path.exists():
         raise CogtuneError(f"--output_dir {path} does not exist; train first or pass --lora.")
-    if path.is_absolute() or lora.startswith(".") or lora.count("/") != 1:
-        raise CogtuneError(f"--lora {lora} does not exist (give a LoRA folder, its .safetensors file, or a hub id).")
-    return lora, None  # a hub id
+    return lora_source(config.output_dir, "--output_dir")
 
 
 def _check_lora_file(path: Path) -> None:

@@ -541,6 +541,19 @@ def read_validation_inputs(cache_path: Path, pairs: list[tuple[str, str | None]]
     return embeds, images
 
 
+def read_empty_prompt_embeds(cache_path: Path) -> torch.Tensor:
+    """The cached T5 embedding of the empty prompt, [max_text_seq_length, text_dim]."""
+    from safetensors.torch import load_file
+
+    path = schema.validation_text_path(cache_path, "")
+    if not path.is_file():
+        raise CogtuneError(
+            f"The cache {cache_path} holds no embedding of the empty prompt, which --caption_dropout_technique empty "
+            "trains on (it was written before preprocess stored it). Run `cogtune preprocess` with the same settings "
+            "once more: it encodes that one prompt and nothing else. Or use --caption_dropout_technique zero.")
+    return load_file(path)[schema.VALIDATION_PROMPT_EMBEDS]
+
+
 def check_compatible(manifest: schema.Manifest, model: dict, cache_path: Path) -> None:
     """Refuse a cache whose tensors came from other VAE or text-encoder weights than model's
     (ModelConfigs.identity())."""

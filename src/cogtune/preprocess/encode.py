@@ -143,11 +143,10 @@ def encode_captions(captions: list[str], config: PreprocessConfig, models: Model
 def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path: Path,
                       pairs: list[tuple[str, str | None]]) -> int:
     """Encode the validation prompts of `pairs` (checked by checked_validation_pairs) and the empty
-    negative prompt with T5 and, for image-to-video models, their images with the VAE, into the
+    prompt (the negative prompt, and what --caption_dropout_technique empty trains on, so it is
+    always stored) with T5 and, for image-to-video models, their images with the VAE, into the
     cache's validation folder, so that training can generate without either. Only what is
     missing is encoded; returns how many files were written."""
-    if not pairs:
-        return 0
     images = [image for _, image in pairs if image]
     written = 0
     texts = [text for text in dict.fromkeys(["", *(prompt for prompt, _ in pairs)])

@@ -53,6 +53,65 @@ def load_lora_into(transformer, directory: Path) -> None:
         raise CogtuneError(f"The LoRA in {directory} does not match this model (unexpected keys).")
 
 
+# Named sets of --lora_target_modules: the block's attention projections (the reference's), plus its
+# feed-forward layers, plus the linear layers of its adaptive norms (every nn.Linear of a block).
+TARGET_PRESETS = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attention_ffn": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+    "all_linear": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear", "norm2.linear"],
+}
+
+
+def lora_source(value: str, flag: str) -> tuple[str, str | None]:
+    """(folder or hub id, weight file name; None for a hub id) of a LoRA given as a folder holding
+    pytorch_lora_weights.safetensors (ours, or a diffusers script's checkpoint-N), a .safetensors
+    file, or a hub id."""
+    path = Path(value)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CogtuneError(f"{flag} {path} is not a .safetensors file. cogtune reads LoRAs only as safetensors, "
+                               "since pickled files (.bin, .pt) can run code when opened.")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / LORA_WEIGHT_NAME).is_file():
+            raise CogtuneError(f"No {LORA_WEIGHT_NAME} in {path}; train first, or give {flag} the LoRA file itself.")
+        return str(path), LORA_WEIGHT_NAME
+    if path.is_absolute() or value.startswith(".") or value.count("/") != 1:
+        raise CogtuneError(f"{flag} {value} does not exist (give a LoRA folder, its .safetensors file, or a hub id).")
+    return value, None
+
+
+def load_initial_lora(transformer, value: str, rank: int, lora_alpha: float) -> int:
+    """--init_lora: start the adapters from an existing LoRA, which must have this run's rank (and
+    alpha, when its file records one). Returns how many of this run's adapted layers it covered;
+    the others start as a new LoRA does (B = 0)."""
+    from diffusers import CogVideoXPipeline
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    folder, weight_name = lora_source(value, "--init_lora")
+    try:
+        state, metadata = CogVideoXPipeline.lora_state_dict(
+            folder, use_safetensors=True, return_lora_metadata=True, **({"weight_name": weight_name} if weight_name else {}))
+    except Exception as e:  # diffusers, the hub and safetensors raise several error types
+        raise CogtuneError(f"Cannot read the LoRA --init_lora {value} ({first_line(e)}).") from None
+    state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+    ranks = sorted({v.shape[0] for k, v in state.items() if ".lora_A." in k})
+    if ranks != [rank]:
+        raise CogtuneError(f"--init_lora {value} has rank {', '.join(map(str, ranks)) or 'none (no transformer LoRA)'}; "
+                           f"this run has --rank {rank}. Train with its rank (and its --lora_alpha).")
+    alpha = (metadata or {}).get("transformer.lora_alpha")
+    if alpha is not None and float(alpha) != float(lora_alpha):
+        raise CogtuneError(f"--init_lora {value} was trained with lora_alpha {alpha}; this run has --lora_alpha "
+                           f"{lora_alpha:g}, which would change its strength. Pass --lora_alpha {alpha}.")
+    result = set_peft_model_state_dict(transformer, state, adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise CogtuneError(f"--init_lora {value} adapts layers this run does not ({result.unexpected_keys[0]}, ...): "
+                           "give the same --lora_target_modules (or preset), --use_dora and model family it was "
+                           "trained with.")
+    ours = {k.split(".lora_A.")[0] for k in get_peft_model_state_dict(transformer) if ".lora_A." in k}
+    return len(ours & {k.split(".lora_A.")[0] for k in state if ".lora_A." in k})
+
+
 def write_lora_info(folder: Path, info: dict) -> Path:
     path = Path(folder) / LORA_INFO_NAME
     files.write_text(path, json.dumps(info, indent=2) + "\n")

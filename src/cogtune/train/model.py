@@ -7,7 +7,12 @@ import torch
 from cogtune import quantize
 from cogtune.config import TrainConfig, precision_dtype
 from cogtune.families import FamilySpec, ModelConfigs, drop_learned_positional_embeddings
+from cogtune.train.lora import TARGET_PRESETS
 from cogtune.train.swap import BlockSwap, OffloadedCheckpointing
+
+
+def target_modules(config: TrainConfig) -> list[str]:
+    return list(TARGET_PRESETS[config.lora_target_preset] if config.lora_target_preset else config.lora_target_modules)
 
 
 def build_transformer(config: TrainConfig, models: ModelConfigs, spec: FamilySpec, device, meta: bool = False):
@@ -49,7 +54,8 @@ def build_transformer(config: TrainConfig, models: ModelConfigs, spec: FamilySpe
             OffloadedCheckpointing(torch.device(device)) if config.gradient_checkpointing_cpu_offload else None)
     torch.manual_seed(config.seed)  # LoRA init
     transformer.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, init_lora_weights=True,
-                                       target_modules=list(config.lora_target_modules)))
+                                       target_modules=target_modules(config), use_dora=config.use_dora,
+                                       use_rslora=config.use_rslora))
     cast_training_params([transformer], dtype=torch.float32)  # only the LoRA is trained: only it is fp32
     if config.layerwise_casting_storage_dtype != "none":  # after the LoRA, which it leaves in fp32
         transformer.enable_layerwise_casting(storage_dtype=getattr(torch, config.layerwise_casting_storage_dtype),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from cogtune.cache.reader import read_empty_prompt_embeds
 from cogtune.cache.writer import cache_lock
 from cogtune.config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
 from cogtune.errors import CogtuneError, Preempted
@@ -28,10 +29,10 @@ from cogtune.families import ModelConfigs
 from cogtune.train import checkpoint as checkpoints
 from cogtune.train import log, report
 from cogtune.train.data import LatentDataset, TrainingPlan, batch_generator, collate, open_training_cache
-from cogtune.train.lora import LORA_WEIGHT_NAME, save_lora, write_lora_info
-from cogtune.train.model import build_transformer
+from cogtune.train.lora import LORA_WEIGHT_NAME, load_initial_lora, save_lora, write_lora_info
+from cogtune.train.model import build_transformer, target_modules
 from cogtune.train.optim import make_lr_scheduler, make_optimizer
-from cogtune.train.step import Draws, NoiseSchedule, training_loss
+from cogtune.train.step import Draws, NoiseSchedule, Objective, training_loss
 from cogtune.train.validation import ValidationRound, load_validation_set, run_validation, validation_due
 from cogtune.util import distributed, files, locks, logs
 from cogtune.util.signals import StopRequests, ignore_stop_signals
@@ -166,7 +167,8 @@ def _save_outputs(run: checkpoints.Run, config: TrainConfig, models, spec, cache
             "base_model": models.source, "family": spec.description,
             "ignore_learned_positional_embeddings": spec.ignores_learned_positions(
                 config.ignore_learned_positional_embeddings),
-            "rank": config.rank, "lora_alpha": config.lora_alpha, "target_modules": list(config.lora_target_modules),
+            "rank": config.rank, "lora_alpha": config.lora_alpha, "target_modules": target_modules(config),
+            "use_dora": config.use_dora, "use_rslora": config.use_rslora, "init_lora": config.init_lora,
             "steps": global_step, "cache": str(cache_path)})
         report.write_loss_curve_quietly(output_dir / log.TRAIN_LOG_NAME)
         card = report.write_model_card(output_dir, config, models, spec, manifest, rounds, global_step)
@@ -221,12 +223,19 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     held.enter_context(cache_lock(cache_path, user="this training run"))  # shared: keeps `cache prune` out
     spec.check_precision(config.mixed_precision, logs.message)
     validation = load_validation_set(config, spec, cache_path, cache.manifest)  # T5 never runs here: the cache has them
+    empty_prompt = (read_empty_prompt_embeds(cache_path)  # what a dropped caption becomes
+                    if config.caption_dropout_p > 0 and config.caption_dropout_technique == "empty" else None)
     _check_engine(config, accelerator.distributed_type.name, validation is not None)
     _hold_output_dir(accelerator, output_dir, held)  # (after the checks: a run refused by them leaves nothing)
 
     # The model: the transformer alone, frozen, with LoRA adapters in fp32; the noise schedule.
     weight_dtype = precision_dtype(config.mixed_precision)
     transformer = build_transformer(config, models, spec, accelerator.device)
+    if config.init_lora:  # (a resumed run then loads its checkpoint's LoRA over it)
+        covered = load_initial_lora(transformer, config.init_lora, config.rank, config.lora_alpha)
+        adapted = sum(1 for name, _ in transformer.named_modules() if name.endswith(".lora_A"))
+        logs.message(f"LoRA: starts from {config.init_lora} ({covered} of {adapted} adapted layers; the others new)"
+                     if covered < adapted else f"LoRA: starts from {config.init_lora}")
     schedule = NoiseSchedule(CogVideoXDDIMScheduler.from_config(models.scheduler).alphas_cumprod)
 
     # Optimizer and learning-rate schedule, sized from the index alone.
@@ -260,6 +269,8 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
 
     # The loop.
     dataset = LatentDataset(cache)
+    objective = Objective.of(config)
+    extra_inputs = {"empty_prompt_embeds": empty_prompt.to(accelerator.device)} if empty_prompt is not None else {}
     device, on_gpu = accelerator.device, accelerator.device.type == "cuda"
     family_inputs = functools.lru_cache(maxsize=None)(  # RoPE tables and ofs, once per bucket and batch size
         lambda *shape: spec.transformer_inputs(*shape, device))
@@ -278,7 +289,8 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
             batch_number += 1
             with accelerator.accumulate(run.transformer):
                 batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}  # pinned
-                loss = training_loss(run.transformer, batch, spec, draws, schedule, config.noised_image_dropout,
+                batch.update(extra_inputs)
+                loss = training_loss(run.transformer, batch, spec, draws, schedule, objective,
                                      family_inputs, weight_dtype, accelerator.autocast, share.real,
                                      share.total / processes)
                 step_losses.append(loss.detach())

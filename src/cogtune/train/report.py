@@ -11,6 +11,7 @@ from cogtune import data_schema as schema
 from cogtune.errors import CogtuneError
 from cogtune.train.log import TRAIN_LOG_NAME, read_log
 from cogtune.train.lora import LORA_INFO_NAME, LORA_WEIGHT_NAME
+from cogtune.train.model import target_modules
 from cogtune.util import files, logs
 from cogtune.util.rss import peak_rss_bytes
 
@@ -182,7 +183,11 @@ def model_card(config, models, spec, manifest: schema.Manifest, rounds: list, st
         ("Model family", spec.description),
         ("Identifier token", f"`{id_token}`" if id_token else "none"),
         ("LoRA rank / alpha", f"{config.rank} / {config.lora_alpha:g}"),
-        ("Target modules", ", ".join(config.lora_target_modules)),
+        ("Target modules", ", ".join(target_modules(config))
+         + (f" (preset {config.lora_target_preset})" if config.lora_target_preset else "")),
+        ("LoRA variant", "DoRA" if config.use_dora and not config.use_rslora else "DoRA, rsLoRA" if config.use_dora
+         else "rsLoRA (alpha / sqrt(rank); diffusers 0.35 and newer read this from the file)" if config.use_rslora
+         else "LoRA"),
         ("Steps", str(steps)),
         ("Learning rate", f"{config.learning_rate:g} ({config.lr_scheduler}, {config.lr_warmup_steps} warm-up steps)"),
         ("Optimizer", config.optimizer + (" (8-bit)" if config.use_8bit_adam else "")),

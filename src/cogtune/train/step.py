@@ -4,6 +4,7 @@ inputs the transformer gets and the CogVideoX velocity loss."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,45 @@ class StepConstants:
         return StepConstants(self.signal.to(device), self.noise.to(device), self.weight.to(device))
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What a step draws and how it weighs each sample, beyond the data. The defaults are the
+    reference's: uniform timesteps, every caption kept, the unweighted velocity loss."""
+
+    noised_image_dropout: float = 0.05  # image-to-video: a sample's image latent zeroed
+    timestep_sampling: str = "uniform"  # or logit_normal, mode (diffusers' compute_density_for_timestep_sampling)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    snr_gamma: float | None = None  # min-SNR weighting
+    caption_dropout_p: float = 0.0
+    caption_dropout_technique: str = "empty"  # the empty prompt's embedding (batch["empty_prompt_embeds"]), or zero
+
+    @classmethod
+    def of(cls, config) -> "Objective":
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
+def draw_timesteps(objective: Objective, draws: Draws, rows: int, num_timesteps: int) -> torch.Tensor:
+    """The step's timesteps: uniform integers (the reference), or diffusers' logit-normal or mode
+    density over [0, 1) scaled to the schedule, as its flow-matching scripts index their sigmas."""
+    if objective.timestep_sampling == "uniform":
+        return draws.randint(num_timesteps, rows)
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(
+        objective.timestep_sampling, draws.total or rows, logit_mean=objective.logit_mean,
+        logit_std=objective.logit_std, mode_scale=objective.mode_scale, generator=draws.generator)
+    return draws._keep((u * num_timesteps).long().clamp(0, num_timesteps - 1), rows)
+
+
+def snr_weights(constants: StepConstants, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights of each sample, [B] (Hang et al. 2023, as diffusers' scripts apply them to
+    a v-prediction loss, which the CogVideoX loss is): min(SNR, gamma) / (SNR + 1), SNR = abar / (1 - abar)."""
+    snr = (constants.signal ** 2 / constants.noise ** 2).flatten()
+    return snr.clamp(max=gamma) / (snr + 1)
+
+
 @dataclass
 class StepInputs:
     """What one training step feeds the transformer, and what its loss compares against."""
@@ -105,23 +145,39 @@ class StepInputs:
     model_input: torch.Tensor  # x_t, with the image condition concatenated on channels for I2V
     timesteps: torch.Tensor
     constants: StepConstants
+    prompt_embeds: torch.Tensor  # the batch's, some replaced with caption dropout
 
 
 def step_inputs(batch: dict, spec: FamilySpec, draws: Draws, schedule: NoiseSchedule,
-                noised_image_dropout: float) -> StepInputs:
+                objective: Objective) -> StepInputs:
     """The randomness of one step, drawn in a fixed order: the video posterior sample, timesteps,
-    noise, then (I2V) the image encoding, its posterior sample and dropout."""
+    noise, then (I2V) the image encoding, its posterior sample and dropout, then (with caption
+    dropout) which captions are dropped. Options that are off draw nothing."""
     x0 = spec.pad_frames(sample_x0(batch["mean"], batch["logvar"], spec, draws))
-    timesteps = draws.randint(len(schedule), x0.shape[0])
+    timesteps = draw_timesteps(objective, draws, x0.shape[0], len(schedule))
     noise = draws.randn(x0.shape)
     constants = schedule.at(timesteps).to(x0.device)
     x_t = add_noise(x0, noise.to(x0.device), constants)
     model_input = x_t
     if spec.image_conditioned:
         image = sample_image_latents(batch["image_mean"], batch["image_logvar"], spec, draws,
-                                     noised_image_dropout)
+                                     objective.noised_image_dropout)
         model_input = torch.cat([x_t, spec.image_condition(image, x0.shape[1])], dim=2)
-    return StepInputs(x0=x0, x_t=x_t, model_input=model_input, timesteps=timesteps, constants=constants)
+    prompt_embeds = batch["prompt_embeds"]
+    if objective.caption_dropout_p > 0:
+        prompt_embeds = drop_captions(prompt_embeds, batch.get("empty_prompt_embeds"), objective, draws)
+    return StepInputs(x0=x0, x_t=x_t, model_input=model_input, timesteps=timesteps, constants=constants,
+                      prompt_embeds=prompt_embeds)
+
+
+def drop_captions(prompt_embeds: torch.Tensor, empty: torch.Tensor | None, objective: Objective,
+                  draws: Draws) -> torch.Tensor:
+    """Each sample's caption embedding replaced, with probability caption_dropout_p, by the empty
+    prompt's (technique empty: what the pipeline's negative prompt gives) or by zeros."""
+    dropped = draws.rand(prompt_embeds.shape[0]).to(prompt_embeds.device) < objective.caption_dropout_p
+    replacement = torch.zeros_like(prompt_embeds) if objective.caption_dropout_technique == "zero" else \
+        empty.to(prompt_embeds.dtype).expand_as(prompt_embeds)
+    return torch.where(dropped.view(-1, 1, 1), replacement, prompt_embeds)
 
 
 def velocity_losses(pred: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, constants: StepConstants) -> torch.Tensor:
@@ -142,23 +198,26 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, constants: StepConstants) -
 
 
 def training_loss(transformer, batch: dict, spec: FamilySpec, draws: Draws, schedule: NoiseSchedule,
-                  noised_image_dropout: float, family_inputs, weight_dtype: torch.dtype, autocast,
+                  objective: Objective, family_inputs, weight_dtype: torch.dtype, autocast,
                   real: int | None = None, per_process: float | None = None) -> torch.Tensor:
     """One micro-batch's loss: draw the step's inputs, run the transformer (under autocast, in
-    weight_dtype) and compare its velocity with x0. family_inputs(batch, frames, height, width):
-    the family's extra keyword inputs (spec.transformer_inputs, cached per shape). With `real`
-    and `per_process` (train.data.Share), the sum over the first `real` samples divided by
-    `per_process`: the rows after them are repeats that count for nothing. Else the mean."""
-    inputs = step_inputs(batch, spec, draws, schedule, noised_image_dropout)
+    weight_dtype) and compare its velocity with x0 (min-SNR weighted with objective.snr_gamma).
+    family_inputs(batch, frames, height, width): the family's extra keyword inputs
+    (spec.transformer_inputs, cached per shape). With `real` and `per_process` (train.data.Share),
+    the sum over the first `real` samples divided by `per_process`: the rows after them are repeats
+    that count for nothing. Else the mean."""
+    inputs = step_inputs(batch, spec, draws, schedule, objective)
     with autocast():
         pred = transformer(
             hidden_states=inputs.model_input.to(weight_dtype),
-            encoder_hidden_states=batch["prompt_embeds"].to(weight_dtype),
+            encoder_hidden_states=inputs.prompt_embeds.to(weight_dtype),
             timestep=inputs.timesteps.to(inputs.x0.device),
             **family_inputs(inputs.x0.shape[0], inputs.x0.shape[1], *inputs.x0.shape[3:]),
             return_dict=False,
         )[0]
     losses = velocity_losses(pred, inputs.x_t.to(weight_dtype), inputs.x0, inputs.constants)
+    if objective.snr_gamma is not None:
+        losses = losses * snr_weights(inputs.constants, objective.snr_gamma)
     if real is None:
         return losses.mean()
     return losses[:real].sum() / per_process
