@@ -291,3 +291,39 @@ def test_init_lora_starts_from_ours_or_a_diffusers_script_checkpoint(prepared, t
             assert result.returncode == 2 and says in result.stderr, result.stderr
         else:  # more targets than the LoRA had: those start new, and the run says how many
             assert result.returncode == 0 and "(8 of 12 adapted layers; the others new)" in result.stderr
+
+
+def test_merge_writes_a_pipeline_equal_to_base_plus_lora(prepared, tiny_model, tmp_path):
+    from diffusers import CogVideoXPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from test_end_to_end import transformer_output
+
+    lora = trained(prepared, tmp_path / "out", "--use_dora").lora_path.parent
+    cogtune_here("merge", "--lora", lora, "--merged_dir", tmp_path / "merged", "--lora_scale", "0.7", "--dtype", "no")
+    merged = CogVideoXPipeline.from_pretrained(tmp_path / "merged")
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.transformer.modules())  # nothing left to load
+
+    pipe = CogVideoXPipeline.from_pretrained(tiny_model)
+    base = transformer_output(pipe.transformer)
+    pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors", adapter_name="x")
+    pipe.set_adapters(["x"], [0.7])
+    expected = transformer_output(pipe.transformer)
+    assert not torch.allclose(base, expected, atol=1e-4)
+    assert torch.allclose(transformer_output(merged.transformer), expected, atol=1e-5)
+    assert torch.equal(merged.vae.decoder.conv_in.conv.weight, pipe.vae.decoder.conv_in.conv.weight)  # only the transformer
+
+    half = cogtune_here("merge", "--lora", lora, "--merged_dir", tmp_path / "bf16", "--lora_scale", "0.7")
+    assert str(tmp_path / "bf16") in half.stdout
+    from safetensors import safe_open
+
+    saved = set()
+    for shard in (tmp_path / "bf16" / "transformer").glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            saved |= {f.get_slice(key).get_dtype() for key in f.keys()}
+    assert saved == {"BF16"}
+    stored = CogVideoXPipeline.from_pretrained(tmp_path / "bf16").transformer
+    assert torch.allclose(transformer_output(stored.float()), expected, atol=0.05 * expected.abs().max().item())
+
+    again = cogtune_here("merge", "--lora", lora, "--merged_dir", tmp_path / "bf16", check=False)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr

@@ -21,6 +21,7 @@ COMMANDS = {
     "infer": "Generate videos with the base pipeline plus a trained LoRA.",
     "cache": "Inspect, verify or prune a cache: `cogtune cache inspect|verify|prune PATH`.",
     "export": "Write a trained LoRA in another tool's layout: `cogtune export --format comfyui`.",
+    "merge": "Write the base pipeline with a LoRA merged in, as a diffusers folder: `cogtune merge --merged_dir DIR`.",
     "make-tiny-model": "Write a tiny random-weight CogVideoX pipeline folder (for demos and tests).",
     "make-demo-data": "Write captioned synthetic demo clips in the prompts.txt + videos.txt format.",
 }
@@ -98,6 +99,12 @@ def _export(argv):
     main(argv)
 
 
+def _merge(argv):
+    from cogtune.merge import main
+
+    main(argv, COMMANDS["merge"])
+
+
 def _cache(argv):
     from cogtune.cache.tool import main
 
@@ -131,7 +138,7 @@ def _make_demo_data(argv):
     print(f"data: {make_demo_data(args.output_dir)}")
 
 
-HANDLERS = {"init": _init, "preprocess": _preprocess, "train": _train, "infer": _infer, "cache": _cache, "export": _export,
+HANDLERS = {"init": _init, "preprocess": _preprocess, "train": _train, "infer": _infer, "cache": _cache, "export": _export, "merge": _merge,
             "make-tiny-model": _make_tiny_model, "make-demo-data": _make_demo_data}
 
 

@@ -1,0 +1,93 @@
+"""`cogtune merge`: the base pipeline with a trained LoRA merged into its transformer, saved as a
+diffusers pipeline folder that `from_pretrained` loads, with no LoRA left to load.
+
+The pipeline is loaded in fp32, the LoRA fused at --lora_scale (diffusers' fuse_lora: W += scale *
+alpha / rank * B @ A, DoRA's magnitudes included), the adapter removed, and the whole pipeline cast
+to --dtype before it is written: the sum is taken in fp32 and rounded once. The folder is written
+under a temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from cogtune.config import MIXED_PRECISION, load_config, precision_dtype
+from cogtune.errors import CogtuneError, first_line
+from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
+from cogtune.train.lora import lora_source, read_lora_info
+from cogtune.util import files, logs
+
+ADAPTER_NAME = "merged"
+
+
+def merge(lora: str, merged_dir: str | Path, base: str | None = None, lora_scale: float = 1.0,
+          dtype: str = "bf16", revision: str | None = None, variant: str | None = None) -> Path:
+    import diffusers
+
+    folder, weight_name = lora_source(lora, "--lora")
+    info = read_lora_info(folder)
+    trained_on = info.get("base_model") or {}
+    if not base:  # the model it was trained on, at the same revision and variant
+        base, revision, variant = (trained_on.get("pretrained_model_name_or_path"), revision or trained_on.get("revision"),
+                                   variant or trained_on.get("variant"))
+    if not base:
+        raise CogtuneError(f"--lora {lora} does not say which model it was trained on (no cogtune_lora.json beside "
+                           "it): pass --pretrained_model_name_or_path.")
+    merged_dir = Path(merged_dir)
+    if merged_dir.exists() and (not merged_dir.is_dir() or any(merged_dir.iterdir())):
+        raise CogtuneError(f"--merged_dir {merged_dir} exists and is not empty: choose a new folder (nothing is "
+                           "overwritten).")
+    files.ensure_writable_dir(merged_dir.parent, "--merged_dir's parent folder")
+    config = load_config("infer", ["--pretrained_model_name_or_path", base, "--lora", lora, "--prompt", "-",
+                                   *(["--revision", revision] if revision else []),
+                                   *(["--variant", variant] if variant else [])])
+    models = ModelConfigs.of(config)
+    spec = models.spec()
+    pipe = models.load_part(getattr(diffusers, spec.pipeline_class_name), None, dtype=torch.float32)
+    if spec.ignores_learned_positions(bool(info.get("ignore_learned_positional_embeddings"))):
+        drop_learned_positional_embeddings(pipe.transformer)  # recorded in the saved config too
+    try:
+        pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, use_safetensors=True,
+                               **({"weight_name": weight_name} if weight_name else {}))
+    except Exception as e:  # OSError, ValueError, safetensors' and peft's own error types
+        raise CogtuneError(f"Cannot load the LoRA {lora}: {first_line(e)}") from None
+    pipe.fuse_lora(components=["transformer"], lora_scale=lora_scale, adapter_names=[ADAPTER_NAME])
+    pipe.unload_lora_weights()
+    pipe.to(precision_dtype(dtype))
+    temp = merged_dir.with_name(f".{merged_dir.name}.tmp-{time.time_ns()}")
+    try:
+        pipe.save_pretrained(temp, safe_serialization=True)
+        if merged_dir.is_dir():
+            merged_dir.rmdir()  # empty (checked above)
+        temp.rename(merged_dir)
+    except Exception as e:
+        files.raise_if_no_space(e, merged_dir)
+        raise
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return merged_dir.resolve()
+
+
+def main(argv: list[str], description: str) -> None:
+    parser = argparse.ArgumentParser(prog="cogtune merge", description=description)
+    parser.add_argument("--lora", default="cogtune-lora", help="The LoRA: a training output folder, its .safetensors "
+                                                               "file, or a hub id (default: cogtune-lora).")
+    parser.add_argument("--merged_dir", required=True, help="The new pipeline folder to write.")
+    parser.add_argument("--pretrained_model_name_or_path", default=None,
+                        help="The base pipeline (default: the one the LoRA was trained on, from cogtune_lora.json).")
+    parser.add_argument("--revision", default=None, help="The base model's hub revision.")
+    parser.add_argument("--variant", default=None, help="The base model's weight variant (fp16, bf16).")
+    parser.add_argument("--lora_scale", type=float, default=1.0,
+                        help="Strength merged in: 1.0 is the trained alpha/rank scale (as infer's --lora_scale).")
+    parser.add_argument("--dtype", choices=MIXED_PRECISION, default="bf16",
+                        help="The saved pipeline's precision: no (fp32), fp16 or bf16 (default: bf16). The sum is "
+                             "taken in fp32 either way.")
+    args = parser.parse_args(argv)
+    path = merge(args.lora, args.merged_dir, args.pretrained_model_name_or_path, args.lora_scale, args.dtype,
+                 args.revision, args.variant)
+    logs.result(f"merged: {path}", merged=str(path))
