@@ -327,3 +327,41 @@ def test_merge_writes_a_pipeline_equal_to_base_plus_lora(prepared, tiny_model, t
 
     again = cogtune_here("merge", "--lora", lora, "--merged_dir", tmp_path / "bf16", check=False)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
+
+
+def test_ema_follows_its_recurrence_and_resumes_exactly(prepared, tmp_path):
+    from safetensors.torch import load_file
+
+    decay = 0.2  # the warm-up's value is below it at step 2 and above it from step 3: both regimes are exercised
+    common = ["--config", prepared["config"], "--checkpointing_steps", "1"]
+    cogtune_here("train", *common, "--output_dir", tmp_path / "start", "--learning_rate", "0", "--max_train_steps", "1")
+    cogtune_here("train", *common, "--output_dir", tmp_path / "ema", "--max_train_steps", "4", "--use_ema",
+                 "--ema_decay", str(decay))
+    # The recurrence, from the LoRA after each step: e0 = the LoRA at the start, e_k = d_k e_(k-1) + (1 - d_k) p_k,
+    # with diffusers' warm-up d_1 = 0, d_k = min(decay, (1 + n) / (10 + n)) for n = k - 1.
+    expected = {k: v.double() for k, v in lora_tensors(tmp_path / "start").items()}
+    for k in range(1, 5):
+        d = 0.0 if k == 1 else min(decay, k / (9 + k))
+        p = lora_tensors(tmp_path / "ema" / f"checkpoint-{k}")
+        expected = {name: d * e + (1 - d) * p[name].double() for name, e in expected.items()}
+        saved = load_file(tmp_path / "ema" / f"checkpoint-{k}" / "pytorch_lora_weights_ema.safetensors")
+        assert saved.keys() == expected.keys()
+        assert all(torch.allclose(saved[n].double(), expected[n], rtol=1e-5, atol=1e-8) for n in saved), k
+    final = load_file(tmp_path / "ema" / "pytorch_lora_weights_ema.safetensors")
+    assert all(torch.equal(final[n], saved[n]) for n in final)
+    assert not all(torch.equal(final[n], lora_tensors(tmp_path / "ema")[n]) for n in final)
+
+    # Stopped after step 2 and resumed: the same EMA, bit for bit.
+    cogtune_here("train", *common, "--output_dir", tmp_path / "resumed", "--max_train_steps", "2", "--use_ema",
+                 "--ema_decay", str(decay))
+    cogtune_here("train", *common, "--output_dir", tmp_path / "resumed", "--max_train_steps", "4", "--use_ema",
+                 "--ema_decay", str(decay), "--resume_from_checkpoint", "latest")
+    again = load_file(tmp_path / "resumed" / "pytorch_lora_weights_ema.safetensors")
+    assert all(torch.equal(again[n], final[n]) for n in final)
+
+    # The EMA file loads as a LoRA.
+    from diffusers import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline.from_pretrained(load_config("train", ["--config", str(prepared["config"])])
+                                             .pretrained_model_name_or_path)
+    pipe.load_lora_weights(str(tmp_path / "ema"), weight_name="pytorch_lora_weights_ema.safetensors")

@@ -348,6 +348,12 @@ class TrainConfig(ModelArgs, ValidationArgs):
     logit_mean: float = opt(0.0, "Mean of the logit-normal timestep density.")
     logit_std: float = opt(1.0, "Standard deviation of the logit-normal timestep density.")
     mode_scale: float = opt(1.29, "Scale of the mode timestep density (0 is uniform; below 1.75).")
+    use_ema: bool = opt(
+        False, "Keep an exponential moving average of the LoRA weights (diffusers' EMAModel: the first step's LoRA, "
+               "then decay min(--ema_decay, (1 + n) / (10 + n)) at the n-th step after it), saved beside the LoRA as pytorch_lora_weights_ema.safetensors, "
+               "loadable as a LoRA; restored exactly on resume. One process or DDP (not FSDP or DeepSpeed).")
+    ema_decay: float = opt(0.9999, "Decay of the --use_ema average (at most; less during its warm-up).")
+    ema_validation: bool = opt(False, "With --use_ema: generate the validation videos with the EMA weights.")
     snr_gamma: Optional[float] = opt(
         None, "Min-SNR weighting of each sample's loss, min(SNR, gamma) / (SNR + 1) (diffusers' --snr_gamma; 5.0 "
               "is the paper's). Default: unweighted, as the reference.")
@@ -662,6 +668,10 @@ def validate(config) -> None:
             value = getattr(config, name)
             if value is not None and not 0 < value < float("inf"):
                 raise CogtuneError(f"--{name} must be a positive number, got {value}.")
+        if not 0 < config.ema_decay < 1:
+            raise CogtuneError(f"--ema_decay must be above 0 and below 1, got {config.ema_decay}.")
+        if config.ema_validation and not config.use_ema:
+            raise CogtuneError("--ema_validation validates with the EMA weights: add --use_ema.")
         if not 0 <= config.mode_scale < 1 / (math.pi / 2 - 1):  # the mode density's map stays monotone
             raise CogtuneError(f"--mode_scale must be at least 0 and below 1.75, got {config.mode_scale}.")
     if isinstance(config, PreprocessConfig):

@@ -2,6 +2,7 @@
 
     <output_dir>/checkpoint-<step>/
         pytorch_lora_weights.safetensors   the LoRA, in diffusers format (infer can load it as is)
+        pytorch_lora_weights_ema.safetensors   with --use_ema: the LoRA's exponential moving average
         training_state.safetensors         optimizer, learning-rate schedule and gradient scaler
                                            (under FSDP one per process: training_state_<rank>.safetensors;
                                            under DeepSpeed, deepspeed/ in DeepSpeed's own format instead)
@@ -20,6 +21,7 @@ import json
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cogtune.errors import CogtuneError, first_line
-from cogtune.train.lora import load_lora_into, save_lora
+from cogtune.train.lora import EMA_WEIGHT_NAME, load_lora_into, save_lora
 from cogtune.util import files, logs
 
 PREFIX = "checkpoint-"
@@ -175,6 +177,28 @@ class Run:
     transformer: Any
     optimizer: Any
     lr_scheduler: Any
+    ema: Any = None  # --use_ema: diffusers' EMAModel of the LoRA parameters
+
+    def lora_parameters(self) -> list:
+        return [p for p in self.lora_model().parameters() if p.requires_grad]
+
+    @contextmanager
+    def ema_applied(self):
+        """The LoRA parameters hold the EMA's values inside the block, their own again after it."""
+        parameters = self.lora_parameters()
+        self.ema.store(parameters)
+        self.ema.copy_to(parameters)
+        try:
+            yield
+        finally:
+            self.ema.restore(parameters)
+
+    def ema_weights(self) -> dict:
+        """The EMA's values under the LoRA's names (a copy)."""
+        from peft.utils import get_peft_model_state_dict
+
+        with self.ema_applied():
+            return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.lora_model()).items()}
 
     def lora_model(self):
         """The transformer with its LoRA, unwrapped from DDP, FSDP or DeepSpeed."""
@@ -200,6 +224,9 @@ def save(run: Run, output_dir: Path, step: int, info: dict, total_limit: int | N
     save_state(temp / f"random_states_{accelerator.process_index}.safetensors", rng_states())
     if accelerator.is_main_process:
         save_lora(run.lora_model(), temp, weights)
+        if run.ema is not None:  # loadable as a LoRA too; its step count goes into cogtune_state.json
+            save_lora(run.lora_model(), temp, run.ema_weights(), EMA_WEIGHT_NAME)
+            info = dict(info, ema_optimization_step=run.ema.optimization_step)
     engine = accelerator.distributed_type.name
     if engine == "DEEPSPEED":  # ZeRO partitions the optimizer into DeepSpeed's own objects: its own format
         accelerator.save_state(str(temp / DEEPSPEED_DIR), exclude_frozen_parameters=True)
@@ -246,6 +273,8 @@ def load(run: Run, checkpoint: Path) -> dict:
             raise CogtuneError(f"{checkpoint} was saved under DeepSpeed; resume it under DeepSpeed too.")
         accelerator.load_state(str(checkpoint / DEEPSPEED_DIR))  # the LoRA weights are in it too
     else:
+        if run.ema is not None:
+            load_ema(run, checkpoint, info)
         load_lora_into(run.lora_model(), checkpoint)
         path = checkpoint / training_state_name(engine, accelerator.process_index)
         if not path.is_file():
@@ -263,6 +292,19 @@ def load(run: Run, checkpoint: Path) -> dict:
         accelerator.print(f"warning: {checkpoint} holds no random states for process {accelerator.process_index} "
                           f"(it was saved by {info.get('num_processes')} processes); they start fresh.")
     return info
+
+
+def load_ema(run: Run, checkpoint: Path, info: dict) -> None:
+    """The EMA of a checkpoint: its LoRA file read into the parameters and taken as the shadow
+    values (exactly: fp32 both), its step count from cogtune_state.json. A checkpoint saved
+    without --use_ema starts the average at the checkpoint's own LoRA."""
+    if not (checkpoint / EMA_WEIGHT_NAME).is_file():
+        logs.message(f"warning: {checkpoint} was saved without --use_ema; the EMA starts from its LoRA.")
+        load_lora_into(run.lora_model(), checkpoint)
+    else:
+        load_lora_into(run.lora_model(), checkpoint, EMA_WEIGHT_NAME)
+    run.ema.shadow_params = [p.detach().clone() for p in run.lora_parameters()]
+    run.ema.optimization_step = int(info.get("ema_optimization_step", 0))
 
 
 def resume(run: Run, resume_from_checkpoint: str | None, output_dir: Path, order: dict,

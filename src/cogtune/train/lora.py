@@ -14,9 +14,10 @@ from cogtune.util import files
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_INFO_NAME = "cogtune_lora.json"
+EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"  # --use_ema: the averaged LoRA, beside the trained one
 
 
-def save_lora(transformer, directory: Path, weights: dict | None = None) -> Path:
+def save_lora(transformer, directory: Path, weights: dict | None = None, weight_name: str = LORA_WEIGHT_NAME) -> Path:
     """Save the adapter in diffusers format, with its rank and alpha, so that load_lora_weights alone
     reproduces the trained scale. Written to a temp folder, then renamed into place. weights: the
     LoRA tensors when they had to be gathered from several processes (default: the transformer's)."""
@@ -28,25 +29,25 @@ def save_lora(transformer, directory: Path, weights: dict | None = None) -> Path
     try:
         CogVideoXPipeline.save_lora_weights(
             temp, transformer_lora_layers=weights if weights is not None else get_peft_model_state_dict(transformer),
-            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(), weight_name=weight_name,
         )
-        files.publish(temp / LORA_WEIGHT_NAME, directory / LORA_WEIGHT_NAME)  # readable by the group, as all else
+        files.publish(temp / weight_name, directory / weight_name)  # readable by the group, as all else
     except Exception as e:  # a full disk arrives wrapped in safetensors' own error type
-        files.raise_if_no_space(e, directory / LORA_WEIGHT_NAME)
+        files.raise_if_no_space(e, directory / weight_name)
         raise
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    return directory / LORA_WEIGHT_NAME
+    return directory / weight_name
 
 
-def load_lora_into(transformer, directory: Path) -> None:
+def load_lora_into(transformer, directory: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
     from diffusers import CogVideoXPipeline
     from peft.utils import set_peft_model_state_dict
 
     try:  # safetensors only: a pickled LoRA is never opened
-        state = CogVideoXPipeline.lora_state_dict(str(directory), weight_name=LORA_WEIGHT_NAME, use_safetensors=True)
+        state = CogVideoXPipeline.lora_state_dict(str(directory), weight_name=weight_name, use_safetensors=True)
     except Exception as e:  # diffusers and safetensors raise several error types
-        raise CogtuneError(f"Cannot read {Path(directory) / LORA_WEIGHT_NAME} ({first_line(e)}).") from None
+        raise CogtuneError(f"Cannot read {Path(directory) / weight_name} ({first_line(e)}).") from None
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     result = set_peft_model_state_dict(transformer, state, adapter_name="default")
     if getattr(result, "unexpected_keys", None):

@@ -29,7 +29,7 @@ from cogtune.families import ModelConfigs
 from cogtune.train import checkpoint as checkpoints
 from cogtune.train import log, report
 from cogtune.train.data import LatentDataset, TrainingPlan, batch_generator, collate, open_training_cache
-from cogtune.train.lora import LORA_WEIGHT_NAME, load_initial_lora, save_lora, write_lora_info
+from cogtune.train.lora import EMA_WEIGHT_NAME, LORA_WEIGHT_NAME, load_initial_lora, save_lora, write_lora_info
 from cogtune.train.model import build_transformer, target_modules
 from cogtune.train.optim import make_lr_scheduler, make_optimizer
 from cogtune.train.step import Draws, NoiseSchedule, Objective, training_loss
@@ -114,6 +114,9 @@ def _check_engine(config: TrainConfig, engine: str, validating: bool) -> None:
     if validating and engine == "FSDP":
         raise CogtuneError("Validation during training is not available under FSDP, which shards the weights "
                            "across processes; leave out --validation_prompt and run `cogtune infer` on the LoRA.")
+    if config.use_ema and engine in ("FSDP", "DEEPSPEED"):
+        raise CogtuneError(f"--use_ema is not available under {engine}, which shards or recasts the LoRA weights; "
+                           "use DDP (accelerate/ddp.yaml) or one process.")
     if config.offload_optimizer and engine in ("FSDP", "DEEPSPEED"):
         raise CogtuneError(f"--offload_optimizer does not combine with {engine}, which shards the optimizer itself; "
                            "use accelerate/deepspeed_zero2_offload.yaml (cogtune init) for an offloaded optimizer.")
@@ -124,8 +127,9 @@ def _validate(run: checkpoints.Run, validation, config, models, spec, output_dir
     accelerator = run.accelerator
     finished = None
     if accelerator.is_main_process:
-        finished = run_validation(run.lora_model(), validation, config, models, spec, output_dir, step, weight_dtype,
-                                  accelerator.autocast)
+        with run.ema_applied() if config.ema_validation else contextlib.nullcontext():
+            finished = run_validation(run.lora_model(), validation, config, models, spec, output_dir, step, weight_dtype,
+                                      accelerator.autocast)
         logs.event("validation", step=step, folder=str(finished.folder), contact_sheet=str(finished.contact_sheet),
                    videos=[str(path) for _, path in finished.videos])
         if not logs.json_lines():
@@ -150,6 +154,8 @@ def _optimizer_step(run: checkpoints.Run, step_losses: list, lora_parameters: li
         run.optimizer.step()
     if not getattr(run.optimizer, "step_was_skipped", False):  # fp16: a step the gradient scaler skipped
         run.lr_scheduler.step()
+        if run.ema is not None and finite:
+            run.ema.step(lora_parameters)
     run.optimizer.zero_grad()
     return loss_value, grad_norm, finite
 
@@ -163,6 +169,8 @@ def _save_outputs(run: checkpoints.Run, config: TrainConfig, models, spec, cache
     weights = run.lora_weights()
     if accelerator.is_main_process:
         lora_path = save_lora(run.lora_model(), output_dir, weights)
+        if run.ema is not None:
+            save_lora(run.lora_model(), output_dir, run.ema_weights(), EMA_WEIGHT_NAME)
         write_lora_info(output_dir, {
             "base_model": models.source, "family": spec.description,
             "ignore_learned_positional_embeddings": spec.ignores_learned_positions(
@@ -249,6 +257,10 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     if accelerator.state.deepspeed_plugin is not None:  # it cannot learn the batch size from a prepared loader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
     run = checkpoints.Run(accelerator, *accelerator.prepare(transformer, optimizer, lr_scheduler))
+    if config.use_ema:  # of the LoRA as it starts (new, or --init_lora); a resume replaces it with the checkpoint's
+        from diffusers.training_utils import EMAModel
+
+        run.ema = EMAModel(run.lora_parameters(), decay=config.ema_decay)
 
     # Resume, and the run's history in train_log.jsonl up to the step resumed from.
     # What decides the data order: the global batch (not how it is shared among processes), so a
