@@ -17,7 +17,7 @@ LAYERS = [
     ("cache", ["cogtune.cache"]),
     ("preprocess", ["cogtune.preprocess"]),
     ("train", ["cogtune.train"]),
-    ("infer and export", ["cogtune.infer", "cogtune.infer_memory", "cogtune.export"]),
+    ("infer, export and merge", ["cogtune.infer", "cogtune.infer_memory", "cogtune.export", "cogtune.merge"]),
     ("commands and tools", ["cogtune.cli", "cogtune.__main__", "cogtune.templates", "cogtune.dev"]),
 ]
 # Imports inside functions that keep a light command light; none exists to dodge a cycle.
