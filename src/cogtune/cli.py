@@ -40,6 +40,11 @@ def _preprocess(argv):
     from cogtune.config import load_config
 
     config = load_config("preprocess", argv)
+    if config.preview:
+        from cogtune.preprocess.preview import preview
+
+        print(preview(config))
+        return
     if config.dry_run:
         from cogtune.preprocess.memory import dry_run
 

@@ -179,6 +179,12 @@ class PreprocessConfig(ModelArgs, ValidationArgs):
     dry_run: bool = opt(
         False, "Print the expected peak GPU memory of the T5 and VAE stages for these settings and exit, loading "
                "no weights.")
+    preview: bool = opt(
+        False, "Decode, resize and crop a sample of the clips exactly as preprocess would, write a contact sheet "
+               "per bucket (the source frame with the crop drawn on it, then frames over time) and exit: no model, "
+               "no GPU, no cache.")
+    preview_samples: int = opt(8, "How many clips --preview shows, spread evenly over the dataset.")
+    preview_dir: Optional[str] = opt(None, "Where --preview writes its contact sheets (default: CACHE_ROOT/preview).")
     dataloader_num_workers: int = opt(0, "Worker processes that decode and resize videos while the encoders run.")
     vae_batch_size: int = opt(1, "Clips of one bucket the VAE encodes at once (more is faster and needs more memory).")
     max_failures: Optional[float] = opt(
@@ -425,8 +431,8 @@ KNOWN_KEYS = {f.name for cls in STAGE_CONFIGS.values() for f in settings_fields(
 # Settings whose values are paths: a relative one in a config file is relative to that file's folder.
 # The second group may also be hub ids; they are taken as paths when that path exists.
 PATH_SETTINGS = ("instance_data_root", "cache_root", "data_cache", "output_dir", "video_output_dir", "prompt_file",
-                 "image", "cache_dir", "resume_from_checkpoint", "validation_images")
-PATH_OR_HUB_SETTINGS = ("pretrained_model_name_or_path", "dataset_name", "lora")
+                 "image", "cache_dir", "resume_from_checkpoint", "validation_images", "preview_dir")
+PATH_OR_HUB_SETTINGS = ("pretrained_model_name_or_path", "dataset_name", "lora", "init_lora")
 
 
 def _base_type(annotation: str) -> type:
@@ -583,7 +589,7 @@ def validate(config) -> None:
     positive = ["validation_epochs", "validation_steps", "num_validation_videos", "validation_num_inference_steps",
                 "nccl_timeout", "train_batch_size", "gradient_accumulation_steps", "rank", "vae_batch_size", "checkpointing_steps",
                 "max_nan_steps", "max_train_steps", "lr_num_cycles", "lora_alpha", "shard_size_mb",
-                "adam_epsilon", "lr_power",
+                "adam_epsilon", "lr_power", "preview_samples",
                 "num_train_epochs", "max_num_frames", "fps", "num_frames", "height", "width", "num_inference_steps"]
     # Every number is checked here, when flags are read: not after a model has loaded, and never
     # silently taken (0 steps as "a full epoch", -3 as "nothing to do").

@@ -23,7 +23,7 @@ from cogtune.cache.identity import CacheIdentity, cache_identity, record_preproc
 from cogtune.cache.reader import Cache, encoded_videos, read_fingerprints, stored_tensor_shards
 from cogtune.cache.writer import CacheWriter, cache_lock, compact_index, write_fingerprints
 from cogtune.config import PreprocessConfig
-from cogtune.data.buckets import clip_sizes
+from cogtune.data.buckets import clip_sizes, configured_buckets
 from cogtune.data.sources import load_records
 from cogtune.families import ModelConfigs
 from cogtune.errors import CogtuneError
@@ -54,6 +54,8 @@ class PreprocessResult:
     is_main_process: bool = True
     validation_files: int = 0  # validation prompt embeddings and image latents written this run
     stages: dict = field(default_factory=dict)  # "captions"/"videos" -> StageFigures of this process
+    short: dict = field(default_factory=dict)  # without buckets: bucket name -> samples shorter than --max_num_frames
+    max_num_frames: int = 0
 
     def summary(self) -> str:
         return (
@@ -71,6 +73,10 @@ class PreprocessResult:
                "`cogtune cache prune` forgets failures so that the next run retries them" if self.known_failures
                else "")
             + "".join(f"\n{figures.line(name)}" for name, figures in self.stages.items())
+            + (f"\nshorter than --max_num_frames {self.max_num_frames}: {sum(self.short.values())} sample(s), each kept "
+               f"as the largest 4k+1 frames its clip holds ({', '.join(f'{n} ({c})' for n, c in self.short.items())}); "
+               "a batch holds one size, so they train in batches of their own. Use buckets, or a lower "
+               "--max_num_frames, to choose; `cogtune preprocess --preview` shows them." if self.short else "")
         )
 
 
@@ -140,10 +146,13 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     counts = {key: sum(c[key] for c in procs.gather(counts)) for key in counts}
 
     selected = Cache.open(cache_path, for_training=True).samples  # columns: cheap at a million samples
+    short = {} if configured_buckets(config) else {name: count for name, count in selected.buckets.items()
+                                                   if int(name.split("x")[0]) < config.max_num_frames}
     return PreprocessResult(
         cache_path=cache_path.resolve(), samples=len(selected), failed=selected.failed,
         skipped_by_kind=selected.failures, buckets=selected.buckets,
-        seconds=time.time() - started, is_main_process=procs.is_main, stages=stages, **counts,
+        seconds=time.time() - started, is_main_process=procs.is_main, stages=stages, short=short,
+        max_num_frames=config.max_num_frames, **counts,
     )
 
 

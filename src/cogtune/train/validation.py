@@ -20,7 +20,7 @@ import torch
 from cogtune import data_schema as schema
 from cogtune.cache.reader import read_validation_inputs
 from cogtune.families import FamilySpec, ModelConfigs, load_vae
-from cogtune.util import files, logs
+from cogtune.util import logs, media
 from cogtune.util.media import write_mp4
 
 VALIDATION_VIDEOS_DIR = "validation"  # under the output dir: step-<N>/ folders of mp4 files and a contact sheet
@@ -148,19 +148,11 @@ def video_name(index: int, prompt: str, seed: int) -> str:
 
 def contact_sheet(videos: list[tuple[str, np.ndarray]], path: Path, columns: int = 8) -> None:
     """A PNG with one row per video: its label, then `columns` frames evenly spaced from first to last."""
-    from PIL import Image, ImageDraw
-
-    frame_height, frame_width = videos[0][1].shape[1:3]
-    label_height = 14
-    sheet = Image.new("RGB", (columns * frame_width, len(videos) * (frame_height + label_height)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for row, (label, frames) in enumerate(videos):
-        top = row * (frame_height + label_height)
-        draw.text((2, top + 1), label[:160], fill="black")
+    rows = []
+    for label, frames in videos:
         picks = np.linspace(0, len(frames) - 1, min(columns, len(frames))).round().astype(int)
-        for column, index in enumerate(picks):
-            sheet.paste(Image.fromarray(frames[index]), (column * frame_width, top + label_height))
-    files.atomic_write(path, lambda temp: sheet.save(temp, format="PNG"))
+        rows.append((label, [frames[index] for index in picks]))
+    media.contact_sheet(rows, path)
 
 
 @dataclass

@@ -29,3 +29,23 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float) -> None:
             container.mux(stream.encode())
 
     atomic_write(Path(path), write)
+
+
+def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], path: str | Path) -> None:
+    """A PNG with one row per entry: its label above its images ([H, W, 3] uint8, side by side)."""
+    from PIL import Image, ImageDraw
+
+    label_height = 14
+    heights = [max(image.shape[0] for image in images) for _, images in rows]
+    width = max(sum(image.shape[1] for image in images) for _, images in rows)
+    sheet = Image.new("RGB", (width, sum(heights) + label_height * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    top = 0
+    for (label, images), height in zip(rows, heights):
+        draw.text((2, top + 1), label[:200], fill="black")
+        left = 0
+        for image in images:
+            sheet.paste(Image.fromarray(np.ascontiguousarray(image)), (left, top + label_height))
+            left += image.shape[1]
+        top += label_height + height
+    atomic_write(Path(path), lambda temp: sheet.save(temp, format="PNG"))
