@@ -179,6 +179,17 @@ class PreprocessConfig(ModelArgs, ValidationArgs):
     dry_run: bool = opt(
         False, "Print the expected peak GPU memory of the T5 and VAE stages for these settings and exit, loading "
                "no weights.")
+    frame_extraction: str = opt(
+        "head", "Which windows of a clip become samples (musubi-tuner's names): head, its first --max_num_frames "
+                "(the reference); chunk, consecutive windows that do not overlap; slide, a window every "
+                "--frame_stride frames; uniform, --frame_sample windows spread evenly over the clip. Each window is "
+                "a sample of its own, at most --max_windows_per_clip of them.",
+        choices=("head", "chunk", "slide", "uniform"))
+    frame_stride: int = opt(10, "--frame_extraction slide: frames (at --fps) from one window's start to the next.")
+    frame_sample: int = opt(4, "--frame_extraction uniform: how many windows.")
+    max_windows_per_clip: int = opt(
+        8, "The most windows a clip gives with --frame_extraction chunk, slide or uniform (the first ones); a "
+           "worker holds a clip's windows in memory together.")
     preview: bool = opt(
         False, "Decode, resize and crop a sample of the clips exactly as preprocess would, write a contact sheet "
                "per bucket (the source frame with the crop drawn on it, then frames over time) and exit: no model, "
@@ -589,7 +600,8 @@ def validate(config) -> None:
     positive = ["validation_epochs", "validation_steps", "num_validation_videos", "validation_num_inference_steps",
                 "nccl_timeout", "train_batch_size", "gradient_accumulation_steps", "rank", "vae_batch_size", "checkpointing_steps",
                 "max_nan_steps", "max_train_steps", "lr_num_cycles", "lora_alpha", "shard_size_mb",
-                "adam_epsilon", "lr_power", "preview_samples",
+                "adam_epsilon", "lr_power", "preview_samples", "frame_stride", "frame_sample",
+                "max_windows_per_clip",
                 "num_train_epochs", "max_num_frames", "fps", "num_frames", "height", "width", "num_inference_steps"]
     # Every number is checked here, when flags are read: not after a model has loaded, and never
     # silently taken (0 steps as "a full epoch", -3 as "nothing to do").

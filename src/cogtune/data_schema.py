@@ -119,6 +119,23 @@ def video_key(source_sha256: str) -> str:
     return source_sha256[:32]
 
 
+def window_source(source_sha256: str, start: int) -> str:
+    """What identifies one window of a video (its first frame `start` among the frames at --fps)
+    where a sha256 identifies a whole video: the sha256 itself for the window at 0 (the clip head
+    extraction takes), else the sha256 and the start."""
+    return source_sha256 if start == 0 else f"{source_sha256}@{start}"
+
+
+def window_key(source_sha256: str, start: int) -> str:
+    """The latent key of a video's window: video_key for the window at 0, else with @start."""
+    return video_key(source_sha256) if start == 0 else f"{video_key(source_sha256)}@{start}"
+
+
+def window_start(latent_key: str) -> int:
+    """The window start a latent key names (window_key)."""
+    return int(latent_key.partition("@")[2] or 0)
+
+
 def caption_key(caption: str) -> str:
     return sha256_text(caption)[:32]
 
@@ -337,12 +354,13 @@ class CacheSettings:
     image_noise_variants: int  # first-frame encodings per video: 0 for text-to-video
     seed: int | None = None  # recorded only where it changes tensors (random crops, first-frame noise)
     text_encoder_quantization: str | None = None  # "torchao int8wo" when T5 was quantized; else not recorded
+    frame_extraction: str | None = None  # "chunk", "slide 10", "uniform 4", each "max N"; None: head (not recorded)
 
 
 def _as_json(record) -> dict:
     data = dataclasses.asdict(record)
     if isinstance(record, CacheSettings):  # recorded only when set: older caches keep their names
-        for optional in ("seed", "text_encoder_quantization"):
+        for optional in ("seed", "text_encoder_quantization", "frame_extraction"):
             if data[optional] is None:
                 del data[optional]
     return data

@@ -34,7 +34,8 @@ BUCKET_SETTINGS = ("buckets", "height_buckets", "width_buckets", "frame_buckets"
 # Every setting that can change which cache a preprocess run writes.
 IDENTITY_SETTINGS = (("pretrained_model_name_or_path", "revision", "variant") + DATASET_SETTINGS + TENSOR_SETTINGS
                      + BUCKET_SETTINGS + ("image_noise_variants", "seed", "text_encoder_quant_backend",
-                                          "text_encoder_quant_type"))
+                                          "text_encoder_quant_type", "frame_extraction", "frame_stride",
+                                          "frame_sample", "max_windows_per_clip"))
 LATEST_DIR = ".latest-preprocess"  # under --cache_root: one record per config file
 
 
@@ -88,6 +89,8 @@ def cache_identity(config, models: ModelConfigs) -> CacheIdentity:
     if config.text_encoder_quant_backend != "none":
         settings["text_encoder_quantization"] = (f"{config.text_encoder_quant_backend} "
                                                  f"{quantize.quant_type(config.text_encoder_quant_backend, config.text_encoder_quant_type)}")
+    if config.frame_extraction != "head":
+        settings["frame_extraction"] = frame_extraction_name(config)
     dataset = {
         "instance_data_root": str(Path(config.instance_data_root).resolve()) if config.instance_data_root else None,
         "dataset_name": (str(Path(config.dataset_name).resolve()) if config.dataset_name and
@@ -99,6 +102,13 @@ def cache_identity(config, models: ModelConfigs) -> CacheIdentity:
     }
     return CacheIdentity(model=schema.CacheModel(**models.identity()), dataset=schema.CacheDataset(**dataset),
                          settings=schema.CacheSettings(**settings))
+
+
+def frame_extraction_name(config) -> str:
+    """--frame_extraction and the numbers that shape its windows, as the manifest records them."""
+    mode = config.frame_extraction
+    detail = {"slide": f" {config.frame_stride}", "uniform": f" {config.frame_sample}"}.get(mode, "")
+    return f"{mode}{detail}, max {config.max_windows_per_clip}"
 
 
 def list_caches(cache_root: str | Path) -> list[Path]:

@@ -102,24 +102,40 @@ def _read_index(cache_path: Path, damaged_parts: list | None) -> list[schema.Ind
     return list(rows.values())
 
 
-def encoded_videos(cache_path: Path, shas: Iterable[str]) -> dict[str, schema.IndexRow]:
-    """Source sha256 -> a usable index row of its video, for those of these videos the cache holds
-    (so that another caption of a video reuses its latents). Reads whole rows of those only."""
-    keys = {schema.video_key(sha): sha for sha in shas}
-    if not keys:
+def encoded_videos(cache_path: Path, shas: Iterable[str]) -> dict[str, dict[int, schema.VideoLatent]]:
+    """Source sha256 -> its stored windows (start -> latents; one, at 0, in a cache of heads), for
+    those of these videos the cache holds, so that another caption of a video reuses its latents.
+    Reads whole rows of those only."""
+    shas = list(shas)
+    if not shas:
         return {}
-    wanted = pa.array(list(keys), pa.string())
+    wanted = pa.array(shas, pa.string())
 
     def read():
-        found = {}
+        found: dict[str, dict[int, schema.VideoLatent]] = {}
         for part in index_parts(cache_path):
-            table = read_part_table(part, filters=pc.is_in(pc.field("latent_key"), value_set=wanted))
+            table = read_part_table(part, filters=pc.is_in(pc.field("source_sha256"), value_set=wanted))
             for row in table.to_pylist():
                 if row["status"] == schema.STATUS_OK:
-                    found.setdefault(keys[row["latent_key"]], schema.IndexRow(**row))
+                    windows = found.setdefault(row["source_sha256"], {})
+                    windows.setdefault(schema.window_start(row["latent_key"]), schema.IndexRow(**row).video_latent())
         return found
 
     return listing_retried(read)
+
+
+def samples_of_videos(cache_path: Path, sources: list[tuple[str, str]]) -> list[str]:
+    """The sample ids of every row (each window, or the failure) of these (video sha256, caption)
+    pairs, in their order, windows by start."""
+    wanted = pa.array([f"{sha}\n{caption}" for sha, caption in sources], pa.string())
+    columns = index_columns(cache_path, ["sample_id", "source_sha256", "caption", "latent_key"])
+    pairs = pc.binary_join_element_wise(columns["source_sha256"], columns["caption"], "\n")
+    found = columns.filter(pc.is_in(pairs, value_set=wanted)).to_pylist()
+    by_pair: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for row in found:
+        start = schema.window_start(row["latent_key"]) if row["latent_key"] else 0
+        by_pair.setdefault((row["source_sha256"], row["caption"]), []).append((start, row["sample_id"]))
+    return [sample_id for pair in sources for _, sample_id in sorted(set(by_pair.get(pair, [])))]
 
 
 def read_selection(cache_path: Path, as_arrow: bool = False) -> list[str] | pa.Array | None:

@@ -731,6 +731,61 @@ def fixed_size(height: int, width: int, max_frames: int) -> SizeRule:
     return lambda available, _h, _w: (largest_4k_plus_1(min(max_frames, available)), height, width)
 
 
+def window_starts(frames: int, length: int, extraction: str, stride: int = 1, count: int = 1,
+                  most: int | None = None) -> list[int]:
+    """Where the windows of `length` frames of a clip of `frames` usable frames (at --fps) start:
+    head: only at 0; chunk: every `length` frames; slide: every `stride` frames; uniform: `count`
+    starts spread evenly from 0 to the last possible one. At most `most` of them, the first."""
+    last = frames - length
+    if last < 0:
+        return []
+    if extraction == "head":
+        starts = [0]
+    elif extraction == "chunk":
+        starts = list(range(0, last + 1, length))
+    elif extraction == "slide":
+        starts = list(range(0, last + 1, stride))
+    elif extraction == "uniform":
+        starts = sorted({round(last * i / (count - 1)) for i in range(count)}) if count > 1 else [0]
+    else:
+        raise ValueError(f"unknown frame extraction {extraction!r}")
+    return starts[:most]
+
+
+def read_windows(path: Path, size: SizeRule, fps: float, skip_start: int, skip_end: int, mode: str,
+                 rng: np.random.Generator | None, starts_of) -> list[tuple[int, Clip]]:
+    """The windows of one source as clips, each with its start: `starts_of(frames, length)` says
+    where they start among the source's usable frames at `fps` (window_starts), `size` how long they
+    are and their pixel size (from the whole source: every window of a clip lands in one bucket).
+    The source is read once, each frame wanted by a window decoded and resized once; every window
+    has the one crop."""
+    def decode(video):
+        candidates = resample_indices(video.frame_times, fps, skip_start, skip_end)
+        length, height, width = size(len(candidates), video.height, video.width)
+        starts = starts_of(len(candidates), length)
+        wanted = sorted({candidates[start + k] for start in starts for k in range(length)})
+        plan = plan_resize_crop(video.height, video.width, height, width, mode, rng)
+        resized = {}
+        for index, frame in zip(wanted, video.iter_frames(wanted)):
+            resized[index] = to_clip_size(frame[None], plan, height, width)[0]
+            del frame
+        windows = []
+        for start in starts:
+            indices = candidates[start:start + length]
+            pixels = torch.stack([resized[i] for i in indices], dim=1)
+            windows.append((start, Clip(pixels, indices, float(video.fps), int(video.height), int(video.width),
+                                        video.name)))
+        return windows
+
+    state = rng.bit_generator.state if rng is not None else None
+    try:
+        return decode(open_video(path))
+    except _Fallback:  # as read_clip: start again with PyAV, the same crop
+        if rng is not None:
+            rng.bit_generator.state = state
+        return decode(PyAVVideo(path, from_packets=False))
+
+
 def read_clip(path: Path, size: SizeRule, fps: float, skip_start: int, skip_end: int, mode: str,
               rng: np.random.Generator | None) -> Clip:
     """Decode the frames of one training clip and bring them to the size `size` picks for it,

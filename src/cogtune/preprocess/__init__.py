@@ -20,7 +20,7 @@ import torch
 
 from cogtune import data_schema as schema
 from cogtune.cache.identity import CacheIdentity, cache_identity, record_preprocess_run
-from cogtune.cache.reader import Cache, encoded_videos, read_fingerprints, stored_tensor_shards
+from cogtune.cache.reader import Cache, encoded_videos, read_fingerprints, samples_of_videos, stored_tensor_shards
 from cogtune.cache.writer import CacheWriter, cache_lock, compact_index, write_fingerprints
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import clip_sizes, configured_buckets
@@ -210,19 +210,23 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
         procs.barrier()
         text_shards = stored_tensor_shards(cache_path)
 
-    def add_rows(sha: str, video: schema.VideoLatent | None, failure: tuple[str, str] | None = None) -> None:
+    def add_rows(sha: str, windows: dict[int, schema.VideoLatent], failure: tuple[str, str] | None = None) -> None:
+        """The rows of a video's samples: one per window (by its start) and caption, or a failed one each."""
         for sample in work.by_video[sha]:
-            if video is None:
+            if failure is not None:
                 kind, message = failure
                 writer.add_row(schema.failed_row(sample.source, kind, f"{sample.record.where}: {message}"))
-            else:
-                text_key = schema.text_tensor_key(schema.caption_key(sample.source.caption))
-                writer.add_row(schema.ok_row(sample.source, video, text_shards[text_key]))
+                continue
+            text_key = schema.text_tensor_key(schema.caption_key(sample.source.caption))
+            for start, video in sorted(windows.items()):
+                source = dataclasses.replace(sample.source, sample_id=schema.sample_id(
+                    schema.window_source(sha, start), sample.source.caption))  # at 0: the record's own
+                writer.add_row(schema.ok_row(source, video, text_shards[text_key]))
 
-    # Samples whose video is already encoded only need a row.
+    # Samples whose video is already encoded only need rows.
     if procs.is_main:
-        for sha, row in encoded_videos(cache_path, work.by_video).items():
-            add_rows(sha, row.video_latent())
+        for sha, windows in encoded_videos(cache_path, work.by_video).items():
+            add_rows(sha, windows)
 
     videos = my_videos(work.videos_needed, procs)
     if videos and device.type == "cuda":  # T5 is gone: will the VAE fit? (stop now rather than run out midway)
@@ -233,12 +237,13 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
     failed = 0
     with measured(stages, "videos", len(videos), device) if videos else nullcontext():
         for encoded in encode_videos(videos, config, models, writer, identity.settings.image_noise_variants, stop):
-            add_rows(encoded.sha256, encoded.latent, encoded.failure)
-            failed += encoded.latent is None
+            add_rows(encoded.sha256, encoded.windows, encoded.failure)
+            failed += encoded.failure is not None
     writer.flush()
     procs.barrier()  # every process's rows are written before the selection names them
-    if procs.is_main:
-        writer.write_selection(work.sample_ids)
+    if procs.is_main:  # the records' samples; with windows, every window of their videos
+        writer.write_selection(work.sample_ids if config.frame_extraction == "head" else
+                               samples_of_videos(cache_path, work.sample_sources))
         compact_index(cache_path)
     procs.barrier()
     if not procs.is_main:  # the plan's counts are the same on every process: the main one reports them

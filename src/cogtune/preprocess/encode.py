@@ -4,6 +4,7 @@ index rows that name them are the caller's (`preprocess._encode_missing`)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from cogtune import quantize
 from cogtune.cache.writer import CacheWriter, write_tensors
 from cogtune.config import PreprocessConfig, precision_dtype
 from cogtune.data.buckets import bucket_name, size_rule
-from cogtune.data.video import Clip, ClipSkipped, first_frame_pixels, read_clip
+from cogtune.data.video import Clip, ClipSkipped, first_frame_pixels, read_clip, read_windows, window_starts
 from cogtune.errors import CogtuneError, Preempted, first_line
 from cogtune.families import ModelConfigs, load_vae
 from cogtune.preprocess.plan import failure_limit
@@ -43,13 +44,22 @@ class ClipDataset(torch.utils.data.Dataset):
         if self._size is None:
             self._size = size_rule(c)
         try:
-            clip = read_clip(path, self._size, c.fps, c.skip_frames_start, c.skip_frames_end,
-                             c.video_reshape_mode, rng)
-            return sha, clip, None
+            if c.frame_extraction == "head":
+                return sha, [(0, read_clip(path, self._size, c.fps, c.skip_frames_start, c.skip_frames_end,
+                                           c.video_reshape_mode, rng))], None
+            windows = read_windows(path, self._size, c.fps, c.skip_frames_start, c.skip_frames_end,
+                                   c.video_reshape_mode, rng, functools.partial(
+                                       _starts, c.frame_extraction, c.frame_stride, c.frame_sample,
+                                       c.max_windows_per_clip))
+            return sha, windows, None
         except ClipSkipped as e:
             return sha, None, (e.kind, str(e))
         except Exception as e:  # a decoder crash on one file must not end the run
             return sha, None, ("unreadable", f"{type(e).__name__}: {first_line(e)[:200]}")
+
+
+def _starts(extraction: str, stride: int, count: int, most: int, frames: int, length: int) -> list[int]:
+    return window_starts(frames, length, extraction, stride, count, most)
 
 
 def _first(batch):
@@ -199,11 +209,12 @@ def noised_first_frames(pixels: torch.Tensor, sigmas: list[float], generator: to
 
 @dataclass(frozen=True)
 class Encoded:
-    """One video done: its stored latents, or why it could not be used."""
+    """One video done: the stored latents of each of its windows (by start; one, at 0, with
+    --frame_extraction head), or why it could not be used."""
 
     sha256: str
     path: Path
-    latent: schema.VideoLatent | None
+    windows: dict[int, schema.VideoLatent]
     failure: tuple[str, str] | None = None  # (kind, message)
 
 
@@ -227,18 +238,21 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
     vae = load_vae(models, config, device, dtype)
     store_dtype = schema.DTYPES[config.latent_dtype]
 
-    def encode(pending: list[tuple[str, Clip]]) -> Iterator[Encoded]:
-        pixels = torch.stack([clip.pixels for _, clip in pending]).to(device, dtype)
+    windows_left: dict[str, int] = {}  # video -> its windows not encoded yet
+    done: dict[str, dict[int, schema.VideoLatent]] = {}  # video -> its windows encoded so far
+
+    def encode(pending: list[tuple[str, int, Clip]]) -> Iterator[Encoded]:
+        pixels = torch.stack([clip.pixels for _, _, clip in pending]).to(device, dtype)
         posterior = vae.encode(pixels).latent_dist
-        for number, (sha, clip) in enumerate(pending):
-            key = schema.video_key(sha)
+        for number, (sha, start, clip) in enumerate(pending):
+            key = schema.window_key(sha, start)
             mean, logvar = posterior.mean[number].to(store_dtype), posterior.logvar[number].to(store_dtype)
             mean_key, logvar_key = schema.latent_tensor_keys(key)
             shard = writer.add_tensor(mean_key, mean)
             writer.add_tensor(logvar_key, logvar)
             sigmas = []
             if image_variants:
-                sigmas, generator = first_frame_noise(config.seed, sha, image_variants)
+                sigmas, generator = first_frame_noise(config.seed, schema.window_source(sha, start), image_variants)
                 images = noised_first_frames(clip.pixels, sigmas, generator)
                 image_posterior = vae.encode(images.to(device, dtype)).latent_dist
                 for variant in range(image_variants):
@@ -246,23 +260,27 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
                     writer.add_tensor(image_mean_key, image_posterior.mean[variant].to(store_dtype))
                     writer.add_tensor(image_logvar_key, image_posterior.logvar[variant].to(store_dtype))
             frames, height, width = clip.pixels.shape[1:]
-            yield Encoded(sha, paths[sha], schema.VideoLatent(
+            done.setdefault(sha, {})[start] = schema.VideoLatent(
                 frame_indices=clip.frame_indices, source_fps=clip.source_fps, source_height=clip.source_height,
                 source_width=clip.source_width, num_frames=frames, height=height, width=width,
                 bucket=bucket_name((frames, height, width)), decoder=clip.decoder, latent_shape=list(mean.shape),
                 latent_shard=shard, latent_key=key, image_noise_sigmas=sigmas,
-            ))
+            )
+            windows_left[sha] -= 1
+            if not windows_left[sha]:  # the video's rows go in together: a stop never leaves part of them
+                del windows_left[sha]
+                yield Encoded(sha, paths[sha], done.pop(sha))
             if writer.should_flush():
                 writer.flush()
 
     failed = 0
     pending: dict[tuple, list] = {}  # bucket -> decoded clips waiting for a full VAE batch
     progress = logs.progress(clips, total=len(jobs), desc="encoding videos", unit="clip")
-    for read, (sha, clip, failure) in enumerate(progress, start=1):
-        if clip is None:
+    for read, (sha, windows, failure) in enumerate(progress, start=1):
+        if windows is None:
             failed += 1
             logs.message(f"skipped {paths[sha]}: {failure[1]}", path=str(paths[sha]), reason=failure[1])
-            yield Encoded(sha, paths[sha], None, failure)
+            yield Encoded(sha, paths[sha], {}, failure)
             if limit is not None and failed > limit:
                 for batch in pending.values():
                     yield from encode(batch)
@@ -274,10 +292,12 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
                     "cache index) and run again to continue."
                 )
         else:
-            bucket = tuple(clip.pixels.shape[1:])
-            pending.setdefault(bucket, []).append((sha, clip))
-            if len(pending[bucket]) >= config.vae_batch_size:
-                yield from encode(pending.pop(bucket))
+            windows_left[sha] = len(windows)
+            for start, clip in windows:
+                bucket = tuple(clip.pixels.shape[1:])
+                pending.setdefault(bucket, []).append((sha, start, clip))
+                if len(pending[bucket]) >= config.vae_batch_size:
+                    yield from encode(pending.pop(bucket))
         progress.set_postfix(failed=failed)
         stop_if_requested(stop, writer)  # decoded clips still waiting for a VAE batch are decoded again next run
     for batch in pending.values():

@@ -70,6 +70,7 @@ class PlannedSample:
 @dataclass
 class Plan:
     sample_ids: list[str]  # every record's, in dataset order: the selection of this run
+    sample_sources: list[tuple[str, str]]  # every record's (video sha256, caption), in dataset order
     missing: list[PlannedSample]  # the samples without an index row
     captions_needed: list[str]  # captions without a stored embedding
     videos_needed: list[tuple[str, Path]]  # (sha256, path) of videos without stored latents
@@ -139,7 +140,8 @@ def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str
     video_shas = pa.array(shas, pa.string())
     distinct_videos = pc.unique(pc.utf8_slice_codeunits(video_shas, 0, 32)) if shas else pa.array([], pa.string())
     return Plan(
-        sample_ids=ids, missing=missing, captions_needed=captions_needed,
+        sample_ids=ids, sample_sources=[(sha, record.caption) for sha, record in zip(shas, records)],
+        missing=missing, captions_needed=captions_needed,
         videos_needed=[(sha, Path(group[0].source.source_path)) for (sha, group), stored in zip(by_video.items(), encoded)
                        if not stored],
         reused_videos=pc.sum(pc.is_in(distinct_videos, value_set=holds.latents)).as_py() or 0,

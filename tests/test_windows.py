@@ -1,0 +1,83 @@
+"""--frame_extraction: several windows of a clip as samples of their own. The windows' source frames
+against the arithmetic of each mode, their latents against clips cut with --skip_frames_start, the
+selection, reuse on a second run, and training on a cache of windows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from cogtune import data_schema as schema
+from cogtune.cache.reader import Cache
+from cogtune.data.video import window_starts
+from cogtune.dev.tiny import make_demo_data
+
+from conftest import cache_path_of, cogtune_here, write_config
+
+FRAMES = 40  # each demo clip: 40 frames at 8 fps, read at --fps 8, so window frames are source frames
+
+
+def test_window_starts_of_each_mode():
+    assert window_starts(40, 9, "head") == [0]
+    assert window_starts(40, 9, "chunk") == [0, 9, 18, 27]  # 27 + 9 = 36 <= 40 < 45
+    assert window_starts(40, 9, "chunk", most=2) == [0, 9]
+    assert window_starts(40, 9, "slide", stride=5) == [0, 5, 10, 15, 20, 25, 30]  # 30 + 9 = 39 <= 40
+    assert window_starts(40, 9, "uniform", count=3) == [0, 16, 31]  # 0, 31/2 rounded, the last start
+    assert window_starts(9, 9, "uniform", count=3) == [0]  # one possible window: once
+    assert window_starts(9, 9, "chunk") == window_starts(9, 9, "slide", stride=2) == [0]
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    return make_demo_data(tmp_path_factory.mktemp("windows") / "data", num_frames=FRAMES, fps=8)
+
+
+def rows_by_clip(cache_path):
+    rows = {}
+    for row in Cache.open(cache_path).samples:  # the selection
+        rows.setdefault(row.source_path.rsplit("/", 1)[-1], []).append(row)
+    return {name: sorted(found, key=lambda r: r.frame_indices[0]) for name, found in rows.items()}
+
+
+def latents(cache_path, row) -> torch.Tensor:
+    with safe_open(str(schema.shard_path(cache_path, row.latent_shard)), "pt") as f:
+        return f.get_tensor(schema.latent_tensor_keys(row.latent_key)[0])
+
+
+@pytest.mark.parametrize("flags, starts", [
+    (["--frame_extraction", "chunk"], [0, 9, 18, 27]),
+    (["--frame_extraction", "slide", "--frame_stride", "5", "--max_windows_per_clip", "3"], [0, 5, 10]),
+    (["--frame_extraction", "uniform", "--frame_sample", "3"], [0, 16, 31]),
+], ids=["chunk", "slide", "uniform"])
+def test_each_window_is_a_sample_of_its_frames(tmp_path, tiny_model, clips, flags, starts):
+    config = write_config(tmp_path / "c.toml", tiny_model, clips, tmp_path / "cache", tmp_path / "out")
+    out = cogtune_here("preprocess", "--config", config, *flags).stdout
+    cache = cache_path_of(out)
+    assert f"samples: {4 * len(starts)} ok" in out and "encoded: 4 videos" in out
+    for name, rows in rows_by_clip(cache).items():
+        assert [row.frame_indices for row in rows] == [list(range(s, s + 9)) for s in starts], name
+        assert len({row.sample_id for row in rows}) == len({row.latent_key for row in rows}) == len(starts)
+    again = cogtune_here("preprocess", "--config", config, *flags).stdout
+    assert f"samples: {4 * len(starts)} ok" in again and "encoded: 0 videos, 0 captions" in again
+
+
+def test_a_window_has_the_latents_of_the_clip_cut_at_its_start(tmp_path, tiny_model, clips):
+    config = write_config(tmp_path / "c.toml", tiny_model, clips, tmp_path / "cache", tmp_path / "out",
+                          max_train_steps=2)
+    windows = cache_path_of(cogtune_here("preprocess", "--config", config, "--frame_extraction", "chunk").stdout)
+    cut = cache_path_of(cogtune_here("preprocess", "--config", config, "--skip_frames_start", "18").stdout)
+    head = cache_path_of(cogtune_here("preprocess", "--config", config).stdout)
+    assert len({windows, cut, head}) == 3  # three caches: the extraction is part of a cache's identity
+    for name, rows in rows_by_clip(windows).items():
+        (cut_row,), (head_row,) = rows_by_clip(cut)[name], rows_by_clip(head)[name]
+        assert cut_row.frame_indices == rows[2].frame_indices
+        assert torch.equal(latents(windows, rows[2]), latents(cut, cut_row))
+        assert torch.equal(latents(windows, rows[0]), latents(head, head_row))  # the window at 0 is the head
+    # and training takes every window
+    trained = cogtune_here("train", "--config", config, "--frame_extraction", "chunk", "--output_dir", tmp_path / "o")
+    assert f"cache: {windows}" in trained.stderr
+    state = json.loads((tmp_path / "o" / "checkpoint-2" / "cogtune_state.json").read_text())
+    assert state["data_order"]["samples"].startswith("16 samples,")  # 4 clips x 4 windows
