@@ -222,10 +222,11 @@ def test_a_validation_prompt_the_cache_lacks_is_refused_then_preprocess_adds_onl
     cogtune_here("preprocess", "--config", config)
     refused = cogtune_here("train", "--config", config, "--validation_prompt", "DEMO a cat", check=False)
     assert refused.returncode == 2
-    assert "no encoding of these validation inputs: 'DEMO a cat', the empty negative prompt" in refused.stderr and "cogtune preprocess" in refused.stderr
+    # (the empty negative prompt is in every cache: preprocess stores it for caption dropout too)
+    assert "no encoding of these validation inputs: 'DEMO a cat'. Run" in refused.stderr and "cogtune preprocess" in refused.stderr
     assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
     again = cogtune_here("preprocess", "--config", config, "--validation_prompt", "DEMO a cat").stdout
-    assert "encoded: 0 videos, 0 captions" in again and "validation: 2 prompt embedding(s)" in again
+    assert "encoded: 0 videos, 0 captions" in again and "validation: 1 prompt embedding(s)" in again
 
 
 def test_bad_validation_and_tracking_settings_are_refused_before_any_work(tmp_path, models, demo_data, image,

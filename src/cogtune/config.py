@@ -179,6 +179,11 @@ class PreprocessConfig(ModelArgs, ValidationArgs):
     dry_run: bool = opt(
         False, "Print the expected peak GPU memory of the T5 and VAE stages for these settings and exit, loading "
                "no weights.")
+    datasets: list = opt(
+        [], "Several datasets in one cache, given in the config file as one [[datasets]] table each: its "
+            "instance_data_root or dataset_name, and dataset_config_name, caption_column, video_column, id_token "
+            "where they differ from the top-level ones, and repeats: how many times each of its samples is trained "
+            "per epoch (default 1).")
     frame_extraction: str = opt(
         "head", "Which windows of a clip become samples (musubi-tuner's names): head, its first --max_num_frames "
                 "(the reference); chunk, consecutive windows that do not overlap; slide, a window every "
@@ -534,6 +539,9 @@ def relative_to(values: dict, folder: Path, separator: str = ":::") -> dict:
         return str(path) if path.is_absolute() else str(folder / path)
 
     for name, value in values.items():
+        if name == "datasets" and isinstance(value, list):  # each table's paths, as the top-level ones
+            resolved[name] = [relative_to(table, folder, separator) if isinstance(table, dict) else table
+                              for table in value]
         if not isinstance(value, str) or not value:
             continue
         if name == "resume_from_checkpoint" and value == "latest":
@@ -693,6 +701,7 @@ def validate(config) -> None:
         if not 0 <= config.mode_scale < 1 / (math.pi / 2 - 1):  # the mode density's map stays monotone
             raise CogtuneError(f"--mode_scale must be at least 0 and below 1.75, got {config.mode_scale}.")
     if isinstance(config, PreprocessConfig):
+        check_datasets(config.datasets)
         from cogtune.data.buckets import configured_buckets
 
         configured_buckets(config)
@@ -700,6 +709,27 @@ def validate(config) -> None:
             raise CogtuneError(f"--image_noise_variants must be 1 or more, got {config.image_noise_variants}.")
         if config.max_failures is not None and not config.max_failures >= 0:
             raise CogtuneError(f"--max_failures takes a count (10) or a fraction (0.05), got {config.max_failures:g}.")
+
+
+DATASET_TABLE_KEYS = ("instance_data_root", "dataset_name", "dataset_config_name", "caption_column", "video_column",
+                      "id_token", "repeats")
+
+
+def check_datasets(datasets: list) -> None:
+    """[[datasets]] tables: tables, of known keys, each naming its data, with a whole positive repeats."""
+    for number, table in enumerate(datasets, start=1):
+        if not isinstance(table, dict):
+            raise CogtuneError(f"datasets: entry {number} is {table!r}; give each dataset as a [[datasets]] table in "
+                               "the config file (instance_data_root or dataset_name, repeats, ...).")
+        unknown = sorted(set(table) - set(DATASET_TABLE_KEYS))
+        if unknown:
+            raise CogtuneError(f"[[datasets]] table {number}: unknown key(s) {', '.join(unknown)}; a dataset takes "
+                               f"{', '.join(DATASET_TABLE_KEYS)}.")
+        if not table.get("instance_data_root") and not table.get("dataset_name"):
+            raise CogtuneError(f"[[datasets]] table {number} names no data: give its instance_data_root or dataset_name.")
+        repeats = table.get("repeats", 1)
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise CogtuneError(f"[[datasets]] table {number}: repeats must be a whole number, 1 or more, got {repeats!r}.")
 
 
 def check_precision_available(mixed_precision: str) -> None:

@@ -98,7 +98,8 @@ INDEX_SCHEMA = pa.schema(
         ("image_noise_sigmas", pa.list_(pa.float64())),
     ]
 )
-SELECTION_SCHEMA = pa.schema([("sample_id", pa.string())])
+SELECTION_SCHEMA = pa.schema([("sample_id", pa.string())])  # and "repeats" (int32), where one is not 1
+DATASET_REPEATS_KEY = b"cogtune.dataset_repeats"  # selection metadata: the [[datasets]] repeats, a JSON list
 FINGERPRINTS_SCHEMA = pa.schema([("source_path", pa.string()), ("source_size", pa.int64()),
                                  ("source_mtime_ns", pa.int64()), ("source_sha256", pa.string())])
 
@@ -333,6 +334,7 @@ class CacheDataset:
     caption_column: str | None
     video_column: str | None
     id_token: str | None
+    datasets: list | None = None  # [[datasets]]: each one's settings as above (repeats aside); else not recorded
 
 
 @dataclass(frozen=True)
@@ -359,10 +361,11 @@ class CacheSettings:
 
 def _as_json(record) -> dict:
     data = dataclasses.asdict(record)
-    if isinstance(record, CacheSettings):  # recorded only when set: older caches keep their names
-        for optional in ("seed", "text_encoder_quantization", "frame_extraction"):
-            if data[optional] is None:
-                del data[optional]
+    optional = {CacheSettings: ("seed", "text_encoder_quantization", "frame_extraction"),
+                CacheDataset: ("datasets",)}.get(type(record), ())
+    for name in optional:  # recorded only when set: older caches keep their names
+        if data[name] is None:
+            del data[name]
     return data
 
 

@@ -22,12 +22,13 @@ from cogtune import data_schema as schema
 from cogtune import quantize
 from cogtune.config import relative_to
 from cogtune.data.buckets import bucket_name, configured_buckets
+from cogtune.data.sources import DATASET_KEYS, dataset_tables
 from cogtune.errors import CogtuneError
 from cogtune.families import ModelConfigs
 from cogtune.util import files
 
 DATASET_SETTINGS = ("instance_data_root", "dataset_name", "dataset_config_name", "caption_column", "video_column",
-                    "id_token")
+                    "id_token", "datasets")
 TENSOR_SETTINGS = ("height", "width", "fps", "max_num_frames", "skip_frames_start", "skip_frames_end",
                    "video_reshape_mode", "latent_dtype", "mixed_precision", "enable_tiling")
 BUCKET_SETTINGS = ("buckets", "height_buckets", "width_buckets", "frame_buckets")
@@ -58,7 +59,8 @@ class CacheIdentity:
     def name(self) -> str:
         s = self.settings
         model = _slug(Path(str(self.model.pretrained_model_name_or_path).rstrip("/")).name)
-        dataset = _slug(Path(str(self.dataset.dataset_name or self.dataset.instance_data_root)).name)
+        dataset = (f"{len(self.dataset.datasets)}datasets" if self.dataset.datasets else
+                   _slug(Path(str(self.dataset.dataset_name or self.dataset.instance_data_root)).name))
         size = f"{len(s.buckets)}buckets" if s.buckets else f"{s.height}x{s.width}_{s.max_num_frames}f"
         return f"{model}_{dataset}_{size}_{s.fps}fps_{s.video_reshape_mode}_{self.fingerprint}"
 
@@ -91,17 +93,26 @@ def cache_identity(config, models: ModelConfigs) -> CacheIdentity:
                                                  f"{quantize.quant_type(config.text_encoder_quant_backend, config.text_encoder_quant_type)}")
     if config.frame_extraction != "head":
         settings["frame_extraction"] = frame_extraction_name(config)
-    dataset = {
-        "instance_data_root": str(Path(config.instance_data_root).resolve()) if config.instance_data_root else None,
-        "dataset_name": (str(Path(config.dataset_name).resolve()) if config.dataset_name and
-                         Path(config.dataset_name).exists() else config.dataset_name),
-        "dataset_config_name": config.dataset_config_name,
-        "caption_column": config.caption_column,
-        "video_column": config.video_column,
-        "id_token": config.id_token,
-    }
+    tables = dataset_tables(config)
+    if config.datasets:  # several: each one's settings (their repeats do not change a tensor, so not here)
+        dataset = {**dict.fromkeys(DATASET_KEYS), "datasets": [_dataset_identity(table) for table in tables]}
+    else:
+        dataset = _dataset_identity(tables[0])
     return CacheIdentity(model=schema.CacheModel(**models.identity()), dataset=schema.CacheDataset(**dataset),
                          settings=schema.CacheSettings(**settings))
+
+
+def _dataset_identity(table: dict) -> dict:
+    """A dataset's settings as the manifest records them: local paths absolute."""
+    name = table["dataset_name"]
+    return {
+        "instance_data_root": str(Path(table["instance_data_root"]).resolve()) if table["instance_data_root"] else None,
+        "dataset_name": str(Path(name).resolve()) if name and Path(name).exists() else name,
+        "dataset_config_name": table["dataset_config_name"],
+        "caption_column": table["caption_column"],
+        "video_column": table["video_column"],
+        "id_token": table["id_token"],
+    }
 
 
 def frame_extraction_name(config) -> str:

@@ -124,9 +124,10 @@ def encoded_videos(cache_path: Path, shas: Iterable[str]) -> dict[str, dict[int,
     return listing_retried(read)
 
 
-def samples_of_videos(cache_path: Path, sources: list[tuple[str, str]]) -> list[str]:
+def samples_of_videos(cache_path: Path, sources: list[tuple[str, str]], repeats: list[int]
+                      ) -> tuple[list[str], list[int]]:
     """The sample ids of every row (each window, or the failure) of these (video sha256, caption)
-    pairs, in their order, windows by start."""
+    pairs, in their order, windows by start; and each one's repeats (its pair's)."""
     wanted = pa.array([f"{sha}\n{caption}" for sha, caption in sources], pa.string())
     columns = index_columns(cache_path, ["sample_id", "source_sha256", "caption", "latent_key"])
     pairs = pc.binary_join_element_wise(columns["source_sha256"], columns["caption"], "\n")
@@ -135,7 +136,12 @@ def samples_of_videos(cache_path: Path, sources: list[tuple[str, str]]) -> list[
     for row in found:
         start = schema.window_start(row["latent_key"]) if row["latent_key"] else 0
         by_pair.setdefault((row["source_sha256"], row["caption"]), []).append((start, row["sample_id"]))
-    return [sample_id for pair in sources for _, sample_id in sorted(set(by_pair.get(pair, [])))]
+    ids, times = [], []
+    for pair, count in zip(sources, repeats):
+        for _, sample_id in sorted(set(by_pair.get(pair, []))):
+            ids.append(sample_id)
+            times.append(count)
+    return ids, times
 
 
 def read_selection(cache_path: Path, as_arrow: bool = False) -> list[str] | pa.Array | None:
@@ -275,6 +281,12 @@ class TrainingSamples:
         self.columns, self.shard_names = columns, shard_names
         self.failures = failures  # failure kind -> selected samples that failed so, most first
         self.failed = sum(failures.values())
+        self.repeats: np.ndarray | None = None  # times per epoch of each sample; None: once each
+
+    def set_repeats(self, ids: np.ndarray, repeats: np.ndarray) -> None:
+        """Each sample's repeats, from the selection's (sample ids as S32, and their repeats)."""
+        order = np.argsort(ids)
+        self.repeats = repeats[order][np.searchsorted(ids[order], self.columns["sample_id"])].astype(np.int64)
 
     @classmethod
     def read(cls, cache_path: Path, selection: pa.Array) -> "TrainingSamples":
@@ -419,7 +431,11 @@ class TrainingSamples:
     def digest(self) -> str:
         """Which samples these are: their count and a digest of their ids (in id order)."""
         ids = np.ascontiguousarray(self.columns["sample_id"])
-        return f"{len(ids)} samples, sha256 {hashlib.sha256(ids.tobytes()).hexdigest()[:16]}"
+        digest = hashlib.sha256(ids.tobytes())
+        if self.repeats is not None:  # other repeats are another run
+            digest.update(np.ascontiguousarray(self.repeats, dtype="<i8").tobytes())
+            return f"{len(ids)} samples ({int(self.repeats.sum())} per epoch), sha256 {digest.hexdigest()[:16]}"
+        return f"{len(ids)} samples, sha256 {digest.hexdigest()[:16]}"
 
     @property
     def nbytes(self) -> int:
@@ -454,6 +470,9 @@ class Cache:
             )
         if for_training:
             samples = TrainingSamples.read(path, selection)
+            repeats = read_selection_repeats(path)
+            if repeats is not None:
+                samples.set_repeats(*repeats)
             return cls(path=path, manifest=manifest, samples=samples, failed_count=samples.failed,
                        verify_checksums=True)
         selected = set(selection)
@@ -568,6 +587,22 @@ def read_empty_prompt_embeds(cache_path: Path) -> torch.Tensor:
             "trains on (it was written before preprocess stored it). Run `cogtune preprocess` with the same settings "
             "once more: it encodes that one prompt and nothing else. Or use --caption_dropout_technique zero.")
     return load_file(path)[schema.VALIDATION_PROMPT_EMBEDS]
+
+
+def read_selection_repeats(cache_path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The selection's sample ids (S32) and repeats, or None when every sample is trained once."""
+    table = pq.read_table(Path(cache_path) / schema.SELECTION_FILE)
+    if "repeats" not in table.column_names:
+        return None
+    return (table["sample_id"].to_numpy(zero_copy_only=False).astype("S32"),
+            table["repeats"].to_numpy(zero_copy_only=False).astype(np.int64))
+
+
+def read_dataset_repeats(cache_path: Path) -> list[int] | None:
+    """The [[datasets]] repeats of the preprocess run that wrote the selection (None: no datasets)."""
+    metadata = pq.read_schema(Path(cache_path) / schema.SELECTION_FILE).metadata or {}
+    value = metadata.get(schema.DATASET_REPEATS_KEY)
+    return json.loads(value) if value else None
 
 
 def check_compatible(manifest: schema.Manifest, model: dict, cache_path: Path) -> None:

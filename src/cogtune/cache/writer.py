@@ -84,10 +84,23 @@ def compact_index(cache_path: Path, most: int = MAX_INDEX_PARTS) -> int:
     return len(parts)
 
 
-def write_selection(cache_path: Path, sample_ids: Iterable[str]) -> None:
-    ids = list(dict.fromkeys(sample_ids))
-    _write_parquet(Path(cache_path) / schema.SELECTION_FILE,
-                   pa.Table.from_pydict({"sample_id": ids}, schema.SELECTION_SCHEMA))
+def write_selection(cache_path: Path, sample_ids: Iterable[str], repeats: Iterable[int] | None = None,
+                    dataset_repeats: list[int] | None = None) -> None:
+    """The samples a training run reads. repeats: each one's times per epoch (a sample listed twice
+    gets the sum), stored only when one differs from 1; dataset_repeats: the [[datasets]] repeats
+    they came from, kept in the file's metadata so that training can tell when they changed."""
+    if repeats is None:
+        counts = dict.fromkeys(sample_ids, 1)
+    else:
+        counts: dict[str, int] = {}
+        for sample_id, times in zip(sample_ids, repeats):
+            counts[sample_id] = counts.get(sample_id, 0) + times
+    table = pa.Table.from_pydict({"sample_id": list(counts)}, schema.SELECTION_SCHEMA)
+    if any(times != 1 for times in counts.values()):
+        table = table.append_column(pa.field("repeats", pa.int32()), pa.array(list(counts.values()), pa.int32()))
+    if dataset_repeats is not None:
+        table = table.replace_schema_metadata({schema.DATASET_REPEATS_KEY: json.dumps(dataset_repeats)})
+    _write_parquet(Path(cache_path) / schema.SELECTION_FILE, table)
 
 
 def write_fingerprints(cache_path: Path, fingerprints: pa.Table) -> None:
@@ -153,7 +166,8 @@ class CacheWriter:
         self._tensors, self._rows, self._pending_bytes = {}, [], 0
         self._part_name = self._new_part_name()
 
-    def write_selection(self, sample_ids: Iterable[str]) -> None:
+    def write_selection(self, sample_ids: Iterable[str], repeats: Iterable[int] | None = None,
+                        dataset_repeats: list[int] | None = None) -> None:
         """Record the samples of a finished run; training reads exactly these."""
         self.flush()
-        write_selection(self.cache_path, sample_ids)
+        write_selection(self.cache_path, sample_ids, repeats, dataset_repeats)

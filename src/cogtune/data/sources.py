@@ -288,3 +288,26 @@ def _unquote(value):
         if len(value) >= 2 and value[0] == value[-1] == '"':
             value = value[1:-1]
     return value
+
+
+DATASET_KEYS = ("instance_data_root", "dataset_name", "dataset_config_name", "caption_column", "video_column",
+                "id_token")
+
+
+def dataset_tables(config) -> list[dict]:
+    """The datasets of a preprocess config: each [[datasets]] table, with the top-level value of every
+    dataset key it leaves out and its repeats (default 1); without tables, the top-level dataset."""
+    tables = config.datasets or [{}]
+    return [{**{key: getattr(config, key) for key in DATASET_KEYS}, "repeats": 1, **table} for table in tables]
+
+
+def load_dataset_records(config, resolve: bool = False) -> tuple[list[Record], list[int]]:
+    """Every dataset's records, in order, and the repeats of each record's dataset."""
+    records, repeats = [], []
+    for table in dataset_tables(config):
+        found = load_records(*(table[key] for key in ("instance_data_root", "dataset_name", "caption_column",
+                                                       "video_column", "id_token", "dataset_config_name")),
+                             config.cache_dir, resolve=resolve)
+        records += found
+        repeats += [table["repeats"]] * len(found)
+    return records, repeats

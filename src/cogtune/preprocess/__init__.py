@@ -24,7 +24,7 @@ from cogtune.cache.reader import Cache, encoded_videos, read_fingerprints, sampl
 from cogtune.cache.writer import CacheWriter, cache_lock, compact_index, write_fingerprints
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import clip_sizes, configured_buckets
-from cogtune.data.sources import load_records
+from cogtune.data.sources import dataset_tables, load_dataset_records
 from cogtune.families import ModelConfigs
 from cogtune.errors import CogtuneError
 from cogtune.preprocess.encode import device_and_dtype, encode_captions, encode_validation, encode_videos
@@ -121,9 +121,7 @@ def run(config: PreprocessConfig) -> PreprocessResult:
 
 def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     started = time.time()
-    records = load_records(config.instance_data_root, config.dataset_name, config.caption_column,
-                           config.video_column, config.id_token, config.dataset_config_name, config.cache_dir,
-                           resolve=False)  # each process resolves its share in plan()
+    records, repeats = load_dataset_records(config)  # each process resolves its share in plan()
     models = ModelConfigs.of(config)
     spec = models.spec()  # refuses what is not a CogVideoX model before any encoding
     validation_pairs = config.checked_validation_pairs(spec)
@@ -138,7 +136,7 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
         record_preprocess_run(config, identity)
     stages: dict[str, StageFigures] = {}
     with cache_lock(cache_path):  # shared with other writers; keeps `cogtune cache prune` out
-        counts = _encode_missing(records, config, models, identity, cache_path, stop, procs, stages)
+        counts = _encode_missing(records, repeats, config, models, identity, cache_path, stop, procs, stages)
         if procs.is_main:
             counts["validation_files"] = encode_validation(config, models, cache_path, validation_pairs)
         else:
@@ -179,7 +177,7 @@ def auto_vae_memory(config: PreprocessConfig, models: ModelConfigs, procs: Proce
     return dataclasses.replace(config, enable_tiling=tiling, enable_slicing=slicing, command_line=command_line)
 
 
-def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, identity: CacheIdentity,
+def _encode_missing(records, repeats: list[int], config: PreprocessConfig, models: ModelConfigs, identity: CacheIdentity,
                     cache_path: Path, stop: StopRequests, procs: Processes, stages: dict) -> dict:
     """Encode what the cache lacks for these records, then record them as the selection; returns
     what this process encoded and reused, and puts each stage's figures into `stages`. With several
@@ -241,9 +239,11 @@ def _encode_missing(records, config: PreprocessConfig, models: ModelConfigs, ide
             failed += encoded.failure is not None
     writer.flush()
     procs.barrier()  # every process's rows are written before the selection names them
-    if procs.is_main:  # the records' samples; with windows, every window of their videos
-        writer.write_selection(work.sample_ids if config.frame_extraction == "head" else
-                               samples_of_videos(cache_path, work.sample_sources))
+    if procs.is_main:  # the records' samples (with windows, every window of their videos), and their repeats
+        ids, times = ((work.sample_ids, repeats) if config.frame_extraction == "head" else
+                      samples_of_videos(cache_path, work.sample_sources, repeats))
+        writer.write_selection(ids, times, [table["repeats"] for table in dataset_tables(config)]
+                               if config.datasets else None)
         compact_index(cache_path)
     procs.barrier()
     if not procs.is_main:  # the plan's counts are the same on every process: the main one reports them

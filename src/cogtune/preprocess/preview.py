@@ -17,7 +17,7 @@ import numpy as np
 
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import bucket_name, clip_sizes, configured_buckets, size_rule
-from cogtune.data.sources import VideoPaths, load_records
+from cogtune.data.sources import VideoPaths, load_dataset_records
 from cogtune.data.video import ClipSkipped, ResizeCrop, open_video, plan_resize_crop, read_clip
 from cogtune.errors import CogtuneError, first_line
 from cogtune.util import files
@@ -90,9 +90,7 @@ def preview_one(record, config: PreprocessConfig, videos: VideoPaths, rule) -> P
 
 def preview(config: PreprocessConfig) -> str:
     """Write a contact sheet per bucket for a sample of the clips; returns what to print."""
-    records = load_records(config.instance_data_root, config.dataset_name, config.caption_column,
-                           config.video_column, config.id_token, config.dataset_config_name, config.cache_dir,
-                           resolve=False)
+    records, _ = load_dataset_records(config)
     if not records:
         raise CogtuneError("The dataset has no records to preview.")
     count = min(config.preview_samples, len(records))

@@ -13,18 +13,21 @@ import numpy as np
 import torch
 
 from cogtune.cache.identity import training_cache
-from cogtune.cache.reader import Cache, check_for_training
+from cogtune.cache.reader import Cache, check_for_training, read_dataset_repeats
 from cogtune.cache.tool import check_samples
+from cogtune.data.sources import dataset_tables
 from cogtune.errors import CogtuneError
 from cogtune.families import FamilySpec, ModelConfigs
 from cogtune.util import logs
 
 
-def epoch_batches(shapes: list[tuple], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(shapes: list[tuple], batch_size: int, seed: int, epoch: int,
+                  repeats: np.ndarray | None = None) -> list[list[int]]:
     """The batches of one epoch: the whole dataset shuffled from (seed, epoch), each batch holding
-    samples of one latent shape. Every sample appears exactly once; the last batch of a shape may
-    be short."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(shapes))
+    samples of one latent shape. Every sample appears exactly once (repeats[i] times, with
+    repeats); the last batch of a shape may be short."""
+    items = np.arange(len(shapes)) if repeats is None else np.repeat(np.arange(len(shapes)), repeats)
+    order = items[np.random.default_rng([seed, epoch]).permutation(len(items))]
     pending: dict[tuple, list[int]] = {}
     batches = []
     for index in order.tolist():
@@ -71,6 +74,7 @@ class TrainingPlan:
     walks the same global batches (train_batch_size x processes, one shape each)."""
 
     shapes: list  # the latent shape of every sample (as a number per shape), in sample order
+    repeats: np.ndarray | None  # each sample's times per epoch (None: once each)
     global_batch_size: int
     batches_per_epoch: int
     steps_per_epoch: int
@@ -79,10 +83,11 @@ class TrainingPlan:
     @classmethod
     def of(cls, cache: Cache, config, processes: int) -> "TrainingPlan":
         shapes = cache.samples.shape_groups  # batches hold one latent shape: a number per shape will do
+        repeats = cache.samples.repeats
         global_batch_size = config.train_batch_size * processes
-        batches_per_epoch = len(epoch_batches(shapes, global_batch_size, config.seed, 0))
+        batches_per_epoch = len(epoch_batches(shapes, global_batch_size, config.seed, 0, repeats))
         steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
-        return cls(shapes, global_batch_size, batches_per_epoch, steps_per_epoch,
+        return cls(shapes, repeats, global_batch_size, batches_per_epoch, steps_per_epoch,
                    config.max_train_steps or config.num_train_epochs * steps_per_epoch)
 
     def batches_from(self, batch_number: int, config, processes: int, process_index: int) -> list[Share]:
@@ -90,7 +95,8 @@ class TrainingPlan:
         batch on."""
         epoch, position = divmod(batch_number, self.batches_per_epoch)
         return [rank_share(batch, config.train_batch_size, processes, process_index)
-                for batch in epoch_batches(self.shapes, self.global_batch_size, config.seed, epoch)[position:]]
+                for batch in epoch_batches(self.shapes, self.global_batch_size, config.seed, epoch,
+                                           self.repeats)[position:]]
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -122,6 +128,15 @@ def open_training_cache(config, data, models: ModelConfigs, spec: FamilySpec) ->
     logs.message(f"cache: {cache_path.resolve()} ({training.why})")
     cache = Cache.open(cache_path, for_training=True)
     check_for_training(cache.manifest, models.identity(), spec, cache_path)
+    if data is not None and data.datasets and not config.data_cache:  # repeats live in the selection
+        wanted, written = [table["repeats"] for table in dataset_tables(data)], read_dataset_repeats(cache_path)
+        if wanted != written:
+            raise CogtuneError(
+                f"The [[datasets]] repeats are {wanted}, but the latest `cogtune preprocess` of {cache_path} wrote "
+                f"the selection with {written}. Run `cogtune preprocess` again with this config: it encodes nothing "
+                "new and records the repeats.")
+    if cache.samples.repeats is not None:
+        logs.message(f"repeats: {len(cache.samples)} samples, {int(cache.samples.repeats.sum())} per epoch")
     if not len(cache.samples):
         raise CogtuneError(f"The cache {cache_path} holds no usable samples ({cache.failed_count} were skipped).")
     damage = check_samples(cache_path, cache.manifest, cache.samples, checksums=False)  # shard headers: quick

@@ -1,0 +1,88 @@
+"""Several datasets in one cache ([[datasets]] tables) with per-dataset repeats: the samples of each,
+how often each is drawn in an epoch (against the repeats of the dataset its file came from), an
+exact resume, and repeats changed after preprocessing caught before training."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cogtune.cache.reader import Cache
+from cogtune.dev.tiny import make_demo_data
+from cogtune.train.data import epoch_batches
+
+from conftest import cache_path_of, cogtune_here, write_config
+
+
+def datasets_config(path: Path, model: Path, root: Path, repeats: tuple[int, int], **extra) -> Path:
+    config = write_config(path, model, root / "unused", root / "cache", root / "out", **extra)
+    lines = [line for line in config.read_text().splitlines() if not line.startswith("instance_data_root")]
+    tables = [f'[[datasets]]\ninstance_data_root = "first"\nrepeats = {repeats[0]}',  # relative to the file
+              f'[[datasets]]\ninstance_data_root = "{root / "second"}"\nid_token = "OTHER"\nrepeats = {repeats[1]}']
+    config.write_text("\n".join(lines) + "\n\n" + "\n\n".join(tables) + "\n")
+    return config
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("datasets")
+    make_demo_data(root / "first")
+    make_demo_data(root / "second", num_frames=28)
+    config = datasets_config(root / "c.toml", tiny_model, root, (1, 3), max_train_steps=4)
+    out = cogtune_here("preprocess", "--config", config).stdout
+    return dict(root=root, config=config, cache=cache_path_of(out), out=out)
+
+
+def test_both_datasets_go_into_one_cache_with_their_own_id_tokens(two):
+    assert "samples: 8 ok" in two["out"] and "_2datasets_" in two["cache"].name
+    captions = {Path(row.source_path).parent.parent.name: row.caption for row in Cache.open(two["cache"]).samples}
+    assert captions["first"].startswith("DEMO ") and captions["second"].startswith("OTHER ")
+
+
+def test_each_sample_is_drawn_its_datasets_repeats_times_an_epoch(two):
+    rows = Cache.open(two["cache"]).samples  # in sample-id order, as training indexes them
+    expected = [3 if Path(row.source_path).parent.parent.name == "second" else 1 for row in rows]
+    samples = Cache.open(two["cache"], for_training=True).samples
+    assert samples.repeats.tolist() == expected
+    orders = []
+    for epoch in range(3):
+        batches = epoch_batches(samples.shape_groups, 2, 0, epoch, samples.repeats)
+        counts = Counter(index for batch in batches for index in batch)
+        assert [counts[i] for i in range(len(rows))] == expected
+        orders.append([index for batch in batches for index in batch])
+    assert len({tuple(order) for order in orders}) == 3  # shuffled anew each epoch
+
+
+def test_training_with_repeats_resumes_exactly(two, tmp_path):
+    common = ["--config", two["config"], "--checkpointing_steps", "2"]
+    whole = cogtune_here("train", *common, "--output_dir", tmp_path / "whole")
+    assert "repeats: 8 samples, 16 per epoch" in whole.stderr
+    cogtune_here("train", *common, "--output_dir", tmp_path / "split", "--max_train_steps", "2")
+    cogtune_here("train", *common, "--output_dir", tmp_path / "split", "--resume_from_checkpoint", "latest")
+
+    def losses(folder):
+        return [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+
+def test_repeats_changed_since_preprocess_are_caught(two, tiny_model, tmp_path):
+    config = datasets_config(two["root"] / "changed.toml", tiny_model, two["root"], (1, 2))
+    refused = cogtune_here("train", "--config", config, "--output_dir", tmp_path / "o", check=False)
+    assert refused.returncode == 2 and "repeats are [1, 2]" in refused.stderr and "with [1, 3]" in refused.stderr
+    again = cogtune_here("preprocess", "--config", config).stdout
+    assert "encoded: 0 videos, 0 captions" in again and cache_path_of(again) == two["cache"]  # the same cache
+    cogtune_here("train", "--config", config, "--output_dir", tmp_path / "o", "--max_train_steps", "1")
+
+
+def test_a_dataset_table_that_names_no_data_is_refused(tmp_path, tiny_model):
+    config = write_config(tmp_path / "c.toml", tiny_model, tmp_path, tmp_path / "cache", tmp_path / "out")
+    config.write_text(config.read_text() + "\n[[datasets]]\nrepeats = 2\n")
+    result = cogtune_here("preprocess", "--config", config, check=False)
+    assert result.returncode == 2 and "[[datasets]] table 1 names no data" in result.stderr
+    config.write_text(config.read_text().replace("repeats = 2", 'instance_data_root = "x"\nrepeats = 0'))
+    result = cogtune_here("preprocess", "--config", config, check=False)
+    assert result.returncode == 2 and "repeats must be a whole number, 1 or more, got 0" in result.stderr
