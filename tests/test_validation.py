@@ -323,3 +323,41 @@ def test_the_first_frame_reaches_the_vae_the_same_in_preprocess_and_infer(tmp_pa
     assert len(seen) == 1
     assert torch.equal(from_preprocess, expected[None])
     assert torch.allclose(seen[0], expected[None], atol=1e-6)  # [0, 1] -> the pipeline's normalisation -> [-1, 1]
+
+
+def mp4_frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def test_a_validation_file_sets_each_videos_size_seed_and_guidance(tmp_path, models, demo_data):
+    """Two rows, one with its own size, seed and guidance, one with none: each video has its own
+    size and seed, and the row without settings gives the video --validation_prompt gives."""
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text(
+        json.dumps({"prompt": "DEMO a red square", "num_frames": 17, "height": 32, "width": 32, "seed": 7,
+                    "guidance_scale": 1.0}) + "\n" + json.dumps({"prompt": "DEMO a blue square"}) + "\n")
+    common = dict(validation_steps=1, validation_num_inference_steps=2, max_train_steps=1, checkpointing_steps=5)
+    config = write_config(tmp_path / "c.toml", models["2b"], demo_data, tmp_path / "cache", tmp_path / "out",
+                          validation_file=str(validation), **common)
+    preprocessed = cogtune_here("preprocess", "--config", config).stdout
+    assert "validation: 3 prompt embedding(s)" in preprocessed  # both prompts and the empty one
+    cogtune_here("train", "--config", config)
+    folder = tmp_path / "out" / "validation" / "step-000001"
+    seed = load_config("train", ["--config", str(config)]).seed
+    own, plain = folder / "000-DEMO-a-red-square-seed7.mp4", folder / f"001-DEMO-a-blue-square-seed{seed}.mp4"
+    assert mp4_frames(own).shape == (17, 32, 32, 3) and mp4_frames(plain).shape == (9, 32, 64, 3)
+
+    flags = write_config(tmp_path / "f.toml", models["2b"], demo_data, tmp_path / "cache", tmp_path / "out-flags",
+                         validation_prompt="DEMO a blue square", **common)
+    cogtune_here("preprocess", "--config", flags)
+    cogtune_here("train", "--config", flags)
+    from_flags = tmp_path / "out-flags" / "validation" / "step-000001" / f"000-DEMO-a-blue-square-seed{seed}.mp4"
+    assert np.array_equal(mp4_frames(from_flags), mp4_frames(plain))
+
+    validation.write_text(json.dumps({"prompt": "x", "num_frames": 6}) + "\n")
+    refused = cogtune_here("preprocess", "--config", config, check=False)
+    assert refused.returncode == 2 and f"--validation_file {validation}, line 1: num_frames 6 is not of the form 4k+1" \
+        in refused.stderr
+    both = cogtune_here("preprocess", "--config", config, "--validation_prompt", "y", check=False)
+    assert both.returncode == 2 and "either --validation_file or --validation_prompt" in both.stderr

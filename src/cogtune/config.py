@@ -74,6 +74,64 @@ class ModelArgs:
     command_line: tuple = field(default=(), metadata={"internal": True}, repr=False)
 
 
+@dataclass(frozen=True)
+class ValidationEntry:
+    """One validation video: its prompt and (image-to-video) image, and where a validation file gives
+    them, its size, seed and guidance (None: the training clips' size, --seed, --guidance_scale)."""
+
+    prompt: str
+    image: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    seed: int | None = None
+    guidance_scale: float | None = None
+
+
+VALIDATION_FILE_COLUMNS = {"prompt": str, "image": str, "height": int, "width": int, "num_frames": int, "seed": int,
+                           "guidance_scale": float}
+
+
+def read_validation_file(path: Path) -> list[ValidationEntry]:
+    """The rows of a --validation_file, checked: known columns, numbers of the right kind and rule,
+    image paths relative to the file."""
+    from cogtune.data.sources import read_rows
+
+    rows = read_rows(path, "--validation_file")
+    unknown = sorted(set(rows[0] if rows else {}) - set(VALIDATION_FILE_COLUMNS))
+    if unknown:
+        raise CogtuneError(f"--validation_file {path}: unknown column(s) {', '.join(unknown)}; it takes "
+                           f"{', '.join(VALIDATION_FILE_COLUMNS)}.")
+    entries = []
+    for number, row in enumerate(rows, start=2 if path.suffix.lower() == ".csv" else 1):
+        where = f"--validation_file {path}, {'line' if path.suffix.lower() == '.jsonl' else 'row on line'} {number}"
+        values = {}
+        for name, kind in VALIDATION_FILE_COLUMNS.items():
+            value = row.get(name)
+            if value is None or value == "":
+                continue
+            try:
+                if kind is int and (isinstance(value, float) and not value.is_integer() or isinstance(value, bool)):
+                    raise ValueError
+                values[name] = kind(value) if kind is not str else str(value).strip()
+            except (TypeError, ValueError):
+                raise CogtuneError(f"{where}: {name} must be {'a whole number' if kind is int else 'a number'}, "
+                                   f"got {value!r}.") from None
+        if not values.get("prompt"):
+            raise CogtuneError(f"{where}: the prompt is empty.")
+        for name in ("height", "width"):
+            if name in values and (values[name] <= 0 or values[name] % 16):
+                raise CogtuneError(f"{where}: {name} {values[name]} is not a positive multiple of 16.")
+        if "num_frames" in values and (values["num_frames"] < 1 or (values["num_frames"] - 1) % 4):
+            raise CogtuneError(f"{where}: num_frames {values['num_frames']} is not of the form 4k+1.")
+        if "image" in values:
+            values["image"] = str(path.parent / values["image"])
+        entries.append(ValidationEntry(**values))
+    if not entries:
+        raise CogtuneError(f"--validation_file {path} holds no rows.")
+    return entries
+
+
 @dataclass
 class ValidationArgs:
     """Validation prompts (and images): preprocess encodes them into the cache, train generates from
@@ -86,8 +144,26 @@ class ValidationArgs:
         None, "Image-to-video models: one image (or video, whose first frame is used) per validation prompt, "
               "separated by --validation_prompt_separator, in the order of the prompts.")
     validation_prompt_separator: str = opt(":::", "String that separates validation prompts (and images).")
+    validation_file: Optional[str] = opt(
+        None, "A .csv or .jsonl file of validation videos instead of --validation_prompt, one per row: prompt, and "
+              "where wanted image (image-to-video; relative to the file), height, width, num_frames, seed and "
+              "guidance_scale (default: the training clips' size, --seed, --guidance_scale). Give it to preprocess "
+              "too, which encodes its prompts and images.")
+
+    def validation_entries(self) -> list[ValidationEntry]:
+        """The validation videos: the rows of --validation_file, or --validation_prompt's prompts (and images)."""
+        if self.validation_file:
+            if self.validation_prompt or self.validation_images:
+                raise CogtuneError("Give either --validation_file or --validation_prompt (and --validation_images), "
+                                   "not both.")
+            return read_validation_file(Path(self.validation_file))
+        return [ValidationEntry(prompt, image) for prompt, image in self._flag_pairs()]
 
     def validation_pairs(self) -> list[tuple[str, str | None]]:
+        """The (prompt, image or None) of every validation video."""
+        return [(entry.prompt, entry.image) for entry in self.validation_entries()]
+
+    def _flag_pairs(self) -> list[tuple[str, str | None]]:
         """The (prompt, image or None) pairs of --validation_prompt and --validation_images."""
         if not self.validation_prompt:
             return []
@@ -102,14 +178,26 @@ class ValidationArgs:
             raise CogtuneError(f"--validation_prompt holds an empty prompt (check the {separator!r} separators).")
         return list(zip(prompts, images or [None] * len(prompts)))
 
+    def checked_validation_entries(self, spec, clip_size: tuple[int, int, int]) -> list[ValidationEntry]:
+        """The validation videos, checked against the model (a FamilySpec) and the file system, each with
+        its size (clip_size, (frames, height, width), where it gives none)."""
+        self.checked_validation_pairs(spec)
+        entries = []
+        for entry in self.validation_entries():
+            frames, height, width = (entry.num_frames or clip_size[0], entry.height or clip_size[1],
+                                     entry.width or clip_size[2])
+            spec.check_clip_size(frames, height, width, self.ignore_learned_positional_embeddings)
+            entries.append(dataclasses.replace(entry, num_frames=frames, height=height, width=width))
+        return entries
+
     def checked_validation_pairs(self, spec) -> list[tuple[str, str | None]]:
         """The validation (prompt, image) pairs, checked against the model (a FamilySpec) and the file system."""
         pairs = self.validation_pairs()
         images = [image for _, image in pairs if image]
         if images and not spec.image_conditioned:
-            raise CogtuneError(f"--validation_images is for image-to-video models; this {spec.description} model "
+            raise CogtuneError(f"--validation_images (or an image column) is for image-to-video models; this {spec.description} model "
                                "generates from text alone. Leave it out.")
-        if pairs and spec.image_conditioned and not images:
+        if spec.image_conditioned and len(images) < len(pairs):
             raise CogtuneError(f"This {spec.description} model animates an image: give one --validation_images entry "
                                "per --validation_prompt.")
         for image in images:
@@ -447,7 +535,7 @@ KNOWN_KEYS = {f.name for cls in STAGE_CONFIGS.values() for f in settings_fields(
 # Settings whose values are paths: a relative one in a config file is relative to that file's folder.
 # The second group may also be hub ids; they are taken as paths when that path exists.
 PATH_SETTINGS = ("instance_data_root", "cache_root", "data_cache", "output_dir", "video_output_dir", "prompt_file",
-                 "image", "cache_dir", "resume_from_checkpoint", "validation_images", "preview_dir")
+                 "image", "cache_dir", "resume_from_checkpoint", "validation_images", "preview_dir", "validation_file")
 PATH_OR_HUB_SETTINGS = ("pretrained_model_name_or_path", "dataset_name", "lora", "init_lora")
 
 

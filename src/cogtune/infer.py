@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from cogtune import quantize
 from cogtune.config import InferConfig, check_precision_available, precision_dtype
+from cogtune.data.sources import read_rows
 from cogtune.data.video import first_frame_pixels
 from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
@@ -58,17 +59,8 @@ def read_jobs(config: InferConfig, image_conditioned: bool) -> list[Job]:
 
 
 def _prompt_image_pairs(path: Path) -> list[tuple[str, str | None]]:
-    import pyarrow.csv
-    import pyarrow.json
-
-    try:
-        table = (pyarrow.csv.read_csv(path) if path.suffix.lower() == ".csv" else pyarrow.json.read_json(path))
-    except Exception as e:  # pyarrow's parse errors
-        raise CogtuneError(f"--prompt_file {path} cannot be read: {first_line(e)}") from None
-    if "prompt" not in table.column_names:
-        raise CogtuneError(f"--prompt_file {path} has no 'prompt' column (columns: {', '.join(table.column_names)}).")
-    rows = table.to_pylist()
-    return [(str(row["prompt"]).strip(), row.get("image") or None) for row in rows if str(row["prompt"] or "").strip()]
+    return [(str(row["prompt"]).strip(), row.get("image") or None) for row in read_rows(path, "--prompt_file")
+            if str(row["prompt"] or "").strip()]
 
 
 def lora_location(config: InferConfig) -> tuple[str, str | None]:

@@ -549,23 +549,26 @@ class Cache:
         return state
 
 
-def read_validation_inputs(cache_path: Path, pairs: list[tuple[str, str | None]], height: int, width: int
-                           ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+def read_validation_inputs(cache_path: Path, entries: list
+                           ) -> tuple[dict[str, torch.Tensor], dict[tuple, tuple[torch.Tensor, torch.Tensor]]]:
     """The cached T5 embedding of every validation prompt and of "" (the negative prompt), and the
-    VAE moments of every validation image at height x width; a CogtuneError naming whatever
-    preprocess has not encoded."""
+    VAE moments of every validation image at its entry's height x width, by (image, height, width);
+    a CogtuneError naming whatever preprocess has not encoded."""
     from safetensors.torch import load_file
 
-    text_paths = {text: schema.validation_text_path(cache_path, text) for text in [*(p for p, _ in pairs), ""]}
-    image_paths = {image: schema.validation_image_path(cache_path, files.sha256_file(image), height, width)
-                   for _, image in pairs if image is not None}
+    text_paths = {text: schema.validation_text_path(cache_path, text) for text in [*(e.prompt for e in entries), ""]}
+    image_paths = {(e.image, e.height, e.width): schema.validation_image_path(cache_path, files.sha256_file(e.image),
+                                                                             e.height, e.width)
+                   for e in entries if e.image is not None}
     missing = [repr(text) if text else "the empty negative prompt" for text, path in text_paths.items()
                if not path.is_file()]
-    missing += [f"image {image}" for image, path in image_paths.items() if not path.is_file()]
+    missing += [f"image {image} at {height}x{width}" for (image, height, width), path in image_paths.items()
+                if not path.is_file()]
     if missing:
         raise CogtuneError(
             f"The cache {cache_path} holds no encoding of these validation inputs: {', '.join(missing)}. Run "
-            "`cogtune preprocess` with the same --validation_prompt (and --validation_images): it encodes only "
+            "`cogtune preprocess` with the same --validation_prompt (and --validation_images) or --validation_file: "
+            "it encodes only "
             "what is missing, so that training never needs T5."
         )
     embeds = {text: load_file(path)[schema.VALIDATION_PROMPT_EMBEDS] for text, path in text_paths.items()}

@@ -311,3 +311,21 @@ def load_dataset_records(config, resolve: bool = False) -> tuple[list[Record], l
         records += found
         repeats += [table["repeats"]] * len(found)
     return records, repeats
+
+
+def read_rows(path: Path, flag: str) -> list[dict]:
+    """The rows of a .csv or .jsonl file (a prompt file, a validation file), as dicts."""
+    import pyarrow.csv
+    import pyarrow.json
+
+    if not path.is_file():
+        raise CogtuneError(f"{flag} {path} does not exist.")
+    if path.suffix.lower() not in (".csv", ".jsonl"):
+        raise CogtuneError(f"{flag} {path} is neither a .csv nor a .jsonl file.")
+    try:
+        table = pyarrow.csv.read_csv(path) if path.suffix.lower() == ".csv" else pyarrow.json.read_json(path)
+    except Exception as e:  # pyarrow's parse errors
+        raise CogtuneError(f"{flag} {path} cannot be read: {first_line(e)}") from None
+    if "prompt" not in table.column_names:
+        raise CogtuneError(f"{flag} {path} has no 'prompt' column (columns: {', '.join(table.column_names)}).")
+    return table.to_pylist()

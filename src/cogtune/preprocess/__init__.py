@@ -124,7 +124,7 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     records, repeats = load_dataset_records(config)  # each process resolves its share in plan()
     models = ModelConfigs.of(config)
     spec = models.spec()  # refuses what is not a CogVideoX model before any encoding
-    validation_pairs = config.checked_validation_pairs(spec)
+    validation_entries = config.checked_validation_entries(spec, (config.max_num_frames, config.height, config.width))
     for size in clip_sizes(config):
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
     procs = processes()
@@ -138,7 +138,7 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     with cache_lock(cache_path):  # shared with other writers; keeps `cogtune cache prune` out
         counts = _encode_missing(records, repeats, config, models, identity, cache_path, stop, procs, stages)
         if procs.is_main:
-            counts["validation_files"] = encode_validation(config, models, cache_path, validation_pairs)
+            counts["validation_files"] = encode_validation(config, models, cache_path, validation_entries)
         else:
             counts["validation_files"] = 0
     counts = {key: sum(c[key] for c in procs.gather(counts)) for key in counts}

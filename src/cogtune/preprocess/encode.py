@@ -150,14 +150,13 @@ def encode_captions(captions: list[str], config: PreprocessConfig, models: Model
 
 
 @torch.no_grad()
-def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path: Path,
-                      pairs: list[tuple[str, str | None]]) -> int:
-    """Encode the validation prompts of `pairs` (checked by checked_validation_pairs) and the empty
-    prompt (the negative prompt, and what --caption_dropout_technique empty trains on, so it is
-    always stored) with T5 and, for image-to-video models, their images with the VAE, into the
-    cache's validation folder, so that training can generate without either. Only what is
-    missing is encoded; returns how many files were written."""
-    images = [image for _, image in pairs if image]
+def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path: Path, entries: list) -> int:
+    """Encode the prompts of the validation `entries` (checked by checked_validation_entries, each with
+    its size) and the empty prompt (the negative prompt, and what --caption_dropout_technique empty
+    trains on, so it is always stored) with T5 and, for image-to-video models, their images with the
+    VAE at each one's size, into the cache's validation folder, so that training can generate without
+    either. Only what is missing is encoded; returns how many files were written."""
+    pairs = [(entry.prompt, entry.image) for entry in entries]
     written = 0
     texts = [text for text in dict.fromkeys(["", *(prompt for prompt, _ in pairs)])
              if not schema.validation_text_path(cache_path, text).is_file()]
@@ -173,16 +172,17 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path
                          "were truncated.")
         del text_encoder
     pending = {}
-    for image in images:
-        sha = files.sha256_file(image)
-        path = schema.validation_image_path(cache_path, sha, config.height, config.width)
-        if not path.is_file():
-            pending[path] = image
+    for entry in entries:
+        if entry.image:
+            path = schema.validation_image_path(cache_path, files.sha256_file(entry.image), entry.height, entry.width)
+            if not path.is_file():
+                pending[path] = entry
     if pending:
         device, dtype = device_and_dtype(config.mixed_precision)
         vae = load_vae(models, config, device, dtype)
-        for path, image in pending.items():
-            pixels = first_frame_pixels(image, config.height, config.width)  # [C, 1, H, W]
+        for path, entry in pending.items():
+            image = entry.image
+            pixels = first_frame_pixels(image, entry.height, entry.width)  # [C, 1, H, W]
             posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
             write_tensors(path, {schema.VALIDATION_IMAGE_MEAN: posterior.mean[0].float(),
                                 schema.VALIDATION_IMAGE_LOGVAR: posterior.logvar[0].float()},

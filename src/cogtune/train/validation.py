@@ -33,6 +33,11 @@ class ValidationPrompt:
     image: str | None
     prompt_embeds: torch.Tensor  # [text length, text dim]
     image_moments: tuple[torch.Tensor, torch.Tensor] | None  # VAE mean and logvar, [C, 1, h, w]
+    num_frames: int
+    height: int
+    width: int
+    seed: int | None = None  # None: --seed (and --seed + 1, ... for --num_validation_videos)
+    guidance_scale: float | None = None  # None: --guidance_scale
 
 
 @dataclass
@@ -48,12 +53,13 @@ class ValidationSet:
 def load_validation_set(config, spec: FamilySpec, cache_path: Path, manifest: schema.Manifest) -> ValidationSet | None:
     """The validation prompts' cached embeddings (and image latents), at the cache's clip size; a
     clear error, before any model is loaded, for whatever preprocess has not encoded."""
-    pairs = config.checked_validation_pairs(spec)
-    if not pairs:
-        return None
     settings = manifest.settings
-    embeds, images = read_validation_inputs(cache_path, pairs, settings.height, settings.width)
-    prompts = [ValidationPrompt(prompt, image, embeds[prompt], images.get(image)) for prompt, image in pairs]
+    entries = config.checked_validation_entries(spec, (settings.max_num_frames, settings.height, settings.width))
+    if not entries:
+        return None
+    embeds, images = read_validation_inputs(cache_path, entries)
+    prompts = [ValidationPrompt(e.prompt, e.image, embeds[e.prompt], images.get((e.image, e.height, e.width)),
+                                e.num_frames, e.height, e.width, e.seed, e.guidance_scale) for e in entries]
     return ValidationSet(prompts, embeds[""], settings.max_num_frames, settings.height, settings.width, settings.fps)
 
 
@@ -178,13 +184,14 @@ def run_validation(transformer, validation: ValidationSet, config, models: Model
     try:
         with autocast():
             for prompt in validation.prompts:
-                for number in range(config.num_validation_videos):
-                    generator = torch.Generator().manual_seed(config.seed + number)
-                    latents.append((prompt.prompt, config.seed + number, generate_latents(
+                first_seed = config.seed if prompt.seed is None else prompt.seed
+                guidance = config.guidance_scale if prompt.guidance_scale is None else prompt.guidance_scale
+                for seed in range(first_seed, first_seed + config.num_validation_videos):
+                    generator = torch.Generator().manual_seed(seed)
+                    latents.append((prompt.prompt, seed, generate_latents(
                         transformer, scheduler, spec, prompt.prompt_embeds, validation.negative_embeds,
-                        validation.num_frames, validation.height, validation.width,
-                        config.validation_num_inference_steps, config.guidance_scale, config.use_dynamic_cfg,
-                        generator, dtype, prompt.image_moments)))
+                        prompt.num_frames, prompt.height, prompt.width, config.validation_num_inference_steps,
+                        guidance, config.use_dynamic_cfg, generator, dtype, prompt.image_moments)))
     finally:
         transformer.train(was_training)
     vae = load_vae(models, config, latents[0][2].device, dtype)
