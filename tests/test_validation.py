@@ -361,3 +361,20 @@ def test_a_validation_file_sets_each_videos_size_seed_and_guidance(tmp_path, mod
         in refused.stderr
     both = cogtune_here("preprocess", "--config", config, "--validation_prompt", "y", check=False)
     assert both.returncode == 2 and "either --validation_file or --validation_prompt" in both.stderr
+
+
+def test_a_validation_file_gives_image_to_video_images_at_each_rows_size(tmp_path, models, demo_data, image):
+    (tmp_path / "images").mkdir()
+    Image.open(image).save(tmp_path / "images" / "first.png")
+    validation = tmp_path / "validation.csv"
+    validation.write_text("prompt,image,height,width\nDEMO a red square,images/first.png,32,32\n"
+                          "DEMO a red square,images/first.png,,\n")
+    config = write_config(tmp_path / "c.toml", models["1.5-5b-i2v"], demo_data, tmp_path / "cache", tmp_path / "out",
+                          validation_file=str(validation), validation_steps=1, validation_num_inference_steps=2,
+                          max_train_steps=1, checkpointing_steps=5)
+    cache = cache_path_of(cogtune_here("preprocess", "--config", config).stdout)
+    sizes = sorted(path.name.rsplit("-", 1)[1] for path in (cache / "validation").glob("image-*.safetensors"))
+    assert sizes == ["32x32.safetensors", "32x64.safetensors"]  # the row's size, and the clips' size
+    cogtune_here("train", "--config", config)
+    videos = sorted((tmp_path / "out" / "validation" / "step-000001").glob("*.mp4"))
+    assert [mp4_frames(video).shape[1:3] for video in videos] == [(32, 32), (32, 64)]

@@ -81,3 +81,34 @@ def test_a_window_has_the_latents_of_the_clip_cut_at_its_start(tmp_path, tiny_mo
     assert f"cache: {windows}" in trained.stderr
     state = json.loads((tmp_path / "o" / "checkpoint-2" / "cogtune_state.json").read_text())
     assert state["data_order"]["samples"].startswith("16 samples,")  # 4 clips x 4 windows
+
+
+def test_two_processes_write_the_windows_one_process_writes(tmp_path, tiny_model, clips):
+    from test_distributed import torchrun
+
+    config = write_config(tmp_path / "c.toml", tiny_model, clips, tmp_path / "one", tmp_path / "out",
+                          shard_size_mb=1e-6)
+    flags = ["--frame_extraction", "slide", "--frame_stride", "8", "--max_windows_per_clip", "3"]
+    one = cache_path_of(cogtune_here("preprocess", "--config", config, *flags).stdout)
+    out = torchrun("-m", "cogtune.cli", "preprocess", "--config", config, *flags, "--cache_root", tmp_path / "two").stdout
+    two = cache_path_of(out)
+    assert "samples: 12 ok" in out and "encoded: 4 videos" in out
+    rows_one, rows_two = rows_by_clip(one), rows_by_clip(two)
+    assert rows_one.keys() == rows_two.keys()
+    for name in rows_one:
+        assert [(r.sample_id, r.frame_indices) for r in rows_one[name]] == \
+            [(r.sample_id, r.frame_indices) for r in rows_two[name]]
+        for a, b in zip(rows_one[name], rows_two[name]):
+            assert torch.equal(latents(one, a), latents(two, b))
+
+
+def test_image_to_video_windows_get_their_own_first_frame_noise(tmp_path, tiny_models, clips):
+    model = tiny_models("5b-i2v")
+    config = write_config(tmp_path / "c.toml", model, clips, tmp_path / "cache", tmp_path / "out", height=32,
+                          width=64)
+    head = rows_by_clip(cache_path_of(cogtune_here("preprocess", "--config", config).stdout))
+    windows = rows_by_clip(cache_path_of(cogtune_here("preprocess", "--config", config, "--frame_extraction",
+                                                      "chunk", "--max_windows_per_clip", "2").stdout))
+    for name, rows in windows.items():
+        assert len(rows) == 2 and rows[0].image_noise_sigmas == head[name][0].image_noise_sigmas
+        assert rows[1].image_noise_sigmas != rows[0].image_noise_sigmas  # a window's noise is its own
