@@ -243,6 +243,21 @@ def load_vae(models: "ModelConfigs", config, device, dtype):
     return vae
 
 
+def built_on_meta(build, dtype):
+    """build() on PyTorch's meta device (shapes, no storage), in dtype, for the memory estimates;
+    diffusers' warning about fp32 modules, which .to(dtype) of a model built from its config gives,
+    silenced."""
+    from diffusers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with torch.device("meta"):
+            return build().to(dtype)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 def drop_learned_positional_embeddings(transformer) -> None:
     """Let CogVideoX-5b-I2V run at other sizes: its learned positional embeddings are near zero and
     tied to 49x480x720, so they are left out (in training and in inference alike)."""

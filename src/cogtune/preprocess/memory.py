@@ -19,7 +19,7 @@ import torch
 from cogtune import quantize
 from cogtune.config import PreprocessConfig, precision_dtype
 from cogtune.data.buckets import clip_sizes
-from cogtune.families import ModelConfigs
+from cogtune.families import ModelConfigs, built_on_meta
 from cogtune.preprocess.encode import CAPTION_BATCH
 from cogtune.util.tensor_bytes import LiveTensorBytes, fused_attention_on_meta, gib, largest_module_bytes
 
@@ -36,15 +36,7 @@ class StageEstimate:
 
 def meta_model(build, dtype: torch.dtype) -> torch.nn.Module:
     """A model built on the meta device (shapes, no storage), frozen, in dtype."""
-    from diffusers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # .to(dtype) of a model built from its config warns about fp32 modules
-    try:
-        with torch.device("meta"):
-            return build().to(dtype).requires_grad_(False).eval()
-    finally:
-        logging.set_verbosity(verbosity)
+    return built_on_meta(build, dtype).requires_grad_(False).eval()
 
 
 def meta_t5(models: ModelConfigs, dtype: torch.dtype) -> torch.nn.Module:

@@ -105,12 +105,13 @@ def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str
     paths, sizes, mtimes = (list(column) for column in zip(*mine)) if mine else ([], [], [])
     shas, hashed = _content_hashes(paths, sizes, mtimes, holds.known)
     ids = [schema.sample_id(sha, records[i].caption) for i, sha in zip(share, shas)]
+    done = _in(ids, holds.done)  # an index row already: encoded, or failed before
     not_videos = {}
-    for i, path, unseen in zip(share, paths, (not done for done in _in(ids, holds.done))):
-        problem = unseen and not_a_video(Path(path))
+    for i, path, have in zip(share, paths, done):
+        problem = not have and not_a_video(Path(path))
         if problem:
             not_videos[i] = (path, problem)
-    parts = procs.gather((paths, sizes, mtimes, shas, ids, not_videos, hashed))
+    parts = procs.gather((paths, sizes, mtimes, shas, ids, not_videos, hashed, done))
     not_videos = {i: problem for part in parts for i, problem in part[5].items()}
     if not_videos:
         i = min(not_videos)
@@ -125,7 +126,7 @@ def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str
         return values
 
     paths, sizes, mtimes, shas, ids = (in_order(column) for column in range(5))
-    have_row = _in(ids, holds.done)
+    have_row = in_order(7)
     missing = [
         PlannedSample(records[i], schema.SampleSource(sample_id=ids[i], source_path=paths[i], source_size=sizes[i],
                                                       source_mtime_ns=mtimes[i], source_sha256=shas[i],

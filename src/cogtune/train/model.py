@@ -6,7 +6,7 @@ import torch
 
 from cogtune import quantize
 from cogtune.config import TrainConfig, precision_dtype
-from cogtune.families import FamilySpec, ModelConfigs, drop_learned_positional_embeddings
+from cogtune.families import FamilySpec, ModelConfigs, built_on_meta, drop_learned_positional_embeddings
 from cogtune.train.lora import TARGET_PRESETS
 from cogtune.train.swap import BlockSwap, OffloadedCheckpointing
 
@@ -26,15 +26,7 @@ def build_transformer(config: TrainConfig, models: ModelConfigs, spec: FamilySpe
 
     weight_dtype = precision_dtype(config.mixed_precision)
     if meta:
-        from diffusers.utils import logging
-
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()  # .to(dtype) on a model built from its config warns about fp32 modules
-        try:
-            with torch.device("meta"):
-                transformer = CogVideoXTransformer3DModel.from_config(models.transformer).to(weight_dtype)
-        finally:
-            logging.set_verbosity(verbosity)
+        transformer = built_on_meta(lambda: CogVideoXTransformer3DModel.from_config(models.transformer), weight_dtype)
     else:
         if config.quant_backend != "none":
             quantize.require(config.quant_backend, torch.device(device))
