@@ -112,3 +112,14 @@ def test_image_to_video_windows_get_their_own_first_frame_noise(tmp_path, tiny_m
     for name, rows in windows.items():
         assert len(rows) == 2 and rows[0].image_noise_sigmas == head[name][0].image_noise_sigmas
         assert rows[1].image_noise_sigmas != rows[0].image_noise_sigmas  # a window's noise is its own
+
+
+def test_with_buckets_every_window_has_its_clips_bucket(tmp_path, tiny_model, clips):
+    config = write_config(tmp_path / "c.toml", tiny_model, clips, tmp_path / "cache", tmp_path / "out")
+    out = cogtune_here("preprocess", "--config", config, "--buckets", "9x32x64", "17x32x64",
+                       "--frame_extraction", "chunk").stdout
+    # 40 frames: the longest bucket that fits is 17 frames, whose chunks start at 0 and 17 (34 + 17 > 40)
+    assert "samples: 8 ok" in out and "17x32x64 (8)" in out
+    for name, rows in rows_by_clip(cache_path_of(out)).items():
+        assert [(row.bucket, row.frame_indices) for row in rows] == \
+            [("17x32x64", list(range(0, 17))), ("17x32x64", list(range(17, 34)))], name
