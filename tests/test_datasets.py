@@ -86,3 +86,15 @@ def test_a_dataset_table_that_names_no_data_is_refused(tmp_path, tiny_model):
     config.write_text(config.read_text().replace("repeats = 2", 'instance_data_root = "x"\nrepeats = 0'))
     result = cogtune_here("preprocess", "--config", config, check=False)
     assert result.returncode == 2 and "repeats must be a whole number, 1 or more, got 0" in result.stderr
+
+
+def test_two_processes_write_the_selection_one_process_writes(two, tmp_path):
+    from test_distributed import torchrun
+
+    out = torchrun("-m", "cogtune.cli", "preprocess", "--config", two["config"], "--cache_root", tmp_path / "two").stdout
+    assert "samples: 8 ok" in out and "encoded: 8 videos" in out
+    alone = cogtune_here("preprocess", "--config", two["config"], "--cache_root", tmp_path / "one").stdout
+    one = Cache.open(cache_path_of(alone), for_training=True).samples
+    other = Cache.open(cache_path_of(out), for_training=True).samples
+    assert one.repeats.sum() == 16  # 4 x 1 + 4 x 3
+    assert one.digest == other.digest and other.repeats.tolist() == one.repeats.tolist()  # ids and repeats
