@@ -2,6 +2,7 @@
 read without pickle, NaN steps skipped."""
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -70,20 +71,26 @@ def test_sigterm_checkpoints_exits_75_and_resume_equals_an_uninterrupted_run(set
     status 75 (which the Slurm script requeues), not the default kill (143). (Waiting for logged
     steps instead races a tiny model's 10 ms steps on a busy machine.)"""
     out = tmp_path / "out"
-    # The window between the handler and the imports is short: on a busy machine (the tests run in
-    # parallel) this poll may first see the process after torch is in. Such a start is stopped and
-    # made again, a few times at most.
-    for attempt in range(5):
-        shutil.rmtree(out, ignore_errors=True)
-        process = start("train", "--config", setup["config"], "--output_dir", out)
-        assert wait_for(lambda: _catches(process.pid, signal.SIGTERM), process)
-        imported_yet = "torch" in Path(f"/proc/{process.pid}/maps").read_text()
-        if not imported_yet:
-            break
-        process.kill()
-        process.communicate()
+    # The window between the handler and torch's import is a fraction of a second, which a poll on a
+    # busy machine (the tests run in parallel) can miss. A sitecustomize on the child's path holds
+    # the first `import torch` for 3 s: cogtune's code runs as it is, its window is only wider.
+    slow = tmp_path / "slow-torch-import"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import sys, time\n"
+        "class SlowTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            sys.meta_path.remove(self)\n"
+        "            time.sleep(3)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, SlowTorch())\n")
+    path = os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))
+    process = start("train", "--config", setup["config"], "--output_dir", out, env=dict(os.environ, PYTHONPATH=path))
+    assert wait_for(lambda: _catches(process.pid, signal.SIGTERM), process)
+    imported_yet = "torch" in Path(f"/proc/{process.pid}/maps").read_text()
     process.send_signal(signal.SIGTERM)
-    assert not imported_yet  # the signal came during the imports
+    assert not imported_yet  # the signal came before torch was in (it fails if the handler came after)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 75, stderr
     (saved,) = checkpoints.checkpoints_in(out)  # checkpointing_steps is 1000: this one is the signal's
