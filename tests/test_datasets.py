@@ -98,3 +98,14 @@ def test_two_processes_write_the_selection_one_process_writes(two, tmp_path):
     other = Cache.open(cache_path_of(out), for_training=True).samples
     assert one.repeats.sum() == 16  # 4 x 1 + 4 x 3
     assert one.digest == other.digest and other.repeats.tolist() == one.repeats.tolist()  # ids and repeats
+
+
+def test_without_datasets_a_record_listed_twice_is_one_sample(tmp_path, tiny_model):
+    data = make_demo_data(tmp_path / "data")
+    for name in ("prompts.txt", "videos.txt"):
+        lines = (data / name).read_text().splitlines()
+        (data / name).write_text("\n".join(lines + lines[:1]) + "\n")
+    config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out")
+    samples = Cache.open(cache_path_of(cogtune_here("preprocess", "--config", config).stdout),
+                         for_training=True).samples
+    assert len(samples) == 4 and samples.repeats is None

@@ -159,10 +159,6 @@ class ValidationArgs:
             return read_validation_file(Path(self.validation_file))
         return [ValidationEntry(prompt, image) for prompt, image in self._flag_pairs()]
 
-    def validation_pairs(self) -> list[tuple[str, str | None]]:
-        """The (prompt, image or None) of every validation video."""
-        return [(entry.prompt, entry.image) for entry in self.validation_entries()]
-
     def _flag_pairs(self) -> list[tuple[str, str | None]]:
         """The (prompt, image or None) pairs of --validation_prompt and --validation_images."""
         if not self.validation_prompt:
@@ -181,29 +177,24 @@ class ValidationArgs:
     def checked_validation_entries(self, spec, clip_size: tuple[int, int, int]) -> list[ValidationEntry]:
         """The validation videos, checked against the model (a FamilySpec) and the file system, each with
         its size (clip_size, (frames, height, width), where it gives none)."""
-        self.checked_validation_pairs(spec)
-        entries = []
-        for entry in self.validation_entries():
-            frames, height, width = (entry.num_frames or clip_size[0], entry.height or clip_size[1],
-                                     entry.width or clip_size[2])
-            spec.check_clip_size(frames, height, width, self.ignore_learned_positional_embeddings)
-            entries.append(dataclasses.replace(entry, num_frames=frames, height=height, width=width))
-        return entries
-
-    def checked_validation_pairs(self, spec) -> list[tuple[str, str | None]]:
-        """The validation (prompt, image) pairs, checked against the model (a FamilySpec) and the file system."""
-        pairs = self.validation_pairs()
-        images = [image for _, image in pairs if image]
+        entries = self.validation_entries()
+        images = [entry.image for entry in entries if entry.image]
         if images and not spec.image_conditioned:
             raise CogtuneError(f"--validation_images (or an image column) is for image-to-video models; this {spec.description} model "
                                "generates from text alone. Leave it out.")
-        if spec.image_conditioned and len(images) < len(pairs):
+        if spec.image_conditioned and len(images) < len(entries):
             raise CogtuneError(f"This {spec.description} model animates an image: give one --validation_images entry "
                                "per --validation_prompt.")
         for image in images:
             if not Path(image).is_file():
                 raise CogtuneError(f"--validation_images: {image} does not exist.")
-        return pairs
+        sized = []
+        for entry in entries:
+            frames, height, width = (entry.num_frames or clip_size[0], entry.height or clip_size[1],
+                                     entry.width or clip_size[2])
+            spec.check_clip_size(frames, height, width, self.ignore_learned_positional_embeddings)
+            sized.append(dataclasses.replace(entry, num_frames=frames, height=height, width=width))
+        return sized
 
 
 @dataclass
@@ -740,7 +731,7 @@ def validate(config) -> None:
     if isinstance(config, InferConfig) and bool(config.prompt) == bool(config.prompt_file):
         raise CogtuneError("Give exactly one of --prompt or --prompt_file.")
     if isinstance(config, (PreprocessConfig, TrainConfig)):
-        config.validation_pairs()
+        config.validation_entries()
     if isinstance(config, (TrainConfig, InferConfig)):
         quantize.check(config.quant_backend, config.quant_type)
     if isinstance(config, PreprocessConfig):
@@ -799,20 +790,19 @@ def validate(config) -> None:
             raise CogtuneError(f"--max_failures takes a count (10) or a fraction (0.05), got {config.max_failures:g}.")
 
 
-DATASET_TABLE_KEYS = ("instance_data_root", "dataset_name", "dataset_config_name", "caption_column", "video_column",
-                      "id_token", "repeats")
-
-
 def check_datasets(datasets: list) -> None:
     """[[datasets]] tables: tables, of known keys, each naming its data, with a whole positive repeats."""
+    from cogtune.data.sources import DATASET_KEYS
+
+    keys = (*DATASET_KEYS, "repeats")
     for number, table in enumerate(datasets, start=1):
         if not isinstance(table, dict):
             raise CogtuneError(f"datasets: entry {number} is {table!r}; give each dataset as a [[datasets]] table in "
                                "the config file (instance_data_root or dataset_name, repeats, ...).")
-        unknown = sorted(set(table) - set(DATASET_TABLE_KEYS))
+        unknown = sorted(set(table) - set(keys))
         if unknown:
             raise CogtuneError(f"[[datasets]] table {number}: unknown key(s) {', '.join(unknown)}; a dataset takes "
-                               f"{', '.join(DATASET_TABLE_KEYS)}.")
+                               f"{', '.join(keys)}.")
         if not table.get("instance_data_root") and not table.get("dataset_name"):
             raise CogtuneError(f"[[datasets]] table {number} names no data: give its instance_data_root or dataset_name.")
         repeats = table.get("repeats", 1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cogtune.config import MIXED_PRECISION, load_config, precision_dtype
+from cogtune.config import MIXED_PRECISION, precision_dtype
 from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
 from cogtune.train.lora import lora_source, read_lora_info
@@ -43,10 +43,7 @@ def merge(lora: str, merged_dir: str | Path, base: str | None = None, lora_scale
         raise CogtuneError(f"--merged_dir {merged_dir} exists and is not empty: choose a new folder (nothing is "
                            "overwritten).")
     files.ensure_writable_dir(merged_dir.parent, "--merged_dir's parent folder")
-    config = load_config("infer", ["--pretrained_model_name_or_path", base, "--lora", lora, "--prompt", "-",
-                                   *(["--revision", revision] if revision else []),
-                                   *(["--variant", variant] if variant else [])])
-    models = ModelConfigs.of(config)
+    models = ModelConfigs.load(base, revision, variant)
     spec = models.spec()
     pipe = models.load_part(getattr(diffusers, spec.pipeline_class_name), None, dtype=torch.float32)
     if spec.ignores_learned_positions(bool(info.get("ignore_learned_positional_embeddings"))):

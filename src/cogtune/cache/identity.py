@@ -27,8 +27,7 @@ from cogtune.errors import CogtuneError
 from cogtune.families import ModelConfigs
 from cogtune.util import files
 
-DATASET_SETTINGS = ("instance_data_root", "dataset_name", "dataset_config_name", "caption_column", "video_column",
-                    "id_token", "datasets")
+DATASET_SETTINGS = (*DATASET_KEYS, "datasets")
 TENSOR_SETTINGS = ("height", "width", "fps", "max_num_frames", "skip_frames_start", "skip_frames_end",
                    "video_reshape_mode", "latent_dtype", "mixed_precision", "enable_tiling")
 BUCKET_SETTINGS = ("buckets", "height_buckets", "width_buckets", "frame_buckets")

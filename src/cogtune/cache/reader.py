@@ -594,9 +594,10 @@ def read_empty_prompt_embeds(cache_path: Path) -> torch.Tensor:
 
 def read_selection_repeats(cache_path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """The selection's sample ids (S32) and repeats, or None when every sample is trained once."""
-    table = pq.read_table(Path(cache_path) / schema.SELECTION_FILE)
-    if "repeats" not in table.column_names:
+    path = Path(cache_path) / schema.SELECTION_FILE
+    if "repeats" not in pq.read_schema(path).names:  # (the file's footer only)
         return None
+    table = pq.read_table(path)
     return (table["sample_id"].to_numpy(zero_copy_only=False).astype("S32"),
             table["repeats"].to_numpy(zero_copy_only=False).astype(np.int64))
 

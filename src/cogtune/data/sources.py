@@ -315,15 +315,12 @@ def load_dataset_records(config, resolve: bool = False) -> tuple[list[Record], l
 
 def read_rows(path: Path, flag: str) -> list[dict]:
     """The rows of a .csv or .jsonl file (a prompt file, a validation file), as dicts."""
-    import pyarrow.csv
-    import pyarrow.json
-
     if not path.is_file():
         raise CogtuneError(f"{flag} {path} does not exist.")
     if path.suffix.lower() not in (".csv", ".jsonl"):
         raise CogtuneError(f"{flag} {path} is neither a .csv nor a .jsonl file.")
     try:
-        table = pyarrow.csv.read_csv(path) if path.suffix.lower() == ".csv" else pyarrow.json.read_json(path)
+        table = pacsv.read_csv(path) if path.suffix.lower() == ".csv" else pajson.read_json(path)
     except Exception as e:  # pyarrow's parse errors
         raise CogtuneError(f"{flag} {path} cannot be read: {first_line(e)}") from None
     if "prompt" not in table.column_names:

@@ -777,13 +777,19 @@ def read_windows(path: Path, size: SizeRule, fps: float, skip_start: int, skip_e
                                         video.name)))
         return windows
 
+    return _decoded(path, None, rng, decode)
+
+
+def _decoded(path: Path, span: Span | None, rng: np.random.Generator | None, decode):
+    """decode(video) on the reader open_video picks; when that reader fails mid-clip, again on the
+    one nothing misleads (PyAV decoding every frame), with the same random crop."""
     state = rng.bit_generator.state if rng is not None else None
     try:
-        return decode(open_video(path))
-    except _Fallback:  # as read_clip: start again with PyAV, the same crop
+        return decode(open_video(path, span))
+    except _Fallback:
         if rng is not None:
             rng.bit_generator.state = state
-        return decode(PyAVVideo(path, from_packets=False))
+        return decode(PyAVVideo(path, span, from_packets=False))
 
 
 def read_clip(path: Path, size: SizeRule, fps: float, skip_start: int, skip_end: int, mode: str,
@@ -807,11 +813,5 @@ def read_clip(path: Path, size: SizeRule, fps: float, skip_start: int, skip_end:
             del frame  # one source frame at a time
         return video, indices, pixels
 
-    state = rng.bit_generator.state if rng is not None else None
-    try:
-        video, indices, pixels = decode(open_video(path, span))
-    except _Fallback:  # a reader failed mid-clip: start again with the one nothing misleads, same random crop
-        if rng is not None:
-            rng.bit_generator.state = state
-        video, indices, pixels = decode(PyAVVideo(path, span, from_packets=False))
+    video, indices, pixels = _decoded(path, span, rng, decode)
     return Clip(pixels, indices, float(video.fps), int(video.height), int(video.width), video.name)

@@ -164,14 +164,15 @@ def auto_vae_memory(config: PreprocessConfig, models: ModelConfigs, procs: Proce
         return config
     tiled = cache_identity(dataclasses.replace(config, enable_tiling=True), models)
     started = (Path(config.cache_root) / tiled.name / schema.MANIFEST_FILE).is_file()
-    choice = choose_vae_memory(config, models, torch.cuda.mem_get_info(device)[0], started)
+    free = torch.cuda.mem_get_info(device)[0]
+    choice = choose_vae_memory(config, models, free, started)
     # All processes write one cache: each takes the most frugal setting that any of them needs.
     choices = procs.gather((choice.tiling, choice.slicing))
     tiling, slicing = any(t for t, _ in choices), any(s for _, s in choices)
     if (tiling, slicing) == (config.enable_tiling, config.enable_slicing):
         return config
     why = "a tiled cache of these settings was started before" if started and tiling else (
-        f"the VAE needs about {gib(choice.need)} with it, and {gib(torch.cuda.mem_get_info(device)[0])} is free")
+        f"the VAE needs about {gib(choice.need)} with it, and {gib(free)} is free")
     logs.message(f"--auto_tiling: VAE{' tiling' if tiling else ''}{' slicing' if slicing else ''} on: {why}.")
     command_line = tuple(sorted({*config.command_line, "enable_tiling"})) if tiling else config.command_line
     return dataclasses.replace(config, enable_tiling=tiling, enable_slicing=slicing, command_line=command_line)
@@ -242,8 +243,10 @@ def _encode_missing(records, repeats: list[int], config: PreprocessConfig, model
     if procs.is_main:  # the records' samples (with windows, every window of their videos), and their repeats
         ids, times = ((work.sample_ids, repeats) if config.frame_extraction == "head" else
                       samples_of_videos(cache_path, work.sample_sources, repeats))
-        writer.write_selection(ids, times, [table["repeats"] for table in dataset_tables(config)]
-                               if config.datasets else None)
+        if config.datasets:  # repeats: a sample listed twice is drawn twice
+            writer.write_selection(ids, times, [table["repeats"] for table in dataset_tables(config)])
+        else:  # one dataset, as before: a record listed twice is one sample
+            writer.write_selection(ids)
         compact_index(cache_path)
     procs.barrier()
     if not procs.is_main:  # the plan's counts are the same on every process: the main one reports them

@@ -49,17 +49,13 @@ class ClipDataset(torch.utils.data.Dataset):
                                            c.video_reshape_mode, rng))], None
             windows = read_windows(path, self._size, c.fps, c.skip_frames_start, c.skip_frames_end,
                                    c.video_reshape_mode, rng, functools.partial(
-                                       _starts, c.frame_extraction, c.frame_stride, c.frame_sample,
-                                       c.max_windows_per_clip))
+                                       window_starts, extraction=c.frame_extraction, stride=c.frame_stride,
+                                       count=c.frame_sample, most=c.max_windows_per_clip))
             return sha, windows, None
         except ClipSkipped as e:
             return sha, None, (e.kind, str(e))
         except Exception as e:  # a decoder crash on one file must not end the run
             return sha, None, ("unreadable", f"{type(e).__name__}: {first_line(e)[:200]}")
-
-
-def _starts(extraction: str, stride: int, count: int, most: int, frames: int, length: int) -> list[int]:
-    return window_starts(frames, length, extraction, stride, count, most)
 
 
 def _first(batch):
@@ -156,9 +152,8 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path
     trains on, so it is always stored) with T5 and, for image-to-video models, their images with the
     VAE at each one's size, into the cache's validation folder, so that training can generate without
     either. Only what is missing is encoded; returns how many files were written."""
-    pairs = [(entry.prompt, entry.image) for entry in entries]
     written = 0
-    texts = [text for text in dict.fromkeys(["", *(prompt for prompt, _ in pairs)])
+    texts = [text for text in dict.fromkeys(["", *(entry.prompt for entry in entries)])
              if not schema.validation_text_path(cache_path, text).is_file()]
     if texts:
         tokenizer, text_encoder = _load_text_encoder(config, models)
@@ -181,12 +176,11 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path
         device, dtype = device_and_dtype(config.mixed_precision)
         vae = load_vae(models, config, device, dtype)
         for path, entry in pending.items():
-            image = entry.image
-            pixels = first_frame_pixels(image, entry.height, entry.width)  # [C, 1, H, W]
+            pixels = first_frame_pixels(entry.image, entry.height, entry.width)  # [C, 1, H, W]
             posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
             write_tensors(path, {schema.VALIDATION_IMAGE_MEAN: posterior.mean[0].float(),
                                 schema.VALIDATION_IMAGE_LOGVAR: posterior.logvar[0].float()},
-                                 {"image": str(image)})
+                                 {"image": str(entry.image)})
         written += len(pending)
         del vae
     return written

@@ -44,9 +44,6 @@ class ValidationPrompt:
 class ValidationSet:
     prompts: list[ValidationPrompt]
     negative_embeds: torch.Tensor
-    num_frames: int
-    height: int
-    width: int
     fps: int  # of the training clips, and so of the validation videos
 
 
@@ -60,7 +57,7 @@ def load_validation_set(config, spec: FamilySpec, cache_path: Path, manifest: sc
     embeds, images = read_validation_inputs(cache_path, entries)
     prompts = [ValidationPrompt(e.prompt, e.image, embeds[e.prompt], images.get((e.image, e.height, e.width)),
                                 e.num_frames, e.height, e.width, e.seed, e.guidance_scale) for e in entries]
-    return ValidationSet(prompts, embeds[""], settings.max_num_frames, settings.height, settings.width, settings.fps)
+    return ValidationSet(prompts, embeds[""], settings.fps)  # (each prompt has its size)
 
 
 def validation_due(step: int, steps_per_epoch: int, config) -> bool:
