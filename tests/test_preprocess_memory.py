@@ -9,7 +9,7 @@ import torch
 
 from cogtune.config import load_config
 from cogtune.families import ModelConfigs, load_vae
-from cogtune.preprocess.encode import CAPTION_BATCH, _load_text_encoder
+from cogtune.preprocess.encode import _load_text_encoder
 from cogtune.preprocess.memory import t5_estimate, vae_estimate
 from cogtune.util.tensor_bytes import LiveTensorBytes
 
@@ -49,7 +49,7 @@ def test_the_t5_estimate_follows_the_measured_encoding(tiny_model):
                                         ".", "--mixed_precision", "no"])
     models = ModelConfigs.of(config)
     _, text_encoder = _load_text_encoder(config, models)
-    tokens = torch.ones(CAPTION_BATCH, models.transformer["max_text_seq_length"], dtype=torch.long)
+    tokens = torch.ones(1, models.transformer["max_text_seq_length"], dtype=torch.long)  # one caption at a time
     actual = measured(text_encoder, lambda: text_encoder(tokens), [tokens])
     estimate = t5_estimate(config, models)
     assert close(estimate.activations, actual), (estimate, actual)
@@ -67,7 +67,7 @@ def test_preprocess_dry_run_prints_both_stages_and_loads_no_weights(tmp_path, ti
     monkeypatch.setattr(T5EncoderModel, "from_pretrained", refuse)
     config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out")
     out = cogtune_here("preprocess", "--config", config, "--dry_run", "--enable_tiling").stdout
-    assert "clips of 9x32x64 (the largest)" in out and "T5, 8 captions a batch: weights" in out
+    assert "clips of 9x32x64 (the largest)" in out and "T5, one caption at a time: weights" in out
     assert "VAE tiled: weights" in out and "(without --enable_tiling:" in out and "expected peak:" in out
     assert not (tmp_path / "cache").exists()
     quantized = cogtune_here("preprocess", "--config", config, "--dry_run", "--text_encoder_quant_backend",
@@ -93,32 +93,24 @@ def test_a_vae_that_would_not_fit_stops_with_the_flag_to_add(tiny_model):
 
     assert f"(expected {gib(tiled)})" in problem and tiled < need
     already = settings("--enable_tiling")
-    assert "lower --vae_batch_size" in vae_room_problem(already, models, 1)
+    assert "lower --height/--width or the frame counts" in vae_room_problem(already, models, 1)
 
 
-def test_auto_tiling_takes_the_first_setting_that_fits_slicing_before_tiling(tiny_model):
+def test_auto_tiling_takes_tiling_only_where_the_settings_given_do_not_fit(tiny_model):
     from cogtune.preprocess.memory import choose_vae_memory
 
-    def settings(batch):
-        return load_config("preprocess", ["--pretrained_model_name_or_path", str(tiny_model), "--instance_data_root",
-                                          ".", "--height", "272", "--width", "400", "--max_num_frames", "9",
-                                          "--vae_batch_size", str(batch), "--auto_tiling"])
-
-    config = settings(2)
+    config = load_config("preprocess", ["--pretrained_model_name_or_path", str(tiny_model), "--instance_data_root",
+                                        ".", "--height", "272", "--width", "400", "--max_num_frames", "9",
+                                        "--auto_tiling"])
     models = ModelConfigs.of(config)
-    need = {(t, s): vae_estimate(config, models, (9, 272, 400), t, s).total for t in (False, True) for s in (False, True)}
-    assert need[False, False] * 0.99 > need[False, True] and min(need[True, False], need[False, True]) > need[True, True]
+    need = {t: vae_estimate(config, models, (9, 272, 400), t, False).total for t in (False, True)}
+    assert need[True] < need[False]
 
-    def chosen(config, free, started=False):
+    def chosen(free, started=False):
         choice = choose_vae_memory(config, models, int(free) + 1, started)
-        return choice.tiling, choice.slicing, choice.fits
+        return choice.tiling, choice.fits
 
-    assert chosen(config, need[False, False] * 1.1) == (False, False, True)
-    assert chosen(config, need[False, False] * 1.09) == (False, True, True)  # slicing first: the same latents
-    tiling, _, fits = chosen(config, need[False, True] * 1.09)
-    assert tiling and fits
-    assert chosen(config, need[True, True]) == (True, True, False)  # nothing fits: the most frugal; preprocess stops
-    assert chosen(config, need[False, False] * 10, started=True) == (True, False, True)  # continues the tiled cache
-    one = settings(1)  # one clip at a time: slicing would change nothing
-    single = {t: vae_estimate(one, models, (9, 272, 400), t, False).total for t in (False, True)}
-    assert chosen(one, single[False] * 1.09) == (True, False, single[True] * 1.1 <= single[False] * 1.09)
+    assert chosen(need[False] * 1.1) == (False, True)
+    assert chosen(need[False] * 1.09) == (True, need[True] * 1.1 <= need[False] * 1.09)
+    assert chosen(need[True]) == (True, False)  # nothing fits: the most frugal; preprocess stops
+    assert chosen(need[False] * 10, started=True) == (True, True)  # continues the tiled cache

@@ -239,7 +239,8 @@ class PreprocessConfig(ModelArgs, ValidationArgs):
         "bf16", "Dtype the VAE and T5 run in on a GPU (the VAE always runs in fp32 on a CPU).", choices=MIXED_PRECISION
     )
     shard_size_mb: float = opt(512.0, "A cache shard file rolls over once it holds this many megabytes.")
-    enable_slicing: bool = opt(False, "Encode the clips of a batch one at a time in the VAE (less memory).")
+    enable_slicing: bool = opt(False, "Train and infer: decode videos one at a time in the VAE. Preprocess encodes "
+                                      "every clip on its own anyway.")
     enable_tiling: bool = opt(False, "Encode with the VAE tile by tile (less memory at high resolution).")
     auto_tiling: bool = opt(
         False, "On a GPU, switch on --enable_slicing, then --enable_tiling, when the VAE would not fit the free "
@@ -281,7 +282,10 @@ class PreprocessConfig(ModelArgs, ValidationArgs):
     preview_samples: int = opt(8, "How many clips --preview shows, spread evenly over the dataset.")
     preview_dir: Optional[str] = opt(None, "Where --preview writes its contact sheets (default: CACHE_ROOT/preview).")
     dataloader_num_workers: int = opt(0, "Worker processes that decode and resize videos while the encoders run.")
-    vae_batch_size: int = opt(1, "Clips of one bucket the VAE encodes at once (more is faster and needs more memory).")
+    vae_batch_size: int = opt(
+        1, "Not used any more, kept so that older configs still read: every clip goes through the VAE on its "
+           "own, since a batch of several gives each clip slightly other latents (kernels sum in an order that "
+           "depends on the batch), and the cache must hold the same bytes for the same clip.")
     max_failures: Optional[float] = opt(
         None,
         "Stop the run when more clips than this cannot be used: a count (10) or a fraction of the clips (0.05). "

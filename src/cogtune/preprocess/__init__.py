@@ -128,6 +128,9 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     for size in clip_sizes(config):
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
     procs = processes()
+    if config.vae_batch_size > 1:
+        logs.message(f"note: --vae_batch_size {config.vae_batch_size} is not used: every clip is encoded on its own, "
+                     "so that its latents do not depend on the clips beside it.")
     config = auto_vae_memory(config, models, procs)
     identity = cache_identity(config, models)
     files.ensure_writable_dir(Path(config.cache_root), "--cache_root")
@@ -155,10 +158,10 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
 
 
 def auto_vae_memory(config: PreprocessConfig, models: ModelConfigs, procs: Processes) -> PreprocessConfig:
-    """--auto_tiling on a GPU: the settings with the slicing and tiling that let the VAE fit the free
-    memory (T5 is freed before the VAE loads, so what is free now is what the VAE gets). When tiling
-    is switched on it is recorded as if given on the command line, so that `cogtune train` of the
-    same config finds the tiled cache."""
+    """--auto_tiling on a GPU: the settings with tiling switched on when the VAE would not fit the free
+    memory otherwise (T5 is freed before the VAE loads, so what is free now is what the VAE gets).
+    Tiling is recorded as if given on the command line, so that `cogtune train` of the same config
+    finds the tiled cache."""
     device = device_and_dtype(config.mixed_precision)[0]
     if not config.auto_tiling or device.type != "cuda":
         return config
@@ -166,16 +169,15 @@ def auto_vae_memory(config: PreprocessConfig, models: ModelConfigs, procs: Proce
     started = (Path(config.cache_root) / tiled.name / schema.MANIFEST_FILE).is_file()
     free = torch.cuda.mem_get_info(device)[0]
     choice = choose_vae_memory(config, models, free, started)
-    # All processes write one cache: each takes the most frugal setting that any of them needs.
-    choices = procs.gather((choice.tiling, choice.slicing))
-    tiling, slicing = any(t for t, _ in choices), any(s for _, s in choices)
-    if (tiling, slicing) == (config.enable_tiling, config.enable_slicing):
+    # All processes write one cache: tiling is on when any of them needs it.
+    tiling = any(procs.gather(choice.tiling))
+    if tiling == config.enable_tiling:
         return config
-    why = "a tiled cache of these settings was started before" if started and tiling else (
+    why = "a tiled cache of these settings was started before" if started else (
         f"the VAE needs about {gib(choice.need)} with it, and {gib(free)} is free")
-    logs.message(f"--auto_tiling: VAE{' tiling' if tiling else ''}{' slicing' if slicing else ''} on: {why}.")
-    command_line = tuple(sorted({*config.command_line, "enable_tiling"})) if tiling else config.command_line
-    return dataclasses.replace(config, enable_tiling=tiling, enable_slicing=slicing, command_line=command_line)
+    logs.message(f"--auto_tiling: VAE tiling on: {why}.")
+    command_line = tuple(sorted({*config.command_line, "enable_tiling"}))
+    return dataclasses.replace(config, enable_tiling=True, command_line=command_line)
 
 
 def _encode_missing(records, repeats: list[int], config: PreprocessConfig, models: ModelConfigs, identity: CacheIdentity,

@@ -108,22 +108,27 @@ def free(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _embed_texts(texts: list[str], tokenizer, text_encoder, max_length: int) -> tuple[torch.Tensor, int]:
-    """T5 embeddings of texts padded to max_length, as the pipelines make them; and how many were
-    truncated."""
+def _embed_texts(texts: list[str], tokenizer, text_encoder, max_length: int) -> tuple[list[torch.Tensor], int]:
+    """T5 embeddings of texts padded to max_length, as the pipelines make them, each text through
+    T5 on its own; and how many were truncated.
+
+    One text per forward pass: the cache is content-addressed, so a caption's bytes must not depend
+    on the captions that share its batch, and matrix kernels on CPUs and GPUs pick their blocking
+    (and so their sums' order) by the batch's shape."""
     tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                        add_special_tokens=True, return_tensors="pt")
     full_lengths = tokenizer(texts, add_special_tokens=True, return_length=True)["length"]
-    embeds = text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+    ids = tokens.input_ids.to(text_encoder.device)
+    embeds = [text_encoder(ids[number:number + 1])[0][0] for number in range(len(texts))]
     return embeds, sum(length > max_length for length in full_lengths)
 
 
-CAPTION_BATCH = 8  # captions T5 encodes at once
+CAPTION_BATCH = 8  # captions tokenized (and checked for stop requests) together; T5 runs on each alone
 
 
 def encode_captions(captions: list[str], config: PreprocessConfig, models: ModelConfigs,
                      writer: CacheWriter, stop: StopRequests, batch_size: int = CAPTION_BATCH) -> dict[str, str]:
-    """T5-encode captions padded to the model's text length; returns tensor key -> shard."""
+    """T5-encode captions padded to the model's text length, each on its own; returns tensor key -> shard."""
     tokenizer, text_encoder = _load_text_encoder(config, models)
     max_length = models.transformer["max_text_seq_length"]
     store_dtype = schema.DTYPES[config.latent_dtype]
@@ -215,10 +220,9 @@ class Encoded:
 @torch.no_grad()
 def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, models: ModelConfigs,
                   writer: CacheWriter, image_variants: int, stop: StopRequests) -> Iterator[Encoded]:
-    """Decode clips in DataLoader workers and VAE-encode them in batches of --vae_batch_size clips
-    of one bucket (and, for image-to-video models, their noised first frames). Yields each video
-    once its tensors are queued in the writer (or it failed), so that the caller adds its index rows
-    before the writer's next flush."""
+    """Decode clips in DataLoader workers and VAE-encode them one at a time (and, for image-to-video
+    models, their noised first frames). Yields each video once its tensors are queued in the writer
+    (or it failed), so that the caller adds its index rows before the writer's next flush."""
     if not videos:  # nothing to encode: no VAE to load
         return
     paths = dict(videos)
@@ -235,40 +239,40 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
     windows_left: dict[str, int] = {}  # video -> its windows not encoded yet
     done: dict[str, dict[int, schema.VideoLatent]] = {}  # video -> its windows encoded so far
 
-    def encode(pending: list[tuple[str, int, Clip]]) -> Iterator[Encoded]:
-        pixels = torch.stack([clip.pixels for _, _, clip in pending]).to(device, dtype)
-        posterior = vae.encode(pixels).latent_dist
-        for number, (sha, start, clip) in enumerate(pending):
-            key = schema.window_key(sha, start)
-            mean, logvar = posterior.mean[number].to(store_dtype), posterior.logvar[number].to(store_dtype)
-            mean_key, logvar_key = schema.latent_tensor_keys(key)
-            shard = writer.add_tensor(mean_key, mean)
-            writer.add_tensor(logvar_key, logvar)
-            sigmas = []
-            if image_variants:
-                sigmas, generator = first_frame_noise(config.seed, schema.window_source(sha, start), image_variants)
-                images = noised_first_frames(clip.pixels, sigmas, generator)
-                image_posterior = vae.encode(images.to(device, dtype)).latent_dist
-                for variant in range(image_variants):
-                    image_mean_key, image_logvar_key = schema.image_latent_tensor_keys(key, variant)
-                    writer.add_tensor(image_mean_key, image_posterior.mean[variant].to(store_dtype))
-                    writer.add_tensor(image_logvar_key, image_posterior.logvar[variant].to(store_dtype))
-            frames, height, width = clip.pixels.shape[1:]
-            done.setdefault(sha, {})[start] = schema.VideoLatent(
-                frame_indices=clip.frame_indices, source_fps=clip.source_fps, source_height=clip.source_height,
-                source_width=clip.source_width, num_frames=frames, height=height, width=width,
-                bucket=bucket_name((frames, height, width)), decoder=clip.decoder, latent_shape=list(mean.shape),
-                latent_shard=shard, latent_key=key, image_noise_sigmas=sigmas,
-            )
-            windows_left[sha] -= 1
-            if not windows_left[sha]:  # the video's rows go in together: a stop never leaves part of them
-                del windows_left[sha]
-                yield Encoded(sha, paths[sha], done.pop(sha))
-            if writer.should_flush():
-                writer.flush()
+    def encode(sha: str, start: int, clip: Clip) -> Iterator[Encoded]:
+        # Each clip, and each of its noised first frames, through the VAE on its own: the cache is
+        # content-addressed, and a batch of several gives other bytes (convolution kernels block
+        # and sum by the batch's shape, on CPUs and GPUs alike).
+        posterior = vae.encode(clip.pixels[None].to(device, dtype)).latent_dist
+        key = schema.window_key(sha, start)
+        mean, logvar = posterior.mean[0].to(store_dtype), posterior.logvar[0].to(store_dtype)
+        mean_key, logvar_key = schema.latent_tensor_keys(key)
+        shard = writer.add_tensor(mean_key, mean)
+        writer.add_tensor(logvar_key, logvar)
+        sigmas = []
+        if image_variants:
+            sigmas, generator = first_frame_noise(config.seed, schema.window_source(sha, start), image_variants)
+            images = noised_first_frames(clip.pixels, sigmas, generator)
+            for variant in range(image_variants):
+                image_posterior = vae.encode(images[variant:variant + 1].to(device, dtype)).latent_dist
+                image_mean_key, image_logvar_key = schema.image_latent_tensor_keys(key, variant)
+                writer.add_tensor(image_mean_key, image_posterior.mean[0].to(store_dtype))
+                writer.add_tensor(image_logvar_key, image_posterior.logvar[0].to(store_dtype))
+        frames, height, width = clip.pixels.shape[1:]
+        done.setdefault(sha, {})[start] = schema.VideoLatent(
+            frame_indices=clip.frame_indices, source_fps=clip.source_fps, source_height=clip.source_height,
+            source_width=clip.source_width, num_frames=frames, height=height, width=width,
+            bucket=bucket_name((frames, height, width)), decoder=clip.decoder, latent_shape=list(mean.shape),
+            latent_shard=shard, latent_key=key, image_noise_sigmas=sigmas,
+        )
+        windows_left[sha] -= 1
+        if not windows_left[sha]:  # the video's rows go in together: a stop never leaves part of them
+            del windows_left[sha]
+            yield Encoded(sha, paths[sha], done.pop(sha))
+        if writer.should_flush():
+            writer.flush()
 
     failed = 0
-    pending: dict[tuple, list] = {}  # bucket -> decoded clips waiting for a full VAE batch
     progress = logs.progress(clips, total=len(jobs), desc="encoding videos", unit="clip")
     for read, (sha, windows, failure) in enumerate(progress, start=1):
         if windows is None:
@@ -276,8 +280,6 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
             logs.message(f"skipped {paths[sha]}: {failure[1]}", path=str(paths[sha]), reason=failure[1])
             yield Encoded(sha, paths[sha], {}, failure)
             if limit is not None and failed > limit:
-                for batch in pending.values():
-                    yield from encode(batch)
                 writer.flush()  # everything encoded so far stays in the cache for the next run
                 raise CogtuneError(
                     f"Stopped: {failed} of the {read} clips read so far could not be used, more than "
@@ -288,11 +290,6 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
         else:
             windows_left[sha] = len(windows)
             for start, clip in windows:
-                bucket = tuple(clip.pixels.shape[1:])
-                pending.setdefault(bucket, []).append((sha, start, clip))
-                if len(pending[bucket]) >= config.vae_batch_size:
-                    yield from encode(pending.pop(bucket))
+                yield from encode(sha, start, clip)
         progress.set_postfix(failed=failed)
-        stop_if_requested(stop, writer)  # decoded clips still waiting for a VAE batch are decoded again next run
-    for batch in pending.values():
-        yield from encode(batch)
+        stop_if_requested(stop, writer)

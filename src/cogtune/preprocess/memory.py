@@ -20,7 +20,6 @@ from cogtune import quantize
 from cogtune.config import PreprocessConfig, precision_dtype
 from cogtune.data.buckets import clip_sizes
 from cogtune.families import ModelConfigs, built_on_meta
-from cogtune.preprocess.encode import CAPTION_BATCH
 from cogtune.util.tensor_bytes import LiveTensorBytes, fused_attention_on_meta, gib, largest_module_bytes
 
 
@@ -47,14 +46,14 @@ def meta_t5(models: ModelConfigs, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def t5_estimate(config: PreprocessConfig, models: ModelConfigs) -> StageEstimate:
-    """T5 encoding a batch of captions (the preprocess batch)."""
+    """T5 encoding one caption (preprocess encodes each on its own)."""
     dtype = precision_dtype(config.mixed_precision)  # (on a GPU: this machine may be a CPU)
     model = meta_t5(models, dtype)
     if config.text_encoder_cpu_offload:  # one module's own weights on the GPU at a time
         weights = largest_module_bytes(model)
     else:
         weights = quantize.weight_bytes(model, config.text_encoder_quant_backend, config.text_encoder_quant_type)
-    tokens = torch.zeros(CAPTION_BATCH, models.transformer["max_text_seq_length"], dtype=torch.long, device="meta")
+    tokens = torch.zeros(1, models.transformer["max_text_seq_length"], dtype=torch.long, device="meta")
     return StageEstimate(weights, activation_peak(model, lambda: model(tokens)))
 
 
@@ -70,7 +69,7 @@ def activation_peak(model: torch.nn.Module, run) -> int:
 
 def vae_estimate(config: PreprocessConfig, models: ModelConfigs, size: tuple[int, int, int], tiling: bool,
                  slicing: bool) -> StageEstimate:
-    """The VAE encoding --vae_batch_size clips of `size` (frames, height, width)."""
+    """The VAE encoding one clip of `size` (frames, height, width): preprocess encodes each on its own."""
     from diffusers import AutoencoderKLCogVideoX
 
     dtype = precision_dtype(config.mixed_precision)
@@ -81,7 +80,7 @@ def vae_estimate(config: PreprocessConfig, models: ModelConfigs, size: tuple[int
         vae.enable_slicing()
     weights = sum(t.numel() * t.element_size() for t in [*vae.parameters(), *vae.buffers()])
     frames, height, width = size
-    clips = torch.empty(config.vae_batch_size, 3, frames, height, width, device="meta", dtype=dtype)
+    clips = torch.empty(1, 3, frames, height, width, device="meta", dtype=dtype)
     return StageEstimate(weights, activation_peak(vae, lambda: vae.encode(clips)) + clips.numel() * clips.element_size())
 
 
@@ -99,9 +98,9 @@ def dry_run(config: PreprocessConfig) -> str:
               if config.text_encoder_quant_backend != "none" else "T5")
     lines = [
         f"Expected peak GPU memory of cogtune preprocess for {spec.description}, clips of "
-        f"{'x'.join(map(str, size))} (the largest), --vae_batch_size {config.vae_batch_size}, "
+        f"{'x'.join(map(str, size))} (the largest), "
         f"--mixed_precision {config.mixed_precision}:",
-        f"  {t5_how}, {CAPTION_BATCH} captions a batch: weights {gib(t5.weights)}, activations "
+        f"  {t5_how}, one caption at a time: weights {gib(t5.weights)}, activations "
         f"{gib(t5.activations)}: {gib(t5.total)}",
         f"  VAE{' tiled' if config.enable_tiling else ''}{' sliced' if config.enable_slicing else ''}: weights "
         f"{gib(vae.weights)}, encoding {gib(vae.activations)}: {gib(vae.total)} "
@@ -122,28 +121,21 @@ def fits(need: int, free_bytes: int) -> bool:
 @dataclass(frozen=True)
 class VaeMemoryChoice:
     tiling: bool
-    slicing: bool
-    need: int  # the VAE's expected peak with these
+    need: int  # the VAE's expected peak with it
     fits: bool
 
 
 def choose_vae_memory(config: PreprocessConfig, models: ModelConfigs, free_bytes: int,
                       tiled_cache_started: bool = False) -> VaeMemoryChoice:
-    """--auto_tiling: the first of the settings asked, then with slicing (which changes nothing in the
-    latents, so only when several clips are encoded at once), then tiling, then both, that fits
-    `free_bytes`; the last when none does. Once a tiled cache of these settings was started, tiling
+    """--auto_tiling: the settings asked, else with tiling, whichever fits `free_bytes` first; the
+    last when none does. (Slicing saves nothing: preprocess encodes one clip at a time.) Once a tiled cache of these settings was started, tiling
     stays on, so that a run on a larger GPU continues that cache instead of starting another."""
     size = max(clip_sizes(config), key=math.prod)
     tiling = config.enable_tiling or tiled_cache_started
-    candidates = [(tiling, config.enable_slicing)]
-    if config.vae_batch_size > 1 and not config.enable_slicing:
-        candidates.append((tiling, True))
-    if not tiling:
-        candidates += [(True, slicing) for _, slicing in candidates]
     choice = None
-    for tiling, slicing in candidates:
-        need = vae_estimate(config, models, size, tiling, slicing).total
-        choice = VaeMemoryChoice(tiling, slicing, need, fits(need, free_bytes))
+    for tiling in (tiling, True) if not tiling else (True,):
+        need = vae_estimate(config, models, size, tiling, config.enable_slicing).total
+        choice = VaeMemoryChoice(tiling, need, fits(need, free_bytes))
         if choice.fits:
             break
     return choice
@@ -162,6 +154,6 @@ def vae_room_problem(config: PreprocessConfig, models: ModelConfigs, free_bytes:
         advice = (f"run again with --enable_tiling (expected {gib(tiled)}) or --auto_tiling; it makes another "
                   "cache, so give train the flag too, or let it find the latest preprocess run of the config")
     else:
-        advice = "lower --vae_batch_size, or free the GPU of other work"
+        advice = "lower --height/--width or the frame counts, or free the GPU of other work"
     return (f"The VAE would need about {gib(need)} to encode clips of {'x'.join(map(str, size))}, and "
             f"{gib(free_bytes)} of the GPU is free: {advice}. Everything encoded so far is kept.")
