@@ -113,3 +113,52 @@ def test_a_stage_ignores_the_other_stages_flags(stage, tmp_path):
                                  "--num_inference_steps", "3", "--height", "64"])
     assert set(config.command_line) <= {f for f in config.__dataclass_fields__}
     assert config.height == 64 if stage == "preprocess" else not hasattr(config, "height")
+
+
+def test_a_used_output_dir_is_never_mixed_with_a_new_run(tmp_path, tiny_model, demo_data):
+    """The issue's sequence: a 6-step run left checkpoint-4 and -6; a new 2-step run into the same folder
+    is refused (its log and card untouched), then takes the folder with --overwrite_output_dir; a resume
+    whose settings differ names them; the limit never deletes the checkpoint just saved."""
+    config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out",
+                          max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2)
+    out = tmp_path / "out"
+    cogtune_here("preprocess", "--config", config)
+    cogtune_here("train", "--config", config)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    log = (out / "train_log.jsonl").read_text()
+
+    refused = cogtune_here("train", "--config", config, "--max_train_steps", "2", check=False)
+    assert refused.returncode == 2 and "holds another training run" in refused.stderr
+    assert "--overwrite_output_dir" in refused.stderr and "--resume_from_checkpoint latest" in refused.stderr
+    assert (out / "train_log.jsonl").read_text() == log and (out / "checkpoint-6").is_dir()
+
+    changed = cogtune_here("train", "--config", config, "--learning_rate", "0.02", "--resume_from_checkpoint", "latest",
+                           check=False)
+    assert changed.returncode == 2 and "learning_rate (0.01 -> 0.02)" in changed.stderr
+    same = cogtune_here("train", "--config", config, "--max_train_steps", "8", "--resume_from_checkpoint", "latest")
+    assert "Resumed from" in same.stderr and (out / "checkpoint-8").is_dir()  # a longer run of the same settings
+
+    cogtune_here("train", "--config", config, "--max_train_steps", "2", "--overwrite_output_dir")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # the old run is gone, the new kept
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "cogtune_lora.json").read_text())["steps"] == 2
+
+    # a checkpoint resumed from the past: the limit keeps the one just saved, though others sort higher
+    cogtune_here("train", "--config", config, "--overwrite_output_dir")  # checkpoints 4 and 6 again
+    cogtune_here("train", "--config", config, "--resume_from_checkpoint", out / "checkpoint-4",
+                 "--checkpointing_steps", "1", "--max_train_steps", "5", "--checkpoints_total_limit", "1")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5"]
+
+
+def test_the_same_training_gives_the_same_lora_file(tmp_path, tiny_model, demo_data):
+    """Two processes (with other string hashes, as any two have) train the same LoRA: the same file, to
+    the byte (peft's targets are a set, whose order follows the hashes)."""
+    config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out",
+                          max_train_steps=1)
+    cogtune_here("preprocess", "--config", config)
+    for seed in ("1", "2"):
+        subprocess.run([sys.executable, "-m", "cogtune.cli", "train", "--config", str(config), "--output_dir",
+                        str(tmp_path / seed)], env={**os.environ, "PYTHONHASHSEED": seed}, check=True,
+                       capture_output=True)
+    assert (tmp_path / "1" / "pytorch_lora_weights.safetensors").read_bytes() == \
+        (tmp_path / "2" / "pytorch_lora_weights.safetensors").read_bytes()

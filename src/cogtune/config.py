@@ -337,11 +337,17 @@ class TrainConfig(ModelArgs, ValidationArgs):
     num_train_epochs: int = opt(1, "Epochs to train (ignored when --max_train_steps is set).")
     max_train_steps: Optional[int] = opt(None, "Optimizer steps to train; overrides --num_train_epochs.")
     checkpointing_steps: int = opt(500, "Save a checkpoint-N folder every this many optimizer steps.")
-    checkpoints_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints (oldest removed first).")
+    checkpoints_total_limit: Optional[int] = opt(
+        None, "Keep at most this many checkpoints: the one just saved, and the newest others (the oldest go first).")
     resume_from_checkpoint: Optional[str] = opt(
         None, "A checkpoint-N folder to resume from, or 'latest' for the newest one in --output_dir (a new run "
               "when there is none yet, so a requeued job can always pass it)."
     )
+    overwrite_output_dir: bool = opt(
+        False, "Start a new run in an --output_dir that holds another run's checkpoints or LoRA, removing them (and "
+               "its log, curve, card and validation videos; other files stay). Without it such a run is refused. With "
+               "--resume_from_checkpoint latest: the run there is resumed when its settings are this run's, else "
+               "replaced.")
     resume_with_new_data: bool = opt(
         False, "Resume even though the cache's selection changed since the checkpoint (clips added or removed by a "
                "later preprocess). Without it such a resume is refused: its steps would differ from the run it "
@@ -690,7 +696,7 @@ def validate(config) -> None:
         raise CogtuneError("--pretrained_model_name_or_path is required (a local pipeline folder or a hub id).")
     positive = ["validation_epochs", "validation_steps", "num_validation_videos", "validation_num_inference_steps",
                 "nccl_timeout", "train_batch_size", "gradient_accumulation_steps", "rank", "vae_batch_size", "checkpointing_steps",
-                "max_nan_steps", "max_train_steps", "lr_num_cycles", "lora_alpha", "shard_size_mb",
+                "max_nan_steps", "max_train_steps", "lr_num_cycles", "checkpoints_total_limit", "lora_alpha", "shard_size_mb",
                 "adam_epsilon", "lr_power", "preview_samples", "frame_stride", "frame_sample",
                 "max_windows_per_clip",
                 "num_train_epochs", "max_num_frames", "fps", "num_frames", "height", "width", "num_inference_steps"]

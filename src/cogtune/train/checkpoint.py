@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cogtune.errors import CogtuneError, first_line
-from cogtune.train.lora import EMA_WEIGHT_NAME, load_lora_into, save_lora
+from cogtune.train.lora import EMA_WEIGHT_NAME, LORA_INFO_NAME, LORA_WEIGHT_NAME, load_lora_into, save_lora
 from cogtune.util import files, logs
 
 PREFIX = "checkpoint-"
@@ -241,8 +241,9 @@ def save(run: Run, output_dir: Path, step: int, info: dict, total_limit: int | N
         files.write_text(temp / STATE_NAME, json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         temp.rename(final)  # complete checkpoints only ever appear under their final name
-        if total_limit is not None:  # old ones go only once the new one is in place
-            for old in checkpoints_in(output_dir)[:-total_limit]:
+        if total_limit is not None:  # old ones go only once the new one is in place, never the new one
+            others = [path for path in checkpoints_in(output_dir) if path != final]
+            for old in others[:max(0, len(others) - (total_limit - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in output_dir.glob(f".{PREFIX}*.tmp"):  # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
@@ -307,19 +308,112 @@ def load_ema(run: Run, checkpoint: Path, info: dict) -> None:
     run.ema.optimization_step = int(info.get("ema_optimization_step", 0))
 
 
-def resume(run: Run, resume_from_checkpoint: str | None, output_dir: Path, order: dict,
-           new_data: bool = False) -> int:
-    """Restore --resume_from_checkpoint (a checkpoint folder, or "latest" in output_dir): the LoRA,
-    optimizer, schedule, scaler and RNG states. Returns its step, from which the data position
-    follows; 0 for a new run. order: what decides the data order, compared with the checkpoint's:
-    other samples (order["samples"], a digest of the selection) are refused unless new_data."""
+# Settings that do not change what a run trains: where it writes and logs, how it validates and
+# checkpoints, how it spends memory and time, and how long it goes on (a finished run may be
+# resumed with a larger --max_train_steps). Every other setting must match to resume a run.
+NOT_RUN_SETTINGS = frozenset({
+    "output_dir", "resume_from_checkpoint", "resume_with_new_data", "overwrite_output_dir", "log_format",
+    "report_to", "tracker_name", "logging_dir", "push_to_hub", "hub_model_id", "hub_token", "validation_prompt",
+    "validation_images", "validation_prompt_separator", "validation_file", "validation_epochs", "validation_steps",
+    "num_validation_videos", "validation_num_inference_steps", "guidance_scale", "use_dynamic_cfg", "enable_slicing",
+    "enable_tiling", "ema_validation", "checkpointing_steps", "checkpoints_total_limit", "nccl_timeout",
+    "dataloader_num_workers", "max_train_steps", "num_train_epochs", "max_nan_steps", "gradient_checkpointing",
+    "gradient_checkpointing_cpu_offload", "blocks_to_swap", "offload_optimizer", "compile", "dry_run", "allow_tf32",
+    "cache_dir", "cache_root", "data_cache",  # the cache itself is checked by its samples (data_order)
+})
+
+
+def run_settings(config) -> dict:
+    """The settings that decide what a run trains (all but NOT_RUN_SETTINGS), as JSON values: a
+    checkpoint records them, and a run resumes only a checkpoint whose settings are its own."""
+    from cogtune.config import settings_fields
+
+    return {f.name: getattr(config, f.name) for f in settings_fields(type(config)) if f.name not in NOT_RUN_SETTINGS}
+
+
+def settings_differ(saved: dict, now: dict) -> list[str]:
+    """'name (then -> now)' for each setting that differs; a setting the checkpoint predates is not compared."""
+    return [f"{name} ({saved[name]!r} -> {value!r})" for name, value in now.items()
+            if name in saved and saved[name] != value]
+
+
+def run_outputs(output_dir: Path) -> list[Path]:
+    """What a training run left in output_dir: its checkpoints (ours and a diffusers script's) and
+    its final LoRA. Logs, curves and cards alone are not a run's work."""
+    found = [path for path in Path(output_dir).glob(f"{PREFIX}*")
+             if re.fullmatch(rf"{PREFIX}\d+", path.name) and path.is_dir()]
+    found += [Path(output_dir) / name for name in (LORA_WEIGHT_NAME, EMA_WEIGHT_NAME)
+              if (Path(output_dir) / name).is_file()]
+    return sorted(found)
+
+
+# What `cogtune train` writes into its output folder, besides checkpoint-N folders: what
+# --overwrite_output_dir removes (nothing else in the folder is touched).
+RUN_FILES = (LORA_WEIGHT_NAME, EMA_WEIGHT_NAME, LORA_INFO_NAME, "train_log.jsonl", "loss_curve.png", "README.md")
+RUN_FOLDERS = ("validation",)
+
+
+def remove_run(output_dir: Path, logging_dir: str) -> None:
+    """--overwrite_output_dir: the earlier run's checkpoints, LoRA, log, curve, card, validation
+    videos and tracker logs go; other files in the folder stay."""
+    for path in run_outputs(output_dir):
+        if path.is_dir():
+            shutil.rmtree(path)
+    for name in RUN_FILES:
+        (output_dir / name).unlink(missing_ok=True)
+    for name in (*RUN_FOLDERS, logging_dir):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+
+
+def choose_start(config, output_dir: Path) -> tuple[Path | None, bool]:
+    """Where a run starts, decided before any model loads: (the checkpoint to resume or None, whether
+    the earlier run's outputs must be removed first). A new run into a folder that holds another
+    run's checkpoints or LoRA is refused unless --overwrite_output_dir or --resume_from_checkpoint
+    say what to do with them; a run resumes only a checkpoint trained with its own settings."""
+    outputs = run_outputs(output_dir)
     checkpoint = None
-    if resume_from_checkpoint == "latest":
+    if config.resume_from_checkpoint == "latest":
         checkpoint = latest_checkpoint(output_dir)
-        if checkpoint is None:
+    elif config.resume_from_checkpoint:
+        checkpoint = Path(config.resume_from_checkpoint)
+        read_info(checkpoint)  # complete, and ours
+    if checkpoint is not None:
+        saved = read_info(checkpoint).get("settings")
+        differ = settings_differ(saved, run_settings(config)) if saved is not None else []
+        if not differ:
+            if saved is None:
+                logs.message(f"warning: {checkpoint} records no settings (an older cogtune wrote it), so whether "
+                             "this run's settings are the ones it was trained with is not checked.")
+            return checkpoint, False
+        if not config.overwrite_output_dir or config.resume_from_checkpoint != "latest":
+            raise CogtuneError(
+                f"{checkpoint} was trained with other settings than this run's: {'; '.join(differ)}. Resuming would "
+                "mix two runs. Give this run another --output_dir, or put the settings back to resume it"
+                + (", or add --overwrite_output_dir to start again here (its checkpoints and LoRA are removed)."
+                   if config.resume_from_checkpoint == "latest" else "."))
+        logs.message(f"--overwrite_output_dir: {checkpoint} was trained with other settings ({'; '.join(differ)}); "
+                     "starting a new run in its place.")
+        return None, True
+    if not outputs:
+        if config.resume_from_checkpoint == "latest":
             logs.message(f"No checkpoint in {output_dir} yet; starting a new run.")
-    elif resume_from_checkpoint:
-        checkpoint = Path(resume_from_checkpoint)
+        return None, False
+    if config.overwrite_output_dir:
+        logs.message(f"--overwrite_output_dir: removing the earlier run's outputs in {output_dir} "
+                     f"({', '.join(path.name for path in outputs[:4])}{', ...' if len(outputs) > 4 else ''}).")
+        return None, True
+    raise CogtuneError(
+        f"--output_dir {output_dir} holds another training run ({', '.join(path.name for path in outputs[:4])}"
+        f"{', ...' if len(outputs) > 4 else ''}). A new run there would mix the two: pass --resume_from_checkpoint "
+        "latest to continue it, --overwrite_output_dir to start again in its place (its checkpoints, LoRA, log and "
+        "validation videos are removed), or choose another --output_dir.")
+
+
+def resume(run: Run, checkpoint: Path | None, order: dict, new_data: bool = False) -> int:
+    """Restore a checkpoint (choose_start's): the LoRA, optimizer, schedule, scaler and RNG states.
+    Returns its step, from which the data position follows; 0 for a new run. order: what decides the
+    data order, compared with the checkpoint's: other samples (order["samples"], a digest of the
+    selection) are refused unless new_data."""
     if checkpoint is None:
         return 0
     info = load(run, checkpoint)

@@ -26,10 +26,14 @@ def save_lora(transformer, directory: Path, weights: dict | None = None, weight_
 
     directory.mkdir(parents=True, exist_ok=True)
     temp = directory / f".lora-tmp-{time.time_ns()}"
+    # peft keeps the targets as a set, whose order changes from process to process: sorted, the same
+    # LoRA is the same file
+    metadata = {key: sorted(value) if isinstance(value, (set, frozenset)) else value
+                for key, value in transformer.peft_config["default"].to_dict().items()}
     try:
         CogVideoXPipeline.save_lora_weights(
             temp, transformer_lora_layers=weights if weights is not None else get_peft_model_state_dict(transformer),
-            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(), weight_name=weight_name,
+            transformer_lora_adapter_metadata=metadata, weight_name=weight_name,
         )
         files.publish(temp / weight_name, directory / weight_name)  # readable by the group, as all else
     except Exception as e:  # a full disk arrives wrapped in safetensors' own error type

@@ -235,6 +235,10 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
                     if config.caption_dropout_p > 0 and config.caption_dropout_technique == "empty" else None)
     _check_engine(config, accelerator.distributed_type.name, validation is not None)
     _hold_output_dir(accelerator, output_dir, held)  # (after the checks: a run refused by them leaves nothing)
+    checkpoint, overwrite = checkpoints.choose_start(config, output_dir)  # a used folder: resume, replace or refuse
+    if overwrite and accelerator.is_main_process:
+        checkpoints.remove_run(output_dir, config.logging_dir)
+    accelerator.wait_for_everyone()
 
     # The model: the transformer alone, frozen, with LoRA adapters in fp32; the noise schedule.
     weight_dtype = precision_dtype(config.mixed_precision)
@@ -268,7 +272,7 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     order = {"seed": config.seed, "global_batch_size": plan.global_batch_size,
              "gradient_accumulation_steps": config.gradient_accumulation_steps, "cache": str(cache_path),
              "samples": cache.samples.digest}  # what is trained on: a resume over other samples is refused
-    global_step = checkpoints.resume(run, config.resume_from_checkpoint, output_dir, order, config.resume_with_new_data)
+    global_step = checkpoints.resume(run, checkpoint, order, config.resume_with_new_data)
     log_path = output_dir / log.TRAIN_LOG_NAME
     if accelerator.is_main_process:
         log.keep_up_to(log_path, global_step)
@@ -276,8 +280,11 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
         accelerator.init_trackers(config.tracker_name, config={
             k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
 
+    settings = checkpoints.run_settings(config)  # what a resume must match
+
     def save_checkpoint(step: int) -> Path:
-        return checkpoints.save(run, output_dir, step, {"data_order": order}, config.checkpoints_total_limit)
+        return checkpoints.save(run, output_dir, step, {"data_order": order, "settings": settings},
+                                config.checkpoints_total_limit)
 
     # The loop.
     dataset = LatentDataset(cache)
