@@ -40,7 +40,7 @@ def test_preview_writes_a_sheet_per_bucket_and_loads_no_model(tmp_path, tiny_mod
     config = write_config(tmp_path / "c.toml", tmp_path / "no-such-model", data, tmp_path / "cache", tmp_path / "out")
     out = cogtune_here("preprocess", "--config", config, "--preview").stdout
     assert "Preview of 5 of 5 clips" in out
-    assert "sample_portrait.mp4: 720x1080 at 29.97 fps -> 5 frames of 64x32 at 8 fps" in out
+    assert "sample_portrait.mp4: 720x1080 at 29.97 fps -> 1 sample(s) of 5 frames of 64x32 at 8 fps" in out
     assert "shorter than --max_num_frames 9: a 5-frame sample" in out
     sheets = sorted((tmp_path / "cache" / "preview").glob("*.png"))
     assert [p.name for p in sheets] == ["preview-5x32x64.png", "preview-9x32x64.png"]

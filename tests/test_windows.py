@@ -57,6 +57,7 @@ def test_each_window_is_a_sample_of_its_frames(tmp_path, tiny_model, clips, flag
     out = cogtune_here("preprocess", "--config", config, *flags).stdout
     cache = cache_path_of(out)
     assert f"samples: {4 * len(starts)} ok" in out and "encoded: 4 videos" in out
+    assert f"windows: 4 clips gave {4 * len(starts)}; per clip: {len(starts)} (4 clips)" in out
     for name, rows in rows_by_clip(cache).items():
         assert [row.frame_indices for row in rows] == [list(range(s, s + 9)) for s in starts], name
         assert len({row.sample_id for row in rows}) == len({row.latent_key for row in rows}) == len(starts)
@@ -123,3 +124,53 @@ def test_with_buckets_every_window_has_its_clips_bucket(tmp_path, tiny_model, cl
     for name, rows in rows_by_clip(cache_path_of(out)).items():
         assert [(row.bucket, row.frame_indices) for row in rows] == \
             [("17x32x64", list(range(0, 17))), ("17x32x64", list(range(17, 34)))], name
+
+
+def reference_frames(count: int, max_num_frames: int, skip_start: int = 0, skip_end: int = 0) -> list[int]:
+    """The diffusers scripts' _preprocess_data, on frame numbers: the frames of the source, spread
+    over it when there are more than max_num_frames, then cut to 4k+1 from the end."""
+    start_frame = min(skip_start, count)
+    end_frame = max(0, count - skip_end)
+    if end_frame - start_frame <= max_num_frames:
+        frames = list(range(start_frame, end_frame))
+    else:
+        frames = list(range(start_frame, end_frame, (end_frame - start_frame) // max_num_frames))
+    frames = frames[:max_num_frames]
+    remainder = (3 + (len(frames) % 4)) % 4
+    return frames[:-remainder] if remainder else frames
+
+
+def test_spread_takes_the_frames_the_diffusers_scripts_take(tmp_path, tiny_model):
+    """A 4 s clip at 15 fps, 17 frames: head takes its first frames at --fps 8 (2 s of it), spread
+    takes 17 frames over the whole clip at its own rate, as the reference does."""
+    import decord
+
+    from cogtune.data.video import spread_indices
+
+    for count, most, skips in ((100, 49, (0, 0)), (131, 17, (3, 5)), (30, 49, (0, 0)), (50, 49, (0, 0))):
+        expected = reference_frames(count, most, *skips)
+        assert spread_indices(count, most, *skips)[:len(expected)] == expected
+
+    data = make_demo_data(tmp_path / "data", num_frames=60, fps=15)
+    config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out",
+                          max_num_frames=17)
+    spread = cache_path_of(cogtune_here("preprocess", "--config", config, "--frame_extraction", "spread").stdout)
+    head = cache_path_of(cogtune_here("preprocess", "--config", config).stdout)
+    assert spread != head
+    rows, head_rows = rows_by_clip(spread), rows_by_clip(head)
+    for name, (row,) in rows.items():
+        count = len(decord.VideoReader(str(data / "videos" / name)))
+        assert row.frame_indices == reference_frames(count, 17) == list(range(0, 49, 3))
+        (head_row,) = head_rows[name]
+        assert head_row.frame_indices[-1] / 15 <= 2.2 and row.frame_indices[-1] / 15 >= 3.2
+    preview = cogtune_here("preprocess", "--config", config, "--frame_extraction", "spread", "--preview").stdout
+    assert "17 frames of 64x32 at 15 fps (one frame in 3)" in preview
+
+
+def test_preview_shows_each_window(tmp_path, clips):
+    config = write_config(tmp_path / "c.toml", tmp_path / "no-model", clips, tmp_path / "cache", tmp_path / "out")
+    out = cogtune_here("preprocess", "--config", config, "--preview", "--frame_extraction", "chunk",
+                       "--max_windows_per_clip", "3").stdout
+    assert "--frame_extraction chunk" in out and "-> 3 sample(s) of 9 frames" in out
+    assert "window 1 of 3 (start 0): source frames 0-8" in out and "window 3 of 3 (start 18): source frames 18-26" in out
+    assert "preview-9x32x64.png (12 samples)" in out

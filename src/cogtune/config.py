@@ -265,11 +265,13 @@ class PreprocessConfig(ModelArgs, ValidationArgs):
             "where they differ from the top-level ones, and repeats: how many times each of its samples is trained "
             "per epoch (default 1).")
     frame_extraction: str = opt(
-        "head", "Which windows of a clip become samples (musubi-tuner's names): head, its first --max_num_frames "
-                "(the reference); chunk, consecutive windows that do not overlap; slide, a window every "
-                "--frame_stride frames; uniform, --frame_sample windows spread evenly over the clip. Each window is "
-                "a sample of its own, at most --max_windows_per_clip of them.",
-        choices=("head", "chunk", "slide", "uniform"))
+        "head", "Which frames of a clip become samples: head, its first --max_num_frames at --fps (the default: the "
+                "model's motion speed); spread, --max_num_frames spread over the whole clip at its own frame rate, "
+                "every (frames // max_num_frames)-th (what the diffusers scripts do, ignoring --fps); and several "
+                "windows of --max_num_frames at --fps, each a sample of its own, at most --max_windows_per_clip "
+                "(musubi-tuner's names): chunk, consecutive windows that do not overlap; slide, a window every "
+                "--frame_stride frames; uniform, --frame_sample windows spread evenly over the clip.",
+        choices=("head", "spread", "chunk", "slide", "uniform"))
     frame_stride: int = opt(10, "--frame_extraction slide: frames (at --fps) from one window's start to the next.")
     frame_sample: int = opt(4, "--frame_extraction uniform: how many windows.")
     max_windows_per_clip: int = opt(

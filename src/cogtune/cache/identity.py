@@ -117,6 +117,8 @@ def _dataset_identity(table: dict) -> dict:
 def frame_extraction_name(config) -> str:
     """--frame_extraction and the numbers that shape its windows, as the manifest records them."""
     mode = config.frame_extraction
+    if mode == "spread":  # one clip a video: no windows to count
+        return mode
     detail = {"slide": f" {config.frame_stride}", "uniform": f" {config.frame_sample}"}.get(mode, "")
     return f"{mode}{detail}, max {config.max_windows_per_clip}"
 

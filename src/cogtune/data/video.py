@@ -731,6 +731,42 @@ def fixed_size(height: int, width: int, max_frames: int) -> SizeRule:
     return lambda available, _h, _w: (largest_4k_plus_1(min(max_frames, available)), height, width)
 
 
+def spread_indices(count: int, max_frames: int, skip_start: int = 0, skip_end: int = 0) -> list[int]:
+    """The source frames the diffusers scripts take (--frame_extraction spread): of the `count`
+    frames after `skip_start` and before the last `skip_end`, all when they are at most
+    `max_frames`, else every (usable // max_frames)-th from the first, `max_frames` of them, at the
+    source's own frame rate (--fps plays no part)."""
+    start, end = min(skip_start, count), max(0, count - skip_end)
+    if end <= start:
+        raise ClipSkipped(f"no frames left: the video has {count} frames and --skip_frames_start/--skip_frames_end "
+                          f"drop {skip_start}+{skip_end}", kind="too short")
+    step = max(1, (end - start) // max_frames)
+    return list(range(start, end, step))[:max_frames]
+
+
+def read_spread_clip(path: Path, size: SizeRule, skip_start: int, skip_end: int, mode: str,
+                     rng: np.random.Generator | None) -> Clip:
+    """One clip of frames spread over the whole source as the diffusers scripts spread them
+    (spread_indices, as many as the size rule allows, then the largest 4k+1), resized and cropped
+    as every clip is. The whole source's frame times are read."""
+    def decode(video):
+        candidates = spread_indices(len(video.frame_times), size(sys.maxsize, video.height, video.width)[0],
+                                    skip_start, skip_end)
+        num_frames, height, width = size(len(candidates), video.height, video.width)
+        indices = candidates[:num_frames]
+        plan = plan_resize_crop(video.height, video.width, height, width, mode, rng)
+        pixels = torch.empty(3, len(indices), height, width)
+        number = 0
+        for frame in video.iter_frames(indices):
+            pixels[:, number] = to_clip_size(frame[None], plan, height, width)[0]
+            number += 1
+            del frame
+        return video, indices, pixels
+
+    video, indices, pixels = _decoded(path, None, rng, decode)
+    return Clip(pixels, indices, float(video.fps), int(video.height), int(video.width), video.name)
+
+
 def window_starts(frames: int, length: int, extraction: str, stride: int = 1, count: int = 1,
                   most: int | None = None) -> list[int]:
     """Where the windows of `length` frames of a clip of `frames` usable frames (at --fps) start:

@@ -10,8 +10,11 @@ stop (exit status 75); running it again continues.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import dataclasses
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,13 +59,17 @@ class PreprocessResult:
     stages: dict = field(default_factory=dict)  # "captions"/"videos" -> StageFigures of this process
     short: dict = field(default_factory=dict)  # without buckets: bucket name -> samples shorter than --max_num_frames
     max_num_frames: int = 0
+    windows: dict = field(default_factory=dict)  # --frame_extraction with windows: windows a clip gave -> clips
 
     def summary(self) -> str:
         return (
             f"cache: {self.cache_path}\n"
             f"samples: {self.samples} ok, {self.failed} skipped"
             + "".join(f"\n  skipped, {kind}: {count}" for kind, count in self.skipped_by_kind.items())
-            + "\nbuckets: " + ", ".join(f"{name} ({count})" for name, count in self.buckets.items()) + "\n"
+            + "\nbuckets: " + ", ".join(f"{name} ({count})" for name, count in self.buckets.items())
+            + (f"\nwindows: {sum(self.windows.values())} clips gave {sum(n * c for n, c in self.windows.items())}; "
+               "per clip: " + ", ".join(f"{n} ({c} clip{'s' if c > 1 else ''})" for n, c in sorted(self.windows.items()))
+               if self.windows else "") + "\n"
             f"encoded: {self.encoded_videos} videos, {self.encoded_captions} captions; "
             f"reused from the cache: {self.reused_videos} videos, {self.reused_captions} captions "
             f"({self.seconds:.1f} s)\n"
@@ -147,13 +154,18 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     counts = {key: sum(c[key] for c in procs.gather(counts)) for key in counts}
 
     selected = Cache.open(cache_path, for_training=True).samples  # columns: cheap at a million samples
+    windows = {}
+    if config.frame_extraction not in ("head", "spread"):  # each video's windows: its distinct latent keys
+        keys = set(selected.columns["latent_key"].tolist())
+        names = (str(key, "ascii") if isinstance(key, bytes) else key for key in keys)
+        windows = dict(Counter(Counter(name.split("@")[0] for name in names).values()))
     short = {} if configured_buckets(config) else {name: count for name, count in selected.buckets.items()
                                                    if int(name.split("x")[0]) < config.max_num_frames}
     return PreprocessResult(
         cache_path=cache_path.resolve(), samples=len(selected), failed=selected.failed,
         skipped_by_kind=selected.failures, buckets=selected.buckets,
         seconds=time.time() - started, is_main_process=procs.is_main, stages=stages, short=short,
-        max_num_frames=config.max_num_frames, **counts,
+        max_num_frames=config.max_num_frames, windows=windows, **counts,
     )
 
 
@@ -243,7 +255,7 @@ def _encode_missing(records, repeats: list[int], config: PreprocessConfig, model
     writer.flush()
     procs.barrier()  # every process's rows are written before the selection names them
     if procs.is_main:  # the records' samples (with windows, every window of their videos), and their repeats
-        ids, times = ((work.sample_ids, repeats) if config.frame_extraction == "head" else
+        ids, times = ((work.sample_ids, repeats) if config.frame_extraction in ("head", "spread") else
                       samples_of_videos(cache_path, work.sample_sources, repeats))
         if config.datasets:  # repeats: a sample listed twice is drawn twice
             writer.write_selection(ids, times, [table["repeats"] for table in dataset_tables(config)])

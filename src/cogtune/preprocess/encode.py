@@ -18,7 +18,8 @@ from cogtune import quantize
 from cogtune.cache.writer import CacheWriter, write_tensors
 from cogtune.config import PreprocessConfig, precision_dtype
 from cogtune.data.buckets import bucket_name, size_rule
-from cogtune.data.video import Clip, ClipSkipped, first_frame_pixels, read_clip, read_windows, window_starts
+from cogtune.data.video import (Clip, ClipSkipped, first_frame_pixels, read_clip, read_spread_clip, read_windows,
+                                window_starts)
 from cogtune.errors import CogtuneError, Preempted, first_line
 from cogtune.families import ModelConfigs, load_vae
 from cogtune.preprocess.plan import failure_limit
@@ -39,23 +40,33 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, sha = self.jobs[i]
-        c = self.config
-        rng = np.random.default_rng([c.seed, int(sha[:15], 16)])  # a clip's crop depends only on it and the seed
         if self._size is None:
-            self._size = size_rule(c)
+            self._size = size_rule(self.config)
         try:
-            if c.frame_extraction == "head":
-                return sha, [(0, read_clip(path, self._size, c.fps, c.skip_frames_start, c.skip_frames_end,
-                                           c.video_reshape_mode, rng))], None
-            windows = read_windows(path, self._size, c.fps, c.skip_frames_start, c.skip_frames_end,
-                                   c.video_reshape_mode, rng, functools.partial(
-                                       window_starts, extraction=c.frame_extraction, stride=c.frame_stride,
-                                       count=c.frame_sample, most=c.max_windows_per_clip))
-            return sha, windows, None
+            return sha, clip_windows(path, self.config, self._size, clip_rng(self.config, sha)), None
         except ClipSkipped as e:
             return sha, None, (e.kind, str(e))
         except Exception as e:  # a decoder crash on one file must not end the run
             return sha, None, ("unreadable", f"{type(e).__name__}: {first_line(e)[:200]}")
+
+
+def clip_rng(config: PreprocessConfig, sha: str) -> np.random.Generator:
+    """The generator of a clip's random crop: a function of the seed and the clip's content only."""
+    return np.random.default_rng([config.seed, int(sha[:15], 16)])
+
+
+def clip_windows(path: Path, config: PreprocessConfig, size, rng: np.random.Generator) -> list[tuple[int, Clip]]:
+    """The samples --frame_extraction makes of one video, each with its start: one clip for head (its
+    first frames at --fps) and spread (frames over the whole video, as the diffusers scripts take
+    them), else the windows read_windows cuts. preprocess and --preview both read clips here."""
+    c = config
+    if c.frame_extraction == "head":
+        return [(0, read_clip(path, size, c.fps, c.skip_frames_start, c.skip_frames_end, c.video_reshape_mode, rng))]
+    if c.frame_extraction == "spread":
+        return [(0, read_spread_clip(path, size, c.skip_frames_start, c.skip_frames_end, c.video_reshape_mode, rng))]
+    return read_windows(path, size, c.fps, c.skip_frames_start, c.skip_frames_end, c.video_reshape_mode, rng,
+                        functools.partial(window_starts, extraction=c.frame_extraction, stride=c.frame_stride,
+                                          count=c.frame_sample, most=c.max_windows_per_clip))
 
 
 def _first(batch):

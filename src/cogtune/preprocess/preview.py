@@ -2,10 +2,11 @@
 any GPU time is spent. No model is loaded and nothing is written to the cache.
 
 A sample of the dataset's clips (spread evenly over it) is decoded, resampled, resized and cropped
-exactly as preprocess does (the same `read_clip`, the same size rule, the same seeded random
-crop), and each bucket gets a contact sheet: one row per clip, the source frame the clip starts at
-with the crop window drawn on it, then frames of the clip spread from its first to its last. Wrong
-crops, rotated phone videos and wrong frame rates show at a glance.
+exactly as preprocess does (the same `clip_windows`, the same size rule, the same seeded random
+crop), and each bucket gets a contact sheet: one row per sample (a clip, or each of its windows with
+--frame_extraction), the source frame the sample starts at with the crop window drawn on it, then
+frames of the sample spread from its first to its last. Wrong crops, rotated phone videos and wrong
+frame rates show at a glance.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import bucket_name, clip_sizes, configured_buckets, size_rule
 from cogtune.data.sources import VideoPaths, load_dataset_records
-from cogtune.data.video import ClipSkipped, ResizeCrop, open_video, plan_resize_crop, read_clip
+from cogtune.data.video import ClipSkipped, ResizeCrop, open_video, plan_resize_crop
+from cogtune.preprocess.encode import clip_rng, clip_windows
 from cogtune.errors import CogtuneError, first_line
 from cogtune.util import files
 from cogtune.util.media import contact_sheet
@@ -45,16 +47,11 @@ def source_with_box(frame: np.ndarray, box: tuple[int, int, int, int], height: i
     return np.asarray(image)
 
 
-def clip_rng(config: PreprocessConfig, sha: str) -> np.random.Generator:
-    """The crop generator preprocess gives this clip (encode.ClipDataset)."""
-    return np.random.default_rng([config.seed, int(sha[:15], 16)])
-
-
 @dataclass
 class Previewed:
     line: str  # one line for the terminal
     bucket: str | None = None
-    row: tuple[str, list[np.ndarray]] | None = None
+    rows: list[tuple[str, list[np.ndarray]]] | None = None  # one per sample: a clip, or each of its windows
 
 
 def preview_one(record, config: PreprocessConfig, videos: VideoPaths, rule) -> Previewed:
@@ -64,28 +61,35 @@ def preview_one(record, config: PreprocessConfig, videos: VideoPaths, rule) -> P
         return Previewed(f"{record.where}: {first_line(e)}")
     sha = files.sha256_file(path)
     try:
-        clip = read_clip(Path(path), rule, config.fps, config.skip_frames_start, config.skip_frames_end,
-                         config.video_reshape_mode, clip_rng(config, sha))
+        windows = clip_windows(Path(path), config, rule, clip_rng(config, sha))
     except ClipSkipped as e:
         return Previewed(f"{record.where}: skipped ({e.kind}): {e}")
     except Exception as e:  # a decoder crash, as preprocess would record it
         return Previewed(f"{record.where}: skipped (unreadable): {type(e).__name__}: {first_line(e)[:200]}")
+    if not windows:
+        return Previewed(f"{record.where}: skipped (too short): no window of --max_num_frames {config.max_num_frames}")
+    clip = windows[0][1]
     _, frames, height, width = clip.pixels.shape
     plan = plan_resize_crop(clip.source_height, clip.source_width, height, width, config.video_reshape_mode,
-                            clip_rng(config, sha))  # the crop read_clip drew, drawn again from the same seed
+                            clip_rng(config, sha))  # the crop preprocess drew, drawn again from the same seed
     box = crop_box(plan, clip.source_height, clip.source_width, height, width)
-    first = open_video(Path(path)).frames([clip.frame_indices[0]])[0]
-    pixels = ((clip.pixels.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-    picks = np.linspace(0, frames - 1, min(FRAMES_SHOWN, frames)).round().astype(int)
-    span = (clip.frame_indices[-1] - clip.frame_indices[0] + 1) / clip.source_fps
+    firsts = open_video(Path(path)).frames([window.frame_indices[0] for _, window in windows])
+    fps = f"{clip.source_fps:g} fps (one frame in {clip.frame_indices[1] - clip.frame_indices[0]})" if (
+        config.frame_extraction == "spread" and frames > 1) else f"{config.fps} fps"
     label = (f"{Path(path).name}: {clip.source_width}x{clip.source_height} at {clip.source_fps:g} fps -> "
-             f"{frames} frames of {width}x{height} at {config.fps} fps ({span:.1f} s of the source, frames "
-             f"{clip.frame_indices[0]}-{clip.frame_indices[-1]})")
+             f"{len(windows)} sample(s) of {frames} frames of {width}x{height} at {fps}")
     if frames < max(size[0] for size in clip_sizes(config)) and configured_buckets(config) is None:
         label += f"; shorter than --max_num_frames {config.max_num_frames}: a {frames}-frame sample"
-    bucket = bucket_name((frames, height, width))
-    return Previewed(f"{record.where}: {label}", bucket, (label, [source_with_box(first, box, height),
-                                                                   *(pixels[i] for i in picks)]))
+    rows = []
+    for number, ((start, window), first) in enumerate(zip(windows, firsts)):
+        pixels = ((window.pixels.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        picks = np.linspace(0, frames - 1, min(FRAMES_SHOWN, frames)).round().astype(int)
+        span = (window.frame_indices[-1] - window.frame_indices[0] + 1) / window.source_fps
+        what = f"window {number + 1} of {len(windows)} (start {start})" if len(windows) > 1 else "clip"
+        rows.append((f"{Path(path).name}, {what}: source frames {window.frame_indices[0]}-{window.frame_indices[-1]} "
+                     f"({span:.1f} s)", [source_with_box(first, box, height), *(pixels[i] for i in picks)]))
+    spans = "; ".join(row[0].split(", ", 1)[1] for row in rows)
+    return Previewed(f"{record.where}: {label}: {spans}", bucket_name((frames, height, width)), rows)
 
 
 def preview(config: PreprocessConfig) -> str:
@@ -102,13 +106,14 @@ def preview(config: PreprocessConfig) -> str:
     by_bucket: dict[str, list] = {}
     for item in previewed:
         if item.bucket is not None:
-            by_bucket.setdefault(item.bucket, []).append(item.row)
+            by_bucket.setdefault(item.bucket, []).extend(item.rows)
     sheets = []
     for bucket, rows in sorted(by_bucket.items()):
         sheets.append(out_dir / f"preview-{bucket}.png")
         contact_sheet(rows, sheets[-1])
-    lines = [f"Preview of {len(picks)} of {len(records)} clips, as preprocess would make them (crop mode "
-             f"{config.video_reshape_mode}; the red box is the part of the source kept):"]
+    lines = [f"Preview of {len(picks)} of {len(records)} clips, as preprocess would make them (--frame_extraction "
+             f"{config.frame_extraction}, crop mode {config.video_reshape_mode}; the red box is the part of the "
+             "source kept):"]
     lines += [f"  {item.line}" for item in previewed]
-    lines += [f"contact sheet: {path} ({len(by_bucket[path.stem.removeprefix('preview-')])} clips)" for path in sheets]
+    lines += [f"contact sheet: {path} ({len(by_bucket[path.stem.removeprefix('preview-')])} samples)" for path in sheets]
     return "\n".join(lines)
