@@ -21,7 +21,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 MODEL_FIXTURES = {"tiny_model", "tiny_models", "demo_data"}
-E2E_MODULES = {"test_batch_jobs", "test_bench", "test_cache_choice", "test_cache_lifecycle", "test_distributed",
+E2E_MODULES = {"test_batch_jobs", "test_encoding", "test_export", "test_bench", "test_cache_choice", "test_cache_lifecycle", "test_distributed",
                "test_end_to_end", "test_families", "test_install", "test_offline", "test_preemption",
                "test_validation"}
 

@@ -169,6 +169,28 @@ def test_model_card_fields(validated_run):
     assert "| Clips | 9 frames of 32x64 at 8 fps |" in text
     assert "pipe.load_lora_weights(" in text and "from diffusers import CogVideoXPipeline" in text
     assert "validation/step-000004/contact_sheet.png" in text and "loss_curve.png" in text
+    assert ": seed 42, guidance scale 6, 9 frames of 32x64" in text  # each video's own settings
+    for row in ("| Timestep sampling | uniform (the reference) |", "| Caption dropout | none |", "| EMA | none |",
+                "| Frame extraction | head (the first frames at the clips' fps) |", "| Dataset repeats | 1 |"):
+        assert row in text, row
+
+    # The snippet, run here (the local model and LoRA, on the CPU): the family's dtype, the LoRA in, no
+    # deprecated keyword on this diffusers, whichever it is of those the ranges admit.
+    import warnings
+
+    snippet = text.split("```python\n", 1)[1].split("pipe.set_adapters", 1)[0]
+    snippet = snippet.replace('.to("cuda")', "").replace(f'"{out.name}"', repr(str(out)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scope = {}
+        exec(snippet, scope)
+    assert scope["pipe"].transformer.dtype == torch.float16  # CogVideoX-2b's card precision
+    assert "cogtune" in scope["pipe"].get_active_adapters()
+    assert not [w for w in caught if "dtype" in str(w.message)]
+    info = json.loads((out / "cogtune_lora.json").read_text())
+    assert info["settings"]["learning_rate"] == 1e-2 and info["frame_extraction"] == "head"
+    assert info["validation"][0] == {"prompt": PROMPTS[0], "seed": 42, "guidance_scale": 6.0, "num_frames": 9,
+                                     "height": 32, "width": 64}
 
     # The same card for a hub base model names it in the header, as the hub expects.
     models = ModelConfigs.load(str(validated_run["model"]))
@@ -359,8 +381,13 @@ def test_a_validation_file_sets_each_videos_size_seed_and_guidance(tmp_path, mod
     refused = cogtune_here("preprocess", "--config", config, check=False)
     assert refused.returncode == 2 and f"--validation_file {validation}, line 1: num_frames 6 is not of the form 4k+1" \
         in refused.stderr
-    both = cogtune_here("preprocess", "--config", config, "--validation_prompt", "y", check=False)
-    assert both.returncode == 2 and "either --validation_file or --validation_prompt" in both.stderr
+    both = write_config(tmp_path / "both.toml", models["2b"], demo_data, tmp_path / "cache", tmp_path / "out",
+                        validation_file=str(validation), validation_prompt="y")
+    refused = cogtune_here("preprocess", "--config", both, check=False)
+    assert refused.returncode == 2 and "either --validation_file or --validation_prompt" in refused.stderr
+    # a flag wins over the file: --validation_prompt given here replaces the file's --validation_file
+    flag = cogtune_here("preprocess", "--config", config, "--validation_prompt", "DEMO y").stdout
+    assert "validation: 1 prompt embedding(s)" in flag
 
 
 def test_a_validation_file_gives_image_to_video_images_at_each_rows_size(tmp_path, models, demo_data, image):
@@ -378,3 +405,27 @@ def test_a_validation_file_gives_image_to_video_images_at_each_rows_size(tmp_pat
     cogtune_here("train", "--config", config)
     videos = sorted((tmp_path / "out" / "validation" / "step-000001").glob("*.mp4"))
     assert [mp4_frames(video).shape[1:3] for video in videos] == [(32, 32), (32, 64)]
+
+
+def test_the_card_and_record_name_every_option_that_shapes_the_lora(tmp_path, models, demo_data):
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text(json.dumps({"prompt": "DEMO a red square", "seed": 7, "guidance_scale": 3.5}) + "\n")
+    config = write_config(tmp_path / "c.toml", models["2b"], demo_data, tmp_path / "cache", tmp_path / "out",
+                          validation_file=str(validation), validation_num_inference_steps=2, max_train_steps=2,
+                          frame_extraction="chunk", max_windows_per_clip=2, use_ema=True, ema_validation=True,
+                          caption_dropout_p=0.25, timestep_sampling="logit_normal", snr_gamma=5.0, use_rslora=True)
+    cogtune_here("preprocess", "--config", config)
+    cogtune_here("train", "--config", config)
+    text = (tmp_path / "out" / "README.md").read_text()
+    for row in ("| Timestep sampling | logit-normal (mean 0, std 1), min-SNR gamma 5 |",
+                "| Caption dropout | 0.25 (empty) |",
+                "| EMA | decay 0.9999, saved as `pytorch_lora_weights_ema.safetensors` (the validation videos use it) |",
+                "| Frame extraction | chunk, max 2 |", "| LoRA variant | rsLoRA"):
+        assert row in text, row
+    assert ": seed 7, guidance scale 3.5, 9 frames of 32x64" in text and "guidance_scale=3.5" in text
+    assert "manual_seed(7)" in text and "[2 / 4 ** 0.5]" in text
+    info = json.loads((tmp_path / "out" / "cogtune_lora.json").read_text())
+    assert info["ema_weights"] == "pytorch_lora_weights_ema.safetensors" and info["frame_extraction"] == "chunk, max 2"
+    assert info["settings"]["caption_dropout_p"] == 0.25 and info["settings"]["timestep_sampling"] == "logit_normal"
+    assert info["validation"] == [{"prompt": "DEMO a red square", "seed": 7, "guidance_scale": 3.5, "num_frames": 9,
+                                   "height": 32, "width": 64}]

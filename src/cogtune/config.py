@@ -28,9 +28,10 @@ else:  # pragma: no cover
 STAGE_TABLES = ("preprocess", "train", "infer")
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, **kwargs) -> Any:
-    """A dataclass field that also describes its command-line flag."""
-    metadata = {"help": help, "choices": choices}
+def opt(default: Any, help: str, choices: tuple | None = None, file_only: bool = False, **kwargs) -> Any:
+    """A dataclass field that also describes its command-line flag (none for a file_only setting, which
+    only a config file can give). Choices are lower case; values are taken in any case."""
+    metadata = {"help": help, "choices": choices, "file_only": file_only}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -54,7 +55,8 @@ class ModelArgs:
     """Where the base CogVideoX pipeline comes from (shared by every stage)."""
 
     pretrained_model_name_or_path: Optional[str] = opt(
-        None, "Path to a local diffusers CogVideoX pipeline folder or a hub model id (for example THUDM/CogVideoX-2b)."
+        None, "Path to a local diffusers CogVideoX pipeline folder or a hub model id (for example THUDM/CogVideoX-2b). "
+              "infer, merge: default, the model the LoRA was trained on (its cogtune_lora.json)."
     )
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the pretrained model.")
     variant: Optional[str] = opt(None, "Weight file variant of the pretrained model, for example fp16.")
@@ -263,7 +265,7 @@ class PreprocessConfig(ModelArgs, ValidationArgs):
         [], "Several datasets in one cache, given in the config file as one [[datasets]] table each: its "
             "instance_data_root or dataset_name, and dataset_config_name, caption_column, video_column, id_token "
             "where they differ from the top-level ones, and repeats: how many times each of its samples is trained "
-            "per epoch (default 1).")
+            "per epoch (default 1).", file_only=True)
     frame_extraction: str = opt(
         "head", "Which frames of a clip become samples: head, its first --max_num_frames at --fps (the default: the "
                 "model's motion speed); spread, --max_num_frames spread over the whole clip at its own frame rate, "
@@ -525,7 +527,12 @@ class InferConfig(ModelArgs):
                "activations, the offload) and exit, loading no weights.")
 
 
-ALTERNATIVES = (("prompt", "prompt_file"),)  # settings of which a command line gives one or the other
+# A flag given on the command line replaces these settings of the config file too: it wins over the
+# file consistently, even where the file's setting would otherwise take precedence (max_train_steps
+# over num_train_epochs) or conflict (a validation file and validation prompts).
+REPLACES = {"prompt": ("prompt_file",), "prompt_file": ("prompt",),
+            "validation_file": ("validation_prompt", "validation_images"), "validation_prompt": ("validation_file",),
+            "validation_images": ("validation_file",), "num_train_epochs": ("max_train_steps",)}
 STAGE_CONFIGS = {"preprocess": PreprocessConfig, "train": TrainConfig, "infer": InferConfig}
 
 
@@ -559,13 +566,15 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                                      usage=f"cogtune {stage} [--config FILE.toml] [--setting VALUE ...]")
     parser.add_argument("--config", help="A TOML file of settings; flags given here override it. Relative paths in "
                                           "it are relative to its folder.")
-    own = settings_fields(cls)
-    added = {f.name for f in own}
+    parser.add_argument("--unset", nargs="+", metavar="SETTING", help="Settings of the config file to leave out "
+                        "(back to their defaults), for example --unset max_train_steps validation_prompt.")
+    own = [f for f in settings_fields(cls) if not f.metadata.get("file_only")]
+    added = {f.name for f in settings_fields(cls)}
     for f in own:
         _add_flag(parser, f, _help_text(f))
     for other in STAGE_CONFIGS.values():  # hidden from --help: `cogtune <that stage> --help` describes them
         for f in settings_fields(other):
-            if f.name not in added:
+            if f.name not in added and not f.metadata.get("file_only"):
                 added.add(f.name)
                 _add_flag(parser, f, argparse.SUPPRESS)
     parser.epilog = ("The flags of the other stages are accepted too, and left to them, so that one command line "
@@ -585,8 +594,8 @@ def _add_flag(group, f: dataclasses.Field, help_text: str) -> None:
         group.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)
     elif kind is list:
         group.add_argument(name, nargs="+", help=help_text)
-    elif f.name == "optimizer":  # users type Adam / AdamW, as in the reference README
-        group.add_argument(name, type=str.lower, choices=f.metadata.get("choices"), help=help_text)
+    elif f.metadata.get("choices"):  # in any case: users type Adam / AdamW, as in the reference README
+        group.add_argument(name, type=str.lower, choices=f.metadata["choices"], help=help_text)
     else:
         group.add_argument(name, type=kind, choices=f.metadata.get("choices"), help=help_text)
 
@@ -646,6 +655,23 @@ def relative_to(values: dict, folder: Path, separator: str = ":::") -> dict:
     return resolved
 
 
+def stage_file_values(config_path: str, stage: str, names: tuple[str, ...]) -> dict:
+    """The values a config file gives a stage for these settings (its [stage] table over its top-level
+    keys, relative paths relative to its folder), checked as the stage itself checks them: for the
+    commands that take a few settings of a stage (export, merge)."""
+    document = values_for_stage(read_toml(config_path), stage, str(config_path))
+    values = relative_to(document, Path(config_path).resolve().parent)
+    fields = {f.name: f for f in settings_fields(STAGE_CONFIGS[stage])}
+    wanted = {name: values[name] for name in names if values.get(name) is not None}
+    for name, value in wanted.items():
+        kind = _base_type(fields[name].type)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            wanted[name] = value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise CogtuneError(f"{config_path}: {name} must be of type {kind.__name__}, got {value!r}.")
+    return wanted
+
+
 def make_config(stage: str, values: dict, source: str = "settings", origin: dict | None = None):
     """Build and validate a stage's dataclass from flat values; origin: config_file and command_line."""
     origin = origin or {}
@@ -660,10 +686,10 @@ def make_config(stage: str, values: dict, source: str = "settings", origin: dict
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise CogtuneError(f"{source}: {name} must be of type {kind.__name__}, got {value!r}.")
         choices = fields[name].metadata.get("choices")
-        if choices and str(values[name]).lower() not in choices:
-            raise CogtuneError(f"{source}: {name} must be one of {', '.join(choices)}, got {value!r}.")
-        if name == "optimizer":
-            values[name] = value.lower()
+        if choices:  # checked and normalised here, once, wherever the value came from
+            values[name] = str(values[name]).lower()
+            if values[name] not in choices:
+                raise CogtuneError(f"{source}: {name} must be one of {', '.join(choices)}, got {value!r}.")
     config = cls(**values, **origin)
     validate(config)
     return config
@@ -676,17 +702,24 @@ def load_config(stage: str, argv: list[str]) -> Any:
     cls = STAGE_CONFIGS[stage]
     flags = vars(build_parser(stage).parse_args(argv))
     own = {f.name for f in settings_fields(cls)}
-    flags = {name: value for name, value in flags.items() if name in own or name == "config"}
+    flags = {name: value for name, value in flags.items() if name in own or name in ("config", "unset")}
     values = {}
     config_path = flags.pop("config", None)
+    unset = flags.pop("unset", None) or []
+    unknown = [name for name in unset if name not in KNOWN_KEYS]
+    if unknown:
+        raise CogtuneError(f"--unset {' '.join(unknown)}: no such setting. Run `cogtune {stage} --help` for the settings.")
     if config_path:
         document = values_for_stage(read_toml(config_path), stage, str(config_path))
         separator = flags.get("validation_prompt_separator", document.get("validation_prompt_separator", ":::"))
         values.update(relative_to(document, Path(config_path).resolve().parent, separator))
-        for pair in ALTERNATIVES:  # --prompt_file on the command line replaces the file's prompt, and so on
-            for given, replaced in (pair, pair[::-1]):
-                if given in flags and replaced not in flags:
-                    values.pop(replaced, None)
+        for given, replaced in REPLACES.items():  # --prompt_file on the command line replaces the file's prompt, ...
+            if given in flags:
+                for name in replaced:
+                    if name not in flags:
+                        values.pop(name, None)
+        for name in unset:
+            values.pop(name, None)
     values.update(flags)
     origin = {"config_file": str(Path(config_path).resolve()) if config_path else None,
               "command_line": tuple(sorted(flags))}
@@ -694,7 +727,7 @@ def load_config(stage: str, argv: list[str]) -> Any:
 
 
 def validate(config) -> None:
-    if not config.pretrained_model_name_or_path:
+    if not config.pretrained_model_name_or_path and not isinstance(config, InferConfig):  # infer: the LoRA's record
         raise CogtuneError("--pretrained_model_name_or_path is required (a local pipeline folder or a hub id).")
     positive = ["validation_epochs", "validation_steps", "num_validation_videos", "validation_num_inference_steps",
                 "nccl_timeout", "train_batch_size", "gradient_accumulation_steps", "rank", "vae_batch_size", "checkpointing_steps",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from cogtune import quantize
 from cogtune.config import InferConfig, check_precision_available, precision_dtype
@@ -15,7 +15,7 @@ from cogtune.data.sources import read_rows
 from cogtune.data.video import first_frame_pixels
 from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
-from cogtune.train.lora import LORA_WEIGHT_NAME, lora_source, read_lora_info
+from cogtune.train.lora import lora_source, read_lora_info, trained_base
 from cogtune.train.validation import video_name
 from cogtune.util import files, logs
 from cogtune.util.media import write_mp4
@@ -73,25 +73,28 @@ def lora_location(config: InferConfig) -> tuple[str, str | None]:
     return lora_source(config.output_dir, "--output_dir")
 
 
-def _check_lora_file(path: Path) -> None:
-    """A local LoRA file must be a whole safetensors file: said in one line before the pipeline
-    loads, not as safetensors' traceback after (a hub LoRA is checked when it is fetched)."""
-    if not path.is_file():
-        return
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as e:  # safetensors raises its own error types
-        raise CogtuneError(f"The LoRA {path} cannot be read ({first_line(e)}): the file is damaged or cut short. "
-                           "Copy it again, or use a checkpoint's LoRA.") from None
+def with_trained_base(config: InferConfig) -> InferConfig:
+    """The config with the base model the LoRA was trained on (its cogtune_lora.json: model, revision
+    and variant), where --pretrained_model_name_or_path is not given."""
+    if config.pretrained_model_name_or_path:
+        return config
+    folder, _ = lora_location(config)
+    base = trained_base(folder)
+    if base is None:
+        raise CogtuneError(f"{config.lora or config.output_dir} does not say which model it was trained on (no "
+                           "cogtune_lora.json beside it): pass --pretrained_model_name_or_path.")
+    logs.message(f"base model: {base['pretrained_model_name_or_path']} (the one the LoRA was trained on)")
+    return dataclasses.replace(config, pretrained_model_name_or_path=base["pretrained_model_name_or_path"],
+                               revision=config.revision or base.get("revision"),
+                               variant=config.variant or base.get("variant"))
 
 
 def run(config: InferConfig) -> list[Path]:
     import diffusers
 
     logs.configure(config.log_format)
+    config = with_trained_base(config)
     folder, weight_name = lora_location(config)
-    _check_lora_file(Path(folder) / (weight_name or LORA_WEIGHT_NAME))
     # Where the videos go, proved writable before minutes of loading the pipeline.
     out_dir = Path(config.video_output_dir or Path(config.output_dir) / "videos")
     files.ensure_writable_dir(out_dir, "--video_output_dir" if config.video_output_dir else "--output_dir")

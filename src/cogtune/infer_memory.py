@@ -83,6 +83,9 @@ def peak(found: list[Part], config: InferConfig) -> int:
 
 def dry_run(config: InferConfig) -> str:
     """What `cogtune infer --dry_run` prints."""
+    from cogtune.infer import with_trained_base
+
+    config = with_trained_base(config)
     models = ModelConfigs.of(config)
     spec = models.spec()
     found = parts(config, models)

@@ -10,6 +10,7 @@ under a temporary name and renamed into place when complete.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from cogtune.config import MIXED_PRECISION, precision_dtype
 from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
-from cogtune.train.lora import lora_source, read_lora_info
+from cogtune.train.lora import lora_source, read_lora_info, trained_base
 from cogtune.util import files, logs
 
 ADAPTER_NAME = "merged"
@@ -29,9 +30,11 @@ def merge(lora: str, merged_dir: str | Path, base: str | None = None, lora_scale
           dtype: str = "bf16", revision: str | None = None, variant: str | None = None) -> Path:
     import diffusers
 
+    if not math.isfinite(lora_scale):
+        raise CogtuneError(f"--lora_scale must be a finite number, got {lora_scale}.")
     folder, weight_name = lora_source(lora, "--lora")
     info = read_lora_info(folder)
-    trained_on = info.get("base_model") or {}
+    trained_on = trained_base(folder) or {}
     if not base:  # the model it was trained on, at the same revision and variant
         base, revision, variant = (trained_on.get("pretrained_model_name_or_path"), revision or trained_on.get("revision"),
                                    variant or trained_on.get("variant"))
@@ -71,20 +74,31 @@ def merge(lora: str, merged_dir: str | Path, base: str | None = None, lora_scale
 
 
 def main(argv: list[str], description: str) -> None:
+    from cogtune.config import stage_file_values
+
     parser = argparse.ArgumentParser(prog="cogtune merge", description=description)
-    parser.add_argument("--lora", default="cogtune-lora", help="The LoRA: a training output folder, its .safetensors "
-                                                               "file, or a hub id (default: cogtune-lora).")
+    parser.add_argument("--config", default=None, help="The config file of the training run: its output_dir (or "
+                                                        "lora), model, revision, variant and lora_scale are the "
+                                                        "defaults, as for the other stages; flags win.")
+    parser.add_argument("--lora", default=None, help="The LoRA: a training output folder, its .safetensors file, or a "
+                                                     "hub id (default: the config's lora or output_dir, else "
+                                                     "cogtune-lora).")
     parser.add_argument("--merged_dir", required=True, help="The new pipeline folder to write.")
     parser.add_argument("--pretrained_model_name_or_path", default=None,
                         help="The base pipeline (default: the one the LoRA was trained on, from cogtune_lora.json).")
     parser.add_argument("--revision", default=None, help="The base model's hub revision.")
     parser.add_argument("--variant", default=None, help="The base model's weight variant (fp16, bf16).")
-    parser.add_argument("--lora_scale", type=float, default=1.0,
-                        help="Strength merged in: 1.0 is the trained alpha/rank scale (as infer's --lora_scale).")
-    parser.add_argument("--dtype", choices=MIXED_PRECISION, default="bf16",
+    parser.add_argument("--lora_scale", type=float, default=None,
+                        help="Strength merged in: 1.0 (the default) is the trained alpha/rank scale (as infer's "
+                             "--lora_scale).")
+    parser.add_argument("--dtype", type=str.lower, choices=MIXED_PRECISION, default="bf16",
                         help="The saved pipeline's precision: no (fp32), fp16 or bf16 (default: bf16). The sum is "
                              "taken in fp32 either way.")
     args = parser.parse_args(argv)
-    path = merge(args.lora, args.merged_dir, args.pretrained_model_name_or_path, args.lora_scale, args.dtype,
-                 args.revision, args.variant)
+    names = ("lora", "output_dir", "pretrained_model_name_or_path", "revision", "variant", "lora_scale")
+    file = stage_file_values(args.config, "infer", names) if args.config else {}
+    lora = args.lora or file.get("lora") or file.get("output_dir") or "cogtune-lora"
+    scale = args.lora_scale if args.lora_scale is not None else file.get("lora_scale", 1.0)
+    path = merge(lora, args.merged_dir, args.pretrained_model_name_or_path or file.get("pretrained_model_name_or_path"),
+                 scale, args.dtype, args.revision or file.get("revision"), args.variant or file.get("variant"))
     logs.result(f"merged: {path}", merged=str(path))

@@ -70,20 +70,55 @@ TARGET_PRESETS = {
 def lora_source(value: str, flag: str) -> tuple[str, str | None]:
     """(folder or hub id, weight file name; None for a hub id) of a LoRA given as a folder holding
     pytorch_lora_weights.safetensors (ours, or a diffusers script's checkpoint-N), a .safetensors
-    file, or a hub id."""
+    file, or a hub id. A local file is checked here (check_lora_file): every command that reads a
+    LoRA comes through this one door (a hub LoRA is checked by diffusers when it is fetched)."""
     path = Path(value)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise CogtuneError(f"{flag} {path} is not a .safetensors file. cogtune reads LoRAs only as safetensors, "
                                "since pickled files (.bin, .pt) can run code when opened.")
+        check_lora_file(path, flag)
         return str(path.parent), path.name
     if path.is_dir():
         if not (path / LORA_WEIGHT_NAME).is_file():
             raise CogtuneError(f"No {LORA_WEIGHT_NAME} in {path}; train first, or give {flag} the LoRA file itself.")
+        check_lora_file(path / LORA_WEIGHT_NAME, flag)
         return str(path), LORA_WEIGHT_NAME
     if path.is_absolute() or value.startswith(".") or value.count("/") != 1:
         raise CogtuneError(f"{flag} {value} does not exist (give a LoRA folder, its .safetensors file, or a hub id).")
     return value, None
+
+
+def check_lora_file(path: Path, flag: str) -> None:
+    """A local LoRA must be a whole safetensors file of LoRA tensors: said in one line naming it, not
+    as safetensors' traceback (a file cut short, 0 bytes, a pickle renamed .safetensors)."""
+    from safetensors import safe_open
+
+    if path.stat().st_size == 0:
+        raise CogtuneError(f"{flag} {path} is empty (0 bytes): copy the LoRA again, or use a checkpoint's.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # safetensors raises its own error types
+        raise CogtuneError(f"{flag} {path} is not a whole safetensors file ({first_line(e)[:120]}): it is damaged, cut "
+                           "short, or another kind of file under that name. Copy the LoRA again, or use a "
+                           "checkpoint's.") from None
+    if not any(".lora_A." in key or ".lora_down." in key for key in keys):
+        raise CogtuneError(f"{flag} {path} holds no LoRA tensors (lora_A/lora_B or lora_down/lora_up keys): it is "
+                           "another kind of safetensors file.")
+
+
+def read_lora(value: str, flag: str) -> tuple[Path, dict, dict]:
+    """A local LoRA's file, tensors and metadata, read through lora_source's checks."""
+    from safetensors import safe_open
+
+    folder, weight_name = lora_source(value, flag)
+    if weight_name is None:
+        raise CogtuneError(f"{flag} {value}: give a local LoRA (a training output folder or its .safetensors file); "
+                           "download a hub LoRA first with `hf download`.")
+    path = Path(folder) / weight_name
+    with safe_open(str(path), framework="pt") as f:
+        return path, {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
 
 
 def load_initial_lora(transformer, value: str, rank: int, lora_alpha: float) -> int:
@@ -123,7 +158,22 @@ def write_lora_info(folder: Path, info: dict) -> Path:
     return path
 
 
+def trained_base(folder: str | Path) -> dict | None:
+    """The base model a LoRA folder says it was trained on (pretrained_model_name_or_path, revision,
+    variant), or None when it does not say."""
+    base = read_lora_info(folder).get("base_model") or {}
+    return base if isinstance(base, dict) and base.get("pretrained_model_name_or_path") else None
+
+
 def read_lora_info(folder: str | Path) -> dict:
     """The training facts cogtune stored beside a local LoRA (empty for hub LoRAs and other tools')."""
     path = Path(folder) / LORA_INFO_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CogtuneError(f"{path} is damaged ({e}); copy it again with the LoRA beside it.") from None
+    if not isinstance(info, dict):
+        raise CogtuneError(f"{path} is not a cogtune LoRA record (a JSON object); copy it again with the LoRA.")
+    return info

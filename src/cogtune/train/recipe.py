@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cogtune.cache.reader import read_empty_prompt_embeds
+from cogtune.cache.reader import read_dataset_repeats, read_empty_prompt_embeds
 from cogtune.cache.writer import cache_lock
 from cogtune.config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
 from cogtune.errors import CogtuneError, Preempted
@@ -171,15 +171,24 @@ def _save_outputs(run: checkpoints.Run, config: TrainConfig, models, spec, cache
         lora_path = save_lora(run.lora_model(), output_dir, weights)
         if run.ema is not None:
             save_lora(run.lora_model(), output_dir, run.ema_weights(), EMA_WEIGHT_NAME)
+        repeats = read_dataset_repeats(cache_path)
+        last = next((r for r in reversed(rounds) if r.videos), None)
         write_lora_info(output_dir, {
             "base_model": models.source, "family": spec.description,
             "ignore_learned_positional_embeddings": spec.ignores_learned_positions(
                 config.ignore_learned_positional_embeddings),
             "rank": config.rank, "lora_alpha": config.lora_alpha, "target_modules": target_modules(config),
             "use_dora": config.use_dora, "use_rslora": config.use_rslora, "init_lora": config.init_lora,
-            "steps": global_step, "cache": str(cache_path)})
+            "steps": global_step, "cache": str(cache_path),
+            "ema_weights": EMA_WEIGHT_NAME if run.ema is not None else None,
+            "frame_extraction": manifest.settings.frame_extraction or "head", "dataset_repeats": repeats,
+            "clips": {"max_num_frames": manifest.settings.max_num_frames, "height": manifest.settings.height,
+                      "width": manifest.settings.width, "fps": manifest.settings.fps},
+            "validation": [{"prompt": prompt, **details} for (prompt, _), details in
+                           zip(last.videos, last.settings)] if last is not None else [],
+            "settings": checkpoints.run_settings(config)})
         report.write_loss_curve_quietly(output_dir / log.TRAIN_LOG_NAME)
-        card = report.write_model_card(output_dir, config, models, spec, manifest, rounds, global_step)
+        card = report.write_model_card(output_dir, config, models, spec, manifest, rounds, global_step, repeats)
         logs.event("model_card", path=str(card))
         if config.push_to_hub:
             url = report.push_to_hub(output_dir, config, rounds)

@@ -10,7 +10,7 @@ import numpy as np
 from cogtune import data_schema as schema
 from cogtune.errors import CogtuneError
 from cogtune.train.log import TRAIN_LOG_NAME, read_log
-from cogtune.train.lora import LORA_INFO_NAME, LORA_WEIGHT_NAME
+from cogtune.train.lora import EMA_WEIGHT_NAME, LORA_INFO_NAME, LORA_WEIGHT_NAME
 from cogtune.train.model import target_modules
 from cogtune.util import files, logs
 from cogtune.util.rss import peak_rss_bytes
@@ -147,28 +147,67 @@ def last_round(rounds: list):
     return next((r for r in reversed(rounds) if r.videos), None)
 
 
-def card_data(models, spec, manifest: schema.Manifest, rounds: list, output_dir: Path) -> dict:
-    """The YAML header of the model card."""
+def card_data(models, spec, manifest: schema.Manifest, rounds: list, output_dir: Path):
+    """The YAML header of the model card, as huggingface_hub's ModelCardData."""
+    from huggingface_hub import ModelCardData
+
     base = models.source["pretrained_model_name_or_path"]
     kind = "image-to-video" if spec.image_conditioned else "text-to-video"
-    data = {"library_name": "diffusers", "license": "other",
-            "tags": [kind, "diffusers-training", "diffusers", "lora", "cogvideox", "cogvideox-diffusers",
-                     "template:sd-lora", "cogtune"]}
+    fields = {"library_name": "diffusers", "license": "other",
+              "tags": [kind, "diffusers-training", "diffusers", "lora", "cogvideox", "cogvideox-diffusers",
+                       "template:sd-lora", "cogtune"]}
     if not Path(base).exists():  # a hub id; the hub refuses a local path here
-        data["base_model"] = base
-    id_token = manifest.dataset.id_token
-    if id_token:
-        data["instance_prompt"] = id_token
+        fields["base_model"] = base
+    if manifest.dataset.id_token:
+        fields["instance_prompt"] = manifest.dataset.id_token
     last = last_round(rounds)
     if last is not None:
-        data["widget"] = [{"text": prompt, "output": {"url": _relative(path, output_dir)}} for prompt, path in last.videos]
-    return data
+        fields["widget"] = [{"text": prompt, "output": {"url": _relative(path, output_dir)}}
+                            for prompt, path in last.videos]
+    return ModelCardData(**fields)
 
 
-def model_card(config, models, spec, manifest: schema.Manifest, rounds: list, steps: int, output_dir: Path) -> str:
+def lora_variant(config) -> str:
+    if config.use_dora:
+        return "DoRA" + (", rsLoRA" if config.use_rslora else "")
+    return "rsLoRA (alpha / sqrt(rank); diffusers 0.35 and newer read this from the file)" if config.use_rslora \
+        else "LoRA"
+
+
+def training_rows(config, settings, dataset_repeats: list[int] | None, spec) -> list[tuple[str, str]]:
+    """Every option that shapes the LoRA, as the card's table shows it."""
+    sampling = {"uniform": "uniform (the reference)",
+                "logit_normal": f"logit-normal (mean {config.logit_mean:g}, std {config.logit_std:g})",
+                "mode": f"mode (scale {config.mode_scale:g})"}[config.timestep_sampling]
+    rows = [
+        ("LoRA rank / alpha", f"{config.rank} / {config.lora_alpha:g}"),
+        ("Target modules", ", ".join(target_modules(config))
+         + (f" (preset {config.lora_target_preset})" if config.lora_target_preset else "")),
+        ("LoRA variant", lora_variant(config)),
+        ("Started from", f"`{config.init_lora}`" if config.init_lora else "a new LoRA"),
+        ("Learning rate", f"{config.learning_rate:g} ({config.lr_scheduler}, {config.lr_warmup_steps} warm-up steps)"),
+        ("Optimizer", config.optimizer + (" (8-bit)" if config.use_8bit_adam else "")),
+        ("Batch size x accumulation", f"{config.train_batch_size} x {config.gradient_accumulation_steps}"),
+        ("Mixed precision", config.mixed_precision),
+        ("Timestep sampling", sampling + (f", min-SNR gamma {config.snr_gamma:g}" if config.snr_gamma else "")),
+        ("Caption dropout", f"{config.caption_dropout_p:g} ({config.caption_dropout_technique})"
+         if config.caption_dropout_p else "none"),
+        ("EMA", f"decay {config.ema_decay:g}, saved as `{EMA_WEIGHT_NAME}`"
+         + (" (the validation videos use it)" if config.ema_validation else "") if config.use_ema else "none"),
+        ("Clips", f"{settings.max_num_frames} frames of {settings.height}x{settings.width} at {settings.fps} fps"
+                  + (f", buckets {', '.join(settings.buckets)}" if settings.buckets else "")),
+        ("Frame extraction", settings.frame_extraction or "head (the first frames at the clips' fps)"),
+        ("Dataset repeats", ", ".join(map(str, dataset_repeats)) if dataset_repeats else "1"),
+        ("Seed", str(config.seed)),
+    ]
+    if spec.image_conditioned:
+        rows.append(("Noised image dropout", f"{config.noised_image_dropout:g}"))
+    return rows
+
+
+def model_card(config, models, spec, manifest: schema.Manifest, rounds: list, steps: int, output_dir: Path,
+               dataset_repeats: list[int] | None = None) -> str:
     """The model card (README.md) of a trained LoRA: YAML header, settings, samples, how to load it."""
-    import yaml
-
     data = card_data(models, spec, manifest, rounds, output_dir)
     last = last_round(rounds)
     base = models.source["pretrained_model_name_or_path"]
@@ -176,69 +215,70 @@ def model_card(config, models, spec, manifest: schema.Manifest, rounds: list, st
     image = spec.image_conditioned
     pipeline_class = spec.pipeline_class_name
     repo = config.hub_model_id or output_dir.name
-    id_token = data.get("instance_prompt")
+    id_token = manifest.dataset.id_token
+    on_hub = data.base_model is not None
     prompt = last.videos[0][0] if last is not None else f"{id_token or ''} a video".strip()
-    rows = [
-        ("Base model", f"`{base}`" + (" (a local folder)" if "base_model" not in data else "")),
-        ("Model family", spec.description),
-        ("Identifier token", f"`{id_token}`" if id_token else "none"),
-        ("LoRA rank / alpha", f"{config.rank} / {config.lora_alpha:g}"),
-        ("Target modules", ", ".join(target_modules(config))
-         + (f" (preset {config.lora_target_preset})" if config.lora_target_preset else "")),
-        ("LoRA variant", "DoRA" if config.use_dora and not config.use_rslora else "DoRA, rsLoRA" if config.use_dora
-         else "rsLoRA (alpha / sqrt(rank); diffusers 0.35 and newer read this from the file)" if config.use_rslora
-         else "LoRA"),
-        ("Steps", str(steps)),
-        ("Learning rate", f"{config.learning_rate:g} ({config.lr_scheduler}, {config.lr_warmup_steps} warm-up steps)"),
-        ("Optimizer", config.optimizer + (" (8-bit)" if config.use_8bit_adam else "")),
-        ("Batch size x accumulation", f"{config.train_batch_size} x {config.gradient_accumulation_steps}"),
-        ("Mixed precision", config.mixed_precision),
-        ("Clips", f"{settings.max_num_frames} frames of {settings.height}x{settings.width} at {settings.fps} fps"
-                  + (f", buckets {', '.join(settings.buckets)}" if settings.buckets else "")),
-        ("Seed", str(config.seed)),
-    ]
-    lines = ["---", yaml.safe_dump(data, sort_keys=False).strip(), "---", "",
+    rows = [("Base model", f"`{base}`" + ("" if on_hub else " (a local folder)")), ("Model family", spec.description),
+            ("Identifier token", f"`{id_token}`" if id_token else "none"), ("Steps", str(steps)),
+            *training_rows(config, settings, dataset_repeats, spec)]
+    lines = ["---", data.to_yaml(), "---", "",
              f"# {repo}: a CogVideoX LoRA", "",
-             f"A LoRA for [{base}](https://huggingface.co/{base})" if "base_model" in data else
+             f"A LoRA for [{base}](https://huggingface.co/{base})" if on_hub else
              f"A LoRA for the CogVideoX model in `{base}`",
-             f"({spec.description}), trained with cogtune from precomputed latents.", "",
+             f"({spec.description}), trained with cogtune from precomputed latents. `cogtune_lora.json` beside it "
+             "records every setting of the run.", "",
              "## Training settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     lines += ["", "## Validation samples", ""]
     if last is None:
         lines += ["No validation prompts were given (`--validation_prompt`)."]
     else:
-        lines += [f"Generated at step {last.step} with guidance scale {config.guidance_scale:g}"
-                  + (" (dynamic CFG)" if config.use_dynamic_cfg else "")
-                  + f", {config.validation_num_inference_steps} steps:", ""]
-        lines += [f"- [{p}]({_relative(path, output_dir)})" for p, path in last.videos]
+        lines += [f"Generated at step {last.step}, {config.validation_num_inference_steps} steps"
+                  + (", dynamic CFG" if config.use_dynamic_cfg else "")
+                  + (", with the EMA weights" if config.ema_validation else "") + ":", ""]
+        details = last.settings or [{}] * len(last.videos)
+        lines += [f"- [{p}]({_relative(path, output_dir)})" + (
+            f": seed {d['seed']}, guidance scale {d['guidance_scale']:g}, {d['num_frames']} frames of "
+            f"{d['height']}x{d['width']}" if d else "") for (p, path), d in zip(last.videos, details)]
         lines += ["", f"![validation frames]({_relative(last.contact_sheet, output_dir)})"]
     if (output_dir / LOSS_CURVE_NAME).is_file():
         lines += ["", "## Loss", "", f"![loss curve]({LOSS_CURVE_NAME})"]
     image_lines = ['image = load_image("first_frame.png")', ""] if image else []
     call_image = "image=image, " if image else ""
+    dtype = {"fp16": "float16", "bf16": "bfloat16"}[spec.recommended_precision]
+    first = last.settings[0] if last is not None and last.settings else {}
+    guidance = first.get("guidance_scale", config.guidance_scale)
+    ema_lines = ([f"# the EMA of the weights instead: weight_name=\"{EMA_WEIGHT_NAME}\""] if config.use_ema else [])
     lines += [
-        "", "## Use it with diffusers", "", "```python", "import torch",
+        "", "## Use it with diffusers", "", "```python", "import diffusers", "import torch",
+        "from packaging.version import Version",
         f"from diffusers import {pipeline_class}",
         "from diffusers.utils import export_to_video" + (", load_image" if image else ""), "",
-        f'pipe = {pipeline_class}.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")',
-        f'pipe.load_lora_weights("{repo}", weight_name="pytorch_lora_weights.safetensors", adapter_name="cogtune")',
+        "# diffusers 0.40 renamed from_pretrained's torch_dtype to dtype (older releases ignore dtype)",
+        'dtype_name = "dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype"',
+        f'pipe = {pipeline_class}.from_pretrained("{base}", **{{dtype_name: torch.{dtype}}}).to("cuda")',
+        f'pipe.load_lora_weights("{repo}", weight_name="{LORA_WEIGHT_NAME}", adapter_name="cogtune")',
+        *ema_lines,
         'pipe.set_adapters(["cogtune"], [1.0])  # the file stores its alpha: 1.0 is the trained strength',
         *image_lines,
-        f"video = pipe({call_image}prompt={prompt!r}, guidance_scale={config.guidance_scale:g}, "
-        f"use_dynamic_cfg={config.use_dynamic_cfg}).frames[0]",
+        f"video = pipe({call_image}prompt={prompt!r}, guidance_scale={guidance:g}, "
+        f"use_dynamic_cfg={config.use_dynamic_cfg}, generator=torch.Generator().manual_seed({first.get('seed', config.seed)})"
+        ").frames[0]",
         f'export_to_video(video, "output.mp4", fps={settings.fps})', "```", "",
         f"Diffusers versions that ignore the stored alpha need `pipe.set_adapters([\"cogtune\"], "
-        f"[{config.lora_alpha:g} / {config.rank}])` instead. With cogtune: `cogtune infer --lora {repo} "
-        f"--pretrained_model_name_or_path {base} --prompt \"...\"`.", "",
+        f"[{config.lora_alpha:g} / {config.rank}])` instead"
+        + (f" (rsLoRA: `[{config.lora_alpha:g} / {config.rank} ** 0.5]`)" if config.use_rslora else "")
+        + f". With cogtune: `cogtune infer --lora {repo} --prompt \"...\"` (the base model comes from "
+        "cogtune_lora.json).", "",
         "## License", "", "The LoRA follows the license of its base model.", "",
     ]
     return "\n".join(lines)
 
 
-def write_model_card(output_dir: Path, config, models, spec, manifest: schema.Manifest, rounds: list, steps: int) -> Path:
+def write_model_card(output_dir: Path, config, models, spec, manifest: schema.Manifest, rounds: list, steps: int,
+                     dataset_repeats: list[int] | None = None) -> Path:
     path = output_dir / MODEL_CARD_NAME
-    text = model_card(config, models, spec, manifest, rounds, steps, output_dir)
+    text = model_card(config, models, spec, manifest, rounds, steps, output_dir, dataset_repeats)
     files.atomic_write(path, lambda temp: Path(temp).write_text(text))
     return path
 

@@ -165,6 +165,7 @@ class ValidationRound:
     step: int
     folder: Path | None = None
     videos: list[tuple[str, Path]] = field(default_factory=list)  # (prompt, mp4)
+    settings: list[dict] = field(default_factory=list)  # per video: its seed, guidance scale and size
     contact_sheet: Path | None = None
     frames: list[np.ndarray] = field(default_factory=list)  # per video, [F, H, W, 3] uint8 (for the trackers)
     fps: int = 0
@@ -177,7 +178,7 @@ def run_validation(transformer, validation: ValidationSet, config, models: Model
     was_training = transformer.training
     transformer.eval()
     scheduler = load_scheduler(models)
-    latents = []
+    latents, settings = [], []
     try:
         with autocast():
             for prompt in validation.prompts:
@@ -185,6 +186,8 @@ def run_validation(transformer, validation: ValidationSet, config, models: Model
                 guidance = config.guidance_scale if prompt.guidance_scale is None else prompt.guidance_scale
                 for seed in range(first_seed, first_seed + config.num_validation_videos):
                     generator = torch.Generator().manual_seed(seed)
+                    settings.append({"seed": seed, "guidance_scale": guidance, "num_frames": prompt.num_frames,
+                                     "height": prompt.height, "width": prompt.width})
                     latents.append((prompt.prompt, seed, generate_latents(
                         transformer, scheduler, spec, prompt.prompt_embeds, validation.negative_embeds,
                         prompt.num_frames, prompt.height, prompt.width, config.validation_num_inference_steps,
@@ -209,4 +212,4 @@ def run_validation(transformer, validation: ValidationSet, config, models: Model
             torch.cuda.empty_cache()
     sheet = folder / CONTACT_SHEET_NAME
     contact_sheet([(f"{prompt} (seed {seed})", video) for (prompt, seed, _), video in zip(latents, frames)], sheet)
-    return ValidationRound(step, folder, videos, sheet, frames, validation.fps)
+    return ValidationRound(step, folder, videos, settings, sheet, frames, validation.fps)
