@@ -138,3 +138,53 @@ def test_with_auto_tiling_train_finds_the_tiled_cache_a_small_gpu_switched_to(tw
     assert chosen(*data_flags) == d["a"] != tiled  # the untiled cache these settings name
     assert chosen(*data_flags, "--auto_tiling") == tiled
     assert chosen("--auto_tiling") == tiled
+
+
+def test_training_precision_does_not_choose_the_cache(tmp_path, tiny_model, demo_data):
+    """Preprocess at fp16 as the diffusers command runs, then train at bf16 as the README advises: the
+    transformer's precision is training's own setting, not the encoders', and finds the fp16 cache."""
+    config = write_config(tmp_path / "c.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out",
+                          max_train_steps=1, mixed_precision="bf16")
+    cache = cache_path_of(cogtune_here("preprocess", "--config", config, "--mixed_precision", "fp16").stdout)
+    trained = cogtune_here("train", "--config", config, "--mixed_precision", "bf16", "--seed", "3")
+    assert f"cache: {cache}" in trained.stderr and "written by the latest `cogtune preprocess`" in trained.stderr
+
+
+def test_default_folders_are_beside_the_config_file(tmp_path, tiny_model, demo_data, monkeypatch):
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    config = folder / "run.toml"
+    config.write_text(f'pretrained_model_name_or_path = "{tiny_model}"\ninstance_data_root = "{demo_data}"\n'
+                      'height = 32\nwidth = 64\nmax_num_frames = 9\nmixed_precision = "no"\nlatent_dtype = "fp32"\n'
+                      'max_train_steps = 1\nrank = 4\nlora_alpha = 2\n')
+    monkeypatch.chdir(tmp_path)  # run from elsewhere: the folders still come beside the file
+    cache = cache_path_of(cogtune_here("preprocess", "--config", config).stdout)
+    assert cache.parent == folder / "cache"
+    assert load_config("train", ["--config", str(config)]).output_dir == str(folder / "cogtune-lora")
+    trained = cogtune_here("train", "--config", config).stdout
+    assert f"lora: {folder / 'cogtune-lora' / 'pytorch_lora_weights.safetensors'}" in trained
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "cogtune-lora").exists()
+    # a flag's relative path stays relative to where the command runs, as any command line's
+    assert load_config("train", ["--config", str(config), "--output_dir", "here"]).output_dir == "here"
+
+
+def test_a_preprocess_that_fails_leaves_no_empty_cache_and_prune_removes_old_ones(tmp_path, tiny_model, demo_data):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    (data / "videos" / "00001.mp4").write_text("not a video\n")
+    config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out")
+    failed = cogtune_here("preprocess", "--config", config, check=False)
+    assert failed.returncode == 2 and "is not a video" in failed.stderr
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == []
+    # one left by an older release: a manifest alone, (unfinished, 0 B) in `cache inspect`
+    good = cache_path_of(cogtune_here("preprocess", "--config", write_config(
+        tmp_path / "g.toml", tiny_model, demo_data, tmp_path / "cache", tmp_path / "out")).stdout)
+    empty = tmp_path / "cache" / "tiny-2b_old_32x64_9f_8fps_center_000000000000"
+    empty.mkdir()
+    shutil.copy(good / "manifest.json", empty / "manifest.json")
+    assert "(unfinished, 0 B)" in cogtune_here("cache", "inspect", tmp_path / "cache").stdout
+    pruned = cogtune_here("cache", "prune", tmp_path / "cache").stdout
+    assert "removed 1 unfinished, empty cache(s)" in pruned and empty.name in pruned
+    assert not empty.exists() and (good / "manifest.json").is_file()

@@ -235,7 +235,8 @@ class PreprocessConfig(ModelArgs, ValidationArgs):
         "none: plain resize to height x width (distorts the aspect ratio).",
         choices=("center", "random", "none"),
     )
-    cache_root: str = opt("cache", "Folder under which caches live, each in a subfolder named after its settings.")
+    cache_root: str = opt("cache", "Folder under which caches live, each in a subfolder named after its settings "
+                                   "(a relative path, the default too, is beside the config file when there is one).")
     latent_dtype: str = opt("bf16", "Dtype of the stored VAE moments and text embeddings.", choices=TENSOR_DTYPES)
     mixed_precision: str = opt(
         "bf16", "Dtype the VAE and T5 run in on a GPU (the VAE always runs in fp32 on a CPU).", choices=MIXED_PRECISION
@@ -311,8 +312,10 @@ class TrainConfig(ModelArgs, ValidationArgs):
         "The cache folder to train from. When unset, the cache that `cogtune preprocess` writes for the same "
         "config file is used.",
     )
-    cache_root: str = opt("cache", "Folder under which caches live (used to find the cache when --data_cache is unset).")
-    output_dir: str = opt("cogtune-lora", "Where checkpoints and the final LoRA are written.")
+    cache_root: str = opt("cache", "Folder under which caches live (used to find the cache when --data_cache is unset; "
+                                   "beside the config file when there is one).")
+    output_dir: str = opt("cogtune-lora", "Where checkpoints and the final LoRA are written (beside the config file "
+                                          "when there is one).")
     rank: int = opt(64, "LoRA rank.")
     lora_alpha: float = opt(64.0, "LoRA alpha; the LoRA scale is lora_alpha / rank (rank or rank/2 is advised).")
     lora_target_modules: list = opt(
@@ -660,8 +663,12 @@ def stage_file_values(config_path: str, stage: str, names: tuple[str, ...]) -> d
     keys, relative paths relative to its folder), checked as the stage itself checks them: for the
     commands that take a few settings of a stage (export, merge)."""
     document = values_for_stage(read_toml(config_path), stage, str(config_path))
-    values = relative_to(document, Path(config_path).resolve().parent)
+    folder = Path(config_path).resolve().parent
+    values = relative_to(document, folder)
     fields = {f.name: f for f in settings_fields(STAGE_CONFIGS[stage])}
+    for name in ("cache_root", "output_dir"):  # defaults beside the file, as load_config takes them
+        if name in fields and name not in values:
+            values[name] = str(folder / fields[name].default)
     wanted = {name: values[name] for name in names if values.get(name) is not None}
     for name, value in wanted.items():
         kind = _base_type(fields[name].type)
@@ -721,6 +728,11 @@ def load_config(stage: str, argv: list[str]) -> Any:
         for name in unset:
             values.pop(name, None)
     values.update(flags)
+    if config_path:  # the default folders too are relative to the config file, as every path in it
+        folder = Path(config_path).resolve().parent
+        for name in ("cache_root", "output_dir"):
+            if name in own and name not in values:
+                values[name] = str(folder / next(f.default for f in settings_fields(cls) if f.name == name))
     origin = {"config_file": str(Path(config_path).resolve()) if config_path else None,
               "command_line": tuple(sorted(flags))}
     return make_config(stage, values, source=str(config_path) if config_path else "command line", origin=origin)
@@ -863,10 +875,25 @@ def check_precision_available(mixed_precision: str) -> None:
         raise CogtuneError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU.")
 
 
+# Flags of a training command line that are training's own settings, though preprocess has settings of
+# the same names: the transformer's precision is not the encoders', decoding validation videos tiled
+# is not encoding clips tiled, and so on. They never choose the cache a training run reads.
+TRAINING_MEANINGS = ("mixed_precision", "enable_tiling", "enable_slicing", "seed", "dataloader_num_workers",
+                     "dry_run")
+
+
 def data_settings(stage_config, argv: list[str]) -> "PreprocessConfig":
     """The preprocess settings of a train (or infer) command line: the same config file and flags, read
     as `cogtune preprocess` reads them (its [preprocess] table, its flags), with this stage's model and
-    cache root. They name the cache that preprocess wrote for this command line."""
+    cache root. They name the cache that preprocess wrote for this command line. A flag that is also a
+    training setting (TRAINING_MEANINGS: --mixed_precision bf16 for the transformer after a preprocess
+    at fp16, as the diffusers command runs) is left out: only settings of the cached tensors choose it,
+    and the latest preprocess run of the config says which it used."""
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    fields = {f.name: f for f in settings_fields(PreprocessConfig)}
+    for name in TRAINING_MEANINGS:
+        _add_flag(own, fields[name], None)
+    _, argv = own.parse_known_args(argv)
     data = load_config("preprocess", argv)
     return dataclasses.replace(data, **{name: getattr(stage_config, name) for name in
                                         ("pretrained_model_name_or_path", "revision", "variant", "cache_dir",

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from cogtune.config import stage_file_values
 from cogtune.errors import CogtuneError
 from cogtune.train.lora import read_lora, read_lora_info
 from cogtune.util import files, logs
@@ -95,8 +96,6 @@ def export(lora: str | Path, output: str | Path | None, format: str = "comfyui")
 
 
 def main(argv: list[str]) -> None:
-    from cogtune.config import stage_file_values
-
     parser = argparse.ArgumentParser(prog="cogtune export",
                                      description="Write a trained LoRA in another tool's key layout.")
     parser.add_argument("--config", default=None, help="The config file of the training run: its output_dir (and "

@@ -18,6 +18,7 @@ import torch
 
 from cogtune import quantize
 from cogtune.config import InferConfig, precision_dtype
+from cogtune.infer import with_trained_base
 from cogtune.families import ModelConfigs
 from cogtune.preprocess.memory import activation_peak, meta_model, meta_t5
 from cogtune.util.tensor_bytes import gib, largest_module_bytes
@@ -83,8 +84,6 @@ def peak(found: list[Part], config: InferConfig) -> int:
 
 def dry_run(config: InferConfig) -> str:
     """What `cogtune infer --dry_run` prints."""
-    from cogtune.infer import with_trained_base
-
     config = with_trained_base(config)
     models = ModelConfigs.of(config)
     spec = models.spec()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cogtune.config import MIXED_PRECISION, precision_dtype
+from cogtune.config import MIXED_PRECISION, precision_dtype, stage_file_values
 from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
 from cogtune.train.lora import lora_source, read_lora_info, trained_base
@@ -74,8 +74,6 @@ def merge(lora: str, merged_dir: str | Path, base: str | None = None, lora_scale
 
 
 def main(argv: list[str], description: str) -> None:
-    from cogtune.config import stage_file_values
-
     parser = argparse.ArgumentParser(prog="cogtune merge", description=description)
     parser.add_argument("--config", default=None, help="The config file of the training run: its output_dir (or "
                                                         "lora), model, revision, variant and lora_scale are the "

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -292,12 +293,38 @@ class PruneResult:
     temp_files: int = 0
     damaged_index_parts: int = 0
     bytes_freed: int = 0
+    removed_cache: bool = False  # an unfinished cache that held nothing: the folder itself
 
     def text(self, dry_run: bool) -> str:
         verb = "would remove" if dry_run else "removed"
+        if self.removed_cache:
+            return f"{verb} the cache folder: no preprocess run finished it, and it held nothing"
         return (f"{verb}: {self.failed} failed entries, {self.unselected} unselected samples, "
                 f"{self.damaged} damaged samples, {self.damaged_index_parts} damaged index parts, "
                 f"{self.orphan_shards} unused shards, {self.temp_files} temp files ({_human_bytes(self.bytes_freed)})")
+
+
+def is_unfinished_and_empty(cache_path: Path) -> bool:
+    """A cache no preprocess run finished and nothing was written to: a manifest alone (a run that
+    stopped on a bad dataset before encoding anything)."""
+    return (read_selection(cache_path) is None and not schema.shard_paths(cache_path)
+            and not index_parts(cache_path) and not any((cache_path / schema.VALIDATION_INPUTS_DIR).glob("*")))
+
+
+def prune_root(cache_root: Path, dry_run: bool = False) -> list[Path]:
+    """`cogtune cache prune CACHE_ROOT`: the unfinished, empty caches under it go (not one that a run
+    is writing: each is taken under its exclusive lock). Returns them."""
+    removed = []
+    for cache_path in list_caches(cache_root):
+        try:
+            with cache_lock(cache_path, exclusive=True):
+                if is_unfinished_and_empty(cache_path):
+                    removed.append(cache_path)
+                    if not dry_run:
+                        shutil.rmtree(cache_path)
+        except CogtuneError:  # in use: not ours to judge now
+            continue
+    return removed
 
 
 def prune(cache_path: str | Path, failed: bool = True, unselected: bool = False, damaged: bool = False,
@@ -305,6 +332,10 @@ def prune(cache_path: str | Path, failed: bool = True, unselected: bool = False,
     cache_path = Path(cache_path)
     read_manifest(cache_path)
     with cache_lock(cache_path, exclusive=True):
+        if is_unfinished_and_empty(cache_path):  # nothing in it to keep: the folder goes
+            if not dry_run:
+                shutil.rmtree(cache_path)
+            return PruneResult(removed_cache=True)
         if damaged:
             report = verify(cache_path, checksums=True)
             rows, damaged_parts = report.rows, report.damaged_index_parts
@@ -387,6 +418,13 @@ def main(argv: list[str]) -> int:
         report = verify(args.path, checksums=not args.no_checksums, selected_only=args.selected_only)
         print(report.text(checksums=not args.no_checksums))
         return 0 if report.ok else 1
+    if not (Path(args.path) / schema.MANIFEST_FILE).is_file() and list_caches(args.path):  # a cache root
+        removed = prune_root(Path(args.path), args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(removed)} unfinished, empty cache(s) under {args.path}"
+              + "".join(f"\n  {path.name}" for path in removed)
+              + "\n(prune each cache folder for its failed entries, unused shards and temp files)")
+        return 0
     result = prune(args.path, failed=not args.keep_failed, unselected=args.unselected, damaged=args.damaged,
                    dry_run=args.dry_run)
     print(result.text(args.dry_run))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 
 import dataclasses
+import shutil
 import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
@@ -24,6 +25,7 @@ import torch
 from cogtune import data_schema as schema
 from cogtune.cache.identity import CacheIdentity, cache_identity, record_preprocess_run
 from cogtune.cache.reader import Cache, encoded_videos, read_fingerprints, samples_of_videos, stored_tensor_shards
+from cogtune.cache.tool import is_unfinished_and_empty
 from cogtune.cache.writer import CacheWriter, cache_lock, compact_index, write_fingerprints
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import clip_sizes, configured_buckets
@@ -145,12 +147,18 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     if procs.is_main:  # what a later `cogtune train` of the same config trains on
         record_preprocess_run(config, identity)
     stages: dict[str, StageFigures] = {}
-    with cache_lock(cache_path):  # shared with other writers; keeps `cogtune cache prune` out
-        counts = _encode_missing(records, repeats, config, models, identity, cache_path, stop, procs, stages)
-        if procs.is_main:
-            counts["validation_files"] = encode_validation(config, models, cache_path, validation_entries)
-        else:
-            counts["validation_files"] = 0
+    started_here = not (cache_path / schema.MANIFEST_FILE).is_file()
+    try:
+        with cache_lock(cache_path):  # shared with other writers; keeps `cogtune cache prune` out
+            counts = _encode_missing(records, repeats, config, models, identity, cache_path, stop, procs, stages)
+            if procs.is_main:
+                counts["validation_files"] = encode_validation(config, models, cache_path, validation_entries)
+            else:
+                counts["validation_files"] = 0
+    except BaseException:
+        if started_here and procs.is_main:  # a run that stopped before writing anything leaves no empty cache
+            _remove_if_empty(cache_path)
+        raise
     counts = {key: sum(c[key] for c in procs.gather(counts)) for key in counts}
 
     selected = Cache.open(cache_path, for_training=True).samples  # columns: cheap at a million samples
@@ -167,6 +175,12 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
         seconds=time.time() - started, is_main_process=procs.is_main, stages=stages, short=short,
         max_num_frames=config.max_num_frames, windows=windows, **counts,
     )
+
+
+def _remove_if_empty(cache_path: Path) -> None:
+    """A cache this run created and wrote nothing to (a bad dataset found before any encoding): gone."""
+    if (cache_path / schema.MANIFEST_FILE).is_file() and is_unfinished_and_empty(cache_path):
+        shutil.rmtree(cache_path, ignore_errors=True)
 
 
 def auto_vae_memory(config: PreprocessConfig, models: ModelConfigs, procs: Processes) -> PreprocessConfig:

@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cogtune.config import settings_fields
 from cogtune.errors import CogtuneError, first_line
 from cogtune.train.lora import EMA_WEIGHT_NAME, LORA_INFO_NAME, LORA_WEIGHT_NAME, load_lora_into, save_lora
 from cogtune.util import files, logs
@@ -326,8 +327,6 @@ NOT_RUN_SETTINGS = frozenset({
 def run_settings(config) -> dict:
     """The settings that decide what a run trains (all but NOT_RUN_SETTINGS), as JSON values: a
     checkpoint records them, and a run resumes only a checkpoint whose settings are its own."""
-    from cogtune.config import settings_fields
-
     return {f.name: getattr(config, f.name) for f in settings_fields(type(config)) if f.name not in NOT_RUN_SETTINGS}
 
 
