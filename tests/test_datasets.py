@@ -109,3 +109,68 @@ def test_without_datasets_a_record_listed_twice_is_one_sample(tmp_path, tiny_mod
     samples = Cache.open(cache_path_of(cogtune_here("preprocess", "--config", config).stdout),
                          for_training=True).samples
     assert len(samples) == 4 and samples.repeats is None
+
+
+def test_combining_cached_datasets_encodes_nothing(tmp_path, tiny_model):
+    """Two datasets cached alone, then together: their encodings are copied from the two caches (the
+    same model and tensor settings), nothing is encoded, and every tensor is the same bytes."""
+    from test_encoding import stored
+
+    root = tmp_path
+    make_demo_data(root / "first")
+    make_demo_data(root / "second", num_frames=28)
+    alone = []
+    for name, token in (("first", "DEMO"), ("second", "OTHER")):
+        config = write_config(root / f"{name}.toml", tiny_model, root / name, root / "cache", root / "out",
+                              id_token=token)
+        alone.append(cache_path_of(cogtune_here("preprocess", "--config", config).stdout))
+    together = cogtune_here("preprocess", "--config", datasets_config(root / "c.toml", tiny_model, root, (1, 3))).stdout
+    assert "encoded: 0 videos, 0 captions" in together and "samples: 8 ok" in together
+    assert "copied from other caches of these settings (no encoding): 8 videos, 8 captions" in together
+    combined, sources = stored(cache_path_of(together)), {**stored(alone[0]), **stored(alone[1])}
+    shard_keys = [key for key in combined if ":" not in key]  # (validation files are the cache's own)
+    assert len(shard_keys) == 8 * 2 + 8 and all(combined[key] == sources[key] for key in shard_keys)
+
+
+def test_a_dataset_table_gives_its_own_frames_size_and_extraction(tmp_path, tiny_model):
+    """The same videos in two tables: at the top-level 9x32x64, and as 5-frame 32x32 chunks: two
+    clips sets, keyed apart, in one cache; a second run encodes nothing; training takes both shapes."""
+    root = tmp_path
+    make_demo_data(root / "first")
+    config = write_config(root / "c.toml", tiny_model, root / "unused", root / "cache", root / "out", max_train_steps=2)
+    lines = [line for line in config.read_text().splitlines() if not line.startswith("instance_data_root")]
+    config.write_text("\n".join(lines) + '\n\n[[datasets]]\ninstance_data_root = "first"\n\n[[datasets]]\n'
+                      'instance_data_root = "first"\nid_token = "SMALL"\nheight = 32\nwidth = 32\nmax_num_frames = 5\n'
+                      'frame_extraction = "Chunk"\nmax_windows_per_clip = 2\n')
+    out = cogtune_here("preprocess", "--config", config).stdout
+    assert "samples: 12 ok" in out and "9x32x64 (4)" in out and "5x32x32 (8)" in out
+    assert "encoded: 8 videos" in out  # each video cut two ways
+    rows = Cache.open(cache_path_of(out)).samples
+    small = [row for row in rows if row.caption.startswith("SMALL")]
+    assert len(small) == 8 and {(row.num_frames, row.height, row.width) for row in small} == {(5, 32, 32)}
+    assert sorted({row.frame_indices[0] for row in small}) == [0, 10]  # chunks of 5 frames at 8 of 16 fps
+    assert len({row.latent_key for row in rows}) == 12
+    again = cogtune_here("preprocess", "--config", config).stdout
+    assert "encoded: 0 videos, 0 captions" in again
+    cogtune_here("train", "--config", config)
+
+    config.write_text(config.read_text().replace("max_num_frames = 5", "max_num_frames = 6"))
+    refused = cogtune_here("preprocess", "--config", config, check=False)
+    assert refused.returncode == 2 and "[[datasets]] table 2: --max_num_frames 6 is not of the form 4k+1" in refused.stderr
+
+
+def test_the_same_data_twice_and_an_empty_dataset_are_named(tmp_path, tiny_model):
+    root = tmp_path
+    make_demo_data(root / "first")
+    (root / "empty").mkdir()
+    (root / "empty" / "prompts.txt").write_text("")
+    (root / "empty" / "videos.txt").write_text("")
+    config = datasets_config(root / "c.toml", tiny_model, root, (1, 1))
+    twice = config.read_text().replace(f'instance_data_root = "{root / "second"}"\nid_token = "OTHER"',
+                                       'instance_data_root = "first"')
+    (root / "twice.toml").write_text(twice)
+    refused = cogtune_here("preprocess", "--config", root / "twice.toml", check=False)
+    assert refused.returncode == 2 and "[[datasets]] tables 1 and 2 name the same data" in refused.stderr
+    (root / "empty.toml").write_text(config.read_text().replace(f'"{root / "second"}"', '"empty"'))
+    empty = cogtune_here("preprocess", "--config", root / "empty.toml", check=False)
+    assert empty.returncode == 2 and "[[datasets]] table 2 (" in empty.stderr and "has no rows" in empty.stderr

@@ -58,7 +58,7 @@ def test_every_imported_package_is_declared():
     declared_core = {canonical(r.name) for r in CORE}
     declared_extra = {canonical(r.name) for requirements in EXTRAS.values() for r in requirements}
     imports = third_party_imports()
-    assert {"torch", "diffusers", "yaml", "PIL", "huggingface_hub", "tokenizers"} <= set(imports)
+    assert {"torch", "diffusers", "PIL", "huggingface_hub", "tokenizers"} <= set(imports)
     for module, files in imports.items():
         names = {canonical(d) for d in distributions.get(module, [module])}
         assert names & (declared_core | declared_extra), f"{module} (imported by {sorted(files)}) is not declared"

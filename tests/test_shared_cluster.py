@@ -266,7 +266,7 @@ def test_infer_refuses_a_damaged_lora_in_one_line(trained, tmp_path):
     out.mkdir()
     (out / "pytorch_lora_weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     result = cogtune_here("infer", "--config", trained["config"], "--output_dir", out, check=False)
-    one_line_error(result, "cannot be read", "damaged or cut short")
+    one_line_error(result, "is not a whole safetensors file", "damaged, cut short")
 
 
 @pytest.mark.parametrize("kind", ["folder", "fifo"])

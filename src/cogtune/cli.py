@@ -56,6 +56,7 @@ def _preprocess(argv):
 
         logs.result(result.summary(), cache=str(result.cache_path), samples=result.samples, skipped=result.failed,
                     encoded_videos=result.encoded_videos, encoded_captions=result.encoded_captions,
+                    copied_videos=result.copied_videos, copied_captions=result.copied_captions,
                     reused_videos=result.reused_videos, reused_captions=result.reused_captions,
                     hashed=result.hashed, sources=result.sources, seconds=round(result.seconds, 1),
                     stages={name: vars(figures) for name, figures in result.stages.items()})

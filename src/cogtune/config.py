@@ -837,7 +837,7 @@ def validate(config) -> None:
         if not 0 <= config.mode_scale < 1 / (math.pi / 2 - 1):  # the mode density's map stays monotone
             raise CogtuneError(f"--mode_scale must be at least 0 and below 1.75, got {config.mode_scale}.")
     if isinstance(config, PreprocessConfig):
-        check_datasets(config.datasets)
+        check_datasets(config.datasets, config)
         from cogtune.data.buckets import configured_buckets
 
         configured_buckets(config)
@@ -847,11 +847,13 @@ def validate(config) -> None:
             raise CogtuneError(f"--max_failures takes a count (10) or a fraction (0.05), got {config.max_failures:g}.")
 
 
-def check_datasets(datasets: list) -> None:
-    """[[datasets]] tables: tables, of known keys, each naming its data, with a whole positive repeats."""
-    from cogtune.data.sources import DATASET_KEYS
+def check_datasets(datasets: list, config=None) -> None:
+    """[[datasets]] tables: tables, of known keys, each naming its data once, with a whole positive
+    repeats, and clip settings of their own checked as the top-level ones are (choices lower-cased)."""
+    from cogtune.data.sources import CLIP_KEYS, DATASET_KEYS
 
-    keys = (*DATASET_KEYS, "repeats")
+    keys = (*DATASET_KEYS, *CLIP_KEYS, "repeats")
+    seen = {}
     for number, table in enumerate(datasets, start=1):
         if not isinstance(table, dict):
             raise CogtuneError(f"datasets: entry {number} is {table!r}; give each dataset as a [[datasets]] table in "
@@ -865,6 +867,26 @@ def check_datasets(datasets: list) -> None:
         repeats = table.get("repeats", 1)
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise CogtuneError(f"[[datasets]] table {number}: repeats must be a whole number, 1 or more, got {repeats!r}.")
+        same = tuple(str(table.get(key) or (getattr(config, key, None) if config is not None else None) or "")
+                     for key in (*DATASET_KEYS, *CLIP_KEYS))
+        if same in seen:  # the same samples twice: every clip trained twice as often, without a word
+            raise CogtuneError(f"[[datasets]] tables {seen[same]} and {number} name the same data "
+                               f"({same[0] or same[1]}) with the same settings; give it once, with repeats = 2 to "
+                               "train it twice as often.")
+        seen[same] = number
+        own = {key: table[key] for key in CLIP_KEYS if key in table}
+        if own and config is not None:
+            if any(key in own for key in ("height", "width", "max_num_frames")) and (
+                    config.buckets or config.height_buckets or config.width_buckets or config.frame_buckets):
+                raise CogtuneError(f"[[datasets]] table {number} gives its own clip size, and buckets are set for "
+                                   "all: use one or the other.")
+            try:
+                checked = make_config("preprocess", {**{f.name: getattr(config, f.name)
+                                                        for f in settings_fields(PreprocessConfig)},
+                                                     "datasets": [], **own}, f"[[datasets]] table {number}")
+            except CogtuneError as e:
+                raise CogtuneError(f"[[datasets]] table {number}: {str(e).removeprefix(f'[[datasets]] table {number}: ')}")
+            table.update({key: getattr(checked, key) for key in own})  # normalised (frame_extraction = "Chunk")
 
 
 def check_precision_available(mixed_precision: str) -> None:

@@ -116,6 +116,13 @@ def sample_id(source_sha256: str, caption: str) -> str:
     return sha256_text(f"{source_sha256}\n{caption}")[:32]
 
 
+def clip_source(source_sha256: str, clip_settings: str = "") -> str:
+    """What identifies a video's clips where a sha256 identifies a video: its content's sha256 at the
+    top-level clip settings; with its [[datasets]] table's own (sources.CLIP_KEYS, as JSON), a hash of
+    both, so that the same video cut two ways is two sets of latents."""
+    return source_sha256 if not clip_settings else sha256_text(f"{source_sha256}\n{clip_settings}")
+
+
 def video_key(source_sha256: str) -> str:
     return source_sha256[:32]
 

@@ -22,7 +22,7 @@ from cogtune import data_schema as schema
 from cogtune import quantize
 from cogtune.config import relative_to
 from cogtune.data.buckets import bucket_name, configured_buckets
-from cogtune.data.sources import DATASET_KEYS, dataset_tables
+from cogtune.data.sources import DATASET_KEYS, clip_settings_of, dataset_tables
 from cogtune.errors import CogtuneError
 from cogtune.families import ModelConfigs
 from cogtune.util import files
@@ -94,17 +94,19 @@ def cache_identity(config, models: ModelConfigs) -> CacheIdentity:
         settings["frame_extraction"] = frame_extraction_name(config)
     tables = dataset_tables(config)
     if config.datasets:  # several: each one's settings (their repeats do not change a tensor, so not here)
-        dataset = {**dict.fromkeys(DATASET_KEYS), "datasets": [_dataset_identity(table) for table in tables]}
+        dataset = {**dict.fromkeys(DATASET_KEYS), "datasets": [_dataset_identity(table, config) for table in tables]}
     else:
-        dataset = _dataset_identity(tables[0])
+        dataset = _dataset_identity(tables[0], config)
     return CacheIdentity(model=schema.CacheModel(**models.identity()), dataset=schema.CacheDataset(**dataset),
                          settings=schema.CacheSettings(**settings))
 
 
-def _dataset_identity(table: dict) -> dict:
-    """A dataset's settings as the manifest records them: local paths absolute."""
+def _dataset_identity(table: dict, config) -> dict:
+    """A dataset's settings as the manifest records them: local paths absolute; its own clip settings
+    (recorded only where it has some, so that other caches keep their names)."""
     name = table["dataset_name"]
-    return {
+    clip = clip_settings_of(table, config)
+    return {**({"clip_settings": json.loads(clip)} if clip else {}),
         "instance_data_root": str(Path(table["instance_data_root"]).resolve()) if table["instance_data_root"] else None,
         "dataset_name": str(Path(name).resolve()) if name and Path(name).exists() else name,
         "dataset_config_name": table["dataset_config_name"],

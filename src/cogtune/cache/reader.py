@@ -522,6 +522,10 @@ class Cache:
                     f"then `cogtune cache prune --damaged {self.path}` and preprocess again; checkpoints are intact.")
         return tensor
 
+    def stored_tensor(self, shard_name: str, key: str) -> torch.Tensor:
+        """A tensor by shard and key (checked as every read is), for copying into another cache."""
+        return self._tensor(shard_name, key, key)
+
     def latent_moments(self, row: schema.IndexRow) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored posterior mean and log-variance of a sample, [C, F, H, W]."""
         mean_key, logvar_key = schema.latent_tensor_keys(row.latent_key)
@@ -647,3 +651,29 @@ def check_for_training(manifest: schema.Manifest, model: dict, spec: FamilySpec,
             f"The cache {cache_path} holds text embeddings of {cached_text_length} tokens but the transformer takes "
             f"{spec.max_text_seq_length}."
         )
+
+
+def sibling_caches(cache_path: Path, manifest: schema.Manifest) -> list[Path]:
+    """The other caches beside this one (under its cache root) of the same model and tensor settings,
+    whose datasets differ: they hold the same bytes for the same content, since every encoding depends
+    only on the content, the model and these settings. Newest first."""
+    wanted = manifest.to_json()
+    wanted["model"].pop(schema.WEIGHTS_DIGEST, None)
+    siblings = []
+    for other in Path(cache_path).parent.glob(f"*/{schema.MANIFEST_FILE}"):
+        if other.parent.resolve() == Path(cache_path).resolve():
+            continue
+        try:
+            theirs = read_manifest(other.parent).to_json()
+        except CogtuneError:  # another release's or damaged: not ours to copy from
+            continue
+        theirs["model"].pop(schema.WEIGHTS_DIGEST, None)
+        if theirs["format_version"] == wanted["format_version"] and theirs["model"] == wanted["model"] \
+                and theirs["settings"] == wanted["settings"]:
+            siblings.append(other.parent)
+    return sorted(siblings, key=lambda path: (path / schema.MANIFEST_FILE).stat().st_mtime, reverse=True)
+
+
+def sibling_tensor_reader(cache_path: Path) -> "Cache":
+    """A reader of a sibling cache's tensors by shard and key, each checked against its checksum."""
+    return Cache(path=Path(cache_path), manifest=read_manifest(cache_path), samples=[], verify_checksums=True)

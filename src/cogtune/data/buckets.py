@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 
+from cogtune.data.sources import dataset_clip_configs
 from cogtune.data.video import ClipSkipped, SizeRule, fixed_size
 from cogtune.errors import CogtuneError
 
@@ -57,8 +58,14 @@ def configured_buckets(config) -> list[Bucket] | None:
 
 
 def clip_sizes(config) -> list[Bucket]:
-    """Every (frames, height, width) a preprocess config brings clips to: its buckets, or its one size."""
-    return configured_buckets(config) or [(config.max_num_frames, config.height, config.width)]
+    """Every (frames, height, width) a preprocess config brings clips to: its buckets, or its one size
+    (and the sizes its [[datasets]] tables give their own clips)."""
+    sizes = configured_buckets(config) or [(config.max_num_frames, config.height, config.width)]
+    for own in dataset_clip_configs(config) if getattr(config, "datasets", None) else []:
+        size = (own.max_num_frames, own.height, own.width)
+        if configured_buckets(own) is None and size not in sizes:
+            sizes.append(size)
+    return sizes
 
 
 def assign_bucket(buckets: list[Bucket], available_frames: int, height: int, width: int) -> Bucket | None:

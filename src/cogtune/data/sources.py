@@ -34,6 +34,7 @@ class Record:
     caption: str  # with the id_token already in front
     where: str  # for error messages: file and line or row
     root: Path | None = field(default=None, compare=False)  # the data root, while `video` is not yet resolved
+    clip_settings: str = ""  # its [[datasets]] table's own clip settings (CLIP_KEYS) as JSON; "": the top-level ones
 
 
 def with_id_token(caption: str, id_token: str | None) -> str:
@@ -292,6 +293,27 @@ def _unquote(value):
 
 DATASET_KEYS = ("instance_data_root", "dataset_name", "dataset_config_name", "caption_column", "video_column",
                 "id_token")
+# Clip settings a [[datasets]] table may give for its own clips (musubi-tuner's per-dataset resolution,
+# frames and extraction): its clips are cut and encoded with them, keyed apart from the same video's
+# clips at the top-level settings.
+CLIP_KEYS = ("height", "width", "max_num_frames", "frame_extraction", "frame_stride", "frame_sample",
+             "max_windows_per_clip")
+
+
+def clip_settings_of(table: dict, config) -> str:
+    """A dataset table's clip settings that differ from the top-level ones, as sorted JSON ("" for none)."""
+    own = {key: table[key] for key in CLIP_KEYS if key in table and table[key] != getattr(config, key)}
+    return json.dumps(own, sort_keys=True) if own else ""
+
+
+def clip_config(config, clip_settings: str):
+    """The preprocess settings a record's clips are cut with: the top-level ones, with its dataset's own."""
+    return replace(config, **json.loads(clip_settings)) if clip_settings else config
+
+
+def dataset_clip_configs(config) -> list:
+    """The preprocess settings of each dataset's clips (the top-level ones when it gives none)."""
+    return [clip_config(config, clip_settings_of(table, config)) for table in dataset_tables(config)]
 
 
 def dataset_tables(config) -> list[dict]:
@@ -304,11 +326,18 @@ def dataset_tables(config) -> list[dict]:
 def load_dataset_records(config, resolve: bool = False) -> tuple[list[Record], list[int]]:
     """Every dataset's records, in order, and the repeats of each record's dataset."""
     records, repeats = [], []
-    for table in dataset_tables(config):
-        found = load_records(*(table[key] for key in ("instance_data_root", "dataset_name", "caption_column",
-                                                       "video_column", "id_token", "dataset_config_name")),
-                             config.cache_dir, resolve=resolve)
-        records += found
+    for number, table in enumerate(dataset_tables(config), start=1):
+        try:
+            found = load_records(*(table[key] for key in ("instance_data_root", "dataset_name", "caption_column",
+                                                           "video_column", "id_token", "dataset_config_name")),
+                                 config.cache_dir, resolve=resolve)
+        except CogtuneError as e:
+            if not config.datasets:
+                raise
+            raise CogtuneError(f"[[datasets]] table {number} ({table['instance_data_root'] or table['dataset_name']}): "
+                               f"{e}") from None
+        settings = clip_settings_of(table, config)
+        records += [replace(record, clip_settings=settings) for record in found] if settings else found
         repeats += [table["repeats"]] * len(found)
     return records, repeats
 

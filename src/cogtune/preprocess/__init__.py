@@ -24,12 +24,13 @@ import torch
 
 from cogtune import data_schema as schema
 from cogtune.cache.identity import CacheIdentity, cache_identity, record_preprocess_run
-from cogtune.cache.reader import Cache, encoded_videos, read_fingerprints, samples_of_videos, stored_tensor_shards
+from cogtune.cache.reader import (Cache, encoded_videos, read_fingerprints, samples_of_videos, sibling_caches,
+                                  sibling_tensor_reader, stored_tensor_shards)
 from cogtune.cache.tool import is_unfinished_and_empty
 from cogtune.cache.writer import CacheWriter, cache_lock, compact_index, write_fingerprints
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import clip_sizes, configured_buckets
-from cogtune.data.sources import dataset_tables, load_dataset_records
+from cogtune.data.sources import dataset_clip_configs, dataset_tables, load_dataset_records
 from cogtune.families import ModelConfigs
 from cogtune.errors import CogtuneError
 from cogtune.preprocess.encode import device_and_dtype, encode_captions, encode_validation, encode_videos
@@ -54,6 +55,8 @@ class PreprocessResult:
     reused_captions: int
     known_failures: int  # failed in an earlier run, not tried again
     seconds: float
+    copied_videos: int = 0  # videos whose latents a sibling cache held, copied instead of encoded
+    copied_captions: int = 0
     hashed: int = 0  # source files read whole for their content hash (the others were unchanged)
     sources: int = 0  # dataset records
     is_main_process: bool = True
@@ -75,6 +78,8 @@ class PreprocessResult:
             f"encoded: {self.encoded_videos} videos, {self.encoded_captions} captions; "
             f"reused from the cache: {self.reused_videos} videos, {self.reused_captions} captions "
             f"({self.seconds:.1f} s)\n"
+            + (f"copied from other caches of these settings (no encoding): {self.copied_videos} videos, "
+               f"{self.copied_captions} captions\n" if self.copied_videos or self.copied_captions else "") +
             f"hashed: {self.hashed} of {self.sources} source files (the others unchanged since last hashed)"
             + (f"\nvalidation: {self.validation_files} prompt embedding(s) or image latent(s) encoded"
                if self.validation_files else "")
@@ -163,7 +168,7 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
 
     selected = Cache.open(cache_path, for_training=True).samples  # columns: cheap at a million samples
     windows = {}
-    if config.frame_extraction not in ("head", "spread"):  # each video's windows: its distinct latent keys
+    if any(own.frame_extraction not in ("head", "spread") for own in dataset_clip_configs(config)):  # windows:
         keys = set(selected.columns["latent_key"].tolist())
         names = (str(key, "ascii") if isinstance(key, bytes) else key for key in keys)
         windows = dict(Counter(Counter(name.split("@")[0] for name in names).values()))
@@ -175,6 +180,71 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
         seconds=time.time() - started, is_main_process=procs.is_main, stages=stages, short=short,
         max_num_frames=config.max_num_frames, windows=windows, **counts,
     )
+
+
+def copy_captions(captions: list[str], siblings: list[Path], writer: CacheWriter,
+                  text_shards: dict[str, str]) -> tuple[list[str], int]:
+    """The captions whose embeddings a sibling cache holds, copied into this one (their shards go into
+    text_shards); returns the captions left to encode, and how many were copied."""
+    keys = {caption: schema.text_tensor_key(schema.caption_key(caption)) for caption in captions}
+    for sibling in siblings:
+        if not keys:
+            break
+        with _read_lock(sibling) as readable:
+            if not readable:
+                continue
+            stored, reader = stored_tensor_shards(sibling), sibling_tensor_reader(sibling)
+            for caption, key in list(keys.items()):
+                if key in stored:
+                    text_shards[key] = writer.add_tensor(key, reader.stored_tensor(stored[key], key))
+                    del keys[caption]
+                    if writer.should_flush():
+                        writer.flush()
+    return [caption for caption in captions if caption in keys], len(captions) - len(keys)
+
+
+def copy_videos(videos: list[tuple[str, Path]], siblings: list[Path], writer: CacheWriter
+                ) -> tuple[list[tuple[str, Path]], dict[str, dict[int, schema.VideoLatent]]]:
+    """The videos whose latents (every window, and the first-frame encodings) a sibling cache holds,
+    copied into this one; returns the videos left to encode, and the copied ones' windows."""
+    copied: dict[str, dict[int, schema.VideoLatent]] = {}
+    for sibling in siblings:
+        wanted = [sha for sha, _ in videos if sha not in copied]
+        if not wanted:
+            break
+        with _read_lock(sibling) as readable:
+            if not readable:
+                continue
+            reader = sibling_tensor_reader(sibling)
+            for sha, windows in encoded_videos(sibling, wanted).items():
+                mine = {}
+                for start, video in windows.items():
+                    keys = [*schema.latent_tensor_keys(video.latent_key)] + [
+                        key for variant in range(len(video.image_noise_sigmas))
+                        for key in schema.image_latent_tensor_keys(video.latent_key, variant)]
+                    shards = {writer.add_tensor(key, reader.stored_tensor(video.latent_shard, key)) for key in keys}
+                    (shard,) = shards  # a video's tensors go into one shard, as when it is encoded
+                    mine[start] = dataclasses.replace(video, latent_shard=shard)
+                copied[sha] = mine
+                if writer.should_flush():
+                    writer.flush()
+    return [(sha, path) for sha, path in videos if sha not in copied], copied
+
+
+@contextmanager
+def _read_lock(cache_path: Path):
+    """A sibling cache held against `cogtune cache prune` while it is copied from; False (skip it)
+    while it is being pruned."""
+    try:
+        lock = cache_lock(cache_path, user="copying its encodings into another cache")
+        lock.__enter__()
+    except CogtuneError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _remove_if_empty(cache_path: Path) -> None:
@@ -227,7 +297,9 @@ def _encode_missing(records, repeats: list[int], config: PreprocessConfig, model
         write_fingerprints(cache_path, work.fingerprints)
 
     text_shards = dict(stored_tensors)
+    siblings = sibling_caches(cache_path, identity.manifest())  # the same encodings, for other datasets
     my_captions = work.captions_needed[procs.rank::procs.world_size]
+    my_captions, copied_captions = copy_captions(my_captions, siblings, writer, text_shards)
     device = device_and_dtype(config.mixed_precision)[0]
     if my_captions:
         with measured(stages, "captions", len(my_captions), device):
@@ -255,7 +327,9 @@ def _encode_missing(records, repeats: list[int], config: PreprocessConfig, model
         for sha, windows in encoded_videos(cache_path, work.by_video).items():
             add_rows(sha, windows)
 
-    videos = my_videos(work.videos_needed, procs)
+    videos, copied = copy_videos(my_videos(work.videos_needed, procs), siblings, writer)
+    for sha, windows in copied.items():
+        add_rows(sha, windows)
     if videos and device.type == "cuda":  # T5 is gone: will the VAE fit? (stop now rather than run out midway)
         problem = vae_room_problem(config, models, torch.cuda.mem_get_info(device)[0])
         if problem:
@@ -263,13 +337,15 @@ def _encode_missing(records, repeats: list[int], config: PreprocessConfig, model
             raise CogtuneError(problem)
     failed = 0
     with measured(stages, "videos", len(videos), device) if videos else nullcontext():
-        for encoded in encode_videos(videos, config, models, writer, identity.settings.image_noise_variants, stop):
+        for encoded in encode_videos(videos, config, models, writer, identity.settings.image_noise_variants, stop,
+                                     work.clip_settings):
             add_rows(encoded.sha256, encoded.windows, encoded.failure)
             failed += encoded.failure is not None
     writer.flush()
     procs.barrier()  # every process's rows are written before the selection names them
     if procs.is_main:  # the records' samples (with windows, every window of their videos), and their repeats
-        ids, times = ((work.sample_ids, repeats) if config.frame_extraction in ("head", "spread") else
+        one_clip = all(own.frame_extraction in ("head", "spread") for own in dataset_clip_configs(config))
+        ids, times = ((work.sample_ids, repeats) if one_clip else
                       samples_of_videos(cache_path, work.sample_sources, repeats))
         if config.datasets:  # repeats: a sample listed twice is drawn twice
             writer.write_selection(ids, times, [table["repeats"] for table in dataset_tables(config)])
@@ -279,7 +355,8 @@ def _encode_missing(records, repeats: list[int], config: PreprocessConfig, model
     procs.barrier()
     if not procs.is_main:  # the plan's counts are the same on every process: the main one reports them
         work.reused_videos = work.reused_captions = work.known_failures = work.hashed = 0
-    return dict(encoded_videos=len(videos) - failed, encoded_captions=len(my_captions),
+    return dict(encoded_videos=len(videos) - failed, encoded_captions=len(my_captions), copied_videos=len(copied),
+                copied_captions=copied_captions,
                 reused_videos=work.reused_videos, reused_captions=work.reused_captions,
                 known_failures=work.known_failures, hashed=work.hashed,
                 sources=len(work.sample_ids) if procs.is_main else 0)

@@ -18,6 +18,7 @@ from cogtune import quantize
 from cogtune.cache.writer import CacheWriter, write_tensors
 from cogtune.config import PreprocessConfig, precision_dtype
 from cogtune.data.buckets import bucket_name, size_rule
+from cogtune.data.sources import clip_config
 from cogtune.data.video import (Clip, ClipSkipped, first_frame_pixels, read_clip, read_spread_clip, read_windows,
                                 window_starts)
 from cogtune.errors import CogtuneError, Preempted, first_line
@@ -30,20 +31,22 @@ from cogtune.util.signals import StopRequests, ignore_stop_signals
 class ClipDataset(torch.utils.data.Dataset):
     """Decodes and resizes one video per item, in DataLoader workers when there are any."""
 
-    def __init__(self, jobs: list[tuple[Path, str]], config: PreprocessConfig):
-        self.jobs = jobs
-        self.config = config
-        self._size = None  # built where it is used (a worker), as closures do not pickle
+    def __init__(self, jobs: list[tuple[Path, str]], config: PreprocessConfig, clip_settings: dict[str, str]):
+        self.jobs, self.config, self.clip_settings = jobs, config, clip_settings
+        self._rules = {}  # clip settings -> (config, size rule), built where used (a worker): closures do not pickle
 
     def __len__(self):
         return len(self.jobs)
 
     def __getitem__(self, i):
         path, sha = self.jobs[i]
-        if self._size is None:
-            self._size = size_rule(self.config)
+        settings = self.clip_settings.get(sha, "")
+        if settings not in self._rules:
+            config = clip_config(self.config, settings)  # its dataset's own clip settings, if any
+            self._rules[settings] = config, size_rule(config)
+        config, rule = self._rules[settings]
         try:
-            return sha, clip_windows(path, self.config, self._size, clip_rng(self.config, sha)), None
+            return sha, clip_windows(path, config, rule, clip_rng(config, sha)), None
         except ClipSkipped as e:
             return sha, None, (e.kind, str(e))
         except Exception as e:  # a decoder crash on one file must not end the run
@@ -230,7 +233,8 @@ class Encoded:
 
 @torch.no_grad()
 def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, models: ModelConfigs,
-                  writer: CacheWriter, image_variants: int, stop: StopRequests) -> Iterator[Encoded]:
+                  writer: CacheWriter, image_variants: int, stop: StopRequests,
+                  clip_settings: dict[str, str] | None = None) -> Iterator[Encoded]:
     """Decode clips in DataLoader workers and VAE-encode them one at a time (and, for image-to-video
     models, their noised first frames). Yields each video once its tensors are queued in the writer
     (or it failed), so that the caller adds its index rows before the writer's next flush."""
@@ -239,7 +243,7 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
     paths = dict(videos)
     jobs = [(path, sha) for sha, path in videos]
     limit = failure_limit(config.max_failures, len(jobs))
-    loader = torch.utils.data.DataLoader(ClipDataset(jobs, config), batch_size=1, collate_fn=_first,
+    loader = torch.utils.data.DataLoader(ClipDataset(jobs, config, clip_settings or {}), batch_size=1, collate_fn=_first,
                                          num_workers=config.dataloader_num_workers,
                                          worker_init_fn=ignore_stop_signals)
     clips = iter(loader)  # the decode workers start now, before the VAE exists: none holds a copy of it

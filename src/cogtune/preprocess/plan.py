@@ -42,6 +42,9 @@ class CacheHolds:
         index = index_columns(cache_path, INDEX_COLUMNS)
         ok = pc.equal(index["status"], schema.STATUS_OK).fill_null(False)
         rows = index.select(schema.FINGERPRINTS_SCHEMA.names).drop_null().cast(schema.FINGERPRINTS_SCHEMA)
+        # A row's source_sha256 is its clips' identity (schema.clip_source), the content's only at the
+        # top-level clip settings: the fingerprints file, written before any row, speaks for its paths.
+        rows = rows.filter(pc.invert(pc.is_in(rows["source_path"], value_set=fingerprints["source_path"])))
         return cls(done=_array(pc.unique(index["sample_id"])), usable=_array(index["sample_id"].filter(ok)),
                    latents=_array(pc.unique(index["latent_key"].filter(ok))),
                    fingerprints=fingerprints, known=pa.concat_tables([fingerprints, rows]))
@@ -78,6 +81,7 @@ class Plan:
     reused_captions: int
     known_failures: int  # failed in an earlier run, not tried again
     by_video: dict[str, list[PlannedSample]] = field(default_factory=dict)  # missing samples per video sha256
+    clip_settings: dict[str, str] = field(default_factory=dict)  # clip source -> its dataset's own clip settings
     hashed: int = 0  # source files read whole for their hash, by all processes
     fingerprints: pa.Table | None = None  # the fingerprints file after this run; None: unchanged
 
@@ -104,14 +108,15 @@ def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str
         raise CogtuneError(min(errors)[1])
     paths, sizes, mtimes = (list(column) for column in zip(*mine)) if mine else ([], [], [])
     shas, hashed = _content_hashes(paths, sizes, mtimes, holds.known)
-    ids = [schema.sample_id(sha, records[i].caption) for i, sha in zip(share, shas)]
+    keys = [schema.clip_source(sha, records[i].clip_settings) for i, sha in zip(share, shas)]
+    ids = [schema.sample_id(key, records[i].caption) for i, key in zip(share, keys)]
     done = _in(ids, holds.done)  # an index row already: encoded, or failed before
     not_videos = {}
     for i, path, have in zip(share, paths, done):
         problem = not have and not_a_video(Path(path))
         if problem:
             not_videos[i] = (path, problem)
-    parts = procs.gather((paths, sizes, mtimes, shas, ids, not_videos, hashed, done))
+    parts = procs.gather((paths, sizes, mtimes, shas, ids, not_videos, hashed, done, keys))
     not_videos = {i: problem for part in parts for i, problem in part[5].items()}
     if not_videos:
         i = min(not_videos)
@@ -126,10 +131,10 @@ def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str
         return values
 
     paths, sizes, mtimes, shas, ids = (in_order(column) for column in range(5))
-    have_row = in_order(7)
-    missing = [
+    have_row, keys = in_order(7), in_order(8)
+    missing = [  # source_sha256: the clips' identity (the content's sha256 at the top-level clip settings)
         PlannedSample(records[i], schema.SampleSource(sample_id=ids[i], source_path=paths[i], source_size=sizes[i],
-                                                      source_mtime_ns=mtimes[i], source_sha256=shas[i],
+                                                      source_mtime_ns=mtimes[i], source_sha256=keys[i],
                                                       caption=records[i].caption))
         for i in range(len(records)) if not have_row[i]]
     captions_needed = sorted({s.source.caption for s in missing
@@ -138,10 +143,11 @@ def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str
     for s in missing:
         by_video.setdefault(s.source.source_sha256, []).append(s)
     encoded = _in([schema.video_key(sha) for sha in by_video], holds.latents)
-    video_shas = pa.array(shas, pa.string())
+    video_shas = pa.array(keys, pa.string())
     distinct_videos = pc.unique(pc.utf8_slice_codeunits(video_shas, 0, 32)) if shas else pa.array([], pa.string())
     return Plan(
-        sample_ids=ids, sample_sources=[(sha, record.caption) for sha, record in zip(shas, records)],
+        sample_ids=ids, sample_sources=[(key, record.caption) for key, record in zip(keys, records)],
+        clip_settings={key: record.clip_settings for key, record in zip(keys, records) if record.clip_settings},
         missing=missing, captions_needed=captions_needed,
         videos_needed=[(sha, Path(group[0].source.source_path)) for (sha, group), stored in zip(by_video.items(), encoded)
                        if not stored],

@@ -18,7 +18,8 @@ import numpy as np
 
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import bucket_name, clip_sizes, configured_buckets, size_rule
-from cogtune.data.sources import VideoPaths, load_dataset_records
+from cogtune import data_schema as schema
+from cogtune.data.sources import VideoPaths, clip_config, load_dataset_records
 from cogtune.data.video import ClipSkipped, ResizeCrop, open_video, plan_resize_crop
 from cogtune.preprocess.encode import clip_rng, clip_windows
 from cogtune.errors import CogtuneError, first_line
@@ -59,7 +60,10 @@ def preview_one(record, config: PreprocessConfig, videos: VideoPaths, rule) -> P
         path, _ = videos.resolve(record)
     except (CogtuneError, OSError) as e:
         return Previewed(f"{record.where}: {first_line(e)}")
-    sha = files.sha256_file(path)
+    sha = schema.clip_source(files.sha256_file(path), record.clip_settings)
+    if record.clip_settings:  # its [[datasets]] table's own clip settings
+        config = clip_config(config, record.clip_settings)
+        rule = size_rule(config)
     try:
         windows = clip_windows(Path(path), config, rule, clip_rng(config, sha))
     except ClipSkipped as e:

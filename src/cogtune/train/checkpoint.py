@@ -321,13 +321,17 @@ NOT_RUN_SETTINGS = frozenset({
     "dataloader_num_workers", "max_train_steps", "num_train_epochs", "max_nan_steps", "gradient_checkpointing",
     "gradient_checkpointing_cpu_offload", "blocks_to_swap", "offload_optimizer", "compile", "dry_run", "allow_tf32",
     "cache_dir", "cache_root", "data_cache",  # the cache itself is checked by its samples (data_order)
+    # per process: a run resumed on another number of processes keeps its global batch (recorded instead)
+    "train_batch_size",
 })
 
 
-def run_settings(config) -> dict:
-    """The settings that decide what a run trains (all but NOT_RUN_SETTINGS), as JSON values: a
-    checkpoint records them, and a run resumes only a checkpoint whose settings are its own."""
-    return {f.name: getattr(config, f.name) for f in settings_fields(type(config)) if f.name not in NOT_RUN_SETTINGS}
+def run_settings(config, global_batch_size: int | None = None) -> dict:
+    """The settings that decide what a run trains (all but NOT_RUN_SETTINGS, and the global batch
+    where given), as JSON values: a checkpoint records them, and a run resumes only a checkpoint whose
+    settings are its own."""
+    batch = {"global_batch_size": global_batch_size} if global_batch_size is not None else {}
+    return batch | {f.name: getattr(config, f.name) for f in settings_fields(type(config)) if f.name not in NOT_RUN_SETTINGS}
 
 
 def settings_differ(saved: dict, now: dict) -> list[str]:

@@ -35,6 +35,7 @@ def save_lora(transformer, directory: Path, weights: dict | None = None, weight_
             temp, transformer_lora_layers=weights if weights is not None else get_peft_model_state_dict(transformer),
             transformer_lora_adapter_metadata=metadata, weight_name=weight_name,
         )
+        files.canonical_safetensors(temp / weight_name)  # the same LoRA, the same bytes
         files.publish(temp / weight_name, directory / weight_name)  # readable by the group, as all else
     except Exception as e:  # a full disk arrives wrapped in safetensors' own error type
         files.raise_if_no_space(e, directory / weight_name)

@@ -186,7 +186,7 @@ def _save_outputs(run: checkpoints.Run, config: TrainConfig, models, spec, cache
                       "width": manifest.settings.width, "fps": manifest.settings.fps},
             "validation": [{"prompt": prompt, **details} for (prompt, _), details in
                            zip(last.videos, last.settings)] if last is not None else [],
-            "settings": checkpoints.run_settings(config)})
+            "settings": {**checkpoints.run_settings(config), "train_batch_size": config.train_batch_size}})
         report.write_loss_curve_quietly(output_dir / log.TRAIN_LOG_NAME)
         card = report.write_model_card(output_dir, config, models, spec, manifest, rounds, global_step, repeats)
         logs.event("model_card", path=str(card))
@@ -289,7 +289,7 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
         accelerator.init_trackers(config.tracker_name, config={
             k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
 
-    settings = checkpoints.run_settings(config)  # what a resume must match
+    settings = checkpoints.run_settings(config, plan.global_batch_size)  # what a resume must match
 
     def save_checkpoint(step: int) -> Path:
         return checkpoints.save(run, output_dir, step, {"data_order": order, "settings": settings},

@@ -54,6 +54,24 @@ def atomic_write(path: Path, write: callable) -> None:
         raise
 
 
+def canonical_safetensors(path: Path) -> None:
+    """Rewrite a safetensors file's header in one order (its metadata sorted by key, its tensors by
+    where their bytes lie), so that the same tensors and metadata are the same file: the safetensors
+    library writes the metadata from a hash map, in an order that changes from process to process.
+    The tensor bytes are not touched (their offsets are relative to the end of the header)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        data = f.read()
+    metadata = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the header is padded to 8 bytes, as safetensors pads it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data)
+
+
 def publish(temp: Path, path: Path) -> None:
     """Move a finished file written by a library (temp) into place as atomic_write would: fsynced,
     with the usual permissions (a library's temp files may be 0600), then renamed."""
