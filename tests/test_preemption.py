@@ -233,3 +233,27 @@ def test_the_slurm_example_passes_usr1_on_and_requeues_then_the_requeued_job_fin
     assert requeued.returncode == 0, requeued.stderr
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # not requeued again
     assert_same_run(out, setup["full"])
+
+
+@pytest.mark.parametrize("stage", ["preprocess", "train"])
+def test_a_stop_signal_after_the_summary_never_kills_the_process(setup, tmp_path, stage):
+    """SIGTERM sent again and again from the moment the last line is printed until the process ends:
+    it exits 75 (stopped, its work saved) or with its own 0, never killed by the signal (143 to a
+    shell), which a Slurm wrapper would take for a killed job."""
+    import subprocess
+    import sys
+    import time
+
+    flags = ["--output_dir", tmp_path / "out", "--max_train_steps", "1"] if stage == "train" else []
+    process = subprocess.Popen([sys.executable, "-m", "cogtune.cli", stage, "--config", str(setup["config"]),
+                                *map(str, flags)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    last = "lora: " if stage == "train" else "cache: "
+    for line in process.stdout:  # the result line: the stage's work is done
+        if line.startswith(last):
+            break
+    signals = 0
+    while process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        signals += 1
+        time.sleep(0.002)
+    assert signals > 0 and process.returncode in (0, 75), process.returncode

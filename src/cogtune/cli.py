@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from cogtune.errors import EXIT_PREEMPTED, CogtuneError, Preempted
-from cogtune.util.signals import catch_stop_signals_early
+from cogtune.util import logs
+from cogtune.util.signals import catch_stop_signals_early, hold_stop_signals_to_the_end
 
 COMMANDS = {
     "init": "Write a family's config, the accelerate configs and the Slurm scripts into a folder: "
@@ -156,8 +157,23 @@ def _event(name: str, command: str, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # a process of its own (not a call from Python): before the stages' heavy imports
+    if argv is None:  # a process of its own (not a call from Python): the handler holds from here to the end
         catch_stop_signals_early()
+        try:
+            status = _main(None)
+        except SystemExit as e:  # argparse: --help (0), a bad flag (2)
+            status = e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+        stopped = hold_stop_signals_to_the_end()
+        if stopped and status == 0:
+            print(f"cogtune: stopped by {stopped} after finishing its work; running the command again finds it "
+                  "done.", file=sys.stderr)
+            return EXIT_PREEMPTED
+        return status
+    return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    logs.quiet_libraries()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

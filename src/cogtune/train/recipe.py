@@ -24,7 +24,7 @@ import torch
 from cogtune.cache.reader import read_dataset_repeats, read_empty_prompt_embeds
 from cogtune.cache.writer import cache_lock
 from cogtune.config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
-from cogtune.errors import CogtuneError, Preempted
+from cogtune.errors import CogtuneError, Preempted, first_line
 from cogtune.families import ModelConfigs
 from cogtune.train import checkpoint as checkpoints
 from cogtune.train import log, report
@@ -123,13 +123,21 @@ def _check_engine(config: TrainConfig, engine: str, validating: bool) -> None:
 
 
 def _validate(run: checkpoints.Run, validation, config, models, spec, output_dir, step, weight_dtype) -> ValidationRound:
-    """Validation videos from the main process; the others wait for it."""
+    """Validation videos from the main process; the others wait for it. A validation that fails (the
+    VAE out of memory, a full disk) costs its videos, never the training: a warning, and the run goes on
+    to its LoRA."""
     accelerator = run.accelerator
     finished = None
     if accelerator.is_main_process:
-        with run.ema_applied() if config.ema_validation else contextlib.nullcontext():
-            finished = run_validation(run.lora_model(), validation, config, models, spec, output_dir, step, weight_dtype,
-                                      accelerator.autocast)
+        try:
+            with run.ema_applied() if config.ema_validation else contextlib.nullcontext():
+                finished = run_validation(run.lora_model(), validation, config, models, spec, output_dir, step,
+                                          weight_dtype, accelerator.autocast)
+        except Exception as e:  # the LoRA matters more than its videos
+            logs.message(f"warning: the validation videos of step {step} could not be made ({type(e).__name__}: "
+                         f"{first_line(e)[:200]}); training goes on, and the LoRA is saved as usual.")
+            finished = None
+    if accelerator.is_main_process and finished is not None:
         logs.event("validation", step=step, folder=str(finished.folder), contact_sheet=str(finished.contact_sheet),
                    videos=[str(path) for _, path in finished.videos])
         if not logs.json_lines():
@@ -335,6 +343,8 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
             if global_step % config.checkpointing_steps == 0 or global_step == plan.max_train_steps:
                 saved = save_checkpoint(global_step)
                 logs.event("checkpoint", step=global_step, path=str(saved))
+                if not logs.json_lines():
+                    logs.message(f"checkpoint of step {global_step}: {saved}")
             if validation is not None and validation_due(global_step, plan.steps_per_epoch, config):
                 rounds.append(_validate(run, validation, config, models, spec, output_dir, global_step, weight_dtype))
                 steps.restart_clock()  # the next step's time leaves the validation out

@@ -22,6 +22,20 @@ PROGRESS_EVERY_S = 10.0
 FORMATS = ("text", "json")
 _state = {"format": "text", "enabled": True}
 
+# What libraries say on their own while they are imported or used, which is not for our users:
+# torchao's optional kernels that this machine cannot load (torchao is imported by transformers and
+# diffusers whenever it is installed), torch's deprecation notes about torchao's enums, and diffusers'
+# note that torchao's tensor types are missing. Their errors still come through.
+LIBRARY_NOISE = ("torchao", "torch.utils._pytree", "diffusers.quantizers")
+
+
+def quiet_libraries() -> None:
+    """Keep LIBRARY_NOISE's warnings out of our output (their errors still show)."""
+    import logging
+
+    for name in LIBRARY_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
 
 def configure(log_format: str, enabled: bool = True) -> None:
     """Set the format for this process; `enabled=False` silences it (the non-main processes of a

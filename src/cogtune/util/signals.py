@@ -22,9 +22,31 @@ def catch_stop_signals_early() -> None:
             signal.signal(number, _remember)
 
 
+def hold_stop_signals_to_the_end() -> str | None:
+    """Called last by the command line of a process of its own: from here to the process's end, stop
+    signals are ignored. Python's shutdown puts back the default handler of every signal it handles
+    (not of an ignored one), and under the default SIGTERM kills the process (status 143, which a
+    Slurm wrapper takes for a killed job). Returns the stop signal received since the stage's own
+    handling ended, for the caller to exit 75 with."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    return (_late or _early or [None])[0]
+
+
+_late: list[str] = []  # stop signals received after the running stage left StopRequests
+
+
 def _remember(number, frame) -> None:
     if not _early:
         _early.append(signal.Signals(number).name)
+
+
+def _remember_late(number, frame) -> None:
+    """After the stage's StopRequests: its work is saved or done; the exit status says it was stopped."""
+    if not _late:
+        _late.append(signal.Signals(number).name)
 
 
 class StopRequests:
@@ -48,7 +70,7 @@ class StopRequests:
 
     def __exit__(self, *exc):
         for number, handler in self._previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, handler if handler is not _remember else _remember_late)
         self._previous.clear()
 
 
