@@ -33,6 +33,11 @@ def test_progress_written_to_a_file_is_plain_lines(tmp_path, tiny_model, demo_da
     for line in ("encoding videos: 4/4 clip (100%)", "training: 2/2 step (100%)", "generating: 1/1 video (100%)",
                  "cache: ", "lora: ", "video: "):
         assert line in text, line
+    with open(tmp_path / "merge.log", "w") as log:  # a process of its own: nothing set the bars off before it
+        subprocess.run([sys.executable, "-m", "cogtune.cli", "merge", "--config", str(config), "--merged_dir",
+                        str(tmp_path / "merged")], stdout=log, stderr=log, env=env, check=True)
+    text = (tmp_path / "merge.log").read_bytes().decode()
+    assert "merged: " in text and "\r" not in text and "\x1b[" not in text
 
 
 def test_stages_pass_no_deprecated_keywords(tmp_path, tiny_model, demo_data):

@@ -22,6 +22,7 @@ from cogtune.config import load_config
 from cogtune.export import to_comfyui
 from cogtune.families import ModelConfigs
 from cogtune.train import report
+from cogtune.util.media import LINE_HEIGHT
 from cogtune.train.validation import CONTACT_SHEET_NAME, generate_latents, load_validation_set
 
 from conftest import cache_path_of, cogtune_here, write_config
@@ -127,7 +128,7 @@ def test_training_writes_validation_videos_and_contact_sheets_without_t5(validat
                 frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
             assert len(frames) == 9 and frames[0].shape == (32, 64, 3)
         sheet = Image.open(folder / CONTACT_SHEET_NAME)
-        assert sheet.size == (8 * 64, 2 * (32 + 14))  # 8 frames of each video, a row per video under its label
+        assert sheet.size == (8 * 64, 2 * (32 + LINE_HEIGHT))  # 8 frames of each video, a row per video under its label
         assert np.asarray(sheet).std() > 0
     assert Image.open(out / report.LOSS_CURVE_NAME).size == (800, 450)
 
@@ -290,7 +291,8 @@ def test_json_logs_are_one_event_per_line(validated_run, tmp_path):
 
 def test_validation_is_due_every_n_steps_or_at_the_end_of_every_nth_epoch():
     from cogtune.config import make_config
-    from cogtune.train.validation import validation_due
+    from cogtune.util.media import LINE_HEIGHT
+from cogtune.train.validation import validation_due
 
     def due(steps_per_epoch, **settings):
         config = make_config("train", dict(pretrained_model_name_or_path="m", validation_prompt="p", **settings))

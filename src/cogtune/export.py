@@ -110,6 +110,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--output", default=None, help="The file to write (default: beside the LoRA, with a "
                                                        "_comfyui suffix).")
     args = parser.parse_args(argv)
+    logs.configure("text")
     defaults = stage_file_values(args.config, "infer", ("lora", "output_dir")) if args.config else {}
     lora = args.lora or (None if args.output_dir else defaults.get("lora")) or args.output_dir or \
         defaults.get("output_dir") or "cogtune-lora"

@@ -93,6 +93,7 @@ def main(argv: list[str], description: str) -> None:
                         help="The saved pipeline's precision: no (fp32), fp16 or bf16 (default: bf16). The sum is "
                              "taken in fp32 either way.")
     args = parser.parse_args(argv)
+    logs.configure("text")  # the libraries' loading bars only on a terminal, never into a log file
     names = ("lora", "output_dir", "pretrained_model_name_or_path", "revision", "variant", "lora_scale")
     file = stage_file_values(args.config, "infer", names) if args.config else {}
     lora = args.lora or file.get("lora") or file.get("output_dir") or "cogtune-lora"

@@ -93,8 +93,23 @@ def _add_gif(writer, tag: str, frames: np.ndarray, fps: int, step: int) -> None:
 # --- the loss curve -----------------------------------------------------------------------------
 
 
+def smoothing_weight(steps: int) -> float:
+    """TensorBoard's default 0.6 for a short run, more for a long one (about 20 steps' memory)."""
+    return min(0.98, max(0.6, 1 - 20 / max(steps, 1)))
+
+
+def smoothed(values: np.ndarray, weight: float) -> np.ndarray:
+    """TensorBoard's smoothing: an exponential moving average, debiased so that the first points are
+    not pulled towards 0 (last = weight * last + (1 - weight) * value, divided by 1 - weight^n)."""
+    out, last = np.empty(len(values)), 0.0
+    for number, value in enumerate(values, start=1):
+        last = last * weight + (1 - weight) * value
+        out[number - 1] = last / (1 - weight ** number)
+    return out
+
+
 def write_loss_curve(log_path: Path, png_path: Path | None = None) -> Path | None:
-    """A PNG of the loss per step (and its running mean) and the learning rate, from train_log.jsonl,
+    """A PNG of the loss per step (and its smoothed trend, as TensorBoard smooths) and the learning rate, from train_log.jsonl,
     so that a resumed run's curve covers the whole run. None when no step has a loss yet."""
     import matplotlib
 
@@ -107,11 +122,11 @@ def write_loss_curve(log_path: Path, png_path: Path | None = None) -> Path | Non
     png_path = png_path or log_path.parent / LOSS_CURVE_NAME
     steps = np.array([r["step"] for r in records])
     losses = np.array([r["loss"] for r in records], dtype=float)
-    window = max(1, len(losses) // 20)
-    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    weight = smoothing_weight(len(losses))
     figure, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
-    axis.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=0.8, label="loss")
-    axis.plot(steps[window - 1:], smooth, color="tab:blue", linewidth=1.8, label=f"running mean ({window} steps)")
+    axis.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=0.8, label="loss (each step's timestep differs)")
+    axis.plot(steps, smoothed(losses, weight), color="tab:blue", linewidth=1.8,
+              label=f"smoothed (TensorBoard's moving average, weight {weight:.2f})")
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.grid(alpha=0.3)

@@ -55,21 +55,58 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float) -> None:
     atomic_write(Path(path), write)
 
 
+LABEL_SIZE = 14  # pixels: a font size people read without zooming in
+LINE_HEIGHT = LABEL_SIZE + 4
+
+
+def label_font():
+    """Pillow's own TrueType font (DejaVu-like, shipped with Pillow 10.1 and newer) at LABEL_SIZE; the
+    old bitmap font only where FreeType is missing."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=LABEL_SIZE)
+    except (TypeError, OSError, ImportError):  # Pillow 10.0, or no FreeType
+        return ImageFont.load_default()
+
+
+def wrapped(label: str, width: int, font) -> list[str]:
+    """A label in lines that fit `width` pixels, broken between words (a word longer than a line is
+    broken where it must be)."""
+    lines, line = [], ""
+    for word in label.split():
+        candidate = f"{line} {word}".strip()
+        if font.getlength(candidate) <= width or not line:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+        while font.getlength(line) > width and len(line) > 1:  # a word wider than the sheet
+            cut = max(1, next(i for i in range(len(line), 0, -1) if font.getlength(line[:i]) <= width))
+            lines.append(line[:cut])
+            line = line[cut:]
+    return [*lines, line] if line else lines or [""]
+
+
 def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], path: str | Path) -> None:
-    """A PNG with one row per entry: its label above its images ([H, W, 3] uint8, side by side)."""
+    """A PNG with one row per entry: its label above its images ([H, W, 3] uint8, side by side), the
+    label in a readable font and wrapped to the sheet's width, never cut."""
     from PIL import Image, ImageDraw
 
-    label_height = 14
+    font = label_font()
     heights = [max(image.shape[0] for image in images) for _, images in rows]
     width = max(sum(image.shape[1] for image in images) for _, images in rows)
-    sheet = Image.new("RGB", (width, sum(heights) + label_height * len(rows)), "white")
+    labels = [wrapped(label, width - 4, font) for label, _ in rows]
+    sheet = Image.new("RGB", (width, sum(heights) + sum(LINE_HEIGHT * len(lines) for lines in labels)), "white")
     draw = ImageDraw.Draw(sheet)
     top = 0
-    for (label, images), height in zip(rows, heights):
-        draw.text((2, top + 1), label[:200], fill="black")
+    for (_, images), lines, height in zip(rows, labels, heights):
+        for number, line in enumerate(lines):
+            draw.text((2, top + 1 + number * LINE_HEIGHT), line, fill="black", font=font)
+        top += LINE_HEIGHT * len(lines)
         left = 0
         for image in images:
-            sheet.paste(Image.fromarray(np.ascontiguousarray(image)), (left, top + label_height))
+            sheet.paste(Image.fromarray(np.ascontiguousarray(image)), (left, top))
             left += image.shape[1]
-        top += label_height + height
+        top += height
     atomic_write(Path(path), lambda temp: sheet.save(temp, format="PNG"))
