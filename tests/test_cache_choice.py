@@ -173,10 +173,10 @@ def test_a_preprocess_that_fails_leaves_no_empty_cache_and_prune_removes_old_one
 
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
-    (data / "videos" / "00001.mp4").write_text("not a video\n")
+    (data / "videos" / "00001.mp4").unlink()
     config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out")
     failed = cogtune_here("preprocess", "--config", config, check=False)
-    assert failed.returncode == 2 and "is not a video" in failed.stderr
+    assert failed.returncode == 2 and "00001.mp4 does not exist" in failed.stderr
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == []
     # one left by an older release: a manifest alone, (unfinished, 0 B) in `cache inspect`
     good = cache_path_of(cogtune_here("preprocess", "--config", write_config(

@@ -183,3 +183,46 @@ def test_hub_dataset_through_datasets(tmp_path):
     (tmp_path / "clip.mp4").write_bytes(b"video")
     with pytest.raises(CogtuneError, match="Cannot load the hub dataset someone/no-such-dataset"):
         load_records(str(tmp_path), "someone/no-such-dataset", "caption", "video", None)
+
+
+def test_text_inputs_are_utf8_or_refused_naming_the_file_and_line(tmp_path):
+    """A Latin-1 metadata file, caption or validation file is refused with its line (it was stored as a
+    bytes repr, "b'a cat \\xe9'"); a UTF-8 byte-order mark is no part of the first caption."""
+    from cogtune.config import read_validation_file
+    from cogtune.data.sources import load_records
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.mp4").write_bytes(b"x")
+    (root / "b.mp4").write_bytes(b"x")
+    (root / "prompts.txt").write_bytes("\ufeffa cat\na dog\n".encode())
+    (root / "videos.txt").write_text("a.mp4\nb.mp4\n")
+    records = load_records(str(root), None, "prompts.txt", "videos.txt", None)
+    assert [r.caption for r in records] == ["a cat", "a dog"]
+    (root / "metadata.csv").write_bytes("caption,video\na dog,a.mp4\na caf\xe9,b.mp4\n".encode("latin-1"))
+    with pytest.raises(CogtuneError, match=r"metadata.csv, line 3: not UTF-8 text \(byte 0xe9\)"):
+        load_records(str(root), str(root / "metadata.csv"), "caption", "video", None)
+    (root / "metadata.csv").write_bytes("\ufeffcaption,video\na caf\xe9,b.mp4\n".encode())
+    (row,) = load_records(str(root), str(root / "metadata.csv"), "caption", "video", None)
+    assert row.caption == "a caf\xe9"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "c.mp4").write_bytes(b"x")
+    (folder / "c.txt").write_bytes("un caf\xe9".encode("latin-1"))
+    with pytest.raises(CogtuneError, match=r"c.txt, line 1: not UTF-8 text"):
+        load_records(str(folder), None, "prompts.txt", "videos.txt", None)
+    validation = tmp_path / "v.jsonl"
+    validation.write_bytes('{"prompt": "a caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(CogtuneError, match=r"--validation_file .*v.jsonl, line 1: not UTF-8 text"):
+        read_validation_file(validation)
+
+
+@pytest.mark.parametrize("row, says", [('{"prompt": "x", "seed": 18446744073709551616}', "seed 18446744073709551616 is out of range"),
+                                       ('{"prompt": "x", "guidance_scale": "nan"}', "guidance_scale must be a finite number")])
+def test_a_validation_rows_numbers_are_checked_where_the_file_is_read(tmp_path, row, says):
+    from cogtune.config import read_validation_file
+
+    validation = tmp_path / "v.jsonl"
+    validation.write_text(row + "\n")
+    with pytest.raises(CogtuneError, match=f"line 1: {says}"):
+        read_validation_file(validation)

@@ -90,6 +90,8 @@ class ValidationEntry:
     guidance_scale: float | None = None
 
 
+SEED_LIMIT = 2**63  # seeds go to torch.Generator.manual_seed and numpy, which take less than this safely
+
 VALIDATION_FILE_COLUMNS = {"prompt": str, "image": str, "height": int, "width": int, "num_frames": int, "seed": int,
                            "guidance_scale": float}
 
@@ -124,6 +126,10 @@ def read_validation_file(path: Path) -> list[ValidationEntry]:
         for name in ("height", "width"):
             if name in values and (values[name] <= 0 or values[name] % 16):
                 raise CogtuneError(f"{where}: {name} {values[name]} is not a positive multiple of 16.")
+        if "seed" in values and not 0 <= values["seed"] < SEED_LIMIT:
+            raise CogtuneError(f"{where}: seed {values['seed']} is out of range (0 to {SEED_LIMIT - 1}).")
+        if "guidance_scale" in values and not 0 <= values["guidance_scale"] < float("inf"):
+            raise CogtuneError(f"{where}: guidance_scale must be a finite number, 0 or more, got {values['guidance_scale']}.")
         if "num_frames" in values and (values["num_frames"] < 1 or (values["num_frames"] - 1) % 4):
             raise CogtuneError(f"{where}: num_frames {values['num_frames']} is not of the form 4k+1.")
         if "image" in values:
@@ -222,6 +228,9 @@ class PreprocessConfig(ModelArgs, ValidationArgs):
     width: int = opt(720, "Width in pixels of the training clips (a multiple of 16).")
     fps: int = opt(8, "Frame rate of the training clips: clips with more frames per second are resampled to it.")
     max_num_frames: int = opt(49, "Frames per training clip (4k+1). Shorter clips use the largest 4k+1 they hold.")
+    min_num_frames: int = opt(
+        5, "Clips with fewer usable frames than this (at --fps, after the skips) are skipped as too short, each with "
+           "its reason: a 0.3 s clip would otherwise be a 1-frame sample, a still image.")
     skip_frames_start: int = opt(0, "Source frames dropped from the start of every video.")
     skip_frames_end: int = opt(0, "Source frames dropped from the end of every video.")
     height_buckets: list = opt([], "Heights of the training buckets (with --width_buckets and --frame_buckets: every "
@@ -612,6 +621,8 @@ def read_toml(path: str | Path) -> dict:
         raise CogtuneError(f"Config file {path} does not exist.") from None
     except tomllib.TOMLDecodeError as e:
         raise CogtuneError(f"Config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise CogtuneError(f"Config file {path} is not UTF-8 text; save it as UTF-8.") from None
 
 
 def values_for_stage(document: dict, stage: str, source: str) -> dict:
@@ -745,7 +756,7 @@ def validate(config) -> None:
                 "nccl_timeout", "train_batch_size", "gradient_accumulation_steps", "rank", "vae_batch_size", "checkpointing_steps",
                 "max_nan_steps", "max_train_steps", "lr_num_cycles", "checkpoints_total_limit", "lora_alpha", "shard_size_mb",
                 "adam_epsilon", "lr_power", "preview_samples", "frame_stride", "frame_sample",
-                "max_windows_per_clip",
+                "max_windows_per_clip", "min_num_frames",
                 "num_train_epochs", "max_num_frames", "fps", "num_frames", "height", "width", "num_inference_steps"]
     # Every number is checked here, when flags are read: not after a model has loaded, and never
     # silently taken (0 steps as "a full epoch", -3 as "nothing to do").
@@ -753,6 +764,9 @@ def validate(config) -> None:
         value = getattr(config, name, None)
         if value is not None and not value > 0:  # (NaN fails too)
             raise CogtuneError(f"--{name} must be positive, got {value}.")
+    seed = getattr(config, "seed", None)
+    if seed is not None and seed >= SEED_LIMIT - getattr(config, "num_validation_videos", 1):
+        raise CogtuneError(f"--seed {seed} is out of range (0 to {SEED_LIMIT - 1}, less the validation videos).")
     for name in ("skip_frames_start", "skip_frames_end", "dataloader_num_workers", "lr_warmup_steps",
                  "adam_weight_decay", "guidance_scale", "seed", "learning_rate"):  # (a rate of 0: a dry look at the losses)
         value = getattr(config, name, None)

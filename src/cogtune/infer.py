@@ -11,7 +11,7 @@ import torch
 
 from cogtune import quantize
 from cogtune.config import InferConfig, check_precision_available, precision_dtype
-from cogtune.data.sources import read_rows
+from cogtune.data.sources import decoded_text, read_rows
 from cogtune.data.video import first_frame_pixels
 from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
@@ -42,7 +42,7 @@ def read_jobs(config: InferConfig, image_conditioned: bool) -> list[Job]:
             jobs = [Job(prompt, path.parent / picture if picture else image)
                     for prompt, picture in _prompt_image_pairs(path)]
         else:
-            jobs = [Job(line.strip(), image) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            jobs = [Job(line.strip(), image) for line in decoded_text(path, "--prompt_file").splitlines() if line.strip()]
         if not jobs:
             raise CogtuneError(f"--prompt_file {path} holds no prompts.")
     for job in jobs:

@@ -85,7 +85,21 @@ def assign_bucket(buckets: list[Bucket], available_frames: int, height: int, wid
 
 
 def size_rule(config) -> SizeRule:
-    """How preprocess sizes each clip: by bucket, or at the one configured size."""
+    """How preprocess sizes each clip: by bucket, or at the one configured size; a clip of fewer usable
+    frames than --min_num_frames is skipped as too short (a 0.3 s clip would be a 1-frame sample)."""
+    sized = _sized(config)
+    least = getattr(config, "min_num_frames", 1)
+
+    def rule(available: int, height: int, width: int) -> Bucket:
+        if available < least:
+            raise ClipSkipped(f"too short: {available} usable frame(s) at --fps, fewer than --min_num_frames {least}",
+                              kind="too short")
+        return sized(available, height, width)
+
+    return rule
+
+
+def _sized(config) -> SizeRule:
     buckets = configured_buckets(config)
     if buckets is None:
         return fixed_size(config.height, config.width, config.max_num_frames)

@@ -11,6 +11,7 @@ The two formats of the diffusers CogVideoX scripts, and two more:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -23,6 +24,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from cogtune.errors import CogtuneError, first_line
+from cogtune.util import logs
 from cogtune.util.hub import looks_like_hub_id
 
 METADATA_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
@@ -168,6 +170,7 @@ def resolve_record(record: Record, allow_symlinks_outside_root: bool = False) ->
 
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def _caption_file_pairs(root: Path, allow_symlinks_outside_root: bool = False) -> list[tuple[str, str, str]]:
@@ -187,6 +190,11 @@ def _caption_file_pairs(root: Path, allow_symlinks_outside_root: bool = False) -
                                "--allow_symlinks_outside_root if that is intended.")
         caption = " ".join(line.strip() for line in _lines(caption_path)).strip()
         pairs.append((caption, relative, str(caption_path.relative_to(root))))
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").is_file())
+    if images:  # musubi-tuner and finetrainers train these as one-frame samples; cogtune trains clips: say so
+        names = ", ".join(str(p.relative_to(root)) for p in images[:5]) + (", ..." if len(images) > 5 else "")
+        logs.message(f"note: {len(images)} image+caption pair(s) in {root} are skipped (cogtune trains on videos; "
+                     f"a still image is no clip): {names}")
     return pairs
 
 
@@ -230,12 +238,21 @@ def _read_line_files(root: Path, caption_file: str, video_file: str) -> list[tup
     return [(p, v, f"{prompts_path.name}/{videos_path.name} line {i + 1}") for i, (p, v) in enumerate(zip(prompts, videos))]
 
 
-def _lines(path: Path) -> list[str]:
+def decoded_text(path: Path, what: str = "") -> str:
+    """A text input (captions, prompts, a metadata or validation file) decoded the one way every text
+    input is: UTF-8, a byte-order mark removed; else a clear error naming the file and the line."""
+    data = Path(path).read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CogtuneError(f"{path} is not UTF-8 text ({e}).") from None
-    lines = text.splitlines()
+        line = data[:e.start].count(b"\n") + 1
+        raise CogtuneError(f"{(what + ' ') if what else ''}{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}). "
+                           "Save it as UTF-8 (a spreadsheet's 'CSV UTF-8', or `iconv -f latin1 -t utf-8`).") from None
+    return text.removeprefix("\ufeff")
+
+
+def _lines(path: Path) -> list[str]:
+    lines = decoded_text(path).splitlines()
     while lines and not lines[-1].strip():  # a trailing blank line is not a record
         lines.pop()
     return lines
@@ -258,19 +275,23 @@ def _read_metadata(path: Path, caption_column: str, video_column: str) -> list[t
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+            table = pacsv.read_csv(io.BytesIO(decoded_text(path).encode()),
+                                   convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
         elif suffix == ".parquet":
             table = pq.read_table(path)
         elif suffix == ".jsonl":
-            table = pajson.read_json(path)
+            table = pajson.read_json(io.BytesIO(decoded_text(path).encode()))
         else:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(decoded_text(path))
             if isinstance(data, dict):  # {"column": [...]} layout
                 data = [dict(zip(data, values)) for values in zip(*data.values())]
             table = pa.Table.from_pylist(data)
     except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
         raise CogtuneError(f"Cannot read metadata file {path}: {e}") from None
     _require_columns(table.column_names, caption_column, video_column, str(path))
+    for column in (caption_column, video_column):
+        if pa.types.is_binary(table.schema.field(column).type) or pa.types.is_large_binary(table.schema.field(column).type):
+            raise CogtuneError(f"{path}: column {column!r} holds bytes, not text; write it as UTF-8 strings.")
     captions = [_unquote(c) for c in table.column(caption_column).to_pylist()]
     videos = [_unquote(v) for v in table.column(video_column).to_pylist()]
     return [(c, v, f"{path.name} row {i + 1}") for i, (c, v) in enumerate(zip(captions, videos))]
@@ -348,8 +369,9 @@ def read_rows(path: Path, flag: str) -> list[dict]:
         raise CogtuneError(f"{flag} {path} does not exist.")
     if path.suffix.lower() not in (".csv", ".jsonl"):
         raise CogtuneError(f"{flag} {path} is neither a .csv nor a .jsonl file.")
+    data = io.BytesIO(decoded_text(path, flag).encode())
     try:
-        table = pacsv.read_csv(path) if path.suffix.lower() == ".csv" else pajson.read_json(path)
+        table = pacsv.read_csv(data) if path.suffix.lower() == ".csv" else pajson.read_json(data)
     except Exception as e:  # pyarrow's parse errors
         raise CogtuneError(f"{flag} {path} cannot be read: {first_line(e)}") from None
     if "prompt" not in table.column_names:

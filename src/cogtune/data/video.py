@@ -215,7 +215,7 @@ def _display_matrix(frame) -> tuple[int, int, int, int] | None:
 
     try:
         data = frame.side_data.get(Type.DISPLAYMATRIX)
-    except (AttributeError, KeyError, TypeError):
+    except Exception:  # side data PyAV does not know (MV-HEVC's: "29 is not a valid Type") is no matrix
         return None
     if data is None:
         return None
@@ -242,8 +242,12 @@ class Orientation:
     def of(cls, frame) -> "Orientation":
         matrix = _display_matrix(frame)
         if matrix is None:  # no matrix, or not a quarter turn: FFmpeg's angle, counter-clockwise
+            try:
+                rotation = frame.rotation or 0
+            except Exception:  # a frame whose side data PyAV cannot read is shown as stored
+                rotation = 0
             return [cls(), cls(True, True, False), cls(False, True, True), cls(True, False, True)][
-                round((frame.rotation or 0) / 90) % 4]
+                round(rotation / 90) % 4]
         a, b, c, d = matrix
         if a == 0 and d == 0:
             return cls(True, b < 0, c < 0)
@@ -329,8 +333,8 @@ def _header(path: Path) -> _Header | None:
             seconds = float((stream.duration or 0) * (stream.time_base or 0)) or (container.duration or 0) / 1e6
             frames = float(stream.frames or seconds * rate)
             return _Header(frames, rate, stream.height or 0, stream.width or 0, stream.codec_context.pix_fmt)
-    except (av.error.FFmpegError, TypeError, ValueError):
-        return None
+    except Exception:  # FFmpeg's errors, and streams PyAV does not fully know (a Dolby Vision AV1 stream has no
+        return None    # height): the decoders then find out what can be read
 
 
 def decode_budget(span: Span, height: int, width: int) -> int:

@@ -19,8 +19,8 @@ from cogtune.cache.writer import CacheWriter, write_tensors
 from cogtune.config import PreprocessConfig, precision_dtype
 from cogtune.data.buckets import bucket_name, size_rule
 from cogtune.data.sources import clip_config
-from cogtune.data.video import (Clip, ClipSkipped, first_frame_pixels, read_clip, read_spread_clip, read_windows,
-                                window_starts)
+from cogtune.data.video import (Clip, ClipSkipped, first_frame_pixels, not_a_video, read_clip, read_spread_clip,
+                                read_windows, window_starts)
 from cogtune.errors import CogtuneError, Preempted, first_line
 from cogtune.families import ModelConfigs, load_vae
 from cogtune.preprocess.plan import failure_limit
@@ -46,6 +46,9 @@ class ClipDataset(torch.utils.data.Dataset):
             self._rules[settings] = config, size_rule(config)
         config, rule = self._rules[settings]
         try:
+            problem = not_a_video(path)
+            if problem:  # a text file named .mp4: one skipped sample with its reason, as a cut file is
+                raise ClipSkipped(f"not a video: {problem}", kind="not a video")
             return sha, clip_windows(path, config, rule, clip_rng(config, sha)), None
         except ClipSkipped as e:
             return sha, None, (e.kind, str(e))

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from cogtune import data_schema as schema
 from cogtune.cache.reader import index_columns
 from cogtune.data.sources import Record, VideoPaths
-from cogtune.data.video import decode_cost, not_a_video
+from cogtune.data.video import decode_cost
 from cogtune.errors import CogtuneError
 from cogtune.util import files, logs
 from cogtune.util.distributed import Processes, balance
@@ -111,18 +111,7 @@ def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str
     keys = [schema.clip_source(sha, records[i].clip_settings) for i, sha in zip(share, shas)]
     ids = [schema.sample_id(key, records[i].caption) for i, key in zip(share, keys)]
     done = _in(ids, holds.done)  # an index row already: encoded, or failed before
-    not_videos = {}
-    for i, path, have in zip(share, paths, done):
-        problem = not have and not_a_video(Path(path))
-        if problem:
-            not_videos[i] = (path, problem)
-    parts = procs.gather((paths, sizes, mtimes, shas, ids, not_videos, hashed, done, keys))
-    not_videos = {i: problem for part in parts for i, problem in part[5].items()}
-    if not_videos:
-        i = min(not_videos)
-        path, problem = not_videos[i]
-        raise CogtuneError(f"{records[i].where}: {path} is not a video ({problem}). Fix the dataset row or "
-                           "remove it; nothing has been encoded yet.")
+    parts = procs.gather((paths, sizes, mtimes, shas, ids, None, hashed, done, keys))
     # Every record's columns in dataset order: record i is item i // world_size of process i % world_size.
     def in_order(column: int) -> list:
         values = [None] * len(records)
