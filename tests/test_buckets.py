@@ -106,7 +106,7 @@ def test_mixed_dataset_preprocesses_into_buckets_and_trains_with_batch_4(tmp_pat
     assert by_name["portrait-phone.mp4"].source_height == 96  # the rotation was applied
     assert by_name["land-long-3.mp4"].decoder == "pyav"  # AV1
     failed = {Path(r.source_path).name: r for r in cache.failed}
-    assert failed["tiny.mp4"].failure_kind == "too short" and "shortest bucket has 5" in failed["tiny.mp4"].reason
+    assert failed["tiny.mp4"].failure_kind == "too short" and "fewer than --min_num_frames 5" in failed["tiny.mp4"].reason
     assert failed["broken.mp4"].failure_kind == "unreadable"
 
     cogtune_here("train", "--config", config)

@@ -221,3 +221,10 @@ def test_choices_are_checked_and_normalised_when_read(tmp_path, stage, key, give
     path.write_text(f'pretrained_model_name_or_path = "m"\nprompt = "x"\n{key} = "nonsense"\n')
     with pytest.raises(CogtuneError, match=f"{key} must be one of .*got 'nonsense'"):
         load_config(stage, ["--config", str(path)])
+
+
+@pytest.mark.parametrize("stage, flag", [("infer", "--lora_scale"), ("train", "--learning_rate"),
+                                          ("train", "--guidance_scale"), ("train", "--max_grad_norm")])
+def test_numbers_that_are_not_numbers_are_refused_when_read(stage, flag):
+    with pytest.raises(CogtuneError, match=f"{flag} must be"):
+        load_config(stage, ["--pretrained_model_name_or_path", "m", "--prompt", "x", flag, "nan"])

@@ -291,8 +291,7 @@ def test_json_logs_are_one_event_per_line(validated_run, tmp_path):
 
 def test_validation_is_due_every_n_steps_or_at_the_end_of_every_nth_epoch():
     from cogtune.config import make_config
-    from cogtune.util.media import LINE_HEIGHT
-from cogtune.train.validation import validation_due
+    from cogtune.train.validation import validation_due
 
     def due(steps_per_epoch, **settings):
         config = make_config("train", dict(pretrained_model_name_or_path="m", validation_prompt="p", **settings))

@@ -778,7 +778,7 @@ def validate(config) -> None:
             raise CogtuneError(f"--{name} must be at least 0 and below 1, got {value}.")
     for name in ("learning_rate", "max_grad_norm", "lora_alpha", "shard_size_mb", "guidance_scale", "lora_scale"):
         value = getattr(config, name, None)
-        if value is not None and value in (float("inf"), float("-inf")):
+        if value is not None and not math.isfinite(value):  # NaN too: it would reach the weights
             raise CogtuneError(f"--{name} must be a finite number, got {value}.")
     tracker = getattr(config, "tracker_name", None)
     if tracker is not None and (not tracker.strip() or tracker.strip(".") == "" or "/" in tracker or "\\" in tracker
