@@ -669,6 +669,14 @@ def relative_to(values: dict, folder: Path, separator: str = ":::") -> dict:
     return resolved
 
 
+def _default_folders_beside(values: dict, folder: Path, fields: dict) -> None:
+    """The default cache_root and output_dir, where values give none, in the config file's folder:
+    relative to it, as every path in the file is."""
+    for name in ("cache_root", "output_dir"):
+        if name in fields and name not in values:
+            values[name] = str(folder / fields[name].default)
+
+
 def stage_file_values(config_path: str, stage: str, names: tuple[str, ...]) -> dict:
     """The values a config file gives a stage for these settings (its [stage] table over its top-level
     keys, relative paths relative to its folder), checked as the stage itself checks them: for the
@@ -677,9 +685,7 @@ def stage_file_values(config_path: str, stage: str, names: tuple[str, ...]) -> d
     folder = Path(config_path).resolve().parent
     values = relative_to(document, folder)
     fields = {f.name: f for f in settings_fields(STAGE_CONFIGS[stage])}
-    for name in ("cache_root", "output_dir"):  # defaults beside the file, as load_config takes them
-        if name in fields and name not in values:
-            values[name] = str(folder / fields[name].default)
+    _default_folders_beside(values, folder, fields)
     wanted = {name: values[name] for name in names if values.get(name) is not None}
     for name, value in wanted.items():
         kind = _base_type(fields[name].type)
@@ -739,11 +745,8 @@ def load_config(stage: str, argv: list[str]) -> Any:
         for name in unset:
             values.pop(name, None)
     values.update(flags)
-    if config_path:  # the default folders too are relative to the config file, as every path in it
-        folder = Path(config_path).resolve().parent
-        for name in ("cache_root", "output_dir"):
-            if name in own and name not in values:
-                values[name] = str(folder / next(f.default for f in settings_fields(cls) if f.name == name))
+    if config_path:
+        _default_folders_beside(values, Path(config_path).resolve().parent, {f.name: f for f in settings_fields(cls)})
     origin = {"config_file": str(Path(config_path).resolve()) if config_path else None,
               "command_line": tuple(sorted(flags))}
     return make_config(stage, values, source=str(config_path) if config_path else "command line", origin=origin)

@@ -10,13 +10,11 @@ stop (exit status 75); running it again continues.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import dataclasses
 import shutil
 import time
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -235,16 +233,13 @@ def copy_videos(videos: list[tuple[str, Path]], siblings: list[Path], writer: Ca
 def _read_lock(cache_path: Path):
     """A sibling cache held against `cogtune cache prune` while it is copied from; False (skip it)
     while it is being pruned."""
-    try:
-        lock = cache_lock(cache_path, user="copying its encodings into another cache")
-        lock.__enter__()
-    except CogtuneError:
-        yield False
-        return
-    try:
+    with ExitStack() as held:
+        try:
+            held.enter_context(cache_lock(cache_path, user="copying its encodings into another cache"))
+        except CogtuneError:
+            yield False
+            return
         yield True
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _remove_if_empty(cache_path: Path) -> None:
