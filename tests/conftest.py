@@ -6,11 +6,13 @@ line, or lives in a module of whole runs (E2E_MODULES); `make test-fast` runs th
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,11 @@ import pytest
 ASSETS = Path(__file__).parent / "assets"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
 os.environ.setdefault("TQDM_DISABLE", "1")
+# torch.compile's code cache, one per ATEN_CPU_CAPABILITY: inductor reuses a precompiled header built
+# for one capability under another (the suite run with ATEN_CPU_CAPABILITY=default after a plain run
+# failed to compile: "at::vec has not been declared"), a cache key torch leaves out.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor-{getpass.getuser()}-{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 
 
 MODEL_FIXTURES = {"tiny_model", "tiny_models", "demo_data"}
