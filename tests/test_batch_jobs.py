@@ -140,6 +140,9 @@ def test_a_used_output_dir_is_never_mixed_with_a_new_run(tmp_path, tiny_model, d
     changed = cogtune_here("train", "--config", config, "--learning_rate", "0.02", "--resume_from_checkpoint", "latest",
                            check=False)
     assert changed.returncode == 2 and "learning_rate (0.01 -> 0.02)" in changed.stderr
+    batch = cogtune_here("train", "--config", config, "--train_batch_size", "1", "--resume_from_checkpoint", "latest",
+                         check=False)  # one process: another global batch, another run
+    assert batch.returncode == 2 and "global_batch_size (2 -> 1)" in batch.stderr
     same = cogtune_here("train", "--config", config, "--max_train_steps", "8", "--resume_from_checkpoint", "latest")
     assert "Resumed from" in same.stderr and (out / "checkpoint-8").is_dir()  # a longer run of the same settings
 

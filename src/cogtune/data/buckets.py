@@ -61,7 +61,7 @@ def clip_sizes(config) -> list[Bucket]:
     """Every (frames, height, width) a preprocess config brings clips to: its buckets, or its one size
     (and the sizes its [[datasets]] tables give their own clips)."""
     sizes = configured_buckets(config) or [(config.max_num_frames, config.height, config.width)]
-    for own in dataset_clip_configs(config) if getattr(config, "datasets", None) else []:
+    for own in dataset_clip_configs(config):
         size = (own.max_num_frames, own.height, own.width)
         if configured_buckets(own) is None and size not in sizes:
             sizes.append(size)
@@ -88,7 +88,7 @@ def size_rule(config) -> SizeRule:
     """How preprocess sizes each clip: by bucket, or at the one configured size; a clip of fewer usable
     frames than --min_num_frames is skipped as too short (a 0.3 s clip would be a 1-frame sample)."""
     sized = _sized(config)
-    least = getattr(config, "min_num_frames", 1)
+    least = config.min_num_frames
 
     def rule(available: int, height: int, width: int) -> Bucket:
         if available < least:

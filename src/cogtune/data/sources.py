@@ -328,8 +328,9 @@ def clip_settings_of(table: dict, config) -> str:
 
 
 def clip_config(config, clip_settings: str):
-    """The preprocess settings a record's clips are cut with: the top-level ones, with its dataset's own."""
-    return replace(config, **json.loads(clip_settings)) if clip_settings else config
+    """The preprocess settings a record's clips are cut with: the top-level ones, with its dataset's own
+    (and no [[datasets]] of their own: they describe that one dataset's clips)."""
+    return replace(config, **json.loads(clip_settings), datasets=[]) if clip_settings else config
 
 
 def dataset_clip_configs(config) -> list:

@@ -753,22 +753,8 @@ def read_spread_clip(path: Path, size: SizeRule, skip_start: int, skip_end: int,
     """One clip of frames spread over the whole source as the diffusers scripts spread them
     (spread_indices, as many as the size rule allows, then the largest 4k+1), resized and cropped
     as every clip is. The whole source's frame times are read."""
-    def decode(video):
-        candidates = spread_indices(len(video.frame_times), size(sys.maxsize, video.height, video.width)[0],
-                                    skip_start, skip_end)
-        num_frames, height, width = size(len(candidates), video.height, video.width)
-        indices = candidates[:num_frames]
-        plan = plan_resize_crop(video.height, video.width, height, width, mode, rng)
-        pixels = torch.empty(3, len(indices), height, width)
-        number = 0
-        for frame in video.iter_frames(indices):
-            pixels[:, number] = to_clip_size(frame[None], plan, height, width)[0]
-            number += 1
-            del frame
-        return video, indices, pixels
-
-    video, indices, pixels = _decoded(path, None, rng, decode)
-    return Clip(pixels, indices, float(video.fps), int(video.height), int(video.width), video.name)
+    return _read_one_clip(path, size, None, mode, rng, lambda video: spread_indices(
+        len(video.frame_times), size(sys.maxsize, video.height, video.width)[0], skip_start, skip_end))
 
 
 def window_starts(frames: int, length: int, extraction: str, stride: int = 1, count: int = 1,
@@ -837,10 +823,16 @@ def read_clip(path: Path, size: SizeRule, fps: float, skip_start: int, skip_end:
     """Decode the frames of one training clip and bring them to the size `size` picks for it,
     reading the source only as far as the clip needs."""
     span = Span(fps, skip_start, skip_end, largest=lambda height, width: size(sys.maxsize, height, width))
+    return _read_one_clip(path, size, span, mode, rng, lambda video: resample_indices(
+        video.frame_times, fps, skip_start, skip_end, span.most(video.height, video.width)))
 
+
+def _read_one_clip(path: Path, size: SizeRule, span: Span | None, mode: str, rng: np.random.Generator | None,
+                   candidates_of) -> Clip:
+    """One clip of the source frames `candidates_of(video)` picks (the first of them the size rule
+    takes), each resized and cropped as it is decoded."""
     def decode(video):
-        most = span.most(video.height, video.width)
-        candidates = resample_indices(video.frame_times, fps, skip_start, skip_end, most)
+        candidates = candidates_of(video)
         num_frames, height, width = size(len(candidates), video.height, video.width)
         indices = candidates[:num_frames]
         plan = plan_resize_crop(video.height, video.width, height, width, mode, rng)

@@ -111,7 +111,7 @@ def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str
     keys = [schema.clip_source(sha, records[i].clip_settings) for i, sha in zip(share, shas)]
     ids = [schema.sample_id(key, records[i].caption) for i, key in zip(share, keys)]
     done = _in(ids, holds.done)  # an index row already: encoded, or failed before
-    parts = procs.gather((paths, sizes, mtimes, shas, ids, None, hashed, done, keys))
+    parts = procs.gather((paths, sizes, mtimes, shas, ids, keys, done, hashed))
     # Every record's columns in dataset order: record i is item i // world_size of process i % world_size.
     def in_order(column: int) -> list:
         values = [None] * len(records)
@@ -119,8 +119,7 @@ def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str
             values[rank::procs.world_size] = part[column]
         return values
 
-    paths, sizes, mtimes, shas, ids = (in_order(column) for column in range(5))
-    have_row, keys = in_order(7), in_order(8)
+    paths, sizes, mtimes, shas, ids, keys, have_row = (in_order(column) for column in range(7))
     missing = [  # source_sha256: the clips' identity (the content's sha256 at the top-level clip settings)
         PlannedSample(records[i], schema.SampleSource(sample_id=ids[i], source_path=paths[i], source_size=sizes[i],
                                                       source_mtime_ns=mtimes[i], source_sha256=keys[i],
@@ -143,7 +142,7 @@ def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str
         reused_videos=pc.sum(pc.is_in(distinct_videos, value_set=holds.latents)).as_py() or 0,
         reused_captions=len({record.caption for record in records}) - len(captions_needed),
         known_failures=sum(have and not ok for have, ok in zip(have_row, _in(ids, holds.usable))),
-        by_video=by_video, hashed=sum(part[6] for part in parts),
+        by_video=by_video, hashed=sum(part[7] for part in parts),
         fingerprints=_updated(holds.fingerprints, paths, sizes, mtimes, shas) if procs.is_main else None,
     )
 

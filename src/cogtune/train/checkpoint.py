@@ -116,14 +116,19 @@ def set_rng_states(states: dict) -> None:
 # --- finding checkpoints ------------------------------------------------------------------------
 
 
-def checkpoints_in(output_dir: Path) -> list[Path]:
-    """Complete checkpoint-N folders, oldest first; anything else with that prefix is not ours."""
+def numbered_folders(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint-N folder in output_dir, ours or another tool's, oldest first."""
     found = []
     for path in Path(output_dir).glob(f"{PREFIX}*"):
         match = re.fullmatch(rf"{PREFIX}(\d+)", path.name)
-        if match and path.is_dir() and (path / STATE_NAME).is_file():
+        if match and path.is_dir():
             found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+    return sorted(found)
+
+
+def checkpoints_in(output_dir: Path) -> list[Path]:
+    """Complete checkpoint-N folders, oldest first; anything else with that prefix is not ours."""
+    return [path for _, path in numbered_folders(output_dir) if (path / STATE_NAME).is_file()]
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -133,9 +138,8 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     it would look like a resume and silently not be one."""
     checkpoints = checkpoints_in(output_dir)
     newest = int(checkpoints[-1].name.removeprefix(PREFIX)) if checkpoints else -1
-    foreign = sorted((int(match.group(1)), path) for path in Path(output_dir).glob(f"{PREFIX}*")
-                     if (match := re.fullmatch(rf"{PREFIX}(\d+)", path.name)) and path.is_dir()
-                     and not (path / STATE_NAME).exists() and (any(path.glob("*.bin")) or any(path.glob("*.pkl"))))
+    foreign = [(step, path) for step, path in numbered_folders(output_dir)
+               if not (path / STATE_NAME).exists() and (any(path.glob("*.bin")) or any(path.glob("*.pkl")))]
     newer = [path for step, path in foreign if step > newest]
     if newer:
         raise CogtuneError(
@@ -343,8 +347,7 @@ def settings_differ(saved: dict, now: dict) -> list[str]:
 def run_outputs(output_dir: Path) -> list[Path]:
     """What a training run left in output_dir: its checkpoints (ours and a diffusers script's) and
     its final LoRA. Logs, curves and cards alone are not a run's work."""
-    found = [path for path in Path(output_dir).glob(f"{PREFIX}*")
-             if re.fullmatch(rf"{PREFIX}\d+", path.name) and path.is_dir()]
+    found = [path for _, path in numbered_folders(output_dir)]
     found += [Path(output_dir) / name for name in (LORA_WEIGHT_NAME, EMA_WEIGHT_NAME)
               if (Path(output_dir) / name).is_file()]
     return sorted(found)
@@ -368,21 +371,21 @@ def remove_run(output_dir: Path, logging_dir: str) -> None:
         shutil.rmtree(output_dir / name, ignore_errors=True)
 
 
-def choose_start(config, output_dir: Path) -> tuple[Path | None, bool]:
+def choose_start(config, output_dir: Path, settings: dict) -> tuple[Path | None, bool]:
     """Where a run starts, decided before any model loads: (the checkpoint to resume or None, whether
     the earlier run's outputs must be removed first). A new run into a folder that holds another
     run's checkpoints or LoRA is refused unless --overwrite_output_dir or --resume_from_checkpoint
-    say what to do with them; a run resumes only a checkpoint trained with its own settings."""
+    say what to do with them; a run resumes only a checkpoint trained with its own settings
+    (run_settings, with its global batch)."""
     outputs = run_outputs(output_dir)
     checkpoint = None
     if config.resume_from_checkpoint == "latest":
         checkpoint = latest_checkpoint(output_dir)
     elif config.resume_from_checkpoint:
         checkpoint = Path(config.resume_from_checkpoint)
-        read_info(checkpoint)  # complete, and ours
     if checkpoint is not None:
-        saved = read_info(checkpoint).get("settings")
-        differ = settings_differ(saved, run_settings(config)) if saved is not None else []
+        saved = read_info(checkpoint).get("settings")  # (read_info: complete, and ours)
+        differ = settings_differ(saved, settings) if saved is not None else []
         if not differ:
             if saved is None:
                 logs.message(f"warning: {checkpoint} records no settings (an older cogtune wrote it), so whether "

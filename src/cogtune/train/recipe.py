@@ -180,7 +180,7 @@ def _save_outputs(run: checkpoints.Run, config: TrainConfig, models, spec, cache
         if run.ema is not None:
             save_lora(run.lora_model(), output_dir, run.ema_weights(), EMA_WEIGHT_NAME)
         repeats = read_dataset_repeats(cache_path)
-        last = next((r for r in reversed(rounds) if r.videos), None)
+        last = report.last_round(rounds)
         write_lora_info(output_dir, {
             "base_model": models.source, "family": spec.description,
             "ignore_learned_positional_embeddings": spec.ignores_learned_positions(
@@ -252,7 +252,8 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
                     if config.caption_dropout_p > 0 and config.caption_dropout_technique == "empty" else None)
     _check_engine(config, accelerator.distributed_type.name, validation is not None)
     _hold_output_dir(accelerator, output_dir, held)  # (after the checks: a run refused by them leaves nothing)
-    checkpoint, overwrite = checkpoints.choose_start(config, output_dir)  # a used folder: resume, replace or refuse
+    settings = checkpoints.run_settings(config, config.train_batch_size * processes)  # what a resume must match
+    checkpoint, overwrite = checkpoints.choose_start(config, output_dir, settings)  # a used folder: resume, replace, refuse
     if overwrite and accelerator.is_main_process:
         checkpoints.remove_run(output_dir, config.logging_dir)
     accelerator.wait_for_everyone()
@@ -296,8 +297,6 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     if config.report_to != "none":  # accelerate starts trackers on the main process only
         accelerator.init_trackers(config.tracker_name, config={
             k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
-
-    settings = checkpoints.run_settings(config, plan.global_batch_size)  # what a resume must match
 
     def save_checkpoint(step: int) -> Path:
         return checkpoints.save(run, output_dir, step, {"data_order": order, "settings": settings},

@@ -23,8 +23,8 @@ FORMATS = ("text", "json")
 _state = {"format": "text", "enabled": True}
 
 # What libraries say on their own while they are imported or used, which is not for our users:
-# torchao's optional kernels that this machine cannot load (torchao is imported by transformers and
-# diffusers whenever it is installed), torch's deprecation notes about torchao's enums, and diffusers'
+# torchao's optional kernels that this machine cannot load (transformers imports torchao whenever it is
+# installed, and peft imports transformers), torch's deprecation notes about torchao's enums, and diffusers'
 # note that torchao's tensor types are missing. Their errors still come through.
 LIBRARY_NOISE = ("torchao", "torch.utils._pytree", "diffusers.quantizers")
 

@@ -15,7 +15,7 @@ from cogtune.util.files import atomic_write
 def x264_options() -> dict[str, str]:
     """libx264's options: quality 18, and on CPUs with AVX-512 its AVX2 code instead.
 
-    With its AVX-512 code (an AMD EPYC here, the Intel Xeons users run on), libx264 wrote other
+    With its AVX-512 code (seen on an AMD EPYC; the Xeons where the suite failed have AVX-512 too), libx264 wrote other
     packets for the same frames now and then (about 1 video in 50 while other threads were busy,
     as they are when training writes its validation videos; never with AVX2 or without assembly in
     1,200 writes each), so the same video was not always the same file, and two runs that

@@ -10,6 +10,7 @@ import threading
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _early: list[str] = []  # stop signals received before the running stage entered StopRequests
+_late: list[str] = []  # stop signals received after the running stage left StopRequests
 
 
 def catch_stop_signals_early() -> None:
@@ -35,18 +36,18 @@ def hold_stop_signals_to_the_end() -> str | None:
     return (_late or _early or [None])[0]
 
 
-_late: list[str] = []  # stop signals received after the running stage left StopRequests
+def _remembered_in(received: list[str]):
+    """A handler that notes the first stop signal in `received`."""
+    def remember(number, frame) -> None:
+        if not received:
+            received.append(signal.Signals(number).name)
+
+    return remember
 
 
-def _remember(number, frame) -> None:
-    if not _early:
-        _early.append(signal.Signals(number).name)
-
-
-def _remember_late(number, frame) -> None:
-    """After the stage's StopRequests: its work is saved or done; the exit status says it was stopped."""
-    if not _late:
-        _late.append(signal.Signals(number).name)
+_remember = _remembered_in(_early)
+# After the stage's StopRequests: its work is saved or done; the exit status says it was stopped.
+_remember_late = _remembered_in(_late)
 
 
 class StopRequests:
