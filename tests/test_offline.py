@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from cogtune.errors import CogtuneError
-from cogtune.families import PUBLISHED, ModelConfigs
+from cogtune.families import ModelConfigs
+from cogtune.families.cogvideox import CogVideoX
 from cogtune.templates import TEMPLATES
 from cogtune.util import hub
 
@@ -163,9 +164,9 @@ print("loaded", sum(p.numel() for p in transformer.parameters()))
 
 def test_published_ids_cover_both_namespaces_of_every_family():
     families = {"cogvideox-2b", "cogvideox-5b", "cogvideox-5b-i2v", "cogvideox1.5-5b", "cogvideox1.5-5b-i2v"}
-    assert set(PUBLISHED.values()) == families
+    assert set(CogVideoX.published.values()) == families
     for namespace in ("thudm", "zai-org"):
-        assert {name.split("/")[1] for name in PUBLISHED if name.startswith(namespace)} == families
+        assert {name.split("/")[1] for name in CogVideoX.published if name.startswith(namespace)} == families
     for folder in families:
         assert ModelConfigs.load(f"THUDM/{folder}").transformer["text_embed_dim"] == 4096
     assert ModelConfigs.load("thudm/cogvideox-5B").location == "thudm/cogvideox-5B"

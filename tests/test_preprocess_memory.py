@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cogtune.config import load_config
-from cogtune.families import ModelConfigs, load_vae
+from cogtune.families import ModelConfigs
 from cogtune.preprocess.encode import _load_text_encoder
 from cogtune.preprocess.memory import t5_estimate, vae_estimate
 from cogtune.util.tensor_bytes import LiveTensorBytes
@@ -36,7 +36,7 @@ def test_the_vae_estimate_follows_the_measured_encoding(tiny_model, tiling):
     config = load_config("preprocess", ["--pretrained_model_name_or_path", str(tiny_model), "--instance_data_root",
                                         ".", "--mixed_precision", "no"] + (["--enable_tiling"] if tiling else []))
     models = ModelConfigs.of(config)
-    vae = load_vae(models, config, torch.device("cpu"), torch.float32)
+    vae = models.spec().load_vae(models, torch.device("cpu"), torch.float32)
     clips = torch.randn(1, 3, 9, 272, 400)
     actual = measured(vae, lambda: vae.encode(clips), [clips])
     estimate = vae_estimate(config, models, (9, 272, 400), tiling, False)

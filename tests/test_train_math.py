@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cogtune.train.data import epoch_batches
-from cogtune.train.step import NoiseSchedule, add_noise, velocity_loss
+from cogtune.families.objectives import NoiseSchedule, add_noise, velocity_loss
 
 
 def test_every_sample_once_per_epoch_batches_of_one_shape():

@@ -14,7 +14,9 @@ import torch
 
 from cogtune.config import load_config
 from cogtune.families import ModelConfigs
-from cogtune.train.step import Draws, NoiseSchedule, Objective, draw_timesteps, step_inputs, training_loss
+from cogtune.families.objectives import NoiseSchedule, Objective, draw_timesteps
+from cogtune.train.step import training_loss
+from cogtune.util.draws import Draws
 
 from conftest import cache_path_of, cogtune_here, write_config
 
@@ -126,7 +128,7 @@ def test_min_snr_weights_each_samples_velocity_loss(spec_and_schedule, gamma):
     weighted = loss_of(spec, schedule, objective, batch, 7, recorder)
 
     # Independently: the same step's x0 and noise, the scheduler's velocity and its alphas.
-    inputs = step_inputs(batch, spec, Draws(torch.Generator().manual_seed(7)), schedule, objective)
+    inputs = spec.step_inputs(batch, Draws(torch.Generator().manual_seed(7)), schedule, objective)
     t = inputs.timesteps
     abar = scheduler.alphas_cumprod[t].double()
     noise = (inputs.x_t.double() - abar.sqrt().view(-1, 1, 1, 1, 1) * inputs.x0.double()) \
@@ -168,7 +170,7 @@ def test_without_the_options_a_step_draws_what_it_drew_before(spec_and_schedule)
     spec, schedule, _ = spec_and_schedule
     batch = make_batch(spec, 3)
     draws = Draws(torch.Generator().manual_seed(11))
-    inputs = step_inputs(batch, spec, draws, schedule, Objective())
+    inputs = spec.step_inputs(batch, draws, schedule, Objective())
     g = torch.Generator().manual_seed(11)
     torch.randn(batch["mean"].shape, generator=g)  # posterior sample
     assert torch.equal(torch.randint(0, len(schedule), (3,), generator=g), inputs.timesteps)

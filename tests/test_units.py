@@ -15,7 +15,7 @@ from cogtune.preprocess.plan import failure_limit
 from cogtune.train.checkpoint import flatten, unflatten
 from cogtune.train.data import epoch_batches, rank_share
 from cogtune.train.log import logged_step
-from cogtune.train.step import Draws
+from cogtune.util.draws import Draws
 from cogtune.util.distributed import balance
 from cogtune.util.hub import looks_like_hub_id
 

@@ -23,7 +23,7 @@ from cogtune.export import to_comfyui
 from cogtune.families import ModelConfigs
 from cogtune.train import report
 from cogtune.util.media import LINE_HEIGHT
-from cogtune.train.validation import CONTACT_SHEET_NAME, generate_latents, load_validation_set
+from cogtune.train.validation import CONTACT_SHEET_NAME, load_validation_set
 
 from conftest import cache_path_of, cogtune_here, write_config
 
@@ -66,7 +66,7 @@ def test_generation_from_cached_embeddings_equals_the_pipeline(family, models, d
     if i2v:
         pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
     settings = dict(num_inference_steps=3, guidance_scale=6.0, use_dynamic_cfg=i2v)
-    ours = generate_latents(pipe.transformer, type(pipe.scheduler).from_config(pipe.scheduler.config), spec,
+    ours = spec.generate_latents(pipe.transformer, type(pipe.scheduler).from_config(pipe.scheduler.config),
                             prompt.prompt_embeds, validation.negative_embeds, 9, 32, 64,
                             generator=torch.Generator().manual_seed(7), dtype=torch.float32,
                             image_moments=prompt.image_moments, **settings)

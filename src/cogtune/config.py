@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from cogtune import quantize
 from cogtune.errors import CogtuneError
+from cogtune.util.devices import MIXED_PRECISION
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,16 +36,6 @@ def opt(default: Any, help: str, choices: tuple | None = None, file_only: bool =
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
-
-
-MIXED_PRECISION = ("no", "fp16", "bf16")
-
-
-def precision_dtype(mixed_precision: str):
-    """The torch dtype of a --mixed_precision value ("no" is fp32)."""
-    import torch
-
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
 TENSOR_DTYPES = ("fp32", "fp16", "bf16")
@@ -904,14 +895,6 @@ def check_datasets(datasets: list, config=None) -> None:
             except CogtuneError as e:
                 raise CogtuneError(f"[[datasets]] table {number}: {str(e).removeprefix(f'[[datasets]] table {number}: ')}")
             table.update({key: getattr(checked, key) for key in own})  # normalised (frame_extraction = "Chunk")
-
-
-def check_precision_available(mixed_precision: str) -> None:
-    """fp16 autocast exists only on GPUs; say so before any model is loaded."""
-    import torch
-
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise CogtuneError("--mixed_precision fp16 needs a GPU; use bf16 or no on a CPU.")
 
 
 # Flags of a training command line that are training's own settings, though preprocess has settings of

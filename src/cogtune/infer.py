@@ -10,14 +10,15 @@ import numpy as np
 import torch
 
 from cogtune import quantize
-from cogtune.config import InferConfig, check_precision_available, precision_dtype
+from cogtune.config import InferConfig
 from cogtune.data.sources import decoded_text, read_rows
 from cogtune.data.video import first_frame_pixels
 from cogtune.errors import CogtuneError, first_line
-from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
+from cogtune.families import ModelConfigs
 from cogtune.train.lora import lora_source, read_lora_info, trained_base
 from cogtune.train.validation import video_name
 from cogtune.util import files, logs
+from cogtune.util.devices import check_precision_available, precision_dtype
 from cogtune.util.media import write_mp4
 
 ADAPTER_NAME = "cogtune"
@@ -90,8 +91,6 @@ def with_trained_base(config: InferConfig) -> InferConfig:
 
 
 def run(config: InferConfig) -> list[Path]:
-    import diffusers
-
     logs.configure(config.log_format)
     config = with_trained_base(config)
     folder, weight_name = lora_location(config)
@@ -107,7 +106,7 @@ def run(config: InferConfig) -> list[Path]:
     check_precision_available(config.mixed_precision)
     spec.check_precision(config.mixed_precision, logs.message)
     dtype = precision_dtype(config.mixed_precision)
-    pipeline_class = getattr(diffusers, spec.pipeline_class_name)
+    pipeline_class = spec.pipeline_class()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quantization = None
     if config.quant_backend != "none":
@@ -117,7 +116,7 @@ def run(config: InferConfig) -> list[Path]:
     pipe = models.load_part(pipeline_class, None, dtype=dtype,
                             **({"quantization_config": quantization} if quantization else {}))
     if spec.ignores_learned_positions(ignore_positions):
-        drop_learned_positional_embeddings(pipe.transformer)
+        spec.drop_learned_positional_embeddings(pipe.transformer)
     kwargs = {"weight_name": weight_name} if weight_name else {}
     try:
         pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, use_safetensors=True, **kwargs)  # never pickle
@@ -139,7 +138,7 @@ def run(config: InferConfig) -> list[Path]:
     else:
         pipe.to(device)
     if config.compile:  # regional compilation, as in training: one compiled graph serves every block
-        for block in pipe.transformer.transformer_blocks:
+        for block in spec.blocks(pipe.transformer):
             block.compile()
 
     written = []
@@ -152,8 +151,8 @@ def run(config: InferConfig) -> list[Path]:
         frames = pipe(
             prompt=job.prompt, negative_prompt=config.negative_prompt, num_frames=config.num_frames,
             height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,
-            guidance_scale=config.guidance_scale, use_dynamic_cfg=config.use_dynamic_cfg, generator=generator,
-            max_sequence_length=spec.max_text_seq_length, output_type="np", **image,
+            guidance_scale=config.guidance_scale, generator=generator, output_type="np", **image,
+            **spec.pipeline_call_arguments(config.use_dynamic_cfg),
         ).frames[0]
         path = out_dir / video_name(index, job.prompt, config.seed)
         write_mp4(path, (np.clip(frames, 0, 1) * 255).round().astype(np.uint8), config.fps)

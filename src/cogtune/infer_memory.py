@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from cogtune import quantize
-from cogtune.config import InferConfig, precision_dtype
-from cogtune.infer import with_trained_base
+from cogtune.config import InferConfig
 from cogtune.families import ModelConfigs
-from cogtune.preprocess.memory import activation_peak, meta_model, meta_t5
+from cogtune.infer import with_trained_base
+from cogtune.preprocess.memory import activation_peak
+from cogtune.util.devices import precision_dtype
 from cogtune.util.tensor_bytes import gib, largest_module_bytes
 
 
@@ -38,31 +39,23 @@ def _weights(model: torch.nn.Module, config: InferConfig, part: str) -> tuple[in
 
 
 def parts(config: InferConfig, models: ModelConfigs) -> list[Part]:
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-
     spec = models.spec()
     dtype = precision_dtype(config.mixed_precision)
     meta = torch.device("meta")
     batch = 2 if config.guidance_scale > 1 else 1  # classifier-free guidance: the prompt and the negative one
 
-    t5 = meta_t5(models, dtype)
-    tokens = torch.zeros(1, spec.max_text_seq_length, dtype=torch.long, device=meta)
+    t5 = spec.meta_text_encoder(models, dtype)
+    tokens = spec.text_tokens(meta)
     found = [Part("T5", *_weights(t5, config, "text_encoder"), activation_peak(t5, lambda: t5(tokens)))]
 
-    transformer = meta_model(lambda: CogVideoXTransformer3DModel.from_config(models.transformer), dtype)
-    frames = spec.latent_frames(config.num_frames)
-    frames += spec.frame_padding(frames)
+    transformer = spec.meta_transformer(models, dtype).requires_grad_(False).eval()
     height, width = config.height // spec.vae_scale_spatial, config.width // spec.vae_scale_spatial
-    inputs = dict(hidden_states=torch.empty(batch, frames, transformer.config.in_channels, height, width, device=meta,
-                                            dtype=dtype),
-                  encoder_hidden_states=torch.empty(batch, spec.max_text_seq_length, spec.text_embed_dim, device=meta,
-                                                    dtype=dtype),
-                  timestep=torch.zeros(batch, dtype=torch.long, device=meta),
-                  **spec.transformer_inputs(batch, frames, height, width, meta, dtype))
+    latent_shape = [spec.latent_channels, spec.latent_frames(config.num_frames), height, width]
+    inputs = spec.memory_inputs(batch, latent_shape, transformer.config.in_channels, dtype, meta, dtype)
     found.append(Part("transformer", *_weights(transformer, config, "transformer"),
                       activation_peak(transformer, lambda: transformer(**inputs, return_dict=False))))
 
-    vae = meta_model(lambda: AutoencoderKLCogVideoX.from_config(models.vae), dtype)
+    vae = spec.meta_vae(models, dtype)
     if config.enable_tiling:
         vae.enable_tiling()
     if config.enable_slicing:

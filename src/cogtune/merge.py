@@ -17,19 +17,18 @@ from pathlib import Path
 
 import torch
 
-from cogtune.config import MIXED_PRECISION, precision_dtype, stage_file_values
+from cogtune.config import stage_file_values
 from cogtune.errors import CogtuneError, first_line
-from cogtune.families import ModelConfigs, drop_learned_positional_embeddings
+from cogtune.families import ModelConfigs
 from cogtune.train.lora import lora_source, read_lora_info, trained_base
 from cogtune.util import files, logs
+from cogtune.util.devices import MIXED_PRECISION, precision_dtype
 
 ADAPTER_NAME = "merged"
 
 
 def merge(lora: str, merged_dir: str | Path, base: str | None = None, lora_scale: float = 1.0,
           dtype: str = "bf16", revision: str | None = None, variant: str | None = None) -> Path:
-    import diffusers
-
     if not math.isfinite(lora_scale):
         raise CogtuneError(f"--lora_scale must be a finite number, got {lora_scale}.")
     folder, weight_name = lora_source(lora, "--lora")
@@ -48,9 +47,9 @@ def merge(lora: str, merged_dir: str | Path, base: str | None = None, lora_scale
     files.ensure_writable_dir(merged_dir.parent, "--merged_dir's parent folder")
     models = ModelConfigs.load(base, revision, variant)
     spec = models.spec()
-    pipe = models.load_part(getattr(diffusers, spec.pipeline_class_name), None, dtype=torch.float32)
+    pipe = models.load_part(spec.pipeline_class(), None, dtype=torch.float32)
     if spec.ignores_learned_positions(bool(info.get("ignore_learned_positional_embeddings"))):
-        drop_learned_positional_embeddings(pipe.transformer)  # recorded in the saved config too
+        spec.drop_learned_positional_embeddings(pipe.transformer)  # recorded in the saved config too
     try:
         pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, use_safetensors=True,
                                **({"weight_name": weight_name} if weight_name else {}))

@@ -144,7 +144,7 @@ def weight_bytes(model: torch.nn.Module, backend: str, chosen: str | None) -> in
     return total
 
 
-def dequantized_saved_bytes(model: torch.nn.Module, backend: str, compute_bytes: int) -> tuple[int, int]:
+def dequantized_saved_bytes(model: torch.nn.Module, blocks, backend: str, compute_bytes: int) -> tuple[int, int]:
     """Bytes of the dequantized weights autograd keeps for the backward pass (without, with gradient
     checkpointing). quanto's linear layers save the weight they dequantized, in the compute dtype
     (as fp8 layerwise casting does): all of them without checkpointing, one block's with it. torchao
@@ -157,6 +157,6 @@ def dequantized_saved_bytes(model: torch.nn.Module, backend: str, compute_bytes:
         return sum(m.weight.numel() * compute_bytes for m in module.modules()
                    if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
 
-    blocks = [linear_bytes(block) for block in model.transformer_blocks]
-    outside = linear_bytes(model) - sum(blocks)
-    return outside + sum(blocks), outside + max(blocks, default=0)
+    per_block = [linear_bytes(block) for block in blocks]
+    outside = linear_bytes(model) - sum(per_block)
+    return outside + sum(per_block), outside + max(per_block, default=0)

@@ -82,8 +82,9 @@ def cache_identity(config, models: ModelConfigs) -> CacheIdentity:
     settings = {name: getattr(config, name) for name in TENSOR_SETTINGS}
     buckets = configured_buckets(config)
     settings["buckets"] = [bucket_name(b) for b in buckets] if buckets else None
-    settings["max_text_seq_length"] = models.transformer["max_text_seq_length"]
-    image_conditioned = models.spec().image_conditioned
+    spec = models.spec()
+    settings["max_text_seq_length"] = spec.text_length
+    image_conditioned = spec.image_conditioned
     settings["image_noise_variants"] = config.image_noise_variants if image_conditioned else 0
     if config.video_reshape_mode == "random" or image_conditioned:  # random crops and first-frame noise
         settings["seed"] = config.seed

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from cogtune import data_schema as schema
 from cogtune.errors import CogtuneError
-from cogtune.families import FamilySpec
+from cogtune.families import ModelFamily
 from cogtune.util import files
 
 
@@ -630,7 +630,7 @@ def check_compatible(manifest: schema.Manifest, model: dict, cache_path: Path) -
         )
 
 
-def check_for_training(manifest: schema.Manifest, model: dict, spec: FamilySpec, cache_path: Path) -> None:
+def check_for_training(manifest: schema.Manifest, model: dict, spec: ModelFamily, cache_path: Path) -> None:
     """Refuse a cache that the model to train cannot use: another VAE or T5, the other kind of model
     (text- or image-to-video), another text length."""
     check_compatible(manifest, model, cache_path)
@@ -646,10 +646,10 @@ def check_for_training(manifest: schema.Manifest, model: dict, spec: FamilySpec,
             f"{spec.description} model. Preprocess the data with this model first."
         )
     cached_text_length = manifest.settings.max_text_seq_length
-    if cached_text_length != spec.max_text_seq_length:
+    if cached_text_length != spec.text_length:
         raise CogtuneError(
             f"The cache {cache_path} holds text embeddings of {cached_text_length} tokens but the transformer takes "
-            f"{spec.max_text_seq_length}."
+            f"{spec.text_length}."
         )
 
 

@@ -29,12 +29,13 @@ from cogtune.cache.writer import CacheWriter, cache_lock, compact_index, write_f
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import clip_sizes, configured_buckets
 from cogtune.data.sources import dataset_clip_configs, dataset_tables, load_dataset_records
-from cogtune.families import ModelConfigs
 from cogtune.errors import CogtuneError
-from cogtune.preprocess.encode import device_and_dtype, encode_captions, encode_validation, encode_videos
+from cogtune.families import ModelConfigs
+from cogtune.preprocess.encode import encode_captions, encode_validation, encode_videos
 from cogtune.preprocess.memory import choose_vae_memory, vae_room_problem
 from cogtune.preprocess.plan import CacheHolds, my_videos, plan
 from cogtune.util import files, logs
+from cogtune.util.devices import encoding_device_and_dtype as device_and_dtype
 from cogtune.util.tensor_bytes import gib
 from cogtune.util.distributed import Processes, is_main_process, processes
 from cogtune.util.signals import StopRequests

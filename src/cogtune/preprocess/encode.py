@@ -1,11 +1,10 @@
-"""The encoders of stage 1: T5 for captions and validation prompts, the 3D VAE for clips, their
-noised first frames and validation images. Each writes its tensors through a CacheWriter; the
+"""The encoders of stage 1, as the model's family runs them: its text encoder for captions and
+validation prompts, its VAE for clips, their noised first frames and validation images. Each writes its tensors through a CacheWriter; the
 index rows that name them are the caller's (`preprocess._encode_missing`)."""
 
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -16,15 +15,16 @@ import torch
 from cogtune import data_schema as schema
 from cogtune import quantize
 from cogtune.cache.writer import CacheWriter, write_tensors
-from cogtune.config import PreprocessConfig, precision_dtype
+from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import bucket_name, size_rule
 from cogtune.data.sources import clip_config
 from cogtune.data.video import (Clip, ClipSkipped, first_frame_pixels, not_a_video, read_clip, read_spread_clip,
                                 read_windows, window_starts)
 from cogtune.errors import CogtuneError, Preempted, first_line
-from cogtune.families import ModelConfigs, load_vae
+from cogtune.families import ModelConfigs
 from cogtune.preprocess.plan import failure_limit
 from cogtune.util import files, logs
+from cogtune.util.devices import encoding_device_and_dtype as device_and_dtype
 from cogtune.util.signals import StopRequests, ignore_stop_signals
 
 
@@ -79,13 +79,6 @@ def _first(batch):
     return batch[0]
 
 
-def device_and_dtype(precision: str) -> tuple[torch.device, torch.dtype]:
-    if torch.cuda.is_available():  # one GPU per process of a node
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), precision_dtype(precision)
-    # bf16/fp16 3D convolutions are pathologically slow on CPUs: encode in fp32 there.
-    return torch.device("cpu"), torch.float32
-
-
 def stop_if_requested(stop: StopRequests, writer: CacheWriter) -> None:
     """At a safe point: on SIGTERM/SIGUSR1, save what is encoded and end the run."""
     if stop.signal:
@@ -95,17 +88,14 @@ def stop_if_requested(stop: StopRequests, writer: CacheWriter) -> None:
 
 
 def _load_text_encoder(config: PreprocessConfig, models: ModelConfigs):
-    """(tokenizer, T5 encoder on the device) of the pipeline."""
-    from transformers import AutoTokenizer, T5EncoderModel
-
+    """(tokenizer, text encoder on the device) of the pipeline, quantized or offloaded as asked."""
     device, dtype = device_and_dtype(config.mixed_precision)
-    tokenizer = models.load_part(AutoTokenizer, "tokenizer", weights=False)
     kwargs = {}
     if config.text_encoder_quant_backend != "none":
         quantize.require(config.text_encoder_quant_backend, device, "--text_encoder_quant_backend")
         kwargs["quantization_config"] = quantize.transformers_config(config.text_encoder_quant_backend,
                                                                      config.text_encoder_quant_type, dtype)
-    text_encoder = models.load_part(T5EncoderModel, "text_encoder", dtype=dtype, **kwargs).eval()
+    tokenizer, text_encoder = models.spec().load_text_encoder(models, dtype, **kwargs)
     if config.text_encoder_cpu_offload and device.type == "cuda":  # each layer comes to the GPU as it runs
         from accelerate import cpu_offload
 
@@ -124,35 +114,19 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-@torch.no_grad()
-def _embed_texts(texts: list[str], tokenizer, text_encoder, max_length: int) -> tuple[list[torch.Tensor], int]:
-    """T5 embeddings of texts padded to max_length, as the pipelines make them, each text through
-    T5 on its own; and how many were truncated.
-
-    One text per forward pass: the cache is content-addressed, so a caption's bytes must not depend
-    on the captions that share its batch, and matrix kernels on CPUs and GPUs pick their blocking
-    (and so their sums' order) by the batch's shape."""
-    tokens = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                       add_special_tokens=True, return_tensors="pt")
-    full_lengths = tokenizer(texts, add_special_tokens=True, return_length=True)["length"]
-    ids = tokens.input_ids.to(text_encoder.device)
-    embeds = [text_encoder(ids[number:number + 1])[0][0] for number in range(len(texts))]
-    return embeds, sum(length > max_length for length in full_lengths)
-
-
 CAPTION_BATCH = 8  # captions tokenized (and checked for stop requests) together; T5 runs on each alone
 
 
 def encode_captions(captions: list[str], config: PreprocessConfig, models: ModelConfigs,
                      writer: CacheWriter, stop: StopRequests, batch_size: int = CAPTION_BATCH) -> dict[str, str]:
     """T5-encode captions padded to the model's text length, each on its own; returns tensor key -> shard."""
+    spec = models.spec()
     tokenizer, text_encoder = _load_text_encoder(config, models)
-    max_length = models.transformer["max_text_seq_length"]
     store_dtype = schema.DTYPES[config.latent_dtype]
     shards, truncated = {}, 0
     for start in logs.progress(range(0, len(captions), batch_size), desc="encoding captions", unit="batch"):
         batch = captions[start:start + batch_size]
-        embeds, cut = _embed_texts(batch, tokenizer, text_encoder, max_length)
+        embeds, cut = spec.embed_texts(batch, tokenizer, text_encoder)
         truncated += cut
         for caption, embed in zip(batch, embeds):
             key = schema.text_tensor_key(schema.caption_key(caption))
@@ -161,7 +135,7 @@ def encode_captions(captions: list[str], config: PreprocessConfig, models: Model
                 writer.flush()
         stop_if_requested(stop, writer)
     if truncated:
-        logs.message(f"warning: {truncated} caption(s) are longer than {max_length} tokens and were truncated.")
+        logs.message(f"warning: {truncated} caption(s) are longer than {spec.text_length} tokens and were truncated.")
     del text_encoder
     free(device_and_dtype(config.mixed_precision)[0])  # T5 is gone before the VAE loads
     return shards
@@ -179,7 +153,7 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path
              if not schema.validation_text_path(cache_path, text).is_file()]
     if texts:
         tokenizer, text_encoder = _load_text_encoder(config, models)
-        embeds, truncated = _embed_texts(texts, tokenizer, text_encoder, models.transformer["max_text_seq_length"])
+        embeds, truncated = models.spec().embed_texts(texts, tokenizer, text_encoder)
         for text, embed in zip(texts, embeds):
             write_tensors(schema.validation_text_path(cache_path, text), {schema.VALIDATION_PROMPT_EMBEDS: embed.float()},
                                  {"prompt": text})
@@ -196,12 +170,12 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path
                 pending[path] = entry
     if pending:
         device, dtype = device_and_dtype(config.mixed_precision)
-        vae = load_vae(models, config, device, dtype)
+        spec = models.spec()
+        vae = spec.load_vae(models, device, dtype, config.enable_slicing, config.enable_tiling)
         for path, entry in pending.items():
             pixels = first_frame_pixels(entry.image, entry.height, entry.width)  # [C, 1, H, W]
-            posterior = vae.encode(pixels[None].to(device, dtype)).latent_dist
-            write_tensors(path, {schema.VALIDATION_IMAGE_MEAN: posterior.mean[0].float(),
-                                schema.VALIDATION_IMAGE_LOGVAR: posterior.logvar[0].float()},
+            mean, logvar = spec.encode_pixels(vae, pixels[None].to(device, dtype))
+            write_tensors(path, {schema.VALIDATION_IMAGE_MEAN: mean.float(), schema.VALIDATION_IMAGE_LOGVAR: logvar.float()},
                                  {"image": str(entry.image)})
         written += len(pending)
         del vae
@@ -251,7 +225,8 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
                                          worker_init_fn=ignore_stop_signals)
     clips = iter(loader)  # the decode workers start now, before the VAE exists: none holds a copy of it
     device, dtype = device_and_dtype(config.mixed_precision)
-    vae = load_vae(models, config, device, dtype)
+    spec = models.spec()
+    vae = spec.load_vae(models, device, dtype, config.enable_slicing, config.enable_tiling)
     store_dtype = schema.DTYPES[config.latent_dtype]
 
     windows_left: dict[str, int] = {}  # video -> its windows not encoded yet
@@ -261,9 +236,9 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
         # Each clip, and each of its noised first frames, through the VAE on its own: the cache is
         # content-addressed, and a batch of several gives other bytes (convolution kernels block
         # and sum by the batch's shape, on CPUs and GPUs alike).
-        posterior = vae.encode(clip.pixels[None].to(device, dtype)).latent_dist
+        mean, logvar = spec.encode_pixels(vae, clip.pixels[None].to(device, dtype))
         key = schema.window_key(sha, start)
-        mean, logvar = posterior.mean[0].to(store_dtype), posterior.logvar[0].to(store_dtype)
+        mean, logvar = mean.to(store_dtype), logvar.to(store_dtype)
         mean_key, logvar_key = schema.latent_tensor_keys(key)
         shard = writer.add_tensor(mean_key, mean)
         writer.add_tensor(logvar_key, logvar)
@@ -272,10 +247,10 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
             sigmas, generator = first_frame_noise(config.seed, schema.window_source(sha, start), image_variants)
             images = noised_first_frames(clip.pixels, sigmas, generator)
             for variant in range(image_variants):
-                image_posterior = vae.encode(images[variant:variant + 1].to(device, dtype)).latent_dist
+                image_mean, image_logvar = spec.encode_pixels(vae, images[variant:variant + 1].to(device, dtype))
                 image_mean_key, image_logvar_key = schema.image_latent_tensor_keys(key, variant)
-                writer.add_tensor(image_mean_key, image_posterior.mean[0].to(store_dtype))
-                writer.add_tensor(image_logvar_key, image_posterior.logvar[0].to(store_dtype))
+                writer.add_tensor(image_mean_key, image_mean.to(store_dtype))
+                writer.add_tensor(image_logvar_key, image_logvar.to(store_dtype))
         frames, height, width = clip.pixels.shape[1:]
         done.setdefault(sha, {})[start] = schema.VideoLatent(
             frame_indices=clip.frame_indices, source_fps=clip.source_fps, source_height=clip.source_height,

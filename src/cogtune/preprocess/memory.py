@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from cogtune import quantize
-from cogtune.config import PreprocessConfig, precision_dtype
+from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import clip_sizes
-from cogtune.families import ModelConfigs, built_on_meta
+from cogtune.families import ModelConfigs
+from cogtune.util.devices import precision_dtype
 from cogtune.util.tensor_bytes import LiveTensorBytes, fused_attention_on_meta, gib, largest_module_bytes
 
 
@@ -33,27 +34,16 @@ class StageEstimate:
         return self.weights + self.activations
 
 
-def meta_model(build, dtype: torch.dtype) -> torch.nn.Module:
-    """A model built on the meta device (shapes, no storage), frozen, in dtype."""
-    return built_on_meta(build, dtype).requires_grad_(False).eval()
-
-
-def meta_t5(models: ModelConfigs, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import T5Config, T5EncoderModel
-
-    text_config = {k: v for k, v in models.text_encoder.items() if k != "architectures"}
-    return meta_model(lambda: T5EncoderModel(T5Config(**text_config)), dtype)
-
-
 def t5_estimate(config: PreprocessConfig, models: ModelConfigs) -> StageEstimate:
     """T5 encoding one caption (preprocess encodes each on its own)."""
     dtype = precision_dtype(config.mixed_precision)  # (on a GPU: this machine may be a CPU)
-    model = meta_t5(models, dtype)
+    spec = models.spec()
+    model = spec.meta_text_encoder(models, dtype)
     if config.text_encoder_cpu_offload:  # one module's own weights on the GPU at a time
         weights = largest_module_bytes(model)
     else:
         weights = quantize.weight_bytes(model, config.text_encoder_quant_backend, config.text_encoder_quant_type)
-    tokens = torch.zeros(1, models.transformer["max_text_seq_length"], dtype=torch.long, device="meta")
+    tokens = spec.text_tokens("meta")
     return StageEstimate(weights, activation_peak(model, lambda: model(tokens)))
 
 
@@ -70,10 +60,8 @@ def activation_peak(model: torch.nn.Module, run) -> int:
 def vae_estimate(config: PreprocessConfig, models: ModelConfigs, size: tuple[int, int, int], tiling: bool,
                  slicing: bool) -> StageEstimate:
     """The VAE encoding one clip of `size` (frames, height, width): preprocess encodes each on its own."""
-    from diffusers import AutoencoderKLCogVideoX
-
     dtype = precision_dtype(config.mixed_precision)
-    vae = meta_model(lambda: AutoencoderKLCogVideoX.from_config(models.vae), dtype)
+    vae = models.spec().meta_vae(models, dtype)
     if tiling:
         vae.enable_tiling()
     if slicing:

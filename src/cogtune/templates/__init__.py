@@ -11,16 +11,11 @@ import argparse
 from pathlib import Path
 
 from cogtune.errors import CogtuneError
+from cogtune.families import VARIANTS
 
 TEMPLATES = Path(__file__).resolve().parent  # configs/, accelerate/ and slurm/ beside this file
-FAMILIES = {
-    "2b": "cogvideox-2b-lora.toml",
-    "5b": "cogvideox-5b-lora.toml",
-    "5b-i2v": "cogvideox-5b-i2v-lora.toml",
-    "1.5-5b": "cogvideox1.5-5b-lora.toml",
-    "1.5-5b-i2v": "cogvideox1.5-5b-i2v-lora.toml",
-    "demo": "demo.toml",
-}
+# Every variant the family registry knows has a config (configs/<its model, lower case>-lora.toml).
+FAMILIES = {**{variant: f"{model.lower()}-lora.toml" for variant, (_, model) in VARIANTS.items()}, "demo": "demo.toml"}
 CONFIG_PLACEHOLDER = "@CONFIG@"  # the Slurm scripts' default --config
 
 
@@ -56,7 +51,7 @@ def main(argv: list[str], description: str) -> None:
     parser = argparse.ArgumentParser(prog="cogtune init", description=description)
     parser.add_argument("folder", nargs="?", default=".", help="Where to write the files (default: here).")
     parser.add_argument("--family", choices=list(FAMILIES), required=True,
-                        help="The CogVideoX family to write a config for (demo: the tiny CPU demo).")
+                        help="The model family to write a config for (demo: the tiny CPU demo).")
     parser.add_argument("--force", action="store_true", help="Replace files that exist.")
     args = parser.parse_args(argv)
     folder = Path(args.folder)

@@ -182,6 +182,7 @@ class Run:
     transformer: Any
     optimizer: Any
     lr_scheduler: Any
+    family: Any = None  # the ModelFamily: how its LoRA files are written and read
     ema: Any = None  # --use_ema: diffusers' EMAModel of the LoRA parameters
 
     def lora_parameters(self) -> list:
@@ -228,9 +229,9 @@ def save(run: Run, output_dir: Path, step: int, info: dict, total_limit: int | N
     accelerator.wait_for_everyone()
     save_state(temp / f"random_states_{accelerator.process_index}.safetensors", rng_states())
     if accelerator.is_main_process:
-        save_lora(run.lora_model(), temp, weights)
+        save_lora(run.family, run.lora_model(), temp, weights)
         if run.ema is not None:  # loadable as a LoRA too; its step count goes into cogtune_state.json
-            save_lora(run.lora_model(), temp, run.ema_weights(), EMA_WEIGHT_NAME)
+            save_lora(run.family, run.lora_model(), temp, run.ema_weights(), EMA_WEIGHT_NAME)
             info = dict(info, ema_optimization_step=run.ema.optimization_step)
     engine = accelerator.distributed_type.name
     if engine == "DEEPSPEED":  # ZeRO partitions the optimizer into DeepSpeed's own objects: its own format
@@ -281,7 +282,7 @@ def load(run: Run, checkpoint: Path) -> dict:
     else:
         if run.ema is not None:
             load_ema(run, checkpoint, info)
-        load_lora_into(run.lora_model(), checkpoint)
+        load_lora_into(run.family, run.lora_model(), checkpoint)
         path = checkpoint / training_state_name(engine, accelerator.process_index)
         if not path.is_file():
             raise CogtuneError(f"{checkpoint} holds no {path.name}: it was saved by another engine or number of "
@@ -306,9 +307,9 @@ def load_ema(run: Run, checkpoint: Path, info: dict) -> None:
     without --use_ema starts the average at the checkpoint's own LoRA."""
     if not (checkpoint / EMA_WEIGHT_NAME).is_file():
         logs.message(f"warning: {checkpoint} was saved without --use_ema; the EMA starts from its LoRA.")
-        load_lora_into(run.lora_model(), checkpoint)
+        load_lora_into(run.family, run.lora_model(), checkpoint)
     else:
-        load_lora_into(run.lora_model(), checkpoint, EMA_WEIGHT_NAME)
+        load_lora_into(run.family, run.lora_model(), checkpoint, EMA_WEIGHT_NAME)
     run.ema.shadow_params = [p.detach().clone() for p in run.lora_parameters()]
     run.ema.optimization_step = int(info.get("ema_optimization_step", 0))
 

@@ -17,7 +17,7 @@ from cogtune.cache.reader import Cache, check_for_training, read_dataset_repeats
 from cogtune.cache.tool import check_samples
 from cogtune.data.sources import dataset_tables
 from cogtune.errors import CogtuneError
-from cogtune.families import FamilySpec, ModelConfigs
+from cogtune.families import ModelConfigs, ModelFamily
 from cogtune.util import logs
 
 
@@ -119,7 +119,7 @@ def collate(items: list[dict]) -> dict:
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
-def open_training_cache(config, data, models: ModelConfigs, spec: FamilySpec) -> tuple[Path, Cache]:
+def open_training_cache(config, data, models: ModelConfigs, spec: ModelFamily) -> tuple[Path, Cache]:
     """The cache this run trains on (saying which, and why), refused before any model is loaded
     when it does not fit the model: another VAE or T5, the other kind of model, another text
     length, no usable samples, damaged shards, clip sizes the family cannot take."""

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from cogtune.errors import CogtuneError, first_line
+from cogtune.families import ModelFamily
 from cogtune.util import files
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -17,11 +18,12 @@ LORA_INFO_NAME = "cogtune_lora.json"
 EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"  # --use_ema: the averaged LoRA, beside the trained one
 
 
-def save_lora(transformer, directory: Path, weights: dict | None = None, weight_name: str = LORA_WEIGHT_NAME) -> Path:
-    """Save the adapter in diffusers format, with its rank and alpha, so that load_lora_weights alone
-    reproduces the trained scale. Written to a temp folder, then renamed into place. weights: the
-    LoRA tensors when they had to be gathered from several processes (default: the transformer's)."""
-    from diffusers import CogVideoXPipeline
+def save_lora(family: ModelFamily, transformer, directory: Path, weights: dict | None = None,
+              weight_name: str = LORA_WEIGHT_NAME) -> Path:
+    """Save the adapter in the family pipeline's diffusers format, with its rank and alpha, so that
+    load_lora_weights alone reproduces the trained scale. Written to a temp folder, then renamed into
+    place. weights: the LoRA tensors when they had to be gathered from several processes (default:
+    the transformer's)."""
     from peft.utils import get_peft_model_state_dict
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -31,10 +33,8 @@ def save_lora(transformer, directory: Path, weights: dict | None = None, weight_
     metadata = {key: sorted(value) if isinstance(value, (set, frozenset)) else value
                 for key, value in transformer.peft_config["default"].to_dict().items()}
     try:
-        CogVideoXPipeline.save_lora_weights(
-            temp, transformer_lora_layers=weights if weights is not None else get_peft_model_state_dict(transformer),
-            transformer_lora_adapter_metadata=metadata, weight_name=weight_name,
-        )
+        family.save_lora_weights(temp, weights if weights is not None else get_peft_model_state_dict(transformer),
+                                 metadata, weight_name)
         files.canonical_safetensors(temp / weight_name)  # the same LoRA, the same bytes
         files.publish(temp / weight_name, directory / weight_name)  # readable by the group, as all else
     except Exception as e:  # a full disk arrives wrapped in safetensors' own error type
@@ -45,27 +45,17 @@ def save_lora(transformer, directory: Path, weights: dict | None = None, weight_
     return directory / weight_name
 
 
-def load_lora_into(transformer, directory: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
-    from diffusers import CogVideoXPipeline
+def load_lora_into(family: ModelFamily, transformer, directory: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
     from peft.utils import set_peft_model_state_dict
 
     try:  # safetensors only: a pickled LoRA is never opened
-        state = CogVideoXPipeline.lora_state_dict(str(directory), weight_name=weight_name, use_safetensors=True)
+        state = family.lora_state_dict(str(directory), weight_name=weight_name, use_safetensors=True)
     except Exception as e:  # diffusers and safetensors raise several error types
         raise CogtuneError(f"Cannot read {Path(directory) / weight_name} ({first_line(e)}).") from None
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     result = set_peft_model_state_dict(transformer, state, adapter_name="default")
     if getattr(result, "unexpected_keys", None):
         raise CogtuneError(f"The LoRA in {directory} does not match this model (unexpected keys).")
-
-
-# Named sets of --lora_target_modules: the block's attention projections (the reference's), plus its
-# feed-forward layers, plus the linear layers of its adaptive norms (every nn.Linear of a block).
-TARGET_PRESETS = {
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attention_ffn": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    "all_linear": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear", "norm2.linear"],
-}
 
 
 def lora_source(value: str, flag: str) -> tuple[str, str | None]:
@@ -122,16 +112,15 @@ def read_lora(value: str, flag: str) -> tuple[Path, dict, dict]:
         return path, {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
 
 
-def load_initial_lora(transformer, value: str, rank: int, lora_alpha: float) -> int:
+def load_initial_lora(family: ModelFamily, transformer, value: str, rank: int, lora_alpha: float) -> int:
     """--init_lora: start the adapters from an existing LoRA, which must have this run's rank (and
     alpha, when its file records one). Returns how many of this run's adapted layers it covered;
     the others start as a new LoRA does (B = 0)."""
-    from diffusers import CogVideoXPipeline
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     folder, weight_name = lora_source(value, "--init_lora")
     try:
-        state, metadata = CogVideoXPipeline.lora_state_dict(
+        state, metadata = family.lora_state_dict(
             folder, use_safetensors=True, return_lora_metadata=True, **({"weight_name": weight_name} if weight_name else {}))
     except Exception as e:  # diffusers, the hub and safetensors raise several error types
         raise CogtuneError(f"Cannot read the LoRA --init_lora {value} ({first_line(e)}).") from None

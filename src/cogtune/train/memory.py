@@ -28,14 +28,15 @@ import torch
 from cogtune import quantize
 from cogtune.cache.identity import training_cache
 from cogtune.cache.reader import Cache
-from cogtune.config import PreprocessConfig, TrainConfig, precision_dtype
+from cogtune.config import PreprocessConfig, TrainConfig
 from cogtune.data.buckets import clip_sizes
 from cogtune.errors import CogtuneError
-from cogtune.families import FamilySpec, ModelConfigs
+from cogtune.families import ModelConfigs, ModelFamily
 from cogtune.train.model import build_transformer
 from cogtune.train.swap import swapped_bytes
-from cogtune.util.tensor_bytes import fused_attention_on_meta, gib
 from cogtune.train.optim import state_bytes_per_parameter
+from cogtune.util.devices import precision_dtype
+from cogtune.util.tensor_bytes import fused_attention_on_meta, gib
 
 
 
@@ -115,23 +116,23 @@ class SavedTensorBytes:
         self.hooks.__exit__(*exc)
 
 
-def activation_bytes(transformer, inputs: dict) -> tuple[int, int, int, int, list[int]]:
+def activation_bytes(transformer, spec: ModelFamily, inputs: dict) -> tuple[int, int, int, int, list[int]]:
     """(all saved bytes, the blocks' share of them, the largest single block's, the bytes of the
     blocks' inputs, and per block the bytes of its hidden and text states: what
     --gradient_checkpointing_cpu_offload keeps in CPU memory) of one forward pass."""
+    blocks = spec.blocks(transformer)
     per_block, block_inputs, offloadable = [], [], []
     with SavedTensorBytes([*transformer.parameters(), *transformer.buffers()]) as saved:
         def before(module, args, kwargs):
             module._cogtune_saved_before = saved.total
             block_inputs.append(tensor_bytes(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)))
-            states = [*args[:2], *(kwargs[k] for k in ("hidden_states", "encoder_hidden_states") if k in kwargs)]
-            offloadable.append(tensor_bytes(states))
+            offloadable.append(tensor_bytes(spec.block_states(args, kwargs)))
 
         def after(module, args, kwargs, output):
             per_block.append(saved.total - module._cogtune_saved_before)
 
-        handles = [block.register_forward_pre_hook(before, with_kwargs=True) for block in transformer.transformer_blocks]
-        handles += [block.register_forward_hook(after, with_kwargs=True) for block in transformer.transformer_blocks]
+        handles = [block.register_forward_pre_hook(before, with_kwargs=True) for block in blocks]
+        handles += [block.register_forward_hook(after, with_kwargs=True) for block in blocks]
         try:
             with fused_attention_on_meta():
                 transformer(**inputs, return_dict=False)
@@ -141,7 +142,7 @@ def activation_bytes(transformer, inputs: dict) -> tuple[int, int, int, int, lis
     return saved.total, sum(per_block), max(per_block), sum(block_inputs), offloadable
 
 
-def estimate(transformer, inputs: dict, gradient_checkpointing: bool, optimizer_state_bytes: int,
+def estimate(transformer, spec: ModelFamily, inputs: dict, gradient_checkpointing: bool, optimizer_state_bytes: int,
              offload_optimizer: bool, weights: int | None = None, offload_checkpointed: bool = False) -> Estimate:
     """The peak memory of training `transformer` (frozen, with LoRA, on the meta device or any other)
     on `inputs` (the keyword arguments of one forward pass, on the same device). Under mixed
@@ -153,11 +154,11 @@ def estimate(transformer, inputs: dict, gradient_checkpointing: bool, optimizer_
     frozen = [p for p in transformer.parameters() if not p.requires_grad] + list(transformer.buffers())
     lora_params = sum(p.numel() for p in trainable)
     lora_bytes = 4 * lora_params  # training keeps the LoRA and its gradients in fp32
-    total_saved, in_blocks, largest_block, block_inputs, offloadable = activation_bytes(transformer, inputs)
+    total_saved, in_blocks, largest_block, block_inputs, offloadable = activation_bytes(transformer, spec, inputs)
     with_checkpointing = block_inputs + largest_block + total_saved - in_blocks
     if offload_checkpointed:  # the blocks' states wait in CPU memory; one block's comes back at a time
         with_checkpointing -= sum(offloadable) - max(offloadable)
-    tokens = inputs["encoder_hidden_states"].shape[1] + _video_tokens(transformer, inputs["hidden_states"])
+    tokens = inputs["encoder_hidden_states"].shape[1] + spec.video_tokens(inputs["hidden_states"])
     return Estimate(
         weights=sum(p.numel() * p.element_size() for p in frozen) if weights is None else weights,
         lora=lora_bytes,
@@ -173,17 +174,11 @@ def estimate(transformer, inputs: dict, gradient_checkpointing: bool, optimizer_
     )
 
 
-def _video_tokens(transformer, hidden_states: torch.Tensor) -> int:
-    config = transformer.config
-    frames = hidden_states.shape[1] // (config.patch_size_t or 1)
-    return frames * (hidden_states.shape[3] // config.patch_size) * (hidden_states.shape[4] // config.patch_size)
-
-
 # --- the estimate of a configuration (`cogtune train --dry_run`) --------------------------------
 
 
 def largest_latent_shape(config: TrainConfig, preprocess_config: PreprocessConfig | None, models: ModelConfigs,
-                         spec: FamilySpec) -> tuple[list[int], str]:
+                         spec: ModelFamily) -> tuple[list[int], str]:
     """[C, F, H, W] of the biggest latent training will see, and where it was learnt: the cache's
     index when the cache exists, else the preprocess settings."""
     try:
@@ -208,31 +203,23 @@ def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: lis
     for parameter in transformer.parameters():  # as autocast would run them (see memory.estimate)
         if parameter.requires_grad:
             parameter.data = parameter.data.to(weight_dtype)
-    channels, frames, height, width = latent_shape
-    frames += spec.frame_padding(frames)
-    batch = config.train_batch_size
-    in_channels = transformer.config.in_channels
-    inputs = dict(
-        hidden_states=torch.empty(batch, frames, in_channels, height, width, device=meta, dtype=weight_dtype),
-        encoder_hidden_states=torch.empty(batch, spec.max_text_seq_length, spec.text_embed_dim, device=meta,
-                                          dtype=weight_dtype),
-        timestep=torch.zeros(batch, dtype=torch.long, device=meta),
-        **spec.transformer_inputs(batch, frames, height, width, meta),
-    )
+    inputs = spec.memory_inputs(config.train_batch_size, latent_shape, transformer.config.in_channels, weight_dtype,
+                                meta)
     if config.quant_backend == "none":
-        estimated = estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
+        estimated = estimate(transformer, spec, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
                              config.offload_optimizer, offload_checkpointed=config.gradient_checkpointing_cpu_offload)
         if config.blocks_to_swap:  # the swapped blocks' weights are on the GPU two at a time at most
-            away, at_once = swapped_bytes(transformer.transformer_blocks, config.blocks_to_swap)
+            away, at_once = swapped_bytes(spec.blocks(transformer), config.blocks_to_swap)
             estimated.weights += at_once - away
         return estimated
     # The meta model is unquantized: its linear weights are counted as the backend stores them, and
     # what the backend's layers save for the backward pass is added to the activations.
-    estimated = estimate(transformer, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
+    estimated = estimate(transformer, spec, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
                          config.offload_optimizer, quantize.weight_bytes(transformer, config.quant_backend,
                                                                          config.quant_type),
                          config.gradient_checkpointing_cpu_offload)
-    without, with_ = quantize.dequantized_saved_bytes(transformer, config.quant_backend, weight_dtype.itemsize)
+    without, with_ = quantize.dequantized_saved_bytes(transformer, spec.blocks(transformer), config.quant_backend,
+                                                      weight_dtype.itemsize)
     estimated.activations_without_checkpointing += without
     estimated.activations_with_checkpointing += with_
     estimated.activations += with_ if config.gradient_checkpointing else without

@@ -23,7 +23,7 @@ import torch
 
 from cogtune.cache.reader import read_dataset_repeats, read_empty_prompt_embeds
 from cogtune.cache.writer import cache_lock
-from cogtune.config import PreprocessConfig, TrainConfig, check_precision_available, precision_dtype
+from cogtune.config import PreprocessConfig, TrainConfig
 from cogtune.errors import CogtuneError, Preempted, first_line
 from cogtune.families import ModelConfigs
 from cogtune.train import checkpoint as checkpoints
@@ -32,9 +32,12 @@ from cogtune.train.data import LatentDataset, TrainingPlan, batch_generator, col
 from cogtune.train.lora import EMA_WEIGHT_NAME, LORA_WEIGHT_NAME, load_initial_lora, save_lora, write_lora_info
 from cogtune.train.model import build_transformer, target_modules
 from cogtune.train.optim import make_lr_scheduler, make_optimizer
-from cogtune.train.step import Draws, NoiseSchedule, Objective, training_loss
+from cogtune.families.objectives import Objective
+from cogtune.train.step import training_loss
 from cogtune.train.validation import ValidationRound, load_validation_set, run_validation, validation_due
 from cogtune.util import distributed, files, locks, logs
+from cogtune.util.devices import check_precision_available, precision_dtype
+from cogtune.util.draws import Draws
 from cogtune.util.signals import StopRequests, ignore_stop_signals
 
 
@@ -176,16 +179,16 @@ def _save_outputs(run: checkpoints.Run, config: TrainConfig, models, spec, cache
     lora_path = output_dir / LORA_WEIGHT_NAME
     weights = run.lora_weights()
     if accelerator.is_main_process:
-        lora_path = save_lora(run.lora_model(), output_dir, weights)
+        lora_path = save_lora(run.family, run.lora_model(), output_dir, weights)
         if run.ema is not None:
-            save_lora(run.lora_model(), output_dir, run.ema_weights(), EMA_WEIGHT_NAME)
+            save_lora(run.family, run.lora_model(), output_dir, run.ema_weights(), EMA_WEIGHT_NAME)
         repeats = read_dataset_repeats(cache_path)
         last = report.last_round(rounds)
         write_lora_info(output_dir, {
             "base_model": models.source, "family": spec.description,
             "ignore_learned_positional_embeddings": spec.ignores_learned_positions(
                 config.ignore_learned_positional_embeddings),
-            "rank": config.rank, "lora_alpha": config.lora_alpha, "target_modules": target_modules(config),
+            "rank": config.rank, "lora_alpha": config.lora_alpha, "target_modules": target_modules(config, spec),
             "use_dora": config.use_dora, "use_rslora": config.use_rslora, "init_lora": config.init_lora,
             "steps": global_step, "cache": str(cache_path),
             "ema_weights": EMA_WEIGHT_NAME if run.ema is not None else None,
@@ -229,8 +232,6 @@ def _hold_output_dir(accelerator, output_dir: Path, held: contextlib.ExitStack) 
 
 def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
          held: contextlib.ExitStack) -> TrainResult:
-    from diffusers import CogVideoXDDIMScheduler
-
     # Set-up: trackers and hub token, the output folder, devices and precision.
     report.check_trackers(config.report_to)
     if config.push_to_hub:
@@ -262,11 +263,11 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     weight_dtype = precision_dtype(config.mixed_precision)
     transformer = build_transformer(config, models, spec, accelerator.device)
     if config.init_lora:  # (a resumed run then loads its checkpoint's LoRA over it)
-        covered = load_initial_lora(transformer, config.init_lora, config.rank, config.lora_alpha)
+        covered = load_initial_lora(spec, transformer, config.init_lora, config.rank, config.lora_alpha)
         adapted = sum(1 for name, _ in transformer.named_modules() if name.endswith(".lora_A"))
         logs.message(f"LoRA: starts from {config.init_lora} ({covered} of {adapted} adapted layers; the others new)"
                      if covered < adapted else f"LoRA: starts from {config.init_lora}")
-    schedule = NoiseSchedule(CogVideoXDDIMScheduler.from_config(models.scheduler).alphas_cumprod)
+    schedule = spec.noise_schedule(models)
 
     # Optimizer and learning-rate schedule, sized from the index alone.
     learning_rate = config.learning_rate
@@ -278,7 +279,7 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     lr_scheduler = make_lr_scheduler(optimizer, config, plan.max_train_steps)
     if accelerator.state.deepspeed_plugin is not None:  # it cannot learn the batch size from a prepared loader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
-    run = checkpoints.Run(accelerator, *accelerator.prepare(transformer, optimizer, lr_scheduler))
+    run = checkpoints.Run(accelerator, *accelerator.prepare(transformer, optimizer, lr_scheduler), family=spec)
     if config.use_ema:  # of the LoRA as it starts (new, or --init_lora); a resume replaces it with the checkpoint's
         from diffusers.training_utils import EMAModel
 

@@ -169,8 +169,7 @@ def card_data(models, spec, manifest: schema.Manifest, rounds: list, output_dir:
     base = models.source["pretrained_model_name_or_path"]
     kind = "image-to-video" if spec.image_conditioned else "text-to-video"
     fields = {"library_name": "diffusers", "license": "other",
-              "tags": [kind, "diffusers-training", "diffusers", "lora", "cogvideox", "cogvideox-diffusers",
-                       "template:sd-lora", "cogtune"]}
+              "tags": [kind, "diffusers-training", "diffusers", "lora", *spec.card_tags, "template:sd-lora", "cogtune"]}
     if not Path(base).exists():  # a hub id; the hub refuses a local path here
         fields["base_model"] = base
     if manifest.dataset.id_token:
@@ -196,7 +195,7 @@ def training_rows(config, settings, dataset_repeats: list[int] | None, spec) -> 
                 "mode": f"mode (scale {config.mode_scale:g})"}[config.timestep_sampling]
     rows = [
         ("LoRA rank / alpha", f"{config.rank} / {config.lora_alpha:g}"),
-        ("Target modules", ", ".join(target_modules(config))
+        ("Target modules", ", ".join(target_modules(config, spec))
          + (f" (preset {config.lora_target_preset})" if config.lora_target_preset else "")),
         ("LoRA variant", lora_variant(config)),
         ("Started from", f"`{config.init_lora}`" if config.init_lora else "a new LoRA"),
@@ -237,9 +236,9 @@ def model_card(config, models, spec, manifest: schema.Manifest, rounds: list, st
             ("Identifier token", f"`{id_token}`" if id_token else "none"), ("Steps", str(steps)),
             *training_rows(config, settings, dataset_repeats, spec)]
     lines = ["---", data.to_yaml(), "---", "",
-             f"# {repo}: a CogVideoX LoRA", "",
+             f"# {repo}: a {spec.name} LoRA", "",
              f"A LoRA for [{base}](https://huggingface.co/{base})" if on_hub else
-             f"A LoRA for the CogVideoX model in `{base}`",
+             f"A LoRA for the {spec.name} model in `{base}`",
              f"({spec.description}), trained with cogtune from precomputed latents. `cogtune_lora.json` beside it "
              "records every setting of the run.", "",
              "## Training settings", "", "| setting | value |", "|---|---|"]
@@ -277,7 +276,7 @@ def model_card(config, models, spec, manifest: schema.Manifest, rounds: list, st
         'pipe.set_adapters(["cogtune"], [1.0])  # the file stores its alpha: 1.0 is the trained strength',
         *image_lines,
         f"video = pipe({call_image}prompt={prompt!r}, guidance_scale={guidance:g}, "
-        f"use_dynamic_cfg={config.use_dynamic_cfg}, generator=torch.Generator().manual_seed({first.get('seed', config.seed)})"
+        f"{spec.card_call_arguments(config.use_dynamic_cfg)}generator=torch.Generator().manual_seed({first.get('seed', config.seed)})"
         ").frames[0]",
         f'export_to_video(video, "output.mp4", fps={settings.fps})', "```", "",
         f"Diffusers versions that ignore the stored alpha need `pipe.set_adapters([\"cogtune\"], "

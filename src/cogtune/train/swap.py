@@ -130,16 +130,15 @@ class OffloadedCheckpointing:
     memory for the backward pass instead of on the GPU. The forward pass computes on the inputs it
     has; the recomputation brings its copy back. Given to diffusers' enable_gradient_checkpointing."""
 
-    OFFLOADED = 2  # the first two arguments of a CogVideoX block: hidden_states, encoder_hidden_states
-
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, offloaded: int):
         self.device = device
+        self.offloaded = offloaded  # the block's first arguments that are its big states (the family says)
         self.bytes = 0  # bytes sent to CPU memory since the last reset (the tests and the estimate check)
 
     def __call__(self, module, *args):
         from torch.utils.checkpoint import checkpoint
 
-        stored = tuple(self._to_host(a) if i < self.OFFLOADED and isinstance(a, torch.Tensor) else a
+        stored = tuple(self._to_host(a) if i < self.offloaded and isinstance(a, torch.Tensor) else a
                        for i, a in enumerate(args))
         needs_grad = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
         forward_inputs = [args]  # dropped once the forward pass is done: only the CPU copies stay
@@ -147,7 +146,7 @@ class OffloadedCheckpointing:
         def run(*inputs):
             if in_backward():  # the recomputation: the stored copies come back, needing grad as the inputs did
                 inputs = tuple(x.to(self.device, non_blocking=True).requires_grad_(needs_grad[i])
-                               if i < self.OFFLOADED and isinstance(x, torch.Tensor) else x
+                               if i < self.offloaded and isinstance(x, torch.Tensor) else x
                                for i, x in enumerate(inputs))
             else:  # the forward pass: the inputs themselves (their graph carries the gradients)
                 inputs = forward_inputs[0]

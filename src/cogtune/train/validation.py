@@ -1,15 +1,13 @@
 """Validation videos during training, generated from embeddings that `cogtune preprocess` put in the
-cache: the training process never loads T5, and loads the VAE only to decode, then frees it.
+cache: the training process never loads a text encoder, and loads the VAE only to decode, then frees it.
 
-The denoising loop is the one of CogVideoXPipeline and CogVideoXImageToVideoPipeline (classifier-free
-guidance with the empty negative prompt, optional dynamic CFG, the pipeline's own scheduler), run
-on the training transformer with its LoRA; tests/test_validation.py checks it against the pipelines.
+The denoising loop is the family's (`generate_latents`: the loop of its diffusers pipelines, run on
+the training transformer with its LoRA); tests/test_validation.py checks it against the pipelines.
 """
 
 from __future__ import annotations
 
 import gc
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ import torch
 
 from cogtune import data_schema as schema
 from cogtune.cache.reader import read_validation_inputs
-from cogtune.families import FamilySpec, ModelConfigs, load_vae
+from cogtune.families import ModelConfigs, ModelFamily
 from cogtune.util import logs, media
 from cogtune.util.media import write_mp4
 
@@ -47,7 +45,7 @@ class ValidationSet:
     fps: int  # of the training clips, and so of the validation videos
 
 
-def load_validation_set(config, spec: FamilySpec, cache_path: Path, manifest: schema.Manifest) -> ValidationSet | None:
+def load_validation_set(config, spec: ModelFamily, cache_path: Path, manifest: schema.Manifest) -> ValidationSet | None:
     """The validation prompts' cached embeddings (and image latents), at the cache's clip size; a
     clear error, before any model is loaded, for whatever preprocess has not encoded."""
     settings = manifest.settings
@@ -68,80 +66,6 @@ def validation_due(step: int, steps_per_epoch: int, config) -> bool:
         return step % config.validation_steps == 0
     epochs = config.validation_epochs or 50
     return step % steps_per_epoch == 0 and (step // steps_per_epoch) % epochs == 0
-
-
-def load_scheduler(models: ModelConfigs):
-    """The validation scheduler: CogVideoXDPMScheduler from the pipeline's scheduler config, as the
-    diffusers training scripts validate (and as the CogVideoX authors advise for sampling)."""
-    from diffusers import CogVideoXDPMScheduler
-
-    return CogVideoXDPMScheduler.from_config(models.scheduler)
-
-
-@torch.no_grad()
-def generate_latents(transformer, scheduler, spec: FamilySpec, prompt_embeds: torch.Tensor,
-                     negative_embeds: torch.Tensor, num_frames: int, height: int, width: int,
-                     num_inference_steps: int, guidance_scale: float, use_dynamic_cfg: bool,
-                     generator: torch.Generator, dtype: torch.dtype,
-                     image_moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """One video's denoised latents [1, F, C, h, w] (CogVideoX 1.5's padding frames dropped), as the
-    CogVideoX pipelines compute them from these embeddings and this generator."""
-    from diffusers import CogVideoXDPMScheduler
-    from diffusers.utils.torch_utils import randn_tensor
-
-    device = next(p for p in transformer.parameters()).device
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    timesteps = scheduler.timesteps
-    latent_frames = spec.latent_frames(num_frames)
-    padding = spec.frame_padding(latent_frames)
-    frames = latent_frames + padding
-    channels = spec.latent_channels
-    shape = (1, frames, channels, height // spec.vae_scale_spatial, width // spec.vae_scale_spatial)
-    image_latents = None
-    if image_moments is not None:  # sampled first, with the same generator, as the I2V pipeline does
-        mean, logvar = (t.to(device, torch.float32) for t in image_moments)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        sample = mean + std * randn_tensor(mean.shape, generator=generator, device=device, dtype=mean.dtype)
-        image = spec.scale_image_latents(sample[None].to(dtype).permute(0, 2, 1, 3, 4))  # [1, 1, C, h, w]
-        image_latents = spec.image_condition(image, frames)
-    latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
-    guided = guidance_scale > 1.0
-    embeds = torch.stack([negative_embeds, prompt_embeds]) if guided else prompt_embeds[None]
-    embeds = embeds.to(device, dtype)
-    family_inputs = spec.transformer_inputs(1, frames, shape[3], shape[4], device, dtype)
-    extra = {"eta": 0.0, "generator": generator}
-    old_pred_original_sample = None
-    for i, t in enumerate(logs.progress(timesteps, desc="validation", unit="step", leave=False)):
-        model_input = torch.cat([latents] * 2) if guided else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        if image_latents is not None:
-            model_input = torch.cat([model_input, torch.cat([image_latents] * model_input.shape[0])], dim=2)
-        noise_pred = transformer(hidden_states=model_input, encoder_hidden_states=embeds,
-                                 timestep=t.expand(model_input.shape[0]), **family_inputs,
-                                 return_dict=False)[0].float()
-        scale = guidance_scale
-        if use_dynamic_cfg:
-            scale = 1 + guidance_scale * (
-                (1 - math.cos(math.pi * ((num_inference_steps - t.item()) / num_inference_steps) ** 5.0)) / 2)
-        if guided:
-            uncond, text = noise_pred.chunk(2)
-            noise_pred = uncond + scale * (text - uncond)
-        if isinstance(scheduler, CogVideoXDPMScheduler):
-            latents, old_pred_original_sample = scheduler.step(
-                noise_pred, old_pred_original_sample, t, timesteps[i - 1] if i > 0 else None, latents, **extra,
-                return_dict=False)
-        else:
-            latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
-        latents = latents.to(dtype)
-    return latents[:, padding:]
-
-
-@torch.no_grad()
-def decode(vae, latents: torch.Tensor, scaling_factor: float) -> np.ndarray:
-    """[1, F, C, h, w] latents -> [frames, H, W, 3] uint8, as the pipelines' decode_latents and postprocess."""
-    video = vae.decode(latents.permute(0, 2, 1, 3, 4).to(vae.dtype) / scaling_factor).sample[0]  # [3, F, H, W]
-    video = (video.float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0)
-    return (video.cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def video_name(index: int, prompt: str, seed: int) -> str:
@@ -171,13 +95,13 @@ class ValidationRound:
     fps: int = 0
 
 
-def run_validation(transformer, validation: ValidationSet, config, models: ModelConfigs, spec: FamilySpec,
+def run_validation(transformer, validation: ValidationSet, config, models: ModelConfigs, spec: ModelFamily,
                    output_dir: Path, step: int, dtype: torch.dtype, autocast) -> ValidationRound:
     """Generate --num_validation_videos per prompt, decode them with the VAE (loaded here, freed
     before returning), and write the mp4s and a contact sheet under OUTPUT_DIR/validation/step-N."""
     was_training = transformer.training
     transformer.eval()
-    scheduler = load_scheduler(models)
+    scheduler = spec.validation_scheduler(models)
     latents, settings = [], []
     try:
         with autocast():
@@ -188,19 +112,19 @@ def run_validation(transformer, validation: ValidationSet, config, models: Model
                     generator = torch.Generator().manual_seed(seed)
                     settings.append({"seed": seed, "guidance_scale": guidance, "num_frames": prompt.num_frames,
                                      "height": prompt.height, "width": prompt.width})
-                    latents.append((prompt.prompt, seed, generate_latents(
-                        transformer, scheduler, spec, prompt.prompt_embeds, validation.negative_embeds,
+                    latents.append((prompt.prompt, seed, spec.generate_latents(
+                        transformer, scheduler, prompt.prompt_embeds, validation.negative_embeds,
                         prompt.num_frames, prompt.height, prompt.width, config.validation_num_inference_steps,
                         guidance, config.use_dynamic_cfg, generator, dtype, prompt.image_moments)))
     finally:
         transformer.train(was_training)
-    vae = load_vae(models, config, latents[0][2].device, dtype)
+    vae = spec.load_vae(models, latents[0][2].device, dtype, config.enable_slicing, config.enable_tiling)
     folder = output_dir / VALIDATION_VIDEOS_DIR / f"step-{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     videos, frames = [], []
     try:
         for index, (prompt, seed, video_latents) in enumerate(latents):
-            video = decode(vae, video_latents, spec.scaling_factor)
+            video = spec.decode(vae, video_latents)
             path = folder / video_name(index, prompt, seed)
             write_mp4(path, video, validation.fps)
             videos.append((prompt, path))

@@ -1,0 +1,288 @@
+"""What every model family is: the `ModelFamily` interface each stage calls, and the helpers any
+family uses to read and build its parts.
+
+A family owns everything model-specific: its parts and their classes, its frame and size rules,
+how captions and clips become cached tensors, the training objective, the list of blocks, the
+validation sampler, LoRA I/O and target presets, the model card's pipeline call and its exports.
+The stages never name a model class and never branch on a family: they ask it.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from cogtune.families.objectives import Objective
+from cogtune.util.draws import Draws
+from cogtune.util.files import sha256_text
+
+
+class ModelFamily(abc.ABC):
+    """One architecture, and one variant of it, decided from the pipeline's own config files.
+
+    Class attributes say what the registry and the tools need before any config is read; the
+    instance (from `from_configs`) answers for one model. `models` arguments are the pipeline's
+    `families.models.ModelConfigs` (which imports the registry, and so every family)."""
+
+    name: ClassVar[str]  # e.g. "CogVideoX"
+    pipelines: ClassVar[tuple[str, ...]]  # model_index.json _class_name values this family reads
+    config_files: ClassVar[dict[str, str]]  # part -> its config file (read without weights)
+    encoded_parts: ClassVar[tuple[str, ...]]  # the parts whose outputs the cache stores
+    variants: ClassVar[dict[str, str]]  # `cogtune init --family` and make-tiny-model name -> description
+    published: ClassVar[dict[str, str]]  # lower-case hub id -> its folder of shipped config files
+    target_presets: ClassVar[dict[str, list[str]]]  # --lora_target_preset -> module names
+
+    # --- what it is --------------------------------------------------------------------------
+
+    @classmethod
+    @abc.abstractmethod
+    def from_configs(cls, configs: dict[str, dict]) -> "ModelFamily":
+        """The variant these part configs describe; a CogtuneError for parts that do not fit together."""
+
+    @property
+    @abc.abstractmethod
+    def description(self) -> str:
+        """One line for users: the version, text- or image-to-video, what tells the variant apart."""
+
+    @property
+    @abc.abstractmethod
+    def image_conditioned(self) -> bool:
+        """Whether the model animates a first frame (image-to-video)."""
+
+    @property
+    @abc.abstractmethod
+    def pipeline_class_name(self) -> str:
+        """The diffusers pipeline that generates with this model."""
+
+    @property
+    @abc.abstractmethod
+    def recommended_precision(self) -> str:
+        """The --mixed_precision the model was trained in."""
+
+    @abc.abstractmethod
+    def check_precision(self, mixed_precision: str, warn) -> None:
+        """Refuse (or warn of) a precision the model cannot run in."""
+
+    # --- sizes -------------------------------------------------------------------------------
+
+    frame_step: ClassVar[int]  # clips have frame_step * k + 1 frames
+    size_multiple: ClassVar[int]  # heights and widths are multiples of this
+
+    @abc.abstractmethod
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames of a clip of num_frames pixel frames."""
+
+    def frame_padding(self, latent_frames: int) -> int:
+        """Latent frames the transformer needs before the clip's own (none unless the family says)."""
+        return 0
+
+    @abc.abstractmethod
+    def check_clip_size(self, num_frames: int, height: int, width: int,
+                        ignore_learned_positional_embeddings: bool) -> None:
+        """Refuse clip sizes this model cannot train or generate at, before anything is encoded."""
+
+    def ignores_learned_positions(self, ignore_learned_positional_embeddings: bool) -> bool:
+        """Whether --ignore_learned_positional_embeddings leaves anything out of this model."""
+        return False
+
+    def drop_learned_positional_embeddings(self, transformer) -> None:
+        """Leave the learned positional embeddings out (where ignores_learned_positions says so)."""
+
+    # --- the parts ---------------------------------------------------------------------------
+
+    text_encoder_name: ClassVar[str]  # as users know it, in messages ("T5")
+
+    @abc.abstractmethod
+    def pipeline_class(self):
+        """The diffusers pipeline class (for `cogtune infer`, merge and the LoRA I/O)."""
+
+    @abc.abstractmethod
+    def load_transformer(self, models: "ModelConfigs", dtype: torch.dtype, **kwargs) -> torch.nn.Module: ...
+
+    @abc.abstractmethod
+    def meta_transformer(self, models: "ModelConfigs", dtype: torch.dtype) -> torch.nn.Module:
+        """The transformer on the meta device, for the memory estimates."""
+
+    @abc.abstractmethod
+    def blocks(self, transformer) -> torch.nn.ModuleList:
+        """The repeated blocks: what block swap, regional compilation and the estimates walk."""
+
+    block_state_arguments: ClassVar[int]  # a block's first arguments that are its large states
+
+    @abc.abstractmethod
+    def block_states(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The large per-block states of a block's call (what checkpoint offload keeps in CPU memory)."""
+
+    @abc.abstractmethod
+    def load_vae(self, models: "ModelConfigs", device, dtype, slicing: bool = False, tiling: bool = False): ...
+
+    @abc.abstractmethod
+    def meta_vae(self, models: "ModelConfigs", dtype: torch.dtype) -> torch.nn.Module: ...
+
+    @abc.abstractmethod
+    def load_text_encoder(self, models: "ModelConfigs", dtype: torch.dtype, **kwargs):
+        """(tokenizer, text encoder) of the pipeline, the encoder in dtype on the CPU."""
+
+    @abc.abstractmethod
+    def meta_text_encoder(self, models: "ModelConfigs", dtype: torch.dtype) -> torch.nn.Module: ...
+
+    # --- encoding (stage 1) ------------------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def text_length(self) -> int:
+        """Tokens of every stored caption embedding."""
+
+    @abc.abstractmethod
+    def embed_texts(self, texts: list[str], tokenizer, text_encoder) -> tuple[list[torch.Tensor], int]:
+        """Each text's embedding as the pipeline feeds the transformer, each through the encoder on its
+        own (the cache is content-addressed); and how many texts were truncated."""
+
+    @abc.abstractmethod
+    def text_tokens(self, device) -> torch.Tensor:
+        """A caption's token ids as the text encoder sees them (for the memory estimates)."""
+
+    @abc.abstractmethod
+    def encode_pixels(self, vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, C, F, H, W] pixels in [-1, 1] -> the VAE posterior's (mean, logvar)."""
+
+    # --- the training objective --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def noise_schedule(self, models: "ModelConfigs"):
+        """What the objective needs from the scheduler, read once per run."""
+
+    @abc.abstractmethod
+    def step_inputs(self, batch: dict, draws: Draws, schedule, objective: Objective):
+        """The step's inputs drawn from a batch of cached tensors, in a fixed order of draws."""
+
+    @abc.abstractmethod
+    def model_inputs(self, inputs, dtype: torch.dtype) -> dict:
+        """The transformer's keyword inputs of a step, beside transformer_inputs'."""
+
+    @abc.abstractmethod
+    def latent_size(self, inputs) -> tuple[int, int, int, int]:
+        """(batch, latent frames, height, width) of a step: what transformer_inputs takes."""
+
+    @abc.abstractmethod
+    def transformer_inputs(self, batch_size: int, latent_frames: int, latent_height: int, latent_width: int,
+                           device, dtype: torch.dtype | None = None) -> dict:
+        """The model's extra keyword inputs for latents of this size (position tables, ...)."""
+
+    @abc.abstractmethod
+    def losses(self, pred: torch.Tensor, inputs, dtype: torch.dtype, objective: Objective) -> torch.Tensor:
+        """The loss of each sample, [B], weighted as the objective asks."""
+
+    @abc.abstractmethod
+    def memory_inputs(self, batch: int, latent_shape: list[int], in_channels: int, dtype: torch.dtype,
+                      device, inputs_dtype: torch.dtype | None = None) -> dict:
+        """Empty tensors of one forward pass on a batch of latents [C, F, H, W] (for the estimates)."""
+
+    @abc.abstractmethod
+    def video_tokens(self, hidden_states: torch.Tensor) -> int:
+        """Tokens of one sample's latents in the transformer's sequence."""
+
+    # --- validation ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def validation_scheduler(self, models: "ModelConfigs"): ...
+
+    @abc.abstractmethod
+    def generate_latents(self, transformer, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
+                         num_frames: int, height: int, width: int, num_inference_steps: int, guidance_scale: float,
+                         use_dynamic_cfg: bool, generator: torch.Generator, dtype: torch.dtype,
+                         image_moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One video's denoised latents, as the family's pipeline computes them from these embeddings."""
+
+    @abc.abstractmethod
+    def decode(self, vae, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> [frames, H, W, 3] uint8, as the pipeline decodes and post-processes."""
+
+    # --- LoRA files, the model card, inference and exports -------------------------------------
+
+    @abc.abstractmethod
+    def save_lora_weights(self, directory, layers: dict, metadata: dict, weight_name: str) -> None: ...
+
+    @abc.abstractmethod
+    def lora_state_dict(self, source: str, **kwargs):
+        """diffusers' reading of a LoRA for this pipeline (its key conversions applied)."""
+
+    card_tags: ClassVar[tuple[str, ...]]  # the model card's tags for this family
+
+    @abc.abstractmethod
+    def pipeline_call_arguments(self, use_dynamic_cfg: bool) -> dict:
+        """The pipeline's own keyword arguments that cogtune's settings choose."""
+
+    @abc.abstractmethod
+    def card_call_arguments(self, use_dynamic_cfg: bool) -> str:
+        """The same, as the model card's snippet spells them (ending in ", ", or empty)."""
+
+    export_formats: ClassVar[tuple[str, ...]]  # `cogtune export --format` values this family's LoRAs take
+
+
+IGNORED_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype")  # the library that saved it, storage dtype
+
+
+def config_hash(config: dict) -> str:
+    """Hash of a component's config.json, ignoring keys that do not change the weights' meaning."""
+    kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in IGNORED_CONFIG_KEYS}
+    return sha256_text(json.dumps(kept, sort_keys=True, default=str))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_digest(folder: Path, parts: tuple[str, ...], sample_bytes: int = 1 << 16) -> str:
+    """A digest of the weight files of these parts of a pipeline folder, cheap for any size: each
+    file's name and size, and 64 KiB from its start (the safetensors header: names, dtypes, shapes),
+    middle and end. Two sets of weights of one config differ there as everywhere."""
+    digest = hashlib.sha256()
+    for part in parts:
+        for path in sorted((folder / part).glob("*")):
+            if path.suffix not in WEIGHT_SUFFIXES or not path.is_file():
+                continue
+            size = path.stat().st_size
+            digest.update(f"{part}/{path.name}\0{size}\0".encode())
+            with open(path, "rb") as f:
+                for offset in sorted({0, max(0, size // 2 - sample_bytes // 2), max(0, size - sample_bytes)}):
+                    f.seek(offset)
+                    digest.update(f.read(sample_bytes))
+    return digest.hexdigest()
+
+
+def dtype_argument(cls, dtype) -> dict:
+    """The from_pretrained keyword that sets a model's dtype: `dtype` for transformers and for
+    diffusers 0.40 and newer (which deprecate `torch_dtype`), `torch_dtype` for older diffusers."""
+    if cls.__module__.startswith("diffusers"):
+        import diffusers
+
+        major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
+        if (major, minor) < (0, 40):
+            return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+def built_on_meta(build, dtype):
+    """build() on PyTorch's meta device (shapes, no storage), in dtype, for the memory estimates;
+    diffusers' warning about fp32 modules, which .to(dtype) of a model built from its config gives,
+    silenced."""
+    from diffusers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with torch.device("meta"):
+            return build().to(dtype)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def meta_model(build, dtype: torch.dtype) -> torch.nn.Module:
+    """A model built on the meta device (shapes, no storage), frozen, in dtype."""
+    return built_on_meta(build, dtype).requires_grad_(False).eval()
