@@ -15,12 +15,13 @@ from cogtune.config import data_settings, load_config
 from cogtune.data.video import read_clip
 from cogtune.dev.tiny import make_demo_data
 from cogtune.errors import CogtuneError
+from cogtune.families import VARIANTS, supported_pipelines
 from cogtune.train.log import TRAIN_LOG_NAME
 from cogtune.train.lora import LORA_INFO_NAME, LORA_WEIGHT_NAME
 
-from conftest import cache_path_of, cogtune_here, write_config
+from conftest import cache_path_of, cogtune, cogtune_here, write_config
 
-FAMILIES = ["2b", "5b", "5b-i2v", "1.5-5b", "1.5-5b-i2v"]
+FAMILIES = list(VARIANTS)  # every variant the family registry knows
 I2V = {"5b-i2v", "1.5-5b-i2v"}
 
 
@@ -363,3 +364,35 @@ def test_fp16_is_refused_for_cogvideox15_and_discouraged_for_other_bf16_families
     assert len(warnings) == 1  # CogVideoX-2b was trained in fp16
     with pytest.raises(CogtuneError, match="NaN"):
         ModelConfigs.load(str(models["1.5-5b"])).spec().check_precision("fp16", warnings.append)
+
+
+@pytest.fixture(scope="module")
+def wan_pipeline(tmp_path_factory) -> Path:
+    """A tiny random WanPipeline saved as diffusers saves one: a pipeline cogtune does not train (yet)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from cogtune.dev.tiny import make_tokenizer
+
+    tokenizer = make_tokenizer(32)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                               num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                        out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=1,
+                                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    folder = tmp_path_factory.mktemp("wan") / "tiny-wan"
+    WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("stage", ["preprocess", "train"])
+def test_a_pipeline_of_another_architecture_is_refused_in_one_line(wan_pipeline, demo_data, tmp_path, stage):
+    result = cogtune(stage, "--pretrained_model_name_or_path", wan_pipeline, "--instance_data_root", demo_data,
+                     "--cache_root", tmp_path / "cache", "--output_dir", tmp_path / "out", check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("cogtune")]
+    assert "is a WanPipeline" in line and supported_pipelines() in line, result.stderr

@@ -3,6 +3,7 @@ only from its own layer or the layers before it, the package has no import cycle
 import inside a function is there for start-up time, never to dodge a cycle."""
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,68 @@ def test_a_planted_cycle_is_named(tmp_path):
     errors = root / "errors.py"
     errors.write_text("from cogtune.util import files\n" + errors.read_text())  # util.files imports errors
     assert "import cycle: cogtune.errors -> cogtune.util.files -> cogtune.errors" in layering_problems(root)
+
+
+# --- STYLE.md: "no model class named outside families/" -----------------------------------------
+
+MODEL_CLASS_HOMES = ("cogtune.families", "cogtune.dev")  # the family files, and the tiny-model builder
+
+
+def model_class_kinds():
+    """The base classes of what counts as a model class: diffusers models, pipelines and schedulers,
+    transformers models and tokenizers."""
+    from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    return DiffusionPipeline, ModelMixin, SchedulerMixin, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@functools.lru_cache(maxsize=None)
+def is_model_class(name: str) -> bool:
+    import diffusers
+    import transformers
+
+    kinds = model_class_kinds()
+    for library in (diffusers, transformers):
+        try:
+            found = getattr(library, name)
+        except (AttributeError, ImportError, RuntimeError):
+            continue
+        if isinstance(found, type) and issubclass(found, kinds):
+            return True
+    return False
+
+
+def model_classes_named(root: Path = PACKAGE) -> list[str]:
+    """Every place outside MODEL_CLASS_HOMES where source code names a diffusers or transformers model,
+    pipeline, scheduler or tokenizer class: imported, reached as an attribute of the library, or
+    spelled in a string (a class looked up by name)."""
+    found = []
+    for module, path in module_names(root).items():
+        if module.startswith(MODEL_CLASS_HOMES):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("diffusers", "transformers"):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                    node.value.id in ("diffusers", "transformers"):
+                names = [node.attr]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier() \
+                    and node.value[:1].isupper():  # class names are CamelCase
+                names = [node.value]
+            found += [f"{path.relative_to(root.parent)}:{node.lineno}: {name}" for name in names if is_model_class(name)]
+    return found
+
+
+def test_no_model_pipeline_or_scheduler_class_is_named_outside_the_families():
+    assert model_classes_named() == []
+
+
+def test_a_planted_model_class_is_named(tmp_path):
+    root = copy_of_package(tmp_path)
+    step = root / "train" / "step.py"
+    step.write_text(step.read_text() + "\n\ndef scheduler():\n    from diffusers import CogVideoXDDIMScheduler\n"
+                    "    return CogVideoXDDIMScheduler, getattr(__import__('diffusers'), 'WanPipeline')\n")
+    named = model_classes_named(root)
+    assert [entry.split(": ")[1] for entry in named] == ["CogVideoXDDIMScheduler", "WanPipeline"], named

@@ -36,7 +36,7 @@ def test_the_vae_estimate_follows_the_measured_encoding(tiny_model, tiling):
     config = load_config("preprocess", ["--pretrained_model_name_or_path", str(tiny_model), "--instance_data_root",
                                         ".", "--mixed_precision", "no"] + (["--enable_tiling"] if tiling else []))
     models = ModelConfigs.of(config)
-    vae = models.spec().load_vae(models, torch.device("cpu"), torch.float32)
+    vae = models.spec().load_vae(models, torch.device("cpu"), torch.float32, config.enable_slicing, config.enable_tiling)
     clips = torch.randn(1, 3, 9, 272, 400)
     actual = measured(vae, lambda: vae.encode(clips), [clips])
     estimate = vae_estimate(config, models, (9, 272, 400), tiling, False)

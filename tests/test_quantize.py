@@ -128,7 +128,7 @@ def test_infer_quantizes_the_parts_it_is_told_and_generates(trained, tiny_model,
     import av
     import diffusers
 
-    from cogtune.config import precision_dtype
+    from cogtune.util.devices import precision_dtype
 
     _, _, config, _ = trained[None]
     components = ["transformer", "text_encoder"]

@@ -33,7 +33,8 @@ import torch
 
 from cogtune.config import stage_file_values
 from cogtune.errors import CogtuneError
-from cogtune.train.lora import read_lora, read_lora_info
+from cogtune.families import ModelConfigs
+from cogtune.train.lora import read_lora, read_lora_info, trained_base
 from cogtune.util import files, logs
 
 FORMATS = ("comfyui",)
@@ -75,12 +76,28 @@ def to_comfyui(state: dict[str, torch.Tensor], alpha: float | None, rslora: bool
     return converted
 
 
+def check_family_exports(folder: Path, format: str) -> None:
+    """Refuse a format the LoRA's model family does not export to, where its cogtune_lora.json names a
+    base model whose configs can be read here (a local folder, a published id, the hub cache)."""
+    base = trained_base(folder)
+    if base is None:
+        return
+    try:
+        spec = ModelConfigs.load(base["pretrained_model_name_or_path"], base.get("revision"), base.get("variant")).spec()
+    except CogtuneError:  # the base is not here: the keys are checked as they are converted
+        return
+    if format not in spec.export_formats:
+        raise CogtuneError(f"--format {format} is not available for a {spec.description} LoRA (it exports to: "
+                           f"{', '.join(spec.export_formats) or 'nothing yet'}); its diffusers file loads as it is.")
+
+
 def export(lora: str | Path, output: str | Path | None, format: str = "comfyui") -> Path:
     from safetensors.torch import save_file
 
     if format not in FORMATS:
         raise CogtuneError(f"--format {format} is not one of {', '.join(FORMATS)}.")
     path, state, metadata = read_lora(str(lora), "--lora")
+    check_family_exports(path.parent, format)
     alpha, rslora = adapter_settings(metadata, path.parent)
     converted = to_comfyui(state, alpha, rslora)
     output = Path(output) if output else path.with_name(f"{path.stem}_comfyui.safetensors")

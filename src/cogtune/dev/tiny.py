@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cogtune.errors import CogtuneError
+from cogtune.families import VARIANTS
+from cogtune.families.cogvideox import CogVideoX
 from cogtune.util.media import write_mp4
 
 # Scheduler settings of the published CogVideoX-2b / -5b pipelines (scheduler/scheduler_config.json).
@@ -24,11 +27,11 @@ SCHEDULER_2B = dict(
 )
 SCHEDULER_5B = dict(SCHEDULER_2B, snr_shift_scale=1.0)
 
-# The structural flags of each family, as in the published configs (see families.py); the tiny
-# model keeps them and shrinks every width.
+# The structural flags of each CogVideoX variant, as in the published configs (see
+# families/cogvideox.py); the tiny model keeps them and shrinks every width.
 ROPE_5B = dict(use_rotary_positional_embeddings=True)
 ROPE_15 = dict(use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False)
-FAMILIES = {
+COGVIDEOX_VARIANTS = {
     "2b": dict(transformer={}, vae=dict(scaling_factor=1.15258426), scheduler=SCHEDULER_2B),
     "5b": dict(transformer=ROPE_5B, vae=dict(scaling_factor=0.7), scheduler=SCHEDULER_5B),
     "5b-i2v": dict(transformer=dict(ROPE_5B, use_learned_positional_embeddings=True), image_conditioned=True,
@@ -93,13 +96,22 @@ SIZES = {
 
 
 def make_tiny_pipeline(family: str = "2b", seed: int = 0, size: str = "tiny"):
-    """A random-weight pipeline of the family's structure and the widths of SIZES[size]. The tiny
-    one's native size (the learned positional embeddings of 5b-i2v) is 9 frames of 32x64."""
+    """A random-weight pipeline of a variant the family registry knows (`cogtune init --family`
+    names), with the widths of SIZES[size]."""
+    family_class = VARIANTS[family][0] if family in VARIANTS else None
+    if family_class not in BUILDERS:
+        raise CogtuneError(f"No tiny model for --family {family}: choose one of {', '.join(sorted(FAMILIES))}.")
+    return BUILDERS[family_class](family, seed, size)
+
+
+def make_tiny_cogvideox(family: str, seed: int, size: str):
+    """A CogVideoX variant's structure. The tiny one's native size (the learned positional embeddings
+    of 5b-i2v) is 9 frames of 32x64."""
     from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline,
                            CogVideoXPipeline, CogVideoXTransformer3DModel)
     from transformers import T5Config, T5EncoderModel
 
-    spec, widths = FAMILIES[family], SIZES[size]
+    spec, widths = COGVIDEOX_VARIANTS[family], SIZES[size]
     tokenizer = make_tokenizer(widths["transformer"]["max_text_seq_length"])
     # Each part is seeded on its own: otherwise the VAE's and the transformer's weights would depend
     # on how many random numbers the T5 initialisation of the installed transformers draws.
@@ -125,6 +137,10 @@ def make_tiny_pipeline(family: str = "2b", seed: int = 0, size: str = "tiny"):
     pipeline = CogVideoXImageToVideoPipeline if spec.get("image_conditioned") else CogVideoXPipeline
     return pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                     scheduler=scheduler)
+
+
+BUILDERS = {CogVideoX: make_tiny_cogvideox}  # a family -> its tiny-model builder
+FAMILIES = [variant for variant, (family, _) in VARIANTS.items() if family in BUILDERS]
 
 
 def make_tiny_model(path: str | Path, family: str = "2b", seed: int = 0, size: str = "tiny") -> Path:
