@@ -213,10 +213,9 @@ def make_cache(model: Path, cache_root: Path, size: tuple[int, int, int], clips:
     for i in range(clips):
         sha, caption = schema.sha256_text(f"clip {i}"), f"a synthetic clip {i}"
         key = schema.video_key(sha)
-        mean_key, logvar_key = schema.latent_tensor_keys(key)
-        shard = writer.add_tensor(mean_key, torch.randn(shape, generator=generator).to(dtype))
-        writer.add_tensor(logvar_key, torch.full(shape, -6.0).to(dtype))
-        text_key = schema.text_tensor_key(schema.caption_key(caption))
+        shard = writer.add_tensor(schema.video_tensor_key(key, "mean"), torch.randn(shape, generator=generator).to(dtype))
+        writer.add_tensor(schema.video_tensor_key(key, "logvar"), torch.full(shape, -6.0).to(dtype))
+        text_key = schema.caption_tensor_key(schema.caption_key(caption), "prompt_embeds")
         text_shard = writer.add_tensor(text_key, torch.randn(spec.max_text_seq_length, spec.text_embed_dim,
                                                              generator=generator).mul(0.1).to(dtype))
         source = schema.SampleSource(schema.sample_id(sha, caption), f"/synthetic/{i}.mp4", 1, 1, sha, caption)

@@ -186,7 +186,7 @@ def test_verify_names_damaged_samples_and_prune_then_preprocess_repairs(tmp_path
     victim = rows[3]
     shard = schema.shard_path(cache_dir, victim.latent_shard)
     tensors, metadata = load_file(shard), safe_open(str(shard), "pt").metadata()
-    mean_key, _ = schema.latent_tensor_keys(victim.latent_key)
+    mean_key = schema.video_tensor_key(victim.latent_key, "mean")
     tensors[mean_key] = tensors[mean_key].clone()
     tensors[mean_key].view(-1)[5] += 1.0  # one changed value, as a bit flip on disk would do
     save_file(tensors, shard, metadata=metadata)
@@ -293,13 +293,13 @@ def test_training_reads_the_index_rows_samples_in_a_few_columns(tmp_path, built)
     write_selection(cache_dir, [row.sample_id for row in rows] + [lost.sample_id])
     full, columns = Cache.open(cache_dir), Cache.open(cache_dir, for_training=True)
     assert len(columns.samples) == len(full.samples) == 8 and columns.failed_count == len(full.failed) == 1
-    text_length = full.manifest.settings.max_text_seq_length
+    tensors, text_length = full.manifest.tensors, full.manifest.settings.text_length
     for row, sample in zip(full.samples, columns.samples):
         assert (sample.sample_id, sample.num_frames, sample.height, sample.width, sample.latent_shape,
                 sample.image_variants) == (row.sample_id, row.num_frames, row.height, row.width, row.latent_shape,
                                            row.image_variants)
-        assert sample.tensors(text_length) == row.tensors(text_length)
-        for a, b in zip(full.latent_moments(row), columns.latent_moments(sample)):
+        assert sample.tensors(tensors, text_length) == row.tensors(tensors, text_length)
+        for a, b in zip(full.video_tensors(row).values(), columns.video_tensors(sample).values()):
             assert torch.equal(a, b)
     assert columns.samples.latent_shapes == [tuple(row.latent_shape) for row in full.samples]
     assert columns.samples.nbytes < 200 * len(columns.samples)  # bytes a sample, all columns together

@@ -49,9 +49,11 @@ def test_preprocess_writes_the_cache(run):
         assert row.num_frames == 9 and len(row.frame_indices) == 9
         assert row.frame_indices[:3] == [0, 2, 4]  # 16 fps demo clips resampled to 8 fps
         assert row.latent_shape == [4, 3, 4, 8]  # C, (9-1)/4+1 frames, 32/8, 64/8
-        mean, logvar = cache.latent_moments(row)
-        assert mean.shape == (4, 3, 4, 8) and logvar.shape == mean.shape and mean.dtype == torch.float32
-        assert cache.prompt_embeds(row).shape == (32, 32)  # max_text_seq_length x T5 width
+        video = cache.video_tensors(row)
+        assert set(video) == {"mean", "logvar"}
+        assert video["mean"].shape == (4, 3, 4, 8) and video["logvar"].shape == video["mean"].shape
+        assert video["mean"].dtype == torch.float32
+        assert cache.caption_tensors(row)["prompt_embeds"].shape == (32, 32)  # max_text_seq_length x T5 width
 
 
 def test_second_preprocess_encodes_nothing(run):

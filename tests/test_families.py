@@ -128,9 +128,9 @@ def test_first_step_loss_matches_the_design_formula(trained):
     cache = Cache.open(trained["preprocess"].cache_path)
     shapes = [tuple(r.latent_shape) for r in cache.samples]
     rows = [cache.samples[i] for i in epoch_batches(shapes, 2, 42, 0)[0]]
-    mean = torch.stack([cache.latent_moments(r)[0] for r in rows])
-    logvar = torch.stack([cache.latent_moments(r)[1] for r in rows])
-    text = torch.stack([cache.prompt_embeds(r) for r in rows])
+    mean = torch.stack([cache.video_tensors(r)["mean"] for r in rows])
+    logvar = torch.stack([cache.video_tensors(r)["logvar"] for r in rows])
+    text = torch.stack([cache.caption_tensors(r)["prompt_embeds"] for r in rows])
     vae_config = AutoencoderKLCogVideoX.load_config(model, subfolder="vae")
     scaling = vae_config["scaling_factor"]
     transformer = CogVideoXTransformer3DModel.from_pretrained(model, subfolder="transformer")
@@ -146,8 +146,8 @@ def test_first_step_loss_matches_the_design_formula(trained):
     x_t = scheduler.add_noise(x0, noise, timesteps)
     model_input = x_t
     if family in I2V:
-        image_mean = torch.stack([cache.image_moments(r)[0] for r in rows])  # [B, K, C, 1, H, W]
-        image_logvar = torch.stack([cache.image_moments(r)[1] for r in rows])
+        image_mean = torch.stack([cache.first_frame_tensors(r)["mean"] for r in rows])  # [B, K, C, 1, H, W]
+        image_logvar = torch.stack([cache.first_frame_tensors(r)["logvar"] for r in rows])
         assert image_mean.shape[1] == 2
         variant = torch.randint(0, 2, (2,), generator=generator)
         picked_mean, picked_logvar = image_mean[torch.arange(2), variant], image_logvar[torch.arange(2), variant]
@@ -241,7 +241,7 @@ def test_first_frame_encodings_are_stored_noised_and_reproducible(trained):
         noised = first[None] + noise * sigmas.float().view(-1, 1, 1, 1, 1)
         with torch.no_grad():
             expected = vae.encode(noised).latent_dist
-        image_mean, image_logvar = cache.image_moments(row)
+        image_mean, image_logvar = (cache.first_frame_tensors(row)[name] for name in ("mean", "logvar"))
         assert image_mean.shape == (2, 4, 1, 4, 8)
         torch.testing.assert_close(image_mean, expected.mean, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(image_logvar, expected.logvar, rtol=1e-4, atol=1e-5)
@@ -251,7 +251,7 @@ def test_first_frame_encodings_are_stored_noised_and_reproducible(trained):
     other = Cache.open(again.cache_path)
     assert [r.image_noise_sigmas for r in other.samples] == [r.image_noise_sigmas for r in cache.samples]
     for row, row_again in zip(cache.samples, other.samples):
-        assert torch.equal(cache.image_moments(row)[0], other.image_moments(row_again)[0])
+        assert torch.equal(cache.first_frame_tensors(row)["mean"], other.first_frame_tensors(row_again)["mean"])
 
 
 def test_cogvideox15_trains_on_an_odd_latent_frame_count(tmp_path, models):

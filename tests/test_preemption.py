@@ -168,7 +168,7 @@ def test_a_nan_sample_skips_its_step_and_training_goes_on(setup, tmp_path):
     row = Cache.open(cache_dir).samples[0]
     shard = schema.shard_path(cache_dir, row.latent_shard)
     tensors = load_file(shard)
-    mean_key, _ = schema.latent_tensor_keys(row.latent_key)
+    mean_key = schema.video_tensor_key(row.latent_key, "mean")
     tensors[mean_key] = torch.full_like(tensors[mean_key], float("nan"))
     with safe_open(str(shard), framework="pt") as f:  # as a VAE that gave NaN would have written it: checksummed
         metadata = dict(f.metadata())

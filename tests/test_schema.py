@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from cogtune import data_schema as schema
 from cogtune.cache.identity import CacheIdentity, find_cache
@@ -12,25 +13,26 @@ from cogtune.errors import CogtuneError
 from cogtune.util import files
 
 MODEL = schema.CacheModel(pretrained_model_name_or_path="/models/a", revision=None, variant=None, family="CogVideoX",
-                          vae_config_sha256="v1", text_encoder_config_sha256="t1")
+                          description="CogVideoX 1.0 text-to-video", components={"vae": "v1", "text_encoder": "t1"})
+TENSORS = schema.TensorSet(caption=("prompt_embeds",), video=("mean", "logvar"))
 DATASET = schema.CacheDataset(instance_data_root="/data", dataset_name=None, dataset_config_name=None,
                               caption_column="prompts.txt", video_column="videos.txt", id_token=None)
 SETTINGS = dict(height=32, width=48, fps=8, max_num_frames=9, skip_frames_start=0, skip_frames_end=0,
                 video_reshape_mode="center", latent_dtype="fp32", mixed_precision="no", enable_tiling=False,
-                buckets=None, max_text_seq_length=16, image_noise_variants=0)
+                buckets=None, text_length=16, image_noise_variants=0)
 
 
 def identity(**changes):
-    return CacheIdentity(model=MODEL, dataset=DATASET, settings=schema.CacheSettings(**dict(SETTINGS, **changes)))
+    return CacheIdentity(model=MODEL, dataset=DATASET, settings=schema.CacheSettings(**dict(SETTINGS, **changes)),
+                         tensors=TENSORS)
 
 
 def write_sample(writer, sha, caption, latent=None, text=None):
     latent = torch.randn(4, 3, 4, 6) if latent is None else latent
     text = torch.randn(16, 32) if text is None else text
-    mean_key, logvar_key = schema.latent_tensor_keys(schema.video_key(sha))
-    shard = writer.add_tensor(mean_key, latent)
-    writer.add_tensor(logvar_key, -latent.abs())
-    text_shard = writer.add_tensor(schema.text_tensor_key(schema.caption_key(caption)), text)
+    shard = writer.add_tensor(schema.video_tensor_key(schema.video_key(sha), "mean"), latent)
+    writer.add_tensor(schema.video_tensor_key(schema.video_key(sha), "logvar"), -latent.abs())
+    text_shard = writer.add_tensor(schema.caption_tensor_key(schema.caption_key(caption), "prompt_embeds"), text)
     source = schema.SampleSource(schema.sample_id(sha, caption), "/x.mp4", 1, 1, sha, caption)
     video = schema.VideoLatent(frame_indices=list(range(9)), source_fps=8.0, source_height=32, source_width=48,
                                num_frames=9, height=32, width=48, bucket="9x32x48", decoder="pyav",
@@ -52,10 +54,15 @@ def test_round_trip(tmp_path):
 
     cache = Cache.open(cache_dir)
     assert [r.caption for r in cache.samples] == ["first", "second 猫"]
-    mean, logvar = cache.latent_moments(cache.samples[1])
-    assert torch.equal(mean, latent_b) and torch.equal(logvar, -latent_b.abs())
-    assert torch.equal(cache.prompt_embeds(cache.samples[0]), text_a)
+    video = cache.video_tensors(cache.samples[1])
+    assert torch.equal(video["mean"], latent_b) and torch.equal(video["logvar"], -latent_b.abs())
+    assert torch.equal(cache.caption_tensors(cache.samples[0])["prompt_embeds"], text_a)
     assert cache.manifest == identity().manifest()
+    for shard in schema.shard_paths(cache_dir):  # every shard names its cache and family
+        with safe_open(str(shard), "pt") as f:
+            metadata = f.metadata()
+        assert metadata[schema.FINGERPRINT_METADATA] == identity().fingerprint
+        assert metadata[schema.FAMILY_METADATA] == "CogVideoX"
     assert cache.samples[0] == row_a  # every column read back as written
     assert json.loads((cache_dir / schema.MANIFEST_FILE).read_text())["settings"] == SETTINGS  # no seed: not random
 
@@ -95,7 +102,7 @@ def test_writer_refuses_a_folder_with_other_settings(tmp_path):
 def test_cache_of_another_model_is_refused(tmp_path):
     model = dataclasses.asdict(MODEL)
     with pytest.raises(CogtuneError, match="built for another model"):
-        check_compatible(identity().manifest(), dict(model, vae_config_sha256="v2"), tmp_path)
+        check_compatible(identity().manifest(), dict(model, components={"vae": "v2", "text_encoder": "t1"}), tmp_path)
     check_compatible(identity().manifest(), model, tmp_path)  # the same model passes
 
 
@@ -146,3 +153,20 @@ def test_a_manifest_of_another_shape_is_refused():
     with pytest.raises(CogtuneError, match="does not describe a cache"):
         schema.Manifest.from_json(data, "/cache")
     assert schema.Manifest.from_json(identity().manifest().to_json(), "/cache") == identity().manifest()
+
+
+def test_a_shard_of_another_cache_is_refused(tmp_path):
+    """A shard copied in from another cache (its header names that cache) is not read as this one's."""
+    from safetensors.torch import load_file, save_file
+
+    writer = CacheWriter(tmp_path / "c", identity().manifest(), 1.0)
+    row, _, _ = write_sample(writer, "a" * 64, "first")
+    writer.write_selection([row.sample_id])
+    shard = schema.shard_path(tmp_path / "c", row.latent_shard)
+    with safe_open(str(shard), "pt") as f:
+        metadata = dict(f.metadata())
+    save_file(load_file(shard), str(shard), metadata=dict(metadata, **{schema.FINGERPRINT_METADATA: identity(
+        height=64).fingerprint}))
+    cache = Cache.open(tmp_path / "c")
+    with pytest.raises(CogtuneError, match="belongs to another cache"):
+        cache.video_tensors(cache.samples[0])

@@ -182,7 +182,7 @@ def test_a_flipped_byte_in_a_tensor_is_never_trained_on(trained, tmp_path):
     cache = copy_cache(trained["cache"], tmp_path)
     row = read_index(cache)[0]
     shard = schema.shard_path(cache, row.latent_shard)
-    key, _ = schema.latent_tensor_keys(row.latent_key)
+    key = schema.video_tensor_key(row.latent_key, "mean")
     with open(shard, "rb") as f:
         header_length = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_length))

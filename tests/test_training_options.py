@@ -14,6 +14,7 @@ import torch
 
 from cogtune.config import load_config
 from cogtune.families import ModelConfigs
+from cogtune.data_schema import TrainingBatch
 from cogtune.families.objectives import NoiseSchedule, Objective, draw_timesteps
 from cogtune.train.step import training_loss
 from cogtune.util.draws import Draws
@@ -94,12 +95,13 @@ def spec_and_schedule(tiny_model):
     return models.spec(), NoiseSchedule(scheduler.alphas_cumprod), scheduler
 
 
-def make_batch(spec, rows: int, seed: int = 0) -> dict:
+def make_batch(spec, rows: int, seed: int = 0) -> TrainingBatch:
     g = torch.Generator().manual_seed(seed)
     shape = (rows, spec.latent_channels, 3, 4, 6)
-    return {"mean": torch.randn(shape, generator=g), "logvar": torch.randn(shape, generator=g) - 3,
-            "prompt_embeds": torch.randn(rows, spec.max_text_seq_length, spec.text_embed_dim, generator=g),
-            "empty_prompt_embeds": torch.randn(spec.max_text_seq_length, spec.text_embed_dim, generator=g)}
+    video = {"mean": torch.randn(shape, generator=g), "logvar": torch.randn(shape, generator=g) - 3}
+    caption = {"prompt_embeds": torch.randn(rows, spec.max_text_seq_length, spec.text_embed_dim, generator=g)}
+    empty = {"prompt_embeds": torch.randn(spec.max_text_seq_length, spec.text_embed_dim, generator=g)}
+    return TrainingBatch(video=video, caption=caption, first_frame={}, empty_caption=empty)
 
 
 class Recorder:
@@ -152,14 +154,14 @@ def test_caption_dropout_replaces_captions_at_its_rate(spec_and_schedule, techni
     recorder = Recorder(torch.zeros(1))
     for seed in range(steps):
         loss_of(spec, schedule, objective, batch, seed, recorder)
-    replacement = batch["empty_prompt_embeds"] if technique == "empty" else torch.zeros_like(batch["empty_prompt_embeds"])
+    replacement = batch.empty_caption["prompt_embeds"] if technique == "empty" else torch.zeros_like(batch.empty_caption["prompt_embeds"])
     dropped = kept = 0
     for embeds, _ in recorder.calls:
         for row in range(rows):
             if torch.equal(embeds[row], replacement):
                 dropped += 1
             else:
-                assert torch.equal(embeds[row], batch["prompt_embeds"][row])  # a kept caption is untouched
+                assert torch.equal(embeds[row], batch.caption["prompt_embeds"][row])  # a kept caption is untouched
                 kept += 1
     n = rows * steps
     assert abs(dropped / n - p) <= 5 * math.sqrt(p * (1 - p) / n)
@@ -172,11 +174,11 @@ def test_without_the_options_a_step_draws_what_it_drew_before(spec_and_schedule)
     draws = Draws(torch.Generator().manual_seed(11))
     inputs = spec.step_inputs(batch, draws, schedule, Objective())
     g = torch.Generator().manual_seed(11)
-    torch.randn(batch["mean"].shape, generator=g)  # posterior sample
+    torch.randn(batch.video["mean"].shape, generator=g)  # posterior sample
     assert torch.equal(torch.randint(0, len(schedule), (3,), generator=g), inputs.timesteps)
     torch.randn(inputs.x0.shape, generator=g)  # noise
     assert torch.equal(draws.generator.get_state(), g.get_state())
-    assert torch.equal(inputs.prompt_embeds, batch["prompt_embeds"])
+    assert torch.equal(inputs.prompt_embeds, batch.caption["prompt_embeds"])
 
 
 @pytest.fixture(scope="module")

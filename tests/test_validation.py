@@ -59,7 +59,7 @@ def test_generation_from_cached_embeddings_equals_the_pipeline(family, models, d
     validation = load_validation_set(load_config("train", ["--config", str(config)]), spec, cache,
                                      read_manifest(cache))
     (prompt,) = validation.prompts
-    assert (prompt.image_moments is not None) == i2v
+    assert (prompt.first_frame is not None) == i2v
 
     pipe = (CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline).from_pretrained(
         models[family])
@@ -67,9 +67,9 @@ def test_generation_from_cached_embeddings_equals_the_pipeline(family, models, d
         pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
     settings = dict(num_inference_steps=3, guidance_scale=6.0, use_dynamic_cfg=i2v)
     ours = spec.generate_latents(pipe.transformer, type(pipe.scheduler).from_config(pipe.scheduler.config),
-                            prompt.prompt_embeds, validation.negative_embeds, 9, 32, 64,
-                            generator=torch.Generator().manual_seed(7), dtype=torch.float32,
-                            image_moments=prompt.image_moments, **settings)
+                                 prompt.caption, validation.negative, 9, 32, 64,
+                                 generator=torch.Generator().manual_seed(7), dtype=torch.float32,
+                                 first_frame=prompt.first_frame, **settings)
     theirs = pipe(prompt=PROMPTS[0], num_frames=9, height=32, width=64, generator=torch.Generator().manual_seed(7),
                   output_type="latent", max_sequence_length=spec.max_text_seq_length,
                   **({"image": Image.open(image)} if i2v else {}), **settings).frames

@@ -44,7 +44,7 @@ def rows_by_clip(cache_path):
 
 def latents(cache_path, row) -> torch.Tensor:
     with safe_open(str(schema.shard_path(cache_path, row.latent_shard)), "pt") as f:
-        return f.get_tensor(schema.latent_tensor_keys(row.latent_key)[0])
+        return f.get_tensor(schema.video_tensor_key(row.latent_key, "mean"))
 
 
 @pytest.mark.parametrize("flags, starts", [

@@ -15,11 +15,13 @@ A cache is one folder, named after what it holds, under a cache root:
                                 moments of validation images (`image-<sha>-<H>x<W>.safetensors`)
         .lock                   held shared by writers, exclusively by `cogtune cache prune`
 
-Tensors are keyed by content, so nothing is encoded twice: a video's VAE moments by the hash of
-the video file (`latents/<video_key>/mean|logvar`), a caption's T5 embedding by the hash of the
-caption text (`text/<caption_key>/prompt_embeds`). Image-to-video caches also hold, per video,
-`--image_noise_variants` encodings of its noised first frame (`images/<video_key>/<k>/mean|logvar`,
-in the shard of the video's latents, their sigmas in the index). Index parts are written after their shard, so a
+Tensors are keyed by content, so nothing is encoded twice, and named by their role: the model's
+family declares which tensors it stores (`TensorSet`, recorded in the manifest). Per video (by the
+hash of the video file) `latents/<video_key>/<name>` (CogVideoX: the VAE posterior's mean and
+logvar); per caption (by the hash of its text) `text/<caption_key>/<name>` (CogVideoX: the T5
+`prompt_embeds`). Image-to-video caches also hold, per video, `--image_noise_variants` encodings of
+its noised first frame (`images/<video_key>/<k>/<name>`, in the shard of the video's latents, their
+sigmas in the index). Every shard's header names its cache (fingerprint) and the model family. Index parts are written after their shard, so a
 run killed at any moment loses at most the shard in progress and no reader ever sees half a file.
 Several writers (ranks) can add parts to one cache at once: they share its lock.
 
@@ -42,12 +44,16 @@ import torch
 from cogtune.errors import CogtuneError
 from cogtune.util.files import sha256_text
 
-# 2: image-to-video latents, image_noise_sigmas; 3: bucket, failure_kind, decoder; 4: tensor checksums
-FORMAT_VERSION = 5  # 5: model configs hashed as their files store them (4 hashed the installed
-# transformers' expanded view of the T5 config, which changed with its version)
+# 2: image-to-video latents, image_noise_sigmas; 3: bucket, failure_kind, decoder; 4: tensor checksums;
+# 5: model configs hashed as their files store them (4 hashed the installed transformers' expanded
+# view of the T5 config, which changed with its version)
+FORMAT_VERSION = 6  # 6: the family, its encoders and its tensor names in the manifest; shards stamped
+LEGACY_VERSION = 5  # read as version 6 (Manifest.from_json): such caches train on, nothing re-encoded
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".lock"
 CHECKSUMS_METADATA = "cogtune.sha256"  # shard header entry: JSON {tensor key: sha256 of its bytes}
+FINGERPRINT_METADATA = "cogtune.fingerprint"  # shard header entry: the fingerprint of the cache it belongs to
+FAMILY_METADATA = "cogtune.family"  # shard header entry: the model family whose encoders made its tensors
 SELECTION_FILE = "selection.parquet"
 # The content hash of every source file as last seen (path, size, mtime): a file touched, copied or
 # rsynced without times is hashed again once, not on every later run. Only a shortcut: a cache
@@ -63,9 +69,28 @@ STATUS_FAILED = "failed"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
-# Tensor keys of the validation files (one prompt embedding, or one image's VAE moments, per file).
-VALIDATION_PROMPT_EMBEDS = "prompt_embeds"
-VALIDATION_IMAGE_MEAN, VALIDATION_IMAGE_LOGVAR = "mean", "logvar"
+
+@dataclass(frozen=True)
+class TensorSet:
+    """The tensors a model family stores, by name: per caption (each [text length, ...]), per video
+    window (each of the latent shape, [C, F, H, W]) and, image-to-video, per noised first frame (each
+    [C, 1, H, W]). The same names key a validation prompt's and a validation image's file."""
+
+    caption: tuple[str, ...]
+    video: tuple[str, ...]
+    first_frame: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"caption": list(self.caption), "video": list(self.video), "first_frame": list(self.first_frame)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TensorSet":
+        return cls(tuple(data["caption"]), tuple(data["video"]), tuple(data.get("first_frame", ())))
+
+
+# What CogVideoX caches of format version 5 hold (that version named no tensors in its manifest).
+LEGACY_TENSORS = TensorSet(caption=("prompt_embeds",), video=("mean", "logvar"))
+LEGACY_IMAGE_TENSORS = ("mean", "logvar")
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -94,7 +119,7 @@ INDEX_SCHEMA = pa.schema(
         ("text_shard", pa.string()),
         ("text_key", pa.string()),
         # image-to-video caches: the noise sigma of each stored first-frame encoding (empty otherwise);
-        # the encodings live in the latent shard under image_latent_tensor_keys(latent_key, variant)
+        # the encodings live in the latent shard under first_frame_tensor_key(latent_key, variant, name)
         ("image_noise_sigmas", pa.list_(pa.float64())),
     ]
 )
@@ -148,18 +173,30 @@ def caption_key(caption: str) -> str:
     return sha256_text(caption)[:32]
 
 
-def latent_tensor_keys(key: str) -> tuple[str, str]:
-    """Keys of a video's posterior mean and log-variance."""
-    return f"latents/{key}/mean", f"latents/{key}/logvar"
+def video_tensor_key(key: str, name: str) -> str:
+    """Key of a video window's tensor `name` (TensorSet.video); key: its latent_key."""
+    return f"latents/{key}/{name}"
 
 
-def image_latent_tensor_keys(key: str, variant: int) -> tuple[str, str]:
-    """Keys of the posterior mean and log-variance of a video's noised first frame, one per variant."""
-    return f"images/{key}/{variant}/mean", f"images/{key}/{variant}/logvar"
+def first_frame_tensor_key(key: str, variant: int, name: str) -> str:
+    """Key of the tensor `name` (TensorSet.first_frame) of a video's noised first frame, one per variant."""
+    return f"images/{key}/{variant}/{name}"
 
 
-def text_tensor_key(key: str) -> str:
-    return f"text/{key}/prompt_embeds"
+def caption_tensor_key(key: str, name: str) -> str:
+    """Key of a caption's tensor `name` (TensorSet.caption); key: its caption_key."""
+    return f"text/{key}/{name}"
+
+
+def caption_tensor_keys(caption: str, tensors: TensorSet) -> list[str]:
+    """Keys of every tensor stored for a caption."""
+    return [caption_tensor_key(caption_key(caption), name) for name in tensors.caption]
+
+
+def video_tensor_keys(key: str, tensors: TensorSet, variants: int) -> list[str]:
+    """Keys of every tensor stored for a video window (its latent_key), first frames included."""
+    return [video_tensor_key(key, name) for name in tensors.video] + [
+        first_frame_tensor_key(key, variant, name) for variant in range(variants) for name in tensors.first_frame]
 
 
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\Z")  # what CacheWriter names shards: r0-<hex>
@@ -189,12 +226,12 @@ def index_part_path(cache_path: str | Path, name: str) -> Path:
 
 
 def validation_text_path(cache_path: str | Path, prompt: str) -> Path:
-    """A validation prompt's T5 embedding (VALIDATION_PROMPT_EMBEDS); "" is the negative prompt."""
+    """A validation prompt's tensors (TensorSet.caption names); "" is the negative prompt."""
     return Path(cache_path) / VALIDATION_INPUTS_DIR / f"text-{caption_key(prompt)}.safetensors"
 
 
 def validation_image_path(cache_path: str | Path, image_sha256: str, height: int, width: int) -> Path:
-    """A validation image's VAE moments (VALIDATION_IMAGE_MEAN/LOGVAR, [C, 1, h, w]) at one pixel size."""
+    """A validation image's tensors (TensorSet.first_frame names, [C, 1, h, w]) at one pixel size."""
     return Path(cache_path) / VALIDATION_INPUTS_DIR / f"image-{image_sha256[:32]}-{height}x{width}.safetensors"
 
 
@@ -275,24 +312,25 @@ class IndexRow:
         """Stored noised first-frame encodings of the sample's video (0 for text-to-video)."""
         return len(self.image_noise_sigmas or [])
 
-    def tensors(self, text_length: int) -> list[tuple[str, str, tuple | None]]:
+    def tensors(self, tensors: TensorSet, text_length: int) -> list[tuple[str, str, tuple | None]]:
         """(shard, key, shape) of every tensor an ok row needs; a None in a shape is not checked."""
-        return sample_tensors(self, text_length)
+        return sample_tensors(self, tensors, text_length)
 
     def to_json(self) -> dict:
         return {name: getattr(self, name) for name in INDEX_SCHEMA.names}
 
 
-def sample_tensors(row, text_length: int) -> list[tuple[str, str, tuple | None]]:
+def sample_tensors(row, tensors: TensorSet, text_length: int) -> list[tuple[str, str, tuple | None]]:
     """(shard, key, shape) of every tensor a usable sample needs (an IndexRow, or any row with its
     latent_shard, latent_key, latent_shape, image_variants, text_shard and text_key)."""
     channels, _, height, width = row.latent_shape
-    tensors = [(row.latent_shard, key, tuple(row.latent_shape)) for key in latent_tensor_keys(row.latent_key)]
+    found = [(row.latent_shard, video_tensor_key(row.latent_key, name), tuple(row.latent_shape))
+             for name in tensors.video]
     for variant in range(row.image_variants):
-        tensors += [(row.latent_shard, key, (channels, 1, height, width))
-                    for key in image_latent_tensor_keys(row.latent_key, variant)]
-    tensors.append((row.text_shard, text_tensor_key(row.text_key), (text_length, None)))
-    return tensors
+        found += [(row.latent_shard, first_frame_tensor_key(row.latent_key, variant, name), (channels, 1, height, width))
+                  for name in tensors.first_frame]
+    found += [(row.text_shard, caption_tensor_key(row.text_key, name), (text_length, None)) for name in tensors.caption]
+    return found
 
 
 def ok_row(source: SampleSource, video: VideoLatent, text_shard: str) -> IndexRow:
@@ -308,20 +346,52 @@ def failed_row(source: SampleSource, kind: str, reason: str) -> IndexRow:
                     caption_sha256=sha256_text(source.caption), **dataclasses.asdict(source))
 
 
+# --- the training batch ------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingBatch:
+    """A batch of cached samples as training reads it: exactly the tensors of the cache's TensorSet,
+    stacked, by name. The family's objective consumes it."""
+
+    video: dict[str, torch.Tensor]  # TensorSet.video: each [B, C, F, H, W]
+    caption: dict[str, torch.Tensor]  # TensorSet.caption: each [B, text length, ...]
+    first_frame: dict[str, torch.Tensor]  # TensorSet.first_frame: each [B, K, C, 1, H, W] (K encodings a video)
+    empty_caption: dict[str, torch.Tensor] | None = None  # the empty prompt's (--caption_dropout_technique empty)
+
+    @classmethod
+    def collate(cls, items: list["TrainingBatch"]) -> "TrainingBatch":
+        """Samples (each a TrainingBatch of one, unstacked) -> one batch."""
+        def stacked(part: str) -> dict[str, torch.Tensor]:
+            return {name: torch.stack([getattr(item, part)[name] for item in items]) for name in getattr(items[0], part)}
+        return cls(stacked("video"), stacked("caption"), stacked("first_frame"))
+
+    def _map(self, move) -> "TrainingBatch":
+        def moved(tensors):
+            return None if tensors is None else {name: move(tensor) for name, tensor in tensors.items()}
+        return TrainingBatch(moved(self.video), moved(self.caption), moved(self.first_frame), moved(self.empty_caption))
+
+    def to(self, device, non_blocking: bool = False) -> "TrainingBatch":
+        return self._map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "TrainingBatch":  # (the DataLoader's pin_memory calls this)
+        return self._map(lambda tensor: tensor.pin_memory())
+
+
 # --- the manifest -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class CacheModel:
-    """The model whose VAE and T5 made a cache's tensors."""
+    """The model whose encoders made a cache's tensors."""
 
     pretrained_model_name_or_path: str
     revision: str | None
     variant: str | None
-    family: str
-    vae_config_sha256: str
-    text_encoder_config_sha256: str
-    # A digest of the VAE's and T5's weight files (names, sizes and sampled bytes) for a local
+    family: str  # the family's name in the registry ("CogVideoX")
+    description: str  # the variant, as the family describes it
+    components: dict  # each encoder that made tensors (part name) -> the sha256 of its config
+    # A digest of the encoders' weight files (names, sizes and sampled bytes) for a local
     # pipeline folder; None for a hub id (its id and revision name the weights) and in caches
     # written before it was kept. Not part of the cache's name: a cache written with other weights
     # under the same name is refused by the writer and by training instead (WEIGHTS_DIGEST).
@@ -359,7 +429,7 @@ class CacheSettings:
     mixed_precision: str
     enable_tiling: bool
     buckets: list[str] | None  # FRAMESxHEIGHTxWIDTH names, or None: one size
-    max_text_seq_length: int
+    text_length: int  # tokens of every caption's stored embedding
     image_noise_variants: int  # first-frame encodings per video: 0 for text-to-video
     seed: int | None = None  # recorded only where it changes tensors (random crops, first-frame noise)
     text_encoder_quantization: str | None = None  # "torchao int8wo" when T5 was quantized; else not recorded
@@ -388,35 +458,91 @@ def _record(cls, data: dict, where: str):
 
 @dataclass(frozen=True)
 class Manifest:
-    """manifest.json: what a cache holds and how it was made."""
+    """manifest.json: what a cache holds and how it was made. A cache of LEGACY_VERSION is read as
+    this version (its manifest file is left as it is)."""
 
     fingerprint: str
     model: CacheModel
     dataset: CacheDataset
     settings: CacheSettings
+    tensors: TensorSet
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
         return {"format_version": self.format_version, "fingerprint": self.fingerprint, "model": _as_json(self.model),
-                "dataset": _as_json(self.dataset), "settings": _as_json(self.settings)}
+                "dataset": _as_json(self.dataset), "settings": _as_json(self.settings),
+                "tensors": self.tensors.to_json()}
+
+    def identity_json(self) -> dict:
+        """What names the cache (its model less the weights digest, dataset, settings and tensors)."""
+        data = self.to_json()
+        data["model"].pop(WEIGHTS_DIGEST, None)
+        return {key: data[key] for key in ("model", "dataset", "settings", "tensors")}
 
     @classmethod
     def from_json(cls, data: dict, where: str) -> "Manifest":
-        """The manifest in data (read from where), refused unless it is of this format version."""
+        """The manifest in data (read from where), refused unless it is of this format version or
+        LEGACY_VERSION (read as this one)."""
         if not isinstance(data, dict):
             raise CogtuneError(f"{where}: its manifest is not a JSON object; rebuild the cache with `cogtune preprocess`.")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in (FORMAT_VERSION, LEGACY_VERSION):
             raise CogtuneError(
-                f"{where} has cache format version {version}, this cogtune reads version {FORMAT_VERSION}. "
-                "Rebuild it with `cogtune preprocess` (it writes a new folder; the old one can be deleted)."
+                f"{where} has cache format version {version}, this cogtune reads versions {LEGACY_VERSION} and "
+                f"{FORMAT_VERSION}. Rebuild it with `cogtune preprocess` (it writes a new folder; the old one can be "
+                "deleted)."
             )
         try:
-            fingerprint, model, dataset, settings = (data[k] for k in ("fingerprint", "model", "dataset", "settings"))
-        except KeyError as e:
+            if version == LEGACY_VERSION:
+                data = upgraded_legacy_json(data)
+            fingerprint, model, dataset, settings, tensors = (
+                data[k] for k in ("fingerprint", "model", "dataset", "settings", "tensors"))
+            tensors = TensorSet.from_json(tensors)
+        except (KeyError, TypeError) as e:
             raise CogtuneError(f"{where} lacks {e}; rebuild the cache with `cogtune preprocess`.") from None
         return cls(fingerprint, _record(CacheModel, model, where), _record(CacheDataset, dataset, where),
-                   _record(CacheSettings, settings, where))
+                   _record(CacheSettings, settings, where), tensors, version)
+
+
+# --- caches of format version 5 (CogVideoX only) ------------------------------------------------
+# Version 5 recorded one VAE and one T5 and no tensor names; its tensors have the keys version 6
+# gives CogVideoX's (LEGACY_TENSORS). Its caches are read as version 6 and keep their names: a
+# preprocess or training run whose settings name a cache finds one of version 5 by the name that
+# version gave it (legacy_identity_json, then the same fingerprint), so nothing is encoded again.
+
+LEGACY_FAMILY = "CogVideoX"
+LEGACY_COMPONENTS = ("vae", "text_encoder")
+
+
+def upgraded_legacy_json(data: dict) -> dict:
+    """A version 5 manifest (or preprocess record) as version 6 writes it, its fingerprint kept."""
+    model = dict(data["model"])
+    upgraded_model = {key: model.get(key) for key in ("pretrained_model_name_or_path", "revision", "variant")}
+    upgraded_model.update(family=LEGACY_FAMILY, description=model["family"],
+                          components={part: model[f"{part}_config_sha256"] for part in LEGACY_COMPONENTS},
+                          weights_sha256=model.get(WEIGHTS_DIGEST))
+    settings = dict(data["settings"])
+    settings["text_length"] = settings.pop("max_text_seq_length")
+    first_frame = LEGACY_IMAGE_TENSORS if settings.get("image_noise_variants") else ()
+    tensors = dataclasses.replace(LEGACY_TENSORS, first_frame=first_frame)
+    return {**data, "model": upgraded_model, "settings": settings, "tensors": tensors.to_json()}
+
+
+def legacy_identity_json(identity: dict) -> dict | None:
+    """What version 5 hashed into the name of the cache of this identity (Manifest.identity_json of
+    version 6), or None where version 5 could not have written it (another family or components)."""
+    model, settings = identity["model"], dict(identity["settings"])
+    expected = dataclasses.replace(LEGACY_TENSORS, first_frame=LEGACY_IMAGE_TENSORS if settings["image_noise_variants"]
+                                   else ())
+    if model["family"] != LEGACY_FAMILY or set(model["components"]) != set(LEGACY_COMPONENTS) \
+            or identity["tensors"] != expected.to_json():
+        return None
+    legacy_model = {key: model[key] for key in ("pretrained_model_name_or_path", "revision", "variant")}
+    legacy_model["family"] = model["description"]
+    legacy_model.update({f"{part}_config_sha256": model["components"][part] for part in LEGACY_COMPONENTS})
+    settings["max_text_seq_length"] = settings.pop("text_length")
+    return {"format_version": LEGACY_VERSION, "model": legacy_model, "dataset": identity["dataset"],
+            "settings": settings}
 
 
 def describe_differences(expected: dict, found: dict, prefix: str = "", found_label: str = "cache has",

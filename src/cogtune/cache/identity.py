@@ -47,30 +47,52 @@ class CacheIdentity:
     model: schema.CacheModel
     dataset: schema.CacheDataset
     settings: schema.CacheSettings
+    tensors: schema.TensorSet
 
     @property
     def fingerprint(self) -> str:
-        payload = {"format_version": schema.FORMAT_VERSION, **self.to_json()}
-        payload["model"].pop(schema.WEIGHTS_DIGEST, None)  # see CacheModel: checked, not named
+        # (the weights digest is checked, not named: see CacheModel)
+        payload = {"format_version": schema.FORMAT_VERSION, **self._unnamed().identity_json()}
         return files.sha256_text(json.dumps(payload, sort_keys=True))[:12]
 
     @property
-    def name(self) -> str:
+    def legacy_fingerprint(self) -> str | None:
+        """The fingerprint format version 5 gave this cache, where it could have written it."""
+        legacy = schema.legacy_identity_json(self._unnamed().identity_json())
+        return files.sha256_text(json.dumps(legacy, sort_keys=True))[:12] if legacy else None
+
+    def _name(self, fingerprint: str) -> str:
         s = self.settings
         model = _slug(Path(str(self.model.pretrained_model_name_or_path).rstrip("/")).name)
         dataset = (f"{len(self.dataset.datasets)}datasets" if self.dataset.datasets else
                    _slug(Path(str(self.dataset.dataset_name or self.dataset.instance_data_root)).name))
         size = f"{len(s.buckets)}buckets" if s.buckets else f"{s.height}x{s.width}_{s.max_num_frames}f"
-        return f"{model}_{dataset}_{size}_{s.fps}fps_{s.video_reshape_mode}_{self.fingerprint}"
+        return f"{model}_{dataset}_{size}_{s.fps}fps_{s.video_reshape_mode}_{fingerprint}"
+
+    @property
+    def name(self) -> str:
+        return self._name(self.fingerprint)
+
+    def name_in(self, cache_root: str | Path) -> str:
+        """The folder of this cache under cache_root: its own name, unless only a cache of format
+        version 5 with these settings is there (it is read, and added to, as it is)."""
+        root, legacy = Path(cache_root), self.legacy_fingerprint
+        if legacy and not (root / self.name / schema.MANIFEST_FILE).is_file() \
+                and (root / self._name(legacy) / schema.MANIFEST_FILE).is_file():
+            return self._name(legacy)
+        return self.name
+
+    def _unnamed(self) -> schema.Manifest:
+        return schema.Manifest("", self.model, self.dataset, self.settings, self.tensors)
 
     def manifest(self) -> schema.Manifest:
         """The manifest of the cache these settings name."""
-        return schema.Manifest(self.fingerprint, self.model, self.dataset, self.settings)
+        return dataclasses.replace(self._unnamed(), fingerprint=self.fingerprint)
 
     def to_json(self) -> dict:
-        """model, dataset and settings as the manifest stores them."""
-        manifest = schema.Manifest("", self.model, self.dataset, self.settings).to_json()
-        return {key: manifest[key] for key in ("model", "dataset", "settings")}
+        """model, dataset, settings and tensors as the manifest stores them."""
+        manifest = self._unnamed().to_json()
+        return {key: manifest[key] for key in ("model", "dataset", "settings", "tensors")}
 
 
 def _slug(text: str) -> str:
@@ -83,7 +105,7 @@ def cache_identity(config, models: ModelConfigs) -> CacheIdentity:
     buckets = configured_buckets(config)
     settings["buckets"] = [bucket_name(b) for b in buckets] if buckets else None
     spec = models.spec()
-    settings["max_text_seq_length"] = spec.text_length
+    settings["text_length"] = spec.text_length
     image_conditioned = spec.image_conditioned
     settings["image_noise_variants"] = config.image_noise_variants if image_conditioned else 0
     if config.video_reshape_mode == "random" or image_conditioned:  # random crops and first-frame noise
@@ -99,7 +121,7 @@ def cache_identity(config, models: ModelConfigs) -> CacheIdentity:
     else:
         dataset = _dataset_identity(tables[0], config)
     return CacheIdentity(model=schema.CacheModel(**models.identity()), dataset=schema.CacheDataset(**dataset),
-                         settings=schema.CacheSettings(**settings))
+                         settings=schema.CacheSettings(**settings), tensors=spec.tensors)
 
 
 def _dataset_identity(table: dict, config) -> dict:
@@ -133,7 +155,7 @@ def list_caches(cache_root: str | Path) -> list[Path]:
 
 def find_cache(cache_root: str | Path, identity: CacheIdentity) -> Path:
     """The folder of the cache that matches identity, with a helpful error when there is none."""
-    path = Path(cache_root) / identity.name
+    path = Path(cache_root) / identity.name_in(cache_root)
     if (path / schema.MANIFEST_FILE).is_file():
         return path
     listing = "\n  ".join(str(p) for p in list_caches(cache_root)) or "(none)"
@@ -154,7 +176,7 @@ def record_preprocess_run(config, identity: CacheIdentity) -> None:
     flags = {name: getattr(config, name) for name in config.command_line if name in IDENTITY_SETTINGS}
     flags = relative_to(flags, Path.cwd())  # absolute, so that a train run elsewhere can replay them
     record = {"config_file": str(Path(config.config_file).resolve()) if config.config_file else None,
-              "cache": identity.name, "command_line": flags, **identity.to_json(),
+              "cache": identity.name_in(config.cache_root), "command_line": flags, **identity.to_json(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path = _record_path(Path(config.cache_root), config.config_file)
     files.atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(record, indent=2, default=str) + "\n"))
@@ -170,6 +192,11 @@ def latest_preprocess_run(cache_root: Path, config_file: str | None) -> dict | N
     needed = {"cache": str, "model": dict, "dataset": dict, "settings": dict, "command_line": dict}
     if not isinstance(record, dict) or any(not isinstance(record.get(k), kind) for k, kind in needed.items()):
         return None
+    if "tensors" not in record:  # written by a release of cache format version 5
+        try:
+            return schema.upgraded_legacy_json(record)
+        except (KeyError, TypeError, AttributeError):
+            return None
     return record
 
 
@@ -195,11 +222,11 @@ def training_cache(data_cache: str | None, data, models: ModelConfigs) -> Traini
     named = cache_identity(data, models)
     if data.auto_tiling and not data.enable_tiling:  # preprocess continues a tiled cache once there is one
         tiled = cache_identity(_with(data, {"enable_tiling": True}), models)
-        if (cache_root / tiled.name / schema.MANIFEST_FILE).is_file():
+        if (cache_root / tiled.name_in(cache_root) / schema.MANIFEST_FILE).is_file():
             named = tiled
     latest = latest_preprocess_run(cache_root, data.config_file)
     source = f"--config {data.config_file}" if data.config_file else "no config file"
-    if latest is None or latest["cache"] == named.name:
+    if latest is None or latest["cache"] == named.name_in(cache_root):
         path = find_cache(cache_root, named)
         return TrainingCache(path, "the cache these settings name" + (
             ", which the latest `cogtune preprocess` of this config wrote" if latest else ""))
@@ -211,7 +238,7 @@ def training_cache(data_cache: str | None, data, models: ModelConfigs) -> Traini
     listing = "\n  ".join(differences[:12])
     given = [name for name in data.command_line if name in IDENTITY_SETTINGS]
     if given:  # this command line names its data: train on that or on nothing
-        path = cache_root / named.name
+        path = cache_root / named.name_in(cache_root)
         if (path / schema.MANIFEST_FILE).is_file():
             flags = _flags_text({name: getattr(data, name) for name in given})
             return TrainingCache(path, f"the cache these settings name ({flags})")
@@ -222,13 +249,13 @@ def training_cache(data_cache: str | None, data, models: ModelConfigs) -> Traini
     # No data flags here: the latest preprocess run of this config is what the user means, provided its
     # command-line flags are the whole difference (the config file has not changed since).
     replayed = cache_identity(_with(data, latest["command_line"]), models)
-    if replayed.name == latest["cache"] and (cache_root / latest["cache"] / schema.MANIFEST_FILE).is_file():
+    if replayed.name_in(cache_root) == latest["cache"] and (cache_root / latest["cache"] / schema.MANIFEST_FILE).is_file():
         return TrainingCache(
             cache_root / latest["cache"],
             f"written by the latest `cogtune preprocess` with {source} and {_flags_text(latest['command_line'])}; "
             "this command gives no data flags (pass the same ones to name that cache yourself)")
     raise CogtuneError(
-        f"Not sure which cache to train on: the settings of this command name {cache_root / named.name}, but the "
+        f"Not sure which cache to train on: the settings of this command name {cache_root / named.name_in(cache_root)}, but the "
         f"latest `cogtune preprocess` with {source} wrote {cache_root / latest['cache']} "
         f"({_flags_text(latest['command_line'])}), and they differ:\n  {listing}\n"
         "Give train the data flags of the cache you mean (the same ARGS as preprocess), preprocess again with "

@@ -267,8 +267,8 @@ class TrainingSample:
     text_key: str
     image_variants: int
 
-    def tensors(self, text_length: int) -> list[tuple[str, str, tuple | None]]:
-        return schema.sample_tensors(self, text_length)
+    def tensors(self, tensors: schema.TensorSet, text_length: int) -> list[tuple[str, str, tuple | None]]:
+        return schema.sample_tensors(self, tensors, text_length)
 
 
 class TrainingSamples:
@@ -496,9 +496,14 @@ class Cache:
             path = schema.shard_path(self.path, name)
             try:
                 handle = safe_open(str(path), framework="pt")
+                stamp = (handle.metadata() or {}).get(schema.FINGERPRINT_METADATA)
             except Exception as e:  # safetensors raises its own error types
                 raise CogtuneError(f"Cache shard {path} cannot be read ({e}); run `cogtune cache verify "
                                    f"{self.path}`.") from None
+            if stamp is not None and stamp != self.manifest.fingerprint:  # (shards of version 5 have none)
+                raise CogtuneError(f"Cache shard {path} belongs to another cache (fingerprint {stamp}, this cache's "
+                                   f"is {self.manifest.fingerprint}): it was copied in by hand. Remove it, run "
+                                   f"`cogtune cache prune --damaged {self.path}`, and preprocess again.")
             self._handles[name] = handle
         return handle
 
@@ -526,26 +531,26 @@ class Cache:
         """A tensor by shard and key (checked as every read is), for copying into another cache."""
         return self._tensor(shard_name, key, key)
 
-    def latent_moments(self, row: schema.IndexRow) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored posterior mean and log-variance of a sample, [C, F, H, W]."""
-        mean_key, logvar_key = schema.latent_tensor_keys(row.latent_key)
-        return (self._tensor(row.latent_shard, mean_key, row.sample_id),
-                self._tensor(row.latent_shard, logvar_key, row.sample_id))
+    def video_tensors(self, row: schema.IndexRow) -> dict[str, torch.Tensor]:
+        """A sample's video tensors by name (TensorSet.video), each [C, F, H, W]."""
+        return {name: self._tensor(row.latent_shard, schema.video_tensor_key(row.latent_key, name), row.sample_id)
+                for name in self.manifest.tensors.video}
 
     @property
     def image_noise_variants(self) -> int:
         """Noised first-frame encodings per video: 0 for a text-to-video cache."""
         return self.manifest.settings.image_noise_variants
 
-    def image_moments(self, row: schema.IndexRow) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and log-variance of every noised first-frame encoding, [K, C, 1, H, W]."""
-        keys = [schema.image_latent_tensor_keys(row.latent_key, k) for k in range(row.image_variants)]
-        return (torch.stack([self._tensor(row.latent_shard, mean, row.sample_id) for mean, _ in keys]),
-                torch.stack([self._tensor(row.latent_shard, logvar, row.sample_id) for _, logvar in keys]))
+    def first_frame_tensors(self, row: schema.IndexRow) -> dict[str, torch.Tensor]:
+        """Every noised first-frame encoding's tensors by name (TensorSet.first_frame), each [K, C, 1, H, W]."""
+        return {name: torch.stack([self._tensor(row.latent_shard, schema.first_frame_tensor_key(row.latent_key, k, name),
+                                                row.sample_id) for k in range(row.image_variants)])
+                for name in self.manifest.tensors.first_frame}
 
-    def prompt_embeds(self, row: schema.IndexRow) -> torch.Tensor:
-        """The stored T5 embedding of a sample's caption, [max_text_seq_length, text_dim]."""
-        return self._tensor(row.text_shard, schema.text_tensor_key(row.text_key), row.sample_id)
+    def caption_tensors(self, row: schema.IndexRow) -> dict[str, torch.Tensor]:
+        """A sample's caption tensors by name (TensorSet.caption), each [text length, ...]."""
+        return {name: self._tensor(row.text_shard, schema.caption_tensor_key(row.text_key, name), row.sample_id)
+                for name in self.manifest.tensors.caption}
 
     def __getstate__(self):  # DataLoader workers reopen shards themselves
         state = self.__dict__.copy()
@@ -554,10 +559,10 @@ class Cache:
 
 
 def read_validation_inputs(cache_path: Path, entries: list
-                           ) -> tuple[dict[str, torch.Tensor], dict[tuple, tuple[torch.Tensor, torch.Tensor]]]:
-    """The cached T5 embedding of every validation prompt and of "" (the negative prompt), and the
-    VAE moments of every validation image at its entry's height x width, by (image, height, width);
-    a CogtuneError naming whatever preprocess has not encoded."""
+                           ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[tuple, dict[str, torch.Tensor]]]:
+    """The cached caption tensors of every validation prompt and of "" (the negative prompt), and the
+    first-frame tensors of every validation image at its entry's height x width, by (image, height,
+    width); a CogtuneError naming whatever preprocess has not encoded."""
     from safetensors.torch import load_file
 
     text_paths = {text: schema.validation_text_path(cache_path, text) for text in [*(e.prompt for e in entries), ""]}
@@ -573,18 +578,15 @@ def read_validation_inputs(cache_path: Path, entries: list
             f"The cache {cache_path} holds no encoding of these validation inputs: {', '.join(missing)}. Run "
             "`cogtune preprocess` with the same --validation_prompt (and --validation_images) or --validation_file: "
             "it encodes only "
-            "what is missing, so that training never needs T5."
+            "what is missing, so that training never needs a text encoder."
         )
-    embeds = {text: load_file(path)[schema.VALIDATION_PROMPT_EMBEDS] for text, path in text_paths.items()}
-    images = {}
-    for image, path in image_paths.items():
-        tensors = load_file(path)
-        images[image] = (tensors[schema.VALIDATION_IMAGE_MEAN], tensors[schema.VALIDATION_IMAGE_LOGVAR])
+    embeds = {text: load_file(path) for text, path in text_paths.items()}
+    images = {image: load_file(path) for image, path in image_paths.items()}
     return embeds, images
 
 
-def read_empty_prompt_embeds(cache_path: Path) -> torch.Tensor:
-    """The cached T5 embedding of the empty prompt, [max_text_seq_length, text_dim]."""
+def read_empty_prompt_embeds(cache_path: Path) -> dict[str, torch.Tensor]:
+    """The cached caption tensors of the empty prompt, by name."""
     from safetensors.torch import load_file
 
     path = schema.validation_text_path(cache_path, "")
@@ -593,7 +595,7 @@ def read_empty_prompt_embeds(cache_path: Path) -> torch.Tensor:
             f"The cache {cache_path} holds no embedding of the empty prompt, which --caption_dropout_technique empty "
             "trains on (it was written before preprocess stored it). Run `cogtune preprocess` with the same settings "
             "once more: it encodes that one prompt and nothing else. Or use --caption_dropout_technique zero.")
-    return load_file(path)[schema.VALIDATION_PROMPT_EMBEDS]
+    return load_file(path)
 
 
 def read_selection_repeats(cache_path: Path) -> tuple[np.ndarray, np.ndarray] | None:
@@ -614,18 +616,18 @@ def read_dataset_repeats(cache_path: Path) -> list[int] | None:
 
 
 def check_compatible(manifest: schema.Manifest, model: dict, cache_path: Path) -> None:
-    """Refuse a cache whose tensors came from other VAE or text-encoder weights than model's
-    (ModelConfigs.identity())."""
+    """Refuse a cache whose tensors came from another family, other encoders or other encoder weights
+    than model's (ModelConfigs.identity())."""
     built_for = manifest.model
-    expected = {k: model[k] for k in ("vae_config_sha256", "text_encoder_config_sha256")}
+    expected = {"family": model["family"], "components": model["components"]}
     if built_for.weights_sha256 is not None and model.get(schema.WEIGHTS_DIGEST) is not None:
         expected[schema.WEIGHTS_DIGEST] = model[schema.WEIGHTS_DIGEST]  # the same configs, other weights
     differences = schema.describe_differences(expected, {k: getattr(built_for, k) for k in expected})
     if differences:
         raise CogtuneError(
             f"The cache {cache_path} was built for another model: {built_for.pretrained_model_name_or_path}, "
-            f"a {built_for.family} model, not {model['pretrained_model_name_or_path']}, a "
-            f"{model.get('family', 'CogVideoX')} model. Their VAE or T5 differ:\n  " + "\n  ".join(differences)
+            f"a {built_for.description} model, not {model['pretrained_model_name_or_path']}, a "
+            f"{model['description']} model. Their encoders differ:\n  " + "\n  ".join(differences)
             + "\nPreprocess the data with the model you train, or train the model the cache was built for."
         )
 
@@ -645,7 +647,11 @@ def check_for_training(manifest: schema.Manifest, model: dict, spec: ModelFamily
             f"The cache {cache_path} was built for an image-to-video model, but the model to train is a "
             f"{spec.description} model. Preprocess the data with this model first."
         )
-    cached_text_length = manifest.settings.max_text_seq_length
+    if manifest.tensors != spec.tensors:
+        raise CogtuneError(
+            f"The cache {cache_path} holds the tensors {manifest.tensors.to_json()}, but a {spec.description} model "
+            f"trains on {spec.tensors.to_json()}. Preprocess the data with this model first.")
+    cached_text_length = manifest.settings.text_length
     if cached_text_length != spec.text_length:
         raise CogtuneError(
             f"The cache {cache_path} holds text embeddings of {cached_text_length} tokens but the transformer takes "
@@ -657,19 +663,16 @@ def sibling_caches(cache_path: Path, manifest: schema.Manifest) -> list[Path]:
     """The other caches beside this one (under its cache root) of the same model and tensor settings,
     whose datasets differ: they hold the same bytes for the same content, since every encoding depends
     only on the content, the model and these settings. Newest first."""
-    wanted = manifest.to_json()
-    wanted["model"].pop(schema.WEIGHTS_DIGEST, None)
+    wanted = manifest.identity_json()
     siblings = []
     for other in Path(cache_path).parent.glob(f"*/{schema.MANIFEST_FILE}"):
         if other.parent.resolve() == Path(cache_path).resolve():
             continue
         try:
-            theirs = read_manifest(other.parent).to_json()
+            theirs = read_manifest(other.parent).identity_json()
         except CogtuneError:  # another release's or damaged: not ours to copy from
             continue
-        theirs["model"].pop(schema.WEIGHTS_DIGEST, None)
-        if theirs["format_version"] == wanted["format_version"] and theirs["model"] == wanted["model"] \
-                and theirs["settings"] == wanted["settings"]:
+        if all(theirs[key] == wanted[key] for key in ("model", "settings", "tensors")):
             siblings.append(other.parent)
     return sorted(siblings, key=lambda path: (path / schema.MANIFEST_FILE).stat().st_mtime, reverse=True)
 

@@ -147,7 +147,7 @@ def _check_training_samples(cache_path: Path, manifest: schema.Manifest, samples
 def _needed(rows, manifest: schema.Manifest) -> dict[str, dict[str, list]]:
     needed: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))  # shard -> key -> [(sid, shape)]
     for row in rows:
-        for shard, key, shape in row.tensors(manifest.settings.max_text_seq_length):
+        for shard, key, shape in row.tensors(manifest.tensors, manifest.settings.text_length):
             needed[shard][key].append((row.sample_id, shape))
     return needed
 
@@ -245,7 +245,7 @@ def inspect(path: str | Path, failures_shown: int = 10) -> str:
     lines = [
         f"cache: {path.resolve()}",
         f"format version {manifest.format_version}, fingerprint {manifest.fingerprint}",
-        f"model: {model.pretrained_model_name_or_path} ({model.family})",
+        f"model: {model.pretrained_model_name_or_path} ({model.description})",
         "dataset: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.to_json()["dataset"].items()) if v is not None),
         "settings: " + ", ".join(f"{k}={v}" for k, v in sorted(manifest.to_json()["settings"].items())
                                  if v is not None and not (manifest.settings.buckets and k in ONE_SIZE_SETTINGS)),

@@ -120,16 +120,21 @@ class CacheWriter:
         self._rows: list[schema.IndexRow] = []
         self._pending_bytes = 0
         self._part_name = self._new_part_name()
+        self.manifest = manifest  # (a cache of format version 5: its own, read as version 6)
         if (self.cache_path / schema.MANIFEST_FILE).exists():
-            stored = read_manifest(self.cache_path).to_json()
-            if stored["model"].get(schema.WEIGHTS_DIGEST) is None:  # written before weights were told apart
-                stored["model"][schema.WEIGHTS_DIGEST] = manifest.model.weights_sha256
-            differences = schema.describe_differences(manifest.to_json(), stored)
+            stored = read_manifest(self.cache_path)
+            expected, found = manifest.identity_json(), stored.identity_json()
+            for record, weights in ((expected, manifest.model.weights_sha256), (found, stored.model.weights_sha256)):
+                record["model"][schema.WEIGHTS_DIGEST] = weights  # checked here, though not named
+            if found["model"][schema.WEIGHTS_DIGEST] is None:  # written before weights were told apart
+                found["model"][schema.WEIGHTS_DIGEST] = manifest.model.weights_sha256
+            differences = schema.describe_differences(expected, found)
             if differences:
                 raise CogtuneError(
                     f"{self.cache_path} holds a cache with other settings:\n  " + "\n  ".join(differences)
                     + "\nUse another --cache_root, or delete that folder."
                 )
+            self.manifest = stored
         else:
             write_json(self.cache_path / schema.MANIFEST_FILE, manifest.to_json())
 
@@ -157,6 +162,8 @@ class CacheWriter:
         if self._tensors:
             tensors = self._tensors
             metadata = {"format_version": str(schema.FORMAT_VERSION),
+                        schema.FINGERPRINT_METADATA: self.manifest.fingerprint,
+                        schema.FAMILY_METADATA: self.manifest.model.family,
                         schema.CHECKSUMS_METADATA: json.dumps({key: schema.sha256_tensor(t)
                                                                for key, t in tensors.items()})}
             atomic_write(schema.shard_path(self.cache_path, name),

@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from cogtune.data_schema import TensorSet, TrainingBatch
 from cogtune.families.objectives import Objective
 from cogtune.util.draws import Draws
 from cogtune.util.files import sha256_text
@@ -136,21 +137,30 @@ class ModelFamily(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def tensors(self) -> TensorSet:
+        """The tensors the cache stores for this model, by name (what its objective consumes)."""
+
+    @property
+    @abc.abstractmethod
     def text_length(self) -> int:
         """Tokens of every stored caption embedding."""
 
     @abc.abstractmethod
-    def embed_texts(self, texts: list[str], tokenizer, text_encoder) -> tuple[list[torch.Tensor], int]:
-        """Each text's embedding as the pipeline feeds the transformer, each through the encoder on its
-        own (the cache is content-addressed); and how many texts were truncated."""
+    def embed_texts(self, texts: list[str], tokenizer, text_encoder) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """Each text's tensors by name (TensorSet.caption), as the pipeline feeds the transformer, each
+        through the encoder on its own (the cache is content-addressed); how many were truncated."""
 
     @abc.abstractmethod
     def text_tokens(self, device) -> torch.Tensor:
         """A caption's token ids as the text encoder sees them (for the memory estimates)."""
 
     @abc.abstractmethod
-    def encode_pixels(self, vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[1, C, F, H, W] pixels in [-1, 1] -> the VAE posterior's (mean, logvar)."""
+    def encode_pixels(self, vae, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[1, C, F, H, W] pixels in [-1, 1] -> the clip's tensors by name (TensorSet.video)."""
+
+    @abc.abstractmethod
+    def encode_first_frame(self, vae, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[1, C, 1, H, W] first frame -> its tensors by name (TensorSet.first_frame)."""
 
     # --- the training objective --------------------------------------------------------------
 
@@ -159,7 +169,7 @@ class ModelFamily(abc.ABC):
         """What the objective needs from the scheduler, read once per run."""
 
     @abc.abstractmethod
-    def step_inputs(self, batch: dict, draws: Draws, schedule, objective: Objective):
+    def step_inputs(self, batch: TrainingBatch, draws: Draws, schedule, objective: Objective):
         """The step's inputs drawn from a batch of cached tensors, in a fixed order of draws."""
 
     @abc.abstractmethod
@@ -194,11 +204,11 @@ class ModelFamily(abc.ABC):
     def validation_scheduler(self, models: "ModelConfigs"): ...
 
     @abc.abstractmethod
-    def generate_latents(self, transformer, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
-                         num_frames: int, height: int, width: int, num_inference_steps: int, guidance_scale: float,
-                         use_dynamic_cfg: bool, generator: torch.Generator, dtype: torch.dtype,
-                         image_moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """One video's denoised latents, as the family's pipeline computes them from these embeddings."""
+    def generate_latents(self, transformer, scheduler, caption: dict, negative: dict, num_frames: int, height: int,
+                         width: int, num_inference_steps: int, guidance_scale: float, use_dynamic_cfg: bool,
+                         generator: torch.Generator, dtype: torch.dtype, first_frame: dict | None = None) -> torch.Tensor:
+        """One video's denoised latents, as the family's pipeline computes them from these cached
+        tensors (caption, negative prompt, and image where the model is image-to-video)."""
 
     @abc.abstractmethod
     def decode(self, vae, latents: torch.Tensor) -> np.ndarray:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cogtune.data_schema import TensorSet, TrainingBatch
 from cogtune.errors import CogtuneError
 from cogtune.families.base import ModelFamily, built_on_meta, meta_model
 from cogtune.families.objectives import (NoiseSchedule, Objective, StepInputs, add_noise, draw_timesteps,
@@ -321,14 +322,21 @@ class CogVideoX(ModelFamily):
     # --- encoding (stage 1) --------------------------------------------------------------------
 
     @property
+    def tensors(self) -> TensorSet:
+        """What the cache stores: per caption its T5 embedding; per video window, and per noised
+        first frame of an image-to-video model, the VAE posterior's mean and log-variance."""
+        return TensorSet(caption=("prompt_embeds",), video=("mean", "logvar"),
+                         first_frame=("mean", "logvar") if self.image_conditioned else ())
+
+    @property
     def text_length(self) -> int:
         """Tokens of every caption's embedding (padded to it, as the pipelines pad)."""
         return self.max_text_seq_length
 
     @torch.no_grad()
-    def embed_texts(self, texts: list[str], tokenizer, text_encoder) -> tuple[list[torch.Tensor], int]:
-        """T5 embeddings [text length, dim] of texts padded to max_text_seq_length, as the pipelines
-        make them, each text through T5 on its own; and how many were truncated.
+    def embed_texts(self, texts: list[str], tokenizer, text_encoder) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """The prompt_embeds of each text: T5's [text length, dim], padded to max_text_seq_length as the
+        pipelines pad, each text through T5 on its own; and how many were truncated.
 
         One text per forward pass: the cache is content-addressed, so a caption's bytes must not depend
         on the captions that share its batch, and matrix kernels on CPUs and GPUs pick their blocking
@@ -338,7 +346,7 @@ class CogVideoX(ModelFamily):
                            add_special_tokens=True, return_tensors="pt")
         full_lengths = tokenizer(texts, add_special_tokens=True, return_length=True)["length"]
         ids = tokens.input_ids.to(text_encoder.device)
-        embeds = [text_encoder(ids[number:number + 1])[0][0] for number in range(len(texts))]
+        embeds = [{"prompt_embeds": text_encoder(ids[number:number + 1])[0][0]} for number in range(len(texts))]
         return embeds, sum(length > max_length for length in full_lengths)
 
     def text_tokens(self, device) -> torch.Tensor:
@@ -346,10 +354,14 @@ class CogVideoX(ModelFamily):
         return torch.zeros(1, self.max_text_seq_length, dtype=torch.long, device=device)
 
     @torch.no_grad()
-    def encode_pixels(self, vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[1, C, F, H, W] pixels in [-1, 1] -> the VAE posterior's (mean, logvar), [C, f, h, w] each."""
+    def encode_pixels(self, vae, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[1, C, F, H, W] pixels in [-1, 1] -> the VAE posterior's mean and logvar, [C, f, h, w] each."""
         posterior = vae.encode(pixels).latent_dist
-        return posterior.mean[0], posterior.logvar[0]
+        return {"mean": posterior.mean[0], "logvar": posterior.logvar[0]}
+
+    def encode_first_frame(self, vae, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[1, C, 1, H, W] (noised) first frame -> its VAE posterior, as for a clip."""
+        return self.encode_pixels(vae, pixels)
 
     # --- the training objective: v-prediction on the pipeline's DDPM schedule -------------------
 
@@ -383,23 +395,25 @@ class CogVideoX(ModelFamily):
         keep = (draws.rand(batch) >= dropout).to(latents.dtype).to(latents.device)
         return latents * keep.view(-1, 1, 1, 1, 1)
 
-    def step_inputs(self, batch: dict, draws: Draws, schedule: NoiseSchedule, objective: Objective) -> StepInputs:
+    def step_inputs(self, batch: TrainingBatch, draws: Draws, schedule: NoiseSchedule,
+                    objective: Objective) -> StepInputs:
         """The randomness of one step, drawn in a fixed order: the video posterior sample, timesteps,
         noise, then (I2V) the image encoding, its posterior sample and dropout, then (with caption
         dropout) which captions are dropped. Options that are off draw nothing."""
-        x0 = self.pad_frames(self.sample_x0(batch["mean"], batch["logvar"], draws))
+        x0 = self.pad_frames(self.sample_x0(batch.video["mean"], batch.video["logvar"], draws))
         timesteps = draw_timesteps(objective, draws, x0.shape[0], len(schedule))
         noise = draws.randn(x0.shape)
         constants = schedule.at(timesteps).to(x0.device)
         x_t = add_noise(x0, noise.to(x0.device), constants)
         model_input = x_t
         if self.image_conditioned:
-            image = self.sample_image_latents(batch["image_mean"], batch["image_logvar"], draws,
+            image = self.sample_image_latents(batch.first_frame["mean"], batch.first_frame["logvar"], draws,
                                               objective.noised_image_dropout)
             model_input = torch.cat([x_t, self.image_condition(image, x0.shape[1])], dim=2)
-        prompt_embeds = batch["prompt_embeds"]
+        prompt_embeds = batch.caption["prompt_embeds"]
         if objective.caption_dropout_p > 0:
-            prompt_embeds = drop_captions(prompt_embeds, batch.get("empty_prompt_embeds"), objective, draws)
+            empty = batch.empty_caption["prompt_embeds"] if batch.empty_caption is not None else None
+            prompt_embeds = drop_captions(prompt_embeds, empty, objective, draws)
         return StepInputs(x0=x0, x_t=x_t, model_input=model_input, timesteps=timesteps, constants=constants,
                           prompt_embeds=prompt_embeds)
 
@@ -448,13 +462,13 @@ class CogVideoX(ModelFamily):
         return CogVideoXDPMScheduler.from_config(models.scheduler)
 
     @torch.no_grad()
-    def generate_latents(self, transformer, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
-                         num_frames: int, height: int, width: int, num_inference_steps: int, guidance_scale: float,
-                         use_dynamic_cfg: bool, generator: torch.Generator, dtype: torch.dtype,
-                         image_moments: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def generate_latents(self, transformer, scheduler, caption: dict, negative: dict, num_frames: int, height: int,
+                         width: int, num_inference_steps: int, guidance_scale: float, use_dynamic_cfg: bool,
+                         generator: torch.Generator, dtype: torch.dtype, first_frame: dict | None = None) -> torch.Tensor:
         """One video's denoised latents [1, F, C, h, w] (CogVideoX 1.5's padding frames dropped), as the
-        CogVideoX pipelines compute them from these embeddings and this generator: classifier-free
-        guidance with the negative embedding, optional dynamic CFG, the given scheduler."""
+        CogVideoX pipelines compute them from these cached tensors (the prompt's and the negative
+        prompt's embeddings, the image's VAE moments) and this generator: classifier-free guidance with
+        the negative embedding, optional dynamic CFG, the given scheduler."""
         from diffusers import CogVideoXDPMScheduler
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -465,9 +479,10 @@ class CogVideoX(ModelFamily):
         padding = self.frame_padding(latent_frames)
         frames = latent_frames + padding
         shape = (1, frames, self.latent_channels, height // self.vae_scale_spatial, width // self.vae_scale_spatial)
+        prompt_embeds, negative_embeds = caption["prompt_embeds"], negative["prompt_embeds"]
         image_latents = None
-        if image_moments is not None:  # sampled first, with the same generator, as the I2V pipeline does
-            mean, logvar = (t.to(device, torch.float32) for t in image_moments)
+        if first_frame is not None:  # sampled first, with the same generator, as the I2V pipeline does
+            mean, logvar = (first_frame[name].to(device, torch.float32) for name in ("mean", "logvar"))
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
             sample = mean + std * randn_tensor(mean.shape, generator=generator, device=device, dtype=mean.dtype)
             image = self.scale_image_latents(sample[None].to(dtype).permute(0, 2, 1, 3, 4))  # [1, 1, C, h, w]

@@ -114,10 +114,10 @@ class ModelConfigs:
             raise CogtuneError(f"Cannot load {what} ({message}).") from None
 
     def identity(self) -> dict:
-        """What the cache records about the model whose encoders made its tensors."""
+        """What the cache records about the model whose encoders made its tensors (a CacheModel)."""
         parts = self.family_class.encoded_parts
-        return dict(self.source, family=self.spec().description, vae_config_sha256=config_hash(self.vae),
-                    text_encoder_config_sha256=config_hash(self.text_encoder),
+        return dict(self.source, family=self.family_class.name, description=self.spec().description,
+                    components={part: config_hash(self.configs[part]) for part in parts},
                     weights_sha256=None if self.on_hub else weights_digest(Path(self.location), parts))
 
     def spec(self) -> ModelFamily:

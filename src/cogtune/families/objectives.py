@@ -24,7 +24,7 @@ class Objective:
     mode_scale: float = 1.29
     snr_gamma: float | None = None  # min-SNR weighting
     caption_dropout_p: float = 0.0
-    caption_dropout_technique: str = "empty"  # the empty prompt's embedding (batch["empty_prompt_embeds"]), or zero
+    caption_dropout_technique: str = "empty"  # the empty prompt's embedding (batch.empty_caption), or zero
 
     @classmethod
     def of(cls, config) -> "Objective":

@@ -147,7 +147,7 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     config = auto_vae_memory(config, models, procs)
     identity = cache_identity(config, models)
     files.ensure_writable_dir(Path(config.cache_root), "--cache_root")
-    cache_path = Path(config.cache_root) / identity.name
+    cache_path = Path(config.cache_root) / identity.name_in(config.cache_root)  # (or its version 5 cache)
     if procs.is_main:  # what a later `cogtune train` of the same config trains on
         record_preprocess_run(config, identity)
     stages: dict[str, StageFigures] = {}
@@ -185,7 +185,7 @@ def copy_captions(captions: list[str], siblings: list[Path], writer: CacheWriter
                   text_shards: dict[str, str]) -> tuple[list[str], int]:
     """The captions whose embeddings a sibling cache holds, copied into this one (their shards go into
     text_shards); returns the captions left to encode, and how many were copied."""
-    keys = {caption: schema.text_tensor_key(schema.caption_key(caption)) for caption in captions}
+    keys = {caption: schema.caption_tensor_keys(caption, writer.manifest.tensors) for caption in captions}
     for sibling in siblings:
         if not keys:
             break
@@ -193,9 +193,10 @@ def copy_captions(captions: list[str], siblings: list[Path], writer: CacheWriter
             if not readable:
                 continue
             stored, reader = stored_tensor_shards(sibling), sibling_tensor_reader(sibling)
-            for caption, key in list(keys.items()):
-                if key in stored:
-                    text_shards[key] = writer.add_tensor(key, reader.stored_tensor(stored[key], key))
+            for caption, caption_keys in list(keys.items()):
+                if all(key in stored for key in caption_keys):
+                    for key in caption_keys:
+                        text_shards[key] = writer.add_tensor(key, reader.stored_tensor(stored[key], key))
                     del keys[caption]
                     if writer.should_flush():
                         writer.flush()
@@ -218,9 +219,8 @@ def copy_videos(videos: list[tuple[str, Path]], siblings: list[Path], writer: Ca
             for sha, windows in encoded_videos(sibling, wanted).items():
                 mine = {}
                 for start, video in windows.items():
-                    keys = [*schema.latent_tensor_keys(video.latent_key)] + [
-                        key for variant in range(len(video.image_noise_sigmas))
-                        for key in schema.image_latent_tensor_keys(video.latent_key, variant)]
+                    keys = schema.video_tensor_keys(video.latent_key, writer.manifest.tensors,
+                                                    len(video.image_noise_sigmas))
                     shards = {writer.add_tensor(key, reader.stored_tensor(video.latent_shard, key)) for key in keys}
                     (shard,) = shards  # a video's tensors go into one shard, as when it is encoded
                     mine[start] = dataclasses.replace(video, latent_shard=shard)
@@ -258,7 +258,7 @@ def auto_vae_memory(config: PreprocessConfig, models: ModelConfigs, procs: Proce
     if not config.auto_tiling or device.type != "cuda":
         return config
     tiled = cache_identity(dataclasses.replace(config, enable_tiling=True), models)
-    started = (Path(config.cache_root) / tiled.name / schema.MANIFEST_FILE).is_file()
+    started = (Path(config.cache_root) / tiled.name_in(config.cache_root) / schema.MANIFEST_FILE).is_file()
     free = torch.cuda.mem_get_info(device)[0]
     choice = choose_vae_memory(config, models, free, started)
     # All processes write one cache: tiling is on when any of them needs it.
@@ -287,7 +287,7 @@ def _encode_missing(records, repeats: list[int], config: PreprocessConfig, model
     # Every process reads the cache before any writes to it: the gather in plan() waits for all.
     holds = CacheHolds.read(cache_path, read_fingerprints(cache_path))
     stored_tensors = stored_tensor_shards(cache_path)
-    work = plan(records, holds, stored_tensors, procs, config.allow_symlinks_outside_root)
+    work = plan(records, holds, stored_tensors, writer.manifest.tensors, procs, config.allow_symlinks_outside_root)
     del holds
     if procs.is_main and work.fingerprints is not None:  # hashes are saved before any encoding
         write_fingerprints(cache_path, work.fingerprints)
@@ -312,7 +312,7 @@ def _encode_missing(records, repeats: list[int], config: PreprocessConfig, model
                 kind, message = failure
                 writer.add_row(schema.failed_row(sample.source, kind, f"{sample.record.where}: {message}"))
                 continue
-            text_key = schema.text_tensor_key(schema.caption_key(sample.source.caption))
+            text_key = schema.caption_tensor_keys(sample.source.caption, writer.manifest.tensors)[0]
             for start, video in sorted(windows.items()):
                 source = dataclasses.replace(sample.source, sample_id=schema.sample_id(
                     schema.window_source(sha, start), sample.source.caption))  # at 0: the record's own

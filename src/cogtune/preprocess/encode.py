@@ -129,8 +129,9 @@ def encode_captions(captions: list[str], config: PreprocessConfig, models: Model
         embeds, cut = spec.embed_texts(batch, tokenizer, text_encoder)
         truncated += cut
         for caption, embed in zip(batch, embeds):
-            key = schema.text_tensor_key(schema.caption_key(caption))
-            shards[key] = writer.add_tensor(key, embed.to(store_dtype))
+            for name, tensor in embed.items():
+                key = schema.caption_tensor_key(schema.caption_key(caption), name)
+                shards[key] = writer.add_tensor(key, tensor.to(store_dtype))
             if writer.should_flush():
                 writer.flush()
         stop_if_requested(stop, writer)
@@ -155,7 +156,7 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path
         tokenizer, text_encoder = _load_text_encoder(config, models)
         embeds, truncated = models.spec().embed_texts(texts, tokenizer, text_encoder)
         for text, embed in zip(texts, embeds):
-            write_tensors(schema.validation_text_path(cache_path, text), {schema.VALIDATION_PROMPT_EMBEDS: embed.float()},
+            write_tensors(schema.validation_text_path(cache_path, text), {k: t.float() for k, t in embed.items()},
                                  {"prompt": text})
         written += len(texts)
         if truncated:
@@ -174,8 +175,8 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path
         vae = spec.load_vae(models, device, dtype, config.enable_slicing, config.enable_tiling)
         for path, entry in pending.items():
             pixels = first_frame_pixels(entry.image, entry.height, entry.width)  # [C, 1, H, W]
-            mean, logvar = spec.encode_pixels(vae, pixels[None].to(device, dtype))
-            write_tensors(path, {schema.VALIDATION_IMAGE_MEAN: mean.float(), schema.VALIDATION_IMAGE_LOGVAR: logvar.float()},
+            encoded = spec.encode_first_frame(vae, pixels[None].to(device, dtype))
+            write_tensors(path, {name: tensor.float() for name, tensor in encoded.items()},
                                  {"image": str(entry.image)})
         written += len(pending)
         del vae
@@ -236,26 +237,25 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
         # Each clip, and each of its noised first frames, through the VAE on its own: the cache is
         # content-addressed, and a batch of several gives other bytes (convolution kernels block
         # and sum by the batch's shape, on CPUs and GPUs alike).
-        mean, logvar = spec.encode_pixels(vae, clip.pixels[None].to(device, dtype))
         key = schema.window_key(sha, start)
-        mean, logvar = mean.to(store_dtype), logvar.to(store_dtype)
-        mean_key, logvar_key = schema.latent_tensor_keys(key)
-        shard = writer.add_tensor(mean_key, mean)
-        writer.add_tensor(logvar_key, logvar)
+        encoded = spec.encode_pixels(vae, clip.pixels[None].to(device, dtype))
+        shards = {writer.add_tensor(schema.video_tensor_key(key, name), tensor.to(store_dtype))
+                  for name, tensor in encoded.items()}
+        latent_shape = list(encoded[spec.tensors.video[0]].shape)
         sigmas = []
         if image_variants:
             sigmas, generator = first_frame_noise(config.seed, schema.window_source(sha, start), image_variants)
             images = noised_first_frames(clip.pixels, sigmas, generator)
             for variant in range(image_variants):
-                image_mean, image_logvar = spec.encode_pixels(vae, images[variant:variant + 1].to(device, dtype))
-                image_mean_key, image_logvar_key = schema.image_latent_tensor_keys(key, variant)
-                writer.add_tensor(image_mean_key, image_mean.to(store_dtype))
-                writer.add_tensor(image_logvar_key, image_logvar.to(store_dtype))
+                first = spec.encode_first_frame(vae, images[variant:variant + 1].to(device, dtype))
+                shards |= {writer.add_tensor(schema.first_frame_tensor_key(key, variant, name), tensor.to(store_dtype))
+                           for name, tensor in first.items()}
+        (shard,) = shards  # a window's tensors go into one shard (the writer flushes between windows only)
         frames, height, width = clip.pixels.shape[1:]
         done.setdefault(sha, {})[start] = schema.VideoLatent(
             frame_indices=clip.frame_indices, source_fps=clip.source_fps, source_height=clip.source_height,
             source_width=clip.source_width, num_frames=frames, height=height, width=width,
-            bucket=bucket_name((frames, height, width)), decoder=clip.decoder, latent_shape=list(mean.shape),
+            bucket=bucket_name((frames, height, width)), decoder=clip.decoder, latent_shape=latent_shape,
             latent_shard=shard, latent_key=key, image_noise_sigmas=sigmas,
         )
         windows_left[sha] -= 1

@@ -86,8 +86,8 @@ class Plan:
     fingerprints: pa.Table | None = None  # the fingerprints file after this run; None: unchanged
 
 
-def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str], procs: Processes,
-         allow_symlinks_outside_root: bool = False) -> Plan:
+def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str], tensors: schema.TensorSet,
+         procs: Processes, allow_symlinks_outside_root: bool = False) -> Plan:
     """Fingerprint every source (each process resolves, stats and hashes a share) and see what the
     cache lacks. A new file that is plainly no video (text, an image) is a mistake in the dataset:
     say so before any work."""
@@ -126,7 +126,8 @@ def plan(records: list[Record], holds: CacheHolds, stored_tensors: dict[str, str
                                                       caption=records[i].caption))
         for i in range(len(records)) if not have_row[i]]
     captions_needed = sorted({s.source.caption for s in missing
-                              if schema.text_tensor_key(schema.caption_key(s.source.caption)) not in stored_tensors})
+                              if not all(key in stored_tensors
+                                         for key in schema.caption_tensor_keys(s.source.caption, tensors))})
     by_video: dict[str, list[PlannedSample]] = {}
     for s in missing:
         by_video.setdefault(s.source.source_sha256, []).append(s)

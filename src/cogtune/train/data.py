@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cogtune import data_schema as schema
 from cogtune.cache.identity import training_cache
 from cogtune.cache.reader import Cache, check_for_training, read_dataset_repeats
 from cogtune.cache.tool import check_samples
@@ -106,17 +107,14 @@ class LatentDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.cache.samples)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index) -> schema.TrainingBatch:
+        """One sample, unstacked: the tensors of the cache's TensorSet."""
         row = self.cache.samples[index]
-        mean, logvar = self.cache.latent_moments(row)
-        item = {"mean": mean, "logvar": logvar, "prompt_embeds": self.cache.prompt_embeds(row)}
-        if self.cache.image_noise_variants:
-            item["image_mean"], item["image_logvar"] = self.cache.image_moments(row)
-        return item
+        return schema.TrainingBatch(video=self.cache.video_tensors(row), caption=self.cache.caption_tensors(row),
+                                    first_frame=self.cache.first_frame_tensors(row))
 
 
-def collate(items: list[dict]) -> dict:
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+collate = schema.TrainingBatch.collate
 
 
 def open_training_cache(config, data, models: ModelConfigs, spec: ModelFamily) -> tuple[Path, Cache]:

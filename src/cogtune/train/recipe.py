@@ -306,7 +306,7 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     # The loop.
     dataset = LatentDataset(cache)
     objective = Objective.of(config)
-    extra_inputs = {"empty_prompt_embeds": empty_prompt.to(accelerator.device)} if empty_prompt is not None else {}
+    empty_caption = None if empty_prompt is None else {k: v.to(accelerator.device) for k, v in empty_prompt.items()}
     device, on_gpu = accelerator.device, accelerator.device.type == "cuda"
     family_inputs = functools.lru_cache(maxsize=None)(  # RoPE tables and ofs, once per bucket and batch size
         lambda *shape: spec.transformer_inputs(*shape, device))
@@ -324,8 +324,8 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
             draws = Draws(batch_generator(config.seed, batch_number), start=share.start, total=share.total)
             batch_number += 1
             with accelerator.accumulate(run.transformer):
-                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}  # pinned
-                batch.update(extra_inputs)
+                batch = batch.to(device, non_blocking=True)  # pinned
+                batch.empty_caption = empty_caption
                 loss = training_loss(run.transformer, batch, spec, draws, schedule, objective,
                                      family_inputs, weight_dtype, accelerator.autocast, share.real,
                                      share.total / processes)

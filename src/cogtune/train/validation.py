@@ -29,8 +29,8 @@ CONTACT_SHEET_NAME = "contact_sheet.png"
 class ValidationPrompt:
     prompt: str
     image: str | None
-    prompt_embeds: torch.Tensor  # [text length, text dim]
-    image_moments: tuple[torch.Tensor, torch.Tensor] | None  # VAE mean and logvar, [C, 1, h, w]
+    caption: dict[str, torch.Tensor]  # its cached caption tensors (TensorSet.caption)
+    first_frame: dict[str, torch.Tensor] | None  # its image's cached tensors (TensorSet.first_frame), or None
     num_frames: int
     height: int
     width: int
@@ -41,7 +41,7 @@ class ValidationPrompt:
 @dataclass
 class ValidationSet:
     prompts: list[ValidationPrompt]
-    negative_embeds: torch.Tensor
+    negative: dict[str, torch.Tensor]  # the empty prompt's caption tensors
     fps: int  # of the training clips, and so of the validation videos
 
 
@@ -113,9 +113,9 @@ def run_validation(transformer, validation: ValidationSet, config, models: Model
                     settings.append({"seed": seed, "guidance_scale": guidance, "num_frames": prompt.num_frames,
                                      "height": prompt.height, "width": prompt.width})
                     latents.append((prompt.prompt, seed, spec.generate_latents(
-                        transformer, scheduler, prompt.prompt_embeds, validation.negative_embeds,
+                        transformer, scheduler, prompt.caption, validation.negative,
                         prompt.num_frames, prompt.height, prompt.width, config.validation_num_inference_steps,
-                        guidance, config.use_dynamic_cfg, generator, dtype, prompt.image_moments)))
+                        guidance, config.use_dynamic_cfg, generator, dtype, prompt.first_frame)))
     finally:
         transformer.train(was_training)
     vae = spec.load_vae(models, latents[0][2].device, dtype, config.enable_slicing, config.enable_tiling)
