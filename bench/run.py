@@ -148,7 +148,7 @@ def read_throughput(cache_dir: Path, batch: int, passes: int = 5) -> dict:
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=epoch_batches(shapes, batch, 0, epoch),
                                              collate_fn=collate)
         for item in loader:
-            samples += item["mean"].shape[0]
+            samples += next(iter(item.video.values())).shape[0]
     seconds = time.perf_counter() - started
     return {"samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
             "seconds_per_batch": seconds / (samples / batch)}

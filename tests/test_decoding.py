@@ -48,7 +48,7 @@ def test_width_decord_misreads_falls_back_to_pyav(tmp_path):
 def test_ten_bit_source_decodes_to_the_right_pixels(tmp_path):
     """decord's older FFmpeg turns 10-bit into RGB otherwise than PyAV's (1.2 levels on average, 75
     at colour edges): it is not used for such sources, so their clips do not depend on the reader."""
-    from cogtune.data.video import _Fallback
+    from cogtune.data.video.container import _Fallback
 
     path = write_clip(tmp_path / "tenbit.mkv", "libx265", pix_fmt="yuv420p10le", count=6,
                       options={"x265-params": "lossless=1:log-level=none"})
@@ -241,7 +241,8 @@ def test_decord_reads_only_sources_whose_decoded_frames_fit_what_the_clip_may_ta
     """decord's decoding thread runs ahead of its caller and keeps what it decodes (up to the whole
     file), and it reads every packet to open a file: it is given a source only when all of its
     frames, decoded, fit in twice the clip in float plus one source frame."""
-    from cogtune.data.video import Span, _decord_suits, decode_budget
+    from cogtune.data.video.container import _decord_suits, decode_budget
+    from cogtune.data.video.frames import Span
 
     path = write_clip(tmp_path / "clip.mp4", count=48, height=64, width=96)
     decoded = 48 * 64 * 96 * 3
@@ -286,7 +287,7 @@ def test_a_mirroring_mp4_is_told_from_its_header(tmp_path, matrix, mirrors):
     (moov after mdat here, as PyAV writes it) without decoding a frame."""
     from clips import set_mp4_matrix
 
-    from cogtune.data.video import _mp4_mirrors
+    from cogtune.data.video.container import _mp4_mirrors
 
     path = write_clip(tmp_path / "clip.mp4", count=2)
     set_mp4_matrix(path, *matrix)
@@ -366,7 +367,7 @@ def test_decoding_frames_for_their_times_also_stops_where_the_clip_ends(tmp_path
 def test_packets_that_do_not_match_the_frames_send_pyav_back_to_decoding_every_frame(tmp_path):
     """In an AVI with B-frames FFmpeg labels frames in decode order: the packet path notices the
     first frame whose time is not its packet's and gives way to the careful one."""
-    from cogtune.data.video import _Fallback
+    from cogtune.data.video.container import _Fallback
 
     path = write_clip(tmp_path / "bframes.avi", count=30, fps=25, options={"bf": "2"})
     with pytest.raises(_Fallback, match="not at the time its packet said"):
@@ -433,7 +434,7 @@ def test_side_data_and_headers_pyav_does_not_know_are_not_reasons_to_skip(monkey
     Dolby Vision AV1 stream has no height in PyAV: such a clip is read where its frames can be."""
     import av
 
-    from cogtune.data import video
+    from cogtune.data.video import container, geometry
 
     class Unknown:
         def get(self, kind):
@@ -446,8 +447,8 @@ def test_side_data_and_headers_pyav_does_not_know_are_not_reasons_to_skip(monkey
         def rotation(self):
             raise ValueError("29 is not a valid Type")
 
-    assert video._display_matrix(Frame()) is None
-    assert video.Orientation.of(Frame()) == video.Orientation()  # shown as stored
+    assert geometry._display_matrix(Frame()) is None
+    assert geometry.Orientation.of(Frame()) == geometry.Orientation()  # shown as stored
 
     path = write_clip(tmp_path / "clip.mp4", count=24)
     real_open = av.open
@@ -468,8 +469,8 @@ def test_side_data_and_headers_pyav_does_not_know_are_not_reasons_to_skip(monkey
             "video": [NoHeight(streams.video[0])]})()), raising=False)
         return container
 
-    monkeypatch.setattr(video.av, "open", opened)
-    assert video._header(path) is None  # no header: the decoders find out what can be read
+    monkeypatch.setattr(container.av, "open", opened)
+    assert container._header(path) is None  # no header: the decoders find out what can be read
     monkeypatch.undo()
     clip = read(path, fps=24, frames=9)
     assert clip.pixels.shape[1] == 9
