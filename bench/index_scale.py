@@ -97,7 +97,7 @@ def grow(cache_path: Path, samples: int, sources: Path, part_rows: int = 100_000
     import pyarrow.compute as pc
 
     from cogtune import data_schema as schema
-    from cogtune.cache.reader import index_columns, read_fingerprints, read_selection
+    from cogtune.cache.disk import index_columns, read_fingerprints, read_selection
     from cogtune.cache.writer import _write_parquet, write_fingerprints, write_selection
 
     index = index_columns(cache_path, schema.INDEX_SCHEMA.names)
@@ -142,7 +142,7 @@ def grow(cache_path: Path, samples: int, sources: Path, part_rows: int = 100_000
 def measure(cache_path: Path, what: str) -> dict:
     """In this process (a child): one measurement."""
     from cogtune.cache.reader import Cache
-    from cogtune.cache.tool import check_samples
+    from cogtune.cache.verify import check_samples
 
     rss = RssPeak().__enter__()
     started = time.perf_counter()

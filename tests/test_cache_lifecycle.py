@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cogtune import data_schema as schema
-from cogtune.cache.reader import Cache, PartVanished, index_parts, read_index, read_part_table, read_selection
+from cogtune.cache.disk import PartVanished, index_parts, read_index, read_part_table, read_selection
+from cogtune.cache.reader import Cache
 from cogtune.cache.writer import MAX_INDEX_PARTS, cache_lock, compact_index, write_index_part, write_selection
 from cogtune.dev.tiny import synthetic_frames
 from cogtune.util.media import write_mp4

@@ -7,7 +7,8 @@ from safetensors import safe_open
 
 from cogtune import data_schema as schema
 from cogtune.cache.identity import CacheIdentity, find_cache
-from cogtune.cache.reader import Cache, check_compatible
+from cogtune.cache.compat import check_compatible
+from cogtune.cache.reader import Cache
 from cogtune.cache.writer import CacheWriter
 from cogtune.errors import CogtuneError
 from cogtune.util import files

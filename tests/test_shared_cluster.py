@@ -19,7 +19,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from cogtune import data_schema as schema
-from cogtune.cache.reader import read_index, read_selection
+from cogtune.cache.disk import read_index, read_selection
 from cogtune.cache.writer import write_index_part, write_selection
 from cogtune.train import checkpoint as checkpoints
 from cogtune.util import files

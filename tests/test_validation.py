@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cogtune.cache.identity import list_caches
-from cogtune.cache.reader import read_manifest
+from cogtune.cache.disk import read_manifest
 from cogtune.config import load_config
 from cogtune.export import to_comfyui
 from cogtune.families import ModelConfigs

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from cogtune import data_schema as schema
-from cogtune.cache.reader import PartVanished, index_parts, read_manifest, read_part_table
+from cogtune.cache.disk import PartVanished, index_parts, read_manifest, read_part_table
 from cogtune.errors import CogtuneError
 from cogtune.util import locks
 from cogtune.util.files import atomic_write, write_json

@@ -22,8 +22,8 @@ import torch
 
 from cogtune import data_schema as schema
 from cogtune.cache.identity import CacheIdentity, cache_identity, record_preprocess_run
-from cogtune.cache.reader import (Cache, encoded_videos, read_fingerprints, samples_of_videos, sibling_caches,
-                                  sibling_tensor_reader, stored_tensor_shards)
+from cogtune.cache.disk import encoded_videos, read_fingerprints, samples_of_videos, stored_tensor_shards
+from cogtune.cache.reader import Cache, sibling_caches, sibling_tensor_reader
 from cogtune.cache.tool import is_unfinished_and_empty
 from cogtune.cache.writer import CacheWriter, cache_lock, compact_index, write_fingerprints
 from cogtune.config import PreprocessConfig

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cogtune import data_schema as schema
-from cogtune.cache.reader import index_columns
+from cogtune.cache.disk import index_columns
 from cogtune.data.sources import Record, VideoPaths
 from cogtune.data.video import decode_cost
 from cogtune.errors import CogtuneError

@@ -14,8 +14,10 @@ import torch
 
 from cogtune import data_schema as schema
 from cogtune.cache.identity import training_cache
-from cogtune.cache.reader import Cache, check_for_training, read_dataset_repeats
-from cogtune.cache.tool import check_samples
+from cogtune.cache.compat import check_for_training
+from cogtune.cache.disk import read_dataset_repeats
+from cogtune.cache.reader import Cache
+from cogtune.cache.verify import check_samples
 from cogtune.data.sources import dataset_tables
 from cogtune.errors import CogtuneError
 from cogtune.families import ModelConfigs, ModelFamily

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from cogtune.cache.reader import read_dataset_repeats, read_empty_prompt_embeds
+from cogtune.cache.disk import read_dataset_repeats
+from cogtune.cache.reader import read_empty_prompt_embeds
 from cogtune.cache.writer import cache_lock
 from cogtune.config import PreprocessConfig, TrainConfig
 from cogtune.errors import CogtuneError, Preempted, first_line

@@ -10,10 +10,11 @@ from pathlib import Path
 import av
 import numpy as np
 
-from cogtune.errors import first_line
-from cogtune.data.video.container import DECORD_PIXEL_FORMATS, PLAUSIBLE_FPS, REORDER_DEPTH, _Fallback, _decord_suits, _header, _mp4_mirrors
+from cogtune.data.video.container import (DECORD_PIXEL_FORMATS, PLAUSIBLE_FPS, REORDER_DEPTH, _decord_suits, _Fallback,
+                                          _header, _mp4_mirrors)
 from cogtune.data.video.frames import ClipSkipped, Span, on_the_rate
 from cogtune.data.video.geometry import Orientation
+from cogtune.errors import first_line
 
 
 class DecordVideo:
