@@ -188,7 +188,7 @@ def test_hub_dataset_through_datasets(tmp_path):
 def test_text_inputs_are_utf8_or_refused_naming_the_file_and_line(tmp_path):
     """A Latin-1 metadata file, caption or validation file is refused with its line (it was stored as a
     bytes repr, "b'a cat \\xe9'"); a UTF-8 byte-order mark is no part of the first caption."""
-    from cogtune.config import read_validation_file
+    from cogtune.data.validation import read_validation_file
     from cogtune.data.sources import load_records
 
     root = tmp_path / "data"
@@ -220,7 +220,7 @@ def test_text_inputs_are_utf8_or_refused_naming_the_file_and_line(tmp_path):
 @pytest.mark.parametrize("row, says", [('{"prompt": "x", "seed": 18446744073709551616}', "seed 18446744073709551616 is out of range"),
                                        ('{"prompt": "x", "guidance_scale": "nan"}', "guidance_scale must be a finite number")])
 def test_a_validation_rows_numbers_are_checked_where_the_file_is_read(tmp_path, row, says):
-    from cogtune.config import read_validation_file
+    from cogtune.data.validation import read_validation_file
 
     validation = tmp_path / "v.jsonl"
     validation.write_text(row + "\n")

@@ -29,6 +29,7 @@ from cogtune.cache.writer import CacheWriter, cache_lock, compact_index, write_f
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import clip_sizes, configured_buckets
 from cogtune.data.sources import dataset_clip_configs, dataset_tables, load_dataset_records
+from cogtune.data.validation import checked_validation_entries
 from cogtune.errors import CogtuneError
 from cogtune.families import ModelConfigs
 from cogtune.preprocess.encode import encode_captions, encode_validation, encode_videos
@@ -137,7 +138,7 @@ def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     records, repeats = load_dataset_records(config)  # each process resolves its share in plan()
     models = ModelConfigs.of(config)
     spec = models.spec()  # refuses what is not a CogVideoX model before any encoding
-    validation_entries = config.checked_validation_entries(spec, (config.max_num_frames, config.height, config.width))
+    validation_entries = checked_validation_entries(config, spec, (config.max_num_frames, config.height, config.width))
     for size in clip_sizes(config):
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)
     procs = processes()

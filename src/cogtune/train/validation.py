@@ -17,6 +17,7 @@ import torch
 
 from cogtune import data_schema as schema
 from cogtune.cache.reader import read_validation_inputs
+from cogtune.data.validation import checked_validation_entries
 from cogtune.families import ModelConfigs, ModelFamily
 from cogtune.util import logs, media
 from cogtune.util.media import write_mp4
@@ -49,7 +50,7 @@ def load_validation_set(config, spec: ModelFamily, cache_path: Path, manifest: s
     """The validation prompts' cached embeddings (and image latents), at the cache's clip size; a
     clear error, before any model is loaded, for whatever preprocess has not encoded."""
     settings = manifest.settings
-    entries = config.checked_validation_entries(spec, (settings.max_num_frames, settings.height, settings.width))
+    entries = checked_validation_entries(config, spec, (settings.max_num_frames, settings.height, settings.width))
     if not entries:
         return None
     embeds, images = read_validation_inputs(cache_path, entries)
