@@ -78,7 +78,7 @@ def nearest_frames(times: list[float], fps: float, most: int, skip: int) -> list
 
 
 def check(path: Path) -> list[dict]:
-    from cogtune.data.video import ClipSkipped, fixed_size, largest_4k_plus_1, plan_resize_crop, read_clip
+    from cogtune.data.video import ClipSkipped, fixed_size, largest_frame_count, plan_resize_crop, read_clip
 
     rows = []
     reference = None
@@ -88,9 +88,9 @@ def check(path: Path) -> list[dict]:
             if size == "small":
                 height, width = 32, 48
             else:  # the source's size as shown, in multiples of 16, from a first small read
-                shown = read_clip(path, fixed_size(32, 32, 1), fps, 0, 0, "center", None)
+                shown = read_clip(path, fixed_size(32, 32, 1, 4), fps, 0, 0, "center", None)
                 height, width = max(16, shown.source_height // 16 * 16), max(16, shown.source_width // 16 * 16)
-            clip = read_clip(path, fixed_size(height, width, frames), fps, skip, 0, "center", None)
+            clip = read_clip(path, fixed_size(height, width, frames, 4), fps, skip, 0, "center", None)
         except ClipSkipped as e:
             rows.append({**row, "result": "skipped", "reason": str(e).splitlines()[0], "kind": e.kind})
             continue
@@ -105,7 +105,7 @@ def check(path: Path) -> list[dict]:
             continue
         times, images, mirrored = reference
         acceptable = nearest_frames(times, fps, frames, skip)
-        acceptable = acceptable[:largest_4k_plus_1(min(frames, len(acceptable)))]
+        acceptable = acceptable[:largest_frame_count(min(frames, len(acceptable)), 4)]
         row.update(decoder=clip.decoder, indices_equal=len(clip.frame_indices) == len(acceptable) and all(
             index in allowed for index, allowed in zip(clip.frame_indices, acceptable)))
         if mirrored or not row["indices_equal"]:

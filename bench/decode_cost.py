@@ -46,7 +46,7 @@ def cost(path: Path, name: str) -> dict:
 
     before, started = bytes_read(), time.perf_counter()
     if name == "read_clip":
-        clip = read_clip(path, fixed_size(32, 48, 9), 8, 0, 0, "center", None)
+        clip = read_clip(path, fixed_size(32, 48, 9, 4), 8, 0, 0, "center", None)
         detail = {"decoder": clip.decoder, "indices": clip.frame_indices}
     elif name == "decord-open":
         detail = {"frames": len(DecordVideo(path).frame_times)}
@@ -66,13 +66,13 @@ def memory(path: Path, frames: int, height: int, width: int, source: tuple[int, 
     from cogtune.util.tensor_bytes import LiveTensorBytes
 
     with RssPeak() as rss:
-        read_clip(path, fixed_size(height, width, frames), 8, 0, 0, "center", None)
+        read_clip(path, fixed_size(height, width, frames, 4), 8, 0, 0, "center", None)
     tracemalloc.start()
-    clip = read_clip(path, fixed_size(height, width, frames), 8, 0, 0, "center", None)
+    clip = read_clip(path, fixed_size(height, width, frames, 4), 8, 0, 0, "center", None)
     numpy_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     with LiveTensorBytes() as live:
-        read_clip(path, fixed_size(height, width, frames), 8, 0, 0, "center", None)
+        read_clip(path, fixed_size(height, width, frames, 4), 8, 0, 0, "center", None)
     output = clip.pixels.numel() * 4
     source_frame = source[0] * source[1] * 3 * 4
     goal = 2 * output + source_frame

@@ -9,6 +9,7 @@ from cogtune.cache.reader import Cache
 from cogtune.config import make_config
 from cogtune.data.buckets import assign_bucket, configured_buckets
 from cogtune.errors import CogtuneError
+from cogtune.families import ModelConfigs
 from cogtune.train.data import epoch_batches
 
 from clips import write_clip
@@ -43,9 +44,13 @@ def test_bucket_flags_make_a_grid_or_an_explicit_list():
     explicit = make_config("preprocess", dict(pretrained_model_name_or_path="m", buckets=["49x480x720", "49x720x480"]))
     assert configured_buckets(explicit) == [(49, 480, 720), (49, 720, 480)]
     assert configured_buckets(make_config("preprocess", dict(pretrained_model_name_or_path="m"))) is None
-    for bad, message in ((["48x480x720"], "4k\\+1"), (["49x480x700"], "multiples of 16"), (["49-480"], "FRAMESx")):
+    with pytest.raises(CogtuneError, match="FRAMESx"):
+        make_config("preprocess", dict(pretrained_model_name_or_path="m", buckets=["49-480"]))
+    cogvideox = ModelConfigs.load("THUDM/CogVideoX-2b").spec()  # the model's rules, from its shipped configs
+    for bad, message in ((["48x480x720"], "4k\\+1"), (["49x480x700"], "width 700 is not a multiple of 16")):
+        config = make_config("preprocess", dict(pretrained_model_name_or_path="m", buckets=bad))
         with pytest.raises(CogtuneError, match=message):
-            make_config("preprocess", dict(pretrained_model_name_or_path="m", buckets=bad))
+            cogvideox.check_clip_settings(config, configured_buckets(config))
 
 
 def test_batches_come_from_one_bucket_and_mix_buckets_across_the_epoch():

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -71,14 +72,22 @@ def test_unknown_setting_is_refused(tmp_path):
         load_config("train", ["--config", str(path)])
 
 
+def test_invalid_preprocess_settings():
+    with pytest.raises(CogtuneError, match="--fps must be positive"):
+        load_config("preprocess", ["--pretrained_model_name_or_path", "m", "--fps", "0"])
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--max_num_frames", "48"], "not of the form 4k\\+1.*use 45 or 49"),
-    (["--height", "100"], "not a multiple of 16"),
-    (["--fps", "0"], "--fps must be positive"),
+    (["--max_num_frames", "48"], "--max_num_frames 48 is not of the form 4k\\+1 that the CogVideoX VAE needs; use 45 or 49"),
+    (["--height", "100"], "--height 100 is not a multiple of 16"),
+    (["--buckets", "48x480x720"], "Bucket 48x480x720: frames 48 is not of the form 4k\\+1"),
 ])
-def test_invalid_preprocess_settings(argv, message):
-    with pytest.raises(CogtuneError, match=message):
-        load_config("preprocess", ["--pretrained_model_name_or_path", "m", *argv])
+def test_the_models_frame_and_size_rules_refuse_a_clip_size_before_any_data_is_read(tmp_path, argv, message):
+    """The rules are the model family's (CogVideoX: 4k+1 frames, multiples of 16), known from its config
+    files (here the shipped configs of a published id) before the dataset is read."""
+    refused = cogtune_here("preprocess", "--pretrained_model_name_or_path", "THUDM/CogVideoX-2b", "--instance_data_root",
+                           tmp_path / "not-there", "--cache_root", tmp_path / "cache", *argv, check=False)
+    assert refused.returncode == 2 and re.search(message, refused.stderr), refused.stderr
 
 
 def test_wrong_type_in_file_names_the_setting(tmp_path):

@@ -12,7 +12,7 @@ from conftest import ASSETS
 
 
 def read(path, fps=8, frames=9, height=32, width=32):
-    return read_clip(path, fixed_size(height, width, frames), fps, 0, 0, "center", None)
+    return read_clip(path, fixed_size(height, width, frames, 4), fps, 0, 0, "center", None)
 
 
 @pytest.mark.parametrize("name, source_size, frames", [
@@ -130,7 +130,7 @@ def test_truncated_files(tmp_path):
 def test_skips_leave_no_frames(tmp_path):
     path = write_clip(tmp_path / "short.mp4", count=6)
     with pytest.raises(ClipSkipped, match="no frames left") as skipped:
-        read_clip(path, fixed_size(32, 32, 9), 8, 4, 4, "center", None)
+        read_clip(path, fixed_size(32, 32, 9, 4), 8, 4, 4, "center", None)
     assert skipped.value.kind == "too short"
 
 
@@ -163,7 +163,7 @@ def test_timestamps_out_of_order_are_searched_in_display_order(tmp_path):
     clip = read(path, fps=8, frames=5)
     assert clip.decoder == "pyav"
     assert clip.frame_indices == [int(k * 25 / 8 + 0.5) for k in range(5)]  # [0, 3, 6, 9, 13]
-    later = read_clip(path, fixed_size(32, 32, 5), 8, 5, 0, "center", None)
+    later = read_clip(path, fixed_size(32, 32, 5, 4), 8, 5, 0, "center", None)
     assert later.frame_indices == [5 + int(k * 25 / 8 + 0.5) for k in range(5)]  # starts at frame 5, 200 ms
     blue = [float(v) for v in clip.pixels[2, :, 16, 24]]  # the pattern's blue rises with the frame number
     assert blue == sorted(blue)

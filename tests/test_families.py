@@ -233,7 +233,7 @@ def test_first_frame_encodings_are_stored_noised_and_reproducible(trained):
         assert row.image_noise_sigmas == pytest.approx(sigmas.tolist(), rel=1e-12)
         assert sigmas[0] != sigmas[1]
 
-        clip = read_clip(Path(row.source_path), size_rule(config), config.fps, config.skip_frames_start,
+        clip = read_clip(Path(row.source_path), size_rule(config, 4), config.fps, config.skip_frames_start,
                          config.skip_frames_end, config.video_reshape_mode, None)
         assert clip.frame_indices == row.frame_indices
         first = clip.pixels[:, :1].float()  # [C, 1, H, W] in [-1, 1]

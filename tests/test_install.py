@@ -199,7 +199,7 @@ import sys
 sys.modules["decord"] = None  # import decord now raises ImportError, as where it is not installed
 from pathlib import Path
 from cogtune.data.video import fixed_size, read_clip
-clip = read_clip(Path({str(demo_data / "videos" / "00000.mp4")!r}), fixed_size(32, 48, 9), 8, 0, 0, "center", None)
+clip = read_clip(Path({str(demo_data / "videos" / "00000.mp4")!r}), fixed_size(32, 48, 9, 4), 8, 0, 0, "center", None)
 print(clip.decoder, tuple(clip.pixels.shape))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

@@ -38,7 +38,9 @@ def test_preview_writes_a_sheet_per_bucket_and_loads_no_model(tmp_path, tiny_mod
         f.write("videos/sample_portrait.mp4\n")
     with open(data / "prompts.txt", "a") as f:
         f.write("a portrait clip\n")
-    config = write_config(tmp_path / "c.toml", tmp_path / "no-such-model", data, tmp_path / "cache", tmp_path / "out")
+    # The model's config files alone (its family's frame rule), no weights: nothing can be loaded.
+    configs_only = shutil.copytree(tiny_model, tmp_path / "configs-only", ignore=shutil.ignore_patterns("*.safetensors"))
+    config = write_config(tmp_path / "c.toml", configs_only, data, tmp_path / "cache", tmp_path / "out")
     out = cogtune_here("preprocess", "--config", config, "--preview").stdout
     assert "Preview of 5 of 5 clips" in out
     assert "sample_portrait.mp4: 720x1080 at 29.97 fps -> 1 sample(s) of 5 frames of 64x32 at 8 fps" in out

@@ -6,19 +6,19 @@ import torch
 
 from cogtune.data.buckets import size_rule
 from cogtune.config import PreprocessConfig
-from cogtune.data.video import (ClipSkipped, Span, fixed_size, largest_4k_plus_1, on_the_rate, plan_resize_crop,
+from cogtune.data.video import (ClipSkipped, Span, fixed_size, largest_frame_count, on_the_rate, plan_resize_crop,
                                 read_clip, resample_indices, resize_crop, select_frame_indices, to_clip_size,
                                 to_model_range)
 
 
 @pytest.mark.parametrize("frames, expected", [(1, 1), (4, 1), (5, 5), (8, 5), (9, 9), (49, 49), (52, 49), (53, 53)])
 def test_largest_4k_plus_1(frames, expected):
-    assert largest_4k_plus_1(frames) == expected
+    assert largest_frame_count(frames, 4) == expected
 
 
 def test_frames_resampled_to_target_fps():
     # 30 fps -> 8 fps: frame k is the source frame nearest to k / 8 s.
-    indices = select_frame_indices(300, 30.0, 8, 49)
+    indices = select_frame_indices(300, 30.0, 8, 49, frame_step=4)
     assert len(indices) == 49
     assert indices == [int(k * 30 / 8 + 0.5) for k in range(49)]
     times = np.array(indices) / 30.0
@@ -26,25 +26,25 @@ def test_frames_resampled_to_target_fps():
 
 
 def test_slower_source_keeps_every_frame():
-    assert select_frame_indices(100, 8.0, 8, 49) == list(range(49))
-    assert select_frame_indices(100, 5.0, 8, 9) == list(range(9))
+    assert select_frame_indices(100, 8.0, 8, 49, frame_step=4) == list(range(49))
+    assert select_frame_indices(100, 5.0, 8, 9, frame_step=4) == list(range(9))
 
 
 def test_skip_frames_start_and_end():
-    indices = select_frame_indices(60, 8.0, 8, 49, skip_start=10, skip_end=5)
+    indices = select_frame_indices(60, 8.0, 8, 49, skip_start=10, skip_end=5, frame_step=4)
     assert indices[0] == 10 and indices[-1] < 55
     assert len(indices) == 45  # 45 usable frames: 4k+1 already
 
 
 def test_short_clip_uses_largest_4k_plus_1():
-    assert len(select_frame_indices(20, 8.0, 8, 49)) == 17
-    indices = select_frame_indices(40, 16.0, 8, 49)  # 40 frames at 16 fps hold 20 frames at 8 fps
+    assert len(select_frame_indices(20, 8.0, 8, 49, frame_step=4)) == 17
+    indices = select_frame_indices(40, 16.0, 8, 49, frame_step=4)  # 40 frames at 16 fps hold 20 frames at 8 fps
     assert len(indices) == 17 and indices[-1] <= 39
 
 
 def test_nothing_left_after_skipping():
     with pytest.raises(ClipSkipped, match="no frames left"):
-        select_frame_indices(10, 8.0, 8, 9, skip_start=6, skip_end=4)
+        select_frame_indices(10, 8.0, 8, 9, skip_start=6, skip_end=4, frame_step=4)
 
 
 def test_center_crop_keeps_aspect_and_centres():
@@ -123,7 +123,7 @@ def test_the_first_frames_of_a_source_decide_the_clip_as_the_whole_source_does(n
     whole = resample_indices(times, 8, skip_start, skip_end, most)
     decided = [n for n in range(1, len(times) + 1) if span.decided_by(times[:n], 480, 720)]
     assert decided and decided[0] < len(times) - 50  # reading stops before the end
-    sizes = size_rule(PreprocessConfig(max_num_frames=most))
+    sizes = size_rule(PreprocessConfig(max_num_frames=most), 4)
     for n in decided:
         first = resample_indices(times[:n], 8, skip_start, skip_end, most)
         assert first[:most] == whole[:most], n
@@ -176,7 +176,7 @@ def test_pixels_scaled_to_minus_one_one():
 def test_read_real_portrait_clip(tmp_path):
     from conftest import ASSETS
 
-    clip = read_clip(ASSETS / "videos" / "sample_portrait.mp4", fixed_size(32, 48, 9), 24, 0, 0, "center", None)
+    clip = read_clip(ASSETS / "videos" / "sample_portrait.mp4", fixed_size(32, 48, 9, 4), 24, 0, 0, "center", None)
     assert clip.pixels.shape == (3, 9, 32, 48)
     assert (clip.source_height, clip.source_width) == (1080, 720)  # portrait stays portrait
     assert clip.pixels.min() >= -1 and clip.pixels.max() <= 1
@@ -187,4 +187,4 @@ def test_unreadable_file_is_skipped_with_reason(tmp_path):
     bad = tmp_path / "not-a-video.mp4"
     bad.write_text("hello")
     with pytest.raises(ClipSkipped, match="cannot open video"):
-        read_clip(bad, fixed_size(32, 32, 9), 8, 0, 0, "center", None)
+        read_clip(bad, fixed_size(32, 32, 9, 4), 8, 0, 0, "center", None)

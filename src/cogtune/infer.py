@@ -102,6 +102,8 @@ def run(config: InferConfig) -> list[Path]:
     jobs = read_jobs(config, spec.image_conditioned)
     ignore_positions = config.ignore_learned_positional_embeddings or bool(
         read_lora_info(folder).get("ignore_learned_positional_embeddings"))
+    spec.check_frames(config.num_frames, "--num_frames")
+    spec.check_size(config.height, config.width)
     spec.check_clip_size(config.num_frames, config.height, config.width, ignore_positions)
     check_precision_available(config.mixed_precision)
     spec.check_precision(config.mixed_precision, logs.message)

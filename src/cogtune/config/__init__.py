@@ -46,29 +46,14 @@ __all__ = ["SEED_LIMIT", "TENSOR_DTYPES", "Group", "InferConfig", "PreprocessCon
 STAGE_TABLES = ("preprocess", "train", "infer")
 
 
-def check_frames(frames: int, flag: str) -> None:
-    if (frames - 1) % 4:
-        lower, upper = frames - (frames - 1) % 4, frames - (frames - 1) % 4 + 4
-        raise CogtuneError(f"{flag} {frames} is not of the form 4k+1 that the CogVideoX VAE needs; use {lower} or {upper}.")
-
-
-def check_size(config) -> None:
-    for name in ("height", "width"):
-        if getattr(config, name) % 16:
-            raise CogtuneError(f"--{name} {getattr(config, name)} is not a multiple of 16 (the VAE downsamples by 8 and "
-                               "the transformer patches by 2); pick the nearest multiple of 16.")
-
-
 @dataclass
 class PreprocessConfig(ModelArgs, VaeArgs, DataArgs, VideoSizeArgs, ClipArgs, CacheRootArgs, CacheArgs, TextEncoderArgs,
                        ValidationArgs, PreviewArgs, LoaderArgs):
     """Decode, resize and encode a video dataset (and the validation prompts) into a cache."""
 
-    def check_own(self) -> None:
+    def check_own(self) -> None:  # (frame and size rules are the model's: its family checks them)
         from cogtune.data.buckets import configured_buckets
 
-        check_size(self)
-        check_frames(self.max_num_frames, "--max_num_frames")
         check_datasets(self.datasets, self)
         configured_buckets(self)
 
@@ -96,10 +81,6 @@ class TrainConfig(ModelArgs, VaeArgs, TrainDataArgs, CacheRootArgs, OutputArgs, 
 class InferConfig(ModelArgs, VaeArgs, GenerationArgs, VideoSizeArgs, OutputArgs, GuidanceArgs, QuantArgs, OffloadArgs,
                   CompileArgs):
     """Generate videos with the base pipeline plus a trained LoRA."""
-
-    def check_own(self) -> None:
-        check_size(self)
-        check_frames(self.num_frames, "--num_frames")
 
 
 # A flag given on the command line replaces these settings of the config file too: it wins over the

@@ -49,11 +49,9 @@ def configured_buckets(config) -> list[Bucket] | None:
         buckets = [(f, h, w) for f in frames for h in heights for w in widths]
     else:
         return None
-    for frames, height, width in buckets:
-        if frames < 1 or (frames - 1) % 4:
-            raise CogtuneError(f"Bucket {frames}x{height}x{width}: {frames} frames is not of the form 4k+1.")
-        if height < 16 or width < 16 or height % 16 or width % 16:
-            raise CogtuneError(f"Bucket {frames}x{height}x{width}: height and width must be multiples of 16.")
+    for frames, height, width in buckets:  # (the model's own rules are its family's: check_clip_settings)
+        if min(frames, height, width) < 1:
+            raise CogtuneError(f"Bucket {frames}x{height}x{width}: frames, height and width must be positive.")
     return sorted(set(buckets))
 
 
@@ -84,10 +82,10 @@ def assign_bucket(buckets: list[Bucket], available_frames: int, height: int, wid
     return min(fitting, key=distance)
 
 
-def size_rule(config) -> SizeRule:
+def size_rule(config, frame_step: int) -> SizeRule:
     """How preprocess sizes each clip: by bucket, or at the one configured size; a clip of fewer usable
     frames than --min_num_frames is skipped as too short (a 0.3 s clip would be a 1-frame sample)."""
-    sized = _sized(config)
+    sized = _sized(config, frame_step)
     least = config.min_num_frames
 
     def rule(available: int, height: int, width: int) -> Bucket:
@@ -99,10 +97,10 @@ def size_rule(config) -> SizeRule:
     return rule
 
 
-def _sized(config) -> SizeRule:
+def _sized(config, frame_step: int) -> SizeRule:
     buckets = configured_buckets(config)
     if buckets is None:
-        return fixed_size(config.height, config.width, config.max_num_frames)
+        return fixed_size(config.height, config.width, config.max_num_frames, frame_step)
 
     def rule(available: int, height: int, width: int) -> Bucket:
         bucket = assign_bucket(buckets, available, height, width)

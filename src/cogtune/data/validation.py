@@ -6,7 +6,7 @@ ignore_learned_positional_embeddings)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cogtune.data.sources import read_rows
@@ -26,6 +26,7 @@ class ValidationEntry:
     num_frames: int | None = None
     seed: int | None = None
     guidance_scale: float | None = None
+    where: str | None = field(default=None, compare=False)  # its row of --validation_file, for messages
 
 
 VALIDATION_FILE_COLUMNS = {"prompt": str, "image": str, "height": int, "width": int, "num_frames": int, "seed": int,
@@ -57,18 +58,16 @@ def read_validation_file(path: Path) -> list[ValidationEntry]:
                                    f"got {value!r}.") from None
         if not values.get("prompt"):
             raise CogtuneError(f"{where}: the prompt is empty.")
-        for name in ("height", "width"):
-            if name in values and (values[name] <= 0 or values[name] % 16):
-                raise CogtuneError(f"{where}: {name} {values[name]} is not a positive multiple of 16.")
+        for name in ("height", "width", "num_frames"):  # (the model's own rules: checked_validation_entries)
+            if name in values and values[name] <= 0:
+                raise CogtuneError(f"{where}: {name} {values[name]} is not positive.")
         if "seed" in values and not 0 <= values["seed"] < SEED_LIMIT:
             raise CogtuneError(f"{where}: seed {values['seed']} is out of range (0 to {SEED_LIMIT - 1}).")
         if "guidance_scale" in values and not 0 <= values["guidance_scale"] < float("inf"):
             raise CogtuneError(f"{where}: guidance_scale must be a finite number, 0 or more, got {values['guidance_scale']}.")
-        if "num_frames" in values and (values["num_frames"] < 1 or (values["num_frames"] - 1) % 4):
-            raise CogtuneError(f"{where}: num_frames {values['num_frames']} is not of the form 4k+1.")
         if "image" in values:
             values["image"] = str(path.parent / values["image"])
-        entries.append(ValidationEntry(**values))
+        entries.append(ValidationEntry(**values, where=where))
     if not entries:
         raise CogtuneError(f"--validation_file {path} holds no rows.")
     return entries
@@ -116,6 +115,9 @@ def checked_validation_entries(settings, spec, clip_size: tuple[int, int, int]) 
     for entry in entries:
         frames, height, width = (entry.num_frames or clip_size[0], entry.height or clip_size[1],
                                  entry.width or clip_size[2])
+        if entry.where:  # a row of --validation_file: the model's rules, naming the row
+            spec.check_frames(frames, f"{entry.where}: num_frames")
+            spec.check_size(height, width, f"{entry.where}: ", ("height", "width"))
         spec.check_clip_size(frames, height, width, settings.ignore_learned_positional_embeddings)
         sized.append(dataclasses.replace(entry, num_frames=frames, height=height, width=width))
     return sized

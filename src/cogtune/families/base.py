@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cogtune.data_schema import TensorSet, TrainingBatch
+from cogtune.errors import CogtuneError
 from cogtune.families.objectives import Objective
 from cogtune.util.draws import Draws
 from cogtune.util.files import sha256_text
@@ -74,6 +75,35 @@ class ModelFamily(abc.ABC):
 
     frame_step: ClassVar[int]  # clips have frame_step * k + 1 frames
     size_multiple: ClassVar[int]  # heights and widths are multiples of this
+    size_reason: ClassVar[str]  # why, in words
+
+    def check_frames(self, frames: int, what: str) -> None:
+        """Refuse a frame count that is not frame_step * k + 1 (what: the flag or row that gave it)."""
+        if frames < 1 or (frames - 1) % self.frame_step:
+            lower = max(1, frames - (frames - 1) % self.frame_step)
+            raise CogtuneError(f"{what} {frames} is not of the form {self.frame_step}k+1 that the {self.name} VAE "
+                               f"needs; use {lower} or {lower + self.frame_step}.")
+
+    def check_size(self, height: int, width: int, where: str = "", names: tuple[str, str] = ("--height", "--width")
+                   ) -> None:
+        """Refuse a height or width that is not a multiple of size_multiple."""
+        for name, value in zip(names, (height, width)):
+            if value % self.size_multiple or value < self.size_multiple:
+                raise CogtuneError(f"{where}{name} {value} is not a multiple of {self.size_multiple} ({self.size_reason}); "
+                                   f"pick the nearest multiple of {self.size_multiple}.")
+
+    def check_clip_settings(self, clips, buckets: list | None, where: str = "") -> None:
+        """The clip settings of a preprocess config (or of one [[datasets]] table: where says which) and
+        its buckets, by this model's rules."""
+        self.check_frames(clips.max_num_frames, f"{where}--max_num_frames")
+        self.check_size(clips.height, clips.width, where)
+        for frames, height, width in buckets or []:
+            self.check_frames(frames, f"{where}Bucket {frames}x{height}x{width}: frames")
+            self.check_size(height, width, f"{where}Bucket {frames}x{height}x{width}: ", ("height", "width"))
+
+    def largest_frames(self, frames: int) -> int:
+        """The largest frame count of this model's rule not above `frames` (0 when none is)."""
+        return frames - (frames - 1) % self.frame_step if frames >= 1 else 0
 
     @abc.abstractmethod
     def latent_frames(self, num_frames: int) -> int:

@@ -57,7 +57,8 @@ class CogVideoX(ModelFamily):
                        "norm2.linear"],
     }
     frame_step = 4  # the CogVideoX VAE takes 4k+1 frames
-    size_multiple = 16  # 8x VAE compression and 2x2 patches
+    size_multiple = 16
+    size_reason = "the VAE downsamples by 8 and the transformer patches by 2"
 
     latent_channels: int
     scaling_factor: float
@@ -165,8 +166,8 @@ class CogVideoX(ModelFamily):
 
     def check_clip_size(self, num_frames: int, height: int, width: int,
                         ignore_learned_positional_embeddings: bool) -> None:
-        """Refuse clip sizes this family cannot train or generate at, before anything is encoded.
-        (4k+1 frames and sizes in multiples of 16, true of every family, are checked with the flags.)"""
+        """Refuse clip sizes this family cannot train or generate at, before anything is encoded
+        (beyond the rules of check_frames and check_size, which every stage asks first)."""
         if self.use_rotary and self.patch_size_t:  # the 1.5 "slice" grid only covers the model's base size
             max_height, max_width = (self.sample_height * self.vae_scale_spatial,
                                      self.sample_width * self.vae_scale_spatial)

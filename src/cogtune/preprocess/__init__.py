@@ -28,7 +28,7 @@ from cogtune.cache.tool import is_unfinished_and_empty
 from cogtune.cache.writer import CacheWriter, cache_lock, compact_index, write_fingerprints
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import clip_sizes, configured_buckets
-from cogtune.data.sources import dataset_clip_configs, dataset_tables, load_dataset_records
+from cogtune.data.sources import clip_config, clip_settings_of, dataset_clip_configs, dataset_tables, load_dataset_records
 from cogtune.data.validation import checked_validation_entries
 from cogtune.errors import CogtuneError
 from cogtune.families import ModelConfigs
@@ -127,6 +127,15 @@ def measured(stages: dict, name: str, items: int, device: torch.device):
     stages[name] = figures
 
 
+def check_clip_rules(config: PreprocessConfig, spec) -> None:
+    """The clip sizes, buckets and [[datasets]] clip settings, by the model family's frame and size rules."""
+    spec.check_clip_settings(config, configured_buckets(config))
+    for number, table in enumerate(config.datasets, start=1):
+        own = clip_config(config, clip_settings_of(table, config))
+        if own is not config:
+            spec.check_clip_settings(own, configured_buckets(own), f"[[datasets]] table {number}: ")
+
+
 def run(config: PreprocessConfig) -> PreprocessResult:
     logs.configure(config.log_format, enabled=is_main_process())
     with StopRequests() as stop:
@@ -135,9 +144,10 @@ def run(config: PreprocessConfig) -> PreprocessResult:
 
 def _run(config: PreprocessConfig, stop: StopRequests) -> PreprocessResult:
     started = time.time()
-    records, repeats = load_dataset_records(config)  # each process resolves its share in plan()
     models = ModelConfigs.of(config)
-    spec = models.spec()  # refuses what is not a CogVideoX model before any encoding
+    spec = models.spec()  # refuses a pipeline no family reads, before any encoding
+    check_clip_rules(config, spec)
+    records, repeats = load_dataset_records(config)  # each process resolves its share in plan()
     validation_entries = checked_validation_entries(config, spec, (config.max_num_frames, config.height, config.width))
     for size in clip_sizes(config):
         spec.check_clip_size(*size, config.ignore_learned_positional_embeddings)

@@ -31,8 +31,9 @@ from cogtune.util.signals import StopRequests, ignore_stop_signals
 class ClipDataset(torch.utils.data.Dataset):
     """Decodes and resizes one video per item, in DataLoader workers when there are any."""
 
-    def __init__(self, jobs: list[tuple[Path, str]], config: PreprocessConfig, clip_settings: dict[str, str]):
-        self.jobs, self.config, self.clip_settings = jobs, config, clip_settings
+    def __init__(self, jobs: list[tuple[Path, str]], config: PreprocessConfig, clip_settings: dict[str, str],
+                 frame_step: int):
+        self.jobs, self.config, self.clip_settings, self.frame_step = jobs, config, clip_settings, frame_step
         self._rules = {}  # clip settings -> (config, size rule), built where used (a worker): closures do not pickle
 
     def __len__(self):
@@ -43,7 +44,7 @@ class ClipDataset(torch.utils.data.Dataset):
         settings = self.clip_settings.get(sha, "")
         if settings not in self._rules:
             config = clip_config(self.config, settings)  # its dataset's own clip settings, if any
-            self._rules[settings] = config, size_rule(config)
+            self._rules[settings] = config, size_rule(config, self.frame_step)
         config, rule = self._rules[settings]
         try:
             problem = not_a_video(path)
@@ -221,7 +222,7 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
     paths = dict(videos)
     jobs = [(path, sha) for sha, path in videos]
     limit = failure_limit(config.max_failures, len(jobs))
-    loader = torch.utils.data.DataLoader(ClipDataset(jobs, config, clip_settings or {}), batch_size=1, collate_fn=_first,
+    loader = torch.utils.data.DataLoader(ClipDataset(jobs, config, clip_settings or {}, models.spec().frame_step), batch_size=1, collate_fn=_first,
                                          num_workers=config.dataloader_num_workers,
                                          worker_init_fn=ignore_stop_signals)
     clips = iter(loader)  # the decode workers start now, before the VAE exists: none holds a copy of it

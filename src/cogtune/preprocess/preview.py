@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cogtune import data_schema as schema
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import bucket_name, clip_sizes, configured_buckets, size_rule
-from cogtune import data_schema as schema
 from cogtune.data.sources import VideoPaths, clip_config, load_dataset_records
 from cogtune.data.video import ClipSkipped, ResizeCrop, open_video, plan_resize_crop
-from cogtune.preprocess.encode import clip_rng, clip_windows
 from cogtune.errors import CogtuneError, first_line
+from cogtune.families import ModelConfigs
+from cogtune.preprocess.encode import clip_rng, clip_windows
 from cogtune.util import files
 from cogtune.util.media import contact_sheet
 
@@ -55,7 +56,7 @@ class Previewed:
     rows: list[tuple[str, list[np.ndarray]]] | None = None  # one per sample: a clip, or each of its windows
 
 
-def preview_one(record, config: PreprocessConfig, videos: VideoPaths, rule) -> Previewed:
+def preview_one(record, config: PreprocessConfig, videos: VideoPaths, rule, frame_step: int) -> Previewed:
     try:
         path, _ = videos.resolve(record)
     except (CogtuneError, OSError) as e:
@@ -63,7 +64,7 @@ def preview_one(record, config: PreprocessConfig, videos: VideoPaths, rule) -> P
     sha = schema.clip_source(files.sha256_file(path), record.clip_settings)
     if record.clip_settings:  # its [[datasets]] table's own clip settings
         config = clip_config(config, record.clip_settings)
-        rule = size_rule(config)
+        rule = size_rule(config, frame_step)
     try:
         windows = clip_windows(Path(path), config, rule, clip_rng(config, sha))
     except ClipSkipped as e:
@@ -105,8 +106,9 @@ def preview(config: PreprocessConfig) -> str:
     picks = sorted(set(np.linspace(0, len(records) - 1, count).round().astype(int).tolist()))
     out_dir = Path(config.preview_dir or Path(config.cache_root) / "preview")
     files.ensure_writable_dir(out_dir, "--preview_dir")
-    videos, rule = VideoPaths(config.allow_symlinks_outside_root), size_rule(config)
-    previewed = [preview_one(records[i], config, videos, rule) for i in picks]
+    frame_step = ModelConfigs.of(config).spec().frame_step  # the model's frame rule (its config files alone)
+    videos, rule = VideoPaths(config.allow_symlinks_outside_root), size_rule(config, frame_step)
+    previewed = [preview_one(records[i], config, videos, rule, frame_step) for i in picks]
     by_bucket: dict[str, list] = {}
     for item in previewed:
         if item.bucket is not None:

@@ -20,13 +20,13 @@ import torch
 
 from cogtune.data.video.container import REORDER_DEPTH, _Fallback, decode_budget, not_a_video
 from cogtune.data.video.decoders import DecordVideo, PyAVVideo, decode_cost, open_video
-from cogtune.data.video.frames import (ClipSkipped, SizeRule, Span, largest_4k_plus_1, on_the_rate, resample_indices,
+from cogtune.data.video.frames import (ClipSkipped, SizeRule, Span, largest_frame_count, on_the_rate, resample_indices,
                                        select_frame_indices, spread_indices, window_starts)
 from cogtune.data.video.geometry import (ResizeCrop, first_frame_pixels, plan_resize_crop, resize_crop, to_clip_size,
                                          to_model_range)
 
 __all__ = ["REORDER_DEPTH", "Clip", "ClipSkipped", "DecordVideo", "PyAVVideo", "ResizeCrop", "SizeRule", "Span",
-           "decode_budget", "decode_cost", "first_frame_pixels", "fixed_size", "largest_4k_plus_1", "not_a_video",
+           "decode_budget", "decode_cost", "first_frame_pixels", "fixed_size", "largest_frame_count", "not_a_video",
            "on_the_rate", "open_video", "plan_resize_crop", "read_clip", "read_spread_clip", "read_windows",
            "resample_indices", "resize_crop", "select_frame_indices", "spread_indices", "to_clip_size",
            "to_model_range", "window_starts"]
@@ -42,9 +42,9 @@ class Clip:
     decoder: str = "decord"
 
 
-def fixed_size(height: int, width: int, max_frames: int) -> SizeRule:
-    """One training size: max_frames, or the largest 4k+1 a shorter clip holds."""
-    return lambda available, _h, _w: (largest_4k_plus_1(min(max_frames, available)), height, width)
+def fixed_size(height: int, width: int, max_frames: int, frame_step: int) -> SizeRule:
+    """One training size: max_frames, or the largest frame_step * k + 1 a shorter clip holds."""
+    return lambda available, _h, _w: (largest_frame_count(min(max_frames, available), frame_step), height, width)
 
 
 def read_spread_clip(path: Path, size: SizeRule, skip_start: int, skip_end: int, mode: str,

@@ -21,11 +21,12 @@ class ClipSkipped(CogtuneError):
         self.kind = kind
 
 
-def largest_4k_plus_1(frames: int) -> int:
-    """The CogVideoX VAE takes 4k+1 frames: the largest such count not above `frames`."""
+def largest_frame_count(frames: int, frame_step: int) -> int:
+    """The largest count of the form frame_step * k + 1 not above `frames` (a model's VAE takes such
+    counts: 4k+1 for CogVideoX; its family says)."""
     if frames < 1:
         raise ValueError("need at least one frame")
-    return (frames - 1) // 4 * 4 + 1
+    return (frames - 1) // frame_step * frame_step + 1
 
 
 def resample_indices(times: list[float], target_fps: float, skip_start: int = 0, skip_end: int = 0,
@@ -115,12 +116,12 @@ class Span:
 
 
 def select_frame_indices(num_source_frames: int, source_fps: float, target_fps: float, max_frames: int,
-                         skip_start: int = 0, skip_end: int = 0) -> list[int]:
+                         skip_start: int = 0, skip_end: int = 0, *, frame_step: int) -> list[int]:
     """Source frame indices of a constant-rate clip: `resample_indices` at times i / source_fps,
-    cut to `max_frames`, or to the largest 4k+1 the clip holds when it is shorter."""
+    cut to `max_frames`, or to the largest frame_step * k + 1 the clip holds when it is shorter."""
     candidates = resample_indices([i / source_fps for i in range(num_source_frames)], target_fps, skip_start,
                                   skip_end)
-    return candidates[:largest_4k_plus_1(min(max_frames, len(candidates)))]
+    return candidates[:largest_frame_count(min(max_frames, len(candidates)), frame_step)]
 
 
 SizeRule = Callable[[int, int, int], tuple[int, int, int]]  # (usable frames, height, width) -> (F, H, W)
