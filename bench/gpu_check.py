@@ -194,6 +194,7 @@ def make_cache(model: Path, cache_root: Path, size: tuple[int, int, int], clips:
     from cogtune.cache.writer import CacheWriter
     from cogtune.config import load_config
     from cogtune.families import ModelConfigs
+    from cogtune.util.files import sha256_text
 
     frames, height, width = size
     config = load_config("preprocess", ["--pretrained_model_name_or_path", str(model), "--instance_data_root",
@@ -211,7 +212,7 @@ def make_cache(model: Path, cache_root: Path, size: tuple[int, int, int], clips:
     generator = torch.Generator().manual_seed(0)
     ids = []
     for i in range(clips):
-        sha, caption = schema.sha256_text(f"clip {i}"), f"a synthetic clip {i}"
+        sha, caption = sha256_text(f"clip {i}"), f"a synthetic clip {i}"
         key = schema.video_key(sha)
         shard = writer.add_tensor(schema.video_tensor_key(key, "mean"), torch.randn(shape, generator=generator).to(dtype))
         writer.add_tensor(schema.video_tensor_key(key, "logvar"), torch.full(shape, -6.0).to(dtype))

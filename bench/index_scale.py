@@ -99,6 +99,7 @@ def grow(cache_path: Path, samples: int, sources: Path, part_rows: int = 100_000
     from cogtune import data_schema as schema
     from cogtune.cache.disk import index_columns, read_fingerprints, read_selection
     from cogtune.cache.writer import _write_parquet, write_fingerprints, write_selection
+    from cogtune.util.files import sha256_text
 
     index = index_columns(cache_path, schema.INDEX_SCHEMA.names)
     real = index.filter(pc.equal(index["status"], schema.STATUS_OK))
@@ -120,7 +121,7 @@ def grow(cache_path: Path, samples: int, sources: Path, part_rows: int = 100_000
             stat = os.stat(path)
             sha, caption = hashlib.sha256(content).hexdigest(), f"caption {i}"
             for name, value in zip(columns, (schema.sample_id(sha, caption), str(path), stat.st_size,
-                                             stat.st_mtime_ns, sha, caption, schema.sha256_text(caption))):
+                                             stat.st_mtime_ns, sha, caption, sha256_text(caption))):
                 columns[name].append(value)
             videos.append(relative)
             prompts.append(caption)

@@ -121,13 +121,13 @@ def copy_of_package(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("planted, expected", [
     ("from cogtune.train.lora import LORA_WEIGHT_NAME\n",
-     "cogtune/data_schema.py:1: cogtune.data_schema (settings and contract) imports cogtune.train.lora (train)"),
+     "cogtune/data_schema/layout.py:1: cogtune.data_schema.layout (settings and contract) imports cogtune.train.lora (train)"),
     ("def later():\n    from cogtune.cache import reader\n",
-     "cogtune/data_schema.py:2: cogtune.data_schema imports cogtune.cache.reader inside a function"),
+     "cogtune/data_schema/layout.py:2: cogtune.data_schema.layout imports cogtune.cache.reader inside a function"),
 ])
 def test_a_planted_backwards_import_is_named(tmp_path, planted, expected):
     root = copy_of_package(tmp_path)
-    contract = root / "data_schema.py"
+    contract = root / "data_schema" / "layout.py"
     contract.write_text(planted + contract.read_text())
     problems = layering_problems(root)
     assert any(problem.startswith(expected) for problem in problems), problems

@@ -168,7 +168,7 @@ def test_spread_takes_the_frames_the_diffusers_scripts_take(tmp_path, tiny_model
 
 
 def test_preview_shows_each_window(tmp_path, clips):
-    config = write_config(tmp_path / "c.toml", tmp_path / "no-model", clips, tmp_path / "cache", tmp_path / "out")
+    config = write_config(tmp_path / "c.toml", "THUDM/CogVideoX-2b", clips, tmp_path / "cache", tmp_path / "out")
     out = cogtune_here("preprocess", "--config", config, "--preview", "--frame_extraction", "chunk",
                        "--max_windows_per_clip", "3").stdout
     assert "--frame_extraction chunk" in out and "-> 3 sample(s) of 9 frames" in out

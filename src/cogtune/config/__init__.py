@@ -23,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cogtune.config.base import SEED_LIMIT, TENSOR_DTYPES, Group, opt
 from cogtune.config.common import (CacheRootArgs, CompileArgs, GuidanceArgs, LoaderArgs, ModelArgs, OutputArgs,
@@ -81,6 +81,8 @@ class TrainConfig(ModelArgs, VaeArgs, TrainDataArgs, CacheRootArgs, OutputArgs, 
 class InferConfig(ModelArgs, VaeArgs, GenerationArgs, VideoSizeArgs, OutputArgs, GuidanceArgs, QuantArgs, OffloadArgs,
                   CompileArgs):
     """Generate videos with the base pipeline plus a trained LoRA."""
+
+    model_required: ClassVar[bool] = False  # the base model the LoRA was trained on, by default
 
 
 # A flag given on the command line replaces these settings of the config file too: it wins over the

@@ -4,7 +4,7 @@ caches and outputs live, data loading, validation prompts, quantization, compila
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from cogtune import quantize
 from cogtune.config.base import SEED_LIMIT, Group, opt
@@ -40,13 +40,14 @@ class ModelArgs(Group):
         False, "Print the expected peak GPU memory of these settings and exit, loading no weights: preprocess, of "
                "the text encoder and VAE stages; train, weights, LoRA, optimizer state and activations with and "
                "without gradient checkpointing; infer, the models as stored, each stage's activations, the offload.")
+    model_required: ClassVar[bool] = True  # (infer: the LoRA's cogtune_lora.json may name it)
     # Where the settings came from (filled by load_config, not settings themselves): the config file,
     # and which settings its command line gave as flags.
     config_file: Optional[str] = field(default=None, metadata={"internal": True}, repr=False)
     command_line: tuple = field(default=(), metadata={"internal": True}, repr=False)
 
     def check_own(self) -> None:
-        if not self.pretrained_model_name_or_path and not isinstance(self, InferConfig):  # infer: the LoRA's record
+        if not self.pretrained_model_name_or_path and self.model_required:
             raise CogtuneError("--pretrained_model_name_or_path is required (a local pipeline folder or a hub id).")
         if self.seed >= SEED_LIMIT - getattr(self, "num_validation_videos", 1):
             raise CogtuneError(f"--seed {self.seed} is out of range (0 to {SEED_LIMIT - 1}, less the validation videos).")

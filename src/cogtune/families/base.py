@@ -125,20 +125,52 @@ class ModelFamily(abc.ABC):
     def drop_learned_positional_embeddings(self, transformer) -> None:
         """Leave the learned positional embeddings out (where ignores_learned_positions says so)."""
 
-    # --- the parts ---------------------------------------------------------------------------
+    # --- the parts: diffusers and transformers classes, named by the family --------------------
 
     text_encoder_name: ClassVar[str]  # as users know it, in messages ("T5")
+    transformer_class: ClassVar[str]  # a diffusers model class
+    vae_class: ClassVar[str]  # a diffusers model class
+    text_encoder_class: ClassVar[str]  # a transformers model class
 
-    @abc.abstractmethod
     def pipeline_class(self):
         """The diffusers pipeline class (for `cogtune infer`, merge and the LoRA I/O)."""
+        import diffusers
 
-    @abc.abstractmethod
-    def load_transformer(self, models: "ModelConfigs", dtype: torch.dtype, **kwargs) -> torch.nn.Module: ...
+        return getattr(diffusers, self.pipeline_class_name)
 
-    @abc.abstractmethod
+    def load_transformer(self, models: "ModelConfigs", dtype: torch.dtype, **kwargs) -> torch.nn.Module:
+        return models.load_part(_diffusers(self.transformer_class), "transformer", dtype=dtype, **kwargs)
+
     def meta_transformer(self, models: "ModelConfigs", dtype: torch.dtype) -> torch.nn.Module:
         """The transformer on the meta device, for the memory estimates."""
+        cls = _diffusers(self.transformer_class)
+        return built_on_meta(lambda: cls.from_config(models.transformer), dtype)
+
+    def load_vae(self, models: "ModelConfigs", device, dtype, slicing: bool = False, tiling: bool = False):
+        """The pipeline's VAE on device, with --enable_slicing and --enable_tiling applied."""
+        vae = models.load_part(_diffusers(self.vae_class), "vae", dtype=dtype).to(device).eval()
+        if slicing:
+            vae.enable_slicing()
+        if tiling:
+            vae.enable_tiling()
+        return vae
+
+    def meta_vae(self, models: "ModelConfigs", dtype: torch.dtype) -> torch.nn.Module:
+        cls = _diffusers(self.vae_class)
+        return meta_model(lambda: cls.from_config(models.vae), dtype)
+
+    def load_text_encoder(self, models: "ModelConfigs", dtype: torch.dtype, **kwargs):
+        """(tokenizer, text encoder) of the pipeline, the encoder in dtype on the CPU."""
+        from transformers import AutoTokenizer
+
+        tokenizer = models.load_part(AutoTokenizer, "tokenizer", weights=False)
+        return tokenizer, models.load_part(_transformers(self.text_encoder_class), "text_encoder", dtype=dtype,
+                                           **kwargs).eval()
+
+    def meta_text_encoder(self, models: "ModelConfigs", dtype: torch.dtype) -> torch.nn.Module:
+        cls = _transformers(self.text_encoder_class)
+        config = {k: v for k, v in models.text_encoder.items() if k != "architectures"}
+        return meta_model(lambda: cls(cls.config_class(**config)), dtype)
 
     @abc.abstractmethod
     def blocks(self, transformer) -> torch.nn.ModuleList:
@@ -149,19 +181,6 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def block_states(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """The large per-block states of a block's call (what checkpoint offload keeps in CPU memory)."""
-
-    @abc.abstractmethod
-    def load_vae(self, models: "ModelConfigs", device, dtype, slicing: bool = False, tiling: bool = False): ...
-
-    @abc.abstractmethod
-    def meta_vae(self, models: "ModelConfigs", dtype: torch.dtype) -> torch.nn.Module: ...
-
-    @abc.abstractmethod
-    def load_text_encoder(self, models: "ModelConfigs", dtype: torch.dtype, **kwargs):
-        """(tokenizer, text encoder) of the pipeline, the encoder in dtype on the CPU."""
-
-    @abc.abstractmethod
-    def meta_text_encoder(self, models: "ModelConfigs", dtype: torch.dtype) -> torch.nn.Module: ...
 
     # --- encoding (stage 1) ------------------------------------------------------------------
 
@@ -246,12 +265,14 @@ class ModelFamily(abc.ABC):
 
     # --- LoRA files, the model card, inference and exports -------------------------------------
 
-    @abc.abstractmethod
-    def save_lora_weights(self, directory, layers: dict, metadata: dict, weight_name: str) -> None: ...
+    def save_lora_weights(self, directory, layers: dict, metadata: dict, weight_name: str) -> None:
+        """The LoRA in diffusers' format for this pipeline, with peft's adapter settings."""
+        self.pipeline_class().save_lora_weights(directory, transformer_lora_layers=layers,
+                                                transformer_lora_adapter_metadata=metadata, weight_name=weight_name)
 
-    @abc.abstractmethod
     def lora_state_dict(self, source: str, **kwargs):
         """diffusers' reading of a LoRA for this pipeline (its key conversions applied)."""
+        return self.pipeline_class().lora_state_dict(source, **kwargs)
 
     card_tags: ClassVar[tuple[str, ...]]  # the model card's tags for this family
 
@@ -326,3 +347,15 @@ def built_on_meta(build, dtype):
 def meta_model(build, dtype: torch.dtype) -> torch.nn.Module:
     """A model built on the meta device (shapes, no storage), frozen, in dtype."""
     return built_on_meta(build, dtype).requires_grad_(False).eval()
+
+
+def _diffusers(name: str):
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def _transformers(name: str):
+    import transformers
+
+    return getattr(transformers, name)

@@ -26,10 +26,11 @@ import torch
 
 from cogtune.data_schema import TensorSet, TrainingBatch
 from cogtune.errors import CogtuneError
-from cogtune.families.base import ModelFamily, built_on_meta, meta_model
+from cogtune.families.base import ModelFamily
 from cogtune.families.objectives import (NoiseSchedule, Objective, StepInputs, add_noise, draw_timesteps,
-                                         drop_captions, snr_weights, velocity_losses)
-from cogtune.util import logs
+                                         drop_captions, dropped, pick_variants, posterior_sample, snr_weights,
+                                         velocity_losses)
+from cogtune.families.sampling import guided_denoise
 from cogtune.util.draws import Draws
 
 OFS_VALUE = 2.0  # the ofs embedding input of CogVideoX 1.5-I2V, as its pipeline passes it
@@ -257,21 +258,6 @@ class CogVideoX(ModelFamily):
 
     # --- the parts -----------------------------------------------------------------------------
 
-    def pipeline_class(self):
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_class_name)
-
-    def load_transformer(self, models: "ModelConfigs", dtype: torch.dtype, **kwargs) -> torch.nn.Module:
-        from diffusers import CogVideoXTransformer3DModel
-
-        return models.load_part(CogVideoXTransformer3DModel, "transformer", dtype=dtype, **kwargs)
-
-    def meta_transformer(self, models: "ModelConfigs", dtype: torch.dtype) -> torch.nn.Module:
-        from diffusers import CogVideoXTransformer3DModel
-
-        return built_on_meta(lambda: CogVideoXTransformer3DModel.from_config(models.transformer), dtype)
-
     def blocks(self, transformer) -> torch.nn.ModuleList:
         return transformer.transformer_blocks
 
@@ -290,35 +276,9 @@ class CogVideoX(ModelFamily):
         transformer.patch_embed.use_learned_positional_embeddings = False
         transformer.register_to_config(use_learned_positional_embeddings=False)
 
-    def load_vae(self, models: "ModelConfigs", device, dtype, slicing: bool = False, tiling: bool = False):
-        """The pipeline's VAE on device, with --enable_slicing and --enable_tiling applied."""
-        from diffusers import AutoencoderKLCogVideoX
-
-        vae = models.load_part(AutoencoderKLCogVideoX, "vae", dtype=dtype).to(device).eval()
-        if slicing:
-            vae.enable_slicing()
-        if tiling:
-            vae.enable_tiling()
-        return vae
-
-    def meta_vae(self, models: "ModelConfigs", dtype: torch.dtype) -> torch.nn.Module:
-        from diffusers import AutoencoderKLCogVideoX
-
-        return meta_model(lambda: AutoencoderKLCogVideoX.from_config(models.vae), dtype)
-
-    def load_text_encoder(self, models: "ModelConfigs", dtype: torch.dtype, **kwargs):
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        tokenizer = models.load_part(AutoTokenizer, "tokenizer", weights=False)
-        return tokenizer, models.load_part(T5EncoderModel, "text_encoder", dtype=dtype, **kwargs).eval()
-
-    def meta_text_encoder(self, models: "ModelConfigs", dtype: torch.dtype) -> torch.nn.Module:
-        from transformers import T5Config, T5EncoderModel
-
-        text_config = {k: v for k, v in models.text_encoder.items() if k != "architectures"}
-        return meta_model(lambda: T5EncoderModel(T5Config(**text_config)), dtype)
-
     text_encoder_name = "T5"
+    transformer_class, vae_class = "CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX"
+    text_encoder_class = "T5EncoderModel"
 
     # --- encoding (stage 1) --------------------------------------------------------------------
 
@@ -372,29 +332,18 @@ class CogVideoX(ModelFamily):
         return NoiseSchedule(CogVideoXDDIMScheduler.from_config(models.scheduler).alphas_cumprod)
 
     def sample_x0(self, mean: torch.Tensor, logvar: torch.Tensor, draws: Draws) -> torch.Tensor:
-        """A fresh sample of the VAE posterior, scaled for the transformer, as [B, F, C, H, W] float32.
-
-        mean, logvar: [B, C, F, H, W] as stored in the cache."""
-        mean, logvar = mean.float(), logvar.float()
-        eps = draws.randn(mean.shape).to(mean.device)
-        latents = mean + torch.exp(0.5 * logvar) * eps
-        return self.scale_latents(latents).permute(0, 2, 1, 3, 4).contiguous()
+        """A fresh posterior sample of the stored moments ([B, C, F, H, W]), scaled for the transformer,
+        as [B, F, C, H, W] float32."""
+        return self.scale_latents(posterior_sample(mean, logvar, draws)).permute(0, 2, 1, 3, 4).contiguous()
 
     def sample_image_latents(self, mean: torch.Tensor, logvar: torch.Tensor, draws: Draws,
                              dropout: float) -> torch.Tensor:
-        """The image-to-video conditioning latent of each sample, [B, 1, C, H, W] float32: one of its
-        stored noised first-frame encodings picked at random, sampled from its posterior, scaled as
-        the I2V pipeline does, and zeroed with probability `dropout`.
-
-        mean, logvar: [B, K, C, 1, H, W], the K stored encodings of each sample."""
-        batch, variants = mean.shape[:2]
-        chosen = draws.randint(variants, batch)
-        rows = torch.arange(batch)
-        mean, logvar = mean[rows, chosen].float(), logvar[rows, chosen].float()
-        eps = draws.randn(mean.shape).to(mean.device)
-        latents = self.scale_image_latents(mean + torch.exp(0.5 * logvar) * eps).permute(0, 2, 1, 3, 4)
-        keep = (draws.rand(batch) >= dropout).to(latents.dtype).to(latents.device)
-        return latents * keep.view(-1, 1, 1, 1, 1)
+        """The image-to-video conditioning latent of each sample, [B, 1, C, H, W] float32: one of its K
+        stored noised first-frame encodings ([B, K, C, 1, H, W]) at random, sampled, scaled as the I2V
+        pipeline does, and zeroed with probability `dropout`."""
+        mean, logvar = pick_variants(mean, logvar, draws)
+        latents = self.scale_image_latents(posterior_sample(mean, logvar, draws)).permute(0, 2, 1, 3, 4)
+        return dropped(latents, dropout, draws)
 
     def step_inputs(self, batch: TrainingBatch, draws: Draws, schedule: NoiseSchedule,
                     objective: Objective) -> StepInputs:
@@ -470,12 +419,10 @@ class CogVideoX(ModelFamily):
         CogVideoX pipelines compute them from these cached tensors (the prompt's and the negative
         prompt's embeddings, the image's VAE moments) and this generator: classifier-free guidance with
         the negative embedding, optional dynamic CFG, the given scheduler."""
-        from diffusers import CogVideoXDPMScheduler
         from diffusers.utils.torch_utils import randn_tensor
 
         device = next(p for p in transformer.parameters()).device
         scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = scheduler.timesteps
         latent_frames = self.latent_frames(num_frames)
         padding = self.frame_padding(latent_frames)
         frames = latent_frames + padding
@@ -493,30 +440,17 @@ class CogVideoX(ModelFamily):
         embeds = torch.stack([negative_embeds, prompt_embeds]) if guided else prompt_embeds[None]
         embeds = embeds.to(device, dtype)
         family_inputs = self.transformer_inputs(1, frames, shape[3], shape[4], device, dtype)
-        extra = {"eta": 0.0, "generator": generator}
-        old_pred_original_sample = None
-        for i, t in enumerate(logs.progress(timesteps, desc="validation", unit="step", leave=False)):
-            model_input = torch.cat([latents] * 2) if guided else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            if image_latents is not None:
-                model_input = torch.cat([model_input, torch.cat([image_latents] * model_input.shape[0])], dim=2)
-            noise_pred = transformer(hidden_states=model_input, encoder_hidden_states=embeds,
-                                     timestep=t.expand(model_input.shape[0]), **family_inputs,
-                                     return_dict=False)[0].float()
-            scale = guidance_scale
-            if use_dynamic_cfg:
-                scale = 1 + guidance_scale * (
-                    (1 - math.cos(math.pi * ((num_inference_steps - t.item()) / num_inference_steps) ** 5.0)) / 2)
-            if guided:
-                uncond, text = noise_pred.chunk(2)
-                noise_pred = uncond + scale * (text - uncond)
-            if isinstance(scheduler, CogVideoXDPMScheduler):
-                latents, old_pred_original_sample = scheduler.step(
-                    noise_pred, old_pred_original_sample, t, timesteps[i - 1] if i > 0 else None, latents, **extra,
-                    return_dict=False)
-            else:
-                latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
-            latents = latents.to(dtype)
+
+        def predict(model_input, t):
+            return transformer(hidden_states=model_input, encoder_hidden_states=embeds,
+                               timestep=t.expand(model_input.shape[0]), **family_inputs, return_dict=False)[0]
+
+        def dynamic_scale(t):  # the pipelines' use_dynamic_cfg
+            return 1 + guidance_scale * (
+                (1 - math.cos(math.pi * ((num_inference_steps - t.item()) / num_inference_steps) ** 5.0)) / 2)
+
+        latents = guided_denoise(predict, scheduler, latents, guidance_scale, generator, dtype,
+                                 dynamic_scale if use_dynamic_cfg else None, image_latents)
         return latents[:, padding:]
 
     @torch.no_grad()
@@ -527,11 +461,6 @@ class CogVideoX(ModelFamily):
         return (video.cpu().numpy() * 255).round().astype(np.uint8)
 
     # --- LoRA files, the model card and inference ------------------------------------------------
-
-    def save_lora_weights(self, directory, layers: dict, metadata: dict, weight_name: str) -> None:
-        """The LoRA in diffusers' format for this pipeline, with peft's adapter settings."""
-        self.pipeline_class().save_lora_weights(directory, transformer_lora_layers=layers,
-                                                transformer_lora_adapter_metadata=metadata, weight_name=weight_name)
 
     card_tags = ("cogvideox", "cogvideox-diffusers")
 
@@ -544,7 +473,3 @@ class CogVideoX(ModelFamily):
         return f"use_dynamic_cfg={use_dynamic_cfg}, "
 
     export_formats = ("comfyui",)  # kijai's ComfyUI-CogVideoXWrapper and ComfyUI's LoRA loader (export.py)
-
-    def lora_state_dict(self, source: str, **kwargs):
-        """diffusers' reading of a LoRA file for this pipeline (its key conversions applied)."""
-        return self.pipeline_class().lora_state_dict(source, **kwargs)

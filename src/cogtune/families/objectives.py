@@ -44,6 +44,27 @@ def draw_timesteps(objective: Objective, draws: Draws, rows: int, num_timesteps:
     return draws.keep((u * num_timesteps).long().clamp(0, num_timesteps - 1), rows)
 
 
+def posterior_sample(mean: torch.Tensor, logvar: torch.Tensor, draws: Draws) -> torch.Tensor:
+    """A sample of the VAE's diagonal Gaussian posterior from its stored moments, in float32."""
+    mean, logvar = mean.float(), logvar.float()
+    eps = draws.randn(mean.shape).to(mean.device)
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
+def pick_variants(mean: torch.Tensor, logvar: torch.Tensor, draws: Draws) -> tuple[torch.Tensor, torch.Tensor]:
+    """One of the K stored encodings of each sample ([B, K, ...] -> [B, ...]), drawn uniformly, in float32."""
+    batch, variants = mean.shape[:2]
+    chosen = draws.randint(variants, batch)
+    rows = torch.arange(batch)
+    return mean[rows, chosen].float(), logvar[rows, chosen].float()
+
+
+def dropped(latents: torch.Tensor, dropout: float, draws: Draws) -> torch.Tensor:
+    """Each sample's latents ([B, ...]) zeroed with probability `dropout`."""
+    keep = (draws.rand(latents.shape[0]) >= dropout).to(latents.dtype).to(latents.device)
+    return latents * keep.view(-1, *[1] * (latents.dim() - 1))
+
+
 def drop_captions(prompt_embeds: torch.Tensor, empty: torch.Tensor | None, objective: Objective,
                   draws: Draws) -> torch.Tensor:
     """Each sample's caption embedding replaced, with probability caption_dropout_p, by the empty
