@@ -62,7 +62,7 @@ demo: setup demo-assets
 
 # Two or more test processes (pytest-xdist, up to 4): much of the suite waits on the processes it starts.
 test: setup
-	COGTUNE_ENV=lock $(BIN)/python -m pytest -q --numprocesses auto --maxprocesses 4
+	COGTUNE_ENV=lock $(BIN)/python -m pytest -q --numprocesses auto --maxprocesses 4 --durations=15
 
 # The unit tests alone (no tiny model, no command line, no second process): seconds, for the edit loop.
 test-fast: setup

@@ -1,8 +1,12 @@
-"""Every CogVideoX family end to end on tiny random models that carry its structural flags:
-2b (sincos), 5b (RoPE), 5b-I2V (image input, learned positions), 1.5 (temporal patches, slice
-RoPE) and 1.5-I2V (image input, ofs)."""
+"""The family contract, over every variant the family registry knows, on tiny random models that
+carry its structural flags (CogVideoX: 2b sincos, 5b RoPE, 5b-I2V image input and learned
+positions, 1.5 temporal patches and slice RoPE, 1.5-I2V image input and ofs): each preprocesses,
+trains, validates, resumes exactly and generates; its first-step loss equals its own objective
+computed independently; its LoRA loads into its own diffusers pipeline. Then the family-specific
+layouts and refusals."""
 
 import json
+import shutil
 from pathlib import Path
 
 import av
@@ -62,9 +66,11 @@ def read_video(path: Path):
 def trained(request, tmp_path_factory, models, demo_data, first_frame):
     family = request.param
     root = tmp_path_factory.mktemp(f"run-{family}")
-    extra = dict(image=str(first_frame), image_noise_variants=2) if family in I2V else {}
+    extra = dict(image=str(first_frame), image_noise_variants=2, validation_images=str(first_frame)) \
+        if family in I2V else {}
     config = write_config(root / "run.toml", models[family], demo_data, root / "cache", root / "out",
-                          noised_image_dropout=0.3, **extra)
+                          noised_image_dropout=0.3, validation_prompt="DEMO a red square moves",
+                          validation_num_inference_steps=2, validation_steps=4, **extra)
     results = run_stages(config, "preprocess", "train", "infer")
     return dict(family=family, model=models[family], config=config, out=root / "out", **results)
 
@@ -80,6 +86,20 @@ def test_every_family_preprocesses_trains_and_generates(trained):
     info = json.loads((trained["out"] / LORA_INFO_NAME).read_text())
     assert ("image-to-video" in info["family"]) == (family in I2V)
     assert ("1.5" in info["family"]) == family.startswith("1.5")
+
+
+def test_every_family_validates_and_resumes_exactly(trained, tmp_path):
+    """The validation videos of the last step are written; a run resumed from the checkpoint of step
+    2 trains steps 3 and 4 to the same losses and the same LoRA file, byte for byte."""
+    out = trained["out"]
+    step = out / "validation" / "step-000004"
+    assert len(list(step.glob("*.mp4"))) == 1 and (step / "contact_sheet.png").is_file()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    result = run_stages(trained["config"], "train", extra=["--output_dir", resumed,
+                                                            "--resume_from_checkpoint", "latest"])["train"]
+    assert result.losses == trained["train"].losses[2:]
+    assert (resumed / LORA_WEIGHT_NAME).read_bytes() == (out / LORA_WEIGHT_NAME).read_bytes()
 
 
 def test_every_family_lora_loads_into_its_diffusers_pipeline(trained):
