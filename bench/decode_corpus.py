@@ -13,7 +13,7 @@ by FFmpeg's rotation angle, made float and resized whole with torch. Each clip i
 a wrong clip, and the script exits 1.
 
 The independent turn is FFmpeg's angle alone, so a file whose display matrix mirrors is reported
-as such (`mirrored`) instead of compared pixel for pixel (tests/test_decoding.py checks those).
+as such (`mirrored`) instead of compared pixel for pixel (tests/unit/data/test_decoding.py checks those).
 `--generated` adds files written here of each container and quirk the decoders are known to trip on
 (edit lists, rotation, misreported rates, B-frames in AVI, MPEG-TS gaps, variable rates, 10-bit, AV1,
 a long source). Use it on your own dataset before spending GPU hours on it.

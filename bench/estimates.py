@@ -5,7 +5,7 @@
 Reads the published pipelines' config files that ship with cogtune (src/cogtune/published: no
 weights, nothing downloaded) and runs the estimate that `cogtune train --dry_run` prints for
 several settings. These are estimates, not measurements: the estimate is checked against measured
-peaks only on CPU-sized models (tests/test_memory.py, within -5%/+15%).
+peaks only on CPU-sized models (tests/e2e/test_memory.py, within -5%/+15%).
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny random CogVideoX models and demo clips, built once per test session; the
-command line run as a user runs it; and the `e2e` marker.
+"""Shared fixtures: tiny random models and demo clips, built once per test session; the command line
+run as a user runs it; and the `e2e` marker.
 
-A test is end to end (`e2e`) when it builds or uses a tiny model or demo clips, runs the command
-line, or lives in a module of whole runs (E2E_MODULES); `make test-fast` runs the others alone."""
+    unit/   fast tests of the package's parts, in folders that mirror src/cogtune
+    e2e/    whole runs: tiny models, demo clips, the command line, several processes
+
+A test under e2e/ is end to end (`e2e`, by its folder); `make test-fast` runs the others alone. A
+test outside e2e/ that asks for a tiny model or demo clips is an error that says to move it."""
 
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-ASSETS = Path(__file__).parent / "assets"
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent  # the repository
+ASSETS = TESTS / "assets"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub
 os.environ.setdefault("TQDM_DISABLE", "1")
 # torch.compile's code cache, one per ATEN_CPU_CAPABILITY: inductor reuses a precompiled header built
@@ -28,16 +33,16 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
 
 
 MODEL_FIXTURES = {"tiny_model", "tiny_models", "demo_data"}
-E2E_MODULES = {"test_batch_jobs", "test_encoding", "test_export", "test_bench", "test_cache_choice", "test_cache_lifecycle", "test_distributed",
-               "test_end_to_end", "test_families", "test_install", "test_offline", "test_preemption",
-               "test_validation"}
+E2E = TESTS / "e2e"
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if (MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__ in E2E_MODULES
-                or item.get_closest_marker("e2e")):
+        if E2E in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.e2e)
+        elif MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid} uses a tiny model or demo clips: it is end to end, move it "
+                                    "under tests/e2e/.")
 
 
 def cogtune(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:

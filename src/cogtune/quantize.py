@@ -115,7 +115,7 @@ def pipeline_config(backend: str, chosen: str | None, components: list[str], com
 def linear_weight_bytes(backend: str, chosen: str | None, shape: tuple[int, ...], dtype_bytes: int = 2) -> int:
     """Bytes a quantized nn.Linear weight of `shape` (out, in) takes: its values and their scales
     (per output row for the 8-bit types, per group of GROUP weights for the 4-bit ones), as
-    tests/test_quantize.py finds them stored for the backends a CPU runs."""
+    tests/e2e/test_quantize.py finds them stored for the backends a CPU runs."""
     kind = quant_type(backend, chosen)
     numel, rows = math.prod(shape), shape[0]
     if kind in GROUP:  # 4-bit values; a scale (and a zero point, but for nf4/fp4's absmax) per group

@@ -13,7 +13,7 @@ With gradient checkpointing, each block keeps only its inputs, and one block's a
 at a time, while it is recomputed. The backward transient (gradients in flight, attention backward
 buffers) is taken as half of one block's saved activations: a constant fitted to CPU measurements
 of nine configurations (three families, with and without checkpointing and fp8 storage), which
-tests/test_memory.py keeps checking. With fp8 layerwise casting, autograd keeps each
+tests/e2e/test_memory.py keeps checking. With fp8 layerwise casting, autograd keeps each
 layer's upcast weight for the backward pass, so the saving shows with gradient checkpointing (one
 block's weights upcast at a time) and not without it; the meta pass counts this as it happens.
 """

@@ -2,7 +2,7 @@
 cache: the training process never loads a text encoder, and loads the VAE only to decode, then frees it.
 
 The denoising loop is the family's (`generate_latents`: the loop of its diffusers pipelines, run on
-the training transformer with its LoRA); tests/test_validation.py checks it against the pipelines.
+the training transformer with its LoRA); tests/e2e/test_validation.py checks it against the pipelines.
 """
 
 from __future__ import annotations

@@ -167,3 +167,12 @@ def test_accumulated_step_logs_the_mean_of_its_micro_batches(run, tmp_path):
     single = [json.loads(line)["loss"] for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     (accumulated,) = [json.loads(line)["loss"] for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert accumulated == pytest.approx(sum(single) / 2, rel=1e-5)
+
+
+@pytest.mark.e2e  # a new process: what a user sees on stderr
+def test_user_errors_print_one_line_without_traceback(tmp_path):
+    result = cogtune("preprocess", "--pretrained_model_name_or_path", tmp_path / "nope",
+                     "--instance_data_root", tmp_path, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("cogtune preprocess: error:")

@@ -14,6 +14,7 @@ from cogtune.cache.reader import Cache
 from cogtune.dev.tiny import make_demo_data
 from cogtune.train.data import epoch_batches
 
+from clips import write_clip
 from conftest import cache_path_of, cogtune_here, write_config
 
 
@@ -174,3 +175,34 @@ def test_the_same_data_twice_and_an_empty_dataset_are_named(tmp_path, tiny_model
     (root / "empty.toml").write_text(config.read_text().replace(f'"{root / "second"}"', '"empty"'))
     empty = cogtune_here("preprocess", "--config", root / "empty.toml", check=False)
     assert empty.returncode == 2 and "[[datasets]] table 2 (" in empty.stderr and "has no rows" in empty.stderr
+
+
+def test_a_folders_inputs_each_become_a_sample_or_a_named_skip(tmp_path, tiny_model):
+    """A folder dataset with a text file named .mp4, a cut file, a 0.3 s clip and an image+caption pair:
+    the run goes on, each skipped clip is one sample with its reason, and the image is named."""
+    import shutil
+
+    from PIL import Image
+
+    from cogtune.cache.reader import Cache
+    from conftest import cache_path_of, cogtune_here, write_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, count in (("good", 24), ("short", 3)):  # 24 fps: 1 s, and 0.125 s (fewer than 5 frames at 8 fps)
+        write_clip(data / f"{name}.mp4", count=count)
+    (data / "notes.mp4").write_text("these are my notes, not a video\n")
+    whole = (data / "good.mp4").read_bytes()
+    (data / "cut.mp4").write_bytes(whole[: len(whole) // 3])
+    Image.new("RGB", (32, 32)).save(data / "photo.png")
+    for name in ("good", "short", "notes", "cut", "photo"):
+        (data / f"{name}.txt").write_text(f"a {name} thing\n")
+    config = write_config(tmp_path / "c.toml", tiny_model, data, tmp_path / "cache", tmp_path / "out", fps=8)
+    result = cogtune_here("preprocess", "--config", config)
+    assert "1 image+caption pair(s)" in result.stderr and "photo.png" in result.stderr
+    out = result.stdout
+    assert "samples: 1 ok, 3 skipped" in out and "skipped, not a video: 1" in out and "skipped, too short: 1" in out
+    reasons = {row.source_path.rsplit("/", 1)[-1]: row.reason for row in Cache.open(cache_path_of(out)).failed}
+    assert "not a video: it is a text file" in reasons["notes.mp4"]
+    assert "fewer than --min_num_frames 5" in reasons["short.mp4"]
+    assert "cut.mp4" in reasons

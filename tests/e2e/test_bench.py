@@ -11,7 +11,9 @@ import pytest
 
 from cogtune.cache.reader import Cache
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from conftest import ROOT
+
+BENCH = ROOT / "bench"
 
 
 def test_bench_runner_writes_the_table_json_and_plot(tmp_path):

@@ -20,9 +20,9 @@ from cogtune.config import load_config, make_config, read_toml, values_for_stage
 from cogtune.errors import CogtuneError
 from cogtune.templates import FAMILIES, TEMPLATES
 
-from conftest import cogtune, cogtune_here
+from conftest import ROOT, cogtune, cogtune_here
 
-ROOT = Path(__file__).parents[1]
+
 PACKAGE = ROOT / "src" / "cogtune"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 CORE = [Requirement(text) for text in PROJECT["dependencies"]]

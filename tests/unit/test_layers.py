@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cogtune"
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "cogtune"
 
 # In pipeline order; a module belongs to the first layer with a prefix of its name.
 LAYERS = [

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from cogtune import data_schema as schema
 from cogtune.cache.reader import Cache
 
-from conftest import cache_path_of, cogtune_here, write_config
+from conftest import TESTS, cache_path_of, cogtune_here, write_config
 from test_cache_lifecycle import write_dataset
 
-TESTS = Path(__file__).parent
+
 
 
 def torchrun(*args, processes: int = 2) -> subprocess.CompletedProcess:
