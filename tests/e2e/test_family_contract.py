@@ -240,7 +240,7 @@ def test_first_frame_encodings_are_stored_noised_and_reproducible(trained):
 
     from diffusers import AutoencoderKLCogVideoX
 
-    from cogtune.data.buckets import size_rule
+    from cogtune.data.video import size_rule
 
     cache = Cache.open(trained["preprocess"].cache_path)
     config = load_config("preprocess", ["--config", str(trained["config"])])

@@ -11,6 +11,7 @@ from cogtune.families import ModelConfigs
 from cogtune.train.memory import memory_estimate
 from cogtune.util.tensor_bytes import LiveTensorBytes
 from cogtune.train.model import build_transformer
+from cogtune.config.training import OptimizerArgs
 from cogtune.train.optim import make_optimizer
 
 from conftest import cogtune_here, write_config
@@ -33,7 +34,7 @@ def measured_peak(config, models, latent_shape: list[int]) -> int:
     spec = models.spec()
     transformer = build_transformer(config, models, spec, torch.device("cpu"))
     lora = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = make_optimizer(lora, config, 1e-4)
+    optimizer = make_optimizer(lora, OptimizerArgs.of(config), 1e-4, config.offload_optimizer)
     channels, frames, height, width = latent_shape
     frames += spec.frame_padding(frames)
     batch = config.train_batch_size
@@ -154,10 +155,11 @@ def test_fp8_storage_keeps_lora_and_norms_out_of_fp8(tiny_model):
 def test_optimizer_options_refuse_combinations_that_cannot_work():
     from cogtune.errors import CogtuneError
 
-    parameters = [torch.nn.Parameter(torch.zeros(2))]
-    config = load_config("train", ["--pretrained_model_name_or_path", "m", "--offload_optimizer", "--use_8bit_adam"])
-    with pytest.raises(CogtuneError, match="pick one"):
-        make_optimizer(parameters, config, 1e-3)
+    with pytest.raises(CogtuneError, match="pick one"):  # refused with the settings, before any model loads
+        load_config("train", ["--pretrained_model_name_or_path", "m", "--offload_optimizer", "--use_8bit_adam"])
+    with pytest.raises(CogtuneError, match="use bf16"):
+        load_config("train", ["--pretrained_model_name_or_path", "m", "--offload_optimizer", "--mixed_precision",
+                              "fp16"])
 
 
 def test_compiled_blocks_train_like_plain_ones(tmp_path, tiny_model, demo_data):

@@ -72,6 +72,12 @@ class TrainConfig(ModelArgs, VaeArgs, TrainDataArgs, CacheRootArgs, OutputArgs, 
                                ("--quant_backend", self.quant_backend != "none")):
                 if used:
                     raise CogtuneError(f"--blocks_to_swap and {flag} both act on the blocks' weights: use one.")
+        if self.offload_optimizer and self.mixed_precision == "fp16":
+            raise CogtuneError("--offload_optimizer does not work with --mixed_precision fp16 (the gradient scaler "
+                               "unscales on the GPU); use bf16.")
+        if self.offload_optimizer and self.use_8bit_adam:
+            raise CogtuneError("--offload_optimizer and --use_8bit_adam are two ways to shrink the optimizer "
+                               "state; pick one (8-bit Adam runs on the GPU only).")
         if self.quant_backend != "none" and self.layerwise_casting_storage_dtype != "none":
             raise CogtuneError("--quant_backend and --layerwise_casting_storage_dtype both shrink the frozen weights: "
                                "pick one.")

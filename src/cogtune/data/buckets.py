@@ -12,7 +12,6 @@ import math
 import re
 
 from cogtune.data.sources import dataset_clip_configs
-from cogtune.data.video import ClipSkipped, SizeRule, fixed_size
 from cogtune.errors import CogtuneError
 
 Bucket = tuple[int, int, int]  # frames, height, width
@@ -80,34 +79,3 @@ def assign_bucket(buckets: list[Bucket], available_frames: int, height: int, wid
         return round(abs(math.log(w / h) - aspect), 9), abs(h * w - area), -frames
 
     return min(fitting, key=distance)
-
-
-def size_rule(config, frame_step: int) -> SizeRule:
-    """How preprocess sizes each clip: by bucket, or at the one configured size; a clip of fewer usable
-    frames than --min_num_frames is skipped as too short (a 0.3 s clip would be a 1-frame sample)."""
-    sized = _sized(config, frame_step)
-    least = config.min_num_frames
-
-    def rule(available: int, height: int, width: int) -> Bucket:
-        if available < least:
-            raise ClipSkipped(f"too short: {available} usable frame(s) at --fps, fewer than --min_num_frames {least}",
-                              kind="too short")
-        return sized(available, height, width)
-
-    return rule
-
-
-def _sized(config, frame_step: int) -> SizeRule:
-    buckets = configured_buckets(config)
-    if buckets is None:
-        return fixed_size(config.height, config.width, config.max_num_frames, frame_step)
-
-    def rule(available: int, height: int, width: int) -> Bucket:
-        bucket = assign_bucket(buckets, available, height, width)
-        if bucket is None:
-            shortest = min(b[0] for b in buckets)
-            raise ClipSkipped(f"too short: {available} usable frames at --fps, the shortest bucket has {shortest}",
-                              kind="too short")
-        return bucket
-
-    return rule

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from cogtune.errors import CogtuneError, first_line
@@ -275,11 +273,15 @@ def _read_metadata(path: Path, caption_column: str, video_column: str) -> list[t
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
+            import pyarrow.csv as pacsv  # (read where used: training imports this module and reads no CSV)
+
             table = pacsv.read_csv(io.BytesIO(decoded_text(path).encode()),
                                    convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
         elif suffix == ".parquet":
             table = pq.read_table(path)
         elif suffix == ".jsonl":
+            import pyarrow.json as pajson
+
             table = pajson.read_json(io.BytesIO(decoded_text(path).encode()))
         else:
             data = json.loads(decoded_text(path))
@@ -372,6 +374,9 @@ def read_rows(path: Path, flag: str) -> list[dict]:
         raise CogtuneError(f"{flag} {path} is neither a .csv nor a .jsonl file.")
     data = io.BytesIO(decoded_text(path, flag).encode())
     try:
+        import pyarrow.csv as pacsv
+        import pyarrow.json as pajson
+
         table = pacsv.read_csv(data) if path.suffix.lower() == ".csv" else pajson.read_json(data)
     except Exception as e:  # pyarrow's parse errors
         raise CogtuneError(f"{flag} {path} cannot be read: {first_line(e)}") from None

@@ -16,10 +16,10 @@ from cogtune import data_schema as schema
 from cogtune import quantize
 from cogtune.cache.writer import CacheWriter, write_tensors
 from cogtune.config import PreprocessConfig
-from cogtune.data.buckets import bucket_name, size_rule
+from cogtune.data.buckets import bucket_name
 from cogtune.data.sources import clip_config
 from cogtune.data.video import (Clip, ClipSkipped, first_frame_pixels, not_a_video, read_clip, read_spread_clip,
-                                read_windows, window_starts)
+                                read_windows, size_rule, window_starts)
 from cogtune.errors import CogtuneError, Preempted, first_line
 from cogtune.families import ModelConfigs
 from cogtune.preprocess.plan import failure_limit

@@ -18,9 +18,9 @@ import numpy as np
 
 from cogtune import data_schema as schema
 from cogtune.config import PreprocessConfig
-from cogtune.data.buckets import bucket_name, clip_sizes, configured_buckets, size_rule
+from cogtune.data.buckets import bucket_name, clip_sizes, configured_buckets
 from cogtune.data.sources import VideoPaths, clip_config, load_dataset_records
-from cogtune.data.video import ClipSkipped, ResizeCrop, open_video, plan_resize_crop
+from cogtune.data.video import ClipSkipped, ResizeCrop, open_video, plan_resize_crop, size_rule
 from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs
 from cogtune.preprocess.encode import clip_rng, clip_windows

@@ -29,6 +29,7 @@ from cogtune import quantize
 from cogtune.cache.identity import training_cache
 from cogtune.cache.reader import Cache
 from cogtune.config import PreprocessConfig, TrainConfig
+from cogtune.config.training import OptimizerArgs
 from cogtune.data.buckets import clip_sizes
 from cogtune.errors import CogtuneError
 from cogtune.families import ModelConfigs, ModelFamily
@@ -206,7 +207,7 @@ def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: lis
     inputs = spec.memory_inputs(config.train_batch_size, latent_shape, transformer.config.in_channels, weight_dtype,
                                 meta)
     if config.quant_backend == "none":
-        estimated = estimate(transformer, spec, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
+        estimated = estimate(transformer, spec, inputs, config.gradient_checkpointing, state_bytes_per_parameter(OptimizerArgs.of(config)),
                              config.offload_optimizer, offload_checkpointed=config.gradient_checkpointing_cpu_offload)
         if config.blocks_to_swap:  # the swapped blocks' weights are on the GPU two at a time at most
             away, at_once = swapped_bytes(spec.blocks(transformer), config.blocks_to_swap)
@@ -214,7 +215,7 @@ def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: lis
         return estimated
     # The meta model is unquantized: its linear weights are counted as the backend stores them, and
     # what the backend's layers save for the backward pass is added to the activations.
-    estimated = estimate(transformer, spec, inputs, config.gradient_checkpointing, state_bytes_per_parameter(config),
+    estimated = estimate(transformer, spec, inputs, config.gradient_checkpointing, state_bytes_per_parameter(OptimizerArgs.of(config)),
                          config.offload_optimizer, quantize.weight_bytes(transformer, config.quant_backend,
                                                                          config.quant_type),
                          config.gradient_checkpointing_cpu_offload)

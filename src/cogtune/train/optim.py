@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cogtune.config import TrainConfig
+from cogtune.config.training import OptimizerArgs, ScheduleArgs
 from cogtune.errors import CogtuneError
 
 # Bytes of optimizer state per trainable parameter, for the memory estimate (Prodigy keeps four
@@ -13,27 +13,22 @@ from cogtune.errors import CogtuneError
 STATE_BYTES = {"adam": 8, "adamw": 8, "prodigy": 16, "adam8bit": 2}
 
 
-def state_bytes_per_parameter(config: TrainConfig) -> int:
+def state_bytes_per_parameter(config: OptimizerArgs) -> int:
     if config.optimizer != "prodigy" and config.use_8bit_adam:
         return STATE_BYTES["adam8bit"]
     return STATE_BYTES[config.optimizer]
 
 
-def make_optimizer(parameters, config: TrainConfig, learning_rate: float):
-    """The optimizer of --optimizer for the parameters. With --offload_optimizer its state lives in CPU memory."""
+def make_optimizer(parameters, config: OptimizerArgs, learning_rate: float, offload: bool = False):
+    """The optimizer of --optimizer for the parameters. offload (--offload_optimizer): its state lives in
+    CPU memory (TrainConfig refuses it with fp16 and with 8-bit Adam)."""
     parameters = list(parameters)
-    if config.offload_optimizer:
-        if config.mixed_precision == "fp16":
-            raise CogtuneError("--offload_optimizer does not work with --mixed_precision fp16 (the gradient scaler "
-                               "unscales on the GPU); use bf16.")
-        if config.use_8bit_adam:
-            raise CogtuneError("--offload_optimizer and --use_8bit_adam are two ways to shrink the optimizer "
-                               "state; pick one (8-bit Adam runs on the GPU only).")
+    if offload:
         return CPUOffloadOptimizer(parameters, lambda cpu_parameters: _make(cpu_parameters, config, learning_rate))
     return _make(parameters, config, learning_rate)
 
 
-def _make(parameters: list, config: TrainConfig, learning_rate: float):
+def _make(parameters: list, config: OptimizerArgs, learning_rate: float):
     betas = (config.adam_beta1, config.adam_beta2)
     if config.optimizer == "prodigy":
         try:
@@ -107,7 +102,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
                 cpu_parameter.copy_(parameter)
 
 
-def make_lr_scheduler(optimizer, config: TrainConfig, max_train_steps: int):
+def make_lr_scheduler(optimizer, config: ScheduleArgs, max_train_steps: int):
     """--lr_scheduler as the diffusers scripts build it, in optimizer steps whatever the number of
     processes: the accelerator does not step it once per process (step_scheduler_with_optimizer
     off), so a checkpoint's schedule means the same on any number of processes."""

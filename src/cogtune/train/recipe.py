@@ -25,6 +25,7 @@ from cogtune.cache.disk import read_dataset_repeats
 from cogtune.cache.reader import read_empty_prompt_embeds
 from cogtune.cache.writer import cache_lock
 from cogtune.config import PreprocessConfig, TrainConfig
+from cogtune.config.training import OptimizerArgs, ScheduleArgs
 from cogtune.errors import CogtuneError, Preempted, first_line
 from cogtune.families import ModelConfigs
 from cogtune.train import checkpoint as checkpoints
@@ -275,9 +276,9 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     if config.scale_lr:
         learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * processes
     lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = make_optimizer(lora_parameters, config, learning_rate)
+    optimizer = make_optimizer(lora_parameters, OptimizerArgs.of(config), learning_rate, config.offload_optimizer)
     plan = TrainingPlan.of(cache, config, processes)
-    lr_scheduler = make_lr_scheduler(optimizer, config, plan.max_train_steps)
+    lr_scheduler = make_lr_scheduler(optimizer, ScheduleArgs.of(config), plan.max_train_steps)
     if accelerator.state.deepspeed_plugin is not None:  # it cannot learn the batch size from a prepared loader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
     run = checkpoints.Run(accelerator, *accelerator.prepare(transformer, optimizer, lr_scheduler), family=spec)

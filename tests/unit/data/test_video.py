@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cogtune.data.buckets import size_rule
+from cogtune.data.video import size_rule
 from cogtune.config import PreprocessConfig
 from cogtune.data.video import (ClipSkipped, Span, fixed_size, largest_frame_count, on_the_rate, plan_resize_crop,
                                 read_clip, resample_indices, resize_crop, select_frame_indices, to_clip_size,

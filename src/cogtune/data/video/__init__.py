@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cogtune.data.buckets import Bucket, assign_bucket, configured_buckets
 from cogtune.data.video.container import REORDER_DEPTH, _Fallback, decode_budget, not_a_video
 from cogtune.data.video.decoders import DecordVideo, PyAVVideo, decode_cost, open_video
 from cogtune.data.video.frames import (ClipSkipped, SizeRule, Span, largest_frame_count, on_the_rate, resample_indices,
@@ -28,7 +29,7 @@ from cogtune.data.video.geometry import (ResizeCrop, first_frame_pixels, plan_re
 __all__ = ["REORDER_DEPTH", "Clip", "ClipSkipped", "DecordVideo", "PyAVVideo", "ResizeCrop", "SizeRule", "Span",
            "decode_budget", "decode_cost", "first_frame_pixels", "fixed_size", "largest_frame_count", "not_a_video",
            "on_the_rate", "open_video", "plan_resize_crop", "read_clip", "read_spread_clip", "read_windows",
-           "resample_indices", "resize_crop", "select_frame_indices", "spread_indices", "to_clip_size",
+           "resample_indices", "resize_crop", "size_rule", "select_frame_indices", "spread_indices", "to_clip_size",
            "to_model_range", "window_starts"]
 
 
@@ -125,3 +126,37 @@ def _read_one_clip(path: Path, size: SizeRule, span: Span | None, mode: str, rng
 
     video, indices, pixels = _decoded(path, span, rng, decode)
     return Clip(pixels, indices, float(video.fps), int(video.height), int(video.width), video.name)
+
+
+# --- the size each clip is brought to -------------------------------------------------------
+
+
+def size_rule(config, frame_step: int) -> SizeRule:
+    """How preprocess sizes each clip: by bucket, or at the one configured size; a clip of fewer usable
+    frames than --min_num_frames is skipped as too short (a 0.3 s clip would be a 1-frame sample)."""
+    sized = _sized(config, frame_step)
+    least = config.min_num_frames
+
+    def rule(available: int, height: int, width: int) -> Bucket:
+        if available < least:
+            raise ClipSkipped(f"too short: {available} usable frame(s) at --fps, fewer than --min_num_frames {least}",
+                              kind="too short")
+        return sized(available, height, width)
+
+    return rule
+
+
+def _sized(config, frame_step: int) -> SizeRule:
+    buckets = configured_buckets(config)
+    if buckets is None:
+        return fixed_size(config.height, config.width, config.max_num_frames, frame_step)
+
+    def rule(available: int, height: int, width: int) -> Bucket:
+        bucket = assign_bucket(buckets, available, height, width)
+        if bucket is None:
+            shortest = min(b[0] for b in buckets)
+            raise ClipSkipped(f"too short: {available} usable frames at --fps, the shortest bucket has {shortest}",
+                              kind="too short")
+        return bucket
+
+    return rule
