@@ -13,6 +13,10 @@ make-tiny-model --size small) and synthetic clips, then measures:
   bench/timed.py, with the same model, clips, resolution, frames, batch, rank, steps, seed and
   optimizer. Per run: the median optimizer-step interval after --warmup steps, the peak RSS of the
   process (VmHWM) and, on a GPU, torch.cuda.max_memory_allocated.
+- the floor: bench/floor.py, the same transformer, LoRA, optimizer and batch shapes in a bare loop
+  (random inputs; what any trainer must spend), for the defaults and gradient checkpointing, and a
+  process that only imports what that loop imports (torch, diffusers, peft). Our runs are compared
+  with it: step time, peak memory, and peak memory net of those imports.
 
 Writes RESULTS/NAME.md (the table, the machine, the settings), RESULTS/NAME.json and RESULTS/NAME.png.
 Nothing of the diffusers checkout is copied; it is run where it lies.
@@ -243,8 +247,16 @@ def train_runs(settings: Settings, model: Path, data: Path, cache_dir: Path, wor
                  ["-m", "cogtune.cli", "train", *shared, "--gradient_checkpointing", "--quant_backend", "torchao",
                   "--quant_type", "int8wo", "--data_cache", str(cache_dir),
                   "--output_dir", str(work / f"out-cogtune-{len(runs)}")]))
+    if settings.mixed_precision == "no":  # the floor (fp32): the same step in a bare loop, and its imports alone
+        for label, extra in variants:
+            runs.append((label, "floor", [str(HERE / "floor.py"), "--model", str(model), "--batch", str(settings.batch),
+                                          "--rank", str(settings.rank), "--steps", str(settings.steps),
+                                          "--seed", str(settings.seed), "--learning_rate", str(settings.learning_rate),
+                                          "--frames", str(settings.frames), "--height", str(settings.height),
+                                          "--width", str(settings.width), *extra]))
+        runs.append(("imports", "floor", [str(HERE / "floor.py"), "--imports_only"]))
     if settings.only:  # (the test of this script runs one setting)
-        runs = [run for run in runs if run[0] == settings.only]
+        runs = [run for run in runs if run[0] in (settings.only, "imports")]
     # Every run is repeated, in turn with the others so that a slow spell of the machine is shared;
     # a run's figures are the medians over its repeats (its range is kept in the JSON).
     repeats: list[list[dict]] = [[] for _ in runs]
@@ -252,8 +264,8 @@ def train_runs(settings: Settings, model: Path, data: Path, cache_dir: Path, wor
         for i, (label, trainer, command) in enumerate(runs):
             print(f"train: {trainer}, {label} ({repeat + 1} of {settings.repeats})", flush=True)
             record = run_measured(f"train-{i}-{trainer}-{repeat}", command, work)
-            record.update(label=label, trainer=trainer,
-                          median_step_seconds=median_step_seconds(record, settings.warmup))
+            record.update(label=label, trainer=trainer, median_step_seconds=None if label == "imports" else
+                          median_step_seconds(record, settings.warmup))
             repeats[i].append(record)
     results = []
     for records in repeats:
@@ -300,6 +312,34 @@ def memory_of(run: dict) -> int:
     return run["cuda_max_memory_allocated"] or run["peak_rss_bytes"]
 
 
+def trained(results: dict) -> list[dict]:
+    """The runs that trained (not the floor's imports alone)."""
+    return [run for run in results["train"] if run["label"] != "imports"]
+
+
+def floor_table(results: dict) -> list[str]:
+    """Our runs against the floor (bench/floor.py): step time, peak memory, and peak memory net of the
+    floor's imports (torch, diffusers, peft: the peak of a process that only imports them)."""
+    floors = {run["label"]: run for run in results["train"] if run["trainer"] == "floor"}
+    imports = floors.pop("imports", None)
+    if not floors or imports is None:
+        return []
+    base = imports["peak_rss_bytes"]
+    lines = ["", f"Against the floor: the same transformer, LoRA, optimizer and batch shapes in a bare loop "
+                 f"(bench/floor.py); its imports alone peak at {base / MIB:.0f} MiB.", "",
+             "| setting | step vs floor | peak RSS vs floor | peak RSS net of the floor's imports, vs floor |",
+             "|---|---|---|---|"]
+    for run in results["train"]:
+        floor = floors.get(run["label"])
+        if run["trainer"] != "cogtune" or floor is None:
+            continue
+        lines.append(f"| {run['label']} | {run['median_step_seconds'] / floor['median_step_seconds']:.2f}x | "
+                     f"{run['peak_rss_bytes'] / floor['peak_rss_bytes']:.2f}x | "
+                     f"{(run['peak_rss_bytes'] - base) / (floor['peak_rss_bytes'] - base):.2f}x "
+                     f"({(run['peak_rss_bytes'] - base) / MIB:.0f} vs {(floor['peak_rss_bytes'] - base) / MIB:.0f} MiB) |")
+    return lines
+
+
 def report(results: dict, out: Path, name: str) -> None:
     on_gpu = "gpu" in results["machine"]
     memory_label = "peak GPU memory allocated" if on_gpu else "peak RSS"
@@ -324,7 +364,7 @@ def report(results: dict, out: Path, name: str) -> None:
               f"| transformer TFLOP/s{' | MFU' if peak else ''} |",
               "|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
     reference_runs = {run["label"]: run for run in results["train"] if run["trainer"] == "diffusers"}
-    for run in results["train"]:
+    for run in trained(results):
         ref = reference_runs.get(run["label"]) or reference_runs.get("gradient checkpointing")
         ratios = ["", ""]
         if ref is not None and run["trainer"] == "cogtune":
@@ -338,8 +378,9 @@ def report(results: dict, out: Path, name: str) -> None:
                      f"{memory_of(run) / MIB:.0f} ({min(memories) / MIB:.0f}-{max(memories) / MIB:.0f}) | "
                      f"{ratios[0]} | {ratios[1]} | {achieved:.3f} |"
                      + (f" {achieved / peak:.1%} |" if peak else ""))
+    lines += floor_table(results)
     p, r = results["preprocess"], results["read"]
-    step = min(run["median_step_seconds"] for run in results["train"] if run["trainer"] == "cogtune")
+    step = min(run["median_step_seconds"] for run in trained(results) if run["trainer"] == "cogtune")
     lines += ["", "| stage | figure |", "|---|---|",
               f"| preprocess | " + (f"{p['steady_clips_per_s']:.2f} clips/s steady (the time {p['clips']} clips take "
                                       f"beyond {p['clips'] // 2}); " if p['steady_clips_per_s'] else "")
@@ -366,9 +407,10 @@ def plot(results: dict, path: Path, memory_label: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = results["train"]
+    runs = trained(results)
     labels = [f"{run['trainer']}\n{run['label']}" for run in runs]
-    colors = ["tab:blue" if run["trainer"] == "cogtune" else "tab:gray" for run in runs]
+    colors = ["tab:blue" if run["trainer"] == "cogtune" else "tab:green" if run["trainer"] == "floor" else "tab:gray"
+              for run in runs]
     figure, (memory, step, timeline) = plt.subplots(1, 3, figsize=(17, 5))
     memory.barh(labels, [memory_of(run) / MIB for run in runs], color=colors)
     memory.set_xlabel(f"{memory_label} (MiB)")

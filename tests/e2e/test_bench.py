@@ -24,15 +24,19 @@ def test_bench_runner_writes_the_table_json_and_plot(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads((tmp_path / "results" / "cpu-tiny.json").read_text())
     runs = results["train"]
-    assert [(run["trainer"], run["label"]) for run in runs] == [("cogtune", "gradient checkpointing")]  # --only
-    for run in runs:
+    assert [(run["trainer"], run["label"]) for run in runs] == [  # --only, beside the floor and its imports
+        ("cogtune", "gradient checkpointing"), ("floor", "gradient checkpointing"), ("floor", "imports")]
+    for run in runs[:2]:
         assert len(run["step_times"]) == 4 and run["median_step_seconds"] > 0 and run["peak_rss_bytes"] > 0
         assert len(run["repeats"]["peak_rss_bytes"]) == 1
+    imports, floor = runs[2], runs[1]
+    assert not imports["step_times"] and 0 < imports["peak_rss_bytes"] < floor["peak_rss_bytes"]
     assert results["read"]["samples"] == 4 * 5 and results["bytes_per_clip"] > 0
     assert results["preprocess"]["clips"] == 4 and results["step_flops"] > 0
     table = (tmp_path / "results" / "cpu-tiny.md").read_text()
     assert "| gradient checkpointing | cogtune |" in table and "not run (no --reference given)" in table
     assert "transformer TFLOP/s" in table
+    assert "| gradient checkpointing | " in table.split("Against the floor")[1]  # our run against the floor
     assert (tmp_path / "results" / "cpu-tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

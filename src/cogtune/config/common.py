@@ -17,7 +17,7 @@ class ModelArgs(Group):
     """The model: where the base pipeline comes from, and the run's seed (every stage)."""
 
     pretrained_model_name_or_path: Optional[str] = opt(
-        None, "Path to a local diffusers CogVideoX pipeline folder or a hub model id (for example THUDM/CogVideoX-2b). "
+        None, "Path to a local diffusers pipeline folder or a hub model id (for example THUDM/CogVideoX-2b). "
               "infer, merge: default, the model the LoRA was trained on (its cogtune_lora.json)."
     )
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the pretrained model.")

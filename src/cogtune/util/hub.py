@@ -101,7 +101,7 @@ def read_json(repo_id: str, filename: str, revision: str | None, cache_dir: str 
         except RevisionNotFoundError:
             raise CogtuneError(f"{flag} {repo_id} has no revision {revision!r} on the hub.") from None
         except EntryNotFoundError:
-            raise CogtuneError(f"{flag} {repo_id} is not a diffusers CogVideoX pipeline: it has no {filename}.") \
+            raise CogtuneError(f"{flag} {repo_id} is not a diffusers pipeline: it has no {filename}.") \
                 from None
         except OSError as e:  # a connection that broke off after the check
             raise CogtuneError(f"{flag} {repo_id}: " + unreachable_message(filename, first_line(e))) \
