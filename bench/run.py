@@ -37,6 +37,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REFERENCE_SCRIPT = Path("examples/cogvideo/train_cogvideox_lora.py")
+# A repeat trains into the folder of the run before it: a new run there, replacing that one's outputs
+# (cogtune refuses a folder that holds another run's unless told so).
+REPEATABLE = ("--overwrite_output_dir",)
 
 
 @dataclass
@@ -231,7 +234,7 @@ def train_runs(settings: Settings, model: Path, data: Path, cache_dir: Path, wor
     runs = []
     for label, extra in variants:
         runs.append((label, "cogtune", ["-m", "cogtune.cli", "train", *shared, *extra, "--data_cache", str(cache_dir),
-                                        "--output_dir", str(work / f"out-cogtune-{len(runs)}")]))
+                                        "--output_dir", str(work / f"out-cogtune-{len(runs)}"), *REPEATABLE]))
         if reference is not None:
             runs.append((label, "diffusers", [str(reference / REFERENCE_SCRIPT), *shared, *extra,
                                               "--instance_data_root", str(data), "--caption_column", "prompts.txt",
@@ -242,11 +245,11 @@ def train_runs(settings: Settings, model: Path, data: Path, cache_dir: Path, wor
     runs.append(("gradient checkpointing + fp8 base", "cogtune",
                  ["-m", "cogtune.cli", "train", *shared, "--gradient_checkpointing",
                   "--layerwise_casting_storage_dtype", "float8_e4m3fn", "--data_cache", str(cache_dir),
-                  "--output_dir", str(work / f"out-cogtune-{len(runs)}")]))
+                  "--output_dir", str(work / f"out-cogtune-{len(runs)}"), *REPEATABLE]))
     runs.append(("gradient checkpointing + torchao int8 base", "cogtune",
                  ["-m", "cogtune.cli", "train", *shared, "--gradient_checkpointing", "--quant_backend", "torchao",
                   "--quant_type", "int8wo", "--data_cache", str(cache_dir),
-                  "--output_dir", str(work / f"out-cogtune-{len(runs)}")]))
+                  "--output_dir", str(work / f"out-cogtune-{len(runs)}"), *REPEATABLE]))
     if settings.mixed_precision == "no":  # the floor (fp32): the same step in a bare loop, and its imports alone
         for label, extra in variants:
             runs.append((label, "floor", [str(HERE / "floor.py"), "--model", str(model), "--batch", str(settings.batch),

@@ -21,6 +21,7 @@ from pathlib import Path
 from cogtune import data_schema as schema
 from cogtune import quantize
 from cogtune.config import relative_to
+from cogtune.config.preprocessing import ClipArgs
 from cogtune.data.buckets import bucket_name, configured_buckets
 from cogtune.data.sources import DATASET_KEYS, clip_settings_of, dataset_tables
 from cogtune.errors import CogtuneError
@@ -139,7 +140,7 @@ def _dataset_identity(table: dict, config) -> dict:
     }
 
 
-def frame_extraction_name(config) -> str:
+def frame_extraction_name(config: ClipArgs) -> str:
     """--frame_extraction and the numbers that shape its windows, as the manifest records them."""
     mode = config.frame_extraction
     if mode == "spread":  # one clip a video: no windows to count

@@ -6,12 +6,13 @@ import torch
 
 from cogtune import quantize
 from cogtune.config import TrainConfig
+from cogtune.config.training import LoraArgs
 from cogtune.families import ModelConfigs, ModelFamily
 from cogtune.train.swap import BlockSwap, OffloadedCheckpointing
 from cogtune.util.devices import precision_dtype
 
 
-def target_modules(config: TrainConfig, spec: ModelFamily) -> list[str]:
+def target_modules(config: LoraArgs, spec: ModelFamily) -> list[str]:
     """The modules the LoRA adapts: --lora_target_modules, or the family's --lora_target_preset."""
     if config.lora_target_preset:
         return list(spec.target_presets[config.lora_target_preset])

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cogtune import data_schema as schema
+from cogtune.config.training import LoraArgs
 from cogtune.errors import CogtuneError
 from cogtune.train.log import TRAIN_LOG_NAME, read_log
 from cogtune.train.lora import EMA_WEIGHT_NAME, LORA_INFO_NAME, LORA_WEIGHT_NAME
@@ -181,7 +182,7 @@ def card_data(models, spec, manifest: schema.Manifest, rounds: list, output_dir:
     return ModelCardData(**fields)
 
 
-def lora_variant(config) -> str:
+def lora_variant(config: LoraArgs) -> str:
     if config.use_dora:
         return "DoRA" + (", rsLoRA" if config.use_rslora else "")
     return "rsLoRA (alpha / sqrt(rank); diffusers 0.35 and newer read this from the file)" if config.use_rslora \

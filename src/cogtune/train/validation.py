@@ -17,6 +17,7 @@ import torch
 
 from cogtune import data_schema as schema
 from cogtune.cache.reader import read_validation_inputs
+from cogtune.config.training import ValidationRunArgs
 from cogtune.data.validation import checked_validation_entries
 from cogtune.families import ModelConfigs, ModelFamily
 from cogtune.util import logs, media
@@ -59,7 +60,7 @@ def load_validation_set(config, spec: ModelFamily, cache_path: Path, manifest: s
     return ValidationSet(prompts, embeds[""], settings.fps)  # (each prompt has its size)
 
 
-def validation_due(step: int, steps_per_epoch: int, config) -> bool:
+def validation_due(step: int, steps_per_epoch: int, config: ValidationRunArgs) -> bool:
     """Whether step ends a validation period: every --validation_steps steps, or else at the end of
     every --validation_epochs-th epoch (50, as in the diffusers scripts). The last step is validated
     anyway, after the loop."""
