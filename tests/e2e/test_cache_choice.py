@@ -59,6 +59,7 @@ def test_a_config_changed_since_the_latest_preprocess_is_refused_naming_the_diff
     result = cogtune_here("train", "--config", changed, "--output_dir", tmp_path / "out", check=False)
     assert result.returncode == 2
     assert "settings.height: the latest preprocess run wrote 48, this command names 64" in result.stderr
+    assert "tensors" not in result.stderr  # the same tensor set: only what differs is listed
     assert "Give train the data flags" in result.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 

@@ -92,8 +92,7 @@ class CacheIdentity:
 
     def to_json(self) -> dict:
         """model, dataset, settings and tensors as the manifest stores them."""
-        manifest = self._unnamed().to_json()
-        return {key: manifest[key] for key in ("model", "dataset", "settings", "tensors")}
+        return self._unnamed().identity_json(weights=True)
 
 
 def _slug(text: str) -> str:
@@ -227,36 +226,37 @@ def training_cache(data_cache: str | None, data, models: ModelConfigs) -> Traini
             named = tiled
     latest = latest_preprocess_run(cache_root, data.config_file)
     source = f"--config {data.config_file}" if data.config_file else "no config file"
-    if latest is None or latest["cache"] == named.name_in(cache_root):
+    named_path = cache_root / named.name_in(cache_root)  # (or the version 5 cache of these settings)
+    if latest is None or latest["cache"] == named_path.name:
         path = find_cache(cache_root, named)
         return TrainingCache(path, "the cache these settings name" + (
             ", which the latest `cogtune preprocess` of this config wrote" if latest else ""))
 
     differences = schema.describe_differences(
         named.to_json(),
-        {"model": latest["model"], "dataset": latest["dataset"], "settings": latest["settings"]},
+        {key: latest[key] for key in ("model", "dataset", "settings", "tensors")},
         found_label="the latest preprocess run wrote", expected_label="this command names")
     listing = "\n  ".join(differences[:12])
     given = [name for name in data.command_line if name in IDENTITY_SETTINGS]
     if given:  # this command line names its data: train on that or on nothing
-        path = cache_root / named.name_in(cache_root)
-        if (path / schema.MANIFEST_FILE).is_file():
+        if (named_path / schema.MANIFEST_FILE).is_file():
             flags = _flags_text({name: getattr(data, name) for name in given})
-            return TrainingCache(path, f"the cache these settings name ({flags})")
+            return TrainingCache(named_path, f"the cache these settings name ({flags})")
         raise CogtuneError(
-            f"No cache for these settings at {path}. The latest `cogtune preprocess` with {source} wrote "
+            f"No cache for these settings at {named_path}. The latest `cogtune preprocess` with {source} wrote "
             f"{cache_root / latest['cache']} ({_flags_text(latest['command_line'])}), whose settings differ:\n"
             f"  {listing}\nRun preprocess with the same flags as train, or pass --data_cache.")
     # No data flags here: the latest preprocess run of this config is what the user means, provided its
     # command-line flags are the whole difference (the config file has not changed since).
     replayed = cache_identity(_with(data, latest["command_line"]), models)
-    if replayed.name_in(cache_root) == latest["cache"] and (cache_root / latest["cache"] / schema.MANIFEST_FILE).is_file():
+    latest_path = cache_root / latest["cache"]
+    if replayed.name_in(cache_root) == latest_path.name and (latest_path / schema.MANIFEST_FILE).is_file():
         return TrainingCache(
             cache_root / latest["cache"],
             f"written by the latest `cogtune preprocess` with {source} and {_flags_text(latest['command_line'])}; "
             "this command gives no data flags (pass the same ones to name that cache yourself)")
     raise CogtuneError(
-        f"Not sure which cache to train on: the settings of this command name {cache_root / named.name_in(cache_root)}, but the "
+        f"Not sure which cache to train on: the settings of this command name {named_path}, but the "
         f"latest `cogtune preprocess` with {source} wrote {cache_root / latest['cache']} "
         f"({_flags_text(latest['command_line'])}), and they differ:\n  {listing}\n"
         "Give train the data flags of the cache you mean (the same ARGS as preprocess), preprocess again with "

@@ -123,12 +123,10 @@ class CacheWriter:
         self.manifest = manifest  # (a cache of format version 5: its own, read as version 6)
         if (self.cache_path / schema.MANIFEST_FILE).exists():
             stored = read_manifest(self.cache_path)
-            expected, found = manifest.identity_json(), stored.identity_json()
-            for record, weights in ((expected, manifest.model.weights_sha256), (found, stored.model.weights_sha256)):
-                record["model"][schema.WEIGHTS_DIGEST] = weights  # checked here, though not named
+            found = stored.identity_json(weights=True)
             if found["model"][schema.WEIGHTS_DIGEST] is None:  # written before weights were told apart
                 found["model"][schema.WEIGHTS_DIGEST] = manifest.model.weights_sha256
-            differences = schema.describe_differences(expected, found)
+            differences = schema.describe_differences(manifest.identity_json(weights=True), found)
             if differences:
                 raise CogtuneError(
                     f"{self.cache_path} holds a cache with other settings:\n  " + "\n  ".join(differences)

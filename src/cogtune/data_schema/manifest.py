@@ -102,10 +102,12 @@ class Manifest:
                 "dataset": _as_json(self.dataset), "settings": _as_json(self.settings),
                 "tensors": self.tensors.to_json()}
 
-    def identity_json(self) -> dict:
-        """What names the cache (its model less the weights digest, dataset, settings and tensors)."""
+    def identity_json(self, weights: bool = False) -> dict:
+        """What names the cache: its model (less the weights digest, which is checked but not named,
+        unless `weights`), dataset, settings and tensors."""
         data = self.to_json()
-        data["model"].pop(WEIGHTS_DIGEST, None)
+        if not weights:
+            data["model"].pop(WEIGHTS_DIGEST, None)
         return {key: data[key] for key in ("model", "dataset", "settings", "tensors")}
 
     @classmethod
