@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cogtune.config.base import SEED_LIMIT, TENSOR_DTYPES, Group, opt
 from cogtune.config.common import (CacheRootArgs, CompileArgs, GuidanceArgs, LoaderArgs, ModelArgs, OutputArgs,
                                    QuantArgs, ValidationArgs, VaeArgs, VideoSizeArgs)
 from cogtune.config.generation import GenerationArgs, OffloadArgs
@@ -39,9 +38,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["SEED_LIMIT", "TENSOR_DTYPES", "Group", "InferConfig", "PreprocessConfig", "STAGE_CONFIGS", "TrainConfig",
-           "data_settings", "load_config", "make_config", "opt", "read_toml", "relative_to", "settings_fields",
-           "stage_file_values", "values_for_stage"]
+__all__ = ["InferConfig", "PreprocessConfig", "STAGE_CONFIGS", "TrainConfig", "data_settings", "load_config",
+           "make_config", "read_toml", "relative_to", "settings_fields", "stage_file_values", "values_for_stage"]
 
 STAGE_TABLES = ("preprocess", "train", "infer")
 

@@ -132,7 +132,7 @@ class QuantArgs(Group):
         "Quantize as it loads (QLoRA-style), through diffusers' quantization configs: torchao, bitsandbytes_4bit, "
         "bitsandbytes_8bit (CUDA only) or quanto. train: the frozen transformer (the LoRA stays fp32 and loads into an "
         "unquantized pipeline); infer: --components_to_quantize.",
-        choices=("none", "torchao", "bitsandbytes_4bit", "bitsandbytes_8bit", "quanto"),
+        choices=("none", *quantize.BACKENDS),
     )
     quant_type: Optional[str] = opt(
         None, "The --quant_backend's type: torchao int8wo, float8wo or int4wo; bitsandbytes_4bit nf4 or fp4; "

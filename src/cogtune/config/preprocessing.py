@@ -104,7 +104,7 @@ class TextEncoderArgs(Group):
         "none", "Quantize T5 as it loads, for encoding the captions (torchao, bitsandbytes_4bit, bitsandbytes_8bit "
                 "or quanto, as --quant_backend names them): T5-XXL takes 8.9 GiB in bf16. The embeddings change "
                 "slightly, so the cache is another one.",
-        choices=("none", "torchao", "bitsandbytes_4bit", "bitsandbytes_8bit", "quanto"))
+        choices=("none", *quantize.BACKENDS))
     text_encoder_quant_type: Optional[str] = opt(
         None, "The --text_encoder_quant_backend's type (as --quant_type; default: the backend's first).")
     text_encoder_cpu_offload: bool = opt(

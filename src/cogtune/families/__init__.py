@@ -8,9 +8,9 @@ architecture (`cogvideox.py`), chosen by the registry from a pipeline's own mode
     models.py      ModelConfigs: a pipeline's config files, and the one place that loads weights
 """
 
-from cogtune.families.base import ModelFamily, built_on_meta, config_hash, meta_model, weights_digest
+from cogtune.families.base import ModelFamily
 from cogtune.families.models import PUBLISHED_DIR, ModelConfigs, published_folder
-from cogtune.families.registry import FAMILIES, VARIANTS, family_class, supported_pipelines
+from cogtune.families.registry import FAMILIES, VARIANTS, supported_pipelines
 
-__all__ = ["FAMILIES", "PUBLISHED_DIR", "VARIANTS", "ModelConfigs", "ModelFamily", "built_on_meta", "config_hash",
-           "family_class", "meta_model", "published_folder", "supported_pipelines", "weights_digest"]
+__all__ = ["FAMILIES", "PUBLISHED_DIR", "VARIANTS", "ModelConfigs", "ModelFamily", "published_folder",
+           "supported_pipelines"]

@@ -101,10 +101,6 @@ class ModelFamily(abc.ABC):
             self.check_frames(frames, f"{where}Bucket {frames}x{height}x{width}: frames")
             self.check_size(height, width, f"{where}Bucket {frames}x{height}x{width}: ", ("height", "width"))
 
-    def largest_frames(self, frames: int) -> int:
-        """The largest frame count of this model's rule not above `frames` (0 when none is)."""
-        return frames - (frames - 1) % self.frame_step if frames >= 1 else 0
-
     @abc.abstractmethod
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames of a clip of num_frames pixel frames."""
@@ -127,7 +123,6 @@ class ModelFamily(abc.ABC):
 
     # --- the parts: diffusers and transformers classes, named by the family --------------------
 
-    text_encoder_name: ClassVar[str]  # as users know it, in messages ("T5")
     transformer_class: ClassVar[str]  # a diffusers model class
     vae_class: ClassVar[str]  # a diffusers model class
     text_encoder_class: ClassVar[str]  # a transformers model class

@@ -45,6 +45,8 @@ class CogVideoX(ModelFamily):
     config_files = {"transformer": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json",
                     "text_encoder": "config.json"}
     encoded_parts = ("vae", "text_encoder")
+    transformer_class, vae_class = "CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX"
+    text_encoder_class = "T5EncoderModel"
     variants = {"2b": "CogVideoX-2b", "5b": "CogVideoX-5b", "5b-i2v": "CogVideoX-5b-I2V",
                 "1.5-5b": "CogVideoX1.5-5B", "1.5-5b-i2v": "CogVideoX1.5-5B-I2V"}
     published = {f"{namespace}/{name}".lower(): name.lower() for name in variants.values()
@@ -254,8 +256,6 @@ class CogVideoX(ModelFamily):
             max_size=(base_height, base_width), device=device,
         )
 
-
-
     # --- the parts -----------------------------------------------------------------------------
 
     def blocks(self, transformer) -> torch.nn.ModuleList:
@@ -275,10 +275,6 @@ class CogVideoX(ModelFamily):
         tied to 49x480x720, so they are left out (in training and in inference alike)."""
         transformer.patch_embed.use_learned_positional_embeddings = False
         transformer.register_to_config(use_learned_positional_embeddings=False)
-
-    text_encoder_name = "T5"
-    transformer_class, vae_class = "CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX"
-    text_encoder_class = "T5EncoderModel"
 
     # --- encoding (stage 1) --------------------------------------------------------------------
 

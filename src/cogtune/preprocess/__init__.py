@@ -28,7 +28,7 @@ from cogtune.cache.tool import is_unfinished_and_empty
 from cogtune.cache.writer import CacheWriter, cache_lock, compact_index, write_fingerprints
 from cogtune.config import PreprocessConfig
 from cogtune.data.buckets import clip_sizes, configured_buckets
-from cogtune.data.sources import clip_config, clip_settings_of, dataset_clip_configs, dataset_tables, load_dataset_records
+from cogtune.data.sources import dataset_clip_configs, dataset_tables, load_dataset_records
 from cogtune.data.validation import checked_validation_entries
 from cogtune.errors import CogtuneError
 from cogtune.families import ModelConfigs
@@ -36,7 +36,7 @@ from cogtune.preprocess.encode import encode_captions, encode_validation, encode
 from cogtune.preprocess.memory import choose_vae_memory, vae_room_problem
 from cogtune.preprocess.plan import CacheHolds, my_videos, plan
 from cogtune.util import files, logs
-from cogtune.util.devices import encoding_device_and_dtype as device_and_dtype
+from cogtune.util.devices import encoding_device_and_dtype
 from cogtune.util.tensor_bytes import gib
 from cogtune.util.distributed import Processes, is_main_process, processes
 from cogtune.util.signals import StopRequests
@@ -130,9 +130,8 @@ def measured(stages: dict, name: str, items: int, device: torch.device):
 def check_clip_rules(config: PreprocessConfig, spec) -> None:
     """The clip sizes, buckets and [[datasets]] clip settings, by the model family's frame and size rules."""
     spec.check_clip_settings(config, configured_buckets(config))
-    for number, table in enumerate(config.datasets, start=1):
-        own = clip_config(config, clip_settings_of(table, config))
-        if own is not config:
+    for number, own in enumerate(dataset_clip_configs(config), start=1):
+        if own is not config:  # a [[datasets]] table with clip settings of its own
             spec.check_clip_settings(own, configured_buckets(own), f"[[datasets]] table {number}: ")
 
 
@@ -265,7 +264,7 @@ def auto_vae_memory(config: PreprocessConfig, models: ModelConfigs, procs: Proce
     memory otherwise (T5 is freed before the VAE loads, so what is free now is what the VAE gets).
     Tiling is recorded as if given on the command line, so that `cogtune train` of the same config
     finds the tiled cache."""
-    device = device_and_dtype(config.mixed_precision)[0]
+    device = encoding_device_and_dtype(config.mixed_precision)[0]
     if not config.auto_tiling or device.type != "cuda":
         return config
     tiled = cache_identity(dataclasses.replace(config, enable_tiling=True), models)
@@ -307,7 +306,7 @@ def _encode_missing(records, repeats: list[int], config: PreprocessConfig, model
     siblings = sibling_caches(cache_path, identity.manifest())  # the same encodings, for other datasets
     my_captions = work.captions_needed[procs.rank::procs.world_size]
     my_captions, copied_captions = copy_captions(my_captions, siblings, writer, text_shards)
-    device = device_and_dtype(config.mixed_precision)[0]
+    device = encoding_device_and_dtype(config.mixed_precision)[0]
     if my_captions:
         with measured(stages, "captions", len(my_captions), device):
             text_shards.update(encode_captions(my_captions, config, models, writer, stop))

@@ -1,6 +1,7 @@
 """The encoders of stage 1, as the model's family runs them: its text encoder for captions and
-validation prompts, its VAE for clips, their noised first frames and validation images. Each writes its tensors through a CacheWriter; the
-index rows that name them are the caller's (`preprocess._encode_missing`)."""
+validation prompts, its VAE for clips, their noised first frames and validation images. Each writes
+its tensors through a CacheWriter; the index rows that name them are the caller's
+(`preprocess._encode_missing`)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from cogtune.errors import CogtuneError, Preempted, first_line
 from cogtune.families import ModelConfigs
 from cogtune.preprocess.plan import failure_limit
 from cogtune.util import files, logs
-from cogtune.util.devices import encoding_device_and_dtype as device_and_dtype
+from cogtune.util.devices import encoding_device_and_dtype
 from cogtune.util.signals import StopRequests, ignore_stop_signals
 
 
@@ -90,7 +91,7 @@ def stop_if_requested(stop: StopRequests, writer: CacheWriter) -> None:
 
 def _load_text_encoder(config: PreprocessConfig, models: ModelConfigs):
     """(tokenizer, text encoder on the device) of the pipeline, quantized or offloaded as asked."""
-    device, dtype = device_and_dtype(config.mixed_precision)
+    device, dtype = encoding_device_and_dtype(config.mixed_precision)
     kwargs = {}
     if config.text_encoder_quant_backend != "none":
         quantize.require(config.text_encoder_quant_backend, device, "--text_encoder_quant_backend")
@@ -139,7 +140,7 @@ def encode_captions(captions: list[str], config: PreprocessConfig, models: Model
     if truncated:
         logs.message(f"warning: {truncated} caption(s) are longer than {spec.text_length} tokens and were truncated.")
     del text_encoder
-    free(device_and_dtype(config.mixed_precision)[0])  # T5 is gone before the VAE loads
+    free(encoding_device_and_dtype(config.mixed_precision)[0])  # T5 is gone before the VAE loads
     return shards
 
 
@@ -171,7 +172,7 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path
             if not path.is_file():
                 pending[path] = entry
     if pending:
-        device, dtype = device_and_dtype(config.mixed_precision)
+        device, dtype = encoding_device_and_dtype(config.mixed_precision)
         spec = models.spec()
         vae = spec.load_vae(models, device, dtype, config.enable_slicing, config.enable_tiling)
         for path, entry in pending.items():
@@ -226,7 +227,7 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
                                          num_workers=config.dataloader_num_workers,
                                          worker_init_fn=ignore_stop_signals)
     clips = iter(loader)  # the decode workers start now, before the VAE exists: none holds a copy of it
-    device, dtype = device_and_dtype(config.mixed_precision)
+    device, dtype = encoding_device_and_dtype(config.mixed_precision)
     spec = models.spec()
     vae = spec.load_vae(models, device, dtype, config.enable_slicing, config.enable_tiling)
     store_dtype = schema.DTYPES[config.latent_dtype]

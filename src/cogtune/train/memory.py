@@ -34,8 +34,8 @@ from cogtune.data.buckets import clip_sizes
 from cogtune.errors import CogtuneError
 from cogtune.families import ModelConfigs, ModelFamily
 from cogtune.train.model import build_transformer
-from cogtune.train.swap import swapped_bytes
 from cogtune.train.optim import state_bytes_per_parameter
+from cogtune.train.swap import swapped_bytes
 from cogtune.util.devices import precision_dtype
 from cogtune.util.tensor_bytes import fused_attention_on_meta, gib
 
@@ -206,8 +206,9 @@ def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: lis
             parameter.data = parameter.data.to(weight_dtype)
     inputs = spec.memory_inputs(config.train_batch_size, latent_shape, transformer.config.in_channels, weight_dtype,
                                 meta)
+    state_bytes = state_bytes_per_parameter(OptimizerArgs.of(config))
     if config.quant_backend == "none":
-        estimated = estimate(transformer, spec, inputs, config.gradient_checkpointing, state_bytes_per_parameter(OptimizerArgs.of(config)),
+        estimated = estimate(transformer, spec, inputs, config.gradient_checkpointing, state_bytes,
                              config.offload_optimizer, offload_checkpointed=config.gradient_checkpointing_cpu_offload)
         if config.blocks_to_swap:  # the swapped blocks' weights are on the GPU two at a time at most
             away, at_once = swapped_bytes(spec.blocks(transformer), config.blocks_to_swap)
@@ -215,7 +216,7 @@ def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: lis
         return estimated
     # The meta model is unquantized: its linear weights are counted as the backend stores them, and
     # what the backend's layers save for the backward pass is added to the activations.
-    estimated = estimate(transformer, spec, inputs, config.gradient_checkpointing, state_bytes_per_parameter(OptimizerArgs.of(config)),
+    estimated = estimate(transformer, spec, inputs, config.gradient_checkpointing, state_bytes,
                          config.offload_optimizer, quantize.weight_bytes(transformer, config.quant_backend,
                                                                          config.quant_type),
                          config.gradient_checkpointing_cpu_offload)
