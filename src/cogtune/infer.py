@@ -1,4 +1,4 @@
-"""`cogtune infer`: the base CogVideoX pipeline plus a trained LoRA -> mp4 files."""
+"""`cogtune infer`: the base pipeline of the model's family plus a trained LoRA -> mp4 files."""
 
 from __future__ import annotations
 
@@ -148,8 +148,8 @@ def run(config: InferConfig) -> list[Path]:
     for index, job in enumerate(logs.progress(jobs, desc="generating", unit="video")):
         generator = torch.Generator().manual_seed(config.seed)
         image = {}
-        if job.image is not None:  # the frame training and validation see, in [0, 1] at the video's size
-            image["image"] = (first_frame_pixels(job.image, config.height, config.width)[:, 0][None] + 1) / 2
+        if job.image is not None:  # the frame training and validation see, at the video's size
+            image["image"] = spec.inference_image(first_frame_pixels(job.image, config.height, config.width))
         frames = pipe(
             prompt=job.prompt, negative_prompt=config.negative_prompt, num_frames=config.num_frames,
             height=config.height, width=config.width, num_inference_steps=config.num_inference_steps,

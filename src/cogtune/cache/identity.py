@@ -107,8 +107,9 @@ def cache_identity(config, models: ModelConfigs) -> CacheIdentity:
     spec = models.spec()
     settings["text_length"] = spec.text_length
     image_conditioned = spec.image_conditioned
-    settings["image_noise_variants"] = config.image_noise_variants if image_conditioned else 0
-    if config.video_reshape_mode == "random" or image_conditioned:  # random crops and first-frame noise
+    noised = image_conditioned and spec.noised_first_frame  # (Wan encodes the one first frame as it is)
+    settings["image_noise_variants"] = (config.image_noise_variants if noised else 1) if image_conditioned else 0
+    if config.video_reshape_mode == "random" or noised:  # random crops and first-frame noise
         settings["seed"] = config.seed
     if config.text_encoder_quant_backend != "none":
         settings["text_encoder_quantization"] = (f"{config.text_encoder_quant_backend} "

@@ -134,16 +134,18 @@ class Cache:
         return state
 
 
-def read_validation_inputs(cache_path: Path, entries: list
+def read_validation_inputs(cache_path: Path, entries: list, by_frames: bool = False
                            ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[tuple, dict[str, torch.Tensor]]]:
     """The cached caption tensors of every validation prompt and of "" (the negative prompt), and the
-    first-frame tensors of every validation image at its entry's height x width, by (image, height,
-    width); a CogtuneError naming whatever preprocess has not encoded."""
+    first-frame tensors of every validation image at its entry's height x width (and frame count, with
+    by_frames: the family's first_frame_depends_on_frames), by (image, height, width); a CogtuneError
+    naming whatever preprocess has not encoded."""
     from safetensors.torch import load_file
 
     text_paths = {text: schema.validation_text_path(cache_path, text) for text in [*(e.prompt for e in entries), ""]}
     image_paths = {(e.image, e.height, e.width): schema.validation_image_path(cache_path, files.sha256_file(e.image),
-                                                                             e.height, e.width)
+                                                                             e.height, e.width,
+                                                                             e.num_frames if by_frames else None)
                    for e in entries if e.image is not None}
     missing = [repr(text) if text else "the empty negative prompt" for text, path in text_paths.items()
                if not path.is_file()]

@@ -19,7 +19,7 @@ from cogtune.errors import CogtuneError, first_line
 
 
 def _shape_matches(shape: list[int], expected: tuple) -> bool:
-    return len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
+    return expected is None or len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
 
 
 @dataclass

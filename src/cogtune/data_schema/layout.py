@@ -185,6 +185,9 @@ def validation_text_path(cache_path: str | Path, prompt: str) -> Path:
     return Path(cache_path) / VALIDATION_INPUTS_DIR / f"text-{caption_key(prompt)}.safetensors"
 
 
-def validation_image_path(cache_path: str | Path, image_sha256: str, height: int, width: int) -> Path:
-    """A validation image's tensors (TensorSet.first_frame names, [C, 1, h, w]) at one pixel size."""
-    return Path(cache_path) / VALIDATION_INPUTS_DIR / f"image-{image_sha256[:32]}-{height}x{width}.safetensors"
+def validation_image_path(cache_path: str | Path, image_sha256: str, height: int, width: int,
+                          frames: int | None = None) -> Path:
+    """A validation image's tensors (TensorSet.first_frame names) at one pixel size, and at one frame
+    count for a family whose image tensors depend on it (Wan)."""
+    size = f"{height}x{width}" if frames is None else f"{frames}x{height}x{width}"
+    return Path(cache_path) / VALIDATION_INPUTS_DIR / f"image-{image_sha256[:32]}-{size}.safetensors"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from cogtune.data_schema.layout import TensorSet, caption_key, caption_tensor_key, first_frame_tensor_key, sample_id, video_tensor_key
+from cogtune.data_schema.layout import LEGACY_IMAGE_TENSORS, TensorSet, caption_key, caption_tensor_key, first_frame_tensor_key, sample_id, video_tensor_key
 from cogtune.util.files import sha256_text
 
 
@@ -151,7 +151,8 @@ def sample_tensors(row, tensors: TensorSet, text_length: int) -> list[tuple[str,
     found = [(row.latent_shard, video_tensor_key(row.latent_key, name), tuple(row.latent_shape))
              for name in tensors.video]
     for variant in range(row.image_variants):
-        found += [(row.latent_shard, first_frame_tensor_key(row.latent_key, variant, name), (channels, 1, height, width))
+        found += [(row.latent_shard, first_frame_tensor_key(row.latent_key, variant, name),
+                   (channels, 1, height, width) if name in LEGACY_IMAGE_TENSORS else None)  # (a family's own: unchecked)
                   for name in tensors.first_frame]
     found += [(row.text_shard, caption_tensor_key(row.text_key, name), (text_length, None)) for name in tensors.caption]
     return found

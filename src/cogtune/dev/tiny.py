@@ -17,6 +17,7 @@ import torch
 from cogtune.errors import CogtuneError
 from cogtune.families import VARIANTS
 from cogtune.families.cogvideox import CogVideoX
+from cogtune.families.wan import Wan
 from cogtune.util.media import write_mp4
 
 # Scheduler settings of the published CogVideoX-2b / -5b pipelines (scheduler/scheduler_config.json).
@@ -139,7 +140,86 @@ def make_tiny_cogvideox(family: str, seed: int, size: str):
                     scheduler=scheduler)
 
 
-BUILDERS = {CogVideoX: make_tiny_cogvideox}  # a family -> its tiny-model builder
+# The structural flags of each Wan variant, as diffusers' conversion script (scripts/convert_wan_to_diffusers.py)
+# builds the published pipelines: what the transformer takes, the VAE, CLIP, the experts, the flow shift.
+WAN_T2V = dict(flow_shift=3.0)
+WAN_VARIANTS = {
+    "wan2.1-t2v-1.3b": WAN_T2V,
+    "wan2.1-t2v-14b": WAN_T2V,
+    "wan2.1-i2v-14b-480p": dict(flow_shift=3.0, image="channels", clip=True),
+    "wan2.1-i2v-14b-720p": dict(flow_shift=3.0, image="channels", clip=True),
+    "wan2.2-ti2v-5b": dict(flow_shift=5.0, vae22=True, expand_timesteps=True),
+    "wan2.2-t2v-a14b": dict(flow_shift=3.0, boundary_ratio=0.875),
+    "wan2.2-i2v-a14b": dict(flow_shift=3.0, image="channels", boundary_ratio=0.9),
+}
+WAN_SIZES = {
+    "tiny": dict(text_encoder=dict(d_model=TEXT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8),
+                 transformer=dict(num_attention_heads=2, attention_head_dim=8, freq_dim=16, ffn_dim=32, num_layers=2),
+                 vae=dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1), z_dim=4,
+                 clip=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8)),
+    "small": dict(text_encoder=dict(d_model=1024, d_ff=2560, d_kv=64, num_heads=16, num_layers=11,
+                                    relative_attention_num_buckets=32, feed_forward_proj="gated-gelu"),
+                  transformer=dict(num_attention_heads=8, attention_head_dim=64, freq_dim=256, ffn_dim=2048,
+                                   num_layers=12),
+                  vae=dict(base_dim=32, dim_mult=[1, 2, 2, 2], num_res_blocks=1), z_dim=16,
+                  clip=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                            image_size=112, patch_size=14)),
+}
+
+
+def make_tiny_wan(family: str, seed: int, size: str):
+    """A Wan variant's structure: UMT5, the Wan VAE (2.2's: 16x and patchified, for TI2V), the Wan
+    transformer with its image inputs, CLIP for 2.1 I2V, two experts for 2.2 A14B."""
+    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline,
+                           WanTransformer3DModel)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    spec, widths = WAN_VARIANTS[family], WAN_SIZES[size]
+    z_dim = widths["z_dim"]
+    tokenizer = make_tokenizer(512)
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **widths["text_encoder"]))
+    torch.manual_seed(seed)
+    moments = dict(latents_mean=[0.1 * (i % 5) - 0.2 for i in range(z_dim)],
+                   latents_std=[1.0 + 0.25 * (i % 3) for i in range(z_dim)])
+    if spec.get("vae22"):  # the Wan 2.2 VAE: pixels patchified by 2, residual blocks, 16x in all
+        vae = AutoencoderKLWan(z_dim=z_dim, is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+                               scale_factor_spatial=16, temperal_downsample=[False, True, True], **widths["vae"],
+                               **moments)
+    else:
+        vae = AutoencoderKLWan(z_dim=z_dim, temperal_downsample=[False, True, True], **widths["vae"], **moments)
+    heads, head_dim = widths["transformer"]["num_attention_heads"], widths["transformer"]["attention_head_dim"]
+    config = dict(widths["transformer"], patch_size=(1, 2, 2), in_channels=z_dim, out_channels=z_dim,
+                  text_dim=widths["text_encoder"]["d_model"], cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                  eps=1e-6, rope_max_seq_len=1024)
+    parts = {}
+    if spec.get("image") == "channels":
+        config["in_channels"] = 2 * z_dim + 4  # the latents, the 4 mask channels, the image's latents
+    if spec.get("clip"):
+        clip = CLIPVisionConfig(**widths["clip"])
+        config.update(image_dim=clip.hidden_size, added_kv_proj_dim=heads * head_dim)
+        torch.manual_seed(seed)
+        parts["image_encoder"] = CLIPVisionModel(clip)
+        parts["image_processor"] = CLIPImageProcessor(size={"shortest_edge": clip.image_size},
+                                                      crop_size={"height": clip.image_size, "width": clip.image_size})
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**config)
+    if "boundary_ratio" in spec:
+        torch.manual_seed(seed + 1)
+        parts["transformer_2"] = WanTransformer3DModel(**config)
+        parts["boundary_ratio"] = spec["boundary_ratio"]
+    if spec.get("expand_timesteps"):
+        parts["expand_timesteps"] = True
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=spec["flow_shift"])
+    pipeline = WanImageToVideoPipeline if spec.get("image") else WanPipeline
+    return pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                    scheduler=scheduler, **parts)
+
+
+BUILDERS = {CogVideoX: make_tiny_cogvideox, Wan: make_tiny_wan}  # a family -> its tiny-model builder
 FAMILIES = [variant for variant, (family, _) in VARIANTS.items() if family in BUILDERS]
 
 

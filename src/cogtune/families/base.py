@@ -39,6 +39,7 @@ class ModelFamily(abc.ABC):
     variants: ClassVar[dict[str, str]]  # `cogtune init --family` and make-tiny-model name -> description
     published: ClassVar[dict[str, str]]  # lower-case hub id -> its folder of shipped config files
     target_presets: ClassVar[dict[str, list[str]]]  # --lora_target_preset -> module names
+    optional_parts: ClassVar[tuple[str, ...]] = ()  # config_files parts read only where model_index.json lists them
 
     # --- what it is --------------------------------------------------------------------------
 
@@ -202,9 +203,21 @@ class ModelFamily(abc.ABC):
     def encode_pixels(self, vae, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """[1, C, F, H, W] pixels in [-1, 1] -> the clip's tensors by name (TensorSet.video)."""
 
+    noised_first_frame: ClassVar[bool] = True  # the first frame is encoded with --image_noise_variants noises
+    first_frame_depends_on_frames: ClassVar[bool] = False  # its tensors differ with the clip's frame count
+
+    def first_frame_encoders(self, models: "ModelConfigs", vae, device, dtype):
+        """What encode_first_frame takes: the VAE, unless the family needs more (an image encoder)."""
+        return vae
+
     @abc.abstractmethod
-    def encode_first_frame(self, vae, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """[1, C, 1, H, W] first frame -> its tensors by name (TensorSet.first_frame)."""
+    def encode_first_frame(self, encoders, pixels: torch.Tensor, num_frames: int) -> dict[str, torch.Tensor]:
+        """[1, C, 1, H, W] first frame of a clip of num_frames frames -> its tensors by name
+        (TensorSet.first_frame); encoders: first_frame_encoders'."""
+
+    def inference_image(self, pixels: torch.Tensor):
+        """The image the family's pipeline is given for a [3, 1, H, W] first frame in [-1, 1]."""
+        return (pixels[:, 0][None] + 1) / 2
 
     # --- the training objective --------------------------------------------------------------
 

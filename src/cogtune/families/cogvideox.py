@@ -316,8 +316,8 @@ class CogVideoX(ModelFamily):
         posterior = vae.encode(pixels).latent_dist
         return {"mean": posterior.mean[0], "logvar": posterior.logvar[0]}
 
-    def encode_first_frame(self, vae, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """[1, C, 1, H, W] (noised) first frame -> its VAE posterior, as for a clip."""
+    def encode_first_frame(self, vae, pixels: torch.Tensor, num_frames: int) -> dict[str, torch.Tensor]:
+        """[1, C, 1, H, W] (noised) first frame -> its VAE posterior, as for a clip (of any length)."""
         return self.encode_pixels(vae, pixels)
 
     # --- the training objective: v-prediction on the pipeline's DDPM schedule -------------------

@@ -63,8 +63,13 @@ class ModelConfigs:
             except json.JSONDecodeError as e:
                 raise CogtuneError(f"{folder / filename} is not valid JSON ({e}).") from None
 
-        family = family_class(read(MODEL_INDEX).get("_class_name"), f"{FLAG} {name}")
-        configs = {part: read(f"{part}/{filename}") for part, filename in family.config_files.items()}
+        index = read(MODEL_INDEX)
+        family = family_class(index.get("_class_name"), f"{FLAG} {name}")
+        configs = {"model_index": index}
+        for part, filename in family.config_files.items():
+            if part in family.optional_parts and not (index.get(part) or [None])[0]:
+                continue  # (a part the pipeline saved as [null, null], or does not have)
+            configs[part] = read(f"{part}/{filename}")
         source = {"pretrained_model_name_or_path": name, "revision": revision, "variant": variant}
         return cls(source, family, configs, cache_dir=cache_dir)
 
@@ -115,7 +120,7 @@ class ModelConfigs:
 
     def identity(self) -> dict:
         """What the cache records about the model whose encoders made its tensors (a CacheModel)."""
-        parts = self.family_class.encoded_parts
+        parts = tuple(part for part in self.family_class.encoded_parts if part in self.configs)
         return dict(self.source, family=self.family_class.name, description=self.spec().description,
                     components={part: config_hash(self.configs[part]) for part in parts},
                     weights_sha256=None if self.on_hub else weights_digest(Path(self.location), parts))

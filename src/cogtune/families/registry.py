@@ -5,8 +5,9 @@ from __future__ import annotations
 from cogtune.errors import CogtuneError
 from cogtune.families.base import ModelFamily
 from cogtune.families.cogvideox import CogVideoX
+from cogtune.families.wan import Wan
 
-FAMILIES: tuple[type[ModelFamily], ...] = (CogVideoX,)
+FAMILIES: tuple[type[ModelFamily], ...] = (CogVideoX, Wan)
 BY_PIPELINE: dict[str, type[ModelFamily]] = {name: family for family in FAMILIES for name in family.pipelines}
 # `cogtune init --family` and `cogtune make-tiny-model --family` names -> (family, description)
 VARIANTS: dict[str, tuple[type[ModelFamily], str]] = {

@@ -165,19 +165,20 @@ def encode_validation(config: PreprocessConfig, models: ModelConfigs, cache_path
             logs.message(f"warning: {truncated} validation prompt(s) are longer than the model's text length and "
                          "were truncated.")
         del text_encoder
-    pending = {}
+    pending, spec = {}, models.spec()
     for entry in entries:
         if entry.image:
-            path = schema.validation_image_path(cache_path, files.sha256_file(entry.image), entry.height, entry.width)
+            path = schema.validation_image_path(cache_path, files.sha256_file(entry.image), entry.height, entry.width,
+                                                entry.num_frames if spec.first_frame_depends_on_frames else None)
             if not path.is_file():
                 pending[path] = entry
     if pending:
         device, dtype = encoding_device_and_dtype(config.mixed_precision)
-        spec = models.spec()
         vae = spec.load_vae(models, device, dtype, config.enable_slicing, config.enable_tiling)
+        encoders = spec.first_frame_encoders(models, vae, device, dtype)
         for path, entry in pending.items():
             pixels = first_frame_pixels(entry.image, entry.height, entry.width)  # [C, 1, H, W]
-            encoded = spec.encode_first_frame(vae, pixels[None].to(device, dtype))
+            encoded = spec.encode_first_frame(encoders, pixels[None].to(device, dtype), entry.num_frames)
             write_tensors(path, {name: tensor.float() for name, tensor in encoded.items()},
                                  {"image": str(entry.image)})
         written += len(pending)
@@ -230,6 +231,7 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
     device, dtype = encoding_device_and_dtype(config.mixed_precision)
     spec = models.spec()
     vae = spec.load_vae(models, device, dtype, config.enable_slicing, config.enable_tiling)
+    first_frame_encoders = spec.first_frame_encoders(models, vae, device, dtype) if image_variants else None
     store_dtype = schema.DTYPES[config.latent_dtype]
 
     windows_left: dict[str, int] = {}  # video -> its windows not encoded yet
@@ -246,10 +248,14 @@ def encode_videos(videos: list[tuple[str, Path]], config: PreprocessConfig, mode
         latent_shape = list(encoded[spec.tensors.video[0]].shape)
         sigmas = []
         if image_variants:
-            sigmas, generator = first_frame_noise(config.seed, schema.window_source(sha, start), image_variants)
-            images = noised_first_frames(clip.pixels, sigmas, generator)
-            for variant in range(image_variants):
-                first = spec.encode_first_frame(vae, images[variant:variant + 1].to(device, dtype))
+            if spec.noised_first_frame:
+                sigmas, generator = first_frame_noise(config.seed, schema.window_source(sha, start), image_variants)
+                images = noised_first_frames(clip.pixels, sigmas, generator)
+            else:  # the first frame as it is: one encoding, noise 0
+                sigmas, images = [0.0], clip.pixels[:, :1][None].float()
+            for variant in range(len(sigmas)):
+                first = spec.encode_first_frame(first_frame_encoders, images[variant:variant + 1].to(device, dtype),
+                                                clip.pixels.shape[1])
                 shards |= {writer.add_tensor(schema.first_frame_tensor_key(key, variant, name), tensor.to(store_dtype))
                            for name, tensor in first.items()}
         (shard,) = shards  # a window's tensors go into one shard (the writer flushes between windows only)

@@ -54,7 +54,7 @@ def load_validation_set(config, spec: ModelFamily, cache_path: Path, manifest: s
     entries = checked_validation_entries(config, spec, (settings.max_num_frames, settings.height, settings.width))
     if not entries:
         return None
-    embeds, images = read_validation_inputs(cache_path, entries)
+    embeds, images = read_validation_inputs(cache_path, entries, spec.first_frame_depends_on_frames)
     prompts = [ValidationPrompt(e.prompt, e.image, embeds[e.prompt], images.get((e.image, e.height, e.width)),
                                 e.num_frames, e.height, e.width, e.seed, e.guidance_scale) for e in entries]
     return ValidationSet(prompts, embeds[""], settings.fps)  # (each prompt has its size)
