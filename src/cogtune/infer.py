@@ -97,7 +97,7 @@ def run(config: InferConfig) -> list[Path]:
     # Where the videos go, proved writable before minutes of loading the pipeline.
     out_dir = Path(config.video_output_dir or Path(config.output_dir) / "videos")
     files.ensure_writable_dir(out_dir, "--video_output_dir" if config.video_output_dir else "--output_dir")
-    models = ModelConfigs.of(config)
+    models = ModelConfigs.of(config, bool(read_lora_info(folder).get("image_to_video")))  # (TI2V: as trained)
     spec = models.spec()
     jobs = read_jobs(config, spec.image_conditioned)
     ignore_positions = config.ignore_learned_positional_embeddings or bool(
@@ -120,6 +120,7 @@ def run(config: InferConfig) -> list[Path]:
     if spec.ignores_learned_positions(ignore_positions):
         spec.drop_learned_positional_embeddings(pipe.transformer)
     kwargs = {"weight_name": weight_name} if weight_name else {}
+    kwargs |= spec.lora_load_arguments(read_lora_info(folder))  # (a Wan 2.2 low-noise expert's: transformer_2)
     try:
         pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, use_safetensors=True, **kwargs)  # never pickle
     except Exception as e:  # OSError, ValueError, safetensors' and peft's own error types

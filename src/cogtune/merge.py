@@ -46,16 +46,18 @@ def merge(lora: str, merged_dir: str | Path, base: str | None = None, lora_scale
                            "overwritten).")
     files.ensure_writable_dir(merged_dir.parent, "--merged_dir's parent folder")
     models = ModelConfigs.load(base, revision, variant)
+    if info.get("image_to_video"):  # (Wan 2.2 TI2V trained image-to-video)
+        models = models.as_image_to_video()
     spec = models.spec()
     pipe = models.load_part(spec.pipeline_class(), None, dtype=torch.float32)
     if spec.ignores_learned_positions(bool(info.get("ignore_learned_positional_embeddings"))):
         spec.drop_learned_positional_embeddings(pipe.transformer)  # recorded in the saved config too
     try:
         pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, use_safetensors=True,
-                               **({"weight_name": weight_name} if weight_name else {}))
+                               **({"weight_name": weight_name} if weight_name else {}), **spec.lora_load_arguments(info))
     except Exception as e:  # OSError, ValueError, safetensors' and peft's own error types
         raise CogtuneError(f"Cannot load the LoRA {lora}: {first_line(e)}") from None
-    pipe.fuse_lora(components=["transformer"], lora_scale=lora_scale, adapter_names=[ADAPTER_NAME])
+    pipe.fuse_lora(components=spec.lora_components(info), lora_scale=lora_scale, adapter_names=[ADAPTER_NAME])
     pipe.unload_lora_weights()
     pipe.to(precision_dtype(dtype))
     temp = merged_dir.with_name(f".{merged_dir.name}.tmp-{time.time_ns()}")

@@ -29,6 +29,10 @@ class ModelArgs(Group):
         "CogVideoX-5b-I2V only: leave out its learned positional embeddings (tied to 49x480x720) so that it "
         "trains and generates at other sizes. Recorded with the LoRA; infer then leaves them out too.",
     )
+    image_to_video: bool = opt(
+        False, "Wan 2.2 TI2V only (one model for both): image-to-video instead of text-to-video, as "
+               "WanImageToVideoPipeline runs it (the clip's first frame is the image). Give it to preprocess, "
+               "train and infer alike; the LoRA records it.")
     mixed_precision: str = opt(
         "bf16", "no, fp16 or bf16. preprocess: the dtype the VAE and text encoder run in on a GPU (the VAE runs in "
                 "fp32 on a CPU); train: the dtype of the frozen transformer and autocast (LoRA weights stay fp32 under "

@@ -40,6 +40,12 @@ class LoraArgs(Group):
     use_rslora: bool = opt(
         False, "rsLoRA (peft's use_rslora): scale lora_alpha / sqrt(rank) instead of lora_alpha / rank. The file "
                "records it; diffusers 0.35 and newer read that when loading.")
+    expert: Optional[str] = opt(
+        None, "Wan 2.2 A14B (two experts) only, and required there: the expert the LoRA is for. high_noise trains "
+              "`transformer` on the timesteps at or above the pipeline's boundary_ratio x 1000, low_noise trains "
+              "`transformer_2` on those below; diffusers loads the low-noise LoRA with load_into_transformer_2=True "
+              "(infer and merge read this from cogtune_lora.json). Both experts train from the same cache.",
+        choices=("high_noise", "low_noise"))
     init_lora: Optional[str] = opt(
         None, "Start from an existing LoRA instead of a new one: a folder with pytorch_lora_weights.safetensors "
               "(ours, or a diffusers script's checkpoint-N), a .safetensors file, or a hub id. Same --rank, "

@@ -134,6 +134,30 @@ class ModelFamily(abc.ABC):
 
         return getattr(diffusers, self.pipeline_class_name)
 
+    @classmethod
+    def image_to_video_index(cls, configs: dict[str, dict]) -> dict:
+        """model_index.json as the family's image-to-video pipeline of this model would read
+        (--image_to_video, for a model that does both); a CogtuneError for any other model."""
+        raise CogtuneError(f"--image_to_video is for models that do both text- and image-to-video (Wan 2.2 TI2V); "
+                           f"this {cls.from_configs(configs).description} model is one or the other by itself. "
+                           "Leave --image_to_video out.")
+
+    def with_expert(self, expert: str | None) -> "ModelFamily":
+        """The family as a run that trains this expert sees it (--expert: models with several
+        transformers); a CogtuneError for an expert this model does not have."""
+        if expert is not None:
+            raise CogtuneError(f"--expert {expert} is for models with two experts (Wan 2.2 A14B); this {self.description} "
+                               "model has one transformer. Leave --expert out.")
+        return self
+
+    def lora_load_arguments(self, info: dict) -> dict:
+        """load_lora_weights' keyword arguments for a LoRA of this family (its cogtune_lora.json: info)."""
+        return {}
+
+    def lora_components(self, info: dict) -> list[str]:
+        """The pipeline parts a LoRA (its cogtune_lora.json: info) adapts, for fuse_lora."""
+        return ["transformer"]
+
     def load_transformer(self, models: "ModelConfigs", dtype: torch.dtype, **kwargs) -> torch.nn.Module:
         return models.load_part(_diffusers(self.transformer_class), "transformer", dtype=dtype, **kwargs)
 

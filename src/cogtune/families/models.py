@@ -3,6 +3,7 @@ that loads its parts' weights. Its model_index.json says which family reads it (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,16 @@ class ModelConfigs:
         return cls(source, family, configs, cache_dir=cache_dir)
 
     @classmethod
-    def of(cls, config) -> "ModelConfigs":
-        """The configs of a stage's --pretrained_model_name_or_path, --revision, --variant and --cache_dir."""
-        return cls.load(config.pretrained_model_name_or_path, config.revision, config.variant, config.cache_dir)
+    def of(cls, config, image_to_video: bool = False) -> "ModelConfigs":
+        """The configs of a stage's --pretrained_model_name_or_path, --revision, --variant and --cache_dir,
+        as an image-to-video pipeline with --image_to_video (or image_to_video: a LoRA's record)."""
+        models = cls.load(config.pretrained_model_name_or_path, config.revision, config.variant, config.cache_dir)
+        return models.as_image_to_video() if image_to_video or getattr(config, "image_to_video", False) else models
+
+    def as_image_to_video(self) -> "ModelConfigs":
+        """The same model run by its family's image-to-video pipeline (a model that does both)."""
+        configs = dict(self.configs, model_index=self.family_class.image_to_video_index(self.configs))
+        return dataclasses.replace(self, configs=configs)
 
     def __getattr__(self, part: str) -> dict:
         """A part's config by its name (models.transformer, models.vae, ...)."""

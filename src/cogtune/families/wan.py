@@ -20,6 +20,7 @@ sigma after the model's flow shift).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,7 @@ class Wan(ModelFamily):
     two_experts: bool
     flow_shift: float
     num_train_timesteps: int
+    expert: str | None = None  # Wan 2.2 A14B: the expert a run trains (with_expert)
 
     @classmethod
     def from_configs(cls, configs: dict[str, dict]) -> "Wan":
@@ -228,14 +230,37 @@ class Wan(ModelFamily):
 
     # --- the parts -----------------------------------------------------------------------------
 
-    def load_transformer(self, models, dtype: torch.dtype, expert: str = "high_noise", **kwargs) -> torch.nn.Module:
+    def with_expert(self, expert: str | None) -> "Wan":
+        if not self.two_experts:
+            return super().with_expert(expert)
+        if expert is None:
+            raise CogtuneError(
+                f"This {self.description} pipeline has two experts: give --expert high_noise (transformer, timesteps "
+                f"from {self.boundary_ratio * self.num_train_timesteps:g} up) or --expert low_noise (transformer_2, "
+                "below). Train one run for each; both use the same cache.")
+        return dataclasses.replace(self, expert=expert)
+
+    @classmethod
+    def image_to_video_index(cls, configs: dict[str, dict]) -> dict:
+        if not cls.from_configs(configs).expand_timesteps:
+            return super().image_to_video_index(configs)
+        return dict(configs.get("model_index") or {}, _class_name="WanImageToVideoPipeline")
+
+    @property
+    def transformer_part(self) -> str:
+        """The pipeline part a run trains: `transformer`, or Wan 2.2 A14B's low-noise `transformer_2`."""
+        return "transformer_2" if self.expert == "low_noise" else "transformer"
+
+    def load_transformer(self, models, dtype: torch.dtype, **kwargs) -> torch.nn.Module:
         from diffusers import WanTransformer3DModel
 
-        return models.load_part(WanTransformer3DModel, self.transformer_part(expert), dtype=dtype, **kwargs)
+        return models.load_part(WanTransformer3DModel, self.transformer_part, dtype=dtype, **kwargs)
 
-    def transformer_part(self, expert: str = "high_noise") -> str:
-        """The pipeline part a run trains: `transformer`, or Wan 2.2 A14B's low-noise `transformer_2`."""
-        return "transformer_2" if self.two_experts and expert == "low_noise" else "transformer"
+    def lora_load_arguments(self, info: dict) -> dict:
+        return {"load_into_transformer_2": True} if info.get("expert") == "low_noise" else {}
+
+    def lora_components(self, info: dict) -> list[str]:
+        return ["transformer_2"] if info.get("expert") == "low_noise" else ["transformer"]
 
     def blocks(self, transformer) -> torch.nn.ModuleList:
         return transformer.blocks
@@ -377,12 +402,13 @@ class Wan(ModelFamily):
 
     # --- the training objective: flow matching -------------------------------------------------
 
-    def noise_schedule(self, models, expert: str = "high_noise") -> FlowSchedule:
+    def noise_schedule(self, models) -> FlowSchedule:
+        """The pipeline's flow-matching sigmas; for a Wan 2.2 A14B expert, those of its timesteps only."""
         schedule = FlowSchedule.shifted(self.flow_shift, self.num_train_timesteps)
         if not self.two_experts:
             return schedule
         boundary = self.boundary_ratio * self.num_train_timesteps
-        if expert == "low_noise":
+        if self.expert == "low_noise":
             return schedule.between(0.0, boundary)
         return schedule.between(boundary, float("inf"))
 

@@ -190,6 +190,7 @@ def _save_outputs(run: checkpoints.Run, config: TrainConfig, models, spec, cache
             "base_model": models.source, "family": spec.description,
             "ignore_learned_positional_embeddings": spec.ignores_learned_positions(
                 config.ignore_learned_positional_embeddings),
+            "expert": config.expert, "image_to_video": config.image_to_video,
             "rank": config.rank, "lora_alpha": config.lora_alpha, "target_modules": target_modules(config, spec),
             "use_dora": config.use_dora, "use_rslora": config.use_rslora, "init_lora": config.init_lora,
             "steps": global_step, "cache": str(cache_path),
@@ -246,7 +247,7 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
 
     # The cache, checked against the model before anything is loaded.
     models = ModelConfigs.of(config)
-    spec = models.spec()
+    spec = models.spec().with_expert(config.expert)  # (an A14B run: the expert's transformer and timesteps)
     cache_path, cache = open_training_cache(config, data, models, spec)
     held.enter_context(cache_lock(cache_path, user="this training run"))  # shared: keeps `cache prune` out
     spec.check_precision(config.mixed_precision, logs.message)

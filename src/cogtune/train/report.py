@@ -272,7 +272,9 @@ def model_card(config, models, spec, manifest: schema.Manifest, rounds: list, st
         "# diffusers 0.40 renamed from_pretrained's torch_dtype to dtype (older releases ignore dtype)",
         'dtype_name = "dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype"',
         f'pipe = {pipeline_class}.from_pretrained("{base}", **{{dtype_name: torch.{dtype}}}).to("cuda")',
-        f'pipe.load_lora_weights("{repo}", weight_name="{LORA_WEIGHT_NAME}", adapter_name="cogtune")',
+        f'pipe.load_lora_weights("{repo}", weight_name="{LORA_WEIGHT_NAME}", adapter_name="cogtune"'
+        + "".join(f", {key}={value!r}" for key, value in spec.lora_load_arguments({"expert": config.expert}).items())
+        + ")",
         *ema_lines,
         'pipe.set_adapters(["cogtune"], [1.0])  # the file stores its alpha: 1.0 is the trained strength',
         *image_lines,
