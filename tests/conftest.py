@@ -131,3 +131,49 @@ def write_config(path: Path, model: Path, data: Path, cache_root: Path, output_d
             lines.append(f"{key} = {str(value)!r}".replace("'", '"'))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# --- the family contract runs (tests/contract.py), shared by the family test modules --------------
+
+
+@pytest.fixture(scope="session")
+def models(tiny_models):
+    """Every variant's tiny model (seed 3), by variant name."""
+    from contract import CONTRACT
+
+    return {variant: tiny_models(variant, seed=3) for variant, _ in CONTRACT.values()}
+
+
+@pytest.fixture(scope="session")
+def first_frame(tmp_path_factory, demo_data):
+    """A PNG of a demo clip's first frame: the image an image-to-video model animates."""
+    import av
+
+    path = tmp_path_factory.mktemp("image") / "first.png"
+    with av.open(str(demo_data / "videos" / "00000.mp4")) as container:
+        next(container.decode(video=0)).to_image().save(path)
+    return path
+
+
+def _contract_names():
+    from contract import CONTRACT
+
+    return list(CONTRACT)
+
+
+@pytest.fixture(scope="session", params=_contract_names())
+def trained(request, tmp_path_factory, models, demo_data, first_frame):
+    """One contract run: preprocess, 4 training steps (validated at step 4, checkpoints at 2 and 4), infer."""
+    from contract import CONTRACT, I2V, run_stages
+
+    name = request.param
+    variant, settings = CONTRACT[name]
+    root = tmp_path_factory.mktemp(f"run-{name}")
+    extra = dict(image=str(first_frame), image_noise_variants=2, validation_images=str(first_frame)) \
+        if name in I2V else {}
+    config = write_config(root / "run.toml", models[variant], demo_data, root / "cache", root / "out",
+                          noised_image_dropout=0.3, validation_prompt="DEMO a red square moves",
+                          validation_num_inference_steps=2, validation_steps=4, **extra, **settings)
+    results = run_stages(config, "preprocess", "train", "infer")
+    return dict(family=name, variant=variant, settings=settings, model=models[variant], config=config,
+                out=root / "out", **results)

@@ -13,7 +13,7 @@ import av
 import pytest
 import torch
 
-from cogtune import infer, preprocess, train
+from cogtune import preprocess
 from cogtune.cache.reader import Cache
 from cogtune.config import data_settings, load_config
 from cogtune.data.video import read_clip
@@ -24,56 +24,7 @@ from cogtune.train.log import TRAIN_LOG_NAME
 from cogtune.train.lora import LORA_INFO_NAME, LORA_WEIGHT_NAME
 
 from conftest import cache_path_of, cogtune, cogtune_here, write_config
-
-FAMILIES = list(VARIANTS)  # every variant the family registry knows
-I2V = {"5b-i2v", "1.5-5b-i2v"}
-
-
-@pytest.fixture(scope="module")
-def models(tiny_models):
-    return {family: tiny_models(family, seed=3) for family in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def first_frame(tmp_path_factory, demo_data):
-    """A PNG of a demo clip's first frame: the image an image-to-video model animates."""
-    path = tmp_path_factory.mktemp("image") / "first.png"
-    with av.open(str(demo_data / "videos" / "00000.mp4")) as container:
-        next(container.decode(video=0)).to_image().save(path)
-    return path
-
-
-def run_stages(config: Path, *stages, extra=()):
-    """The stages in this process, through the same config and flag parsing as the command line."""
-    argv = ["--config", str(config), *map(str, extra)]
-    results = {}
-    if "preprocess" in stages:
-        results["preprocess"] = preprocess.run(load_config("preprocess", argv))
-    if "train" in stages:
-        train_config = load_config("train", argv)
-        results["train"] = train.run(train_config, data_settings(train_config, argv))
-    if "infer" in stages:
-        results["infer"] = infer.run(load_config("infer", argv))
-    return results
-
-
-def read_video(path: Path):
-    with av.open(str(path)) as container:
-        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def trained(request, tmp_path_factory, models, demo_data, first_frame):
-    family = request.param
-    root = tmp_path_factory.mktemp(f"run-{family}")
-    extra = dict(image=str(first_frame), image_noise_variants=2, validation_images=str(first_frame)) \
-        if family in I2V else {}
-    config = write_config(root / "run.toml", models[family], demo_data, root / "cache", root / "out",
-                          noised_image_dropout=0.3, validation_prompt="DEMO a red square moves",
-                          validation_num_inference_steps=2, validation_steps=4, **extra)
-    results = run_stages(config, "preprocess", "train", "infer")
-    return dict(family=family, model=models[family], config=config, out=root / "out", **results)
-
+from contract import COGVIDEOX, I2V, read_video, run_stages
 
 def test_every_family_preprocesses_trains_and_generates(trained):
     family = trained["family"]
@@ -102,7 +53,8 @@ def test_every_family_validates_and_resumes_exactly(trained, tmp_path):
     assert (resumed / LORA_WEIGHT_NAME).read_bytes() == (out / LORA_WEIGHT_NAME).read_bytes()
 
 
-def test_every_family_lora_loads_into_its_diffusers_pipeline(trained):
+@pytest.mark.parametrize("trained", COGVIDEOX, indirect=True)
+def test_cogvideox_lora_loads_into_its_diffusers_pipeline(trained):
     """diffusers alone (no cogtune code) loads the LoRA into the family's pipeline class, the
     transformer then computes what the trained one does, and the pipeline generates."""
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
@@ -132,7 +84,8 @@ def test_every_family_lora_loads_into_its_diffusers_pipeline(trained):
     assert video.shape == (9, 32, 64, 3) and torch.isfinite(torch.from_numpy(video)).all()
 
 
-def test_first_step_loss_matches_the_design_formula(trained):
+@pytest.mark.parametrize("trained", COGVIDEOX, indirect=True)
+def test_cogvideox_first_step_loss_matches_the_design_formula(trained):
     """Step 1's logged loss, recomputed here from the cache with the base transformer (LoRA B
     starts at zero), the family's diffusers pipeline for RoPE and the scheduler's own operations:
     x0 = posterior x scaling_factor ([B, F, C, H, W]; 1.5: first frame repeated to an even count),
@@ -230,7 +183,7 @@ def test_rotary_embeddings_equal_the_pipelines(models, family):
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
-@pytest.mark.parametrize("trained", sorted(I2V), indirect=True)
+@pytest.mark.parametrize("trained", sorted(I2V & set(COGVIDEOX)), indirect=True)
 def test_first_frame_encodings_are_stored_noised_and_reproducible(trained):
     """Each stored first-frame encoding is the VAE posterior of the clip's first frame plus Gaussian
     noise of its recorded sigma, that noise drawn as documented: sigma = exp(N(-3, 0.5)) and the noise
@@ -387,32 +340,20 @@ def test_fp16_is_refused_for_cogvideox15_and_discouraged_for_other_bf16_families
 
 
 @pytest.fixture(scope="module")
-def wan_pipeline(tmp_path_factory) -> Path:
-    """A tiny random WanPipeline saved as diffusers saves one: a pipeline cogtune does not train (yet)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from cogtune.dev.tiny import make_tokenizer
-
-    tokenizer = make_tokenizer(32)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                               num_heads=4, relative_attention_num_buckets=8))
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                        out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=1,
-                                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-    folder = tmp_path_factory.mktemp("wan") / "tiny-wan"
-    WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)).save_pretrained(folder)
+def other_pipeline(tmp_path_factory) -> Path:
+    """A pipeline folder of an architecture cogtune does not train: its model_index.json is what is read."""
+    folder = tmp_path_factory.mktemp("other") / "tiny-hunyuan"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline",
+                                                         "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"]}))
     return folder
 
 
 @pytest.mark.parametrize("stage", ["preprocess", "train"])
-def test_a_pipeline_of_another_architecture_is_refused_in_one_line(wan_pipeline, demo_data, tmp_path, stage):
-    result = cogtune(stage, "--pretrained_model_name_or_path", wan_pipeline, "--instance_data_root", demo_data,
+def test_a_pipeline_of_another_architecture_is_refused_in_one_line(other_pipeline, demo_data, tmp_path, stage):
+    result = cogtune(stage, "--pretrained_model_name_or_path", other_pipeline, "--instance_data_root", demo_data,
                      "--cache_root", tmp_path / "cache", "--output_dir", tmp_path / "out", check=False)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("cogtune")]
-    assert "is a WanPipeline" in line and supported_pipelines() in line, result.stderr
+    assert "is a HunyuanVideoPipeline" in line and supported_pipelines() in line, result.stderr

@@ -152,6 +152,8 @@ WAN_VARIANTS = {
     "wan2.2-t2v-a14b": dict(flow_shift=3.0, boundary_ratio=0.875),
     "wan2.2-i2v-a14b": dict(flow_shift=3.0, image="channels", boundary_ratio=0.9),
 }
+# Variants whose tiny models are the same structure as another's (they differ in widths only).
+TINY_ALIASES = {"wan2.1-t2v-14b": "wan2.1-t2v-1.3b", "wan2.1-i2v-14b-720p": "wan2.1-i2v-14b-480p"}
 WAN_SIZES = {
     "tiny": dict(text_encoder=dict(d_model=TEXT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                    relative_attention_num_buckets=8),

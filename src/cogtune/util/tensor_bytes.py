@@ -71,6 +71,8 @@ def fused_attention_on_meta():
     plain = F.scaled_dot_product_attention
 
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        if not kwargs.get("enable_gqa", False):  # (diffusers' attention dispatcher passes enable_gqa=False)
+            kwargs.pop("enable_gqa", None)
         if query.device.type != "meta" or set(kwargs) - {"scale"}:
             return plain(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(

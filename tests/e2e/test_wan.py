@@ -1,0 +1,228 @@
+"""The Wan families against diffusers' own Wan pipelines, on the contract runs (tests/contract.py):
+the first step's loss recomputed from the cache with the pipelines' functions and the flow-matching
+formula (no cogtune code), the image-to-video inputs of a training step equal to what the pipeline
+feeds the transformer for the same image, the LoRA loaded with plain load_lora_weights."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cogtune.cache.reader import Cache
+from cogtune.config import load_config
+from cogtune.data.video import read_clip, size_rule
+from cogtune.errors import CogtuneError
+from cogtune.train.log import TRAIN_LOG_NAME
+from cogtune.train.lora import LORA_INFO_NAME, LORA_WEIGHT_NAME
+
+from contract import I2V, WAN, run_stages
+
+CHANNEL_I2V = {"wan2.1-i2v-14b-480p", "wan2.2-i2v-a14b"}  # mask and image latents joined on channels
+
+
+def pipeline_of(trained, **parts):
+    """The run's diffusers pipeline: WanImageToVideoPipeline for its image-to-video runs."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    cls = WanImageToVideoPipeline if trained["family"] in I2V else WanPipeline
+    return cls.from_pretrained(trained["model"], **parts)
+
+
+def expert_part(trained) -> str:
+    return "transformer_2" if trained["settings"].get("expert") == "low_noise" else "transformer"
+
+
+def first_frames(trained, rows):
+    """Each row's clip's first frame as preprocess read it, [1, 3, H, W] in [-1, 1]."""
+    config = load_config("preprocess", ["--config", str(trained["config"])])
+    frames = []
+    for row in rows:
+        clip = read_clip(Path(row.source_path), size_rule(config, 4), config.fps, config.skip_frames_start,
+                         config.skip_frames_end, config.video_reshape_mode, None)
+        assert clip.frame_indices == row.frame_indices
+        frames.append(clip.pixels[:, 0][None].float())
+    return frames
+
+
+def pil(frame):
+    from PIL import Image
+
+    array = ((frame[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+@pytest.mark.parametrize("trained", WAN, indirect=True)
+def test_wan_first_step_loss_equals_flow_matching(trained):
+    """Step 1's logged loss, recomputed from the cache with the base transformer (LoRA B starts at
+    zero) and diffusers alone: x0 = (posterior sample - latents_mean) / latents_std; sigma and t of
+    FlowMatchEulerDiscreteScheduler(shift = the pipeline's flow_shift) at a uniform index (an A14B
+    expert: among its timesteps only), x_t = scheduler.scale_noise(x0, t, eps); the I2V inputs from
+    the pipeline's prepare_latents and encode_image for the clip's first frame; TI2V timesteps per
+    token as its pipeline; loss = mean (pred - (eps - x0))^2 over the generated frames."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    from cogtune.train.data import batch_generator, epoch_batches
+
+    model, name = trained["model"], trained["family"]
+    index_config = json.loads((model / "model_index.json").read_text())
+    cache = Cache.open(trained["preprocess"].cache_path)
+    rows = [cache.samples[i] for i in epoch_batches([tuple(r.latent_shape) for r in cache.samples], 2, 42, 0)[0]]
+    mean = torch.stack([cache.video_tensors(r)["mean"] for r in rows])
+    logvar = torch.stack([cache.video_tensors(r)["logvar"] for r in rows])
+    text = torch.stack([cache.caption_tensors(r)["prompt_embeds"] for r in rows])
+    vae_config = AutoencoderKLWan.load_config(model, subfolder="vae")
+    channels = vae_config["z_dim"]
+    latents_mean = torch.tensor(vae_config["latents_mean"]).view(1, channels, 1, 1, 1)
+    latents_std = torch.tensor(vae_config["latents_std"]).view(1, channels, 1, 1, 1)
+    transformer = WanTransformer3DModel.from_pretrained(model, subfolder=expert_part(trained))
+    shift = json.loads((model / "scheduler" / "scheduler_config.json").read_text())["flow_shift"]
+    flow = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+    generator = batch_generator(42, 0)
+    posterior = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+    x0 = (posterior - latents_mean) / latents_std
+    allowed = torch.arange(1000)
+    if index_config.get("boundary_ratio"):
+        high = flow.timesteps >= index_config["boundary_ratio"] * 1000
+        allowed = allowed[~high if trained["settings"]["expert"] == "low_noise" else high]
+    index = allowed[0] + torch.randint(0, len(allowed), (2,), generator=generator)
+    t = flow.timesteps[index]
+    noise = torch.randn(x0.shape, generator=generator)
+    x_t = flow.scale_noise(x0, t, noise)
+
+    model_input, timestep, extra, first = x_t, t, {}, 0
+    latent_frames, height, width = x0.shape[2:]
+    frame_mask = torch.ones(latent_frames, height, width)
+    if name in I2V:
+        pipe = pipeline_of(trained, transformer=transformer)
+        conditions = []
+        for frame in first_frames(trained, rows):
+            out = pipe.prepare_latents(frame, 1, channels, 32, 64, 9, torch.float32, torch.device("cpu"))
+            conditions.append(out[1])
+        condition = torch.cat(conditions)
+        if name in CHANNEL_I2V:
+            model_input = torch.cat([x_t, condition], dim=1)
+            if pipe.image_encoder is not None:
+                extra["encoder_hidden_states_image"] = torch.cat(
+                    [pipe.encode_image(pil(frame), torch.device("cpu")) for frame in first_frames(trained, rows)])
+        else:  # TI2V: the first latent frame is the image, its tokens at timestep 0
+            frame_mask[0] = 0
+            model_input = (1 - frame_mask) * condition + frame_mask * x_t
+            first = 1
+    if index_config.get("expand_timesteps"):
+        timestep = torch.stack([(frame_mask[:, ::2, ::2] * step).flatten() for step in t])
+    with torch.no_grad():
+        pred = transformer(hidden_states=model_input, timestep=timestep, encoder_hidden_states=text,
+                           return_dict=False, **extra)[0]
+    target = noise - x0
+    expected = torch.stack([((pred[b, :, first:] - target[b, :, first:]) ** 2).mean() for b in range(2)]).mean()
+
+    logged = json.loads((trained["out"] / TRAIN_LOG_NAME).read_text().splitlines()[0])["loss"]
+    assert logged == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("trained", sorted(I2V & set(WAN)), indirect=True)
+def test_wan_image_to_video_training_inputs_equal_the_pipelines(trained):
+    """A training step's transformer inputs beside the noisy latents (the mask and image latents, the
+    CLIP image tokens, the prompt embedding, the timestep layout) equal what a one-step call of the
+    diffusers pipeline feeds the transformer for the same first frame and caption."""
+    from cogtune.data_schema import TrainingBatch
+    from cogtune.families import ModelConfigs
+    from cogtune.families.objectives import Objective
+    from cogtune.train.data import LatentDataset
+    from cogtune.util.draws import Draws
+
+    cache = Cache.open(trained["preprocess"].cache_path)
+    row = cache.samples[0]
+    models = ModelConfigs.load(str(trained["model"]))
+    if trained["settings"].get("image_to_video"):
+        models = models.as_image_to_video()
+    spec = models.spec().with_expert(trained["settings"].get("expert"))
+    batch = TrainingBatch.collate([LatentDataset(cache)[0]])
+    inputs = spec.step_inputs(batch, Draws(torch.Generator().manual_seed(0)), spec.noise_schedule(models), Objective())
+    ours = spec.model_inputs(inputs, torch.float32)
+
+    pipe = pipeline_of(trained)
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen.setdefault("kwargs", kwargs)
+
+    getattr(pipe, expert_part(trained)).register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        pipe(image=pil(first_frames(trained, [row])[0]), prompt=row.caption, num_frames=9, height=32, width=64,
+             num_inference_steps=1, guidance_scale=1.0, output_type="latent", generator=torch.Generator().manual_seed(0),
+             **({"guidance_scale_2": 1.0} if pipe.config.boundary_ratio else {}))
+    theirs = seen["kwargs"]
+    channels = spec.latent_channels
+    assert ours["hidden_states"].shape == theirs["hidden_states"].shape
+    if trained["family"] in CHANNEL_I2V:
+        torch.testing.assert_close(ours["hidden_states"][:, channels:], theirs["hidden_states"][:, channels:],
+                                   rtol=1e-5, atol=1e-5)
+    else:  # TI2V: the first latent frame is the image's latents, at timestep 0
+        torch.testing.assert_close(ours["hidden_states"][:, :, :1], theirs["hidden_states"][:, :, :1],
+                                   rtol=1e-5, atol=1e-5)
+        assert (ours["timestep"] == 0).sum() == (theirs["timestep"] == 0).sum() > 0
+    assert ours["timestep"].shape == theirs["timestep"].shape
+    torch.testing.assert_close(ours["encoder_hidden_states"], theirs["encoder_hidden_states"], rtol=1e-5, atol=1e-6)
+    if "encoder_hidden_states_image" in ours or theirs.get("encoder_hidden_states_image") is not None:
+        torch.testing.assert_close(ours["encoder_hidden_states_image"], theirs["encoder_hidden_states_image"],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trained", WAN, indirect=True)
+def test_wan_lora_loads_into_its_diffusers_pipeline(trained):
+    """diffusers alone loads the LoRA into the family's pipeline (a low-noise expert's with
+    load_into_transformer_2=True), that transformer then computes what the trained one does, and
+    the pipeline generates."""
+    pipe = pipeline_of(trained)
+    low = trained["settings"].get("expert") == "low_noise"
+    pipe.load_lora_weights(str(trained["out"]), weight_name=LORA_WEIGHT_NAME,
+                           **({"load_into_transformer_2": True} if low else {}))
+    transformer = getattr(pipe, expert_part(trained))
+    config = transformer.config
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, config.in_channels, 3, 4, 8, generator=generator)
+    text = torch.randn(1, 512, config.text_dim, generator=generator)
+    timestep = torch.tensor([500.0])
+    if json.loads((trained["model"] / "model_index.json").read_text()).get("expand_timesteps"):
+        timestep = torch.full((1, 3 * 2 * 4), 500.0)
+    extra = {}
+    if config.image_dim:
+        extra["encoder_hidden_states_image"] = torch.randn(1, 17, config.image_dim, generator=generator)
+    with torch.no_grad():
+        kwargs = dict(hidden_states=latents, encoder_hidden_states=text, timestep=timestep, return_dict=False, **extra)
+        loaded = transformer(**kwargs)[0]
+        trained_output = trained["train"].transformer.float().eval()(**kwargs)[0]
+    assert torch.allclose(loaded, trained_output, atol=1e-5)
+    if low:  # the other expert is untouched
+        assert not any("lora" in name for name, _ in pipe.transformer.named_parameters())
+
+    image = {"image": pil(torch.rand(1, 3, 32, 64, generator=generator) * 2 - 1)} if trained["family"] in I2V else {}
+    video = pipe(prompt="DEMO a red square", num_frames=9, height=32, width=64, num_inference_steps=2,
+                 output_type="np", generator=torch.Generator().manual_seed(0), **image).frames[0]
+    assert video.shape == (9, 32, 64, 3) and torch.isfinite(torch.from_numpy(video)).all()
+
+
+@pytest.mark.parametrize("trained", ["wan2.2-t2v-a14b"], indirect=True)
+def test_wan_a14b_expert_is_required_and_recorded(trained, tmp_path):
+    info = json.loads((trained["out"] / LORA_INFO_NAME).read_text())
+    assert info["expert"] == "low_noise"
+    config = tmp_path / "no-expert.toml"
+    config.write_text("\n".join(line for line in trained["config"].read_text().splitlines()
+                                if not line.startswith("expert")) + "\n")
+    with pytest.raises(CogtuneError, match="has two experts: give --expert high_noise"):
+        run_stages(config, "train", extra=["--output_dir", tmp_path / "out"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_wan_refuses_what_only_cogvideox_has(models, demo_data, tmp_path):
+    from cogtune.families import ModelConfigs
+
+    spec = ModelConfigs.load(str(models["wan2.1-t2v-1.3b"])).spec()
+    with pytest.raises(CogtuneError, match="--expert high_noise is for models with two experts"):
+        spec.with_expert("high_noise")
+    with pytest.raises(CogtuneError, match="--image_to_video is for models that do both"):
+        ModelConfigs.load(str(models["wan2.1-t2v-1.3b"])).as_image_to_video()
+    assert spec.size_multiple == 16 and ModelConfigs.load(str(models["wan2.2-ti2v-5b"])).spec().size_multiple == 32
