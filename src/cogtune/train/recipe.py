@@ -239,6 +239,8 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     report.check_trackers(config.report_to)
     if config.push_to_hub:
         report.check_hub_token(config.hub_token)
+    models = ModelConfigs.of(config)  # (its config files only)
+    spec = models.spec().with_expert(config.expert)  # (an A14B run: the expert's transformer and timesteps)
     output_dir = Path(config.output_dir)
     files.ensure_writable_dir(output_dir, "--output_dir")
     check_precision_available(config.mixed_precision)
@@ -246,8 +248,6 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     processes, process_index = accelerator.num_processes, accelerator.process_index
 
     # The cache, checked against the model before anything is loaded.
-    models = ModelConfigs.of(config)
-    spec = models.spec().with_expert(config.expert)  # (an A14B run: the expert's transformer and timesteps)
     cache_path, cache = open_training_cache(config, data, models, spec)
     held.enter_context(cache_lock(cache_path, user="this training run"))  # shared: keeps `cache prune` out
     spec.check_precision(config.mixed_precision, logs.message)
