@@ -1,4 +1,4 @@
-"""The `--dry_run` memory estimate for the published CogVideoX models at their native sizes, batch 1, rank 64.
+"""The `--dry_run` memory estimate for the published CogVideoX and Wan models at their cards' sizes, batch 1, rank 64.
 
     .venv/bin/python bench/estimates.py            # writes bench/results/estimates.md
 
@@ -35,12 +35,22 @@ SETTINGS = [
     ("bitsandbytes nf4 base, gradient checkpointing, 8-bit Adam, checkpoints in CPU memory",
      GC + OFFLOAD + ["--quant_backend", "bitsandbytes_4bit", "--use_8bit_adam"]),
 ]
-# (family, hub id, latent shape [C, F, H, W] of its native clip size, which the row names)
+# (model, hub id, latent shape [C, F, H, W] of a clip size its card gives, which the row names). A Wan 2.2
+# A14B row is one expert (a run trains one; both have the same shapes).
 MODELS = [
-    ("2b", "THUDM/CogVideoX-2b", [16, 13, 60, 90], "49x480x720"),
-    ("5b", "THUDM/CogVideoX-5b", [16, 13, 60, 90], "49x480x720"),
-    ("5b-I2V", "THUDM/CogVideoX-5b-I2V", [16, 13, 60, 90], "49x480x720"),
-    ("1.5-5B", "THUDM/CogVideoX1.5-5B", [16, 21, 96, 170], "81x768x1360"),
+    ("CogVideoX-2b", "THUDM/CogVideoX-2b", [16, 13, 60, 90], "49x480x720"),
+    ("CogVideoX-5b", "THUDM/CogVideoX-5b", [16, 13, 60, 90], "49x480x720"),
+    ("CogVideoX-5b-I2V", "THUDM/CogVideoX-5b-I2V", [16, 13, 60, 90], "49x480x720"),
+    ("CogVideoX-1.5-5B", "THUDM/CogVideoX1.5-5B", [16, 21, 96, 170], "81x768x1360"),
+    ("Wan2.1-T2V-1.3B", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", [16, 21, 60, 104], "81x480x832"),
+    ("Wan2.1-T2V-14B", "Wan-AI/Wan2.1-T2V-14B-Diffusers", [16, 21, 60, 104], "81x480x832"),
+    ("Wan2.1-T2V-14B", "Wan-AI/Wan2.1-T2V-14B-Diffusers", [16, 21, 90, 160], "81x720x1280"),
+    ("Wan2.1-I2V-14B-480P", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", [16, 21, 60, 104], "81x480x832"),
+    ("Wan2.1-I2V-14B-720P", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", [16, 21, 90, 160], "81x720x1280"),
+    ("Wan2.2-TI2V-5B", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", [48, 31, 44, 80], "121x704x1280"),
+    ("Wan2.2-T2V-A14B (one expert)", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", [16, 21, 60, 104], "81x480x832"),
+    ("Wan2.2-T2V-A14B (one expert)", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", [16, 21, 90, 160], "81x720x1280"),
+    ("Wan2.2-I2V-A14B (one expert)", "Wan-AI/Wan2.2-I2V-A14B-Diffusers", [16, 21, 60, 104], "81x480x832"),
 ]
 
 
@@ -54,13 +64,13 @@ def main() -> None:
              "Estimates from the published model configs; not measured on a GPU (none was available).", "",
              "| model | clip | settings | weights | LoRA + grads + optimizer | activations | total |",
              "|---|---|---|---|---|---|---|"]
-    for family, model, shape, clip in MODELS:
+    for name, model, shape, clip in MODELS:
         models = ModelConfigs.load(model)
         for label, flags in SETTINGS:
             config = load_config("train", ["--pretrained_model_name_or_path", model, "--rank", "64",
                                            "--lora_alpha", "64", "--mixed_precision", "bf16", *flags])
             e = memory_estimate(config, models, shape)
-            lines.append(f"| CogVideoX-{family} | {clip} | {label} | {e.weights / gib:.2f} GiB | "
+            lines.append(f"| {name} | {clip} | {label} | {e.weights / gib:.2f} GiB | "
                          f"{(e.lora + e.gradients + e.optimizer) / gib:.2f} GiB | "
                          f"{(e.activations + e.transient) / gib:.2f} GiB | **{e.total / gib:.2f} GiB** |")
     lines.append("")

@@ -107,6 +107,7 @@ def run(config: InferConfig) -> list[Path]:
     spec.check_clip_size(config.num_frames, config.height, config.width, ignore_positions)
     check_precision_available(config.mixed_precision)
     spec.check_precision(config.mixed_precision, logs.message)
+    spec.check_flow_shift(config.flow_shift)
     dtype = precision_dtype(config.mixed_precision)
     pipeline_class = spec.pipeline_class()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,6 +128,7 @@ def run(config: InferConfig) -> list[Path]:
         raise CogtuneError(f"Cannot load the LoRA {config.lora or config.output_dir}: {first_line(e)}") from None
     # The LoRA file carries its alpha, so scale 1.0 is the trained strength.
     pipe.set_adapters([ADAPTER_NAME], [config.lora_scale])
+    pipe.scheduler = spec.with_flow_shift(pipe.scheduler, config.flow_shift)
     if config.enable_slicing:
         pipe.vae.enable_slicing()
     if config.enable_tiling:

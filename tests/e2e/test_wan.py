@@ -226,3 +226,56 @@ def test_wan_refuses_what_only_cogvideox_has(models, demo_data, tmp_path):
     with pytest.raises(CogtuneError, match="--image_to_video is for models that do both"):
         ModelConfigs.load(str(models["wan2.1-t2v-1.3b"])).as_image_to_video()
     assert spec.size_multiple == 16 and ModelConfigs.load(str(models["wan2.2-ti2v-5b"])).spec().size_multiple == 32
+
+
+# The renames of diffusers' scripts/convert_wan_to_diffusers.py (TRANSFORMER_KEYS_RENAME_DICT) for a
+# block's linear layers, applied in its order: Wan's original module names -> diffusers'.
+CONVERSION_RENAMES = {"ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2", "self_attn.q": "attn1.to_q",
+                      "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v", "self_attn.o": "attn1.to_out.0",
+                      "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
+                      "cross_attn.o": "attn2.to_out.0", "attn2.to_k_img": "attn2.add_k_proj",
+                      "attn2.to_v_img": "attn2.add_v_proj"}
+ORIGINAL_BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                          "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2")
+
+
+@pytest.mark.parametrize("trained", ["wan2.1-i2v-14b-480p"], indirect=True)
+def test_wan_comfyui_export_loads_as_comfyui_maps_wan_keys(trained, tmp_path):
+    """The exported file, applied as ComfyUI applies it to its WanModel (whose modules keep Wan's
+    original names: `lora_unet_<name, "." -> "_">` -> `diffusion_model.<name>.weight`, W += alpha /
+    rank * up @ down), gives the trained transformer's output. The original names are mapped to the
+    diffusers modules here by the conversion script's renames, not by cogtune's table."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    from conftest import cogtune_here
+
+    exported = tmp_path / "comfy.safetensors"
+    cogtune_here("export", "--format", "comfyui", "--lora", trained["out"], "--output", exported)
+    state = load_file(exported)
+    base = WanTransformer3DModel.from_pretrained(trained["model"], subfolder="transformer")
+    modules = dict(base.named_modules())
+    comfy_names = {}
+    for block in range(len(base.blocks)):
+        for original in ORIGINAL_BLOCK_LINEARS:
+            name = f"blocks.{block}.{original}"
+            converted = name
+            for old, new in CONVERSION_RENAMES.items():
+                converted = converted.replace(old, new)
+            comfy_names["lora_unet_" + name.replace(".", "_")] = converted
+    adapted = {key.rsplit(".", 2)[0] for key in state if key.endswith(".lora_down.weight")}
+    assert adapted and adapted <= set(comfy_names), sorted(adapted - set(comfy_names))
+    for name in adapted:
+        module = modules[comfy_names[name]]
+        up, down = state[f"{name}.lora_up.weight"], state[f"{name}.lora_down.weight"]
+        module.weight.data += state[f"{name}.alpha"].item() / down.shape[0] * up @ down
+    config = base.config
+    generator = torch.Generator().manual_seed(0)
+    kwargs = dict(hidden_states=torch.randn(1, config.in_channels, 3, 4, 8, generator=generator),
+                  encoder_hidden_states=torch.randn(1, 512, config.text_dim, generator=generator),
+                  encoder_hidden_states_image=torch.randn(1, 17, config.image_dim, generator=generator),
+                  timestep=torch.tensor([500.0]), return_dict=False)
+    with torch.no_grad():
+        merged = base(**kwargs)[0]
+        expected = trained["train"].transformer.float().eval()(**kwargs)[0]
+    assert torch.allclose(merged, expected, atol=1e-5)

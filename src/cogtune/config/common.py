@@ -161,3 +161,7 @@ class GuidanceArgs(Group):
     guidance_scale: float = opt(6.0, "Classifier-free guidance scale (train: of the validation videos).",
                                 rules=('nonnegative', 'finite'))
     use_dynamic_cfg: bool = opt(False, "Use the dynamic CFG schedule of CogVideoX (train: for the validation videos).")
+    flow_shift: Optional[float] = opt(
+        None, "Flow-matching models (Wan): the sampler's flow shift (train: of the validation videos). Default: the "
+              "pipeline scheduler's; the Wan cards advise 3.0 at 480p and 5.0 at 720p. Training draws its sigmas "
+              "with the scheduler's own shift either way.", rules=('positive_finite',))

@@ -284,6 +284,17 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def validation_scheduler(self, models: "ModelConfigs"): ...
 
+    def with_flow_shift(self, scheduler, flow_shift: float | None):
+        """The sampler with --flow_shift applied (flow-matching families)."""
+        self.check_flow_shift(flow_shift)
+        return scheduler
+
+    def check_flow_shift(self, flow_shift: float | None) -> None:
+        """A CogtuneError for --flow_shift where the family's sampler has none."""
+        if flow_shift is not None:
+            raise CogtuneError(f"--flow_shift is for flow-matching models (Wan); this {self.description} model's "
+                               "sampler has no flow shift. Leave --flow_shift out.")
+
     @abc.abstractmethod
     def generate_latents(self, transformer, scheduler, caption: dict, negative: dict, num_frames: int, height: int,
                          width: int, num_inference_steps: int, guidance_scale: float, use_dynamic_cfg: bool,
@@ -317,6 +328,11 @@ class ModelFamily(abc.ABC):
         """The same, as the model card's snippet spells them (ending in ", ", or empty)."""
 
     export_formats: ClassVar[tuple[str, ...]]  # `cogtune export --format` values this family's LoRAs take
+
+    def exported_module(self, module: str) -> str:
+        """A diffusers transformer module path (blocks.0.attn1.to_q) as the ComfyUI export names it: the
+        module path of the model as ComfyUI holds it (CogVideoX: the diffusers one)."""
+        return module
 
 
 IGNORED_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype")  # the library that saved it, storage dtype

@@ -32,6 +32,22 @@ from cogtune.families.base import ModelFamily, _transformers
 from cogtune.families.objectives import Objective, drop_captions, draw_timesteps, posterior_sample
 from cogtune.util.draws import Draws
 
+# diffusers' module names -> Wan's original ones (ComfyUI's), from the renames of diffusers'
+# scripts/convert_wan_to_diffusers.py (TRANSFORMER_KEYS_RENAME_DICT), for every linear layer.
+ORIGINAL_NAMES = (
+    ("attn1.to_q", "self_attn.q"), ("attn1.to_k", "self_attn.k"), ("attn1.to_v", "self_attn.v"),
+    ("attn1.to_out.0", "self_attn.o"), ("attn2.to_q", "cross_attn.q"), ("attn2.to_k", "cross_attn.k"),
+    ("attn2.to_v", "cross_attn.v"), ("attn2.to_out.0", "cross_attn.o"), ("attn2.add_k_proj", "cross_attn.k_img"),
+    ("attn2.add_v_proj", "cross_attn.v_img"), ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+    ("proj_out", "head.head"),
+)
 TEXT_LENGTH = 512  # the Wan pipelines' max_sequence_length: every caption is padded to it
 EXPERTS = ("high_noise", "low_noise")  # Wan 2.2 A14B: `transformer` and `transformer_2`
 
@@ -265,10 +281,12 @@ class Wan(ModelFamily):
     def blocks(self, transformer) -> torch.nn.ModuleList:
         return transformer.blocks
 
-    block_state_arguments = 2  # hidden_states, encoder_hidden_states
+    # A block's first argument, hidden_states, is its large state; the text states and the timestep
+    # embedding are the same tensors for every block (what checkpoint offload leaves where they are).
+    block_state_arguments = 1
 
     def block_states(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        names = ("hidden_states", "encoder_hidden_states")
+        names = ("hidden_states",)
         return [*args[:self.block_state_arguments], *(kwargs[k] for k in names if k in kwargs)]
 
     # --- encoding (stage 1) --------------------------------------------------------------------
@@ -495,6 +513,16 @@ class Wan(ModelFamily):
         name = (models.model_index.get("scheduler") or [None, "UniPCMultistepScheduler"])[1]
         return getattr(diffusers, name).from_config(models.scheduler)
 
+    def check_flow_shift(self, flow_shift: float | None) -> None:
+        """Every Wan sampler has a flow shift."""
+
+    def with_flow_shift(self, scheduler, flow_shift: float | None):
+        """The pipeline's scheduler with another flow shift (UniPC's flow_shift, FlowMatchEuler's shift)."""
+        if flow_shift is None:
+            return scheduler
+        key = "flow_shift" if "flow_shift" in scheduler.config else "shift"
+        return type(scheduler).from_config(scheduler.config, **{key: flow_shift})
+
     @torch.no_grad()
     def generate_latents(self, transformer, scheduler, caption: dict, negative: dict, num_frames: int, height: int,
                          width: int, num_inference_steps: int, guidance_scale: float, use_dynamic_cfg: bool,
@@ -558,7 +586,17 @@ class Wan(ModelFamily):
     def card_call_arguments(self, use_dynamic_cfg: bool) -> str:
         return ""
 
-    export_formats = ()  # no ComfyUI map yet (see the Wan docs page)
+    export_formats = ("comfyui",)
+
+    def exported_module(self, module: str) -> str:
+        """The module's name in Wan's original checkpoints, which ComfyUI's WanModel keeps (so a
+        `lora_unet_<name, "." -> "_">` key reaches `diffusion_model.<name>.weight`): the inverse of the
+        renames in diffusers' scripts/convert_wan_to_diffusers.py."""
+        for diffusers_name, original in ORIGINAL_NAMES:
+            if module.endswith(diffusers_name):
+                return module[:len(module) - len(diffusers_name)] + original
+        raise CogtuneError(f"The LoRA adapts {module}, which has no name in Wan's original layout that cogtune knows; "
+                           "it cannot be exported for ComfyUI (its diffusers file loads as it is).")
 
 
 def _clip_tokens(config: dict | None) -> int:

@@ -123,10 +123,16 @@ def activation_bytes(transformer, spec: ModelFamily, inputs: dict) -> tuple[int,
     --gradient_checkpointing_cpu_offload keeps in CPU memory) of one forward pass."""
     blocks = spec.blocks(transformer)
     per_block, block_inputs, offloadable = [], [], []
+    inputs_seen = set()  # a tensor every block takes (Wan's text states and timestep embedding) is kept once
     with SavedTensorBytes([*transformer.parameters(), *transformer.buffers()]) as saved:
         def before(module, args, kwargs):
             module._cogtune_saved_before = saved.total
-            block_inputs.append(tensor_bytes(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)))
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            tensors += [t for a in (*args, *kwargs.values()) if isinstance(a, tuple) for t in a
+                        if isinstance(t, torch.Tensor)]  # (RoPE tables come as a tuple)
+            new = {id(t): t for t in tensors if id(t) not in inputs_seen}
+            inputs_seen.update(new)
+            block_inputs.append(tensor_bytes(new.values()))
             offloadable.append(tensor_bytes(spec.block_states(args, kwargs)))
 
         def after(module, args, kwargs, output):

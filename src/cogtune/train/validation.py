@@ -103,7 +103,7 @@ def run_validation(transformer, validation: ValidationSet, config, models: Model
     before returning), and write the mp4s and a contact sheet under OUTPUT_DIR/validation/step-N."""
     was_training = transformer.training
     transformer.eval()
-    scheduler = spec.validation_scheduler(models)
+    scheduler = spec.with_flow_shift(spec.validation_scheduler(models), config.flow_shift)
     latents, settings = [], []
     try:
         with autocast():
