@@ -52,12 +52,16 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 GC = ["--gradient_checkpointing"]
 FP8 = ["--layerwise_casting_storage_dtype", "float8_e4m3fn"]
 # Training settings (label, family, frames x height x width, precision, extra flags), most wanted
-# first: the README's two figures (2b and 5b, bf16, gradient checkpointing), then the others.
+# first: the README's two figures (2b and 5b, bf16, gradient checkpointing), the Wan models at their
+# cards' sizes (random weights from the published configs), then the others.
 INT8 = ["--quant_backend", "torchao", "--quant_type", "int8wo"]
 SETTINGS = {
     "real": [
         ("2b, bf16, gradient checkpointing", "2b", (49, 480, 720), "bf16", GC),
         ("5b, bf16, gradient checkpointing", "5b", (49, 480, 720), "bf16", GC),
+        ("Wan 2.1 1.3B, bf16, gradient checkpointing", "wan2.1-1.3b", (81, 480, 832), "bf16", GC),
+        ("Wan 2.2 TI2V 5B, bf16, gradient checkpointing", "wan2.2-5b", (121, 704, 1280), "bf16", GC),
+        ("Wan 2.1 14B, bf16, gradient checkpointing", "wan2.1-14b", (81, 480, 832), "bf16", GC),
         ("5b, bf16, gradient checkpointing, torchao int8wo base", "5b", (49, 480, 720), "bf16", GC + INT8),
         ("5b, bf16, gradient checkpointing in CPU memory, torchao int8wo base", "5b", (49, 480, 720), "bf16",
          GC + ["--gradient_checkpointing_cpu_offload"] + INT8),
@@ -74,6 +78,8 @@ SETTINGS = {
         ("2b, fp32, gradient checkpointing", "2b", (9, 32, 64), "no", GC),
         ("2b, fp32, gradient checkpointing, 1 of 2 blocks swapped", "2b", (9, 32, 64), "no",
          GC + ["--blocks_to_swap", "1"]),
+        ("Wan 2.1 1.3B, fp32, gradient checkpointing", "wan2.1-1.3b", (9, 32, 64), "no", GC),
+        ("Wan 2.2 TI2V 5B, fp32, gradient checkpointing", "wan2.2-5b", (9, 64, 64), "no", GC),
     ],
 }
 # The training settings the reference runs too (it has no fp8 storage, and 2b only here).
@@ -88,19 +94,30 @@ VAE_OPTIONS = [("VAE tiling and slicing", ["--enable_tiling", "--enable_slicing"
 # Seconds for each part (spread over the parts chosen, in these proportions, by --budget). The real
 # ones sum to 7.8 minutes: the whole check fits an 8-minute command.
 PART_SECONDS = {
-    "real": {"parity": 30, "train": 270, "reference": 100, "preprocess": 70},
+    "real": {"parity": 30, "train": 330, "reference": 40, "preprocess": 70},
     "tiny": {"parity": 120, "train": 120, "reference": 180, "preprocess": 120},
 }
 MIN_COMMAND_SECONDS = 10  # a command is not started with less left than this in its part's budget
-PUBLISHED = {"2b": "THUDM/CogVideoX-2b", "5b": "THUDM/CogVideoX-5b"}
+PUBLISHED = {"2b": "THUDM/CogVideoX-2b", "5b": "THUDM/CogVideoX-5b", "wan2.1-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+             "wan2.1-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers", "wan2.2-5b": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}
 # --size tiny: the published configs with every width shrunk (the structure kept), so the CPU
-# check runs the code that builds the real models.
+# check runs the code that builds the real models. By family name.
+TINY_TEXT_ENCODER = dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, relative_attention_num_buckets=8)
 TINY_WIDTHS = {
-    "transformer": dict(num_attention_heads=2, attention_head_dim=16, time_embed_dim=8, text_embed_dim=32,
-                        num_layers=2, max_text_seq_length=32),
-    "text_encoder": dict(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, relative_attention_num_buckets=8),
-    "vae": dict(block_out_channels=[8, 8, 8, 8], norm_num_groups=2, layers_per_block=1),
+    "CogVideoX": {
+        "transformer": dict(num_attention_heads=2, attention_head_dim=16, time_embed_dim=8, text_embed_dim=32,
+                            num_layers=2, max_text_seq_length=32),
+        "text_encoder": TINY_TEXT_ENCODER,
+        "vae": dict(block_out_channels=[8, 8, 8, 8], norm_num_groups=2, layers_per_block=1),
+    },
+    "Wan": {
+        "transformer": dict(num_attention_heads=2, attention_head_dim=8, ffn_dim=32, freq_dim=16, text_dim=32,
+                            num_layers=2),
+        "text_encoder": TINY_TEXT_ENCODER,
+        "vae": dict(base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
+    },
 }
+TINY_TEXT_LENGTH = {"CogVideoX": 32}  # the tiny CogVideoX's max_text_seq_length (Wan pads every caption to 512)
 TRAINING_PARTS = ("transformer",)  # what `cogtune train` loads (no validation: no VAE, and never T5)
 ALL_PARTS = ("transformer", "vae", "text_encoder", "tokenizer")  # what preprocess and the reference load
 
@@ -128,15 +145,18 @@ def make_model(folder: Path, family: str, size: str, parts: tuple[str, ...]) -> 
     """A pipeline folder of the published configs (`size` tiny: shrunk) with random-weight `parts`
     (bf16; fp32 when tiny), built on the GPU where there is one. The other parts have their config
     alone (what `cogtune train` reads of them); parts already built are kept."""
+    import diffusers
     import torch
+    import transformers
 
-    from cogtune.families import published_folder
+    from cogtune.families import ModelConfigs, published_folder
 
     published = published_folder(PUBLISHED[family])
+    spec = ModelConfigs.load(PUBLISHED[family]).spec()
 
     def config(part: str) -> dict:
         values = json.loads((published / part / "config.json").read_text())
-        return dict(values, **TINY_WIDTHS[part]) if size == "tiny" else values
+        return dict(values, **TINY_WIDTHS[spec.name][part]) if size == "tiny" else values
 
     if not (folder / "model_index.json").is_file():
         shutil.copytree(published / "scheduler", folder / "scheduler", dirs_exist_ok=True)
@@ -145,6 +165,9 @@ def make_model(folder: Path, family: str, size: str, parts: tuple[str, ...]) -> 
             (folder / part / "config.json").write_text(json.dumps(config(part), indent=1))
         index = json.loads((published / "model_index.json").read_text())
         index["tokenizer"] = ["transformers", "T5TokenizerFast"]  # the tokenizer made here (no sentencepiece file)
+        index = {part: value for part, value in index.items()  # (the parts made here, and the pipeline's settings)
+                 if not isinstance(value, list) or part in ("transformer", "vae", "text_encoder", "tokenizer",
+                                                            "scheduler")}
         (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if size == "tiny" else torch.bfloat16
@@ -157,21 +180,16 @@ def make_model(folder: Path, family: str, size: str, parts: tuple[str, ...]) -> 
         if part == "tokenizer":
             from cogtune.dev.tiny import make_tokenizer
 
-            make_tokenizer(config("transformer")["max_text_seq_length"]).save_pretrained(partial)
+            make_tokenizer(spec.text_length if size != "tiny" else TINY_TEXT_LENGTH.get(spec.name, 512)
+                           ).save_pretrained(partial)
         else:
             with device:
-                if part == "transformer":
-                    from diffusers import CogVideoXTransformer3DModel
-
-                    model = CogVideoXTransformer3DModel.from_config(config(part))
-                elif part == "vae":
-                    from diffusers import AutoencoderKLCogVideoX
-
-                    model = AutoencoderKLCogVideoX.from_config(config(part))
+                if part in ("transformer", "vae"):  # the family's diffusers classes
+                    cls = getattr(diffusers, spec.transformer_class if part == "transformer" else spec.vae_class)
+                    model = cls.from_config(config(part))
                 else:
-                    from transformers import T5Config, T5EncoderModel
-
-                    model = T5EncoderModel(T5Config(**config(part)))
+                    cls = getattr(transformers, spec.text_encoder_class)
+                    model = cls(cls.config_class(**{k: v for k, v in config(part).items() if k != "architectures"}))
             model.to(dtype).save_pretrained(partial)
             del model
             if device.type == "cuda":
@@ -206,7 +224,7 @@ def make_cache(model: Path, cache_root: Path, size: tuple[int, int, int], clips:
     path = cache_root / identity.name
     if (path / schema.SELECTION_FILE).is_file():
         return path
-    channels, dtype = models.vae["latent_channels"], schema.DTYPES[config.latent_dtype]  # as preprocess stores them
+    channels, dtype = spec.latent_channels, schema.DTYPES[config.latent_dtype]  # as preprocess stores them
     shape = [channels, spec.latent_frames(frames), height // spec.vae_scale_spatial, width // spec.vae_scale_spatial]
     writer = CacheWriter(path, identity.manifest(), shard_size_mb=512)
     generator = torch.Generator().manual_seed(0)
@@ -217,7 +235,7 @@ def make_cache(model: Path, cache_root: Path, size: tuple[int, int, int], clips:
         shard = writer.add_tensor(schema.video_tensor_key(key, "mean"), torch.randn(shape, generator=generator).to(dtype))
         writer.add_tensor(schema.video_tensor_key(key, "logvar"), torch.full(shape, -6.0).to(dtype))
         text_key = schema.caption_tensor_key(schema.caption_key(caption), "prompt_embeds")
-        text_shard = writer.add_tensor(text_key, torch.randn(spec.max_text_seq_length, spec.text_embed_dim,
+        text_shard = writer.add_tensor(text_key, torch.randn(spec.text_length, text_width(models),
                                                              generator=generator).mul(0.1).to(dtype))
         source = schema.SampleSource(schema.sample_id(sha, caption), f"/synthetic/{i}.mp4", 1, 1, sha, caption)
         video = schema.VideoLatent(frame_indices=list(range(frames)), source_fps=8.0, source_height=height,
@@ -228,6 +246,12 @@ def make_cache(model: Path, cache_root: Path, size: tuple[int, int, int], clips:
         ids.append(source.sample_id)
     writer.write_selection(ids)
     return path
+
+
+def text_width(models) -> int:
+    """The width of a caption embedding: what the transformer's text projection takes."""
+    transformer = models.transformer
+    return int(transformer.get("text_embed_dim") or transformer["text_dim"])
 
 
 # --- running a command ----------------------------------------------------------------------------

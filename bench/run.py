@@ -190,16 +190,11 @@ def step_flops(model: Path, settings: Settings) -> int:
                                    "--mixed_precision", settings.mixed_precision])
     meta = torch.device("meta")
     transformer = build_transformer(config, models, spec, meta, meta=True)
-    frames = spec.latent_frames(settings.frames)
-    frames += spec.frame_padding(frames)
-    height, width = settings.height // spec.vae_scale_spatial, settings.width // spec.vae_scale_spatial
+    latent_shape = [spec.latent_channels, spec.latent_frames(settings.frames), settings.height // spec.vae_scale_spatial,
+                    settings.width // spec.vae_scale_spatial]
+    inputs = spec.memory_inputs(settings.batch, latent_shape, transformer.config.in_channels, torch.float32, meta)
     with FlopCounterMode(display=False) as counter:
-        pred = transformer(
-            hidden_states=torch.empty(settings.batch, frames, transformer.config.in_channels, height, width, device=meta),
-            encoder_hidden_states=torch.empty(settings.batch, spec.max_text_seq_length, spec.text_embed_dim, device=meta),
-            timestep=torch.zeros(settings.batch, dtype=torch.long, device=meta),
-            **spec.transformer_inputs(settings.batch, frames, height, width, meta),
-            return_dict=False)[0]
+        pred = transformer(**inputs, return_dict=False)[0]
         pred.float().pow(2).mean().backward()
     return counter.get_total_flops()
 
