@@ -239,6 +239,10 @@ class ModelFamily(abc.ABC):
         """[1, C, 1, H, W] first frame of a clip of num_frames frames -> its tensors by name
         (TensorSet.first_frame); encoders: first_frame_encoders'."""
 
+    def image_encoder_bytes(self, models: "ModelConfigs", dtype: torch.dtype) -> int:
+        """Weight bytes of what encodes first frames beside the VAE (for the estimates): none here."""
+        return 0
+
     def inference_image(self, pixels: torch.Tensor):
         """The image the family's pipeline is given for a [3, 1, H, W] first frame in [-1, 1]."""
         return (pixels[:, 0][None] + 1) / 2

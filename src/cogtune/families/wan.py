@@ -346,6 +346,17 @@ class Wan(ModelFamily):
         encoder = models.load_part(_transformers(index["image_encoder"][1]), "image_encoder", dtype=dtype)
         return FirstFrameEncoders(vae, processor, encoder.to(device).eval())
 
+    def image_encoder_bytes(self, models, dtype: torch.dtype) -> int:
+        """CLIP's weights (Wan 2.1 I2V), built on the meta device from its config."""
+        if not self.image_dim:
+            return 0
+        from cogtune.families.base import meta_model
+
+        cls = _transformers(models.model_index["image_encoder"][1])
+        config = {k: v for k, v in models.image_encoder.items() if k != "architectures"}
+        encoder = meta_model(lambda: cls(cls.config_class(**config)), dtype)
+        return sum(p.numel() * p.element_size() for p in encoder.parameters())
+
     @torch.no_grad()
     def encode_first_frame(self, encoders: FirstFrameEncoders, pixels: torch.Tensor,
                            num_frames: int) -> dict[str, torch.Tensor]:

@@ -67,6 +67,7 @@ def vae_estimate(config: PreprocessConfig, models: ModelConfigs, size: tuple[int
     if slicing:
         vae.enable_slicing()
     weights = sum(t.numel() * t.element_size() for t in [*vae.parameters(), *vae.buffers()])
+    weights += models.spec().image_encoder_bytes(models, dtype)  # (beside the VAE: Wan 2.1 I2V's CLIP)
     frames, height, width = size
     clips = torch.empty(1, 3, frames, height, width, device="meta", dtype=dtype)
     return StageEstimate(weights, activation_peak(vae, lambda: vae.encode(clips)) + clips.numel() * clips.element_size())
