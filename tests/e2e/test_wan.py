@@ -297,3 +297,47 @@ def test_wan_on_two_processes_equals_one_process_with_the_same_global_batch(trai
     for key in reference:  # equal up to the all-reduce's summation order, which Adam's 1 / sqrt(v) magnifies
         # where a gradient is near zero: to a thousandth of each tensor's scale
         torch.testing.assert_close(saved[key], reference[key], rtol=1e-3, atol=1e-3 * reference[key].abs().max().item())
+
+
+def test_wan_takes_the_training_options_and_merges(models, demo_data, tmp_path):
+    """Wan 2.1 I2V through what a CogVideoX run has beyond one size: buckets of two sizes, every
+    window of a clip (chunk), caption dropout to the empty prompt's embedding, EMA, DoRA on every
+    linear layer of its blocks (the added image K/V projections included), a warm start from a LoRA,
+    and `cogtune merge`, whose pipeline computes what base + LoRA does."""
+    from diffusers import WanImageToVideoPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors.torch import load_file
+
+    from conftest import cogtune_here, write_config
+
+    model = models["wan2.1-i2v-14b-480p"]
+    config = write_config(tmp_path / "c.toml", model, demo_data, tmp_path / "cache", tmp_path / "first",
+                          buckets=["9x32x64", "5x32x32"], frame_extraction="chunk", caption_dropout_p=0.5,
+                          max_train_steps=2)
+    cogtune_here("preprocess", "--config", config)
+    cogtune_here("train", "--config", config)
+    common = ["--config", config, "--output_dir", tmp_path / "out", "--use_ema", "--use_dora",
+              "--lora_target_preset", "all_linear", "--init_lora", tmp_path / "first" / LORA_WEIGHT_NAME,
+              "--lora_alpha", "2", "--rank", "4"]
+    result = cogtune_here("train", *common)
+    assert "LoRA: starts from" in result.stderr + result.stdout
+    saved = load_file(tmp_path / "out" / LORA_WEIGHT_NAME)
+    assert any("attn2.add_k_proj" in key for key in saved) and any("ffn.net.2" in key for key in saved)
+    assert any(key.endswith("lora_magnitude_vector") for key in saved)
+    assert (tmp_path / "out" / "pytorch_lora_weights_ema.safetensors").is_file()
+    log = [json.loads(line) for line in (tmp_path / "out" / TRAIN_LOG_NAME).read_text().splitlines()]
+    assert len(log) == 2 and all(0 < r["loss"] < 100 for r in log)
+
+    cogtune_here("merge", "--lora", tmp_path / "out", "--merged_dir", tmp_path / "merged", "--dtype", "no")
+    merged = WanImageToVideoPipeline.from_pretrained(tmp_path / "merged")
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.transformer.modules())
+    pipe = WanImageToVideoPipeline.from_pretrained(model)
+    pipe.load_lora_weights(str(tmp_path / "out"), weight_name=LORA_WEIGHT_NAME)
+    config_ = merged.transformer.config
+    generator = torch.Generator().manual_seed(0)
+    kwargs = dict(hidden_states=torch.randn(1, config_.in_channels, 3, 4, 8, generator=generator),
+                  encoder_hidden_states=torch.randn(1, 512, config_.text_dim, generator=generator),
+                  encoder_hidden_states_image=torch.randn(1, 17, config_.image_dim, generator=generator),
+                  timestep=torch.tensor([300.0]), return_dict=False)
+    with torch.no_grad():
+        assert torch.allclose(merged.transformer(**kwargs)[0], pipe.transformer(**kwargs)[0], atol=1e-5)
