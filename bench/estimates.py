@@ -54,25 +54,43 @@ MODELS = [
 ]
 
 
-def main() -> None:
+def model_rows(number: int) -> list[str]:
+    """The table rows of MODELS[number] under every setting (run in a process of its own: building a
+    14B transformer on the meta device a dozen times keeps a few GiB of CPU memory)."""
     from cogtune.config import load_config
     from cogtune.families import ModelConfigs
     from cogtune.train.memory import memory_estimate
 
     gib = 1024 ** 3
+    name, model, shape, clip = MODELS[number]
+    models = ModelConfigs.load(model)
+    rows = []
+    for label, flags in SETTINGS:
+        config = load_config("train", ["--pretrained_model_name_or_path", model, "--rank", "64",
+                                       "--lora_alpha", "64", "--mixed_precision", "bf16", *flags])
+        e = memory_estimate(config, models, shape)
+        rows.append(f"| {name} | {clip} | {label} | {e.weights / gib:.2f} GiB | "
+                    f"{(e.lora + e.gradients + e.optimizer) / gib:.2f} GiB | "
+                    f"{(e.activations + e.transient) / gib:.2f} GiB | **{e.total / gib:.2f} GiB** |")
+    return rows
+
+
+def main() -> None:
+    import json
+    import subprocess
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--model":
+        print(json.dumps(model_rows(int(sys.argv[2]))))
+        return
     lines = ["# Expected peak GPU memory (`cogtune train --dry_run`), batch 1, rank 64", "",
              "Estimates from the published model configs; not measured on a GPU (none was available).", "",
              "| model | clip | settings | weights | LoRA + grads + optimizer | activations | total |",
              "|---|---|---|---|---|---|---|"]
-    for name, model, shape, clip in MODELS:
-        models = ModelConfigs.load(model)
-        for label, flags in SETTINGS:
-            config = load_config("train", ["--pretrained_model_name_or_path", model, "--rank", "64",
-                                           "--lora_alpha", "64", "--mixed_precision", "bf16", *flags])
-            e = memory_estimate(config, models, shape)
-            lines.append(f"| {name} | {clip} | {label} | {e.weights / gib:.2f} GiB | "
-                         f"{(e.lora + e.gradients + e.optimizer) / gib:.2f} GiB | "
-                         f"{(e.activations + e.transient) / gib:.2f} GiB | **{e.total / gib:.2f} GiB** |")
+    for number in range(len(MODELS)):
+        done = subprocess.run([sys.executable, __file__, "--model", str(number)], capture_output=True, text=True,
+                              check=True)
+        lines += json.loads(done.stdout.strip().splitlines()[-1])
     lines.append("")
     out = HERE / "results" / "estimates.md"
     out.parent.mkdir(parents=True, exist_ok=True)

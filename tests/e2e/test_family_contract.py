@@ -1,9 +1,10 @@
-"""The family contract, over every variant the family registry knows, on tiny random models that
-carry its structural flags (CogVideoX: 2b sincos, 5b RoPE, 5b-I2V image input and learned
-positions, 1.5 temporal patches and slice RoPE, 1.5-I2V image input and ofs): each preprocesses,
-trains, validates, resumes exactly and generates; its first-step loss equals its own objective
-computed independently; its LoRA loads into its own diffusers pipeline. Then the family-specific
-layouts and refusals."""
+"""The family contract, over every variant the family registry knows (the runs of tests/contract.py),
+on tiny random models that carry its structural flags (CogVideoX: 2b sincos, 5b RoPE, 5b-I2V image
+input and learned positions, 1.5 temporal patches and slice RoPE, 1.5-I2V image input and ofs; Wan:
+2.1 T2V, 2.1 I2V with CLIP, 2.2 TI2V in both modes, the A14B experts): each preprocesses, trains,
+validates, resumes exactly and generates. Then CogVideoX's own checks: its first-step loss equals its
+objective computed independently, its LoRA loads into its own diffusers pipeline, its layouts and
+refusals (Wan's are in test_wan.py)."""
 
 import json
 import shutil

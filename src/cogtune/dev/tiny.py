@@ -1,8 +1,10 @@
-"""Hub-free tiny CogVideoX pipelines and demo clips, for the demo and the tests.
+"""Hub-free tiny pipelines of every variant the family registry knows, and demo clips, for the demo
+and the tests.
 
-The tiny pipeline has the real structure (T5 encoder, 3D VAE, CogVideoX transformer, the real
-models' scheduler settings) with random weights a few hundred kilobytes in size, so every stage
-runs on a CPU in seconds and nothing is fetched from a hub.
+A tiny pipeline has its variant's real structure (the T5 or UMT5 encoder, the 3D VAE, the
+transformer with its image inputs, CLIP and the second expert where the variant has them, the real
+models' scheduler settings) with random weights a few hundred kilobytes in size, so every stage runs
+on a CPU in seconds and nothing is fetched from a hub.
 """
 
 from __future__ import annotations
@@ -226,7 +228,7 @@ FAMILIES = [variant for variant, (family, _) in VARIANTS.items() if family in BU
 
 
 def make_tiny_model(path: str | Path, family: str = "2b", seed: int = 0, size: str = "tiny") -> Path:
-    """Write a random-weight CogVideoX pipeline folder that from_pretrained loads offline."""
+    """Write a random-weight pipeline folder of a variant that from_pretrained loads offline."""
     path = Path(path)
     make_tiny_pipeline(family, seed, size).save_pretrained(path)
     return path.resolve()
