@@ -22,6 +22,7 @@ from cogtune.util.devices import check_precision_available, precision_dtype
 from cogtune.util.media import write_mp4
 
 ADAPTER_NAME = "cogtune"
+EXPERT_ADAPTER_NAME = "cogtune_expert"  # --expert_lora's adapter
 
 
 @dataclass(frozen=True)
@@ -120,14 +121,23 @@ def run(config: InferConfig) -> list[Path]:
                             **({"quantization_config": quantization} if quantization else {}))
     if spec.ignores_learned_positions(ignore_positions):
         spec.drop_learned_positional_embeddings(pipe.transformer)
-    kwargs = {"weight_name": weight_name} if weight_name else {}
-    kwargs |= spec.lora_load_arguments(read_lora_info(folder))  # (a Wan 2.2 low-noise expert's: transformer_2)
-    try:
-        pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, use_safetensors=True, **kwargs)  # never pickle
-    except Exception as e:  # OSError, ValueError, safetensors' and peft's own error types
-        raise CogtuneError(f"Cannot load the LoRA {config.lora or config.output_dir}: {first_line(e)}") from None
+    loras = [(ADAPTER_NAME, folder, weight_name, config.lora or config.output_dir)]
+    if config.expert_lora:  # (a Wan 2.2 A14B LoRA for each expert)
+        loras.append((EXPERT_ADAPTER_NAME, *lora_source(config.expert_lora, "--expert_lora"), config.expert_lora))
+        experts = [read_lora_info(where).get("expert") for _, where, _, _ in loras]
+        if sorted(map(str, experts)) != ["high_noise", "low_noise"]:
+            raise CogtuneError(f"--lora and --expert_lora are LoRAs of the experts {experts[0]} and {experts[1]} (their "
+                               "cogtune_lora.json); give one LoRA trained with --expert high_noise and one with "
+                               "--expert low_noise.")
+    for adapter, where, name, given in loras:
+        kwargs = {"weight_name": name} if name else {}
+        kwargs |= spec.lora_load_arguments(read_lora_info(where))  # (a Wan 2.2 low-noise expert's: transformer_2)
+        try:
+            pipe.load_lora_weights(where, adapter_name=adapter, use_safetensors=True, **kwargs)  # never pickle
+        except Exception as e:  # OSError, ValueError, safetensors' and peft's own error types
+            raise CogtuneError(f"Cannot load the LoRA {given}: {first_line(e)}") from None
     # The LoRA file carries its alpha, so scale 1.0 is the trained strength.
-    pipe.set_adapters([ADAPTER_NAME], [config.lora_scale])
+    pipe.set_adapters([adapter for adapter, *_ in loras], [config.lora_scale] * len(loras))
     pipe.scheduler = spec.with_flow_shift(pipe.scheduler, config.flow_shift)
     if config.enable_slicing:
         pipe.vae.enable_slicing()

@@ -341,3 +341,32 @@ def test_wan_takes_the_training_options_and_merges(models, demo_data, tmp_path):
                   timestep=torch.tensor([300.0]), return_dict=False)
     with torch.no_grad():
         assert torch.allclose(merged.transformer(**kwargs)[0], pipe.transformer(**kwargs)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("trained", ["wan2.2-t2v-a14b"], indirect=True)
+def test_wan_a14b_infer_loads_each_experts_lora_into_its_expert(trained, tmp_path):
+    """`cogtune infer --lora HIGH --expert_lora LOW` generates what diffusers does with the high-noise
+    LoRA in `transformer` and the low-noise one in `transformer_2` (the same mp4 bytes); two LoRAs of
+    one expert are refused."""
+    import numpy as np
+    from diffusers import WanPipeline
+
+    from cogtune.util.media import write_mp4
+
+    high = tmp_path / "high"
+    run_stages(trained["config"], "train", extra=["--expert", "high_noise", "--output_dir", high,
+                                                  "--max_train_steps", "2"])
+    (video,) = run_stages(trained["config"], "infer", extra=["--lora", high, "--expert_lora", trained["out"],
+                                                             "--video_output_dir", tmp_path / "videos"])["infer"]
+    pipe = WanPipeline.from_pretrained(trained["model"])
+    pipe.load_lora_weights(str(high), weight_name=LORA_WEIGHT_NAME, adapter_name="high")
+    pipe.load_lora_weights(str(trained["out"]), weight_name=LORA_WEIGHT_NAME, adapter_name="low",
+                           load_into_transformer_2=True)
+    frames = pipe(prompt="DEMO a red square moves", num_frames=9, height=32, width=64, num_inference_steps=2,
+                  guidance_scale=6.0, generator=torch.Generator().manual_seed(42), output_type="np",
+                  max_sequence_length=512).frames[0]
+    expected = tmp_path / "expected.mp4"
+    write_mp4(expected, (np.clip(frames, 0, 1) * 255).round().astype(np.uint8), 8)
+    assert video.read_bytes() == expected.read_bytes()
+    with pytest.raises(CogtuneError, match="experts low_noise and low_noise"):
+        run_stages(trained["config"], "infer", extra=["--expert_lora", trained["out"]])

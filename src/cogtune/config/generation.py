@@ -18,6 +18,9 @@ class GenerationArgs(Group):
         "LoRA to load: a folder holding pytorch_lora_weights.safetensors, that file, or a hub id. "
         "Default: the LoRA in --output_dir.",
     )
+    expert_lora: Optional[str] = opt(
+        None, "Wan 2.2 A14B: the LoRA trained for the other expert (as --lora: a folder, its file or a hub id), "
+              "loaded beside --lora; each goes into the expert its cogtune_lora.json names.")
     lora_scale: float = opt(1.0, "Strength of the LoRA: 1.0 is the trained alpha/rank scale, 0 disables it.", rules=('finite',))
     video_output_dir: Optional[str] = opt(None, "Where the mp4 files are written (default: OUTPUT_DIR/videos).")
     prompt: Optional[str] = opt(None, "The prompt to generate a video for.")
