@@ -123,7 +123,9 @@ def activation_bytes(transformer, spec: ModelFamily, inputs: dict) -> tuple[int,
     --gradient_checkpointing_cpu_offload keeps in CPU memory) of one forward pass."""
     blocks = spec.blocks(transformer)
     per_block, block_inputs, offloadable = [], [], []
-    inputs_seen = set()  # a tensor every block takes (Wan's text states and timestep embedding) is kept once
+    # A tensor every block takes (Wan's text states and timestep embedding) is kept once: by id, the
+    # tensors held here so that no id is reused.
+    inputs_seen = {}
     with SavedTensorBytes([*transformer.parameters(), *transformer.buffers()]) as saved:
         def before(module, args, kwargs):
             module._cogtune_saved_before = saved.total
