@@ -15,7 +15,7 @@ from cogtune.data.sources import decoded_text, read_rows
 from cogtune.data.video import first_frame_pixels
 from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs
-from cogtune.train.lora import lora_source, read_lora_info, trained_base
+from cogtune.train.lora import expanded_lora_quietly, lora_source, read_lora_info, trained_base
 from cogtune.train.validation import video_name
 from cogtune.util import files, logs
 from cogtune.util.devices import check_precision_available, precision_dtype
@@ -133,7 +133,8 @@ def run(config: InferConfig) -> list[Path]:
         kwargs = {"weight_name": name} if name else {}
         kwargs |= spec.lora_load_arguments(read_lora_info(where))  # (a Wan 2.2 low-noise expert's: transformer_2)
         try:
-            pipe.load_lora_weights(where, adapter_name=adapter, use_safetensors=True, **kwargs)  # never pickle
+            with expanded_lora_quietly():
+                pipe.load_lora_weights(where, adapter_name=adapter, use_safetensors=True, **kwargs)  # never pickle
         except Exception as e:  # OSError, ValueError, safetensors' and peft's own error types
             raise CogtuneError(f"Cannot load the LoRA {given}: {first_line(e)}") from None
     # The LoRA file carries its alpha, so scale 1.0 is the trained strength.

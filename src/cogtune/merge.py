@@ -20,7 +20,7 @@ import torch
 from cogtune.config import stage_file_values
 from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs
-from cogtune.train.lora import lora_source, read_lora_info, trained_base
+from cogtune.train.lora import expanded_lora_quietly, lora_source, read_lora_info, trained_base
 from cogtune.util import files, logs
 from cogtune.util.devices import MIXED_PRECISION, precision_dtype
 
@@ -53,8 +53,10 @@ def merge(lora: str, merged_dir: str | Path, base: str | None = None, lora_scale
     if spec.ignores_learned_positions(bool(info.get("ignore_learned_positional_embeddings"))):
         spec.drop_learned_positional_embeddings(pipe.transformer)  # recorded in the saved config too
     try:
-        pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, use_safetensors=True,
-                               **({"weight_name": weight_name} if weight_name else {}), **spec.lora_load_arguments(info))
+        with expanded_lora_quietly():
+            pipe.load_lora_weights(folder, adapter_name=ADAPTER_NAME, use_safetensors=True,
+                                   **({"weight_name": weight_name} if weight_name else {}),
+                                   **spec.lora_load_arguments(info))
     except Exception as e:  # OSError, ValueError, safetensors' and peft's own error types
         raise CogtuneError(f"Cannot load the LoRA {lora}: {first_line(e)}") from None
     pipe.fuse_lora(components=spec.lora_components(info), lora_scale=lora_scale, adapter_names=[ADAPTER_NAME])

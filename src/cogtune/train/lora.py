@@ -4,9 +4,11 @@ cache, and whether 5b-I2V's learned positional embeddings were left out)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 from cogtune.errors import CogtuneError, first_line
@@ -43,6 +45,17 @@ def save_lora(family: ModelFamily, transformer, directory: Path, weights: dict |
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return directory / weight_name
+
+
+@contextlib.contextmanager
+def expanded_lora_quietly():
+    """diffusers' load_lora_weights for Wan 2.1 image-to-video adds zero LoRA weights for the image K/V
+    projections a LoRA does not adapt, and peft then warns that the file adapts modules its config does
+    not name. That warning says nothing about the LoRA; it is silenced here, and only it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="While injecting the PEFT adapters, an inconsistency",
+                                category=RuntimeWarning)
+        yield
 
 
 def load_lora_into(family: ModelFamily, transformer, directory: Path, weight_name: str = LORA_WEIGHT_NAME) -> None:
