@@ -4,7 +4,7 @@ input and learned positions, 1.5 temporal patches and slice RoPE, 1.5-I2V image 
 2.1 T2V, 2.1 I2V with CLIP, 2.2 TI2V in both modes, the A14B experts): each preprocesses, trains,
 validates, resumes exactly and generates. Then CogVideoX's own checks: its first-step loss equals its
 objective computed independently, its LoRA loads into its own diffusers pipeline, its layouts and
-refusals (Wan's are in test_wan.py)."""
+refusals (Wan's are in test_wan_pipelines.py)."""
 
 import json
 import shutil

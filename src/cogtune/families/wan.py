@@ -28,7 +28,7 @@ import torch
 
 from cogtune.data_schema import TensorSet, TrainingBatch
 from cogtune.errors import CogtuneError
-from cogtune.families.base import ModelFamily, _transformers
+from cogtune.families.base import ModelFamily, _transformers, meta_model
 from cogtune.families.objectives import Objective, drop_captions, draw_timesteps, posterior_sample
 from cogtune.util.draws import Draws
 
@@ -350,8 +350,6 @@ class Wan(ModelFamily):
         """CLIP's weights (Wan 2.1 I2V), built on the meta device from its config."""
         if not self.image_dim:
             return 0
-        from cogtune.families.base import meta_model
-
         cls = _transformers(models.model_index["image_encoder"][1])
         config = {k: v for k, v in models.image_encoder.items() if k != "architectures"}
         encoder = meta_model(lambda: cls(cls.config_class(**config)), dtype)
