@@ -84,8 +84,9 @@ class CacheArgs(Group):
     shard_size_mb: float = opt(512.0, "A cache shard file rolls over once it holds this many megabytes.", rules=('positive', 'finite'))
     image_noise_variants: int = opt(
         1,
-        "Image-to-video models: how many independently noised encodings of each clip's first frame to store "
-        "(noise sigma = exp(N(-3, 0.5))); training picks one at random each step.", rules=('positive',))
+        "CogVideoX image-to-video models: how many independently noised encodings of each clip's first frame to "
+        "store (noise sigma = exp(N(-3, 0.5))); training picks one at random each step. (Wan stores its one "
+        "first frame as it is, as its pipelines take it.)", rules=('positive',))
     auto_tiling: bool = opt(
         False, "On a GPU, switch on --enable_slicing, then --enable_tiling, when the VAE would not fit the free "
                "memory (its estimate plus a tenth). Tiling changes the latents, so it writes another cache; train "

@@ -150,7 +150,8 @@ class ObjectiveArgs(Group):
         "empty", "What a dropped caption becomes: empty, the empty prompt's T5 embedding (what the pipeline's "
                  "negative prompt gives; preprocess stores it), or zero.", choices=("empty", "zero"))
     noised_image_dropout: float = opt(
-        0.05, "Image-to-video models: probability that a sample's image latent is zeroed in a step.", rules=('probability',))
+        0.05, "CogVideoX image-to-video models: probability that a sample's image latent is zeroed in a step (Wan "
+              "keeps its image condition, as its pipelines give it).", rules=('probability',))
 
 
 @dataclass
