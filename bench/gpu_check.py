@@ -78,7 +78,6 @@ SETTINGS = {
         ("2b, fp32, gradient checkpointing", "2b", (9, 32, 64), "no", GC),
         ("2b, fp32, gradient checkpointing, 1 of 2 blocks swapped", "2b", (9, 32, 64), "no",
          GC + ["--blocks_to_swap", "1"]),
-        ("Wan 2.1 1.3B, fp32, gradient checkpointing", "wan2.1-1.3b", (9, 32, 64), "no", GC),
         ("Wan 2.2 TI2V 5B, fp32, gradient checkpointing", "wan2.2-5b", (9, 64, 64), "no", GC),
     ],
 }

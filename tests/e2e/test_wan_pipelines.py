@@ -281,10 +281,10 @@ def test_wan_comfyui_export_loads_as_comfyui_maps_wan_keys(trained, tmp_path):
     assert torch.allclose(merged, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("trained", ["wan2.1-i2v-14b-480p", "wan2.2-ti2v-5b"], indirect=True)
+@pytest.mark.parametrize("trained", ["wan2.1-i2v-14b-480p"], indirect=True)
 def test_wan_on_two_processes_equals_one_process_with_the_same_global_batch(trained, tmp_path):
     """DDP over two processes (gloo), a sample each: the losses and the LoRA of the one-process run
-    with batches of two (its image conditions and CLIP tokens, or its per-token timesteps, included)."""
+    with batches of two (its image conditions and CLIP tokens included)."""
     from safetensors.torch import load_file
     from test_distributed import losses, torchrun
 
