@@ -370,3 +370,19 @@ def test_wan_a14b_infer_loads_each_experts_lora_into_its_expert(trained, tmp_pat
     assert video.read_bytes() == expected.read_bytes()
     with pytest.raises(CogtuneError, match="experts low_noise and low_noise"):
         run_stages(trained["config"], "infer", extra=["--expert_lora", trained["out"]])
+
+
+@pytest.mark.parametrize("trained", ["wan2.2-ti2v-5b-i2v"], indirect=True)
+def test_wan_blocks_swap_and_offload_their_checkpoints_exactly(trained, tmp_path):
+    """Block swap over Wan's `blocks` and checkpoints kept in CPU memory wrap every block call (its
+    arguments, its saved states, its outputs) and change no number: the losses and the LoRA equal
+    plain gradient checkpointing's, byte for byte. (On a CPU the tensors stay in CPU memory; what is
+    checked is that the hooks take Wan's blocks as they are.)"""
+    runs = {}
+    for name, flags in (("plain", []), ("moved", ["--blocks_to_swap", "1", "--gradient_checkpointing_cpu_offload"])):
+        out = tmp_path / name
+        runs[name] = run_stages(trained["config"], "train", extra=["--output_dir", out, "--max_train_steps", "2",
+                                                                   "--validation_steps", "100",
+                                                                   "--gradient_checkpointing", *flags])["train"]
+    assert runs["moved"].losses == runs["plain"].losses
+    assert (tmp_path / "moved" / LORA_WEIGHT_NAME).read_bytes() == (tmp_path / "plain" / LORA_WEIGHT_NAME).read_bytes()
