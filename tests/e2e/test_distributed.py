@@ -188,6 +188,16 @@ def test_shipped_accelerate_configs_load(name, engine):
     if engine == "FSDP":
         assert config.fsdp_config["fsdp_use_orig_params"] is True  # frozen base, trainable LoRA
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        # No layer class named: accelerate wraps the model's _no_split_modules, each family's blocks.
+        assert "fsdp_transformer_layer_cls_to_wrap" not in config.fsdp_config
+        import torch
+
+        from cogtune.families import FAMILIES, ModelConfigs
+
+        for family in FAMILIES:
+            models = ModelConfigs.load(next(iter(family.published)))
+            transformer = models.spec().meta_transformer(models, torch.bfloat16)
+            assert type(models.spec().blocks(transformer)[0]).__name__ in transformer._no_split_modules
 
 
 FAKE_SRUN = """#!/bin/bash
