@@ -270,6 +270,9 @@ class ModelFamily(abc.ABC):
                            device, dtype: torch.dtype | None = None) -> dict:
         """The model's extra keyword inputs for latents of this size (position tables, ...)."""
 
+    def check_objective(self, objective: Objective) -> None:
+        """A CogtuneError, before any model loads, for an objective option the family cannot train with."""
+
     @abc.abstractmethod
     def losses(self, pred: torch.Tensor, inputs, dtype: torch.dtype, objective: Objective) -> torch.Tensor:
         """The loss of each sample, [B], weighted as the objective asks."""

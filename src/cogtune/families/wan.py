@@ -484,13 +484,15 @@ class Wan(ModelFamily):
         """None: the Wan transformer computes its RoPE from the latents' size itself."""
         return {}
 
+    def check_objective(self, objective: Objective) -> None:
+        if objective.snr_gamma is not None:
+            raise CogtuneError("--snr_gamma weights a v-prediction loss; Wan models are trained by flow matching, "
+                               "which cogtune does not weight. Leave --snr_gamma out.")
+
     def losses(self, pred: torch.Tensor, inputs: FlowStepInputs, dtype: torch.dtype,
                objective: Objective) -> torch.Tensor:
         """The flow-matching loss of each sample, [B]: the mean squared error of the predicted velocity
         against eps - x0 (over the frames the model generates)."""
-        if objective.snr_gamma is not None:
-            raise CogtuneError("--snr_gamma weights a v-prediction loss; Wan models are trained by flow matching, "
-                               "which cogtune does not weight. Leave --snr_gamma out.")
         start = inputs.loss_from_frame
         target = (inputs.noise - inputs.x0)[:, :, start:]
         return ((pred.float()[:, :, start:] - target) ** 2).flatten(1).mean(1)

@@ -252,6 +252,7 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     held.enter_context(cache_lock(cache_path, user="this training run"))  # shared: keeps `cache prune` out
     spec.check_precision(config.mixed_precision, logs.message)
     spec.check_flow_shift(config.flow_shift)
+    spec.check_objective(Objective.of(config))
     validation = load_validation_set(config, spec, cache_path, cache.manifest)  # T5 never runs here: the cache has them
     empty_prompt = (read_empty_prompt_embeds(cache_path)  # what a dropped caption becomes
                     if config.caption_dropout_p > 0 and config.caption_dropout_technique == "empty" else None)

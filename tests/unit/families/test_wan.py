@@ -63,3 +63,20 @@ def test_wan_module_names_export_as_the_original_checkpoints_name_them():
 
     with pytest.raises(CogtuneError, match="no name in Wan's original layout"):
         spec.exported_module("blocks.0.norm2")
+
+
+def test_options_of_the_other_family_are_refused_by_each():
+    """--snr_gamma weighs v-prediction (CogVideoX), --flow_shift is a flow sampler's (Wan)."""
+    from cogtune.errors import CogtuneError
+    from cogtune.families import PUBLISHED_DIR, ModelConfigs
+    from cogtune.families.objectives import Objective
+
+    wan = published("wan2.1-t2v-1.3b").spec()
+    cogvideox = ModelConfigs.load(str(PUBLISHED_DIR / "cogvideox-5b")).spec()
+    with pytest.raises(CogtuneError, match="--snr_gamma weights a v-prediction loss"):
+        wan.check_objective(Objective(snr_gamma=5.0))
+    wan.check_objective(Objective(timestep_sampling="logit_normal"))
+    cogvideox.check_objective(Objective(snr_gamma=5.0))
+    with pytest.raises(CogtuneError, match="--flow_shift is for flow-matching models"):
+        cogvideox.check_flow_shift(5.0)
+    wan.check_flow_shift(5.0)
