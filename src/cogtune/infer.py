@@ -98,11 +98,12 @@ def run(config: InferConfig) -> list[Path]:
     # Where the videos go, proved writable before minutes of loading the pipeline.
     out_dir = Path(config.video_output_dir or Path(config.output_dir) / "videos")
     files.ensure_writable_dir(out_dir, "--video_output_dir" if config.video_output_dir else "--output_dir")
-    models = ModelConfigs.of(config, bool(read_lora_info(folder).get("image_to_video")))  # (TI2V: as trained)
+    info = read_lora_info(folder)
+    models = ModelConfigs.of(config, bool(info.get("image_to_video")))  # (TI2V: as trained)
     spec = models.spec()
     jobs = read_jobs(config, spec.image_conditioned)
     ignore_positions = config.ignore_learned_positional_embeddings or bool(
-        read_lora_info(folder).get("ignore_learned_positional_embeddings"))
+        info.get("ignore_learned_positional_embeddings"))
     spec.check_frames(config.num_frames, "--num_frames")
     spec.check_size(config.height, config.width)
     spec.check_clip_size(config.num_frames, config.height, config.width, ignore_positions)
@@ -121,17 +122,18 @@ def run(config: InferConfig) -> list[Path]:
                             **({"quantization_config": quantization} if quantization else {}))
     if spec.ignores_learned_positions(ignore_positions):
         spec.drop_learned_positional_embeddings(pipe.transformer)
-    loras = [(ADAPTER_NAME, folder, weight_name, config.lora or config.output_dir)]
+    loras = [(ADAPTER_NAME, folder, weight_name, info, config.lora or config.output_dir)]
     if config.expert_lora:  # (a Wan 2.2 A14B LoRA for each expert)
-        loras.append((EXPERT_ADAPTER_NAME, *lora_source(config.expert_lora, "--expert_lora"), config.expert_lora))
-        experts = [read_lora_info(where).get("expert") for _, where, _, _ in loras]
+        where, name = lora_source(config.expert_lora, "--expert_lora")
+        loras.append((EXPERT_ADAPTER_NAME, where, name, read_lora_info(where), config.expert_lora))
+        experts = [record.get("expert") for _, _, _, record, _ in loras]
         if sorted(map(str, experts)) != ["high_noise", "low_noise"]:
             raise CogtuneError(f"--lora and --expert_lora are LoRAs of the experts {experts[0]} and {experts[1]} (their "
                                "cogtune_lora.json); give one LoRA trained with --expert high_noise and one with "
                                "--expert low_noise.")
-    for adapter, where, name, given in loras:
+    for adapter, where, name, record, given in loras:
         kwargs = {"weight_name": name} if name else {}
-        kwargs |= spec.lora_load_arguments(read_lora_info(where))  # (a Wan 2.2 low-noise expert's: transformer_2)
+        kwargs |= spec.lora_load_arguments(record)  # (a Wan 2.2 low-noise expert's: transformer_2)
         try:
             with expanded_lora_quietly():
                 pipe.load_lora_weights(where, adapter_name=adapter, use_safetensors=True, **kwargs)  # never pickle

@@ -79,7 +79,7 @@ class ModelConfigs:
         """The configs of a stage's --pretrained_model_name_or_path, --revision, --variant and --cache_dir,
         as an image-to-video pipeline with --image_to_video (or image_to_video: a LoRA's record)."""
         models = cls.load(config.pretrained_model_name_or_path, config.revision, config.variant, config.cache_dir)
-        return models.as_image_to_video() if image_to_video or getattr(config, "image_to_video", False) else models
+        return models.as_image_to_video() if image_to_video or config.image_to_video else models
 
     def as_image_to_video(self) -> "ModelConfigs":
         """The same model run by its family's image-to-video pipeline (a model that does both)."""
