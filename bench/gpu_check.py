@@ -234,7 +234,7 @@ def make_cache(model: Path, cache_root: Path, size: tuple[int, int, int], clips:
         shard = writer.add_tensor(schema.video_tensor_key(key, "mean"), torch.randn(shape, generator=generator).to(dtype))
         writer.add_tensor(schema.video_tensor_key(key, "logvar"), torch.full(shape, -6.0).to(dtype))
         text_key = schema.caption_tensor_key(schema.caption_key(caption), "prompt_embeds")
-        text_shard = writer.add_tensor(text_key, torch.randn(spec.text_length, text_width(models),
+        text_shard = writer.add_tensor(text_key, torch.randn(spec.text_length, spec.text_embed_dim,
                                                              generator=generator).mul(0.1).to(dtype))
         source = schema.SampleSource(schema.sample_id(sha, caption), f"/synthetic/{i}.mp4", 1, 1, sha, caption)
         video = schema.VideoLatent(frame_indices=list(range(frames)), source_fps=8.0, source_height=height,
@@ -245,12 +245,6 @@ def make_cache(model: Path, cache_root: Path, size: tuple[int, int, int], clips:
         ids.append(source.sample_id)
     writer.write_selection(ids)
     return path
-
-
-def text_width(models) -> int:
-    """The width of a caption embedding: what the transformer's text projection takes."""
-    transformer = models.transformer
-    return int(transformer.get("text_embed_dim") or transformer["text_dim"])
 
 
 # --- running a command ----------------------------------------------------------------------------

@@ -188,9 +188,7 @@ class ModelFamily(abc.ABC):
                                            **kwargs).eval()
 
     def meta_text_encoder(self, models: "ModelConfigs", dtype: torch.dtype) -> torch.nn.Module:
-        cls = _transformers(self.text_encoder_class)
-        config = {k: v for k, v in models.text_encoder.items() if k != "architectures"}
-        return meta_model(lambda: cls(cls.config_class(**config)), dtype)
+        return meta_transformers_model(self.text_encoder_class, models.text_encoder, dtype)
 
     @abc.abstractmethod
     def blocks(self, transformer) -> torch.nn.ModuleList:
@@ -213,6 +211,8 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def text_length(self) -> int:
         """Tokens of every stored caption embedding."""
+
+    text_embed_dim: int  # the width of a caption embedding (each family's from_configs sets it)
 
     @abc.abstractmethod
     def embed_texts(self, texts: list[str], tokenizer, text_encoder) -> tuple[list[dict[str, torch.Tensor]], int]:
@@ -402,6 +402,13 @@ def built_on_meta(build, dtype):
 def meta_model(build, dtype: torch.dtype) -> torch.nn.Module:
     """A model built on the meta device (shapes, no storage), frozen, in dtype."""
     return built_on_meta(build, dtype).requires_grad_(False).eval()
+
+
+def meta_transformers_model(class_name: str, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """A transformers model (by class name) built on the meta device from a part's config.json."""
+    cls = _transformers(class_name)
+    values = {k: v for k, v in config.items() if k != "architectures"}
+    return meta_model(lambda: cls(cls.config_class(**values)), dtype)
 
 
 def _diffusers(name: str):

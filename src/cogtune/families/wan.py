@@ -28,7 +28,7 @@ import torch
 
 from cogtune.data_schema import TensorSet, TrainingBatch
 from cogtune.errors import CogtuneError
-from cogtune.families.base import ModelFamily, _transformers, meta_model
+from cogtune.families.base import ModelFamily, _transformers, meta_transformers_model
 from cogtune.families.objectives import Objective, drop_captions, draw_timesteps, posterior_sample
 from cogtune.util.draws import Draws
 
@@ -139,7 +139,7 @@ class Wan(ModelFamily):
     vae_scale_temporal: int
     patch_size: tuple[int, int, int]
     in_channels: int
-    text_dim: int
+    text_embed_dim: int  # the transformer's text_dim: the width of a caption embedding
     image_dim: int | None  # CLIP image tokens' width (Wan 2.1 I2V), else None
     image_tokens: int  # CLIP's tokens per image (257 for ViT-H/14 at 224)
     expand_timesteps: bool  # Wan 2.2 TI2V: a timestep per token, the image's tokens at 0
@@ -165,7 +165,7 @@ class Wan(ModelFamily):
             vae_scale_temporal=int(vae.get("scale_factor_temporal") or 4),
             patch_size=tuple(int(p) for p in transformer["patch_size"]),
             in_channels=int(transformer["in_channels"]),
-            text_dim=int(transformer["text_dim"]),
+            text_embed_dim=int(transformer["text_dim"]),
             image_dim=transformer.get("image_dim"),
             image_tokens=_clip_tokens(configs.get("image_encoder")),
             expand_timesteps=bool(index.get("expand_timesteps")),
@@ -350,9 +350,7 @@ class Wan(ModelFamily):
         """CLIP's weights (Wan 2.1 I2V), built on the meta device from its config."""
         if not self.image_dim:
             return 0
-        cls = _transformers(models.model_index["image_encoder"][1])
-        config = {k: v for k, v in models.image_encoder.items() if k != "architectures"}
-        encoder = meta_model(lambda: cls(cls.config_class(**config)), dtype)
+        encoder = meta_transformers_model(models.model_index["image_encoder"][1], models.image_encoder, dtype)
         return sum(p.numel() * p.element_size() for p in encoder.parameters())
 
     @torch.no_grad()
@@ -502,7 +500,7 @@ class Wan(ModelFamily):
         channels, frames, height, width = latent_shape
         found = dict(
             hidden_states=torch.empty(batch, in_channels, frames, height, width, device=device, dtype=dtype),
-            encoder_hidden_states=torch.empty(batch, TEXT_LENGTH, self.text_dim, device=device, dtype=dtype),
+            encoder_hidden_states=torch.empty(batch, TEXT_LENGTH, self.text_embed_dim, device=device, dtype=dtype),
             timestep=torch.zeros(batch, dtype=torch.float32, device=device),
         )
         if self.expand_timesteps:
