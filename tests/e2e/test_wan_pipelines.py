@@ -45,6 +45,18 @@ def first_frames(trained, rows):
     return frames
 
 
+def random_inputs(config, t: float, per_token: bool = False) -> dict:
+    """Seeded random inputs of a transformer of this config: 3x4x8 latents, 512 text tokens, 17 CLIP
+    tokens where it takes them; the timestep per token (TI2V) or per sample."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, config.in_channels, 3, 4, 8, generator=generator),
+                  encoder_hidden_states=torch.randn(1, 512, config.text_dim, generator=generator),
+                  timestep=torch.full((1, 3 * 2 * 4), t) if per_token else torch.tensor([t]), return_dict=False)
+    if config.image_dim:
+        inputs["encoder_hidden_states_image"] = torch.randn(1, 17, config.image_dim, generator=generator)
+    return inputs
+
+
 def pil(frame):
     from PIL import Image
 
@@ -96,8 +108,8 @@ def test_wan_first_step_loss_equals_flow_matching(trained):
     frame_mask = torch.ones(latent_frames, height, width)
     if name in I2V:
         pipe = pipeline_of(trained, transformer=transformer)
-        conditions = []
-        for frame in first_frames(trained, rows):
+        conditions, frames = [], first_frames(trained, rows)
+        for frame in frames:
             out = pipe.prepare_latents(frame, 1, channels, 32, 64, 9, torch.float32, torch.device("cpu"))
             conditions.append(out[1])
         condition = torch.cat(conditions)
@@ -105,7 +117,7 @@ def test_wan_first_step_loss_equals_flow_matching(trained):
             model_input = torch.cat([x_t, condition], dim=1)
             if pipe.image_encoder is not None:
                 extra["encoder_hidden_states_image"] = torch.cat(
-                    [pipe.encode_image(pil(frame), torch.device("cpu")) for frame in first_frames(trained, rows)])
+                    [pipe.encode_image(pil(frame), torch.device("cpu")) for frame in frames])
         else:  # TI2V: the first latent frame is the image, its tokens at timestep 0
             frame_mask[0] = 0
             model_input = (1 - frame_mask) * condition + frame_mask * x_t
@@ -181,25 +193,17 @@ def test_wan_lora_loads_into_its_diffusers_pipeline(trained):
     pipe.load_lora_weights(str(trained["out"]), weight_name=LORA_WEIGHT_NAME,
                            **({"load_into_transformer_2": True} if low else {}))
     transformer = getattr(pipe, expert_part(trained))
-    config = transformer.config
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, config.in_channels, 3, 4, 8, generator=generator)
-    text = torch.randn(1, 512, config.text_dim, generator=generator)
-    timestep = torch.tensor([500.0])
-    if json.loads((trained["model"] / "model_index.json").read_text()).get("expand_timesteps"):
-        timestep = torch.full((1, 3 * 2 * 4), 500.0)
-    extra = {}
-    if config.image_dim:
-        extra["encoder_hidden_states_image"] = torch.randn(1, 17, config.image_dim, generator=generator)
+    per_token = bool(json.loads((trained["model"] / "model_index.json").read_text()).get("expand_timesteps"))
+    kwargs = random_inputs(transformer.config, 500.0, per_token)
     with torch.no_grad():
-        kwargs = dict(hidden_states=latents, encoder_hidden_states=text, timestep=timestep, return_dict=False, **extra)
         loaded = transformer(**kwargs)[0]
         trained_output = trained["train"].transformer.float().eval()(**kwargs)[0]
     assert torch.allclose(loaded, trained_output, atol=1e-5)
     if low:  # the other expert is untouched
         assert not any("lora" in name for name, _ in pipe.transformer.named_parameters())
 
-    image = {"image": pil(torch.rand(1, 3, 32, 64, generator=generator) * 2 - 1)} if trained["family"] in I2V else {}
+    frame = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    image = {"image": pil(frame)} if trained["family"] in I2V else {}
     video = pipe(prompt="DEMO a red square", num_frames=9, height=32, width=64, num_inference_steps=2,
                  output_type="np", generator=torch.Generator().manual_seed(0), **image).frames[0]
     assert video.shape == (9, 32, 64, 3) and torch.isfinite(torch.from_numpy(video)).all()
@@ -269,12 +273,7 @@ def test_wan_comfyui_export_loads_as_comfyui_maps_wan_keys(trained, tmp_path):
         module = modules[comfy_names[name]]
         up, down = state[f"{name}.lora_up.weight"], state[f"{name}.lora_down.weight"]
         module.weight.data += state[f"{name}.alpha"].item() / down.shape[0] * up @ down
-    config = base.config
-    generator = torch.Generator().manual_seed(0)
-    kwargs = dict(hidden_states=torch.randn(1, config.in_channels, 3, 4, 8, generator=generator),
-                  encoder_hidden_states=torch.randn(1, 512, config.text_dim, generator=generator),
-                  encoder_hidden_states_image=torch.randn(1, 17, config.image_dim, generator=generator),
-                  timestep=torch.tensor([500.0]), return_dict=False)
+    kwargs = random_inputs(base.config, 500.0)
     with torch.no_grad():
         merged = base(**kwargs)[0]
         expected = trained["train"].transformer.float().eval()(**kwargs)[0]
@@ -333,12 +332,7 @@ def test_wan_takes_the_training_options_and_merges(models, demo_data, tmp_path):
     assert not any(isinstance(m, BaseTunerLayer) for m in merged.transformer.modules())
     pipe = WanImageToVideoPipeline.from_pretrained(model)
     pipe.load_lora_weights(str(tmp_path / "out"), weight_name=LORA_WEIGHT_NAME)
-    config_ = merged.transformer.config
-    generator = torch.Generator().manual_seed(0)
-    kwargs = dict(hidden_states=torch.randn(1, config_.in_channels, 3, 4, 8, generator=generator),
-                  encoder_hidden_states=torch.randn(1, 512, config_.text_dim, generator=generator),
-                  encoder_hidden_states_image=torch.randn(1, 17, config_.image_dim, generator=generator),
-                  timestep=torch.tensor([300.0]), return_dict=False)
+    kwargs = random_inputs(merged.transformer.config, 300.0)
     with torch.no_grad():
         assert torch.allclose(merged.transformer(**kwargs)[0], pipe.transformer(**kwargs)[0], atol=1e-5)
 
