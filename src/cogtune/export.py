@@ -129,8 +129,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--config", default=None, help="The config file of the training run: its output_dir (and "
                                                         "lora) are the defaults, as for the other stages.")
     parser.add_argument("--format", choices=FORMATS, required=True,
-                        help="comfyui: lora_unet_* kohya keys with alpha (and DoRA's dora_scale), for ComfyUI (CogVideoX; Wan under its original module names) and "
-                             "ComfyUI-CogVideoXWrapper's LoRA node.")
+                        help="comfyui: lora_unet_* kohya keys with alpha (and DoRA's dora_scale), for ComfyUI (CogVideoX; "
+                             "Wan under its original module names) and ComfyUI-CogVideoXWrapper's LoRA node.")
     parser.add_argument("--lora", default=None, help="The training output folder or its LoRA .safetensors file "
                                                      "(default: --output_dir).")
     parser.add_argument("--output_dir", default=None, help="The training output folder (default: the config's, "

@@ -90,7 +90,6 @@ class FlowStepInputs:
     noise: torch.Tensor
     model_input: torch.Tensor  # x_t, with the family's image conditioning
     timesteps: torch.Tensor  # [B], or [B, tokens] for Wan 2.2 TI2V
-    sigmas: torch.Tensor  # [B, 1, 1, 1, 1]
     prompt_embeds: torch.Tensor
     image_embeds: torch.Tensor | None  # CLIP image tokens (Wan 2.1 I2V)
     loss_from_frame: int  # 1 where the first latent frame is the given image (TI2V image-to-video)
@@ -464,7 +463,7 @@ class Wan(ModelFamily):
         if objective.caption_dropout_p > 0:
             empty = batch.empty_caption["prompt_embeds"] if batch.empty_caption is not None else None
             prompt_embeds = drop_captions(prompt_embeds, empty, objective, draws)
-        return FlowStepInputs(x0=x0, noise=noise, model_input=model_input, timesteps=timesteps, sigmas=sigmas,
+        return FlowStepInputs(x0=x0, noise=noise, model_input=model_input, timesteps=timesteps,
                               prompt_embeds=prompt_embeds, image_embeds=image_embeds, loss_from_frame=loss_from)
 
     def model_inputs(self, inputs: FlowStepInputs, dtype: torch.dtype) -> dict:
