@@ -8,7 +8,7 @@ DEMO := demo
 CONFIG ?= $(DEMO)/demo.toml
 ARGS ?=
 
-.PHONY: setup lock demo demo-assets preprocess train infer test test-fast test-latest test-oldest bench gpu-wheels bench-gpu clean
+.PHONY: setup lock demo demo-assets preprocess train infer test test-fast test-latest test-oldest docs bench gpu-wheels bench-gpu clean
 
 # The development environment is installed from the lock file, so every fresh clone, on any day,
 # tests the versions that were tested here; `make lock` resolves the newest ones again. The stamp
@@ -67,6 +67,11 @@ test: setup
 # The unit tests alone (no tiny model, no command line, no second process): seconds, for the edit loop.
 test-fast: setup
 	COGTUNE_ENV=lock $(BIN)/python -m pytest -q -m "not e2e"
+
+# The docs' generated parts: docs/flags.md from the settings, the families and memory tables from
+# bench/results/estimates.json (python bench/estimates.py rewrites that). A test fails when they are stale.
+docs: setup
+	$(BIN)/python -m cogtune.dev.docs
 
 # Resolve the lock again: the newest releases within pyproject.toml's ranges (and requirements/dev.in).
 lock:

@@ -1,6 +1,6 @@
 """The `--dry_run` memory estimate for the published CogVideoX and Wan models at their cards' sizes, batch 1, rank 64.
 
-    .venv/bin/python bench/estimates.py            # writes bench/results/estimates.md
+    .venv/bin/python bench/estimates.py    # writes bench/results/estimates.md and .json; then `make docs`
 
 Reads the published pipelines' config files that ship with cogtune (src/cogtune/published: no
 weights, nothing downloaded) and runs the estimate that `cogtune train --dry_run` prints for
@@ -54,9 +54,9 @@ MODELS = [
 ]
 
 
-def model_rows(number: int) -> list[str]:
-    """The table rows of MODELS[number] under every setting (run in a process of its own: building a
-    14B transformer on the meta device a dozen times keeps a few GiB of CPU memory)."""
+def model_rows(number: int) -> list[dict]:
+    """The estimates of MODELS[number] under every setting, in GiB (run in a process of its own: building
+    a 14B transformer on the meta device a dozen times keeps a few GiB of CPU memory)."""
     from cogtune.config import load_config
     from cogtune.families import ModelConfigs
     from cogtune.train.memory import memory_estimate
@@ -69,10 +69,43 @@ def model_rows(number: int) -> list[str]:
         config = load_config("train", ["--pretrained_model_name_or_path", model, "--rank", "64",
                                        "--lora_alpha", "64", "--mixed_precision", "bf16", *flags])
         e = memory_estimate(config, models, shape)
-        rows.append(f"| {name} | {clip} | {label} | {e.weights / gib:.2f} GiB | "
-                    f"{(e.lora + e.gradients + e.optimizer) / gib:.2f} GiB | "
-                    f"{(e.activations + e.transient) / gib:.2f} GiB | **{e.total / gib:.2f} GiB** |")
+        rows.append({"model": name, "hub_id": model, "clip": clip, "settings": label, "flags": flags,
+                     "weights": round(e.weights / gib, 2),
+                     "lora_gradients_optimizer": round((e.lora + e.gradients + e.optimizer) / gib, 2),
+                     "activations": round((e.activations + e.transient) / gib, 2), "total": round(e.total / gib, 2)})
     return rows
+
+
+def recommended_row(variant: str) -> dict:
+    """The estimate of the config `cogtune init --family VARIANT` writes, at its own clip size (what
+    `cogtune train --config THAT --dry_run` prints before a cache exists)."""
+    from cogtune.config import load_config
+    from cogtune.families import VARIANTS, ModelConfigs
+    from cogtune.templates import FAMILIES, TEMPLATES
+    from cogtune.train.memory import memory_estimate
+
+    gib = 1024 ** 3
+    path = TEMPLATES / "configs" / FAMILIES[variant]
+    config = load_config("train", ["--config", str(path)])
+    clip = load_config("preprocess", ["--config", str(path)])
+    models = ModelConfigs.of(config)
+    spec = models.spec()
+    shape = [spec.latent_channels, spec.latent_frames(clip.max_num_frames), clip.height // spec.vae_scale_spatial,
+             clip.width // spec.vae_scale_spatial]
+    e = memory_estimate(config, models, shape)
+    settings = (f"the init config: {config.mixed_precision}, rank {config.rank}"
+                + (", gradient checkpointing" if config.gradient_checkpointing else "")
+                + (f", {config.expert} expert" if getattr(config, "expert", None) else ""))
+    return {"variant": variant, "model": VARIANTS[variant][1], "hub_id": config.pretrained_model_name_or_path,
+            "clip": f"{clip.max_num_frames}x{clip.height}x{clip.width}", "fps": clip.fps, "settings": settings,
+            "weights": round(e.weights / gib, 2),
+            "lora_gradients_optimizer": round((e.lora + e.gradients + e.optimizer) / gib, 2),
+            "activations": round((e.activations + e.transient) / gib, 2), "total": round(e.total / gib, 2)}
+
+
+def table_row(row: dict) -> str:
+    return (f"| {row['model']} | {row['clip']} | {row['settings']} | {row['weights']:.2f} GiB | "
+            f"{row['lora_gradients_optimizer']:.2f} GiB | {row['activations']:.2f} GiB | **{row['total']:.2f} GiB** |")
 
 
 def main() -> None:
@@ -80,22 +113,53 @@ def main() -> None:
     import subprocess
     import sys
 
+    import datetime
+    import platform
+
     if len(sys.argv) == 3 and sys.argv[1] == "--model":
         print(json.dumps(model_rows(int(sys.argv[2]))))
         return
-    lines = ["# Expected peak GPU memory (`cogtune train --dry_run`), batch 1, rank 64", "",
-             "Estimates from the published model configs; not measured on a GPU (none was available).", "",
-             "| model | clip | settings | weights | LoRA + grads + optimizer | activations | total |",
-             "|---|---|---|---|---|---|---|"]
+    if len(sys.argv) == 3 and sys.argv[1] == "--recommended":
+        print(json.dumps(recommended_row(sys.argv[2])))
+        return
+    rows = []
     for number in range(len(MODELS)):
         done = subprocess.run([sys.executable, __file__, "--model", str(number)], capture_output=True, text=True,
                               check=True)
-        lines += json.loads(done.stdout.strip().splitlines()[-1])
-    lines.append("")
+        rows += json.loads(done.stdout.strip().splitlines()[-1])
+    from cogtune.templates import FAMILIES
+
+    recommended = []
+    for variant in FAMILIES:
+        if variant != "demo":
+            done = subprocess.run([sys.executable, __file__, "--recommended", variant], capture_output=True, text=True,
+                                  check=True)
+            recommended.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
+    import torch
+
+    meta = {"date": datetime.date.today().isoformat(), "commit": commit.strip() or "unknown",
+            "command": "python bench/estimates.py", "machine": f"{platform.machine()}, torch {torch.__version__}",
+            "batch": 1, "rank": 64}
+    lines = ["# Expected peak GPU memory (`cogtune train --dry_run`), batch 1, rank 64", "",
+             f"Estimates from the published model configs (`{meta['command']}`, {meta['date']}, at {meta['commit']}); "
+             "not measured on a GPU.", "",
+             "| model | clip | settings | weights | LoRA + grads + optimizer | activations | total |",
+             "|---|---|---|---|---|---|---|", *map(table_row, rows), "",
+             "## The config `cogtune init --family VARIANT` writes, at its own clip size", "",
+             "| model | clip | settings | weights | LoRA + grads + optimizer | activations | total |",
+             "|---|---|---|---|---|---|---|", *map(table_row, recommended), ""]
     out = HERE / "results" / "estimates.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    write_atomic(out, "\n".join(lines))
+    write_atomic(out.with_suffix(".json"), json.dumps({**meta, "rows": rows, "recommended": recommended}, indent=1) + "\n")
     print(out.read_text())
+
+
+def write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 if __name__ == "__main__":
