@@ -125,3 +125,19 @@ def test_a_tiny_config_is_the_family_config_with_the_rehearsal_settings(variant,
     infer = load_config("infer", ["--config", str(path)])
     assert infer.num_frames == 9 and (infer.image is None) == ("image" not in original.get("infer", {}))
     assert variant in VARIANTS
+
+
+@pytest.mark.parametrize("variant", [name for name in FAMILIES if name != "demo"])
+def test_the_readme_answers_each_family_start_memory_and_resume(variant):
+    """From the README alone: the family's row (its memory, its page), and on that page the command that
+    starts it, its memory table and the cluster job; the README's cluster section says how to resume."""
+    readme = (ROOT / "README.md").read_text()
+    row = next((line for line in readme.splitlines() if line.startswith("|") and f"| `{variant}` |" in line), None)
+    assert row and re.search(r"\d+\.\d\d GiB", row), f"no row with a memory figure for {variant}"
+    page = ROOT / re.search(r"\]\((docs/families/[^)]+\.md)\)", row)[1]
+    text = page.read_text()
+    assert f"cogtune init --family {variant} " in text or f"# or {variant}" in text
+    assert re.search(r"<!-- generated: memory [^>]*\b" + re.escape(variant) + r"\b", text)
+    assert "slurm/train.sbatch" in text
+    cluster = readme.split("## On a cluster", 1)[1].split("\n## ", 1)[0]
+    assert "sbatch" in cluster and "--resume_from_checkpoint latest" in cluster

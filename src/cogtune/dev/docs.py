@@ -75,11 +75,13 @@ def families_table(estimates: dict) -> str:
         lines.append(f"| {row['model']} | `{variant}` | {pipeline} | {row['clip']}, {row['fps']} | "
                      f"{_gib(row['total'])}{experts} | [page](docs/{PAGES[variant]}) |")
     return "\n".join(["", *lines, "", _source(estimates).replace("Estimates", "Memory: estimates") + " "
-                      "The init config is bf16 (fp16 for 2b) with gradient checkpointing.", ""]) + "\n"
+                      "Each page gives the init config's precision and rank.", ""]) + "\n"
 
 
 def generated(root: Path) -> dict[Path, str]:
     """Every generated file and every file with generated regions, as it should read."""
+    if not (root / ESTIMATES).exists():
+        raise SystemExit(f"{root / ESTIMATES} is missing: run `python bench/estimates.py` (about 15 minutes).")
     estimates = json.loads((root / ESTIMATES).read_text())
     files = {root / "docs" / "flags.md": flag_reference()}
     for path in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
