@@ -160,14 +160,14 @@ logging_dir allow_tf32 report_to nccl_timeout
 """.split()
 
 
-def test_readme_maps_every_flag_of_the_diffusers_scripts_to_a_stage_that_takes_it():
+def test_the_docs_map_every_flag_of_the_diffusers_scripts_to_a_stage_that_takes_it():
     import dataclasses
     import re
 
     from cogtune.config import STAGE_CONFIGS
 
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Coming from the diffusers script", 1)[1].split("\n## ", 1)[0]
+    training = (ROOT / "docs" / "training.md").read_text()
+    section = training.split("## Coming from the diffusers scripts", 1)[1].split("\n## ", 1)[0]
     rows = [line.split("|")[1:4] for line in section.splitlines() if line.startswith("| `--")]
     mapped = {flag: where for flags, _, where in rows for flag in re.findall(r"`--([a-z0-9_]+)`", flags)}
     assert sorted(mapped) == sorted(DIFFUSERS_SCRIPT_FLAGS)

@@ -141,3 +141,14 @@ def test_the_readme_answers_each_family_start_memory_and_resume(variant):
     assert "slurm/train.sbatch" in text
     cluster = readme.split("## On a cluster", 1)[1].split("\n## ", 1)[0]
     assert "sbatch" in cluster and "--resume_from_checkpoint latest" in cluster
+
+
+@pytest.mark.parametrize("tool", ["musubi-tuner", "finetrainers"])
+def test_every_flag_the_docs_map_another_trainers_flags_to_is_ours(tool):
+    """The right column of the musubi-tuner and finetrainers tables names only settings cogtune has."""
+    from cogtune.config import KNOWN_KEYS
+
+    section = (ROOT / "docs" / "training.md").read_text().split(f"## Coming from {tool}", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("| ").rsplit(" | ", 1) for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    ours = [flag for theirs, cell in rows[1:] for flag in re.findall(r"`--([a-z0-9_]+)", theirs if "same name" in cell else cell)]
+    assert len(ours) > 20 and not [flag for flag in ours if flag not in KNOWN_KEYS]
