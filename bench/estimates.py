@@ -54,6 +54,14 @@ MODELS = [
 ]
 
 
+def sizes(e) -> dict:
+    """An estimate's parts, in GiB to two places, as the tables print them."""
+    gib = 1024 ** 3
+    return {"weights": round(e.weights / gib, 2),
+            "lora_gradients_optimizer": round((e.lora + e.gradients + e.optimizer) / gib, 2),
+            "activations": round((e.activations + e.transient) / gib, 2), "total": round(e.total / gib, 2)}
+
+
 def model_rows(number: int) -> list[dict]:
     """The estimates of MODELS[number] under every setting, in GiB (run in a process of its own: building
     a 14B transformer on the meta device a dozen times keeps a few GiB of CPU memory)."""
@@ -61,7 +69,6 @@ def model_rows(number: int) -> list[dict]:
     from cogtune.families import ModelConfigs
     from cogtune.train.memory import memory_estimate
 
-    gib = 1024 ** 3
     name, model, shape, clip = MODELS[number]
     models = ModelConfigs.load(model)
     rows = []
@@ -69,10 +76,7 @@ def model_rows(number: int) -> list[dict]:
         config = load_config("train", ["--pretrained_model_name_or_path", model, "--rank", "64",
                                        "--lora_alpha", "64", "--mixed_precision", "bf16", *flags])
         e = memory_estimate(config, models, shape)
-        rows.append({"model": name, "hub_id": model, "clip": clip, "settings": label, "flags": flags,
-                     "weights": round(e.weights / gib, 2),
-                     "lora_gradients_optimizer": round((e.lora + e.gradients + e.optimizer) / gib, 2),
-                     "activations": round((e.activations + e.transient) / gib, 2), "total": round(e.total / gib, 2)})
+        rows.append({"model": name, "hub_id": model, "clip": clip, "settings": label, "flags": flags, **sizes(e)})
     return rows
 
 
@@ -84,7 +88,6 @@ def recommended_row(variant: str) -> dict:
     from cogtune.templates import FAMILIES, TEMPLATES
     from cogtune.train.memory import memory_estimate
 
-    gib = 1024 ** 3
     path = TEMPLATES / "configs" / FAMILIES[variant]
     config = load_config("train", ["--config", str(path)])
     clip = load_config("preprocess", ["--config", str(path)])
@@ -98,9 +101,7 @@ def recommended_row(variant: str) -> dict:
                 + (f", {config.expert} expert" if getattr(config, "expert", None) else ""))
     return {"variant": variant, "model": VARIANTS[variant][1], "hub_id": config.pretrained_model_name_or_path,
             "clip": f"{clip.max_num_frames}x{clip.height}x{clip.width}", "fps": clip.fps, "settings": settings,
-            "weights": round(e.weights / gib, 2),
-            "lora_gradients_optimizer": round((e.lora + e.gradients + e.optimizer) / gib, 2),
-            "activations": round((e.activations + e.transient) / gib, 2), "total": round(e.total / gib, 2)}
+            **sizes(e)}
 
 
 def table_row(row: dict) -> str:

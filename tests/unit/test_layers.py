@@ -26,6 +26,7 @@ LAZY_ALLOWED = {
     "cogtune.cli": "each command imports only its own stage, so `cogtune --help` starts without torch",
     "cogtune.config": "checking --buckets and validation files needs data, which imports torch, PyAV and pyarrow: "
                       "`cogtune <stage> --help` stays light",
+    "cogtune.templates": "`cogtune init` writes text files without torch; only --tiny builds a tiny model",
 }
 
 

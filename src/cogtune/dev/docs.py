@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from cogtune.config.reference import flag_reference
+from cogtune.families.models import published_folder
 from cogtune.util.files import write_text
 
 REGION = re.compile(r"(<!-- generated: (?P<what>[^>]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
@@ -63,8 +64,6 @@ def memory_table(estimates: dict, variants: list[str]) -> str:
 
 def families_table(estimates: dict) -> str:
     """README's table: each variant's pipeline, its card's clip and the memory its init config is expected at."""
-    from cogtune.families.models import published_folder
-
     lines = ["| family | `--family` | pipeline | frames x height x width, fps | memory (init config) | page |",
              "|---|---|---|---|---|---|"]
     for row in estimates["recommended"]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cogtune.errors import CogtuneError
 from cogtune.families import VARIANTS
+from cogtune.util import logs
 
 TEMPLATES = Path(__file__).resolve().parent  # configs/, accelerate/ and slurm/ beside this file
 # Every variant the family registry knows has a config (configs/<its model, lower case>-lora.toml).
@@ -104,8 +105,6 @@ def main(argv: list[str], description: str) -> None:
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     if args.tiny:
-        from cogtune.util import logs
-
         logs.configure("text")  # no library progress bars while the tiny model is saved
     written = init(args.family, folder, args.force, args.tiny)
     config = folder / FAMILIES[args.family]
