@@ -152,3 +152,12 @@ def test_every_flag_the_docs_map_another_trainers_flags_to_is_ours(tool):
     rows = [line.strip("| ").rsplit(" | ", 1) for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     ours = [flag for theirs, cell in rows[1:] for flag in re.findall(r"`--([a-z0-9_]+)", theirs if "same name" in cell else cell)]
     assert len(ours) > 20 and not [flag for flag in ours if flag not in KNOWN_KEYS]
+
+
+def test_the_version_floors_the_readme_states_are_pyprojects():
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = dict(re.match(r"([a-z]+)>=([\d.]+)", item).groups() for item in dependencies
+                  if re.match(r"(torch|diffusers|transformers|peft|accelerate)>=", item))
+    stated = (ROOT / "README.md").read_text().split("## Installing", 1)[1].split("\n## ", 1)[0]
+    said = dict(re.findall(r"(torch|diffusers|transformers|peft|accelerate) ([\d.]+)(?:\+| or newer)", stated))
+    assert said == floors
