@@ -62,6 +62,14 @@ SETTINGS = {
         ("Wan 2.1 1.3B, bf16, gradient checkpointing", "wan2.1-1.3b", (81, 480, 832), "bf16", GC),
         ("Wan 2.2 TI2V 5B, bf16, gradient checkpointing", "wan2.2-5b", (121, 704, 1280), "bf16", GC),
         ("Wan 2.1 14B, bf16, gradient checkpointing", "wan2.1-14b", (81, 480, 832), "bf16", GC),
+        # --attention_backend, beside the rows above without it (flash is refused in a second where flash-attn
+        # is not installed, and the row says so).
+        ("5b, bf16, gradient checkpointing, cuDNN attention", "5b", (49, 480, 720), "bf16",
+         GC + ["--attention_backend", "_native_cudnn"]),
+        ("Wan 2.1 1.3B, bf16, gradient checkpointing, cuDNN attention", "wan2.1-1.3b", (81, 480, 832), "bf16",
+         GC + ["--attention_backend", "_native_cudnn"]),
+        ("5b, bf16, gradient checkpointing, flash-attn", "5b", (49, 480, 720), "bf16",
+         GC + ["--attention_backend", "flash"]),
         ("5b, bf16, gradient checkpointing, torchao int8wo base", "5b", (49, 480, 720), "bf16", GC + INT8),
         ("5b, bf16, gradient checkpointing in CPU memory, torchao int8wo base", "5b", (49, 480, 720), "bf16",
          GC + ["--gradient_checkpointing_cpu_offload"] + INT8),

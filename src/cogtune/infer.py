@@ -15,6 +15,7 @@ from cogtune.data.sources import decoded_text, read_rows
 from cogtune.data.video import first_frame_pixels
 from cogtune.errors import CogtuneError, first_line
 from cogtune.families import ModelConfigs
+from cogtune.families.attention import check_attention_backend
 from cogtune.train.lora import expanded_lora_quietly, lora_source, read_lora_info, trained_base
 from cogtune.train.validation import video_name
 from cogtune.util import files, logs
@@ -113,6 +114,7 @@ def run(config: InferConfig) -> list[Path]:
     dtype = precision_dtype(config.mixed_precision)
     pipeline_class = spec.pipeline_class()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_attention_backend(config.attention_backend, device, dtype, training=False)
     quantization = None
     if config.quant_backend != "none":
         quantize.require(config.quant_backend, device)
@@ -122,6 +124,10 @@ def run(config: InferConfig) -> list[Path]:
                             **({"quantization_config": quantization} if quantization else {}))
     if spec.ignores_learned_positions(ignore_positions):
         spec.drop_learned_positional_embeddings(pipe.transformer)
+    if config.attention_backend:  # every transformer of the pipeline (Wan 2.2 A14B: both experts)
+        for name, part in pipe.components.items():
+            if name.startswith("transformer") and part is not None:
+                spec.use_attention_backend(part, config.attention_backend)
     loras = [(ADAPTER_NAME, folder, weight_name, info, config.lora or config.output_dir)]
     if config.expert_lora:  # (a Wan 2.2 A14B LoRA for each expert)
         where, name = lora_source(config.expert_lora, "--expert_lora")

@@ -97,3 +97,20 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
     assert "| 2b, fp32, gradient checkpointing | 9x32x64 |" in table and "not run: no reference script" in table
     assert "| VAE tiling and slicing | 3 of 9x48x80 -> 9x32x64 |" in table
     assert "Parity: a training step's loss on cpu vs the CPU: worst relative difference 0.0" in table
+
+
+def test_every_setting_of_the_gpu_check_is_a_valid_training_command_line():
+    """The real rows run only on a GPU: their flags are checked here, so that the first GPU lent does not
+    spend its minutes on a typo."""
+    import importlib.util
+
+    from cogtune.config import load_config
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    for size, settings in gpu_check.SETTINGS.items():
+        for label, family, clip, precision, flags in settings:
+            config = load_config("train", ["--pretrained_model_name_or_path", "m", "--mixed_precision", precision,
+                                           *flags])
+            assert config.gradient_checkpointing == ("--gradient_checkpointing" in flags), (size, label)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from cogtune.config.common import (CacheRootArgs, CompileArgs, GuidanceArgs, LoaderArgs, ModelArgs, OutputArgs,
-                                   QuantArgs, ValidationArgs, VaeArgs, VideoSizeArgs)
+from cogtune.config.common import (AttentionArgs, CacheRootArgs, CompileArgs, GuidanceArgs, LoaderArgs, ModelArgs,
+                                   OutputArgs, QuantArgs, ValidationArgs, VaeArgs, VideoSizeArgs)
 from cogtune.config.generation import GenerationArgs, OffloadArgs
 from cogtune.config.preprocessing import CacheArgs, ClipArgs, DataArgs, PreviewArgs, TextEncoderArgs
 from cogtune.config.training import (BatchArgs, CheckpointArgs, EmaArgs, LoraArgs, MemoryArgs, ObjectiveArgs,
@@ -58,7 +58,7 @@ class PreprocessConfig(ModelArgs, VaeArgs, DataArgs, VideoSizeArgs, ClipArgs, Ca
 
 @dataclass
 class TrainConfig(ModelArgs, VaeArgs, TrainDataArgs, CacheRootArgs, OutputArgs, LoraArgs, BatchArgs, OptimizerArgs,
-                  ScheduleArgs, ObjectiveArgs, CheckpointArgs, MemoryArgs, QuantArgs, CompileArgs, EmaArgs,
+                  ScheduleArgs, ObjectiveArgs, CheckpointArgs, MemoryArgs, QuantArgs, CompileArgs, AttentionArgs, EmaArgs,
                   ValidationArgs, ValidationRunArgs, GuidanceArgs, TrackingArgs, LoaderArgs):
     """Train a LoRA on the transformer from a cache; the text encoder is never loaded, the VAE only to decode
     validation videos."""
@@ -83,7 +83,7 @@ class TrainConfig(ModelArgs, VaeArgs, TrainDataArgs, CacheRootArgs, OutputArgs, 
 
 @dataclass
 class InferConfig(ModelArgs, VaeArgs, GenerationArgs, VideoSizeArgs, OutputArgs, GuidanceArgs, QuantArgs, OffloadArgs,
-                  CompileArgs):
+                  CompileArgs, AttentionArgs):
     """Generate videos with the base pipeline plus a trained LoRA."""
 
     model_required: ClassVar[bool] = False  # the base model the LoRA was trained on, by default

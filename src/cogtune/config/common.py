@@ -8,6 +8,7 @@ from typing import ClassVar, Optional
 
 from cogtune import quantize
 from cogtune.config.base import SEED_LIMIT, Group, opt
+from cogtune.families.attention import ATTENTION_BACKENDS
 from cogtune.errors import CogtuneError
 from cogtune.util.devices import MIXED_PRECISION
 
@@ -152,6 +153,22 @@ class CompileArgs(Group):
 
     compile: bool = opt(
         False, "Compile each transformer block with torch.compile (faster steps, or denoising, after a slow first one).")
+
+
+@dataclass
+class AttentionArgs(Group):
+    """Attention kernels (train, infer)."""
+
+    attention_backend: Optional[str] = opt(
+        None, "Compute attention with this backend of diffusers' attention dispatcher: native (PyTorch's "
+              "scaled_dot_product_attention), flex, _native_math, _native_flash, _native_efficient, _native_cudnn, "
+              "flash (needs flash-attn), _flash_3 (FlashAttention 3, Hopper), sage (sageattention; inference only "
+              "unless --allow_inexact_attention_backward), xformers. Checked before any weights load. Default: each "
+              "model's own attention processor, unchanged (train: also the validation videos).",
+        choices=ATTENTION_BACKENDS)
+    allow_inexact_attention_backward: bool = opt(
+        False, "Train with --attention_backend sage anyway, although its backward pass is not exact (the "
+               "attention's LoRA gradients may be wrong or missing).")
 
 
 @dataclass

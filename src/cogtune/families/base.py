@@ -190,6 +190,13 @@ class ModelFamily(abc.ABC):
     def meta_text_encoder(self, models: "ModelConfigs", dtype: torch.dtype) -> torch.nn.Module:
         return meta_transformers_model(self.text_encoder_class, models.text_encoder, dtype)
 
+    def use_attention_backend(self, transformer, backend: str) -> None:
+        """Compute the transformer's attention with --attention_backend (checked already by
+        families.attention.check_attention_backend): diffusers' set_attention_backend, which reaches every
+        processor that calls its attention dispatcher. A family whose processors call
+        F.scaled_dot_product_attention directly swaps in processors of the same math that dispatch first."""
+        transformer.set_attention_backend(backend)
+
     @abc.abstractmethod
     def blocks(self, transformer) -> torch.nn.ModuleList:
         """The repeated blocks: what block swap, regional compilation and the estimates walk."""

@@ -270,6 +270,16 @@ class CogVideoX(ModelFamily):
         names = ("hidden_states", "encoder_hidden_states")
         return [*args[:self.block_state_arguments], *(kwargs[k] for k in names if k in kwargs)]
 
+    def use_attention_backend(self, transformer, backend: str) -> None:
+        """CogVideoX's processors call F.scaled_dot_product_attention themselves: each is replaced by one of
+        the same math that calls diffusers' dispatcher, which the backend then reaches."""
+        from diffusers.models.attention_processor import Attention, CogVideoXAttnProcessor2_0
+
+        for module in transformer.modules():
+            if isinstance(module, Attention) and isinstance(module.processor, CogVideoXAttnProcessor2_0):
+                module.set_processor(DispatchingCogVideoXAttnProcessor())
+        super().use_attention_backend(transformer, backend)
+
     def drop_learned_positional_embeddings(self, transformer) -> None:
         """Let CogVideoX-5b-I2V run at other sizes: its learned positional embeddings are near zero and
         tied to 49x480x720, so they are left out (in training and in inference alike)."""
@@ -469,3 +479,46 @@ class CogVideoX(ModelFamily):
         return f"use_dynamic_cfg={use_dynamic_cfg}, "
 
     export_formats = ("comfyui",)  # kijai's ComfyUI-CogVideoXWrapper and ComfyUI's LoRA loader (export.py)
+
+
+class DispatchingCogVideoXAttnProcessor:
+    """diffusers' CogVideoXAttnProcessor2_0, step for step (text and video tokens joined into one sequence,
+    the q/k norms, RoPE on the video tokens), except that attention goes through diffusers' attention
+    dispatcher, so that `set_attention_backend` (--attention_backend) reaches CogVideoX as it reaches
+    the models whose processors dispatch already (Wan)."""
+
+    _attention_backend = None  # set by set_attention_backend
+    _parallel_config = None  # (context parallelism: none here)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text_seq_length = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        batch_size, sequence_length, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
+        # The dispatcher takes and returns [B, S, H, D]; the processor works in [B, H, S, D].
+        hidden_states = dispatch_attention_fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                              attn_mask=attention_mask, backend=self._attention_backend,
+                                              parallel_config=self._parallel_config)
+        hidden_states = hidden_states.flatten(2, 3)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # the projection, then dropout
+        encoder_hidden_states, hidden_states = hidden_states.split(
+            [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1)
+        return hidden_states, encoder_hidden_states
+

@@ -8,6 +8,7 @@ from cogtune import quantize
 from cogtune.config import TrainConfig
 from cogtune.config.training import LoraArgs
 from cogtune.families import ModelConfigs, ModelFamily
+from cogtune.families.attention import check_attention_backend
 from cogtune.train.swap import BlockSwap, OffloadedCheckpointing
 from cogtune.util.devices import precision_dtype
 
@@ -31,11 +32,15 @@ def build_transformer(config: TrainConfig, models: ModelConfigs, spec: ModelFami
     if meta:
         transformer = spec.meta_transformer(models, weight_dtype)
     else:
+        check_attention_backend(config.attention_backend, torch.device(device), weight_dtype, training=True,
+                                allow_inexact=config.allow_inexact_attention_backward)
         if config.quant_backend != "none":
             quantize.require(config.quant_backend, torch.device(device))
         quantization = quantize.diffusers_config(config.quant_backend, config.quant_type, weight_dtype)
         transformer = spec.load_transformer(models, weight_dtype,
                                             **({"quantization_config": quantization} if quantization else {}))
+    if config.attention_backend and not meta:
+        spec.use_attention_backend(transformer, config.attention_backend)
     if spec.ignores_learned_positions(config.ignore_learned_positional_embeddings):
         spec.drop_learned_positional_embeddings(transformer)
     transformer.requires_grad_(False)
