@@ -70,6 +70,10 @@ SETTINGS = {
          GC + ["--attention_backend", "_native_cudnn"]),
         ("5b, bf16, gradient checkpointing, flash-attn", "5b", (49, 480, 720), "bf16",
          GC + ["--attention_backend", "flash"]),
+        # --fp8_compute (FP8 matmuls for the frozen linear layers; needs compute capability 8.9+), beside bf16.
+        ("5b, bf16, gradient checkpointing, fp8 compute", "5b", (49, 480, 720), "bf16", GC + ["--fp8_compute"]),
+        ("Wan 2.1 1.3B, bf16, gradient checkpointing, fp8 compute", "wan2.1-1.3b", (81, 480, 832), "bf16",
+         GC + ["--fp8_compute"]),
         ("5b, bf16, gradient checkpointing, torchao int8wo base", "5b", (49, 480, 720), "bf16", GC + INT8),
         ("5b, bf16, gradient checkpointing in CPU memory, torchao int8wo base", "5b", (49, 480, 720), "bf16",
          GC + ["--gradient_checkpointing_cpu_offload"] + INT8),

@@ -5,6 +5,7 @@ per session (the `trained` fixture of conftest.py), and helpers to run stages in
 from pathlib import Path
 
 import av
+import torch
 
 from cogtune import infer, preprocess, train
 from cogtune.config import data_settings, load_config
@@ -40,3 +41,44 @@ def run_stages(config: Path, *stages, extra=()):
 def read_video(path: Path):
     with av.open(str(path)) as container:
         return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def training_transformer(model: Path, settings: dict, argv=(), precision: str = "no"):
+    """A variant's transformer as training builds it (rank-4 LoRA), on the CPU, and its family."""
+    from cogtune.families import ModelConfigs
+    from cogtune.train.model import build_transformer
+
+    flags = ["--pretrained_model_name_or_path", str(model), "--mixed_precision", precision, "--rank", "4",
+             "--lora_alpha", "4", *argv]
+    for key, value in settings.items():
+        flags += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    config = load_config("train", flags)
+    models = ModelConfigs.of(config)
+    spec = models.spec()
+    return build_transformer(config, models, spec, "cpu"), spec
+
+
+def transformer_loss(transformer, spec, backward=True, dtype=torch.float32):
+    """An MSE loss of the transformer's output on fixed random inputs of the shapes training gives it
+    (the LoRA's B filled with fixed values, so that A's gradients are not zero), and with backward the
+    gradient of every LoRA weight."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    shape = [transformer.config.out_channels, 3, 4, 8]
+    inputs = spec.memory_inputs(1, shape, transformer.config.in_channels, dtype, "cpu")
+    for name, value in inputs.items():
+        if torch.is_tensor(value) and value.is_floating_point() and name != "image_rotary_emb":
+            value.copy_(torch.randn(value.shape, generator=generator))
+        elif torch.is_tensor(value) and not value.is_floating_point():
+            value.fill_(500)
+    with torch.set_grad_enabled(backward), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        out = transformer(**inputs, return_dict=False)[0]
+        loss = (out.float() - torch.randn(out.shape, generator=generator)).pow(2).mean()
+    if not backward:
+        return loss.detach(), {}
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in transformer.named_parameters() if p.requires_grad}
+

@@ -160,3 +160,46 @@ def dequantized_saved_bytes(model: torch.nn.Module, blocks, backend: str, comput
     per_block = [linear_bytes(block) for block in blocks]
     outside = linear_bytes(model) - sum(per_block)
     return outside + sum(per_block), outside + max(per_block, default=0)
+
+
+# --- --fp8_compute: FP8 matmuls for the frozen linear layers (torchao float8 training) ------------
+
+FP8_COMPUTE_CAPABILITY = (8, 9)  # Ada, Hopper and newer have FP8 tensor cores
+
+
+def fp8_compute_layers(transformer: torch.nn.Module, blocks) -> list[str]:
+    """The names of the layers --fp8_compute converts: every frozen nn.Linear inside the blocks (a LoRA's
+    base layer included, its lora_A and lora_B not), whose sizes are multiples of 16 (FP8 matmuls need it)."""
+    import torch
+
+    inside = {id(module) for block in blocks for module in block.modules()}
+    return [name for name, module in transformer.named_modules()
+            if type(module) is torch.nn.Linear and id(module) in inside and not module.weight.requires_grad
+            and ".lora_" not in name and module.in_features % 16 == 0 and module.out_features % 16 == 0]
+
+
+def require_fp8_compute(device: torch.device) -> None:
+    """Refuse --fp8_compute where it cannot run: torchao missing, no GPU, or a GPU without FP8 tensor cores."""
+    import torch
+
+    if importlib.util.find_spec("torchao") is None:
+        raise CogtuneError("--fp8_compute needs torchao: pip install 'cogtune[quant]' (or torchao).")
+    if device.type != "cuda":
+        raise CogtuneError(f"--fp8_compute runs FP8 matmuls on GPU tensor cores; there is none on the {device.type}. "
+                           "Leave the flag out here.")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_COMPUTE_CAPABILITY:
+        raise CogtuneError(f"--fp8_compute needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, "
+                           f"Blackwell); this GPU is {capability[0]}.{capability[1]}. Leave the flag out, or use "
+                           "--layerwise_casting_storage_dtype float8_e4m3fn to store the weights in fp8.")
+
+
+def enable_fp8_compute(transformer: torch.nn.Module, blocks) -> list[str]:
+    """Swap the fp8_compute_layers for torchao's Float8Linear (dynamic tensorwise scaling: inputs and weights
+    in e4m3, gradients in e5m2); returns their names. The weights stay stored as they were."""
+    from torchao.float8 import convert_to_float8_training
+
+    names = set(fp8_compute_layers(transformer, blocks))
+    convert_to_float8_training(transformer, module_filter_fn=lambda module, name: name in names)
+    return sorted(names)
+

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from contract import CONTRACT
+from contract import CONTRACT, training_transformer, transformer_loss
 
 from cogtune.config import load_config
 from cogtune.errors import CogtuneError
@@ -26,38 +26,13 @@ def restored_backend():
 
 
 def loss_and_lora_gradients(model, settings, backward=True, backend=None, then=None):
-    """An MSE loss of the transformer's output on fixed random inputs (the shapes training gives it), and
-    the gradient of every LoRA weight. then: a backend to switch the built transformer to before the pass
-    (as infer switches a pipeline's), past the training checks of --attention_backend."""
-    argv = ["--pretrained_model_name_or_path", str(model), "--mixed_precision", "no", "--rank", "4",
-            "--lora_alpha", "4", *(["--attention_backend", backend] if backend else [])]
-    for key, value in settings.items():
-        argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]
-    config = load_config("train", argv)
-    models = ModelConfigs.of(config)
-    spec = models.spec()
-    transformer = build_transformer(config, models, spec, "cpu")
+    """transformer_loss of the family's transformer built for training (with --attention_backend backend);
+    then: a backend to switch the built transformer to first (as infer switches a pipeline's), past the
+    training checks of --attention_backend."""
+    transformer, spec = training_transformer(model, settings, ["--attention_backend", backend] if backend else [])
     if then:
         spec.use_attention_backend(transformer, then)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # the LoRA's B starts at zero: give it values, so that A's gradients are not zero
-        for name, parameter in transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    shape = [transformer.config.out_channels, 3, 4, 8]
-    inputs = spec.memory_inputs(1, shape, transformer.config.in_channels, torch.float32, "cpu")
-    for name, value in inputs.items():
-        if torch.is_tensor(value) and value.is_floating_point() and name != "image_rotary_emb":
-            value.copy_(torch.randn(value.shape, generator=generator))
-        elif torch.is_tensor(value) and not value.is_floating_point():
-            value.fill_(500)
-    with torch.set_grad_enabled(backward):
-        out = transformer(**inputs, return_dict=False)[0]
-        loss = (out.float() - torch.randn(out.shape, generator=generator)).pow(2).mean()
-    if not backward:
-        return loss.detach(), {}
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in transformer.named_parameters() if p.requires_grad}
+    return transformer_loss(transformer, spec, backward)
 
 
 @pytest.mark.parametrize("name", list(CONTRACT))

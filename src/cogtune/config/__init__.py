@@ -76,6 +76,11 @@ class TrainConfig(ModelArgs, VaeArgs, TrainDataArgs, CacheRootArgs, OutputArgs, 
         if self.offload_optimizer and self.use_8bit_adam:
             raise CogtuneError("--offload_optimizer and --use_8bit_adam are two ways to shrink the optimizer "
                                "state; pick one (8-bit Adam runs on the GPU only).")
+        if self.fp8_compute and self.quant_backend != "none":
+            raise CogtuneError("--fp8_compute runs the frozen weights as FP8 matmuls, --quant_backend stores them "
+                               "quantized: pick one.")
+        if self.fp8_compute and self.mixed_precision != "bf16":
+            raise CogtuneError("--fp8_compute needs --mixed_precision bf16 (the FP8 matmuls' inputs and outputs).")
         if self.quant_backend != "none" and self.layerwise_casting_storage_dtype != "none":
             raise CogtuneError("--quant_backend and --layerwise_casting_storage_dtype both shrink the frozen weights: "
                                "pick one.")

@@ -172,7 +172,7 @@ class EmaArgs(Group):
 
 @dataclass
 class MemoryArgs(Group):
-    """Training memory: checkpointing, offload, fp8 storage (train)."""
+    """Training memory and speed: checkpointing, offload, fp8 storage and compute (train)."""
 
     gradient_checkpointing: bool = opt(False, "Recompute transformer activations in the backward pass (less memory).")
     gradient_checkpointing_cpu_offload: bool = opt(
@@ -193,8 +193,15 @@ class MemoryArgs(Group):
         choices=("none", "float8_e4m3fn", "float8_e5m2"),
     )
     allow_tf32: bool = opt(False, "Allow TF32 matmuls on Ampere and newer GPUs (faster).")
+    fp8_compute: bool = opt(
+        False, "Run the frozen linear layers of the transformer's blocks as FP8 matmuls with dynamic scaling "
+               "(torchao float8 training) on GPUs with FP8 tensor cores (compute capability 8.9 or newer); LoRA "
+               "weights and gradients keep their precision. Needs --mixed_precision bf16 and torchao.")
 
     def check_own(self) -> None:
+        if self.fp8_compute and (self.layerwise_casting_storage_dtype != "none" or self.blocks_to_swap):
+            raise CogtuneError("--fp8_compute casts the frozen linear weights to fp8 for each matmul itself: use it "
+                               "without --layerwise_casting_storage_dtype and --blocks_to_swap.")
         if self.gradient_checkpointing_cpu_offload and not self.gradient_checkpointing:
             raise CogtuneError("--gradient_checkpointing_cpu_offload offloads what gradient checkpointing stores: add "
                                "--gradient_checkpointing.")

@@ -34,6 +34,8 @@ def build_transformer(config: TrainConfig, models: ModelConfigs, spec: ModelFami
     else:
         check_attention_backend(config.attention_backend, torch.device(device), weight_dtype, training=True,
                                 allow_inexact=config.allow_inexact_attention_backward)
+        if config.fp8_compute:
+            quantize.require_fp8_compute(torch.device(device))
         if config.quant_backend != "none":
             quantize.require(config.quant_backend, torch.device(device))
         quantization = quantize.diffusers_config(config.quant_backend, config.quant_type, weight_dtype)
@@ -57,6 +59,8 @@ def build_transformer(config: TrainConfig, models: ModelConfigs, spec: ModelFami
                                        target_modules=target_modules(config, spec), use_dora=config.use_dora,
                                        use_rslora=config.use_rslora))
     cast_training_params([transformer], dtype=torch.float32)  # only the LoRA is trained: only it is fp32
+    if config.fp8_compute and not meta:  # after the LoRA, whose own layers it leaves as they are
+        quantize.enable_fp8_compute(transformer, spec.blocks(transformer))
     if config.layerwise_casting_storage_dtype != "none":  # after the LoRA, which it leaves in fp32
         transformer.enable_layerwise_casting(storage_dtype=getattr(torch, config.layerwise_casting_storage_dtype),
                                              compute_dtype=weight_dtype)
