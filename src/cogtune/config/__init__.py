@@ -76,6 +76,8 @@ class TrainConfig(ModelArgs, VaeArgs, TrainDataArgs, CacheRootArgs, OutputArgs, 
         if self.offload_optimizer and self.use_8bit_adam:
             raise CogtuneError("--offload_optimizer and --use_8bit_adam are two ways to shrink the optimizer "
                                "state; pick one (8-bit Adam runs on the GPU only).")
+        if self.context_parallel_degree > 1 and self.compile:
+            raise CogtuneError("--context_parallel_degree and --compile do not combine yet; use one.")
         if self.fp8_compute and self.quant_backend != "none":
             raise CogtuneError("--fp8_compute runs the frozen weights as FP8 matmuls, --quant_backend stores them "
                                "quantized: pick one.")

@@ -193,12 +193,20 @@ class MemoryArgs(Group):
         choices=("none", "float8_e4m3fn", "float8_e5m2"),
     )
     allow_tf32: bool = opt(False, "Allow TF32 matmuls on Ampere and newer GPUs (faster).")
+    context_parallel_degree: int = opt(
+        1, "Split each sample's tokens over this many processes (context parallelism, diffusers' machinery): "
+           "Ulysses all-to-all where the degree divides the attention heads, else ring attention. The processes "
+           "(torchrun or accelerate, DDP) are data-parallel groups of this many: processes = groups x degree, and "
+           "the batch per group is --train_batch_size. Wan models; not with validation during training, "
+           "--compile or --blocks_to_swap.", rules=('positive',))
     fp8_compute: bool = opt(
         False, "Run the frozen linear layers of the transformer's blocks as FP8 matmuls with dynamic scaling "
                "(torchao float8 training) on GPUs with FP8 tensor cores (compute capability 8.9 or newer); LoRA "
                "weights and gradients keep their precision. Needs --mixed_precision bf16 and torchao.")
 
     def check_own(self) -> None:
+        if self.context_parallel_degree > 1 and self.blocks_to_swap:
+            raise CogtuneError("--context_parallel_degree and --blocks_to_swap do not combine yet; use one.")
         if self.fp8_compute and (self.layerwise_casting_storage_dtype != "none" or self.blocks_to_swap):
             raise CogtuneError("--fp8_compute casts the frozen linear weights to fp8 for each matmul itself: use it "
                                "without --layerwise_casting_storage_dtype and --blocks_to_swap.")

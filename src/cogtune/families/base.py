@@ -197,6 +197,15 @@ class ModelFamily(abc.ABC):
         F.scaled_dot_product_attention directly swaps in processors of the same math that dispatch first."""
         transformer.set_attention_backend(backend)
 
+    def context_parallel_plan(self, transformer) -> dict:
+        """How --context_parallel_degree splits the transformer's tokens (diffusers' ContextParallelInput and
+        ContextParallelOutput by module): the model's own `_cp_plan`; a CogtuneError where it has none."""
+        plan = getattr(transformer, "_cp_plan", None)
+        if not plan:
+            raise CogtuneError(f"--context_parallel_degree is not available for {self.name} models yet: their "
+                               "transformer has no context-parallel plan. Use data parallelism (DDP) instead.")
+        return plan
+
     @abc.abstractmethod
     def blocks(self, transformer) -> torch.nn.ModuleList:
         """The repeated blocks: what block swap, regional compilation and the estimates walk."""

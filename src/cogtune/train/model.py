@@ -7,6 +7,7 @@ import torch
 from cogtune import quantize
 from cogtune.config import TrainConfig
 from cogtune.config.training import LoraArgs
+from cogtune.errors import CogtuneError
 from cogtune.families import ModelConfigs, ModelFamily
 from cogtune.families.attention import check_attention_backend
 from cogtune.train.swap import BlockSwap, OffloadedCheckpointing
@@ -68,3 +69,50 @@ def build_transformer(config: TrainConfig, models: ModelConfigs, spec: ModelFami
         for block in spec.blocks(transformer):
             block.compile()
     return transformer
+
+
+def context_parallel_groups(processes: int, process_index: int, degree: int) -> tuple[int, int]:
+    """(data-parallel groups, this process's group) for --context_parallel_degree: consecutive processes
+    form a group that splits one sample's tokens among them."""
+    if processes % degree:
+        raise CogtuneError(f"--context_parallel_degree {degree} must divide the number of processes ({processes}): "
+                           f"launch {degree} x N processes.")
+    return processes // degree, process_index // degree
+
+
+def enable_context_parallel(transformer, spec: ModelFamily, degree: int, device: torch.device) -> None:
+    """Split each sample's tokens over `degree` consecutive processes with diffusers' context parallelism:
+    Ulysses (all-to-all of heads) where the degree divides the attention heads, else ring attention. The
+    mesh is (data-parallel groups, ring, ulysses). Each process of a group then computes the whole loss from
+    the gathered output and the LoRA gradients of its own tokens: their sum over the group is the sample's
+    gradient (the training step scales its loss by the degree, so that DDP's mean over every process is the
+    mean over the groups)."""
+    from diffusers import ContextParallelConfig
+
+    plan = spec.context_parallel_plan(transformer)
+    processes = torch.distributed.get_world_size()
+    heads = transformer.config.num_attention_heads
+    ulysses = degree if heads % degree == 0 else 1
+    mesh = torch.distributed.device_mesh.init_device_mesh(
+        device.type, (processes // degree, degree // ulysses, ulysses), mesh_dim_names=("dp", "ring", "ulysses"))
+    config = ContextParallelConfig(ulysses_degree=ulysses, ring_degree=degree // ulysses, mesh=mesh)
+    with _one_device_on_cpu(device):
+        transformer.enable_parallelism(config=config, cp_plan=plan)
+
+
+class _one_device_on_cpu:
+    """diffusers picks each rank's device as rank % torch.accelerator.device_count(), which is 0 on a machine
+    without accelerators (the CPU runs of several processes, gloo): there, it is told of one device while
+    it sets up, and the mesh it is given is on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.patch = device.type == "cpu" and torch.accelerator.device_count() == 0
+
+    def __enter__(self):
+        if self.patch:
+            self.saved = torch.accelerator.device_count
+            torch.accelerator.device_count = lambda: 1
+
+    def __exit__(self, *exc):
+        if self.patch:
+            torch.accelerator.device_count = self.saved

@@ -32,7 +32,7 @@ from cogtune.train import checkpoint as checkpoints
 from cogtune.train import log, report
 from cogtune.train.data import LatentDataset, TrainingPlan, batch_generator, collate, open_training_cache
 from cogtune.train.lora import EMA_WEIGHT_NAME, LORA_WEIGHT_NAME, load_initial_lora, save_lora, write_lora_info
-from cogtune.train.model import build_transformer, target_modules
+from cogtune.train.model import build_transformer, context_parallel_groups, enable_context_parallel, target_modules
 from cogtune.train.optim import make_lr_scheduler, make_optimizer
 from cogtune.families.objectives import Objective
 from cogtune.train.step import training_loss
@@ -245,7 +245,10 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     files.ensure_writable_dir(output_dir, "--output_dir")
     check_precision_available(config.mixed_precision)
     accelerator = _accelerator(config, output_dir)
-    processes, process_index = accelerator.num_processes, accelerator.process_index
+    # The data-parallel groups: every process, or with --context_parallel_degree N groups of N consecutive
+    # processes that split one sample's tokens (each reads the same samples and draws).
+    processes, process_index = context_parallel_groups(accelerator.num_processes, accelerator.process_index,
+                                                       config.context_parallel_degree)
 
     # The cache, checked against the model before anything is loaded.
     cache_path, cache = open_training_cache(config, data, models, spec)
@@ -257,6 +260,10 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     empty_prompt = (read_empty_prompt_embeds(cache_path)  # what a dropped caption becomes
                     if config.caption_dropout_p > 0 and config.caption_dropout_technique == "empty" else None)
     _check_engine(config, accelerator.distributed_type.name, validation is not None)
+    if config.context_parallel_degree > 1 and validation is not None:
+        raise CogtuneError("Validation during training is not available with --context_parallel_degree (the "
+                           "transformer's tokens are split over processes); leave out --validation_prompt and run "
+                           "`cogtune infer` on the LoRA.")
     _hold_output_dir(accelerator, output_dir, held)  # (after the checks: a run refused by them leaves nothing)
     settings = checkpoints.run_settings(config, config.train_batch_size * processes)  # what a resume must match
     checkpoint, overwrite = checkpoints.choose_start(config, output_dir, settings)  # a used folder: resume, replace, refuse
@@ -267,6 +274,8 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     # The model: the transformer alone, frozen, with LoRA adapters in fp32; the noise schedule.
     weight_dtype = precision_dtype(config.mixed_precision)
     transformer = build_transformer(config, models, spec, accelerator.device)
+    if config.context_parallel_degree > 1:
+        enable_context_parallel(transformer, spec, config.context_parallel_degree, accelerator.device)
     if config.init_lora:  # (a resumed run then loads its checkpoint's LoRA over it)
         covered = load_initial_lora(spec, transformer, config.init_lora, config.rank, config.lora_alpha)
         adapted = sum(1 for name, _ in transformer.named_modules() if name.endswith(".lora_A"))
@@ -335,7 +344,9 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
                                      family_inputs, weight_dtype, accelerator.autocast, share.real,
                                      share.total / processes)
                 step_losses.append(loss.detach())
-                accelerator.backward(loss)  # every process, even with a NaN loss, so that none waits for another
+                # every process, even with a NaN loss, so that none waits for another; with context parallelism
+                # a process's gradient is its tokens' share of the sample's, so the loss counts degree times
+                accelerator.backward(loss * config.context_parallel_degree)
                 if not accelerator.sync_gradients:
                     continue
                 loss_value, grad_norm, finite = _optimizer_step(run, step_losses, lora_parameters, config.max_grad_norm)

@@ -1,0 +1,68 @@
+"""--context_parallel_degree on the CPU (torchrun, gloo): a group of processes that splits each sample's
+tokens trains what one process trains on the same global batch, and groups compose with data
+parallelism (2 groups of 2 equal 2 data-parallel processes)."""
+
+import pytest
+import torch
+from conftest import write_config
+from contract import run_stages
+from safetensors.torch import load_file
+from test_distributed import losses, torchrun
+
+from cogtune.config import load_config
+from cogtune.errors import CogtuneError
+from cogtune.train.model import context_parallel_groups
+
+LORA = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def wan_run(models, demo_data, tmp_path_factory):
+    """A Wan 2.1 T2V cache, and one process's training on it with batches of 1 and of 2."""
+    root = tmp_path_factory.mktemp("cp")
+    config = write_config(root / "c.toml", models["wan2.1-t2v-1.3b"], demo_data, root / "cache", root / "one",
+                          train_batch_size=1, max_train_steps=3, checkpointing_steps=100)
+    run_stages(config, "preprocess", "train")
+    run_stages(config, "train", extra=["--output_dir", root / "one-batch-2", "--train_batch_size", "2"])
+    return dict(config=config, one=root / "one", two=root / "one-batch-2")
+
+
+def assert_same_training(out, reference):
+    assert losses(out) == pytest.approx(losses(reference), rel=1e-5)
+    saved, expected = load_file(out / LORA), load_file(reference / LORA)
+    assert saved.keys() == expected.keys()
+    for key in expected:  # up to the collectives' summation order, which Adam's 1 / sqrt(v) magnifies near zero
+        torch.testing.assert_close(saved[key], expected[key], rtol=1e-3, atol=1e-3 * expected[key].abs().max().item())
+
+
+def test_two_processes_splitting_each_sample_train_as_one_process(wan_run, tmp_path):
+    out = tmp_path / "cp2"
+    torchrun("-m", "cogtune.cli", "train", "--config", wan_run["config"], "--context_parallel_degree", "2",
+             "--output_dir", out)
+    assert_same_training(out, wan_run["one"])
+
+
+def test_two_groups_of_two_train_as_two_data_parallel_processes(wan_run, tmp_path):
+    """4 processes, context parallelism 2: 2 data-parallel groups, a sample each, as one process with
+    batches of 2 (which two DDP processes train, tests/e2e/test_distributed.py)."""
+    out = tmp_path / "dp2-cp2"
+    torchrun("-m", "cogtune.cli", "train", "--config", wan_run["config"], "--context_parallel_degree", "2",
+             "--output_dir", out, processes=4)
+    assert_same_training(out, wan_run["two"])
+
+
+def test_the_degree_must_divide_the_processes_and_is_refused_for_cogvideox_and_validation(models, demo_data,
+                                                                                          tmp_path):
+    assert context_parallel_groups(4, 3, 2) == (2, 1) and context_parallel_groups(3, 2, 1) == (3, 2)
+    with pytest.raises(CogtuneError, match="must divide the number of processes"):
+        context_parallel_groups(3, 0, 2)
+    from cogtune.families import ModelConfigs
+    from cogtune.train.model import build_transformer
+
+    config = load_config("train", ["--pretrained_model_name_or_path", str(models["2b"]), "--mixed_precision", "no"])
+    configs = ModelConfigs.of(config)
+    transformer = build_transformer(config, configs, configs.spec(), "cpu")
+    with pytest.raises(CogtuneError, match="not available for CogVideoX"):
+        configs.spec().context_parallel_plan(transformer)
+    with pytest.raises(CogtuneError, match="--compile do not combine"):
+        load_config("train", ["--pretrained_model_name_or_path", "m", "--context_parallel_degree", "2", "--compile"])
