@@ -51,18 +51,24 @@ def test_two_groups_of_two_train_as_two_data_parallel_processes(wan_run, tmp_pat
     assert_same_training(out, wan_run["two"])
 
 
-def test_the_degree_must_divide_the_processes_and_is_refused_for_cogvideox_and_validation(models, demo_data,
-                                                                                          tmp_path):
+def test_the_degree_must_divide_the_processes_and_does_not_combine_with_compile():
     assert context_parallel_groups(4, 3, 2) == (2, 1) and context_parallel_groups(3, 2, 1) == (3, 2)
     with pytest.raises(CogtuneError, match="must divide the number of processes"):
         context_parallel_groups(3, 0, 2)
-    from cogtune.families import ModelConfigs
-    from cogtune.train.model import build_transformer
-
-    config = load_config("train", ["--pretrained_model_name_or_path", str(models["2b"]), "--mixed_precision", "no"])
-    configs = ModelConfigs.of(config)
-    transformer = build_transformer(config, configs, configs.spec(), "cpu")
-    with pytest.raises(CogtuneError, match="not available for CogVideoX"):
-        configs.spec().context_parallel_plan(transformer)
     with pytest.raises(CogtuneError, match="--compile do not combine"):
         load_config("train", ["--pretrained_model_name_or_path", "m", "--context_parallel_degree", "2", "--compile"])
+
+
+@pytest.mark.parametrize("variant", ["5b", "1.5-5b-i2v"])
+def test_cogvideox_with_our_context_parallel_plan_trains_as_one_process(models, demo_data, first_frame, tmp_path,
+                                                                        variant):
+    """Our plan for CogVideoX (text and video tokens both split, RoPE with the video tokens), with gradient
+    checkpointing: 2 processes splitting each sample train what one process trains."""
+    extra = dict(image=str(first_frame)) if variant.endswith("i2v") else {}
+    config = write_config(tmp_path / "c.toml", models[variant], demo_data, tmp_path / "cache", tmp_path / "one",
+                          train_batch_size=1, max_train_steps=2, checkpointing_steps=100, gradient_checkpointing=True,
+                          **extra)
+    run_stages(config, "preprocess", "train")
+    out = tmp_path / "cp2"
+    torchrun("-m", "cogtune.cli", "train", "--config", config, "--context_parallel_degree", "2", "--output_dir", out)
+    assert_same_training(out, tmp_path / "one")

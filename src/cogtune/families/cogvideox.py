@@ -280,6 +280,21 @@ class CogVideoX(ModelFamily):
                 module.set_processor(DispatchingCogVideoXAttnProcessor())
         super().use_attention_backend(transformer, backend)
 
+    def context_parallel_plan(self, transformer) -> dict:
+        """CogVideoX has no context-parallel plan in diffusers; this is ours. Each process of a group takes a
+        contiguous share of the text tokens and of the video tokens (and the video tokens' RoPE) as the first
+        block is entered; the attention processor joins its shares and the dispatcher's all-to-all (or ring)
+        attends over every process's tokens. Attention has no mask and RoPE is applied before it, so the order
+        in which the shares meet does not matter. The output projection's tokens are gathered back in order.
+        Text and video token counts must divide by the degree."""
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        tokens = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
+        rope = ContextParallelInput(split_dim=0, expected_dims=2, split_output=False)  # (cos, sin), [video tokens, D]
+        return {"": {"image_rotary_emb": [rope, rope]},
+                "transformer_blocks.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
+                "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
+
     def drop_learned_positional_embeddings(self, transformer) -> None:
         """Let CogVideoX-5b-I2V run at other sizes: its learned positional embeddings are near zero and
         tied to 49x480x720, so they are left out (in training and in inference alike)."""

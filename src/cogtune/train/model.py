@@ -80,7 +80,8 @@ def context_parallel_groups(processes: int, process_index: int, degree: int) -> 
     return processes // degree, process_index // degree
 
 
-def enable_context_parallel(transformer, spec: ModelFamily, degree: int, device: torch.device) -> None:
+def enable_context_parallel(transformer, spec: ModelFamily, degree: int, device: torch.device,
+                            attention_backend: str | None = None) -> None:
     """Split each sample's tokens over `degree` consecutive processes with diffusers' context parallelism:
     Ulysses (all-to-all of heads) where the degree divides the attention heads, else ring attention. The
     mesh is (data-parallel groups, ring, ulysses). Each process of a group then computes the whole loss from
@@ -90,6 +91,7 @@ def enable_context_parallel(transformer, spec: ModelFamily, degree: int, device:
     from diffusers import ContextParallelConfig
 
     plan = spec.context_parallel_plan(transformer)
+    spec.use_attention_backend(transformer, attention_backend or "native")  # processors that dispatch (CogVideoX's)
     processes = torch.distributed.get_world_size()
     heads = transformer.config.num_attention_heads
     ulysses = degree if heads % degree == 0 else 1

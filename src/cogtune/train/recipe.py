@@ -275,7 +275,8 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     weight_dtype = precision_dtype(config.mixed_precision)
     transformer = build_transformer(config, models, spec, accelerator.device)
     if config.context_parallel_degree > 1:
-        enable_context_parallel(transformer, spec, config.context_parallel_degree, accelerator.device)
+        enable_context_parallel(transformer, spec, config.context_parallel_degree, accelerator.device,
+                                config.attention_backend)
     if config.init_lora:  # (a resumed run then loads its checkpoint's LoRA over it)
         covered = load_initial_lora(spec, transformer, config.init_lora, config.rank, config.lora_alpha)
         adapted = sum(1 for name, _ in transformer.named_modules() if name.endswith(".lora_A"))
