@@ -72,3 +72,31 @@ def test_cogvideox_with_our_context_parallel_plan_trains_as_one_process(models, 
     out = tmp_path / "cp2"
     torchrun("-m", "cogtune.cli", "train", "--config", config, "--context_parallel_degree", "2", "--output_dir", out)
     assert_same_training(out, tmp_path / "one")
+
+
+def test_token_counts_that_do_not_split_evenly_are_refused_before_training():
+    """CogVideoX-5b at 49x480x720 (published configs, no weights): 17,550 video and 226 text tokens split over
+    2 processes, not over 4; Wan 2.1 at 81x480x832 (32,760 video tokens) over 8."""
+    from cogtune.families import ModelConfigs
+
+    cogvideox = ModelConfigs.load("THUDM/CogVideoX-5b")
+    spec, channels = cogvideox.spec(), cogvideox.transformer["in_channels"]
+    assert spec.context_parallel_tokens([16, 13, 60, 90], channels) == {"video": 17550, "text": 226}
+    spec.check_context_parallel(2, [(16, 13, 60, 90)], channels)
+    with pytest.raises(CogtuneError, match=r"video tokens of the clips of latent shape 16x13x60x90 \(17550\)"):
+        spec.check_context_parallel(4, [(16, 13, 60, 90)], channels)
+    wan = ModelConfigs.load("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    wan.spec().check_context_parallel(8, [(16, 21, 60, 104)], wan.transformer["in_channels"])
+
+
+def test_the_estimate_divides_the_activations_by_the_degree():
+    from cogtune.families import ModelConfigs
+    from cogtune.train.memory import memory_estimate
+
+    argv = ["--pretrained_model_name_or_path", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--gradient_checkpointing"]
+    models = ModelConfigs.load("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    shape = [16, 5, 30, 52]
+    one = memory_estimate(load_config("train", argv), models, shape)
+    four = memory_estimate(load_config("train", [*argv, "--context_parallel_degree", "4"]), models, shape)
+    assert (four.weights, four.lora, four.optimizer) == (one.weights, one.lora, one.optimizer)
+    assert four.activations == -(-one.activations // 4) and four.total < one.total

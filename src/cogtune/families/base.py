@@ -206,6 +206,23 @@ class ModelFamily(abc.ABC):
                                "transformer has no context-parallel plan. Use data parallelism (DDP) instead.")
         return plan
 
+    def context_parallel_tokens(self, latent_shape: list[int], in_channels: int) -> dict[str, int]:
+        """The token counts --context_parallel_degree splits for a sample of latent_shape [C, F, H, W]: the
+        video tokens (the text's too where the family's plan splits them)."""
+        hidden = self.memory_inputs(1, list(latent_shape), in_channels, torch.float32, "meta")["hidden_states"]
+        return {"video": self.video_tokens(hidden)}
+
+    def check_context_parallel(self, degree: int, latent_shapes, in_channels: int) -> None:
+        """Every split token count divides by the degree (diffusers splits into equal shares), or a CogtuneError
+        that names the clip size and what to do."""
+        for shape in sorted(set(map(tuple, latent_shapes))):
+            for what, count in self.context_parallel_tokens(list(shape), in_channels).items():
+                if count % degree:
+                    raise CogtuneError(
+                        f"--context_parallel_degree {degree}: the {what} tokens of the clips of latent shape "
+                        f"{'x'.join(map(str, shape))} ({count}) do not split into {degree} equal shares. Use a degree "
+                        f"that divides {count}, or other clip sizes.")
+
     @abc.abstractmethod
     def blocks(self, transformer) -> torch.nn.ModuleList:
         """The repeated blocks: what block swap, regional compilation and the estimates walk."""

@@ -295,6 +295,9 @@ class CogVideoX(ModelFamily):
                 "transformer_blocks.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
                 "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
 
+    def context_parallel_tokens(self, latent_shape: list[int], in_channels: int) -> dict[str, int]:
+        return {**super().context_parallel_tokens(latent_shape, in_channels), "text": self.max_text_seq_length}
+
     def drop_learned_positional_embeddings(self, transformer) -> None:
         """Let CogVideoX-5b-I2V run at other sizes: its learned positional embeddings are near zero and
         tied to 49x480x720, so they are left out (in training and in inference alike)."""

@@ -204,7 +204,19 @@ def largest_latent_shape(config: TrainConfig, preprocess_config: PreprocessConfi
 
 
 def memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: list[int]):
-    """The expected peak GPU memory of training with these settings on batches of latent_shape [C, F, H, W]."""
+    """The expected peak GPU memory of training with these settings on batches of latent_shape [C, F, H, W],
+    per process: with --context_parallel_degree N each process holds 1/N of the tokens, so its activations
+    are 1/N of one process's (the weights, LoRA and optimizer state are whole on each)."""
+    estimated = _memory_estimate(config, models, latent_shape)
+    degree = config.context_parallel_degree
+    if degree > 1:
+        for part in ("activations", "transient", "activations_without_checkpointing",
+                     "activations_with_checkpointing", "tokens"):
+            setattr(estimated, part, -(-getattr(estimated, part) // degree))
+    return estimated
+
+
+def _memory_estimate(config: TrainConfig, models: ModelConfigs, latent_shape: list[int]):
     spec = models.spec()
     meta = torch.device("meta")
     transformer = build_transformer(config, models, spec, meta, meta=True)
@@ -246,6 +258,8 @@ def dry_run(config: TrainConfig, preprocess_config: PreprocessConfig | None = No
     return (f"Expected peak GPU memory for {spec.description}, batch {config.train_batch_size} of latents "
             f"{frames}x{height}x{width} (the largest, from {source}), rank {config.rank}, "
             f"--mixed_precision {config.mixed_precision}"
+            + (f", per process of --context_parallel_degree {config.context_parallel_degree} (a 1/"
+               f"{config.context_parallel_degree} share of the tokens each)" if config.context_parallel_degree > 1 else "")
             + (f", --quant_backend {config.quant_backend} --quant_type "
                f"{quantize.quant_type(config.quant_backend, config.quant_type)}" if config.quant_backend != "none" else "")
             + f":\n{estimated.table()}\n"

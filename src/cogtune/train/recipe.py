@@ -275,6 +275,8 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     weight_dtype = precision_dtype(config.mixed_precision)
     transformer = build_transformer(config, models, spec, accelerator.device)
     if config.context_parallel_degree > 1:
+        spec.check_context_parallel(config.context_parallel_degree, cache.samples.latent_shapes,
+                                    transformer.config.in_channels)
         enable_context_parallel(transformer, spec, config.context_parallel_degree, accelerator.device,
                                 config.attention_backend)
     if config.init_lora:  # (a resumed run then loads its checkpoint's LoRA over it)
