@@ -59,7 +59,7 @@ def test_the_degree_must_divide_the_processes_and_does_not_combine_with_compile(
         load_config("train", ["--pretrained_model_name_or_path", "m", "--context_parallel_degree", "2", "--compile"])
 
 
-@pytest.mark.parametrize("variant", ["5b", "1.5-5b-i2v"])
+@pytest.mark.parametrize("variant", ["1.5-5b-i2v"])  # RoPE, the image condition, ofs and frame padding
 def test_cogvideox_with_our_context_parallel_plan_trains_as_one_process(models, demo_data, first_frame, tmp_path,
                                                                         variant):
     """Our plan for CogVideoX (text and video tokens both split, RoPE with the video tokens), with gradient
@@ -100,3 +100,14 @@ def test_the_estimate_divides_the_activations_by_the_degree():
     four = memory_estimate(load_config("train", [*argv, "--context_parallel_degree", "4"]), models, shape)
     assert (four.weights, four.lora, four.optimizer) == (one.weights, one.lora, one.optimizer)
     assert four.activations == -(-one.activations // 4) and four.total < one.total
+
+
+def test_ring_attention_needs_a_kernel_that_returns_the_log_sum_exp():
+    """A degree that does not divide the heads takes ring attention (which the CPU cannot run: PyTorch's CPU
+    kernels return no log-sum-exp through diffusers' dispatcher)."""
+    from cogtune.train.model import context_parallel_layout
+
+    assert context_parallel_layout(4, 12, None) == (4, 1)  # Wan 2.1 1.3B's 12 heads: Ulysses
+    assert context_parallel_layout(4, 30, "_native_cudnn") == (1, 4)  # CogVideoX-2b's 30: ring
+    with pytest.raises(CogtuneError, match="needs ring attention"):
+        context_parallel_layout(4, 30, None)

@@ -195,7 +195,8 @@ class MemoryArgs(Group):
     allow_tf32: bool = opt(False, "Allow TF32 matmuls on Ampere and newer GPUs (faster).")
     context_parallel_degree: int = opt(
         1, "Split each sample's tokens over this many processes (context parallelism, diffusers' machinery): "
-           "Ulysses all-to-all where the degree divides the attention heads, else ring attention. The processes "
+           "Ulysses all-to-all where the degree divides the attention heads, else ring attention (which needs "
+           "--attention_backend _native_cudnn, _native_flash or flash, on GPUs). The processes "
            "(torchrun or accelerate, DDP) are data-parallel groups of this many: processes = groups x degree, and "
            "the batch per group is --train_batch_size. Wan models; not with validation during training, "
            "--compile or --blocks_to_swap.", rules=('positive',))

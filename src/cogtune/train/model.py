@@ -80,6 +80,23 @@ def context_parallel_groups(processes: int, process_index: int, degree: int) -> 
     return processes // degree, process_index // degree
 
 
+# Ring attention merges the shares' partial attention by their log-sum-exp, which these kernels return (on GPUs).
+RING_BACKENDS = ("flash", "_flash_3", "_native_cudnn", "_native_flash", "sage")
+
+
+def context_parallel_layout(degree: int, heads: int, attention_backend: str | None) -> tuple[int, int]:
+    """(Ulysses degree, ring degree): Ulysses where the degree divides the attention heads, else ring
+    attention, which needs a backend of RING_BACKENDS."""
+    if heads % degree == 0:
+        return degree, 1
+    if (attention_backend or "native") not in RING_BACKENDS:
+        raise CogtuneError(
+            f"--context_parallel_degree {degree} does not divide the model's {heads} attention heads, so it needs ring "
+            "attention, which merges each share's attention by its log-sum-exp: add --attention_backend "
+            f"{', '.join(RING_BACKENDS[:4])} (a GPU's kernels), or use a degree that divides {heads}.")
+    return 1, degree
+
+
 def enable_context_parallel(transformer, spec: ModelFamily, degree: int, device: torch.device,
                             attention_backend: str | None = None) -> None:
     """Split each sample's tokens over `degree` consecutive processes with diffusers' context parallelism:
@@ -91,13 +108,12 @@ def enable_context_parallel(transformer, spec: ModelFamily, degree: int, device:
     from diffusers import ContextParallelConfig
 
     plan = spec.context_parallel_plan(transformer)
+    ulysses, ring = context_parallel_layout(degree, transformer.config.num_attention_heads, attention_backend)
     spec.use_attention_backend(transformer, attention_backend or "native")  # processors that dispatch (CogVideoX's)
     processes = torch.distributed.get_world_size()
-    heads = transformer.config.num_attention_heads
-    ulysses = degree if heads % degree == 0 else 1
     mesh = torch.distributed.device_mesh.init_device_mesh(
-        device.type, (processes // degree, degree // ulysses, ulysses), mesh_dim_names=("dp", "ring", "ulysses"))
-    config = ContextParallelConfig(ulysses_degree=ulysses, ring_degree=degree // ulysses, mesh=mesh)
+        device.type, (processes // degree, ring, ulysses), mesh_dim_names=("dp", "ring", "ulysses"))
+    config = ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring, mesh=mesh)
     with _one_device_on_cpu(device):
         transformer.enable_parallelism(config=config, cp_plan=plan)
 
