@@ -32,7 +32,8 @@ from cogtune.train import checkpoint as checkpoints
 from cogtune.train import log, report
 from cogtune.train.data import LatentDataset, TrainingPlan, batch_generator, collate, open_training_cache
 from cogtune.train.lora import EMA_WEIGHT_NAME, LORA_WEIGHT_NAME, load_initial_lora, save_lora, write_lora_info
-from cogtune.train.model import build_transformer, context_parallel_groups, enable_context_parallel, target_modules
+from cogtune.train.model import (build_transformer, context_parallel_groups, context_parallel_layout,
+                                 enable_context_parallel, target_modules)
 from cogtune.train.optim import make_lr_scheduler, make_optimizer
 from cogtune.families.objectives import Objective
 from cogtune.train.step import training_loss
@@ -119,6 +120,9 @@ def _check_engine(config: TrainConfig, engine: str, validating: bool) -> None:
     if validating and engine == "FSDP":
         raise CogtuneError("Validation during training is not available under FSDP, which shards the weights "
                            "across processes; leave out --validation_prompt and run `cogtune infer` on the LoRA.")
+    if config.context_parallel_degree > 1 and engine in ("FSDP", "DEEPSPEED"):
+        raise CogtuneError(f"--context_parallel_degree composes with DDP only, not {engine}: use accelerate/ddp.yaml "
+                           "or torchrun.")
     if config.use_ema and engine in ("FSDP", "DEEPSPEED"):
         raise CogtuneError(f"--use_ema is not available under {engine}, which shards or recasts the LoRA weights; "
                            "use DDP (accelerate/ddp.yaml) or one process.")
@@ -273,10 +277,13 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
 
     # The model: the transformer alone, frozen, with LoRA adapters in fp32; the noise schedule.
     weight_dtype = precision_dtype(config.mixed_precision)
+    if config.context_parallel_degree > 1:  # (before the weights load)
+        spec.check_context_parallel(config.context_parallel_degree, cache.samples.latent_shapes,
+                                    models.transformer["in_channels"])
+        context_parallel_layout(config.context_parallel_degree, models.transformer["num_attention_heads"],
+                                config.attention_backend)
     transformer = build_transformer(config, models, spec, accelerator.device)
     if config.context_parallel_degree > 1:
-        spec.check_context_parallel(config.context_parallel_degree, cache.samples.latent_shapes,
-                                    transformer.config.in_channels)
         enable_context_parallel(transformer, spec, config.context_parallel_degree, accelerator.device,
                                 config.attention_backend)
     if config.init_lora:  # (a resumed run then loads its checkpoint's LoRA over it)
