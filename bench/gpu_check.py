@@ -72,6 +72,8 @@ SETTINGS = {
          GC + ["--attention_backend", "flash"]),
         # --fp8_compute (FP8 matmuls for the frozen linear layers; needs compute capability 8.9+), beside bf16.
         ("5b, bf16, gradient checkpointing, fp8 compute", "5b", (49, 480, 720), "bf16", GC + ["--fp8_compute"]),
+        ("Wan 2.1 1.3B, bf16, gradient checkpointing, context parallelism 2 (estimate per GPU)", "wan2.1-1.3b",
+         (81, 480, 832), "bf16", GC + ["--context_parallel_degree", "2"]),
         ("Wan 2.1 1.3B, bf16, gradient checkpointing, fp8 compute", "wan2.1-1.3b", (81, 480, 832), "bf16",
          GC + ["--fp8_compute"]),
         ("5b, bf16, gradient checkpointing, torchao int8wo base", "5b", (49, 480, 720), "bf16", GC + INT8),
@@ -91,6 +93,8 @@ SETTINGS = {
         ("2b, fp32, gradient checkpointing, 1 of 2 blocks swapped", "2b", (9, 32, 64), "no",
          GC + ["--blocks_to_swap", "1"]),
         ("Wan 2.2 TI2V 5B, fp32, gradient checkpointing", "wan2.2-5b", (9, 64, 64), "no", GC),
+        ("Wan 2.2 TI2V 5B, fp32, gradient checkpointing, context parallelism 2 (estimate per process)", "wan2.2-5b",
+         (9, 64, 64), "no", GC + ["--context_parallel_degree", "2"]),
     ],
 }
 # The training settings the reference runs too (it has no fp8 storage, and 2b only here).
@@ -355,6 +359,10 @@ def part_train(args, work: Path, budget: Budget) -> list[dict]:
         out, log = work / f"train-{number}", work / f"train-{number}.log"
         shutil.rmtree(out, ignore_errors=True)
         row = {"family": family, "size": "x".join(map(str, size)), "precision": precision}
+        if "--context_parallel_degree" in extra:  # several GPUs split a sample: one GPU prints its estimate only
+            return dict(row, estimate_gib=dry_run_gib(model, cache, precision, extra), median_step_seconds=None,
+                        peak_allocated_mib=None, peak_reserved_mib=None, tflops=None, mfu=None,
+                        note="context parallelism needs several GPUs: the --dry_run estimate per GPU only")
         started = time.perf_counter()
         status = run_logged(["-m", "cogtune.cli", "train", *train_flags(model, precision, extra, args.steps),
                              "--data_cache", str(cache), "--output_dir", str(out)], log, budget.timeout())
@@ -527,9 +535,9 @@ def report(results: dict, out: Path) -> None:
             ["setting", "size", "median step (s)", "peak allocated (MiB)", "peak reserved (MiB)",
              "--dry_run estimate (GiB)", "measured / estimate", "TFLOP/s", "MFU"],
             [[r["setting"], r["error"]] + [""] * 7 if "error" in r else
-             [r["setting"], r["size"], f"{r['median_step_seconds']:.3f}", _num(r["peak_allocated_mib"]),
+             [r["setting"], r["size"], _num(r["median_step_seconds"], ".3f"), _num(r["peak_allocated_mib"]),
               _num(r["peak_reserved_mib"]), _gib(r["estimate_gib"]), _num(r.get("measured_vs_estimate"), ".2f"),
-              f"{r['tflops']:.3g}", _num(r["mfu"], ".1%")] for r in part_rows("train")])
+              _num(r["tflops"], ".3g"), _num(r["mfu"], ".1%")] for r in part_rows("train")])
         skipped = [r for r in part_rows("train") if r.get("skipped_steps")]
         lines += [f"\n{r['setting']}: {r['skipped_steps']} of {results['steps']} steps skipped (non-finite loss)"
                   for r in skipped]

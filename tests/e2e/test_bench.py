@@ -76,13 +76,18 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
             for part in ("parity", "train", "reference", "preprocess")}
     (parity,) = rows["parity"]
     assert parity["ok"] and len(parity["cpu_losses"]) == 1 and parity["cpu_losses"] == parity["device_losses"]
-    assert [row["setting"] for row in rows["train"]] == ["2b, fp32, gradient checkpointing",
-                                                         "2b, fp32, gradient checkpointing, 1 of 2 blocks swapped",
-                                                         "Wan 2.2 TI2V 5B, fp32, gradient checkpointing"]
-    for train in rows["train"]:
+    assert [row["setting"] for row in rows["train"]] == [
+        "2b, fp32, gradient checkpointing", "2b, fp32, gradient checkpointing, 1 of 2 blocks swapped",
+        "Wan 2.2 TI2V 5B, fp32, gradient checkpointing",
+        "Wan 2.2 TI2V 5B, fp32, gradient checkpointing, context parallelism 2 (estimate per process)"]
+    *measured, split = rows["train"]
+    for train in measured:
         assert "error" not in train, train
         assert train["median_step_seconds"] > 0 and train["peak_allocated_mib"] > 0 and train["tflops"] > 0
         assert 0 < train["estimate_gib"] < 0.01  # the tiny model's --dry_run estimate
+    # context parallelism on one device: its estimate per process only, below the same setting's without it
+    assert split["median_step_seconds"] is None and "estimate per GPU only" in split["note"]
+    assert 0 < split["estimate_gib"] < measured[2]["estimate_gib"]
     (reference,) = rows["reference"]
     assert reference["error"].startswith("not run: no reference script")
     assert [row["setting"] for row in rows["preprocess"]] == ["VAE tiling and slicing", "no tiling or slicing"]
