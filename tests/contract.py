@@ -81,4 +81,3 @@ def transformer_loss(transformer, spec, backward=True, dtype=torch.float32):
         return loss.detach(), {}
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in transformer.named_parameters() if p.requires_grad}
-

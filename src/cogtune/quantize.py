@@ -202,4 +202,3 @@ def enable_fp8_compute(transformer: torch.nn.Module, blocks) -> list[str]:
     names = set(fp8_compute_layers(transformer, blocks))
     convert_to_float8_training(transformer, module_filter_fn=lambda module, name: name in names)
     return sorted(names)
-

@@ -198,7 +198,7 @@ class MemoryArgs(Group):
            "Ulysses all-to-all where the degree divides the attention heads, else ring attention (which needs "
            "--attention_backend _native_cudnn, _native_flash or flash, on GPUs). The processes "
            "(torchrun or accelerate, DDP) are data-parallel groups of this many: processes = groups x degree, and "
-           "the batch per group is --train_batch_size. Wan models; not with validation during training, "
+           "the batch per group is --train_batch_size. Not with validation during training, "
            "--compile or --blocks_to_swap.", rules=('positive',))
     fp8_compute: bool = opt(
         False, "Run the frozen linear layers of the transformer's blocks as FP8 matmuls with dynamic scaling "

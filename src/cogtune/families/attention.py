@@ -24,6 +24,9 @@ CPU_BACKENDS = ("native", "flex", "_native_math", "_native_flash")  # the rest n
 HALF_ONLY = ("flash", "_flash_3", "sage")  # fp16 and bf16 kernels only
 NO_CPU_BACKWARD = ("flex",)  # torch's FlexAttention has no backward on the CPU
 INEXACT_BACKWARD = ("sage",)  # no backward of its own: every peer uses it for inference only
+# Ring attention (--context_parallel_degree) merges the shares' attention by their log-sum-exp, which these
+# kernels return (on GPUs).
+RING_BACKENDS = ("flash", "_flash_3", "_native_cudnn", "_native_flash", "sage")
 
 
 def check_attention_backend(backend: str | None, device: torch.device, dtype: torch.dtype, training: bool,

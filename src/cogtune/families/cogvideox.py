@@ -506,7 +506,7 @@ class DispatchingCogVideoXAttnProcessor:
     the models whose processors dispatch already (Wan)."""
 
     _attention_backend = None  # set by set_attention_backend
-    _parallel_config = None  # (context parallelism: none here)
+    _parallel_config = None  # set by enable_parallelism (--context_parallel_degree)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
@@ -539,4 +539,3 @@ class DispatchingCogVideoXAttnProcessor:
         encoder_hidden_states, hidden_states = hidden_states.split(
             [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1)
         return hidden_states, encoder_hidden_states
-

@@ -9,7 +9,7 @@ from cogtune.config import TrainConfig
 from cogtune.config.training import LoraArgs
 from cogtune.errors import CogtuneError
 from cogtune.families import ModelConfigs, ModelFamily
-from cogtune.families.attention import check_attention_backend
+from cogtune.families.attention import RING_BACKENDS, check_attention_backend
 from cogtune.train.swap import BlockSwap, OffloadedCheckpointing
 from cogtune.util.devices import precision_dtype
 
@@ -80,10 +80,6 @@ def context_parallel_groups(processes: int, process_index: int, degree: int) -> 
     return processes // degree, process_index // degree
 
 
-# Ring attention merges the shares' partial attention by their log-sum-exp, which these kernels return (on GPUs).
-RING_BACKENDS = ("flash", "_flash_3", "_native_cudnn", "_native_flash", "sage")
-
-
 def context_parallel_layout(degree: int, heads: int, attention_backend: str | None) -> tuple[int, int]:
     """(Ulysses degree, ring degree): Ulysses where the degree divides the attention heads, else ring
     attention, which needs a backend of RING_BACKENDS."""
@@ -97,22 +93,21 @@ def context_parallel_layout(degree: int, heads: int, attention_backend: str | No
     return 1, degree
 
 
-def enable_context_parallel(transformer, spec: ModelFamily, degree: int, device: torch.device,
+def enable_context_parallel(transformer, spec: ModelFamily, layout: tuple[int, int], device: torch.device,
                             attention_backend: str | None = None) -> None:
-    """Split each sample's tokens over `degree` consecutive processes with diffusers' context parallelism:
-    Ulysses (all-to-all of heads) where the degree divides the attention heads, else ring attention. The
-    mesh is (data-parallel groups, ring, ulysses). Each process of a group then computes the whole loss from
-    the gathered output and the LoRA gradients of its own tokens: their sum over the group is the sample's
-    gradient (the training step scales its loss by the degree, so that DDP's mean over every process is the
-    mean over the groups)."""
+    """Split each sample's tokens over groups of consecutive processes with diffusers' context parallelism, as
+    context_parallel_layout laid them out: (Ulysses degree, ring degree). The mesh is (data-parallel groups,
+    ring, ulysses). Each process of a group then computes the whole loss from the gathered output and the
+    LoRA gradients of its own tokens: their sum over the group is the sample's gradient (the training step
+    scales its loss by the degree, so that DDP's mean over every process is the mean over the groups)."""
     from diffusers import ContextParallelConfig
 
     plan = spec.context_parallel_plan(transformer)
-    ulysses, ring = context_parallel_layout(degree, transformer.config.num_attention_heads, attention_backend)
+    ulysses, ring = layout
     spec.use_attention_backend(transformer, attention_backend or "native")  # processors that dispatch (CogVideoX's)
     processes = torch.distributed.get_world_size()
     mesh = torch.distributed.device_mesh.init_device_mesh(
-        device.type, (processes // degree, ring, ulysses), mesh_dim_names=("dp", "ring", "ulysses"))
+        device.type, (processes // (ring * ulysses), ring, ulysses), mesh_dim_names=("dp", "ring", "ulysses"))
     config = ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring, mesh=mesh)
     with _one_device_on_cpu(device):
         transformer.enable_parallelism(config=config, cp_plan=plan)

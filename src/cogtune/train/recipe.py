@@ -120,6 +120,10 @@ def _check_engine(config: TrainConfig, engine: str, validating: bool) -> None:
     if validating and engine == "FSDP":
         raise CogtuneError("Validation during training is not available under FSDP, which shards the weights "
                            "across processes; leave out --validation_prompt and run `cogtune infer` on the LoRA.")
+    if validating and config.context_parallel_degree > 1:
+        raise CogtuneError("Validation during training is not available with --context_parallel_degree (the "
+                           "transformer's tokens are split over processes); leave out --validation_prompt and run "
+                           "`cogtune infer` on the LoRA.")
     if config.context_parallel_degree > 1 and engine in ("FSDP", "DEEPSPEED"):
         raise CogtuneError(f"--context_parallel_degree composes with DDP only, not {engine}: use accelerate/ddp.yaml "
                            "or torchrun.")
@@ -264,10 +268,6 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
     empty_prompt = (read_empty_prompt_embeds(cache_path)  # what a dropped caption becomes
                     if config.caption_dropout_p > 0 and config.caption_dropout_technique == "empty" else None)
     _check_engine(config, accelerator.distributed_type.name, validation is not None)
-    if config.context_parallel_degree > 1 and validation is not None:
-        raise CogtuneError("Validation during training is not available with --context_parallel_degree (the "
-                           "transformer's tokens are split over processes); leave out --validation_prompt and run "
-                           "`cogtune infer` on the LoRA.")
     _hold_output_dir(accelerator, output_dir, held)  # (after the checks: a run refused by them leaves nothing)
     settings = checkpoints.run_settings(config, config.train_batch_size * processes)  # what a resume must match
     checkpoint, overwrite = checkpoints.choose_start(config, output_dir, settings)  # a used folder: resume, replace, refuse
@@ -277,15 +277,14 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
 
     # The model: the transformer alone, frozen, with LoRA adapters in fp32; the noise schedule.
     weight_dtype = precision_dtype(config.mixed_precision)
-    if config.context_parallel_degree > 1:  # (before the weights load)
+    if config.context_parallel_degree > 1:  # (checked before the weights load)
         spec.check_context_parallel(config.context_parallel_degree, cache.samples.latent_shapes,
                                     models.transformer["in_channels"])
-        context_parallel_layout(config.context_parallel_degree, models.transformer["num_attention_heads"],
-                                config.attention_backend)
+        layout = context_parallel_layout(config.context_parallel_degree, models.transformer["num_attention_heads"],
+                                         config.attention_backend)
     transformer = build_transformer(config, models, spec, accelerator.device)
     if config.context_parallel_degree > 1:
-        enable_context_parallel(transformer, spec, config.context_parallel_degree, accelerator.device,
-                                config.attention_backend)
+        enable_context_parallel(transformer, spec, layout, accelerator.device, config.attention_backend)
     if config.init_lora:  # (a resumed run then loads its checkpoint's LoRA over it)
         covered = load_initial_lora(spec, transformer, config.init_lora, config.rank, config.lora_alpha)
         adapted = sum(1 for name, _ in transformer.named_modules() if name.endswith(".lora_A"))
