@@ -110,11 +110,6 @@ def recommended_row(variant: str) -> dict:
             **sizes(e)}
 
 
-def table_row(row: dict) -> str:
-    return (f"| {row['model']} | {row['clip']} | {row['settings']} | {row['weights']:.2f} GiB | "
-            f"{row['lora_gradients_optimizer']:.2f} GiB | {row['activations']:.2f} GiB | **{row['total']:.2f} GiB** |")
-
-
 def main() -> None:
     import json
     import subprocess
@@ -134,6 +129,7 @@ def main() -> None:
         done = subprocess.run([sys.executable, __file__, "--model", str(number)], capture_output=True, text=True,
                               check=True)
         rows += json.loads(done.stdout.strip().splitlines()[-1])
+    from cogtune.dev.docs import estimate_row
     from cogtune.templates import FAMILIES
 
     recommended = []
@@ -152,10 +148,10 @@ def main() -> None:
              f"Estimates from the published model configs (`{meta['command']}`, {meta['date']}, at {meta['commit']}); "
              "not measured on a GPU.", "",
              "| model | clip | settings | weights | LoRA + grads + optimizer | activations | total |",
-             "|---|---|---|---|---|---|---|", *map(table_row, rows), "",
+             "|---|---|---|---|---|---|---|", *map(estimate_row, rows), "",
              "## The config `cogtune init --family VARIANT` writes, at its own clip size", "",
              "| model | clip | settings | weights | LoRA + grads + optimizer | activations | total |",
-             "|---|---|---|---|---|---|---|", *map(table_row, recommended), ""]
+             "|---|---|---|---|---|---|---|", *map(estimate_row, recommended), ""]
     out = HERE / "results" / "estimates.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, "\n".join(lines))

@@ -55,6 +55,16 @@ def cogtune(*args: str, check: bool = True, cwd: Path | None = None) -> subproce
     return result
 
 
+def load_script(path: Path):
+    """A script of the repository (bench/, requirements/) imported as a module, for its functions and tables."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cogtune_here(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """The same command line run inside the test process: no interpreter start-up, for tests that
     make many calls. Use `cogtune` where the process itself matters (signals, limits, imports)."""

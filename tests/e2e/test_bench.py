@@ -107,13 +107,11 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu(tmp_path):
 def test_every_setting_of_the_gpu_check_is_a_valid_training_command_line():
     """The real rows run only on a GPU: their flags are checked here, so that the first GPU lent does not
     spend its minutes on a typo."""
-    import importlib.util
+    from conftest import load_script
 
     from cogtune.config import load_config
 
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_script(BENCH / "gpu_check.py")
     for size, settings in gpu_check.SETTINGS.items():
         for label, family, clip, precision, flags in settings:
             config = load_config("train", ["--pretrained_model_name_or_path", "m", "--mixed_precision", precision,

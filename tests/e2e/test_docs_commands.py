@@ -2,13 +2,12 @@
 tiny model (as the page says: its `cogtune init` with --tiny), and the memory figures the docs show
 are what the estimate gives today."""
 
-import importlib.util
 import json
 import re
 import shlex
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from conftest import ROOT, cogtune_here, load_script
+
 PAGE = ROOT / "docs" / "getting-started.md"
 
 
@@ -26,8 +25,6 @@ def page_commands() -> str:
 def test_every_command_of_the_getting_started_page_runs(tmp_path, monkeypatch):
     """Each command in order, through the command line's own entry point in this process (no interpreter
     start-up per command): the page holds plain `cogtune` commands only, no shell syntax."""
-    from conftest import cogtune_here
-
     commands = [shlex.split(line, comments=True) for line in page_commands().splitlines()]
     commands = [words for words in commands if words]
     assert len(commands) >= 8 and all(words[0] == "cogtune" for words in commands), commands
@@ -49,9 +46,7 @@ def test_the_memory_the_docs_show_is_what_the_estimate_gives_today():
     """One figure of bench/results/estimates.json recomputed (the 2b init config's; the rest are the same
     computation on other configs): a change to the estimate that was not followed by
     `python bench/estimates.py` and `make docs` fails here."""
-    spec = importlib.util.spec_from_file_location("bench_estimates", ROOT / "bench" / "estimates.py")
-    estimates = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(estimates)
+    estimates = load_script(ROOT / "bench" / "estimates.py")
     recorded = json.loads((ROOT / "bench" / "results" / "estimates.json").read_text())
     row = next(row for row in recorded["recommended"] if row["variant"] == "2b")
     assert estimates.recommended_row("2b") == row

@@ -91,12 +91,9 @@ def test_decord_is_installed_only_where_it_has_wheels():
 
 
 def test_every_core_dependency_has_a_floor_for_make_test_oldest():
-    import importlib.util
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("floors", ROOT / "requirements" / "floors.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    pins = module.floors()
+    pins = load_script(ROOT / "requirements" / "floors.py").floors()
     assert {canonical(line.split("==")[0]) for line in pins} >= {
         canonical(r.name) for r in CORE if r.marker is None or r.marker.evaluate()}
     if os.environ.get("COGTUNE_ENV") == "oldest":  # make test-oldest: the floors are what is installed

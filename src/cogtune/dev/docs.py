@@ -45,6 +45,12 @@ def _source(estimates: dict) -> str:
             f"{estimates['commit']}), from the published config files; not measured on a GPU.")
 
 
+def estimate_row(row: dict, settings: str | None = None) -> str:
+    """One row of bench/results/estimates.json as a Markdown table row (model, clip, settings, the parts)."""
+    return (f"| {row['model']} | {row['clip']} | {settings or row['settings']} | {_gib(row['weights'])} | "
+            f"{_gib(row['lora_gradients_optimizer'])} | {_gib(row['activations'])} | **{_gib(row['total'])}** |")
+
+
 def memory_table(estimates: dict, variants: list[str]) -> str:
     """The init config's estimate of each variant, then every option at the card's sizes (batch 1, rank 64)."""
     recommended = [row for row in estimates["recommended"] if row["variant"] in variants]
@@ -55,10 +61,7 @@ def memory_table(estimates: dict, variants: list[str]) -> str:
     lines = ["| model | clip | settings | weights | LoRA + grads + optimizer | activations | total |",
              "|---|---|---|---|---|---|---|"]
     for row in recommended + [row for row in estimates["rows"] if row["hub_id"] in hub_ids]:
-        settings = row["settings"] if "variant" in row else f"{row['settings']}, rank 64"
-        lines.append(f"| {row['model']} | {row['clip']} | {settings} | {_gib(row['weights'])} | "
-                     f"{_gib(row['lora_gradients_optimizer'])} | {_gib(row['activations'])} | "
-                     f"**{_gib(row['total'])}** |")
+        lines.append(estimate_row(row, row["settings"] if "variant" in row else f"{row['settings']}, rank 64"))
     return "\n".join(["", _source(estimates), "", *lines, ""]) + "\n"
 
 
