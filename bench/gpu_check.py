@@ -70,6 +70,8 @@ SETTINGS = {
          GC + ["--attention_backend", "_native_cudnn"]),
         ("5b, bf16, gradient checkpointing, flash-attn", "5b", (49, 480, 720), "bf16",
          GC + ["--attention_backend", "flash"]),
+        ("5b, bf16, gradient checkpointing, FlashAttention 3", "5b", (49, 480, 720), "bf16",
+         GC + ["--attention_backend", "_flash_3"]),
         # --fp8_compute (FP8 matmuls for the frozen linear layers; needs compute capability 8.9+), beside bf16.
         ("5b, bf16, gradient checkpointing, fp8 compute", "5b", (49, 480, 720), "bf16", GC + ["--fp8_compute"]),
         ("Wan 2.1 1.3B, bf16, gradient checkpointing, context parallelism 2 (estimate per GPU)", "wan2.1-1.3b",

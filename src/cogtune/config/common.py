@@ -164,7 +164,8 @@ class AttentionArgs(Group):
               "scaled_dot_product_attention), flex, _native_math, _native_flash, _native_efficient, _native_cudnn, "
               "flash (needs flash-attn), _flash_3 (FlashAttention 3, Hopper), sage (sageattention; inference only "
               "unless --allow_inexact_attention_backward), xformers. Checked before any weights load. Default: each "
-              "model's own attention processor, unchanged (train: also the validation videos).",
+              "model's own attention processor, unchanged (train: also the validation videos). make bench-gpu "
+              "measures the step time of cuDNN, flash-attn and FlashAttention 3 beside the default's.",
         choices=ATTENTION_BACKENDS)
     allow_inexact_attention_backward: bool = opt(
         False, "Train with --attention_backend sage anyway, although its backward pass is not exact (the "

@@ -199,11 +199,13 @@ class MemoryArgs(Group):
            "--attention_backend _native_cudnn, _native_flash or flash, on GPUs). The processes "
            "(torchrun or accelerate, DDP) are data-parallel groups of this many: processes = groups x degree, and "
            "the batch per group is --train_batch_size. Not with validation during training, "
-           "--compile or --blocks_to_swap.", rules=('positive',))
+           "--compile or --blocks_to_swap. --dry_run estimates the memory per process (the activations divided "
+           "by the degree); one GPU cannot measure it.", rules=('positive',))
     fp8_compute: bool = opt(
         False, "Run the frozen linear layers of the transformer's blocks as FP8 matmuls with dynamic scaling "
                "(torchao float8 training) on GPUs with FP8 tensor cores (compute capability 8.9 or newer); LoRA "
-               "weights and gradients keep their precision. Needs --mixed_precision bf16 and torchao.")
+               "weights and gradients keep their precision. Needs --mixed_precision bf16 and torchao. Its speed "
+               "beside bf16 is measured by make bench-gpu; --dry_run counts the weights' stored bytes.")
 
     def check_own(self) -> None:
         if self.context_parallel_degree > 1 and self.blocks_to_swap:

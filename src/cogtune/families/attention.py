@@ -27,6 +27,10 @@ INEXACT_BACKWARD = ("sage",)  # no backward of its own: every peer uses it for i
 # Ring attention (--context_parallel_degree) merges the shares' attention by their log-sum-exp, which these
 # kernels return (on GPUs).
 RING_BACKENDS = ("flash", "_flash_3", "_native_cudnn", "_native_flash", "sage")
+# The PyTorch ops that diffusers' ring attention calls for PyTorch's own backends: CUDA kernels only (on the CPU,
+# `_native_flash` attention without context parallelism is another op, which returns no log-sum-exp to diffusers).
+RING_OPS = {"_native_flash": "aten::_scaled_dot_product_flash_attention",
+            "_native_cudnn": "aten::_scaled_dot_product_cudnn_attention"}
 
 
 def check_attention_backend(backend: str | None, device: torch.device, dtype: torch.dtype, training: bool,
@@ -59,3 +63,13 @@ def check_attention_backend(backend: str | None, device: torch.device, dtype: to
     if training and backend in NO_CPU_BACKWARD and device.type == "cpu":
         raise CogtuneError(f"{flag} cannot train on the CPU: PyTorch's FlexAttention has no backward pass there. "
                            "Use native on the CPU; flex trains on a GPU.")
+
+
+def check_ring_attention(backend: str, device: torch.device) -> None:
+    """Refuse ring attention with a PyTorch backend whose op has no kernel on this device (the CPU's)."""
+    op = RING_OPS.get(backend)
+    if op and not torch._C._dispatch_has_kernel_for_dispatch_key(op, device.type.upper()):
+        raise CogtuneError(
+            f"ring attention with --attention_backend {backend} calls {op}, which PyTorch runs on CUDA GPUs only, not "
+            f"on the {device.type}: run context parallelism on GPUs, or on the {device.type} use a "
+            "--context_parallel_degree that divides the attention heads (Ulysses, which any backend runs).")

@@ -325,6 +325,8 @@ NOT_RUN_SETTINGS = frozenset({
     "enable_tiling", "ema_validation", "checkpointing_steps", "checkpoints_total_limit", "nccl_timeout",
     "dataloader_num_workers", "max_train_steps", "num_train_epochs", "max_nan_steps", "gradient_checkpointing",
     "gradient_checkpointing_cpu_offload", "blocks_to_swap", "offload_optimizer", "compile", "dry_run", "allow_tf32",
+    "attention_backend", "allow_inexact_attention_backward",  # the kernel, as allow_tf32 and compile
+    "context_parallel_degree",  # how the processes share the work: the data-parallel groups keep the global batch
     "cache_dir", "cache_root", "data_cache",  # the cache itself is checked by its samples (data_order)
     # per process: a run resumed on another number of processes keeps its global batch (recorded instead)
     "train_batch_size",

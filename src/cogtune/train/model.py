@@ -9,7 +9,7 @@ from cogtune.config import TrainConfig
 from cogtune.config.training import LoraArgs
 from cogtune.errors import CogtuneError
 from cogtune.families import ModelConfigs, ModelFamily
-from cogtune.families.attention import RING_BACKENDS, check_attention_backend
+from cogtune.families.attention import RING_BACKENDS, check_attention_backend, check_ring_attention
 from cogtune.train.swap import BlockSwap, OffloadedCheckpointing
 from cogtune.util.devices import precision_dtype
 
@@ -80,9 +80,10 @@ def context_parallel_groups(processes: int, process_index: int, degree: int) -> 
     return processes // degree, process_index // degree
 
 
-def context_parallel_layout(degree: int, heads: int, attention_backend: str | None) -> tuple[int, int]:
+def context_parallel_layout(degree: int, heads: int, attention_backend: str | None,
+                            device: torch.device) -> tuple[int, int]:
     """(Ulysses degree, ring degree): Ulysses where the degree divides the attention heads, else ring
-    attention, which needs a backend of RING_BACKENDS."""
+    attention, which needs a backend of RING_BACKENDS that runs on this device."""
     if heads % degree == 0:
         return degree, 1
     if (attention_backend or "native") not in RING_BACKENDS:
@@ -90,6 +91,7 @@ def context_parallel_layout(degree: int, heads: int, attention_backend: str | No
             f"--context_parallel_degree {degree} does not divide the model's {heads} attention heads, so it needs ring "
             "attention, which merges each share's attention by its log-sum-exp: add --attention_backend "
             f"{', '.join(RING_BACKENDS[:4])} (a GPU's kernels), or use a degree that divides {heads}.")
+    check_ring_attention(attention_backend, device)
     return 1, degree
 
 

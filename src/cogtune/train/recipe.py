@@ -281,10 +281,13 @@ def _run(config: TrainConfig, data: PreprocessConfig | None, stop: StopRequests,
         spec.check_context_parallel(config.context_parallel_degree, cache.samples.latent_shapes,
                                     models.transformer["in_channels"])
         layout = context_parallel_layout(config.context_parallel_degree, models.transformer["num_attention_heads"],
-                                         config.attention_backend)
+                                         config.attention_backend, accelerator.device)
     transformer = build_transformer(config, models, spec, accelerator.device)
     if config.context_parallel_degree > 1:
         enable_context_parallel(transformer, spec, layout, accelerator.device, config.attention_backend)
+        attention, groups = "Ulysses" if layout[0] > 1 else "ring", "group" + "s" * (processes > 1)
+        logs.message(f"context parallelism: each sample's tokens split over {config.context_parallel_degree} processes "
+                     f"({attention} attention), {processes} data-parallel {groups}")
     if config.init_lora:  # (a resumed run then loads its checkpoint's LoRA over it)
         covered = load_initial_lora(spec, transformer, config.init_lora, config.rank, config.lora_alpha)
         adapted = sum(1 for name, _ in transformer.named_modules() if name.endswith(".lora_A"))
