@@ -111,12 +111,11 @@ def recommended_row(variant: str) -> dict:
 
 
 def main() -> None:
+    import datetime
     import json
+    import platform
     import subprocess
     import sys
-
-    import datetime
-    import platform
 
     if len(sys.argv) == 3 and sys.argv[1] == "--model":
         print(json.dumps(model_rows(int(sys.argv[2]))))
@@ -129,8 +128,11 @@ def main() -> None:
         done = subprocess.run([sys.executable, __file__, "--model", str(number)], capture_output=True, text=True,
                               check=True)
         rows += json.loads(done.stdout.strip().splitlines()[-1])
+    import torch
+
     from cogtune.dev.docs import estimate_row
     from cogtune.templates import FAMILIES
+    from cogtune.util.files import write_text
 
     recommended = []
     for variant in FAMILIES:
@@ -139,8 +141,6 @@ def main() -> None:
                                   check=True)
             recommended.append(json.loads(done.stdout.strip().splitlines()[-1]))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
-    import torch
-
     meta = {"date": datetime.date.today().isoformat(), "commit": commit.strip() or "unknown",
             "command": "python bench/estimates.py", "machine": f"{platform.machine()}, torch {torch.__version__}",
             "batch": 1, "rank": 64}
@@ -154,15 +154,9 @@ def main() -> None:
              "|---|---|---|---|---|---|---|", *map(estimate_row, recommended), ""]
     out = HERE / "results" / "estimates.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, "\n".join(lines))
-    write_atomic(out.with_suffix(".json"), json.dumps({**meta, "rows": rows, "recommended": recommended}, indent=1) + "\n")
+    write_text(out, "\n".join(lines))
+    write_text(out.with_suffix(".json"), json.dumps({**meta, "rows": rows, "recommended": recommended}, indent=1) + "\n")
     print(out.read_text())
-
-
-def write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
 
 
 if __name__ == "__main__":

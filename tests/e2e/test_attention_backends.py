@@ -65,11 +65,7 @@ def test_cogvideox_gets_our_dispatching_processor_only_with_the_flag(models, res
     from cogtune.families.cogvideox import DispatchingCogVideoXAttnProcessor
 
     def processors(backend):
-        argv = ["--pretrained_model_name_or_path", str(models["2b"]), "--mixed_precision", "no",
-                *(["--attention_backend", backend] if backend else [])]
-        config = load_config("train", argv)
-        models_ = ModelConfigs.of(config)
-        transformer = build_transformer(config, models_, models_.spec(), "cpu")
+        transformer, _ = training_transformer(models["2b"], {}, ["--attention_backend", backend] if backend else [])
         return [block.attn1.processor for block in transformer.transformer_blocks]
 
     assert all(type(p) is CogVideoXAttnProcessor2_0 for p in processors(None))

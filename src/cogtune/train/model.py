@@ -106,7 +106,8 @@ def enable_context_parallel(transformer, spec: ModelFamily, layout: tuple[int, i
 
     plan = spec.context_parallel_plan(transformer)
     ulysses, ring = layout
-    spec.use_attention_backend(transformer, attention_backend or "native")  # processors that dispatch (CogVideoX's)
+    if attention_backend is None:  # processors that dispatch (CogVideoX's); build_transformer set an asked backend
+        spec.use_attention_backend(transformer, "native")
     processes = torch.distributed.get_world_size()
     mesh = torch.distributed.device_mesh.init_device_mesh(
         device.type, (processes // (ring * ulysses), ring, ulysses), mesh_dim_names=("dp", "ring", "ulysses"))
