@@ -10,14 +10,15 @@ import pytest
 import torch
 from conftest import cogtune_here, write_config
 from contract import run_stages
-from safetensors.torch import load_file
-from test_distributed import TESTS, losses, resume_from, torchrun
+from test_distributed import TESTS, assert_same_training, resume_from, torchrun
 
 from cogtune.config import load_config
 from cogtune.errors import CogtuneError
 from cogtune.train.model import context_parallel_groups
 
-LORA = "pytorch_lora_weights.safetensors"
+# LoRA tensors to a thousandth of their scale: the all-to-alls and all-gathers add summation orders to the
+# all-reduce's
+TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +32,13 @@ def wan_run(models, demo_data, tmp_path_factory):
     return dict(config=config, one=root / "one", two=root / "one-batch-2")
 
 
-def assert_same_training(out, reference):
-    assert losses(out) == pytest.approx(losses(reference), rel=1e-5)
-    saved, expected = load_file(out / LORA), load_file(reference / LORA)
-    assert saved.keys() == expected.keys()
-    for key in expected:  # up to the collectives' summation order, which Adam's 1 / sqrt(v) magnifies near zero
-        torch.testing.assert_close(saved[key], expected[key], rtol=1e-3, atol=1e-3 * expected[key].abs().max().item())
-
-
 def test_two_processes_splitting_each_sample_train_as_one_process_and_resume_across(wan_run, tmp_path):
     """And a checkpoint resumes across the two: one process's on 2 processes splitting each sample, theirs
     on one process (a Slurm requeue on another layout), each training what the uninterrupted run trains."""
     out = tmp_path / "cp2"
     cp2 = ["--context_parallel_degree", "2"]
     torchrun("-m", "cogtune.cli", "train", "--config", wan_run["config"], *cp2, "--output_dir", out)
-    assert_same_training(out, wan_run["one"])
+    assert_same_training(out, wan_run["one"], TOLERANCE)
 
     one_to_cp2 = resume_from(wan_run["one"], 2, tmp_path / "one-to-cp2")
     torchrun("-m", "cogtune.cli", "train", "--config", wan_run["config"], *cp2, "--output_dir", one_to_cp2,
@@ -54,7 +47,7 @@ def test_two_processes_splitting_each_sample_train_as_one_process_and_resume_acr
     cogtune_here("train", "--config", wan_run["config"], "--output_dir", cp2_to_one, "--resume_from_checkpoint",
                  "latest")
     for resumed in (one_to_cp2, cp2_to_one):
-        assert_same_training(resumed, wan_run["one"])
+        assert_same_training(resumed, wan_run["one"], TOLERANCE)
 
 
 def test_two_groups_of_two_train_as_two_data_parallel_processes(wan_run, tmp_path):
@@ -64,7 +57,7 @@ def test_two_groups_of_two_train_as_two_data_parallel_processes(wan_run, tmp_pat
     result = torchrun("-m", "cogtune.cli", "train", "--config", wan_run["config"], "--context_parallel_degree", "2",
                       "--output_dir", out, processes=4)
     assert "split over 2 processes (Ulysses attention), 2 data-parallel groups" in result.stderr
-    assert_same_training(out, wan_run["two"])
+    assert_same_training(out, wan_run["two"], TOLERANCE)
 
 
 def test_the_degree_must_divide_the_processes_and_does_not_combine_with_compile():
@@ -87,7 +80,7 @@ def test_cogvideox_with_our_context_parallel_plan_trains_as_one_process(models, 
     run_stages(config, "preprocess", "train")
     out = tmp_path / "cp2"
     torchrun("-m", "cogtune.cli", "train", "--config", config, "--context_parallel_degree", "2", "--output_dir", out)
-    assert_same_training(out, tmp_path / "one")
+    assert_same_training(out, tmp_path / "one", TOLERANCE)
 
 
 def test_token_counts_that_do_not_split_evenly_are_refused_before_training():
@@ -142,7 +135,7 @@ def test_ring_attention_trains_as_one_process(models, demo_data, tmp_path, varia
     result = torchrun(TESTS / "cpu_flash_worker.py", "train", "--config", config, "--context_parallel_degree", "2",
                       "--attention_backend", "_native_flash", "--output_dir", out)
     assert "split over 2 processes (ring attention), 1 data-parallel group" in result.stderr
-    assert_same_training(out, tmp_path / "one")
+    assert_same_training(out, tmp_path / "one", TOLERANCE)
 
 
 def test_ring_attention_needs_a_kernel_that_returns_the_log_sum_exp():
