@@ -9,7 +9,8 @@ from cogtune.config import TrainConfig
 from cogtune.config.training import LoraArgs
 from cogtune.errors import CogtuneError
 from cogtune.families import ModelConfigs, ModelFamily
-from cogtune.families.attention import RING_BACKENDS, check_attention_backend, check_ring_attention
+from cogtune.families.attention import (INEXACT_BACKWARD, RING_BACKENDS, check_attention_backend,
+                                       check_ring_attention)
 from cogtune.train.swap import BlockSwap, OffloadedCheckpointing
 from cogtune.util.devices import precision_dtype
 
@@ -90,7 +91,8 @@ def context_parallel_layout(degree: int, heads: int, attention_backend: str | No
         raise CogtuneError(
             f"--context_parallel_degree {degree} does not divide the model's {heads} attention heads, so it needs ring "
             "attention, which merges each share's attention by its log-sum-exp: add --attention_backend "
-            f"{', '.join(RING_BACKENDS[:4])} (a GPU's kernels), or use a degree that divides {heads}.")
+            f"{', '.join(b for b in RING_BACKENDS if b not in INEXACT_BACKWARD)} (a GPU's kernels), or use a "
+            f"degree that divides {heads}.")
     check_ring_attention(attention_backend, device)
     return 1, degree
 
